@@ -1,0 +1,135 @@
+"""Read a case's NIfTI files with nibabel and check that they make sense.
+
+Every problem becomes a `CaseError` naming the case, the file and what is
+wrong. Arrays come back reoriented to RAS+ (nibabel's canonical orientation),
+so every case of every release has the same axis directions; the original
+orientation is kept so that predictions can be written back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as ornt
+
+from jaxbrats.data.discovery import CaseRecord
+from jaxbrats.errors import CaseError
+from jaxbrats.labels import CONVENTIONS, to_internal
+from jaxbrats.modalities import MODALITIES
+
+#: Largest elementwise difference allowed between two files' affines (mm).
+AFFINE_TOLERANCE = 1e-3
+#: Largest distance of a float-stored label from an integer.
+LABEL_ROUNDING_TOLERANCE = 1e-3
+
+
+@dataclasses.dataclass
+class LoadedCase:
+    """A validated case in RAS+ voxel order.
+
+    `images` maps each present modality to a float32 (D, H, W) array; `labels`
+    holds internal labels (uint8) or is None when the case has no seg.
+    """
+
+    record: CaseRecord
+    images: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    convention: str | None
+    affine: np.ndarray  # the source affine (before reorientation)
+    shape: tuple[int, ...]  # the source shape
+    axcodes: tuple[str, ...]  # the source orientation, e.g. ("L", "P", "S")
+
+
+def to_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Reorder and flip the axes of a source-orientation array into RAS+."""
+    transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS"))
+    return ornt.apply_orientation(array, transform)
+
+
+def from_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Inverse of `to_canonical`: a RAS+ array back into the source orientation."""
+    transform = ornt.ornt_transform(ornt.axcodes2ornt("RAS"), ornt.io_orientation(affine))
+    return ornt.apply_orientation(array, transform)
+
+
+def _read(case_id: str, path: Path):
+    try:
+        image = nib.load(path)
+    except FileNotFoundError:
+        raise CaseError(case_id, path, "file not found") from None
+    except Exception as e:  # nibabel raises several types for a non-NIfTI file
+        raise CaseError(case_id, path, f"not a readable NIfTI file ({_describe(e)})") from None
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise CaseError(case_id, path, f"not a NIfTI image ({type(image).__name__})")
+    try:
+        data = np.asanyarray(image.dataobj)
+    except (EOFError, zlib.error, OSError, ValueError) as e:
+        raise CaseError(case_id, path, f"truncated or corrupt data ({_describe(e)})") from None
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise CaseError(case_id, path, f"expected a 3D volume, got shape {data.shape}")
+    return image.affine, data
+
+
+def _describe(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _check_geometry(case_id, path, shape, affine, ref_path, ref_shape, ref_affine):
+    if shape != ref_shape:
+        raise CaseError(case_id, path, f"shape {shape} differs from {ref_path.name} {ref_shape}")
+    diff = np.abs(affine - ref_affine).max()
+    if diff > AFFINE_TOLERANCE:
+        raise CaseError(case_id, path, f"affine differs from {ref_path.name} by {diff:.4g} (tolerance {AFFINE_TOLERANCE})")
+
+
+def _check_labels(case_id: str, path: Path, data: np.ndarray, convention: str | None) -> tuple[np.ndarray, str]:
+    if not np.all(np.isfinite(data)):
+        raise CaseError(case_id, path, "labels contain NaN or Inf")
+    rounded = np.rint(data)
+    if np.issubdtype(data.dtype, np.floating) and np.abs(data - rounded).max() > LABEL_ROUNDING_TOLERANCE:
+        raise CaseError(case_id, path, "labels are not integers")
+    values = set(np.unique(rounded).astype(int).tolist())
+    if convention is None:  # plain layout: the values say which release
+        convention = "brats2018" if 4 in values and 3 not in values else "brats2023"
+    outside = sorted(values - set(CONVENTIONS[convention]))
+    if outside:
+        allowed = sorted(CONVENTIONS[convention])
+        raise CaseError(case_id, path, f"labels {outside} outside the {convention} convention {allowed}")
+    return to_internal(rounded.astype(np.int64), convention), convention
+
+
+def load_case(record: CaseRecord, need_labels: bool = True) -> LoadedCase:
+    """Read and validate all files of a case; raises `CaseError` on the first problem."""
+    cid = record.case_id
+    if need_labels and record.seg is None:
+        raise CaseError(cid, record.directory, "segmentation file missing (labels are needed)")
+    images, ref = {}, None
+    for modality in MODALITIES:
+        path = record.images.get(modality)
+        if path is None:
+            continue
+        affine, data = _read(cid, path)
+        if ref is None:
+            ref = (path, data.shape, affine)
+        else:
+            _check_geometry(cid, path, data.shape, affine, *ref)
+        data = data.astype(np.float32)
+        if not np.all(np.isfinite(data)):
+            raise CaseError(cid, path, "image contains NaN or Inf")
+        if not np.any(data):
+            raise CaseError(cid, path, "image is all zero")
+        images[modality] = to_canonical(data, affine)
+    ref_path, shape, affine = ref
+    labels, convention = None, record.convention
+    if record.seg is not None:
+        seg_affine, seg = _read(cid, record.seg)
+        _check_geometry(cid, record.seg, seg.shape, seg_affine, ref_path, shape, affine)
+        labels, convention = _check_labels(cid, record.seg, seg, convention)
+        labels = to_canonical(labels, affine)
+    return LoadedCase(record, images, labels, convention, affine, shape, ornt.aff2axcodes(affine))

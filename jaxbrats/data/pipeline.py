@@ -1,0 +1,197 @@
+"""The Grain input pipeline: random crops with augmentation and modality dropout.
+
+Batches are dicts of numpy arrays, channels-last, with these keys
+(B = batch, K = missing-modality instantiations per sample, C = crop size):
+
+=================  ==================  =======  ==========================================
+key                shape               dtype    meaning
+=================  ==================  =======  ==========================================
+``image``          (B, C, C, C, 4)     float32  augmented crop, all modalities the case has
+``label``          (B, C, C, C)        uint8    internal labels (only for labelled caches)
+``valid``          (B, C, C, C)        bool     False where the crop is padding
+``modality_mask``  (B, K, 4)           bool     the modalities each instantiation keeps
+``subset``         (B, K)              int32    row of `modalities.SUBSETS` for each mask
+``present``        (B, 4)              bool     modalities the case really has
+``case_index``     (B,)                int32    position of the case in the dataset
+=================  ==================  =======  ==========================================
+
+``image`` is not yet dropped: methods apply ``modality_mask`` on device with
+`jaxbrats.modalities.drop_modalities` (zeros for the baseline, a learned
+substitute for M3AE, the full image for a teacher), which keeps one host copy
+of each crop however many instantiations a method wants.
+
+Randomness comes from Grain's per-record generator, derived from the
+sampler's seed and the record's position: the stream is the same for any
+number of workers, and the iterator's state (``get_state``/``set_state``)
+resumes it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from jaxbrats.data.cache import CacheDataset
+from jaxbrats.modalities import NUM_MODALITIES, SUBSET_MASKS
+
+DROPOUT_MODES = ("uniform", "drop_k", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Settings of the training input pipeline (see the module docstring for the output)."""
+
+    crop_size: tuple[int, int, int] = (128, 128, 128)
+    batch_size: int = 2
+    #: Probability that a crop is centred on a tumour voxel (class chosen uniformly).
+    foreground_oversample: float = 0.33
+    #: Probability of a flip along each spatial axis.
+    flip_probability: float = 0.5
+    #: Per-channel intensity x * U(1 - scale, 1 + scale) + U(-shift, shift) (M3AE: 0.1, 0.1).
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.1
+    #: "uniform": uniform over the (available) 15 subsets; "drop_k": M3AE's drop k ~ U{0..n-1}
+    #: of the n present modalities; "none": keep all present modalities.
+    dropout: str = "uniform"
+    #: Independent missing-modality instantiations of each crop (2 for self-distillation).
+    instantiations: int = 1
+    seed: int = 0
+    #: Loader processes (0: in the main process) and batches each one prefetches.
+    workers: int = 0
+    prefetch: int = 2
+    #: Passes over the cases; None repeats forever.
+    num_epochs: int | None = None
+
+    def __post_init__(self):
+        if self.dropout not in DROPOUT_MODES:
+            raise ValueError(f"dropout must be one of {DROPOUT_MODES}, got {self.dropout!r}")
+        if len(self.crop_size) != 3 or min(self.crop_size) < 1:
+            raise ValueError(f"crop_size must be three positive ints, got {self.crop_size}")
+        if self.instantiations < 1 or self.batch_size < 1:
+            raise ValueError("batch_size and instantiations must be at least 1")
+
+
+class CacheSource(grain.sources.RandomAccessDataSource):
+    """Grain source over a prepared cache: each record holds memory-mapped arrays."""
+
+    def __init__(self, dataset: CacheDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        arrays = self.dataset.arrays(index)
+        return {
+            "case_index": np.int32(index),
+            "present": np.array(self.dataset.manifests[index]["present"], dtype=bool),
+            **arrays,
+        }
+
+
+def crop_start(rng: np.random.Generator, shape, crop, foreground: np.ndarray | None, oversample: float) -> np.ndarray:
+    """Start corner of a crop; negative or beyond-the-end parts are padded.
+
+    Where the case is smaller than the crop the start lies in [size - crop, 0],
+    so the case sits at a random place inside the padded crop.
+    """
+    shape, crop = np.asarray(shape), np.asarray(crop)
+    lo, hi = np.minimum(0, shape - crop), np.maximum(0, shape - crop)
+    if foreground is not None and len(foreground) and rng.random() < oversample:
+        labels = np.unique(foreground[:, 0])
+        rows = np.flatnonzero(foreground[:, 0] == rng.choice(labels))
+        centre = foreground[rng.choice(rows), 1:]
+        return np.clip(centre - crop // 2, lo, hi)
+    return np.array([rng.integers(a, b + 1) for a, b in zip(lo, hi)])
+
+
+def crop_slices(start, shape, crop, flips) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """(source, destination) slices that copy a crop, flipped where asked, in one go."""
+    src, dst = [], []
+    for s, size, c, flip in zip(start, shape, crop, flips):
+        a, b = max(s, 0), min(s + c, size)
+        d0 = a - s
+        if flip:
+            src.append(slice(b - 1, a - 1 if a > 0 else None, -1))
+            d0 = c - d0 - (b - a)
+        else:
+            src.append(slice(a, b))
+        dst.append(slice(d0, d0 + b - a))
+    return tuple(src), tuple(dst)
+
+
+def sample_modality_masks(rng: np.random.Generator, present: np.ndarray, mode: str, k: int) -> np.ndarray:
+    """(k, 4) boolean masks, each a non-empty subset of the present modalities."""
+    if mode == "none":
+        return np.repeat(present[None], k, axis=0)
+    if mode == "uniform":
+        allowed = SUBSET_MASKS[~(SUBSET_MASKS & ~present).any(axis=1)]
+        return allowed[rng.integers(len(allowed), size=k)]
+    # drop_k (M3AE): drop k ~ U{0..n-1} of the n present modalities, chosen at random.
+    have = np.flatnonzero(present)
+    masks = np.repeat(present[None], k, axis=0)
+    for row in masks:
+        row[rng.choice(have, size=rng.integers(len(have)), replace=False)] = False
+    return masks
+
+
+def subset_indices(masks: np.ndarray) -> np.ndarray:
+    """Row of SUBSET_MASKS for each (…, 4) mask."""
+    weights = 1 << np.arange(NUM_MODALITIES)
+    lookup = np.zeros(1 << NUM_MODALITIES, dtype=np.int32)
+    lookup[(SUBSET_MASKS * weights).sum(axis=1)] = np.arange(len(SUBSET_MASKS))
+    return lookup[(masks * weights).sum(axis=-1)]
+
+
+class RandomCropAugmentDropout(grain.transforms.RandomMap):
+    """Crop (foreground-oversampled, flipped), intensity-augment and draw modality masks."""
+
+    def __init__(self, config: PipelineConfig):
+        self.config = config
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        cfg = self.config
+        image, label = element["image"], element.get("label")
+        shape, crop = image.shape[:3], cfg.crop_size
+        start = crop_start(rng, shape, crop, element.get("foreground"), cfg.foreground_oversample)
+        flips = rng.random(3) < cfg.flip_probability
+        src, dst = crop_slices(start, shape, crop, flips)
+        out = {"image": np.zeros(tuple(crop) + (NUM_MODALITIES,), np.float32), "valid": np.zeros(crop, bool)}
+        out["image"][dst] = image[src]
+        out["valid"][dst] = True
+        if label is not None:
+            out["label"] = np.zeros(crop, np.uint8)
+            out["label"][dst] = label[src]
+        if cfg.intensity_scale or cfg.intensity_shift:
+            out["image"] *= rng.uniform(1 - cfg.intensity_scale, 1 + cfg.intensity_scale, NUM_MODALITIES).astype(np.float32)
+            out["image"] += rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, NUM_MODALITIES).astype(np.float32)
+        present = element["present"]
+        masks = sample_modality_masks(rng, present, cfg.dropout, cfg.instantiations)
+        out.update(modality_mask=masks, subset=subset_indices(masks), present=present, case_index=element["case_index"])
+        return out
+
+
+def make_loader(dataset: CacheDataset, config: PipelineConfig, shard_options=None) -> grain.DataLoader:
+    """A Grain DataLoader of training batches over `dataset`.
+
+    `shard_options` defaults to one shard per JAX process (multi-host: each
+    process reads its own cases and batches).
+    """
+    if shard_options is None:
+        shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(dataset),
+        shard_options=shard_options,
+        shuffle=True,
+        num_epochs=config.num_epochs,
+        seed=config.seed,
+    )
+    return grain.DataLoader(
+        data_source=CacheSource(dataset),
+        sampler=sampler,
+        operations=[RandomCropAugmentDropout(config), grain.transforms.Batch(config.batch_size, drop_remainder=True)],
+        worker_count=config.workers,
+        worker_buffer_size=config.prefetch,
+    )
