@@ -9,6 +9,7 @@ orientation is kept so that predictions can be written back.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import zlib
 from pathlib import Path
 
@@ -57,17 +58,33 @@ def from_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def _read(case_id: str, path: Path):
+    """(affine, data) of one NIfTI file.
+
+    The whole file is decompressed up front so that gzip's CRC is checked:
+    nibabel alone stops reading at the end of the voxel data and would accept
+    a corrupted stream.
+    """
     try:
-        image = nib.load(path)
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise CaseError(case_id, path, "file not found") from None
-    except Exception as e:  # nibabel raises several types for a non-NIfTI file
-        raise CaseError(case_id, path, f"not a readable NIfTI file ({_describe(e)})") from None
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise CaseError(case_id, path, f"not a NIfTI image ({type(image).__name__})")
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise CaseError(case_id, path, f"truncated or corrupt gzip data ({_describe(e)})") from None
+    image = None
+    for kind in (nib.Nifti1Image, nib.Nifti2Image):
+        try:
+            image = kind.from_bytes(raw)
+            break
+        except Exception:  # nibabel raises several types for a foreign header
+            continue
+    if image is None:
+        raise CaseError(case_id, path, "not a readable NIfTI file")
     try:
         data = np.asanyarray(image.dataobj)
-    except (EOFError, zlib.error, OSError, ValueError) as e:
+    except (EOFError, OSError, ValueError) as e:
         raise CaseError(case_id, path, f"truncated or corrupt data ({_describe(e)})") from None
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]

@@ -1,0 +1,112 @@
+"""The `jaxbrats` command: thin wrappers over the library, one line per error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+from jaxbrats.errors import JaxbratsError
+from jaxbrats.modalities import MODALITIES
+
+
+def _phantom(args) -> int:
+    from jaxbrats.data.phantom import write_phantom
+
+    ids = write_phantom(args.out_dir, args.cases, tuple(args.shape), args.layout, args.seed, workers=args.workers)
+    print(f"wrote {len(ids)} {args.layout} phantom cases of shape {tuple(args.shape)} to {args.out_dir}")
+    return 0
+
+
+def _print_report(report: dict, what: str) -> int:
+    records = report["records"]
+    counts = Counter(m for r in records for m in r.images)
+    with_seg = sum(r.seg is not None for r in records)
+    print(f"layout: {report['layout']}")
+    print(f"cases: {len(records)} (" + ", ".join(f"{m} {counts[m]}" for m in MODALITIES) + f"; seg {with_seg})")
+    states = Counter(report["prepared"].values())
+    print(f"{what}: " + (", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none"))
+    for error in report["errors"]:
+        print(f"bad: {error}")
+    return len(report["errors"])
+
+
+def _prepare(args) -> int:
+    from jaxbrats.data.preprocess import check_dataset, prepare_dataset
+
+    need_labels = not args.no_labels
+    if args.check_only:
+        report = check_dataset(args.data_dir, need_labels=need_labels, workers=args.workers)
+        bad = _print_report(report, "checked")
+    else:
+        report = prepare_dataset(
+            args.data_dir, args.cache_dir, normalization=args.normalize, margin=args.margin,
+            need_labels=need_labels, skip_bad=args.skip_bad, workers=args.workers,
+        )
+        bad = _print_report(report, "prepared")
+    if bad and not args.skip_bad:
+        raise JaxbratsError(f"{args.data_dir}: {bad} bad case(s); fix them or rerun with --skip-bad")
+    if bad:
+        print(f"skipped {bad} bad case(s)")
+    if not args.check_only:
+        print(f"cache: {args.cache_dir}")
+    return 0
+
+
+def _demo(args) -> int:
+    from jaxbrats import demo
+
+    demo.run(Path(args.workdir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxbrats", description="Missing-modality brain tumour segmentation in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write a synthetic BraTS-like dataset as NIfTI files")
+    p.add_argument("out_dir")
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--shape", type=int, nargs=3, default=[96, 96, 96], metavar=("D", "H", "W"))
+    p.add_argument("--layout", choices=["brats2020", "brats2023"], default="brats2023")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.set_defaults(func=_phantom)
+
+    p = sub.add_parser("prepare", help="check a BraTS dataset and preprocess it into a cache")
+    p.add_argument("data_dir")
+    p.add_argument("cache_dir", nargs="?", help="required unless --check-only")
+    p.add_argument("--normalize", choices=["zscore", "percentile"], default="zscore")
+    p.add_argument("--margin", type=int, default=4, help="voxels kept around the brain's bounding box")
+    p.add_argument("--check-only", action="store_true", help="validate every case, write nothing")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad cases (listed) instead of failing")
+    p.add_argument("--no-labels", action="store_true", help="cases need no seg file (inference-only data)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("demo", help="phantom -> prepare -> input pipeline, on this machine")
+    p.add_argument("--workdir", default="runs/demo")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "prepare" and not args.check_only and not args.cache_dir:
+        parser.error("prepare needs CACHE_DIR (or --check-only)")
+    try:
+        return args.func(args)
+    except JaxbratsError as e:
+        print(f"jaxbrats: error: {e}", file=sys.stderr)
+    except OSError as e:  # e.g. permissions or a full disk: name the file, skip the traceback
+        print(f"jaxbrats: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("jaxbrats: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
