@@ -81,6 +81,15 @@ def _radius(coords, centre, radii) -> np.ndarray:
     return np.sqrt(sum(((c - m) / r) ** 2 for c, m, r in zip(coords, centre, radii)))
 
 
+def _blob(coords, centre, radii, noise) -> np.ndarray:
+    """Normalised distance to an irregular blob: < 1 inside.
+
+    The noise is zeroed at the centre, so the blob keeps its nominal size.
+    """
+    index = tuple(int(np.clip(round(c), 0, n - 1)) for c, n in zip(centre, noise.shape))
+    return _radius(coords, centre, radii) + noise - noise[index]
+
+
 def phantom_case(shape, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One synthetic case: float32 images per modality and internal labels (uint8)."""
     shape = tuple(int(s) for s in shape)
@@ -107,11 +116,11 @@ def phantom_case(shape, rng: np.random.Generator) -> tuple[dict[str, np.ndarray]
     side = rng.choice([-1, 1])
     t_centre = centre + brain_r * [side * rng.uniform(0.2, 0.45), rng.uniform(-0.4, 0.4), rng.uniform(-0.35, 0.4)]
     r_edema = rng.uniform(0.25, 0.45) * brain_r.min() * rng.uniform(0.85, 1.15, 3)
-    r_core = r_edema * rng.uniform(0.35, 0.65)
+    r_core = r_edema * rng.uniform(0.45, 0.8)
     c_core = t_centre + rng.uniform(-0.15, 0.15, 3) * r_edema
-    d_edema = _radius(warp, t_centre, r_edema) + 0.3 * _smooth_noise(shape, rng, 6)
-    d_core = _radius(warp, c_core, r_core) + 0.2 * _smooth_noise(shape, rng, 6)
-    necrotic = rng.uniform(0.0, 0.75)
+    d_edema = _blob(warp, t_centre, r_edema, 0.3 * _smooth_noise(shape, rng, 6))
+    d_core = _blob(warp, c_core, r_core, 0.2 * _smooth_noise(shape, rng, 6))
+    necrotic = rng.uniform(0.2, 0.8)
     enhancing = rng.random() > 0.1
     in_brain = rho < 0.97
     tissue[(d_edema < 1) & in_brain] = ED

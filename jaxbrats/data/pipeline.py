@@ -29,8 +29,10 @@ resumes it exactly.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import grain
+from absl import flags
 import numpy as np
 
 from jaxbrats.data.cache import CacheDataset
@@ -81,6 +83,12 @@ class CacheSource(grain.sources.RandomAccessDataSource):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def __repr__(self) -> str:
+        # Grain checks a restored iterator state against repr(source): name the
+        # cases, not the cache path, so a state resumes on a moved cache too.
+        digest = hashlib.sha1("\n".join(self.dataset.case_ids).encode()).hexdigest()[:12]
+        return f"CacheSource(cases={len(self.dataset)}, ids_sha1={digest})"
 
     def __getitem__(self, index: int) -> dict:
         arrays = self.dataset.arrays(index)
@@ -179,6 +187,10 @@ def make_loader(dataset: CacheDataset, config: PipelineConfig, shard_options=Non
     `shard_options` defaults to one shard per JAX process (multi-host: each
     process reads its own cases and batches).
     """
+    if config.workers and not flags.FLAGS.is_parsed():
+        # Grain's worker processes read absl flags; a program that is not an
+        # absl app (pytest, a notebook, our CLI) has not parsed them.
+        flags.FLAGS.mark_as_parsed()
     if shard_options is None:
         shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     sampler = grain.samplers.IndexSampler(
