@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
     if args.command == "prepare" and not args.check_only and not args.cache_dir:
         parser.error("prepare needs CACHE_DIR (or --check-only)")
     try:

@@ -4,6 +4,7 @@ import pytest
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.pipeline import (
     PipelineConfig,
+    RandomCropAugmentDropout,
     crop_slices,
     crop_start,
     make_loader,
@@ -116,3 +117,17 @@ def test_padding_is_marked_invalid(phantom_cache):
         voxels = int(np.prod(dataset.manifests[batch["case_index"][0]]["cropped_shape"]))
         assert batch["valid"].sum() == voxels
         assert not batch["label"][~batch["valid"]].any()
+
+
+def test_intensity_augmentation_is_per_channel_affine_and_padding_stays_zero():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(16, 16, 16, 4)).astype(np.float32)
+    element = {"image": image, "present": np.ones(4, bool), "case_index": np.int32(0)}
+    config = PipelineConfig(crop_size=(16, 16, 16), flip_probability=0.0, foreground_oversample=0.0)
+    out = RandomCropAugmentDropout(config).random_map(element, np.random.default_rng(1))
+    for c in range(4):
+        scale, shift = np.polyfit(image[..., c].ravel(), out["image"][..., c].ravel(), 1)
+        assert 0.9 <= scale <= 1.1 and -0.1 <= shift <= 0.1
+        np.testing.assert_allclose(out["image"][..., c], image[..., c] * scale + shift, atol=1e-5)
+    padded = RandomCropAugmentDropout(PipelineConfig(crop_size=(20, 16, 16))).random_map(element, np.random.default_rng(2))
+    assert padded["valid"].sum() == 16**3 and not padded["image"][~padded["valid"]].any()

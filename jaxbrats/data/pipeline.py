@@ -51,7 +51,8 @@ class PipelineConfig:
     foreground_oversample: float = 0.33
     #: Probability of a flip along each spatial axis.
     flip_probability: float = 0.5
-    #: Per-channel intensity x * U(1 - scale, 1 + scale) + U(-shift, shift) (M3AE: 0.1, 0.1).
+    #: Per-channel intensity x * U(1 - scale, 1 + scale) + U(-shift, shift) (M3AE: 0.1, 0.1),
+    #: on the case's voxels (padding stays 0).
     intensity_scale: float = 0.1
     intensity_shift: float = 0.1
     #: "uniform": uniform over the (available) 15 subsets; "drop_k": M3AE's drop k ~ U{0..n-1}
@@ -172,13 +173,24 @@ class RandomCropAugmentDropout(grain.transforms.RandomMap):
         if label is not None:
             out["label"] = np.zeros(crop, np.uint8)
             out["label"][dst] = label[src]
-        if cfg.intensity_scale or cfg.intensity_shift:
-            out["image"] *= rng.uniform(1 - cfg.intensity_scale, 1 + cfg.intensity_scale, NUM_MODALITIES).astype(np.float32)
-            out["image"] += rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, NUM_MODALITIES).astype(np.float32)
+        self._augment_intensity(out, rng)
         present = element["present"]
         masks = sample_modality_masks(rng, present, cfg.dropout, cfg.instantiations)
         out.update(modality_mask=masks, subset=subset_indices(masks), present=present, case_index=element["case_index"])
         return out
+
+
+    def _augment_intensity(self, out: dict, rng: np.random.Generator) -> None:
+        cfg = self.config
+        scale = rng.uniform(1 - cfg.intensity_scale, 1 + cfg.intensity_scale, NUM_MODALITIES).astype(np.float32)
+        shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, NUM_MODALITIES).astype(np.float32)
+        # Rows of W * 4 values with the per-channel factors tiled along them:
+        # numpy's broadcast over a last axis of 4 is ~8x slower than this.
+        rows = out["image"].reshape(-1, out["image"].shape[2] * NUM_MODALITIES)
+        rows *= np.tile(scale, out["image"].shape[2])
+        rows += np.tile(shift, out["image"].shape[2])
+        if not out["valid"].all():
+            out["image"][~out["valid"]] = 0.0  # padding stays exactly 0
 
 
 def make_loader(dataset: CacheDataset, config: PipelineConfig, shard_options=None) -> grain.DataLoader:

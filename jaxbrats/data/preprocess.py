@@ -152,7 +152,7 @@ def _over_cases(func, jobs, workers, progress, desc) -> tuple[dict, list[str]]:
     pool = cf.ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         results = pool.map(func, jobs) if pool else map(func, jobs)
-        for case_id, state, error in tqdm(results, total=len(jobs), desc=desc, unit="case", disable=not progress):
+        for case_id, state, error in tqdm(results, total=len(jobs), desc=desc, unit="case", disable=None if progress else True):
             if error:
                 errors.append(error)
             else:
