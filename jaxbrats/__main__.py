@@ -1,0 +1,5 @@
+import sys
+
+from jaxbrats.cli import main
+
+sys.exit(main())
