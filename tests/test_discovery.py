@@ -2,6 +2,7 @@ import pytest
 
 from helpers import TOKENS_2018, TOKENS_2023, write_case
 from jaxbrats.data.discovery import discover
+from jaxbrats.data.loading import load_case
 from jaxbrats.errors import JaxbratsError
 
 
@@ -48,6 +49,8 @@ def test_plain_one_folder_per_case(tmp_path):
     layout, cases, _ = discover(tmp_path)
     assert layout == "plain" and cases[0].convention is None
     assert sorted(cases[0].images) == sorted(TOKENS_2018)
+    loaded = load_case(cases[0])  # the seg's values (4 for ET) decide the convention
+    assert loaded.convention == "brats2018" and loaded.labels.max() == 3
 
 
 def test_duplicate_case_ids_are_reported(tmp_path):

@@ -126,6 +126,8 @@ def test_bad_cases_block_the_index_unless_skipped(tmp_path):
     assert len(report["errors"]) == 2 and not (tmp_path / "cache" / "index.json").exists()
     report = prepare_dataset(data, tmp_path / "cache", skip_bad=True, workers=1, progress=False)
     assert CacheDataset(tmp_path / "cache").case_ids == ["BraTS2021_00000"]
+    prepare_dataset(data, tmp_path / "cache", workers=1, progress=False)  # fails again: the old index goes
+    assert not (tmp_path / "cache" / "index.json").exists()
 
 
 def test_case_with_a_missing_modality_is_cached_with_zeros(tmp_path):

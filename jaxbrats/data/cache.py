@@ -113,6 +113,10 @@ def write_index(cache_dir, layout: str, case_ids: list[str], settings: dict) -> 
     os.replace(tmp, cache_dir / INDEX)
 
 
+def remove_index(cache_dir) -> None:
+    (Path(cache_dir) / INDEX).unlink(missing_ok=True)
+
+
 class CacheDataset:
     """Random access to a prepared cache; arrays are memory-mapped on first use.
 

@@ -190,6 +190,8 @@ def prepare_dataset(
     if skip_bad or not errors:
         good = [r.case_id for r in records if r.case_id in status]
         cache.write_index(cache_dir, layout, good, settings={"normalization": normalization, "margin": margin})
+    else:  # a failed run leaves no index behind, not even an older one
+        cache.remove_index(cache_dir)
     return {"layout": layout, "records": records, "prepared": status, "errors": errors}
 
 
