@@ -1,0 +1,153 @@
+"""The shared backbone: the ACN / SMU-Net / M3AE residual 3D U-Net (METHODS.md section 2).
+
+Channels-last (N, D, H, W, C). Pre-activation residual blocks
+(GN -> ReLU -> conv3 -> GN -> ReLU -> conv3, plus identity) with GroupNorm(8);
+encoder 16/32/64/128 channels with 1/2/2/4 blocks and stride-2 conv3
+downsampling; decoder per level: 1x1 conv halving the channels, x2
+upsampling (nearest, as the public code, or trilinear, as M3AE's supplement),
+add the encoder skip, one block; a final 1x1 conv. Optional deep-supervision
+1x1 heads on the 1/4 and 1/2 resolution decoder outputs (M3AE).
+
+Parameters and GroupNorm statistics are float32; `dtype` sets the compute
+dtype of convolutions (float32 or bfloat16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 3
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    blocks: tuple[int, ...] = (1, 2, 2, 4)
+    groups: int = 8
+    upsample: str = "nearest"  # or "trilinear"
+    deep_supervision: bool = False
+    dropout: float = 0.0  # on the bottleneck features (ACN); 0 disables
+    dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
+
+    def __post_init__(self):
+        if self.upsample not in ("nearest", "trilinear"):
+            raise ValueError(f"upsample must be 'nearest' or 'trilinear', got {self.upsample!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if len(self.widths) != len(self.blocks):
+            raise ValueError("widths and blocks need one entry per level")
+
+
+def _conv(cin, cout, kernel, cfg: UNetConfig, rngs, stride=1):
+    return nnx.Conv(cin, cout, (kernel,) * 3, strides=(stride,) * 3, padding="SAME", dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+
+
+class GroupNorm32(nnx.Module):
+    """GroupNorm computed in float32 whatever the compute dtype, cast back after."""
+
+    def __init__(self, channels: int, groups: int, rngs: nnx.Rngs):
+        self.norm = nnx.GroupNorm(channels, num_groups=groups, epsilon=1e-5, dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, x):
+        return self.norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
+class ResBlock(nnx.Module):
+    def __init__(self, channels: int, cfg: UNetConfig, rngs: nnx.Rngs):
+        self.norm1 = GroupNorm32(channels, cfg.groups, rngs)
+        self.conv1 = _conv(channels, channels, 3, cfg, rngs)
+        self.norm2 = GroupNorm32(channels, cfg.groups, rngs)
+        self.conv2 = _conv(channels, channels, 3, cfg, rngs)
+
+    def __call__(self, x):
+        y = self.conv1(jax.nn.relu(self.norm1(x)))
+        y = self.conv2(jax.nn.relu(self.norm2(y)))
+        return x + y
+
+
+class Encoder(nnx.Module):
+    """Returns the feature map of every level, full resolution first."""
+
+    def __init__(self, cfg: UNetConfig, rngs: nnx.Rngs):
+        self.stem = _conv(cfg.in_channels, cfg.widths[0], 3, cfg, rngs)
+        self.downs = nnx.List(
+            [_conv(cfg.widths[i - 1], cfg.widths[i], 3, cfg, rngs, stride=2) for i in range(1, len(cfg.widths))]
+        )
+        self.levels = nnx.List(
+            [nnx.List([ResBlock(w, cfg, rngs) for _ in range(n)]) for w, n in zip(cfg.widths, cfg.blocks)]
+        )
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout else None
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x) -> list[jax.Array]:
+        x = self.stem(x.astype(self.dtype))
+        features = []
+        for i, blocks in enumerate(self.levels):
+            if i:
+                x = self.downs[i - 1](x)
+            if self.dropout is not None and i == len(self.levels) - 1:
+                x = self.dropout(x)
+            for block in blocks:
+                x = block(x)
+            features.append(x)
+        return features
+
+
+def upsample2(x, method: str):
+    """x2 spatial upsampling of a channels-last volume."""
+    if method == "nearest":
+        for axis in (1, 2, 3):
+            x = jnp.repeat(x, 2, axis=axis)
+        return x
+    n, d, h, w, c = x.shape
+    return jax.image.resize(x, (n, 2 * d, 2 * h, 2 * w, c), method="trilinear").astype(x.dtype)
+
+
+class Decoder(nnx.Module):
+    """Returns (logits, decoder feature maps coarse to fine, deep-supervision logits)."""
+
+    def __init__(self, cfg: UNetConfig, rngs: nnx.Rngs):
+        widths = cfg.widths
+        self.reduce = nnx.List([_conv(widths[i], widths[i - 1], 1, cfg, rngs) for i in range(len(widths) - 1, 0, -1)])
+        self.blocks = nnx.List([ResBlock(widths[i - 1], cfg, rngs) for i in range(len(widths) - 1, 0, -1)])
+        self.head = _conv(widths[0], cfg.out_channels, 1, cfg, rngs)
+        # Heads on the 1/4 and 1/2 resolution decoder outputs (M3AE's deep supervision).
+        self.ds_heads = nnx.List([_conv(widths[i], cfg.out_channels, 1, cfg, rngs) for i in (2, 1)]) if cfg.deep_supervision else None
+        self.upsample = cfg.upsample
+
+    def __call__(self, features: list[jax.Array]):
+        x = features[-1]
+        outputs = []
+        for reduce, block, skip in zip(self.reduce, self.blocks, reversed(features[:-1])):
+            x = block(upsample2(reduce(x), self.upsample) + skip)
+            outputs.append(x)
+        logits = self.head(x)
+        deep = []
+        if self.ds_heads is not None:
+            for head, feature in zip(self.ds_heads, outputs[-3:-1]):
+                y = head(feature)
+                deep.append(jax.image.resize(y, logits.shape, method="trilinear").astype(y.dtype))
+        return logits, outputs, deep
+
+
+class UNet(nnx.Module):
+    """Encoder + decoder; `__call__` returns a dict so methods can reach every feature map.
+
+    Keys: "logits" (N, D, H, W, out), "encoder" (features per level, fine to
+    coarse; the last is the bottleneck), "decoder" (coarse to fine), "deep"
+    (upsampled deep-supervision logits at 1/4 and 1/2, or an empty list).
+    """
+
+    def __init__(self, cfg: UNetConfig, rngs: nnx.Rngs):
+        self.config = cfg
+        self.encoder = Encoder(cfg, rngs)
+        self.decoder = Decoder(cfg, rngs)
+
+    def __call__(self, x) -> dict:
+        features = self.encoder(x)
+        logits, decoded, deep = self.decoder(features)
+        return {"logits": logits, "encoder": features, "decoder": decoded, "deep": deep}
