@@ -97,11 +97,9 @@ def test_crop_with_flips_matches_numpy_pad_and_flip(shape):
         got = np.zeros(crop)
         got[dst] = volume[src]
         pad = [(max(-s, 0), max(s + c - n, 0)) for s, c, n in zip(start, crop, shape)]
-        padded = np.pad(volume, pad)
-        lo = [max(s, 0) - p[0] + p[0] for s, p in zip(start, pad)]
-        want = padded[tuple(slice(l - max(-s, 0) + max(-s, 0) if s >= 0 else 0, None) for l, s in zip(lo, start))]
-        want = want[: crop[0], : crop[1], : crop[2]]
-        want = np.flip(want, axis=tuple(np.flatnonzero(flips))) if flips.any() else want
+        padded = np.pad(volume, pad)  # the crop starts at max(start, 0) in padded coordinates
+        want = padded[tuple(slice(max(s, 0), max(s, 0) + c) for s, c in zip(start, crop))]
+        want = np.flip(want, axis=tuple(np.flatnonzero(flips)))
         np.testing.assert_array_equal(got, want)
 
 

@@ -182,6 +182,8 @@ class RandomCropAugmentDropout(grain.transforms.RandomMap):
 
     def _augment_intensity(self, out: dict, rng: np.random.Generator) -> None:
         cfg = self.config
+        if not (cfg.intensity_scale or cfg.intensity_shift):
+            return
         scale = rng.uniform(1 - cfg.intensity_scale, 1 + cfg.intensity_scale, NUM_MODALITIES).astype(np.float32)
         shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, NUM_MODALITIES).astype(np.float32)
         # Rows of W * 4 values with the per-channel factors tiled along them:
