@@ -41,19 +41,19 @@ def test_parameter_count_matches_the_spec():
 
 
 def test_shapes_of_every_level_and_the_deep_heads():
-    model = UNet(UNetConfig(deep_supervision=True, widths=(8, 16, 16, 32)), nnx.Rngs(0))
-    out = model(jnp.zeros((2, 16, 16, 16, 4)))
+    model = UNet(UNetConfig(deep_supervision=True, widths=(8, 16, 16, 32), blocks=(1, 1, 1, 1)), nnx.Rngs(0))
+    out = nnx.jit(lambda m, x: m(x))(model, jnp.zeros((2, 16, 16, 16, 4)))
     assert out["logits"].shape == (2, 16, 16, 16, 3)
     assert [f.shape for f in out["encoder"]] == [(2, 16, 16, 16, 8), (2, 8, 8, 8, 16), (2, 4, 4, 4, 16), (2, 2, 2, 2, 32)]
     assert [f.shape[1] for f in out["decoder"]] == [4, 8, 16]
     assert [d.shape for d in out["deep"]] == [(2, 16, 16, 16, 3)] * 2
-    decoded = model.decoder(model.encoder(jnp.zeros((2, 16, 16, 16, 4))))[0]  # usable separately
+    decoded = nnx.jit(lambda m, x: m.decoder(m.encoder(x))[0])(model, jnp.zeros((2, 16, 16, 16, 4)))  # usable separately
     np.testing.assert_allclose(decoded, out["logits"], atol=1e-6)
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
-    model = UNet(UNetConfig(dtype="bfloat16", upsample="trilinear", widths=(8, 8, 16, 16)), nnx.Rngs(0))
-    out = model(jnp.ones((1, 16, 16, 16, 4)))
+    model = UNet(UNetConfig(dtype="bfloat16", upsample="trilinear", widths=(8, 8, 16, 16), blocks=(1, 1, 1, 1)), nnx.Rngs(0))
+    out = nnx.jit(lambda m, x: m(x))(model, jnp.ones((1, 16, 16, 16, 4)))
     assert out["logits"].dtype == jnp.bfloat16
     assert {p.dtype for p in _params(model)} == {jnp.dtype(jnp.float32)}
 
@@ -63,3 +63,12 @@ def test_nearest_upsampling_repeats_voxels():
     want = np.asarray(x).repeat(2, 1).repeat(2, 2).repeat(2, 3)
     np.testing.assert_array_equal(upsample2(x, "nearest"), want)
     assert upsample2(x, "trilinear").shape == want.shape
+
+
+def test_dropout_only_with_a_key():
+    model = UNet(UNetConfig(dropout=0.5, widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1)), nnx.Rngs(0))
+    x = jnp.ones((1, 16, 16, 16, 4))
+    run = nnx.jit(lambda m, x, key: m(x, key)["logits"])
+    plain = nnx.jit(lambda m, x: m(x)["logits"])
+    np.testing.assert_array_equal(plain(model, x), plain(model, x))
+    assert not np.allclose(run(model, x, jax.random.key(1)), plain(model, x))

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxbrats.networks.layers import Conv3D
+
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
@@ -32,6 +34,7 @@ class UNetConfig:
     deep_supervision: bool = False
     dropout: float = 0.0  # on the bottleneck features (ACN); 0 disables
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
+    conv_impl: str = "auto"  # see networks.layers: "auto", "native" or "depth2d"
 
     def __post_init__(self):
         if self.upsample not in ("nearest", "trilinear"):
@@ -43,7 +46,7 @@ class UNetConfig:
 
 
 def _conv(cin, cout, kernel, cfg: UNetConfig, rngs, stride=1):
-    return nnx.Conv(cin, cout, (kernel,) * 3, strides=(stride,) * 3, padding="SAME", dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+    return Conv3D(cin, cout, kernel, stride=stride, dtype=cfg.dtype, impl=cfg.conv_impl, rngs=rngs)
 
 
 class GroupNorm32(nnx.Module):
@@ -80,21 +83,28 @@ class Encoder(nnx.Module):
         self.levels = nnx.List(
             [nnx.List([ResBlock(w, cfg, rngs) for _ in range(n)]) for w, n in zip(cfg.widths, cfg.blocks)]
         )
-        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout else None
+        self.dropout = cfg.dropout
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, x) -> list[jax.Array]:
+    def __call__(self, x, dropout_key=None) -> list[jax.Array]:
+        """Dropout on the bottleneck input applies only when a `dropout_key` is given (training)."""
         x = self.stem(x.astype(self.dtype))
         features = []
         for i, blocks in enumerate(self.levels):
             if i:
                 x = self.downs[i - 1](x)
-            if self.dropout is not None and i == len(self.levels) - 1:
-                x = self.dropout(x)
+            if dropout_key is not None and self.dropout and i == len(self.levels) - 1:
+                x = dropout(x, self.dropout, dropout_key)
             for block in blocks:
                 x = block(x)
             features.append(x)
         return features
+
+
+def dropout(x, rate: float, key):
+    """Inverted dropout; the key comes from the train step, so a model holds no rng state."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def upsample2(x, method: str):
@@ -147,7 +157,7 @@ class UNet(nnx.Module):
         self.encoder = Encoder(cfg, rngs)
         self.decoder = Decoder(cfg, rngs)
 
-    def __call__(self, x) -> dict:
-        features = self.encoder(x)
+    def __call__(self, x, dropout_key=None) -> dict:
+        features = self.encoder(x, dropout_key)
         logits, decoded, deep = self.decoder(features)
         return {"logits": logits, "encoder": features, "decoder": decoded, "deep": deep}

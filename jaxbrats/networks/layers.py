@@ -1,0 +1,84 @@
+"""Layers of the backbone, with lowerings chosen per backend behind one API.
+
+`Conv3D` holds a DHWIO kernel and a bias like `nnx.Conv`, and computes a
+channels-last 3D convolution with SAME padding in one of two ways:
+
+- ``"native"``: XLA's 3D convolution (cuDNN on GPU).
+- ``"depth2d"``: the k^3 kernel as k 2D convolutions over depth-shifted
+  slices, batch and depth folded together, summed. XLA:CPU's 3D convolution
+  is several times slower than its 2D one: on 2 cores, 48^3 x 16 channels,
+  forward + both gradients took 1027 ms native and 245 ms this way, equal to
+  within float32 rounding (tests/test_layers.py checks it).
+
+``"auto"`` picks depth2d on CPU and native elsewhere.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from flax import nnx
+
+CONV_IMPLS = ("auto", "native", "depth2d")
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """XLA's SAME padding along one axis: (low, high)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv3d_native(x, kernel, stride: int = 1):
+    return lax.conv_general_dilated(
+        x, kernel, (stride,) * 3, "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+    )
+
+
+def conv3d_depth2d(x, kernel, stride: int = 1):
+    """SAME 3D convolution as a sum over kernel depth of 2D convolutions."""
+    n, d, h, w, c = x.shape
+    k = kernel.shape[0]
+    if k == 1 and stride == 1:
+        return jnp.einsum("ndhwc,co->ndhwo", x, kernel[0, 0, 0])
+    low, high = _same_padding(d, k, stride)
+    xp = jnp.pad(x, ((0, 0), (low, high), (0, 0), (0, 0), (0, 0)))
+    d_out = -(-d // stride)
+    y = None
+    for i in range(k):
+        # Output depth j reads input depth j * stride + i of the padded volume.
+        slices = lax.slice_in_dim(xp, i, i + (d_out - 1) * stride + 1, stride, axis=1)
+        part = lax.conv_general_dilated(
+            slices.reshape(n * d_out, h, w, c), kernel[i], (stride, stride), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        y = part if y is None else y + part
+    return y.reshape(n, d_out, *y.shape[1:])
+
+
+def resolve_conv_impl(impl: str) -> str:
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "depth2d" if jax.default_backend() == "cpu" else "native"
+    return impl
+
+
+class Conv3D(nnx.Module):
+    """Channels-last 3D convolution, SAME padding, float32 parameters, `dtype` compute."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, *, stride: int = 1, dtype=jnp.float32,
+                 impl: str = "auto", rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (kernel,) * 3 + (cin, cout), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((cout,), jnp.float32))
+        self.stride = stride
+        self.dtype = jnp.dtype(dtype)
+        self.impl = resolve_conv_impl(impl)
+
+    def __call__(self, x):
+        x = x.astype(self.dtype)
+        kernel = self.kernel[...].astype(self.dtype)
+        conv = conv3d_depth2d if self.impl == "depth2d" else conv3d_native
+        return conv(x, kernel, self.stride) + self.bias[...].astype(self.dtype)
