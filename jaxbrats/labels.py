@@ -62,3 +62,22 @@ def regions_of(labels, xp=np):
 def region_voxel_counts(labels: np.ndarray) -> dict[str, int]:
     """Voxels per region of an internal label map."""
     return {r: int(np.isin(labels, REGION_LABELS[r]).sum()) for r in REGIONS}
+
+
+def labels_from_regions(regions, xp=np):
+    """Internal labels from nested WT, TC, ET masks (last axis), the inverse of `regions_of`.
+
+    A voxel is ET if ET is on, else NCR if TC is on, else ED if WT is on;
+    ET outside TC still counts as ET (the papers' thresholding, nnU-Net's too).
+    """
+    wt, tc, et = (regions[..., i] for i in range(3))
+    labels = xp.where(wt, EDEMA, BACKGROUND)
+    labels = xp.where(tc, NECROSIS, labels)
+    return xp.where(et, ENHANCING, labels).astype(xp.uint8)
+
+
+def region_probs_from_label_probs(probs, xp=np):
+    """WT, TC, ET probabilities (last axis) from softmax probabilities over the 4 internal labels."""
+    wt = 1.0 - probs[..., BACKGROUND]
+    tc = probs[..., NECROSIS] + probs[..., ENHANCING]
+    return xp.stack([wt, tc, probs[..., ENHANCING]], axis=-1)

@@ -1,0 +1,70 @@
+"""Segmentation losses, vectorised over the batch, with padding masked out.
+
+Two output conventions, both scored on the nested regions WT, TC, ET:
+
+- region outputs: one sigmoid channel per region (`labels.REGIONS` order),
+  loss soft Dice + binary cross-entropy (M3AE, the common choice);
+- label outputs: softmax over the 4 internal labels, loss weighted
+  cross-entropy + soft Dice over the foreground labels (RIRN, ACDIS).
+
+Every loss takes `valid` (N, D, H, W) bool: False voxels (crop padding)
+contribute nothing. Soft Dice is computed per sample and channel,
+``1 - (2 sum(p g) + smooth) / (sum(p) + sum(g) + smooth)``, then averaged;
+``batch_dice`` sums over the batch first (nnU-Net's option).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxbrats.labels import NUM_LABELS, regions_of
+
+SMOOTH = 1e-5
+
+
+def soft_dice_loss(probs, targets, valid, smooth: float = SMOOTH, batch_dice: bool = False):
+    """Mean soft Dice loss over (sample, channel); probs and targets (N, ..., C)."""
+    w = valid[..., None].astype(probs.dtype)
+    axes = tuple(range(0 if batch_dice else 1, probs.ndim - 1))
+    intersection = jnp.sum(probs * targets * w, axis=axes)
+    total = jnp.sum(probs * w, axis=axes) + jnp.sum(targets * w, axis=axes)
+    return jnp.mean(1.0 - (2.0 * intersection + smooth) / (total + smooth))
+
+
+def _masked_mean(values, valid):
+    w = valid.astype(values.dtype)
+    return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def region_loss(logits, labels, valid, dice_weight: float = 1.0, bce_weight: float = 1.0, batch_dice: bool = False):
+    """Soft Dice + BCE on sigmoid region outputs; logits (N, D, H, W, 3), labels internal."""
+    logits = logits.astype(jnp.float32)
+    targets = regions_of(labels, xp=jnp).astype(jnp.float32)
+    dice = soft_dice_loss(jax.nn.sigmoid(logits), targets, valid, batch_dice=batch_dice)
+    bce = _masked_mean(optax.sigmoid_binary_cross_entropy(logits, targets).mean(axis=-1), valid)
+    return dice_weight * dice + bce_weight * bce, {"dice_loss": dice, "bce": bce}
+
+
+def label_loss(logits, labels, valid, class_weights=None, dice_weight: float = 1.0, ce_weight: float = 1.0, batch_dice: bool = False):
+    """Weighted CE + soft Dice (foreground labels) on softmax outputs; logits (N, D, H, W, 4)."""
+    logits = logits.astype(jnp.float32)
+    labels = labels.astype(jnp.int32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    if class_weights is not None:
+        weights = jnp.asarray(class_weights, jnp.float32)[labels]
+        ce = jnp.sum(ce * weights * valid) / jnp.maximum(jnp.sum(weights * valid), 1e-6)
+    else:
+        ce = _masked_mean(ce, valid)
+    probs = jax.nn.softmax(logits, axis=-1)
+    onehot = jax.nn.one_hot(labels, NUM_LABELS, dtype=jnp.float32)
+    dice = soft_dice_loss(probs[..., 1:], onehot[..., 1:], valid, batch_dice=batch_dice)
+    return dice_weight * dice + ce_weight * ce, {"dice_loss": dice, "ce": ce}
+
+
+def segmentation_loss(output: str, logits, labels, valid, **options):
+    """Dispatch on the output convention: "regions" (sigmoid) or "labels" (softmax)."""
+    if output == "regions":
+        return region_loss(logits, labels, valid, **options)
+    return label_loss(logits, labels, valid, **options)

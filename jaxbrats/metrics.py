@@ -1,0 +1,66 @@
+"""Dice (on device, from voxel counts) and HD95 (on the host, with scipy).
+
+Conventions (METHODS.md section 1):
+
+- Dice is 1 when prediction and truth are both empty (all peers).
+- HD95 follows medpy's ``hd95``: surface voxels are a mask minus its
+  erosion (6-connectivity); the distances from each surface to the other
+  (Euclidean, in mm with the voxel spacing) are pooled and their 95th
+  percentile is taken. The empty-mask convention is a setting:
+
+  ===========  ===========  ==============  ==========================
+  name         both empty   exactly one     used by
+  ===========  ===========  ==============  ==========================
+  ``brats``    0            373.13          BraTS, nnU-Net (default)
+  ``zero``     0            0               M3AE's public code
+  ``nan``      NaN          NaN             ProtoKD (left out of means)
+  ===========  ===========  ==============  ==========================
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from scipy import ndimage
+
+HD95_EMPTY: dict[str, tuple[float, float]] = {
+    "brats": (0.0, 373.13),
+    "zero": (0.0, 0.0),
+    "nan": (float("nan"), float("nan")),
+}
+
+
+def dice_counts(pred, truth):
+    """(3, C) int32: intersection, predicted and true voxel counts per channel of (..., C) masks."""
+    axes = tuple(range(pred.ndim - 1))
+    pred, truth = pred.astype(jnp.int32), truth.astype(jnp.int32)
+    return jnp.stack([jnp.sum(pred * truth, axes), jnp.sum(pred, axes), jnp.sum(truth, axes)])
+
+
+def dice_from_counts(counts) -> np.ndarray:
+    """Dice per channel from `dice_counts` (any leading axes); 1 where both masks are empty."""
+    counts = np.asarray(counts, np.float64)
+    inter, pred, truth = counts[..., 0, :], counts[..., 1, :], counts[..., 2, :]
+    total = pred + truth
+    return np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0, 1.0), empty: str = "brats") -> float:
+    """95th percentile Hausdorff distance between two boolean masks, in the units of `spacing`."""
+    if empty not in HD95_EMPTY:
+        raise ValueError(f"hd95 empty convention must be one of {sorted(HD95_EMPTY)}, got {empty!r}")
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    both_empty, one_empty = HD95_EMPTY[empty]
+    if not pred.any() and not truth.any():
+        return both_empty
+    if not pred.any() or not truth.any():
+        return one_empty
+    sp, st = _surface(pred), _surface(truth)
+    to_truth = ndimage.distance_transform_edt(~st, sampling=spacing)[sp]
+    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)[st]
+    return float(np.percentile(np.concatenate([to_truth, to_pred]), 95))
