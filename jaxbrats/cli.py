@@ -54,6 +54,46 @@ def _prepare(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from jaxbrats.config import load_config
+    from jaxbrats.engine import train
+
+    config = load_config(args.config, args.set)
+    trainer = train(config, args.workdir, args.data)
+    print(f"trained {config.method_name} in {args.workdir}")
+    return 0
+
+
+def _eval(args) -> int:
+    from jaxbrats.data.cache import CacheDataset
+    from jaxbrats.engine import load_splits, load_trained
+    from jaxbrats.evaluation import evaluate, markdown_table
+
+    method, graphdefs, models, config = load_trained(args.workdir, overrides=args.set)
+    cache = CacheDataset(args.data)
+    if args.split == "all":
+        ids = cache.case_ids
+    else:
+        splits = load_splits(Path(args.workdir), cache)
+        if args.split not in splits or not splits[args.split]:
+            raise JaxbratsError(f"{Path(args.workdir) / 'splits.json'}: no cases in split {args.split!r}")
+        ids = splits[args.split]
+    summary = evaluate(method, graphdefs, models, CacheDataset(args.data, ids), config.eval, args.out, predictions=args.predictions)
+    print(markdown_table(summary, config.eval))
+    print(f"results: {args.out}")
+    return 0
+
+
+def _predict(args) -> int:
+    from jaxbrats.predict import predict_case
+
+    info = predict_case(args.workdir, args.case, args.out, convention=args.convention, overrides=args.set)
+    print(f"modalities used: {', '.join(info['present'])}; missing: {', '.join(info['missing']) or 'none'}")
+    print("predicted voxels: " + ", ".join(f"{r} {n}" for r, n in info["voxels"].items()) + f" (labels in the {info['convention']} convention)")
+    print(f"wrote {info['out']}")
+    return 0
+
+
 def _demo(args) -> int:
     from jaxbrats import demo
 
@@ -85,7 +125,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=_prepare)
 
-    p = sub.add_parser("demo", help="phantom -> prepare -> input pipeline, on this machine")
+    p = sub.add_parser("train", help="train a method; resumes when WORKDIR holds a checkpoint")
+    p.add_argument("--config", required=True, help="TOML config (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (TOML value)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--data", help="prepared cache directory (overrides data.cache)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="score all 15 modality subsets of a split")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--data", required=True, help="prepared cache directory")
+    p.add_argument("--split", default="test", help="split of the run (train, val, test) or 'all'")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--predictions", choices=["none", "full", "all"], default="full", help="NIfTI predictions to write: none, the full-modality one, or all 15 subsets")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a saved config key, e.g. eval.hd95_empty='\"zero\"'")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="segment one case folder with the modality files it has")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--case", required=True, help="case folder (never written to)")
+    p.add_argument("--out", required=True, help="output segmentation, e.g. seg.nii.gz")
+    p.add_argument("--convention", choices=["brats2018", "brats2023"], help="label values to write (default: the case's release)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a saved config key")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("demo", help="phantom -> prepare -> train the baseline -> evaluate all 15 subsets")
     p.add_argument("--workdir", default="runs/demo")
     p.set_defaults(func=_demo)
     return parser

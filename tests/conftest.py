@@ -31,3 +31,29 @@ def fixture_case() -> Path:
     if not case.is_dir():
         pytest.skip(f"real BraTS fixture not found at {FIXTURES}")
     return case
+
+
+#: A tiny baseline: 8-channel U-Net, 16^3 crops, a few steps; settings as `--set` overrides.
+TINY = [
+    "model.widths=[8,8,8,8]", "model.blocks=[1,1,1,1]",
+    "data.crop_size=[16,16,16]", "data.batch_size=2", "data.split_ratios=[0.67,0.0,0.33]",
+    "stages.train.steps=4", "stages.train.optimizers.model.lr=3e-3",
+    "train.log_every=1", "train.checkpoint_every=2", "train.progress=false",
+    "eval.window=[16,16,16]", "eval.bucket_multiple=8",
+]
+
+
+def tiny_config(*extra):
+    from jaxbrats.config import load_config
+
+    return load_config(None, TINY + list(extra))
+
+
+@pytest.fixture(scope="session")
+def trained_run(phantom_cache, tmp_path_factory) -> Path:
+    """A work directory holding a 4-step tiny baseline run on `phantom_cache`."""
+    from jaxbrats.engine import train
+
+    workdir = tmp_path_factory.mktemp("run")
+    train(tiny_config(), workdir, phantom_cache)
+    return workdir

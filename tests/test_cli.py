@@ -69,8 +69,37 @@ def test_errors_are_one_line(tmp_path, args, fragments):
     _one_line_error(_run(*[a.format(tmp=tmp_path) for a in args]), *fragments)
 
 
-def test_demo_makes_a_batch_and_a_picture(tmp_path, capsys):
+@pytest.mark.slow
+def test_demo_learns_within_its_budget(tmp_path, capsys):
+    """The README's first command: phantom -> prepare -> train -> 15-subset table (minutes on 2 cores)."""
     assert main(["demo", "--workdir", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["subsets"][-1]["dice"]["WT"] >= 0.80
+    assert (tmp_path / "eval" / "dice_heatmap.png").stat().st_size > 1000
+
+
+def test_train_eval_predict_from_the_command_line(phantom_cache, tmp_path, capsys):
+    from conftest import TINY
+
+    config = tmp_path / "tiny.toml"
+    config.write_text('[method]\nname = "baseline"\n')
+    sets = [a for s in TINY + ["stages.train.steps=2"] for a in ("--set", s)]
+    assert main(["train", "--config", config, "--workdir", tmp_path / "run", "--data", phantom_cache, *sets]) == 0
+    assert main(["eval", "--workdir", tmp_path / "run", "--data", phantom_cache, "--out", tmp_path / "eval", "--predictions", "none", "--set", "eval.hd95_empty='zero'"]) == 0
     out = capsys.readouterr().out
-    assert "layout brats2023, 8 cases" in out and "image          (2, 48, 48, 48, 4)" in out
-    assert (tmp_path / "batch.png").stat().st_size > 1000
+    assert "| ● | ● | ● | ● |" in out and "empty-mask convention 'zero'" in out
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["cases"] == 2
+    raw_case = json.loads((phantom_cache / "cases" / json.loads((phantom_cache / "index.json").read_text())["cases"][0] / "manifest.json").read_text())["sources"]["flair"]
+    case_dir = os.path.dirname(raw_case)
+    assert main(["predict", "--workdir", tmp_path / "run", "--case", case_dir, "--out", tmp_path / "seg.nii.gz"]) == 0
+    assert "missing: none" in capsys.readouterr().out and (tmp_path / "seg.nii.gz").exists()
+
+
+def test_run_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsead = 1\n")
+    _one_line_error(_run("train", "--config", bad, "--workdir", tmp_path / "w"), "bad.toml", "unknown key(s) train.sead")
+    _one_line_error(_run("eval", "--workdir", tmp_path / "nothing", "--data", tmp_path, "--out", tmp_path / "o"), "no config.json")
+    (tmp_path / "empty_run").mkdir()
+    (tmp_path / "empty_run" / "config.json").write_text("{}")
+    _one_line_error(_run("predict", "--workdir", tmp_path / "empty_run", "--case", tmp_path, "--out", tmp_path / "s.nii.gz"), "no checkpoint found")

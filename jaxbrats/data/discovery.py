@@ -130,3 +130,24 @@ def discover(root) -> tuple[str, list[CaseRecord], list[CaseError]]:
         except CaseError as e:
             bad.append(e)
     return layout, cases, bad
+
+
+_TOKENS_2023 = {"t1n", "t1c", "t2w", "t2f"}
+
+
+def read_case_dir(case_dir) -> CaseRecord:
+    """The record of a single case folder (for `jaxbrats predict`), layout guessed from its names.
+
+    A folder that matches no release pattern is "plain"; its label convention is
+    guessed from the file names: 2023 tokens (t1n, t1c, t2w, t2f) -> brats2023,
+    the older names (flair, t1ce, ...) -> brats2018.
+    """
+    case_dir = Path(case_dir)
+    if not case_dir.is_dir():
+        raise JaxbratsError(f"{case_dir}: not a directory")
+    layout = next((name for name, pattern in _CASE_PATTERNS.items() if pattern.match(case_dir.name)), "plain")
+    record = _record(case_dir, layout)
+    if layout == "plain":
+        tokens = {_token(p).lower() for p in record.images.values()}
+        record = dataclasses.replace(record, convention="brats2023" if tokens & _TOKENS_2023 else "brats2018")
+    return record

@@ -1,0 +1,426 @@
+"""The training engine: one jitted step per stage, sharded batches, Orbax checkpoints.
+
+How a run goes (`train`):
+
+1. The resolved config, the train/val/test split and the cache's
+   preprocessing settings are written to the work directory (`config.json`,
+   `splits.json`, `data.json`); a resumed run reuses the split.
+2. For each of the method's stages, in order: if its checkpoint directory
+   holds the final step, the stage is done; if it holds an earlier step, the
+   models, optimiser states, step, rng and the Grain iterator state are
+   restored and training continues exactly; otherwise the stage starts from
+   fresh models with the previous stage's variables carried over
+   (`Method.carry`), or from `[stages.<name>] init_from`.
+3. The train state is a pytree: ``{"models": {name: nnx.State},
+   "opt": {group: optax state}, "step": int32, "key": uint32[2]}``, split
+   from the NNX graphs once. `make_train_step` closes over the graph
+   definitions and optimisers and is jitted once per stage with the state
+   donated; the step's rng is ``fold_in(key, step)``, so a resumed run draws
+   the same numbers. Nothing in the step talks to the host.
+4. Batches are placed on a ("data", "space") mesh, split along "data"; the
+   "space" axis is 1 today and is where volume sharding goes.
+5. Metrics stay on the device and are fetched every `log_every` steps (one
+   transfer), checked for NaN/Inf, written to `metrics.jsonl` and TensorBoard
+   (`tensorboard/`). A checkpoint is written only after the steps before it
+   were checked, so a diverged run stops with the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from jaxbrats.config import Config, OptimizerConfig, save_config, to_dict
+from jaxbrats.data.cache import CacheDataset
+from jaxbrats.data.pipeline import PipelineConfig, make_loader
+from jaxbrats.data.splits import ratio_split, read_split_file
+from jaxbrats.errors import JaxbratsError
+from jaxbrats.methods import Method, get_method
+
+
+class TrainingDiverged(JaxbratsError):
+    pass
+
+
+# --- mesh and placement ------------------------------------------------------------
+
+def make_mesh(data_parallel: int = 0) -> Mesh:
+    devices = jax.devices()
+    n = data_parallel or len(devices)
+    if n > len(devices):
+        raise JaxbratsError(f"train.data_parallel = {n} but only {len(devices)} device(s) are visible")
+    return Mesh(np.asarray(devices[:n]).reshape(n, 1), ("data", "space"))
+
+
+def place_batch(batch: dict, mesh: Mesh) -> dict:
+    """Host batch (this process's part) -> global arrays split along the mesh's data axis."""
+    sharding = NamedSharding(mesh, P("data"))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def replicate(tree, mesh: Mesh):
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+# --- optimisers ------------------------------------------------------------------------
+
+def make_schedule(cfg: OptimizerConfig, total_steps: int):
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    if cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(cfg.lr, decay_steps)
+    elif cfg.schedule == "poly":
+        main = optax.polynomial_schedule(cfg.lr, 0.0, cfg.poly_power, decay_steps)
+    else:
+        main = optax.constant_schedule(cfg.lr)
+    if not cfg.warmup_steps:
+        return main
+    warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    return optax.join_schedules([warmup, main], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    schedule = make_schedule(cfg, total_steps)
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    if cfg.name == "adamw":
+        parts.append(optax.adamw(schedule, weight_decay=cfg.weight_decay))
+    else:
+        if cfg.weight_decay:  # PyTorch Adam/SGD weight decay: L2 added to the gradient
+            parts.append(optax.add_decayed_weights(cfg.weight_decay))
+        parts.append(optax.adam(schedule) if cfg.name == "adam" else optax.sgd(schedule, momentum=cfg.momentum))
+    return optax.chain(*parts)
+
+
+# --- state and step ----------------------------------------------------------------------
+
+def trainable_part(state: nnx.State, trainable_filter):
+    return nnx.split_state(state, trainable_filter, ...)
+
+
+def init_state(method: Method, stage: str, seed: int, optimizers: dict, previous: dict | None = None):
+    """(graph definitions, train state) of a stage; `previous` models are carried over."""
+    models = method.init_models(stage, nnx.Rngs(seed))
+    graphdefs, states = {}, {}
+    for name, model in models.items():
+        graphdefs[name], states[name] = nnx.split(model)
+    if previous:
+        states = method.carry(stage, states, previous)
+    opt = {}
+    for update in method.updates(stage):
+        trainable = {n: trainable_part(states[n], f)[0] for n, f in update.trainable.items()}
+        opt[update.group] = optimizers[update.group].init(trainable)
+    state = {"models": states, "opt": opt, "step": jnp.zeros((), jnp.int32), "key": jax.random.PRNGKey(seed)}
+    return graphdefs, state
+
+
+def make_train_step(method: Method, stage: str, graphdefs: dict, optimizers: dict):
+    """The pure train step ``(state, batch) -> (state, metrics)``, to be jitted once."""
+    updates = method.updates(stage)
+
+    def step(state, batch):
+        step.traces += 1  # runs at trace time only: counts compilations
+        models = dict(state["models"])
+        opt = dict(state["opt"])
+        key = jax.random.fold_in(state["key"], state["step"])
+        metrics = {}
+        for i, update in enumerate(updates):
+            split = {n: trainable_part(models[n], f) for n, f in update.trainable.items()}
+            frozen = {n: s[1] for n, s in split.items()}
+
+            def loss_fn(trainable):
+                live = {
+                    n: nnx.merge(g, trainable[n], frozen[n]) if n in trainable else nnx.merge(g, models[n])
+                    for n, g in graphdefs.items()
+                }
+                return update.loss(live, batch, jax.random.fold_in(key, i))
+
+            trainable = {n: s[0] for n, s in split.items()}
+            (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+            changes, opt[update.group] = optimizers[update.group].update(grads, opt[update.group], trainable)
+            trainable = optax.apply_updates(trainable, changes)
+            for n in trainable:
+                models[n] = nnx.merge_state(trainable[n], frozen[n])
+            prefix = "" if len(updates) == 1 else f"{update.group}/"
+            metrics[prefix + "loss"] = loss
+            metrics.update({prefix + k: v for k, v in parts.items()})
+            metrics[prefix + "grad_norm"] = optax.global_norm(grads)
+        new_state = {"models": models, "opt": opt, "step": state["step"] + 1, "key": state["key"]}
+        return new_state, metrics
+
+    step.traces = 0
+    return step
+
+
+# --- splits ------------------------------------------------------------------------------
+
+def resolve_splits(config: Config, cache_ids: list[str]) -> dict[str, list[str]]:
+    d = config.data
+    if d.train_split:
+        splits = {"train": read_split_file(d.train_split, cache_ids)}
+        for name, path in (("val", d.val_split), ("test", d.test_split)):
+            splits[name] = read_split_file(path, cache_ids) if path else []
+        return splits
+    return ratio_split(cache_ids, d.split_ratios, seed=d.split_seed)
+
+
+def load_splits(workdir: Path, cache: CacheDataset) -> dict[str, list[str]]:
+    path = workdir / "splits.json"
+    splits = json.loads(path.read_text())
+    missing = sorted(set(i for ids in splits.values() for i in ids) - set(cache.case_ids))
+    if missing:
+        raise JaxbratsError(f"{path}: case {missing[0]!r} of the run's split is not in the cache {cache.cache_dir}")
+    return splits
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+def checkpoint_manager(workdir: Path, stage: str, keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
+    return ocp.CheckpointManager((workdir / "checkpoints" / stage).absolute(), options=options)
+
+
+def restore(manager: ocp.CheckpointManager, template: dict, step: int | None = None) -> tuple[dict, dict]:
+    """(train state shaped like `template`, extra JSON: iterator state, config)."""
+    step = manager.latest_step() if step is None else step
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
+    return restored["state"], restored["extra"]
+
+
+def save(manager: ocp.CheckpointManager, state: dict, extra: dict) -> None:
+    step = int(jax.device_get(state["step"]))
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)), force=True)
+
+
+# --- logging -----------------------------------------------------------------------------
+
+class MetricsLog:
+    """JSON lines plus TensorBoard event files in the work directory."""
+
+    def __init__(self, workdir: Path, resume_step: dict[str, int]):
+        self.path = workdir / "metrics.jsonl"
+        if self.path.exists():  # drop rows past the checkpoints being resumed (they are redone)
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            keep = [r for r in rows if r["step"] <= resume_step.get(r["stage"], 0)]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if isinstance(value, float):
+                self.writer.add_scalar(f"{row['stage']}/{key}", value, row["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# --- the loop ----------------------------------------------------------------------------
+
+class Trainer:
+    """Runs a method's stages for one work directory (see the module docstring)."""
+
+    def __init__(self, config: Config, workdir, data_dir=None):
+        self.config = config
+        self.workdir = Path(workdir)
+        self.method = get_method(config.method_name)(config)
+        self.cache = CacheDataset(data_dir or config.data.cache)
+        self.mesh = make_mesh(config.train.data_parallel)
+        self.compiled_steps = {}  # stage -> traced step function (its `.traces` counts compilations)
+        self.losses: list[tuple[str, int, float]] = []  # (stage, step, loss) for every step
+
+    def prepare_workdir(self) -> dict[str, list[str]]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        split_path = self.workdir / "splits.json"
+        if split_path.exists():
+            splits = load_splits(self.workdir, self.cache)
+        else:
+            splits = resolve_splits(self.config, self.cache.case_ids)
+            split_path.write_text(json.dumps(splits, indent=1) + "\n")
+        if not splits["train"]:
+            raise JaxbratsError(f"{split_path}: no training cases")
+        saved = self.workdir / "config.json"
+        if saved.exists():
+            old = json.loads(saved.read_text())
+            changed = _changed_keys(old, to_dict(self.config))
+            if changed:
+                print(f"note: config differs from the saved run in {', '.join(changed)}; using the new values")
+        save_config(self.config, saved)
+        # Predicting a new case needs the preprocessing the model was trained with.
+        data = {"cache": str(self.cache.cache_dir), "preprocessing": self.cache.index["settings"]}
+        (self.workdir / "data.json").write_text(json.dumps(data, indent=1) + "\n")
+        return splits
+
+    def run(self, stop_after: int | None = None) -> dict:
+        """Run (or resume) every stage; `stop_after` steps in this call, then checkpoint and return."""
+        self.budget = stop_after
+        splits = self.prepare_workdir()
+        train_set = CacheDataset(self.cache.cache_dir, splits["train"])
+        batch = self.config.data.batch_size
+        if batch % self.mesh.shape["data"]:
+            raise JaxbratsError(f"data.batch_size {batch} is not divisible by the {self.mesh.shape['data']} data-parallel devices")
+        steps_per_epoch = max(len(train_set) // batch, 1)
+        resume = {}
+        for stage in self.method.stages:
+            manager = checkpoint_manager(self.workdir, stage, self.config.train.keep_checkpoints)
+            resume[stage] = manager.latest_step() or 0
+        self.log = MetricsLog(self.workdir, resume)
+        try:
+            previous = None
+            for index, stage in enumerate(self.method.stages):
+                total = self.method.stage_length(self.config, stage, steps_per_epoch)
+                previous = self.run_stage(stage, index, total, train_set, previous)
+                if self.budget == 0:
+                    break
+        finally:
+            self.log.close()
+        return {"workdir": str(self.workdir), "splits": {k: len(v) for k, v in splits.items()}}
+
+    def optimizers(self, stage: str, total: int) -> dict:
+        return {u.group: make_optimizer(self.method.optimizer(stage, u.group), total) for u in self.method.updates(stage)}
+
+    def stage_start(self, stage, index, total, previous, manager):
+        """(graphdefs, state, iterator state or None) for a stage: resumed, carried or fresh."""
+        seed = self.config.train.seed + index
+        optimizers = self.optimizers(stage, total)
+        init_from = self.config.stages[stage].init_from if stage in self.config.stages else ""
+        if manager.latest_step() is None and init_from:
+            source = Path(init_from)
+            other = ocp.CheckpointManager(source.absolute(), options=ocp.CheckpointManagerOptions(create=False))
+            if other.latest_step() is None:
+                raise JaxbratsError(f"{source}: no checkpoint to start stage {stage} from")
+            template = self._previous_template(stage, index, source)
+            previous = restore(other, template)[0]["models"]
+        graphdefs, state = init_state(self.method, stage, seed, optimizers, previous)
+        iterator_state = None
+        if manager.latest_step() is not None:
+            state, extra = restore(manager, state)
+            iterator_state = extra.get("iterator")
+        return graphdefs, state, optimizers, iterator_state
+
+    def _previous_template(self, stage, index, source: Path) -> dict:
+        """The state layout of the checkpoint in `source`: the stage it names, or the one before `stage`."""
+        name = source.name if source.name in self.method.stages else self.method.stages[max(index - 1, 0)]
+        total = 1  # the schedule length does not change the state's layout
+        return init_state(self.method, name, 0, self.optimizers(name, total))[1]
+
+    def run_stage(self, stage: str, index: int, total: int, train_set: CacheDataset, previous) -> dict:
+        cfg = self.config
+        manager = checkpoint_manager(self.workdir, stage, cfg.train.keep_checkpoints)
+        done = manager.latest_step()
+        if done is not None and done >= total:
+            print(f"stage {stage}: complete ({done} steps), skipped")
+            template = init_state(self.method, stage, 0, self.optimizers(stage, total))[1]
+            return restore(manager, template)[0]["models"]
+        graphdefs, state, optimizers, iterator_state = self.stage_start(stage, index, total, previous, manager)
+        state = replicate(state, self.mesh)
+        step_fn = make_train_step(self.method, stage, graphdefs, optimizers)
+        jitted = jax.jit(step_fn, donate_argnums=0)
+        self.compiled_steps[stage] = step_fn
+
+        d = cfg.data
+        pipeline = PipelineConfig(
+            crop_size=d.crop_size, batch_size=d.batch_size // jax.process_count(),
+            foreground_oversample=d.foreground_oversample, flip_probability=d.flip_probability,
+            intensity_scale=d.intensity_scale, intensity_shift=d.intensity_shift,
+            seed=cfg.train.seed + index, workers=d.workers, prefetch=d.prefetch,
+            **self.method.pipeline(stage),
+        )
+        iterator = iter(make_loader(train_set, pipeline))
+        if iterator_state is not None:
+            iterator.set_state(iterator_state.encode())
+        schedules = {u.group: make_schedule(self.method.optimizer(stage, u.group), total) for u in self.method.updates(stage)}
+        start = int(jax.device_get(state["step"]))
+        voxels = d.batch_size * int(np.prod(d.crop_size))
+        pending, last_time, last_step = [], time.perf_counter(), start
+        bar = tqdm(total=total, initial=start, desc=f"{stage}", unit="step", disable=not cfg.train.progress, dynamic_ncols=True)
+        if start:
+            print(f"stage {stage}: resuming at step {start} of {total}")
+        try:
+            for step in range(start, total):
+                batch = place_batch(next(iterator), self.mesh)
+                state, metrics = jitted(state, batch)
+                pending.append((step + 1, metrics))
+                if self.budget is not None:
+                    self.budget -= 1
+                last = step + 1 == total or self.budget == 0
+                save_now = last or (step + 1) % cfg.train.checkpoint_every == 0
+                if save_now or (step + 1) % cfg.train.log_every == 0:
+                    now = time.perf_counter()
+                    rate = (step + 1 - last_step) / (now - last_time)
+                    self._flush(stage, pending, manager, rate, voxels * rate, schedules)
+                    bar.set_postfix(loss=f"{self.losses[-1][2]:.4f}", vox_s=f"{voxels * rate:.3g}")
+                    bar.update(step + 1 - last_step)
+                    pending, last_time, last_step = [], now, step + 1
+                if save_now:
+                    save(manager, state, {"iterator": iterator.get_state().decode(), "config": to_dict(cfg), "stage": stage, "total_steps": total})
+                if self.budget == 0:
+                    break
+        finally:
+            bar.close()
+            manager.wait_until_finished()
+        return state["models"]
+
+    def _flush(self, stage, pending, manager, rate, voxel_rate, schedules) -> None:
+        fetched = jax.device_get([m for _, m in pending])
+        for (step, _), metrics in zip(pending, fetched):
+            values = {k: float(v) for k, v in metrics.items()}
+            bad = [k for k, v in values.items() if not np.isfinite(v)]
+            if bad:
+                good = manager.latest_step()
+                where = f"step {good} in {manager.directory}" if good is not None else "none (no checkpoint yet)"
+                raise TrainingDiverged(f"stage {stage}: {', '.join(bad)} became {values[bad[0]]} at step {step}; training stopped. Last good checkpoint: {where}")
+            self.losses.append((stage, step, values.get("loss", values.get("model/loss", float("nan")))))
+            row = {"stage": stage, "step": step, **values}
+            row.update({f"lr/{group}": float(schedule(step - 1)) for group, schedule in schedules.items()})
+            self.log.write(row)
+        self.log.write({"stage": stage, "step": pending[-1][0], "steps_per_s": float(rate), "voxels_per_s": float(voxel_rate)})
+
+
+def _changed_keys(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def train(config: Config, workdir, data_dir=None, stop_after: int | None = None) -> Trainer:
+    trainer = Trainer(config, workdir, data_dir)
+    trainer.run(stop_after)
+    return trainer
+
+
+def load_trained(workdir, stage: str | None = None, overrides=()):
+    """(method, graph definitions, model states, config) of a trained run, from its latest checkpoint.
+
+    `overrides` (``key=value``) change the saved config, e.g. the eval settings.
+    """
+    from jaxbrats.config import load_config
+
+    workdir = Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise JaxbratsError(f"{workdir}: not a jaxbrats run (no config.json); train with `jaxbrats train --workdir {workdir}`")
+    config = load_config(workdir / "config.json", overrides)
+    method = get_method(config.method_name)(config)
+    stages = [stage] if stage else list(reversed(method.stages))
+    for name in stages:
+        manager = checkpoint_manager(workdir, name, create=False) if (workdir / "checkpoints" / name).exists() else None
+        if manager is None or manager.latest_step() is None:
+            continue
+        optimizers = {u.group: make_optimizer(method.optimizer(name, u.group), 1) for u in method.updates(name)}
+        graphdefs, template = init_state(method, name, 0, optimizers)
+        state, _ = restore(manager, template)
+        return method, graphdefs, state["models"], config
+    raise JaxbratsError(f"{workdir}: no checkpoint found (train first with `jaxbrats train --workdir {workdir}`)")

@@ -1,0 +1,112 @@
+"""The Method interface: what a missing-modality method tells the engine.
+
+A method owns one or more models (a U-Net; a teacher and a student; a
+discriminator; a learned substitute image) and runs one or more stages
+(M3AE: pretrain, then finetune). For each stage it declares
+
+- `init_models(stage, rngs)`: the NNX modules of the stage, by name;
+- `updates(stage)`: the gradient updates of one train step, applied in order,
+  each with its optimiser group, the variables it trains (an NNX filter per
+  model; variables outside the filters are frozen) and its loss
+  ``loss(models, batch, key) -> (scalar, {name: scalar})``. Alternating
+  adversarial training is two updates: the student's, then the discriminator's;
+- `pipeline(stage)`: what the input pipeline must draw (dropout mode, how
+  many missing-modality instantiations per sample);
+- `carry(stage, fresh, previous)`: how a stage starts from the previous
+  stage's models (default: copy every variable whose path and shape match).
+
+and for inference `predict(models, image, modality_mask)`: region
+probabilities (..., 3) in `labels.REGIONS` order for an image with only the
+masked modalities present; the method decides how missing inputs are filled.
+The engine (`jaxbrats.engine`) does the rest: jit, sharding, optimisers,
+checkpoints, logging; `jaxbrats.evaluation` scores `predict` on all 15 subsets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+from jaxbrats.config import Config, ConfigError, OptimizerConfig, build
+
+Models = dict[str, nnx.Module]
+Loss = Callable[[Models, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    group: str  # optimiser group, a key of `[stages.<stage>.optimizers]`
+    trainable: dict[str, Any]  # model name -> NNX filter of the variables this update trains
+    loss: Loss
+
+
+class Method:
+    name: str = ""
+    Options: type = object  # dataclass typing the `[method]` section (besides `name`)
+    stages: tuple[str, ...] = ("train",)
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.options = self.parse_options(config)
+
+    @classmethod
+    def parse_options(cls, config: Config):
+        return build(cls.Options, {k: v for k, v in config.method.items() if k != "name"}, "method")
+
+    @classmethod
+    def stage_length(cls, config: Config, stage: str, steps_per_epoch: int) -> int:
+        stage_config = config.stages.get(stage, None)
+        if stage_config is None:
+            return steps_per_epoch
+        return stage_config.steps if stage_config.steps > 0 else stage_config.epochs * steps_per_epoch
+
+    @classmethod
+    def groups(cls, stage: str) -> tuple[str, ...]:
+        """The optimiser groups of a stage (one per `Update.group`)."""
+        return ("model",)
+
+    @classmethod
+    def check_config(cls, config: Config) -> None:
+        cls.parse_options(config)
+        unknown = sorted(set(config.stages) - set(cls.stages))
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {unknown} for method {cls.name} (its stages: {list(cls.stages)})")
+        for stage, stage_config in config.stages.items():
+            extra = sorted(set(stage_config.optimizers) - set(cls.groups(stage)))
+            if extra:
+                raise ConfigError(f"stages.{stage}.optimizers: unknown group(s) {extra} (groups: {list(cls.groups(stage))})")
+
+    def optimizer(self, stage: str, group: str) -> OptimizerConfig:
+        stage_config = self.config.stages.get(stage)
+        if stage_config and group in stage_config.optimizers:
+            return stage_config.optimizers[group]
+        return OptimizerConfig()
+
+    # --- what each method defines -------------------------------------------------
+    def init_models(self, stage: str, rngs: nnx.Rngs) -> Models:
+        raise NotImplementedError
+
+    def updates(self, stage: str) -> list[Update]:
+        raise NotImplementedError
+
+    def pipeline(self, stage: str) -> dict:
+        """Overrides of `data.pipeline.PipelineConfig` for this stage."""
+        return {"dropout": "uniform", "instantiations": 1}
+
+    def predict(self, models: Models, image, modality_mask):
+        raise NotImplementedError
+
+    def carry(self, stage: str, fresh: dict[str, nnx.State], previous: dict[str, nnx.State]) -> dict[str, nnx.State]:
+        """Start `stage` from the previous stage: variables with equal path and shape are copied."""
+        out = {}
+        for name, state in fresh.items():
+            if name not in previous:
+                out[name] = state
+                continue
+            old = dict(nnx.to_flat_state(previous[name]))
+            flat = [(path, old[path] if path in old and old[path].shape == v.shape else v) for path, v in nnx.to_flat_state(state)]
+            out[name] = nnx.from_flat_state(flat)
+        return out
