@@ -32,28 +32,28 @@ widths = [8, 16, 32, 64]
 blocks = [1, 1, 1, 1]
 
 [data]
-crop_size = [48, 48, 48]
+crop_size = [32, 32, 32]
 batch_size = 2
 foreground_oversample = 0.5
 split_ratios = [0.7, 0.0, 0.3]
 
 [stages.train]
-steps = 600
+steps = 1200
 
 [stages.train.optimizers.model]
 name = "adam"
-lr = 1e-3
+lr = 2e-3
 schedule = "cosine"
 warmup_steps = 10
 
 [train]
 log_every = 25
-checkpoint_every = 200
+checkpoint_every = 400
 
 [eval]
-window = [48, 48, 48]
+window = [32, 32, 32]
 overlap = 0.5
-window_batch = 2
+window_batch = 4
 """
 
 

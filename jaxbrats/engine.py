@@ -152,7 +152,7 @@ def make_train_step(method: Method, stage: str, graphdefs: dict, optimizers: dic
             prefix = "" if len(updates) == 1 else f"{update.group}/"
             metrics[prefix + "loss"] = loss
             metrics.update({prefix + k: v for k, v in parts.items()})
-            metrics[prefix + "grad_norm"] = optax.global_norm(grads)
+            metrics[prefix + "grad_norm"] = optax.tree.norm(grads)
         new_state = {"models": models, "opt": opt, "step": state["step"] + 1, "key": state["key"]}
         return new_state, metrics
 

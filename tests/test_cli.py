@@ -102,4 +102,5 @@ def test_run_errors_are_one_line(tmp_path):
     _one_line_error(_run("eval", "--workdir", tmp_path / "nothing", "--data", tmp_path, "--out", tmp_path / "o"), "no config.json")
     (tmp_path / "empty_run").mkdir()
     (tmp_path / "empty_run" / "config.json").write_text("{}")
-    _one_line_error(_run("predict", "--workdir", tmp_path / "empty_run", "--case", tmp_path, "--out", tmp_path / "s.nii.gz"), "no checkpoint found")
+    (tmp_path / "case").mkdir()
+    _one_line_error(_run("predict", "--workdir", tmp_path / "empty_run", "--case", tmp_path / "case", "--out", tmp_path / "s.nii.gz"), "no checkpoint found")

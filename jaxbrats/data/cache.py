@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,13 @@ def remove_index(cache_dir) -> None:
     (Path(cache_dir) / INDEX).unlink(missing_ok=True)
 
 
+# Grain reads records from a thread pool. np.load parses each .npy header with
+# ast.literal_eval, and CPython 3.11.7's parser is not thread-safe ("AST
+# constructor recursion depth mismatch", seen in this test suite), so entries
+# are opened one at a time; the arrays themselves are then read concurrently.
+_OPEN_LOCK = threading.Lock()
+
+
 class CacheDataset:
     """Random access to a prepared cache; arrays are memory-mapped on first use.
 
@@ -149,10 +157,11 @@ class CacheDataset:
 
     def arrays(self, i: int) -> dict[str, np.ndarray]:
         """Memory-mapped arrays of case i: image, and label/foreground when labelled."""
-        if i not in self._arrays:
-            entry = _cases_dir(self.cache_dir) / self.case_ids[i]
-            self._arrays[i] = {p.stem: np.load(p, mmap_mode="r") for p in entry.glob("*.npy")}
-        return self._arrays[i]
+        with _OPEN_LOCK:
+            if i not in self._arrays:
+                entry = _cases_dir(self.cache_dir) / self.case_ids[i]
+                self._arrays[i] = {p.stem: np.load(p, mmap_mode="r") for p in entry.glob("*.npy")}
+            return self._arrays[i]
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_arrays"} | {"_arrays": {}}
