@@ -59,8 +59,12 @@ def _train(args) -> int:
     from jaxbrats.engine import train
 
     config = load_config(args.config, args.set)
-    trainer = train(config, args.workdir, args.data)
-    print(f"trained {config.method_name} in {args.workdir}")
+    if args.distributed:  # one process per host; JAX reads the coordinator from the environment
+        import jax
+
+        jax.distributed.initialize()
+    train(config, args.workdir, args.data, stop_after=args.stop_after)
+    print(f"{'stopped' if args.stop_after else 'trained'} {config.method_name} in {args.workdir}")
     return 0
 
 
@@ -130,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (TOML value)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--data", help="prepared cache directory (overrides data.cache)")
+    p.add_argument("--stop-after", type=int, metavar="STEPS", help="checkpoint and stop after this many steps (resume later)")
+    p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize() first")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="score all 15 modality subsets of a split")
