@@ -67,7 +67,7 @@ def run(workdir: Path) -> dict:
     raw, cache_dir, run_dir = workdir / "phantom", workdir / "cache", workdir / "run"
     t0 = time.perf_counter()
     write_phantom(raw, CASES, SHAPE, layout="brats2023", seed=0)
-    report = prepare_dataset(raw, cache_dir, progress=False)
+    prepare_dataset(raw, cache_dir, progress=False)
     print(f"phantom: {CASES} cases of {SHAPE}, prepared into {cache_dir} ({time.perf_counter() - t0:.1f} s)")
 
     config = demo_config()

@@ -100,6 +100,11 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     return optax.chain(*parts)
 
 
+def stage_optimizers(method: Method, stage: str, total_steps: int) -> dict:
+    """One optax optimiser per update group of a stage."""
+    return {u.group: make_optimizer(method.optimizer(stage, u.group), total_steps) for u in method.updates(stage)}
+
+
 # --- state and step ----------------------------------------------------------------------
 
 def trainable_part(state: nnx.State, trainable_filter):
@@ -289,7 +294,7 @@ class Trainer:
         return {"workdir": str(self.workdir), "splits": {k: len(v) for k, v in splits.items()}}
 
     def optimizers(self, stage: str, total: int) -> dict:
-        return {u.group: make_optimizer(self.method.optimizer(stage, u.group), total) for u in self.method.updates(stage)}
+        return stage_optimizers(self.method, stage, total)
 
     def stage_start(self, stage, index, total, previous, manager):
         """(graphdefs, state, iterator state or None) for a stage: resumed, carried or fresh."""
@@ -419,8 +424,7 @@ def load_trained(workdir, stage: str | None = None, overrides=()):
         manager = checkpoint_manager(workdir, name, create=False) if (workdir / "checkpoints" / name).exists() else None
         if manager is None or manager.latest_step() is None:
             continue
-        optimizers = {u.group: make_optimizer(method.optimizer(name, u.group), 1) for u in method.updates(name)}
-        graphdefs, template = init_state(method, name, 0, optimizers)
+        graphdefs, template = init_state(method, name, 0, stage_optimizers(method, name, 1))
         state, _ = restore(manager, template)
         return method, graphdefs, state["models"], config
     raise JaxbratsError(f"{workdir}: no checkpoint found (train first with `jaxbrats train --workdir {workdir}`)")

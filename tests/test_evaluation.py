@@ -1,7 +1,6 @@
 """The 15-subset evaluation program, its reports, and predictions in the source geometry."""
 
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
