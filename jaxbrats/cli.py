@@ -105,6 +105,23 @@ def _demo(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from jaxbrats import benchmark
+
+    return benchmark.main(args)
+
+
+def enable_compile_cache() -> None:
+    """Keep XLA programs on disk, so a repeated run skips compilation ($JAXBRATS_COMPILE_CACHE, '' disables)."""
+    import os
+
+    path = os.environ.get("JAXBRATS_COMPILE_CACHE", str(Path("~/.cache/jaxbrats/xla").expanduser()))
+    if path:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxbrats", description="Missing-modality brain tumour segmentation in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,14 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="phantom -> prepare -> train the baseline -> evaluate all 15 subsets")
     p.add_argument("--workdir", default="runs/demo")
     p.set_defaults(func=_demo)
+
+    from jaxbrats.benchmark import add_arguments
+
+    p = sub.add_parser("bench", help="time the train step, forward pass and 15-subset evaluation (JAX vs PyTorch)")
+    add_arguments(p)
+    p.set_defaults(func=_bench)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parser.parse_args(argv)
+    args.command_line = " ".join(["jaxbrats", *argv])
     if args.command == "prepare" and not args.check_only and not args.cache_dir:
         parser.error("prepare needs CACHE_DIR (or --check-only)")
+    enable_compile_cache()
     try:
         return args.func(args)
     except JaxbratsError as e:

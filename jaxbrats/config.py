@@ -62,6 +62,7 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: str = "float32"
     conv_impl: str = "auto"
+    remat: bool = False  # activation checkpointing per residual block: less memory, ~1/3 more compute
 
 
 @dataclasses.dataclass(frozen=True)

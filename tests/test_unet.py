@@ -72,3 +72,15 @@ def test_dropout_only_with_a_key():
     plain = nnx.jit(lambda m, x: m(x)["logits"])
     np.testing.assert_array_equal(plain(model, x), plain(model, x))
     assert not np.allclose(run(model, x, jax.random.key(1)), plain(model, x))
+
+
+def test_remat_gives_the_same_gradients():
+    def grads(remat):
+        cfg = UNetConfig(widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1), remat=remat)
+        graphdef, params, rest = nnx.split(UNet(cfg, nnx.Rngs(0)), nnx.Param, ...)
+        x = jax.random.normal(jax.random.key(1), (1, 16, 16, 16, 4))
+        loss = lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x)["logits"] ** 2)  # noqa: E731
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+
+    for a, b in zip(grads(False), grads(True)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

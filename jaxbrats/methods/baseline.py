@@ -44,7 +44,7 @@ def unet_config(config, out_channels: int, deep_supervision: bool) -> UNetConfig
     m = config.model
     return UNetConfig(
         out_channels=out_channels, widths=m.widths, blocks=m.blocks, groups=m.groups, upsample=m.upsample,
-        deep_supervision=deep_supervision, dropout=m.dropout, dtype=m.dtype, conv_impl=m.conv_impl,
+        deep_supervision=deep_supervision, dropout=m.dropout, dtype=m.dtype, conv_impl=m.conv_impl, remat=m.remat,
     )
 
 

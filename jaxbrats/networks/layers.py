@@ -1,7 +1,10 @@
 """Layers of the backbone, with lowerings chosen per backend behind one API.
 
 `Conv3D` holds a DHWIO kernel and a bias like `nnx.Conv`, and computes a
-channels-last 3D convolution with SAME padding in one of two ways:
+channels-last 3D convolution padded by kernel // 2 on each side, as
+PyTorch's ``Conv3d(padding=k // 2)`` in the public code (for a stride-2
+convolution of an even size this differs from XLA's "SAME", which pads only
+at the end), in one of two ways:
 
 - ``"native"``: XLA's 3D convolution (cuDNN on GPU).
 - ``"depth2d"``: the k^3 kernel as k 2D convolutions over depth-shifted
@@ -23,34 +26,28 @@ from flax import nnx
 CONV_IMPLS = ("auto", "native", "depth2d")
 
 
-def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """XLA's SAME padding along one axis: (low, high)."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
-
-
 def conv3d_native(x, kernel, stride: int = 1):
+    pad = [(kernel.shape[0] // 2,) * 2] * 3
     return lax.conv_general_dilated(
-        x, kernel, (stride,) * 3, "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+        x, kernel, (stride,) * 3, pad, dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
     )
 
 
 def conv3d_depth2d(x, kernel, stride: int = 1):
-    """SAME 3D convolution as a sum over kernel depth of 2D convolutions."""
+    """The same 3D convolution as a sum over kernel depth of 2D convolutions."""
     n, d, h, w, c = x.shape
     k = kernel.shape[0]
     if k == 1 and stride == 1:
         return jnp.einsum("ndhwc,co->ndhwo", x, kernel[0, 0, 0])
-    low, high = _same_padding(d, k, stride)
-    xp = jnp.pad(x, ((0, 0), (low, high), (0, 0), (0, 0), (0, 0)))
-    d_out = -(-d // stride)
+    p = k // 2
+    xp = jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0), (0, 0)))
+    d_out = (d + 2 * p - k) // stride + 1
     y = None
     for i in range(k):
         # Output depth j reads input depth j * stride + i of the padded volume.
         slices = lax.slice_in_dim(xp, i, i + (d_out - 1) * stride + 1, stride, axis=1)
         part = lax.conv_general_dilated(
-            slices.reshape(n * d_out, h, w, c), kernel[i], (stride, stride), "SAME",
+            slices.reshape(n * d_out, h, w, c), kernel[i], (stride, stride), [(p, p), (p, p)],
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         y = part if y is None else y + part
@@ -66,7 +63,7 @@ def resolve_conv_impl(impl: str) -> str:
 
 
 class Conv3D(nnx.Module):
-    """Channels-last 3D convolution, SAME padding, float32 parameters, `dtype` compute."""
+    """Channels-last 3D convolution, padding kernel // 2, float32 parameters, `dtype` compute."""
 
     def __init__(self, cin: int, cout: int, kernel: int, *, stride: int = 1, dtype=jnp.float32,
                  impl: str = "auto", rngs: nnx.Rngs):

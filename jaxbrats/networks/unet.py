@@ -35,6 +35,7 @@ class UNetConfig:
     dropout: float = 0.0  # on the bottleneck features (ACN); 0 disables
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
     conv_impl: str = "auto"  # see networks.layers: "auto", "native" or "depth2d"
+    remat: bool = False  # recompute each residual block in the backward pass instead of storing it
 
     def __post_init__(self):
         if self.upsample not in ("nearest", "trilinear"):
@@ -72,6 +73,13 @@ class ResBlock(nnx.Module):
         return x + y
 
 
+def run_block(block: ResBlock, x, remat: bool):
+    """A residual block, optionally under activation checkpointing (saves memory at 128^3 and up)."""
+    if remat:
+        return nnx.remat(lambda b, y: b(y))(block, x)
+    return block(x)
+
+
 class Encoder(nnx.Module):
     """Returns the feature map of every level, full resolution first."""
 
@@ -85,6 +93,7 @@ class Encoder(nnx.Module):
         )
         self.dropout = cfg.dropout
         self.dtype = jnp.dtype(cfg.dtype)
+        self.remat = cfg.remat
 
     def __call__(self, x, dropout_key=None) -> list[jax.Array]:
         """Dropout on the bottleneck input applies only when a `dropout_key` is given (training)."""
@@ -96,7 +105,7 @@ class Encoder(nnx.Module):
             if dropout_key is not None and self.dropout and i == len(self.levels) - 1:
                 x = dropout(x, self.dropout, dropout_key)
             for block in blocks:
-                x = block(x)
+                x = run_block(block, x, self.remat)
             features.append(x)
         return features
 
@@ -128,12 +137,13 @@ class Decoder(nnx.Module):
         # Heads on the 1/4 and 1/2 resolution decoder outputs (M3AE's deep supervision).
         self.ds_heads = nnx.List([_conv(widths[i], cfg.out_channels, 1, cfg, rngs) for i in (2, 1)]) if cfg.deep_supervision else None
         self.upsample = cfg.upsample
+        self.remat = cfg.remat
 
     def __call__(self, features: list[jax.Array]):
         x = features[-1]
         outputs = []
         for reduce, block, skip in zip(self.reduce, self.blocks, reversed(features[:-1])):
-            x = block(upsample2(reduce(x), self.upsample) + skip)
+            x = run_block(block, upsample2(reduce(x), self.upsample) + skip, self.remat)
             outputs.append(x)
         logits = self.head(x)
         deep = []

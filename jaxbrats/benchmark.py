@@ -1,0 +1,396 @@
+"""Step times of the shared backbone in JAX and in PyTorch, side by side (`jaxbrats bench`).
+
+    jaxbrats bench --size 64 --batch 2 --vs torch --json bench.json
+
+For one model (the full U-Net of METHODS.md section 2 with region outputs),
+batch, crop size and dtype, three things are timed:
+
+- ``train_step``: forward, region Dice + BCE loss, backward and an Adam
+  update. JAX runs the engine's own jitted, donated step
+  (`engine.make_train_step` with the baseline method); PyTorch the usual
+  zero_grad / forward / backward / step on the same weights.
+- ``forward``: region probabilities of a batch, gradients off.
+- ``eval_15_subsets``: one case scored under all 15 modality subsets, sliding
+  windows with Gaussian blending, threshold, Dice counts. JAX runs the
+  evaluation's one jitted program (`evaluation.make_case_program`); PyTorch
+  the usual Python loop over subsets and windows, on the same window grid.
+
+Times are medians over ``--repeats`` calls after ``--warmup`` calls, the
+frameworks alternating call by call so that a slower phase of the machine
+hits both. Each JAX call ends in `block_until_ready`, each PyTorch call in a
+device synchronise. With ``bfloat16``, JAX computes in bfloat16 with float32
+parameters and PyTorch runs autocast (AMP) with float32 parameters. With
+``--vs torch`` and ``torch.compile`` available, the compiled PyTorch model is
+a second PyTorch row.
+
+FLOPs are XLA's cost analysis of the compiled JAX program (a multiply-add
+counts 2; convolutions dominate); ``jax_tflops`` is that count over the JAX
+time, and ``mfu`` divides it by the device's peak where one is known or
+given with ``--peak-tflops``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxbrats.errors import JaxbratsError
+from jaxbrats.inferers import blend_weights, window_starts
+from jaxbrats.labels import regions_of
+from jaxbrats.modalities import SUBSET_MASKS
+
+#: Dense peak TFLOP/s by (device kind substring, dtype), for the MFU column.
+PEAK_TFLOPS = {
+    ("H100", "bfloat16"): 989.0, ("H100", "float32"): 67.0,
+    ("H200", "bfloat16"): 989.0, ("H200", "float32"): 67.0,
+    ("A100", "bfloat16"): 312.0, ("A100", "float32"): 19.5,
+}
+LR = 3e-4
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import os
+
+    info = {
+        "cpu": cpu, "cpu_cores": os.cpu_count(), "backend": jax.default_backend(),
+        "accelerator": ", ".join(sorted({d.device_kind for d in jax.devices()})),
+        "jax": jax.__version__,
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["torch_device"] = torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return info
+
+
+def alternating_medians(calls: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each function, the functions called in turn each round."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# --- JAX side ------------------------------------------------------------------
+
+class JaxSide:
+    """The baseline method's model, train step, forward and 15-subset evaluation, jitted once each."""
+
+    def __init__(self, args, remat: bool):
+        from jaxbrats.config import load_config
+        from jaxbrats.engine import init_state
+        from jaxbrats.methods import get_method
+
+        eval_window, window_batch = args.eval_window, args.window_batch
+        self.config = load_config(None, [
+            f"model.dtype='{args.dtype}'", f"model.conv_impl='{args.conv_impl}'", f"model.remat={str(remat).lower()}",
+            f"model.widths={list(args.widths)}", f"model.blocks={list(args.blocks)}",
+            f"eval.window=[{eval_window},{eval_window},{eval_window}]", f"eval.window_batch={window_batch}",
+            "eval.hd95=false",
+        ])
+        self.method = get_method("baseline")(self.config)
+        self.optimizers = {"model": optax.adam(LR)}
+        self.graphdefs, self.state = init_state(self.method, "train", 0, self.optimizers)
+
+    def model_state(self):
+        return self.state["models"]["unet"]
+
+    def unet_config(self):
+        from jaxbrats.methods.baseline import unet_config
+
+        return unet_config(self.config, self.method.out_channels(), self.method.options.deep_supervision)
+
+    def train_step(self, image, labels):
+        from jaxbrats.engine import make_train_step
+
+        n, d, h, w, _ = image.shape
+        batch = {
+            "image": jnp.asarray(image), "label": jnp.asarray(labels),
+            "valid": jnp.ones((n, d, h, w), bool), "modality_mask": jnp.ones((n, 1, 4), bool),
+        }
+        step = jax.jit(make_train_step(self.method, "train", self.graphdefs, self.optimizers), donate_argnums=0)
+        holder = {"state": jax.tree.map(jnp.copy, self.state)}  # the step donates its state: keep ours intact
+        compiled = step.lower(holder["state"], batch).compile()
+
+        def call():
+            holder["state"], metrics = compiled(holder["state"], batch)
+            metrics["loss"].block_until_ready()
+
+        return call, _flops(compiled)
+
+    def forward(self, image):
+        from flax import nnx
+
+        graphdef = self.graphdefs["unet"]
+        mask = jnp.ones((image.shape[0], 4), bool)
+        fn = jax.jit(lambda s, x: self.method.predict({"unet": nnx.merge(graphdef, s)}, x, mask))
+        x = jnp.asarray(image)
+        compiled = fn.lower(self.model_state(), x).compile()
+        return (lambda: compiled(self.model_state(), x).block_until_ready()), _flops(compiled)
+
+    def evaluation(self, image, labels):
+        from jaxbrats.evaluation import make_case_program
+
+        program = make_case_program(self.method, self.graphdefs, self.config.eval)
+        args = (self.state["models"], jnp.asarray(image), jnp.asarray(labels), jnp.ones(labels.shape, bool))
+        compiled = program.lower(*args).compile()
+        # No FLOP count: XLA's cost analysis sees the subset loop (lax.map) as one iteration.
+        return (lambda: jax.block_until_ready(compiled(*args))), None
+
+
+def _flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost["flops"])
+    except (KeyError, TypeError, IndexError, AttributeError):
+        return None
+
+
+# --- PyTorch side ----------------------------------------------------------------
+
+class TorchSide:
+    """The PyTorch reference with the JAX side's weights; eager, or compiled with torch.compile."""
+
+    def __init__(self, jax_side: JaxSide, dtype: str, compiled: bool):
+        import torch
+
+        from jaxbrats.networks.torch_unet import TorchUNet, torch_state_dict
+
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        jax_state = jax_side.model_state()
+        model = TorchUNet(jax_side.unet_config())
+        model.load_state_dict(torch_state_dict(jax_state))
+        self.model = model.to(self.device)
+        self.run = torch.compile(self.model) if compiled else self.model
+        self.dtype = dtype
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
+
+    def _autocast(self):
+        return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.dtype == "bfloat16")
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _tensor(self, array):
+        """Channels-last numpy (N, D, H, W, C) -> channels-first tensor on the device."""
+        return self.torch.from_numpy(np.ascontiguousarray(np.moveaxis(array, -1, 1))).to(self.device)
+
+    def region_loss(self, logits, target):
+        """Soft Dice per sample and region + BCE, as `losses.region_loss` with nothing padded."""
+        F = self.torch.nn.functional
+        logits = logits.float()
+        p = self.torch.sigmoid(logits)
+        dims = (2, 3, 4)
+        dice = 1 - (2 * (p * target).sum(dims) + 1e-5) / (p.sum(dims) + target.sum(dims) + 1e-5)
+        return dice.mean() + F.binary_cross_entropy_with_logits(logits, target)
+
+    def train_step(self, image, labels):
+        x = self._tensor(image)
+        target = self._tensor(regions_of(labels).astype(np.float32))
+
+        def call():
+            self.optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                logits = self.run(x)["logits"]
+            loss = self.region_loss(logits, target)
+            loss.backward()
+            self.optimizer.step()
+            self._sync()
+
+        return call
+
+    def forward(self, image):
+        x = self._tensor(image)
+
+        def call():
+            with self.torch.inference_mode(), self._autocast():
+                self.torch.sigmoid(self.run(x)["logits"].float())
+            self._sync()
+
+        return call
+
+    def evaluation(self, image, labels, window: int, overlap: float, window_batch: int):
+        """The usual loop: for each subset, zero the missing channels, slide, blend, threshold, count."""
+        torch = self.torch
+        x = self._tensor(image[None])[0]
+        truth = self._tensor(regions_of(labels)[None])[0]
+        shape = image.shape[:3]
+        size = (window,) * 3
+        starts = window_starts(shape, size, overlap)
+        weights = torch.from_numpy(blend_weights(size, "gaussian")).to(self.device)
+
+        def call():
+            dice = []
+            with torch.inference_mode(), self._autocast():
+                for mask in SUBSET_MASKS:
+                    seen = x * torch.tensor(mask, device=self.device, dtype=x.dtype).view(4, 1, 1, 1)
+                    total = torch.zeros((3,) + shape, device=self.device)
+                    norm = torch.zeros(shape, device=self.device)
+                    for i in range(0, len(starts), window_batch):
+                        group = starts[i:i + window_batch]
+                        boxes = [tuple(slice(int(s), int(s) + window) for s in corner) for corner in group]
+                        patches = torch.stack([seen[(slice(None),) + box] for box in boxes])
+                        probs = torch.sigmoid(self.run(patches)["logits"].float())
+                        for box, p in zip(boxes, probs):
+                            total[(slice(None),) + box] += p * weights
+                            norm[box] += weights
+                    regions = total / norm > 0.5
+                    inter = (regions & truth).sum((1, 2, 3))
+                    dice.append((2 * inter) / (regions.sum((1, 2, 3)) + truth.sum((1, 2, 3))).clamp(min=1))
+                torch.stack(dice).cpu()
+            self._sync()
+
+        return call
+
+
+# --- the runs -------------------------------------------------------------------------
+
+def _inputs(shape, batch: int | None, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    lead = (batch,) if batch else ()
+    image = rng.normal(size=lead + tuple(shape) + (4,)).astype(np.float32)
+    labels = rng.integers(0, 4, lead + tuple(shape)).astype(np.uint8)
+    return image, labels
+
+
+def _row(what, size, batch, dtype, times: dict, flops, peak, torch_kind=None) -> dict:
+    row = {"what": what, "size": list(size), "batch": batch, "dtype": dtype, "jax_s": round(times["jax"], 4)}
+    if torch_kind:
+        row["torch"] = torch_kind
+        row["torch_s"] = round(times[torch_kind], 4)
+        row["ratio_torch_over_jax"] = round(times[torch_kind] / times["jax"], 3)
+    if flops:
+        row["jax_tflops"] = round(flops / times["jax"] / 1e12, 4)
+        if peak:
+            row["mfu"] = round(flops / times["jax"] / 1e12 / peak, 4)
+    return row
+
+
+def _peak(dtype: str, given: float | None) -> float | None:
+    if given:
+        return given
+    kinds = " ".join(d.device_kind for d in jax.devices())
+    return next((v for (k, dt), v in PEAK_TFLOPS.items() if k in kinds and dt == dtype), None)
+
+
+def _torch_sides(jax_side, dtype, vs_torch: bool, compile_torch: bool) -> dict:
+    if not vs_torch:
+        return {}
+    sides = {"eager": TorchSide(jax_side, dtype, compiled=False)}
+    if compile_torch:
+        import torch
+
+        if hasattr(torch, "compile"):
+            sides["compile"] = TorchSide(jax_side, dtype, compiled=True)
+    return sides
+
+
+def run(args) -> dict:
+    if args.vs_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise JaxbratsError("--vs torch needs PyTorch: pip install torch==2.13.0, then pip install 'jaxbrats[torch]'")
+    result = {"device": machine(), "date": time.strftime("%Y-%m-%d"), "command": args.command_line, "runs": []}
+    print(json.dumps(result["device"]))
+    peak = _peak(args.dtype, args.peak_tflops)
+
+    def record(what, size, batch, jax_call, flops, torch_calls):
+        times = alternating_medians({"jax": jax_call, **torch_calls}, args.repeats, args.warmup)
+        rows = [_row(what, size, batch, args.dtype, times, flops, peak, kind) for kind in torch_calls] or [
+            _row(what, size, batch, args.dtype, times, flops, peak)]
+        for row in rows:
+            result["runs"].append(row)
+            print(_describe(row))
+
+    for size in args.size:
+        for batch in args.batch:
+            jax_side = JaxSide(args, args.remat)
+            sides = _torch_sides(jax_side, args.dtype, args.vs_torch, not args.no_compile)
+            image, labels = _inputs((size,) * 3, batch)
+            if "train" in args.what:
+                call, flops = jax_side.train_step(image, labels)
+                record("train_step", (size,) * 3, batch, call, flops, {k: s.train_step(image, labels) for k, s in sides.items()})
+            if "forward" in args.what:
+                call, flops = jax_side.forward(image)
+                record("forward", (size,) * 3, batch, call, flops, {k: s.forward(image) for k, s in sides.items()})
+    if "eval" in args.what:
+        jax_side = JaxSide(args, remat=False)
+        sides = _torch_sides(jax_side, args.dtype, args.vs_torch, not args.no_compile)
+        image, labels = _inputs(args.eval_shape, None, seed=1)
+        call, flops = jax_side.evaluation(image, labels)
+        torch_calls = {k: s.evaluation(image, labels, args.eval_window, jax_side.config.eval.overlap, args.window_batch)
+                       for k, s in sides.items()}
+        record("eval_15_subsets", args.eval_shape, 1, call, flops, torch_calls)
+        for row in result["runs"][-len(torch_calls or [0]):]:
+            row["window"] = [args.eval_window] * 3
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+def _describe(row: dict) -> str:
+    size = "x".join(map(str, row["size"]))
+    text = f"{row['what']:16s} {size:>11s} batch {row['batch']} {row['dtype']:8s} jax {row['jax_s'] * 1e3:9.1f} ms"
+    if "torch_s" in row:
+        text += f"  torch[{row['torch']}] {row['torch_s'] * 1e3:9.1f} ms  torch/jax {row['ratio_torch_over_jax']:.2f}"
+    if "jax_tflops" in row:
+        text += f"  ({row['jax_tflops']:.3f} TFLOP/s" + (f", MFU {row['mfu']:.1%})" if "mfu" in row else ")")
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=int, nargs="+", default=[64], help="cubic crop size(s) for train and forward")
+    parser.add_argument("--batch", type=int, nargs="+", default=[2])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--vs", choices=["torch"], help="also time the PyTorch reference (eager and torch.compile)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--what", nargs="+", choices=["train", "forward", "eval"], default=["train", "forward", "eval"])
+    parser.add_argument("--eval-shape", type=int, nargs=3, default=[240, 240, 155],
+                        help="case shape of the 15-subset evaluation (default: a full BraTS volume)")
+    parser.add_argument("--eval-window", type=int, default=128)
+    parser.add_argument("--window-batch", type=int, default=1, help="windows per forward pass in the evaluation")
+    parser.add_argument("--conv-impl", choices=["auto", "native", "depth2d"], default="auto")
+    parser.add_argument("--remat", action="store_true", help="activation checkpointing of each residual block (JAX)")
+    parser.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64, 128], help="U-Net widths (default: the paper's)")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 2, 4], help="residual blocks per level")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--peak-tflops", type=float, help="device peak for the MFU column, when not in the built-in table")
+    parser.add_argument("--json", help="write the results here")
+
+
+def main(args) -> int:
+    args.vs_torch = args.vs == "torch"
+    run(args)
+    return 0

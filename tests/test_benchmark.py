@@ -1,0 +1,39 @@
+"""`jaxbrats bench`: one side-by-side run on a tiny model writes the JSON rows the issue asks for."""
+
+import json
+
+import pytest
+
+from jaxbrats.cli import main
+
+TINY_MODEL = ["--widths", "8", "8", "8", "8", "--blocks", "1", "1", "1", "1"]
+
+
+def test_bench_times_jax_and_torch_side_by_side(tmp_path, capsys):
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--size", "16", "--batch", "1", *TINY_MODEL, "--eval-shape", "24", "16", "16",
+               "--eval-window", "16", "--repeats", "2", "--warmup", "1", "--vs", "torch", "--no-compile", "--json", out])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["device"]["cpu"] and result["device"]["torch"].startswith("2.")
+    assert result["command"].startswith("jaxbrats bench --size 16")
+    assert [r["what"] for r in result["runs"]] == ["train_step", "forward", "eval_15_subsets"]
+    for row in result["runs"]:
+        assert row["torch"] == "eager" and row["jax_s"] > 0 and row["torch_s"] > 0
+        assert row["ratio_torch_over_jax"] == pytest.approx(row["torch_s"] / row["jax_s"], rel=0.05)
+    train, _, evaluation = result["runs"]
+    assert train["size"] == [16, 16, 16] and train["batch"] == 1 and train["dtype"] == "float32"
+    assert train["jax_tflops"] > 0  # XLA's FLOP count of the step
+    assert evaluation["size"] == [24, 16, 16] and evaluation["window"] == [16, 16, 16]
+    printed = capsys.readouterr().out
+    assert "torch/jax" in printed and "eval_15_subsets" in printed
+
+
+def test_bench_without_torch_rows_times_jax_only(tmp_path):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--size", "16", "--batch", "1", *TINY_MODEL, "--what", "forward",
+               "--repeats", "1", "--warmup", "1", "--dtype", "bfloat16", "--json", out])
+    assert rc == 0
+    (row,) = json.loads(out.read_text())["runs"]
+    assert row["what"] == "forward" and row["dtype"] == "bfloat16" and "torch_s" not in row
