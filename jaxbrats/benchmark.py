@@ -83,18 +83,27 @@ def machine() -> dict:
     return info
 
 
-def alternating_medians(calls: dict, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each function, the functions called in turn each round."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
+def alternating_medians(calls: dict, repeats: int, warmup: int) -> tuple[dict[str, float], dict[str, str]]:
+    """(median seconds per call, errors) of each function, the functions called in turn each round.
+
+    A function that raises during warm-up (say torch.compile failing on some
+    shape) is dropped and its error returned, so one failure costs one row.
+    """
+    errors = {}
+    for name, fn in list(calls.items()):
+        try:
+            for _ in range(max(warmup, 1)):
+                fn()
+        except Exception as e:  # noqa: BLE001 - reported in the row, the other rows still run
+            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    calls = {name: fn for name, fn in calls.items() if name not in errors}
     times = {name: [] for name in calls}
     for _ in range(repeats):
         for name, fn in calls.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: statistics.median(ts) for name, ts in times.items()}, errors
 
 
 # --- JAX side ------------------------------------------------------------------
@@ -137,6 +146,7 @@ class JaxSide:
         step = jax.jit(make_train_step(self.method, "train", self.graphdefs, self.optimizers), donate_argnums=0)
         holder = {"state": jax.tree.map(jnp.copy, self.state)}  # the step donates its state: keep ours intact
         compiled = step.lower(holder["state"], batch).compile()
+        self.compiled_text = compiled.as_text()  # for tools/profile_step.py
 
         def call():
             holder["state"], metrics = compiled(holder["state"], batch)
@@ -282,9 +292,11 @@ def _inputs(shape, batch: int | None, seed: int = 0):
     return image, labels
 
 
-def _row(what, size, batch, dtype, times: dict, flops, peak, torch_kind=None) -> dict:
+def _row(what, size, batch, dtype, times: dict, flops, peak, torch_kind=None, error=None) -> dict:
     row = {"what": what, "size": list(size), "batch": batch, "dtype": dtype, "jax_s": round(times["jax"], 4)}
-    if torch_kind:
+    if error:
+        row["torch"], row["torch_error"] = torch_kind, error
+    elif torch_kind:
         row["torch"] = torch_kind
         row["torch_s"] = round(times[torch_kind], 4)
         row["ratio_torch_over_jax"] = round(times[torch_kind] / times["jax"], 3)
@@ -325,12 +337,16 @@ def run(args) -> dict:
     peak = _peak(args.dtype, args.peak_tflops)
 
     def record(what, size, batch, jax_call, flops, torch_calls):
-        times = alternating_medians({"jax": jax_call, **torch_calls}, args.repeats, args.warmup)
-        rows = [_row(what, size, batch, args.dtype, times, flops, peak, kind) for kind in torch_calls] or [
+        times, errors = alternating_medians({"jax": jax_call, **torch_calls}, args.repeats, args.warmup)
+        if "jax" in errors:
+            raise JaxbratsError(f"the JAX {what} failed: {errors['jax']}")
+        rows = [_row(what, size, batch, args.dtype, times, flops, peak, kind, errors.get(kind)) for kind in torch_calls] or [
             _row(what, size, batch, args.dtype, times, flops, peak)]
         for row in rows:
             result["runs"].append(row)
             print(_describe(row))
+        if args.json:  # after every measurement, so a long run that stops keeps what it measured
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 
     for size in args.size:
         for batch in args.batch:
@@ -353,10 +369,25 @@ def run(args) -> dict:
         record("eval_15_subsets", args.eval_shape, 1, call, flops, torch_calls)
         for row in result["runs"][-len(torch_calls or [0]):]:
             row["window"] = [args.eval_window] * 3
+    print()
+    print(markdown_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
     return result
+
+
+def markdown_table(result: dict) -> str:
+    """The runs as a Markdown table (times in ms), for BENCHMARKS.md and papers' supplements."""
+    lines = ["| what | size | batch | dtype | JAX ms | PyTorch | PyTorch ms | torch / jax | JAX TFLOP/s |",
+             "|---|---|---|---|---:|---|---:|---:|---:|"]
+    for row in result["runs"]:
+        size = "x".join(map(str, row["size"])) + (f" (window {row['window'][0]}^3)" if "window" in row else "")
+        torch_ms = f"{row['torch_s'] * 1e3:.1f}" if "torch_s" in row else ("failed" if "torch_error" in row else "")
+        ratio = f"{row['ratio_torch_over_jax']:.2f}" if "torch_s" in row else ""
+        tflops = f"{row['jax_tflops']:.3f}" if "jax_tflops" in row else ""
+        lines.append(f"| {row['what']} | {size} | {row['batch']} | {row['dtype']} | {row['jax_s'] * 1e3:.1f} | "
+                     f"{row.get('torch', '')} | {torch_ms} | {ratio} | {tflops} |")
+    return "\n".join(lines)
 
 
 def _describe(row: dict) -> str:
@@ -364,6 +395,8 @@ def _describe(row: dict) -> str:
     text = f"{row['what']:16s} {size:>11s} batch {row['batch']} {row['dtype']:8s} jax {row['jax_s'] * 1e3:9.1f} ms"
     if "torch_s" in row:
         text += f"  torch[{row['torch']}] {row['torch_s'] * 1e3:9.1f} ms  torch/jax {row['ratio_torch_over_jax']:.2f}"
+    elif "torch_error" in row:
+        text += f"  torch[{row['torch']}] failed: {row['torch_error'][:80]}"
     if "jax_tflops" in row:
         text += f"  ({row['jax_tflops']:.3f} TFLOP/s" + (f", MFU {row['mfu']:.1%})" if "mfu" in row else ")")
     return text

@@ -1,6 +1,9 @@
 import os
 from pathlib import Path
 
+# The CLI keeps compiled programs on disk by default; tests start cold and write nothing outside tmp.
+os.environ["JAXBRATS_COMPILE_CACHE"] = ""
+
 import pytest
 
 from jaxbrats.data.phantom import write_phantom

@@ -18,6 +18,8 @@ at the end), in one of two ways:
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -33,25 +35,78 @@ def conv3d_native(x, kernel, stride: int = 1):
     )
 
 
-def conv3d_depth2d(x, kernel, stride: int = 1):
-    """The same 3D convolution as a sum over kernel depth of 2D convolutions."""
+def _depth_taps(x, k: int, stride: int):
+    """The k depth-shifted (and strided) views of x as 2D batches: k arrays (N * D_out, H, W, C)."""
     n, d, h, w, c = x.shape
-    k = kernel.shape[0]
-    if k == 1 and stride == 1:
-        return jnp.einsum("ndhwc,co->ndhwo", x, kernel[0, 0, 0])
     p = k // 2
     xp = jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0), (0, 0)))
     d_out = (d + 2 * p - k) // stride + 1
-    y = None
-    for i in range(k):
-        # Output depth j reads input depth j * stride + i of the padded volume.
-        slices = lax.slice_in_dim(xp, i, i + (d_out - 1) * stride + 1, stride, axis=1)
-        part = lax.conv_general_dilated(
-            slices.reshape(n * d_out, h, w, c), kernel[i], (stride, stride), [(p, p), (p, p)],
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        y = part if y is None else y + part
+    # Output depth j reads input depth j * stride + i of the padded volume.
+    return [lax.slice_in_dim(xp, i, i + (d_out - 1) * stride + 1, stride, axis=1).reshape(n * d_out, h, w, c)
+            for i in range(k)], d_out
+
+
+def _conv2d(x, kernel, stride: int):
+    p = kernel.shape[0] // 2
+    return lax.conv_general_dilated(x, kernel, (stride, stride), [(p, p), (p, p)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _depth2d_forward(x, kernel, stride: int):
+    n = x.shape[0]
+    taps, d_out = _depth_taps(x, kernel.shape[0], stride)
+    y = sum(_conv2d(t, kernel[i], stride) for i, t in enumerate(taps))
     return y.reshape(n, d_out, *y.shape[1:])
+
+
+#: Target size of one piece of a weight gradient (elements of its input slab). XLA:CPU computes the
+#: weight gradient of a 2D convolution several times faster on cache-sized pieces than on a whole
+#: 128^3 volume (tools/profile_step.py; BENCHMARKS.md); 4 to 16 slices per piece.
+WGRAD_CHUNK_ELEMENTS = 1 << 20
+
+
+def _weight_grad_2d(x, dy, kernel, stride: int):
+    """d(sum(conv2d(x, kernel) * dy)) / d kernel, summed over pieces of the batch axis."""
+    m = x.shape[0]
+    per_slice = x.shape[1] * x.shape[2] * x.shape[3]
+    chunk = min(max(WGRAD_CHUNK_ELEMENTS // per_slice, 4), 16)
+    total = None
+    for start in range(0, m, chunk):
+        a, g = x[start:start + chunk], dy[start:start + chunk]
+        part = jax.vjp(lambda k: _conv2d(a, k, stride), kernel)[1](g)[0]
+        total = part if total is None else total + part
+    return total
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depth2d(x, kernel, stride: int):
+    return _depth2d_forward(x, kernel, stride)
+
+
+def _depth2d_fwd(x, kernel, stride: int):
+    return _depth2d_forward(x, kernel, stride), (x, kernel)
+
+
+def _depth2d_bwd(stride: int, res, dy):
+    x, kernel = res
+    dx = jax.vjp(lambda v: _depth2d_forward(v, kernel, stride), x)[1](dy)[0]
+    taps, _ = _depth_taps(x, kernel.shape[0], stride)
+    dy2 = dy.reshape(-1, *dy.shape[2:])
+    dkernel = jnp.stack([_weight_grad_2d(t, dy2, kernel[i], stride) for i, t in enumerate(taps)])
+    return dx, dkernel
+
+
+_depth2d.defvjp(_depth2d_fwd, _depth2d_bwd)
+
+
+def conv3d_depth2d(x, kernel, stride: int = 1):
+    """The same 3D convolution as a sum over kernel depth of 2D convolutions.
+
+    Its weight gradient is computed piece by piece over the folded batch and
+    depth axis (`_weight_grad_2d`); the input gradient is the usual one.
+    """
+    if kernel.shape[0] == 1 and stride == 1:
+        return jnp.einsum("ndhwc,co->ndhwo", x, kernel[0, 0, 0])
+    return _depth2d(x, kernel, stride)
 
 
 def resolve_conv_impl(impl: str) -> str:
