@@ -199,7 +199,13 @@ class TorchSide:
         model = TorchUNet(jax_side.unet_config())
         model.load_state_dict(torch_state_dict(jax_state))
         self.model = model.to(self.device)
-        self.run = torch.compile(self.model) if compiled else self.model
+        if compiled:
+            # Static shapes, and a fresh start: after a first size, dynamo would otherwise recompile
+            # with symbolic shapes, which Inductor 2.13 failed to lower at 128^3 (ValueRangeError).
+            torch._dynamo.reset()
+            self.run = torch.compile(self.model, dynamic=False)
+        else:
+            self.run = self.model
         self.dtype = dtype
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
 
@@ -336,13 +342,14 @@ def run(args) -> dict:
     print(json.dumps(result["device"]))
     peak = _peak(args.dtype, args.peak_tflops)
 
-    def record(what, size, batch, jax_call, flops, torch_calls):
+    def record(what, size, batch, jax_call, flops, torch_calls, **extra):
         times, errors = alternating_medians({"jax": jax_call, **torch_calls}, args.repeats, args.warmup)
         if "jax" in errors:
             raise JaxbratsError(f"the JAX {what} failed: {errors['jax']}")
         rows = [_row(what, size, batch, args.dtype, times, flops, peak, kind, errors.get(kind)) for kind in torch_calls] or [
             _row(what, size, batch, args.dtype, times, flops, peak)]
         for row in rows:
+            row.update(extra)
             result["runs"].append(row)
             print(_describe(row))
         if args.json:  # after every measurement, so a long run that stops keeps what it measured
@@ -366,9 +373,7 @@ def run(args) -> dict:
         call, flops = jax_side.evaluation(image, labels)
         torch_calls = {k: s.evaluation(image, labels, args.eval_window, jax_side.config.eval.overlap, args.window_batch)
                        for k, s in sides.items()}
-        record("eval_15_subsets", args.eval_shape, 1, call, flops, torch_calls)
-        for row in result["runs"][-len(torch_calls or [0]):]:
-            row["window"] = [args.eval_window] * 3
+        record("eval_15_subsets", args.eval_shape, 1, call, flops, torch_calls, window=[args.eval_window] * 3)
     print()
     print(markdown_table(result))
     if args.json:

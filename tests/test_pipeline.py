@@ -129,3 +129,16 @@ def test_intensity_augmentation_is_per_channel_affine_and_padding_stays_zero():
         np.testing.assert_allclose(out["image"][..., c], image[..., c] * scale + shift, atol=1e-5)
     padded = RandomCropAugmentDropout(PipelineConfig(crop_size=(20, 16, 16))).random_map(element, np.random.default_rng(2))
     assert padded["valid"].sum() == 16**3 and not padded["image"][~padded["valid"]].any()
+
+
+def test_batch_locates_each_crop_in_its_case(phantom_cache):
+    """crop_start, flipped and case_shape reproduce the label crop from the whole case."""
+    dataset = CacheDataset(phantom_cache)
+    for batch in _batches(phantom_cache, 3):
+        for b in range(2):
+            label = dataset.arrays(int(batch["case_index"][b]))["label"]
+            np.testing.assert_array_equal(batch["case_shape"][b], label.shape)
+            src, dst = crop_slices(batch["crop_start"][b], label.shape, CROP, batch["flipped"][b])
+            want = np.zeros(CROP, np.uint8)
+            want[dst] = label[src]
+            np.testing.assert_array_equal(batch["label"][b], want)

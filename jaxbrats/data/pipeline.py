@@ -13,7 +13,15 @@ key                shape               dtype    meaning
 ``subset``         (B, K)              int32    row of `modalities.SUBSETS` for each mask
 ``present``        (B, 4)              bool     modalities the case really has
 ``case_index``     (B,)                int32    position of the case in the dataset
+``crop_start``     (B, 3)              int32    crop corner in the case's (cache) voxel frame;
+                                                negative or beyond the end where padded
+``flipped``        (B, 3)              bool     axes the crop was flipped along
+``case_shape``     (B, 3)              int32    shape of the whole case in the cache
 =================  ==================  =======  ==========================================
+
+``crop_start``, ``flipped`` and ``case_shape`` locate a crop in the case, so
+a method can read a volume-sized parameter (M3AE's substitute image) at the
+same place in training as at inference.
 
 ``image`` is not yet dropped: methods apply ``modality_mask`` on device with
 `jaxbrats.modalities.drop_modalities` (zeros for the baseline, a learned
@@ -176,7 +184,8 @@ class RandomCropAugmentDropout(grain.transforms.RandomMap):
         self._augment_intensity(out, rng)
         present = element["present"]
         masks = sample_modality_masks(rng, present, cfg.dropout, cfg.instantiations)
-        out.update(modality_mask=masks, subset=subset_indices(masks), present=present, case_index=element["case_index"])
+        out.update(modality_mask=masks, subset=subset_indices(masks), present=present, case_index=element["case_index"],
+                   crop_start=start.astype(np.int32), flipped=flips, case_shape=np.asarray(shape, np.int32))
         return out
 
 

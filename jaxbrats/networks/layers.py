@@ -11,7 +11,10 @@ at the end), in one of two ways:
   slices, batch and depth folded together, summed. XLA:CPU's 3D convolution
   is several times slower than its 2D one: on 2 cores, 48^3 x 16 channels,
   forward + both gradients took 1027 ms native and 245 ms this way, equal to
-  within float32 rounding (tests/test_layers.py checks it).
+  within float32 rounding (tests/test_layers.py checks it). Its weight
+  gradient is a custom VJP that sums the 2D weight gradients of cache-sized
+  pieces of the folded batch: at 128^3 x 16 channels this took the
+  convolution's forward + backward from 2956 to 1206 ms.
 
 ``"auto"`` picks depth2d on CPU and native elsewhere.
 """
