@@ -8,10 +8,10 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
-from jaxbrats.networks.torch_unet import TorchUNet, load_torch_weights, torch_state_dict  # noqa: E402
-from jaxbrats.networks.unet import UNet, UNetConfig  # noqa: E402
+from jaxbrats.networks.torch_unet import TorchUNet, load_torch_weights, torch_state_dict
+from jaxbrats.networks.unet import UNet, UNetConfig
 
-SMALL = dict(widths=(8, 16, 16, 16), blocks=(1, 2, 1, 2), deep_supervision=True)
+SMALL = {"widths": (8, 16, 16, 16), "blocks": (1, 2, 1, 2), "deep_supervision": True}
 
 
 def _pair(cfg: UNetConfig):
@@ -84,7 +84,7 @@ def test_loss_gradients_match_pytorch():
 
 def test_weights_round_trip_and_refuse_a_wrong_architecture():
     cfg = UNetConfig(**SMALL)
-    graphdef, state, _ = _pair(cfg)
+    _, state, _ = _pair(cfg)
     other = TorchUNet(cfg)  # fresh torch weights
     loaded = load_torch_weights(state, other.state_dict())
     back = torch_state_dict(loaded)

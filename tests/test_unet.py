@@ -79,7 +79,10 @@ def test_remat_gives_the_same_gradients():
         cfg = UNetConfig(widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1), remat=remat)
         graphdef, params, rest = nnx.split(UNet(cfg, nnx.Rngs(0)), nnx.Param, ...)
         x = jax.random.normal(jax.random.key(1), (1, 16, 16, 16, 4))
-        loss = lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x)["logits"] ** 2)  # noqa: E731
+
+        def loss(p):
+            return jnp.sum(nnx.merge(graphdef, p, rest)(x)["logits"] ** 2)
+
         return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
 
     for a, b in zip(grads(False), grads(True)):

@@ -54,7 +54,8 @@ def profile(args) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             call()
-        trace = json.load(gzip.open(next(Path(tmp).rglob("*.trace.json.gz"))))
+        with gzip.open(next(Path(tmp).rglob("*.trace.json.gz"))) as f:
+            trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     per_op = collections.Counter()
     for e in events:

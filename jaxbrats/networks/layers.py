@@ -25,8 +25,8 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from flax import nnx
+from jax import lax
 
 CONV_IMPLS = ("auto", "native", "depth2d")
 
@@ -75,7 +75,7 @@ def _weight_grad_2d(x, dy, kernel, stride: int):
     total = None
     for start in range(0, m, chunk):
         a, g = x[start:start + chunk], dy[start:start + chunk]
-        part = jax.vjp(lambda k: _conv2d(a, k, stride), kernel)[1](g)[0]
+        part = jax.vjp(lambda k, a=a: _conv2d(a, k, stride), kernel)[1](g)[0]
         total = part if total is None else total + part
     return total
 
