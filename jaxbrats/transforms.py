@@ -1,0 +1,70 @@
+"""On-device transforms of training crops, drawn inside the jitted step.
+
+- `visible_patches` / `patch_mask_to_voxels`: M3AE's masking (METHODS.md
+  section 3): after whole modalities are dropped, an exact number of 16^3
+  patches over all modalities stays visible, drawn from the kept modalities.
+- `read_window`: a crop-sized window of a volume-sized array (M3AE's
+  substitute image x_sub), located with the batch's ``crop_start``,
+  ``flipped`` and ``case_shape`` (data.pipeline), in one coordinate frame for
+  training and inference: the case is centred in the volume
+  (`case_origin`), and inference reads the same frame.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbrats.modalities import NUM_MODALITIES
+
+
+def patch_grid(crop, patch: int) -> tuple[int, int, int]:
+    if any(c % patch for c in crop):
+        raise ValueError(f"crop {tuple(crop)} is not a multiple of the patch size {patch}")
+    return tuple(c // patch for c in crop)
+
+
+def visible_patches(key, modality_mask, grid, visible_fraction: float):
+    """(*grid, 4) bool: exactly round(visible_fraction * 4 * prod(grid)) visible patches.
+
+    Patches of dropped modalities (``modality_mask`` False) are never visible;
+    the visible ones are a uniform draw from the patches of the kept
+    modalities. With M3AE's 12.5 % and at least one kept modality there are
+    always enough (one modality has 4x the patches needed).
+    """
+    total = NUM_MODALITIES * math.prod(grid)
+    count = round(visible_fraction * total)
+    scores = jax.random.uniform(key, tuple(grid) + (NUM_MODALITIES,))
+    scores = jnp.where(modality_mask, scores, 2.0).reshape(-1)  # dropped patches sort last
+    rank = jnp.zeros(total, jnp.int32).at[jnp.argsort(scores)].set(jnp.arange(total, dtype=jnp.int32))
+    return (rank < count).reshape(tuple(grid) + (NUM_MODALITIES,)) & modality_mask
+
+
+def patch_mask_to_voxels(mask, patch: int):
+    """(g0, g1, g2, C) patch mask -> (g0 * patch, g1 * patch, g2 * patch, C) voxel mask."""
+    g0, g1, g2, c = mask.shape
+    big = jnp.broadcast_to(mask[:, None, :, None, :, None, :], (g0, patch, g1, patch, g2, patch, c))
+    return big.reshape(g0 * patch, g1 * patch, g2 * patch, c)
+
+
+def case_origin(case_shape, volume_shape):
+    """Corner of a case inside a volume-sized array: the case is centred (either may be larger)."""
+    return (jnp.asarray(volume_shape) - jnp.asarray(case_shape)) // 2
+
+
+def read_window(volume, start, flipped, size):
+    """The window of `volume` (S0, S1, S2, C) at `start` (may lie partly outside: zeros), flipped like the crop.
+
+    ``start`` is in the volume's frame (e.g. ``crop_start + case_origin``);
+    ``flipped`` (3,) bool flips the window along each axis, as the pipeline
+    flipped the image crop, so voxel for voxel the window lines up with it.
+    """
+    size = tuple(size)
+    padded = jnp.pad(volume, [(s, s) for s in size] + [(0, 0)])
+    window = lax.dynamic_slice(padded, tuple(jnp.asarray(start) + jnp.asarray(size)) + (0,), size + (volume.shape[-1],))
+    for axis in range(3):
+        window = jnp.where(flipped[axis], jnp.flip(window, axis), window)
+    return window
