@@ -34,12 +34,16 @@ class OptimizerConfig:
     warmup_steps: int = 0
     clip_norm: float = 0.0  # global gradient norm clipping; 0 disables
     momentum: float = 0.9  # sgd only
+    #: Peak learning rate of single models of this group, e.g. {x_sub = 5e-3} for M3AE's
+    #: substitute image; the group's other models use `lr`. Same schedule, clipping over all.
+    model_lr: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def validate(self, where: str) -> None:
         _choice(where + ".name", self.name, ("adam", "adamw", "sgd"))
         _choice(where + ".schedule", self.schedule, ("constant", "cosine", "poly"))
-        if self.lr <= 0:
-            raise ConfigError(f"{where}.lr must be positive, got {self.lr}")
+        for name, lr in {"lr": self.lr, **{f"model_lr.{k}": v for k, v in self.model_lr.items()}}.items():
+            if lr <= 0:
+                raise ConfigError(f"{where}.{name} must be positive, got {lr}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ How a run goes (`train`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from jaxbrats.config import Config, OptimizerConfig, save_config, to_dict
+from jaxbrats.config import Config, ConfigError, OptimizerConfig, save_config, to_dict
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.pipeline import PipelineConfig, make_loader
 from jaxbrats.data.splits import ratio_split, read_split_file
@@ -88,21 +89,42 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int):
     return optax.join_schedules([warmup, main], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def _update_rules(cfg: OptimizerConfig, total_steps: int) -> list[optax.GradientTransformation]:
     schedule = make_schedule(cfg, total_steps)
-    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     if cfg.name == "adamw":
-        parts.append(optax.adamw(schedule, weight_decay=cfg.weight_decay))
-    else:
-        if cfg.weight_decay:  # PyTorch Adam/SGD weight decay: L2 added to the gradient
-            parts.append(optax.add_decayed_weights(cfg.weight_decay))
-        parts.append(optax.adam(schedule) if cfg.name == "adam" else optax.sgd(schedule, momentum=cfg.momentum))
-    return optax.chain(*parts)
+        return [optax.adamw(schedule, weight_decay=cfg.weight_decay)]
+    rule = optax.adam(schedule) if cfg.name == "adam" else optax.sgd(schedule, momentum=cfg.momentum)
+    if cfg.weight_decay:  # PyTorch Adam/SGD weight decay: L2 added to the gradient
+        return [optax.add_decayed_weights(cfg.weight_decay), rule]
+    return [rule]
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """The optimiser of one update group; its parameters are a dict {model name: state}."""
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    if not cfg.model_lr:
+        return optax.chain(*parts, *_update_rules(cfg, total_steps))
+    # One rule per learning rate, chosen by the top-level model name.
+    rates = {"": cfg.lr, **cfg.model_lr}
+    rules = {n: optax.chain(*_update_rules(dataclasses.replace(cfg, lr=lr), total_steps)) for n, lr in rates.items()}
+
+    def labels(params):
+        return {n: jax.tree.map(lambda _, n=n: n if n in cfg.model_lr else "", sub) for n, sub in params.items()}
+
+    return optax.chain(*parts, optax.multi_transform(rules, labels))
 
 
 def stage_optimizers(method: Method, stage: str, total_steps: int) -> dict:
     """One optax optimiser per update group of a stage."""
-    return {u.group: make_optimizer(method.optimizer(stage, u.group), total_steps) for u in method.updates(stage)}
+    out = {}
+    for update in method.updates(stage):
+        cfg = method.optimizer(stage, update.group)
+        unknown = sorted(set(cfg.model_lr) - set(update.trainable))
+        if unknown:
+            raise ConfigError(f"stages.{stage}.optimizers.{update.group}.model_lr: {', '.join(unknown)} "
+                              f"not trained in this group (trained: {', '.join(update.trainable)})")
+        out[update.group] = make_optimizer(cfg, total_steps)
+    return out
 
 
 # --- state and step ----------------------------------------------------------------------

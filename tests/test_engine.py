@@ -111,3 +111,28 @@ def test_schedules():
     assert float(cosine(0)) == 0.0 and float(cosine(10)) == pytest.approx(1.0) and float(cosine(110)) == pytest.approx(0.0, abs=1e-6)
     poly = engine.make_schedule(OptimizerConfig(lr=1.0, schedule="poly"), 100)
     assert float(poly(50)) == pytest.approx(0.5**0.9, rel=1e-5)
+
+
+def test_a_model_can_have_its_own_learning_rate_in_a_group():
+    """M3AE's x_sub: Adam's first step moves each parameter by its learning rate (constant schedule)."""
+    from jaxbrats.config import OptimizerConfig
+
+    cfg = OptimizerConfig(lr=1e-3, schedule="constant", model_lr={"x_sub": 5e-3}, clip_norm=10.0)
+    optimizer = engine.make_optimizer(cfg, total_steps=10)
+    params = {"unet": {"w": jnp.ones(3)}, "x_sub": {"image": jnp.ones((2, 2))}}
+    grads = jax.tree.map(lambda p: 0.5 * jnp.ones_like(p), params)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    np.testing.assert_allclose(updates["unet"]["w"], -1e-3, rtol=1e-4)
+    np.testing.assert_allclose(updates["x_sub"]["image"], -5e-3, rtol=1e-4)
+    plain = engine.make_optimizer(OptimizerConfig(lr=1e-3, schedule="constant"), total_steps=10)
+    np.testing.assert_allclose(plain.update(grads, plain.init(params), params)[0]["x_sub"]["image"], -1e-3, rtol=1e-4)
+
+
+def test_model_lr_must_name_a_trained_model():
+    from jaxbrats.config import ConfigError
+
+    config = tiny_config("stages.train.optimizers.model.model_lr={x_sub=5e-3}")
+    with pytest.raises(ConfigError, match="model_lr: x_sub not trained in this group"):
+        engine.stage_optimizers(get_method("baseline")(config), "train", 10)
+    with pytest.raises(ConfigError, match="model_lr.unet must be positive"):
+        tiny_config("stages.train.optimizers.model.model_lr={unet=-1.0}")
