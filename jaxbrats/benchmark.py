@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -64,8 +65,6 @@ def machine() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    import os
-
     info = {
         "cpu": cpu, "cpu_cores": os.cpu_count(), "backend": jax.default_backend(),
         "accelerator": ", ".join(sorted({d.device_kind for d in jax.devices()})),

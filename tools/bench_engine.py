@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -23,16 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxbrats import benchmark
+
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
-    return f"{cpu}; {jax.device_count()} x {devices} ({jax.default_backend()}); jax {jax.__version__}"
+    info = benchmark.machine()
+    return f"{info['cpu']} ({info['cpu_cores']} cores); {jax.device_count()} x {info['accelerator']} ({info['backend']}); jax {info['jax']}"
 
 
 def _timed(fn, repeats: int) -> tuple[float, float]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flax import nnx
 from torch import nn
 
 from jaxbrats.networks.unet import UNetConfig
@@ -130,8 +131,6 @@ def _to_jax_layout(name: str, value: np.ndarray) -> np.ndarray:
 
 
 def _params(model_state) -> dict[tuple, object]:
-    from flax import nnx
-
     return dict(nnx.to_flat_state(nnx.filter_state(model_state, nnx.Param)))
 
 
@@ -151,8 +150,6 @@ def load_torch_weights(model_state, state_dict: dict[str, torch.Tensor]):
     name raises KeyError naming it, so a mismatched architecture never loads
     half a model.
     """
-    from flax import nnx
-
     params = _params(model_state)
     names = {_torch_name(path): path for path in params}
     extra = sorted(set(state_dict) - set(names))
