@@ -63,7 +63,7 @@ def _train(args) -> int:
         import jax
 
         jax.distributed.initialize()
-    train(config, args.workdir, args.data, stop_after=args.stop_after)
+    train(config, args.workdir, args.data, stop_after=args.stop_after, only=tuple(args.stage))
     print(f"{'stopped' if args.stop_after else 'trained'} {config.method_name} in {args.workdir}")
     return 0
 
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--data", help="prepared cache directory (overrides data.cache)")
     p.add_argument("--stop-after", type=int, metavar="STEPS", help="checkpoint and stop after this many steps (resume later)")
+    p.add_argument("--stage", action="append", default=[], metavar="NAME",
+                   help="run only this stage (repeatable); earlier stages come from their checkpoints or stages.NAME.init_from")
     p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize() first")
     p.set_defaults(func=_train)
 

@@ -50,6 +50,9 @@ class OptimizerConfig:
 class StageConfig:
     epochs: int = 1
     steps: int = 0  # when > 0, the stage length in steps (overrides epochs)
+    #: Samples per step in this stage; 0: `data.batch_size`. M3AE fine-tunes on one subject
+    #: per step, seen as two missing-modality instantiations.
+    batch_size: int = 0
     #: One optimiser per update group of the method (e.g. "model", "discriminator").
     optimizers: dict[str, OptimizerConfig] = dataclasses.field(default_factory=dict)
     #: Start this stage from a checkpoint directory (a stage of another run) instead of

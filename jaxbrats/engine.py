@@ -259,8 +259,12 @@ class MetricsLog:
 class Trainer:
     """Runs a method's stages for one work directory (see the module docstring)."""
 
-    def __init__(self, config: Config, workdir, data_dir=None):
+    def __init__(self, config: Config, workdir, data_dir=None, only: tuple[str, ...] = ()):
         self.config = config
+        unknown = sorted(set(only) - set(get_method(config.method_name).stages))
+        if unknown:
+            raise JaxbratsError(f"--stage {unknown[0]}: not a stage of {config.method_name} (its stages: {', '.join(get_method(config.method_name).stages)})")
+        self.only = tuple(only)  # run just these stages; the others are loaded from their checkpoints
         self.workdir = Path(workdir)
         self.method = get_method(config.method_name)(config)
         self.cache = CacheDataset(data_dir or config.data.cache)
@@ -295,10 +299,7 @@ class Trainer:
         self.budget = stop_after
         splits = self.prepare_workdir()
         train_set = CacheDataset(self.cache.cache_dir, splits["train"])
-        batch = self.config.data.batch_size
-        if batch % self.mesh.shape["data"]:
-            raise JaxbratsError(f"data.batch_size {batch} is not divisible by the {self.mesh.shape['data']} data-parallel devices")
-        steps_per_epoch = max(len(train_set) // batch, 1)
+        self.method.setup(train_set)
         resume = {}
         for stage in self.method.stages:
             manager = checkpoint_manager(self.workdir, stage, self.config.train.keep_checkpoints)
@@ -307,13 +308,34 @@ class Trainer:
         try:
             previous = None
             for index, stage in enumerate(self.method.stages):
+                steps_per_epoch = max(len(train_set) // self.batch_size(stage), 1)
                 total = self.method.stage_length(self.config, stage, steps_per_epoch)
+                if self.only and stage not in self.only:
+                    previous = self.load_stage(stage, total, previous)
+                    continue
                 previous = self.run_stage(stage, index, total, train_set, previous)
                 if self.budget == 0:
                     break
         finally:
             self.log.close()
         return {"workdir": str(self.workdir), "splits": {k: len(v) for k, v in splits.items()}}
+
+    def batch_size(self, stage: str) -> int:
+        """Samples per step of a stage (global), checked against the data-parallel devices."""
+        stage_config = self.config.stages.get(stage)
+        batch = stage_config.batch_size if stage_config and stage_config.batch_size else self.config.data.batch_size
+        if batch % self.mesh.shape["data"]:
+            raise JaxbratsError(f"stage {stage}: batch size {batch} is not divisible by the {self.mesh.shape['data']} data-parallel devices")
+        return batch
+
+    def load_stage(self, stage: str, total: int, previous):
+        """Models of a stage that is not run now: its checkpoint in this run, or `previous` when it has none."""
+        manager = checkpoint_manager(self.workdir, stage, create=False) if (self.workdir / "checkpoints" / stage).exists() else None
+        if manager is None or manager.latest_step() is None:
+            return previous
+        print(f"stage {stage}: not run now; its models come from step {manager.latest_step()}")
+        template = init_state(self.method, stage, 0, self.optimizers(stage, total))[1]
+        return restore(manager, template)[0]["models"]
 
     def optimizers(self, stage: str, total: int) -> dict:
         return stage_optimizers(self.method, stage, total)
@@ -330,6 +352,10 @@ class Trainer:
                 raise JaxbratsError(f"{source}: no checkpoint to start stage {stage} from")
             template = self._previous_template(stage, index, source)
             previous = restore(other, template)[0]["models"]
+        if manager.latest_step() is None and previous is None and index > 0:
+            before = self.method.stages[index - 1]
+            raise JaxbratsError(f"stage {stage} starts from stage {before}, which has no checkpoint in {self.workdir}: "
+                                f"train {before} first or set stages.{stage}.init_from to a checkpoint directory")
         graphdefs, state = init_state(self.method, stage, seed, optimizers, previous)
         iterator_state = None
         if manager.latest_step() is not None:
@@ -358,8 +384,9 @@ class Trainer:
         self.compiled_steps[stage] = step_fn
 
         d = cfg.data
+        batch_size = self.batch_size(stage)
         pipeline = PipelineConfig(
-            crop_size=d.crop_size, batch_size=d.batch_size // jax.process_count(),
+            crop_size=d.crop_size, batch_size=batch_size // jax.process_count(),
             foreground_oversample=d.foreground_oversample, flip_probability=d.flip_probability,
             intensity_scale=d.intensity_scale, intensity_shift=d.intensity_shift,
             seed=cfg.train.seed + index, workers=d.workers, prefetch=d.prefetch,
@@ -370,7 +397,7 @@ class Trainer:
             iterator.set_state(iterator_state.encode())
         schedules = {u.group: make_schedule(self.method.optimizer(stage, u.group), total) for u in self.method.updates(stage)}
         start = int(jax.device_get(state["step"]))
-        voxels = d.batch_size * int(np.prod(d.crop_size))
+        voxels = batch_size * pipeline.instantiations * int(np.prod(d.crop_size))
         pending, last_time, last_step = [], time.perf_counter(), start
         bar = tqdm(total=total, initial=start, desc=f"{stage}", unit="step", disable=not cfg.train.progress, dynamic_ncols=True)
         if start:
@@ -398,6 +425,8 @@ class Trainer:
         finally:
             bar.close()
             manager.wait_until_finished()
+        if int(jax.device_get(state["step"])) == total:
+            self.method.on_stage_end(stage, state["models"], self.workdir)
         return state["models"]
 
     def _flush(self, stage, pending, manager, rate, voxel_rate, schedules) -> None:
@@ -423,8 +452,8 @@ def _changed_keys(old, new, prefix="") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def train(config: Config, workdir, data_dir=None, stop_after: int | None = None) -> Trainer:
-    trainer = Trainer(config, workdir, data_dir)
+def train(config: Config, workdir, data_dir=None, stop_after: int | None = None, only: tuple[str, ...] = ()) -> Trainer:
+    trainer = Trainer(config, workdir, data_dir, only)
     trainer.run(stop_after)
     return trainer
 
@@ -441,7 +470,7 @@ def load_trained(workdir, stage: str | None = None, overrides=()):
         raise JaxbratsError(f"{workdir}: not a jaxbrats run (no config.json); train with `jaxbrats train --workdir {workdir}`")
     config = load_config(workdir / "config.json", overrides)
     method = get_method(config.method_name)(config)
-    stages = [stage] if stage else list(reversed(method.stages))
+    stages = [stage] if stage else [s for s in reversed(method.stages) if method.can_predict(s)]
     for name in stages:
         manager = checkpoint_manager(workdir, name, create=False) if (workdir / "checkpoints" / name).exists() else None
         if manager is None or manager.latest_step() is None:

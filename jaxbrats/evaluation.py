@@ -3,7 +3,8 @@
 For each case the program takes the padded image, labels and valid mask and
 maps over the 15 subset masks of `modalities.SUBSET_MASKS` with `lax.map`
 (the mask is data, so the 15 subsets share one trace): the method's
-`predict` fills the missing modalities its own way, sliding-window
+`fill` and `predict` fill the missing modalities its own way (`fill` sees
+the whole case and its unpadded extent, data too), sliding-window
 inference gives region probabilities, thresholds give nested labels
 (`labels.labels_from_regions`, optional ET post-processing), and Dice
 counts per region are computed on the device. Every case is padded to one
@@ -64,8 +65,13 @@ def postprocess_et(labels, min_voxels: int, xp=jnp):
     return xp.where(small & (labels == ENHANCING), NECROSIS, labels).astype(labels.dtype)
 
 
-def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None):
-    """Internal labels (D, H, W) of one volume (D, H, W, 4) seen through `modality_mask`."""
+def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None, case_shape=None):
+    """Internal labels (D, H, W) of one volume (D, H, W, 4) seen through `modality_mask`.
+
+    `case_shape` is the extent of the case in a padded `image` (default: all of it).
+    """
+    case_shape = jnp.asarray(image.shape[:3] if case_shape is None else case_shape, jnp.int32)
+    image = method.fill(models, image, modality_mask, case_shape)
     probs = sliding_window(lambda x: method.predict(models, x, modality_mask), image, sliding_config(cfg), len(REGIONS))
     regions = probs > cfg.threshold
     if valid is not None:
@@ -75,11 +81,11 @@ def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None):
 
 
 def subset_evaluator(method, graphdefs: dict, cfg: EvalConfig):
-    """``(models_state, image, labels, valid, mask) -> (Dice counts (3, 3), labels)`` for one subset."""
+    """``(models_state, image, labels, valid, mask, case_shape) -> (Dice counts (3, 3), labels)`` for one subset."""
 
-    def evaluate_subset(models_state, image, labels, valid, mask):
+    def evaluate_subset(models_state, image, labels, valid, mask, case_shape=None):
         models = {n: nnx.merge(g, models_state[n]) for n, g in graphdefs.items()}
-        predicted = segment(method, models, image, mask, cfg, valid)
+        predicted = segment(method, models, image, mask, cfg, valid, case_shape)
         return dice_counts(regions_of(predicted, xp=jnp), regions_of(labels, xp=jnp)), predicted
 
     return evaluate_subset
@@ -91,9 +97,9 @@ def make_case_program(method, graphdefs: dict, cfg: EvalConfig):
     masks = jnp.asarray(SUBSET_MASKS)
 
     @jax.jit
-    def program(models_state, image, labels, valid):
+    def program(models_state, image, labels, valid, case_shape=None):
         program.traces += 1
-        return lax.map(lambda mask: evaluate_subset(models_state, image, labels, valid, mask), masks)
+        return lax.map(lambda mask: evaluate_subset(models_state, image, labels, valid, mask, case_shape), masks)
 
     program.traces = 0
     return program
@@ -198,7 +204,7 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
         image = _pad(np.asarray(arrays["image"]), bucket)
         labels = _pad(np.asarray(arrays["label"]), bucket)
         valid = _pad(np.ones(shape, bool), bucket)
-        counts, predicted = jax.device_get(program(models_state, image, labels, valid))
+        counts, predicted = jax.device_get(program(models_state, image, labels, valid, np.asarray(shape, np.int32)))
         predicted = predicted[:, : shape[0], : shape[1], : shape[2]]
         dice = dice_from_counts(counts)
         hd = hd95_table(predicted, np.asarray(arrays["label"]), canonical_spacing(manifest["original_affine"]), cfg.hd95_empty) if cfg.hd95 else np.full(dice.shape, np.nan)

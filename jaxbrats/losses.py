@@ -7,6 +7,8 @@ Two output conventions, both scored on the nested regions WT, TC, ET:
 - label outputs: softmax over the 4 internal labels, loss weighted
   cross-entropy + soft Dice over the foreground labels (RIRN, ACDIS).
 
+and `masked_mse` for image reconstruction (M3AE's pretraining).
+
 Every loss takes `valid` (N, D, H, W) bool: False voxels (crop padding)
 contribute nothing. Soft Dice is computed per sample and channel,
 ``1 - (2 sum(p g) + smooth) / (sum(p) + sum(g) + smooth)``, then averaged;
@@ -68,3 +70,10 @@ def segmentation_loss(output: str, logits, labels, valid, **options):
     if output == "regions":
         return region_loss(logits, labels, valid, **options)
     return label_loss(logits, labels, valid, **options)
+
+
+def masked_mse(prediction, target, weight):
+    """Mean squared error over the voxels (and channels) where `weight` (broadcastable) is True."""
+    w = jnp.broadcast_to(weight, target.shape).astype(jnp.float32)
+    error = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
+    return jnp.sum(error * w) / jnp.maximum(jnp.sum(w), 1.0)

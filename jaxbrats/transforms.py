@@ -16,7 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+import numpy as np
 
 from jaxbrats.modalities import NUM_MODALITIES
 
@@ -61,10 +61,24 @@ def read_window(volume, start, flipped, size):
     ``start`` is in the volume's frame (e.g. ``crop_start + case_origin``);
     ``flipped`` (3,) bool flips the window along each axis, as the pipeline
     flipped the image crop, so voxel for voxel the window lines up with it.
+    One gather per axis: no padded copy of the (large) volume, and the
+    gradient is a scatter-add into the read voxels only.
     """
-    size = tuple(size)
-    padded = jnp.pad(volume, [(s, s) for s in size] + [(0, 0)])
-    window = lax.dynamic_slice(padded, tuple(jnp.asarray(start) + jnp.asarray(size)) + (0,), size + (volume.shape[-1],))
-    for axis in range(3):
-        window = jnp.where(flipped[axis], jnp.flip(window, axis), window)
-    return window
+    window, inside = volume, jnp.ones((1, 1, 1, 1), bool)
+    for axis, n in enumerate(size):
+        offsets = jnp.where(flipped[axis], jnp.arange(n - 1, -1, -1), jnp.arange(n))
+        index = jnp.asarray(start[axis]) + offsets
+        ok = (index >= 0) & (index < volume.shape[axis])
+        window = jnp.take(window, jnp.clip(index, 0, volume.shape[axis] - 1), axis=axis)
+        inside = inside & ok.reshape([n if a == axis else 1 for a in range(4)])
+    return jnp.where(inside, window, jnp.zeros((), window.dtype))
+
+
+def place_centred(case, volume_shape):
+    """Numpy: `case` (D, H, W, C) put into a zero volume of `volume_shape` in `case_origin`'s frame."""
+    out = np.zeros(tuple(volume_shape) + case.shape[3:], case.dtype)
+    origin = [(v - c) // 2 for v, c in zip(volume_shape, case.shape)]
+    dst = tuple(slice(max(o, 0), max(o, 0) + min(c, v)) for o, c, v in zip(origin, case.shape, volume_shape))
+    src = tuple(slice(max(-o, 0), max(-o, 0) + min(c, v)) for o, c, v in zip(origin, case.shape, volume_shape))
+    out[dst] = case[src]
+    return out

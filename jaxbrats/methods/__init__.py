@@ -5,8 +5,9 @@ from __future__ import annotations
 from jaxbrats.config import ConfigError
 from jaxbrats.methods.base import Method, Update
 from jaxbrats.methods.baseline import Baseline
+from jaxbrats.methods.m3ae import M3AE
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Baseline,)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Baseline, M3AE)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -15,9 +15,15 @@ discriminator; a learned substitute image) and runs one or more stages
 - `carry(stage, fresh, previous)`: how a stage starts from the previous
   stage's models (default: copy every variable whose path and shape match).
 
-and for inference `predict(models, image, modality_mask)`: region
-probabilities (..., 3) in `labels.REGIONS` order for an image with only the
-masked modalities present; the method decides how missing inputs are filled.
+and for inference `fill(models, image, modality_mask, case_shape)` on the
+whole (padded) case before sliding windows are cut from it (M3AE reads its
+substitute image here, in the frame it was trained in), then
+`predict(models, window, modality_mask)`: region probabilities (..., 3) in
+`labels.REGIONS` order; the method decides how missing inputs are filled.
+Optional hooks: `setup(train_set)` sees the training cases before the first
+stage (M3AE's mean-image ablation), `on_stage_end(stage, models, workdir)`
+writes what a finished stage learned (M3AE's substitute image), and
+`can_predict(stage)` says which stages' models segment.
 The engine (`jaxbrats.engine`) does the rest: jit, sharding, optimisers,
 checkpoints, logging; `jaxbrats.evaluation` scores `predict` on all 15 subsets.
 """
@@ -96,8 +102,22 @@ class Method:
         """Overrides of `data.pipeline.PipelineConfig` for this stage."""
         return {"dropout": "uniform", "instantiations": 1}
 
+    def fill(self, models: Models, image, modality_mask, case_shape):
+        """The whole case (D, H, W, 4) as `predict` should see it; `case_shape` is its unpadded extent."""
+        return image
+
     def predict(self, models: Models, image, modality_mask):
         raise NotImplementedError
+
+    def can_predict(self, stage: str) -> bool:
+        """Whether the models of `stage` segment (M3AE's pretraining only reconstructs)."""
+        return True
+
+    def setup(self, train_set) -> None:
+        """Called with the training `CacheDataset` before the first stage."""
+
+    def on_stage_end(self, stage: str, models: dict[str, nnx.State], workdir) -> None:
+        """Called once when `stage` has run its last step."""
 
     def carry(self, stage: str, fresh: dict[str, nnx.State], previous: dict[str, nnx.State]) -> dict[str, nnx.State]:
         """Start `stage` from the previous stage: variables with equal path and shape are copied."""

@@ -1,0 +1,283 @@
+"""M3AE (Liu et al., AAAI 2023; METHODS.md section 3): one U-Net, two stages.
+
+``pretrain``: multimodal masked autoencoding with model inversion. The
+pipeline drops k ~ U{0..3} whole modalities (``drop_k``); inside the step,
+16^3 patches of the remaining modalities are hidden so that `mask_ratio` of
+all patches (over the 4 modalities) is masked, drawn from the step's key.
+Every hidden voxel is replaced by the learned substitute image x_sub at the
+same place, and the U-Net with a 4-channel regression head reconstructs the
+whole image: loss = MSE + gamma * R(x_sub). x_sub is a parameter of the
+size of a padded full volume, with its own learning rate (optimiser key
+``model_lr = {x_sub = ...}``).
+
+``finetune``: a fresh segmentation head (3 sigmoid regions, deep supervision
+at 1, 1/2, 1/4), x_sub frozen. Each subject is seen as two independent
+missing-modality instantiations, missing channels filled from x_sub:
+loss = sum_i (Dice + BCE over the three scales) + lambda * MSE(f0, f1).
+
+One coordinate frame for x_sub (the public code reads training crops in
+original-volume coordinates but test volumes in cropped coordinates): a
+cached case is centred in x_sub (`transforms.case_origin`); a training crop
+reads x_sub at ``crop_start + case_origin`` with the crop's flips, and
+inference reads the window of the whole case at ``case_origin``.
+
+Where the paper and the public code differ, the paper is the default:
+
+===================  ============================  ==================================
+option               paper (default)               public code (option)
+===================  ============================  ==================================
+substitute_penalty   "mean_square": an L2 penalty  "centered_norm": the unsquared
+                     on x_sub, mean(x_sub^2) (per  norm of x_sub minus its
+                     voxel, on the MSE's scale)    per-channel mean
+consistency_feature  "bottleneck": the deepest     "deep_quarter": the upsampled
+                     encoder features              1/4-scale deep-supervision logits
+===================  ============================  ==================================
+
+Ablations of the paper's Table 3: ``patch_masking = false`` (modality
+dropout only, row b), ``fill = "zero"`` (row c) or ``"mean"`` (the mean
+image of the training cases in the same frame, row d), and
+``consistency_weight = 0`` (no self-distillation, row e).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxbrats.config import ConfigError
+from jaxbrats.labels import REGIONS
+from jaxbrats.losses import masked_mse, segmentation_loss
+from jaxbrats.methods.base import Method, Update
+from jaxbrats.methods.baseline import probabilities, unet_config
+from jaxbrats.modalities import MODALITIES, NUM_MODALITIES, drop_modalities
+from jaxbrats.networks.unet import UNet
+from jaxbrats.transforms import case_origin, patch_grid, patch_mask_to_voxels, place_centred, read_window, visible_patches
+
+FILLS = ("x_sub", "zero", "mean")
+PENALTIES = ("mean_square", "centered_norm")
+FEATURES = ("bottleneck", "deep_quarter")
+
+
+@dataclasses.dataclass(frozen=True)
+class M3AEOptions:
+    mask_ratio: float = 0.875  # share of all patches (4 modalities) hidden in pretraining
+    patch_size: int = 16
+    patch_masking: bool = True  # false: modality dropout only (Table 3 b)
+    fill: str = "x_sub"  # x_sub (model inversion) | zero | mean (Table 3 c, d)
+    #: x_sub's spatial shape: a padded full volume in the cache's (brain-cropped, RAS+) frame.
+    substitute_shape: tuple[int, int, int] = (240, 240, 160)
+    substitute_init_std: float = 1.0  # x_sub starts as Gaussian noise
+    substitute_penalty: str = "mean_square"  # paper's L2 | centered_norm (public code)
+    substitute_weight: float = 0.005  # gamma
+    consistency_weight: float = 0.1  # lambda; 0 turns self-distillation off (Table 3 e)
+    consistency_feature: str = "bottleneck"  # paper | deep_quarter (public code)
+
+    def validate(self, where: str) -> None:
+        for name, value, allowed in (("fill", self.fill, FILLS), ("substitute_penalty", self.substitute_penalty, PENALTIES),
+                                     ("consistency_feature", self.consistency_feature, FEATURES)):
+            if value not in allowed:
+                raise ConfigError(f"{where}.{name} must be one of {list(allowed)}, got {value!r}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"{where}.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.patch_size < 1 or min(self.substitute_shape) < 1:
+            raise ConfigError(f"{where}: patch_size and substitute_shape must be positive")
+        if self.substitute_weight < 0 or self.consistency_weight < 0:
+            raise ConfigError(f"{where}: substitute_weight and consistency_weight must be >= 0")
+
+
+class SubstituteImage(nnx.Module):
+    """A learned full-modal image (S0, S1, S2, 4), channels-last like the data."""
+
+    def __init__(self, shape, std: float, rngs: nnx.Rngs, value=None):
+        if value is None:
+            value = std * jax.random.normal(rngs.params(), tuple(shape) + (NUM_MODALITIES,), jnp.float32)
+        self.image = nnx.Param(jnp.asarray(value, jnp.float32))
+
+
+def substitute_penalty(x_sub, kind: str):
+    """R(x_sub). "mean_square": mean(x^2); "centered_norm": ||x - per-channel mean||_2."""
+    if kind == "mean_square":
+        return jnp.mean(jnp.square(x_sub))
+    centred = x_sub - jnp.mean(x_sub, axis=(0, 1, 2), keepdims=True)
+    return jnp.sqrt(jnp.sum(jnp.square(centred)))
+
+
+def mean_image(dataset, shape) -> np.ndarray:
+    """Voxel-wise mean of the cases, each centred in `shape`; a modality averages over the cases that have it."""
+    total = np.zeros(tuple(shape) + (NUM_MODALITIES,), np.float64)
+    count = np.zeros(NUM_MODALITIES)
+    for i in range(len(dataset)):
+        present = np.asarray([m in dataset.manifests[i]["present"] for m in MODALITIES])
+        total += place_centred(np.asarray(dataset.arrays(i)["image"], np.float32), shape) * present
+        count += present
+    return (total / np.maximum(count, 1)).astype(np.float32)
+
+
+class M3AE(Method):
+    name = "m3ae"
+    Options = M3AEOptions
+    stages = ("pretrain", "finetune")
+    instantiations = 2  # fine-tuning: two missing-modality views of each subject
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.train_set = None
+        self._mean = None
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        options = cls.parse_options(config)
+        if options.patch_masking:
+            try:
+                patch_grid(config.data.crop_size, options.patch_size)
+            except ValueError as e:
+                raise ConfigError(f"method.patch_size: {e}") from None
+
+    # --- models -----------------------------------------------------------------------
+    def init_models(self, stage, rngs):
+        pretrain = stage == "pretrain"
+        unet = UNet(unet_config(self.config, NUM_MODALITIES if pretrain else len(REGIONS), deep_supervision=not pretrain), rngs)
+        models = {"unet": unet}
+        if self.options.fill != "zero":
+            value = self.mean() if self.options.fill == "mean" else None
+            models["x_sub"] = SubstituteImage(self.options.substitute_shape, self.options.substitute_init_std, rngs, value)
+        return models
+
+    def setup(self, train_set) -> None:
+        self.train_set = train_set
+
+    def mean(self):
+        """The mean-image fill; zeros when no training set is bound (a template to restore into)."""
+        if self.train_set is None:
+            return jnp.zeros(tuple(self.options.substitute_shape) + (NUM_MODALITIES,))
+        if self._mean is None:
+            self._mean = mean_image(self.train_set, self.options.substitute_shape)
+        return self._mean
+
+    def pipeline(self, stage):
+        return {"dropout": "drop_k", "instantiations": 1 if stage == "pretrain" else self.instantiations}
+
+    def updates(self, stage):
+        if stage == "pretrain":
+            trainable = {"unet": nnx.Param}
+            if self.options.fill == "x_sub":
+                trainable["x_sub"] = nnx.Param  # model inversion: x_sub learns from the same loss
+            return [Update(group="model", trainable=trainable, loss=self.pretrain_loss)]
+        return [Update(group="model", trainable={"unet": nnx.Param}, loss=self.finetune_loss)]
+
+    def can_predict(self, stage):
+        return stage == "finetune"
+
+    # --- filling --------------------------------------------------------------------------
+    def substitute(self, models, batch):
+        """x_sub under each crop of the batch (B, *crop, 4); zeros for the zero fill."""
+        image = batch["image"]
+        if "x_sub" not in models:
+            return jnp.zeros_like(image)
+        x_sub = models["x_sub"].image[...]
+        origin = case_origin(batch["case_shape"], x_sub.shape[:3])
+        read = jax.vmap(lambda start, flipped: read_window(x_sub, start, flipped, image.shape[1:4]))
+        return read(batch["crop_start"] + origin, batch["flipped"]).astype(image.dtype)
+
+    def visible(self, key, modality_mask, crop):
+        """(B, *crop, 4) bool: voxels kept in pretraining (kept modalities, visible patches)."""
+        if not self.options.patch_masking:
+            return jnp.broadcast_to(modality_mask[:, None, None, None, :], (modality_mask.shape[0], *crop, NUM_MODALITIES))
+        grid = patch_grid(crop, self.options.patch_size)
+        keys = jax.random.split(key, modality_mask.shape[0])
+        patches = jax.vmap(lambda k, m: visible_patches(k, m, grid, 1.0 - self.options.mask_ratio))(keys, modality_mask)
+        return jax.vmap(lambda p: patch_mask_to_voxels(p, self.options.patch_size))(patches)
+
+    def fill(self, models, image, modality_mask, case_shape):
+        if "x_sub" not in models:
+            return drop_modalities(image, modality_mask)
+        x_sub = models["x_sub"].image[...]
+        window = read_window(x_sub, case_origin(case_shape, x_sub.shape[:3]), jnp.zeros(3, bool), image.shape[:3])
+        return drop_modalities(image, modality_mask, window.astype(image.dtype))
+
+    # --- losses -----------------------------------------------------------------------------
+    def pretrain_loss(self, models, batch, key):
+        image = batch["image"]
+        keep = self.visible(key, batch["modality_mask"][:, 0], image.shape[1:4])
+        masked = jnp.where(keep, image, self.substitute(models, batch))
+        reconstruction = models["unet"](masked)["logits"]
+        # The target is the whole image: every real modality, visible or not (padding and absent modalities excluded).
+        weight = batch["valid"][..., None] & batch["present"][:, None, None, None, :]
+        mse = masked_mse(reconstruction, image, weight)
+        parts = {"mse": mse, "visible_fraction": jnp.mean(keep.astype(jnp.float32))}
+        if "x_sub" not in models or self.options.fill != "x_sub":
+            return mse, parts
+        penalty = self.options.substitute_weight * substitute_penalty(models["x_sub"].image[...], self.options.substitute_penalty)
+        return mse + penalty, {**parts, "x_sub_penalty": penalty}
+
+    def finetune_loss(self, models, batch, key):
+        image, masks = batch["image"], batch["modality_mask"]
+        substitute = jax.lax.stop_gradient(self.substitute(models, batch))  # frozen in this stage
+        views = [drop_modalities(image, masks[:, i], substitute) for i in range(self.instantiations)]
+        out = models["unet"](jnp.concatenate(views, axis=0), dropout_key=key)
+        n = image.shape[0]
+        seg, parts = 0.0, {}
+        for i in range(self.instantiations):
+            view = slice(i * n, (i + 1) * n)
+            for scale, logits in zip(("1", "1/4", "1/2"), [out["logits"], *out["deep"]]):
+                loss, terms = segmentation_loss("regions", logits[view], batch["label"], batch["valid"])
+                seg = seg + loss
+                if scale == "1" and i == 0:
+                    parts.update(terms)
+        feature = out["encoder"][-1] if self.options.consistency_feature == "bottleneck" else out["deep"][0]
+        feature = feature.astype(jnp.float32)
+        consistency = jnp.mean(jnp.square(feature[:n] - feature[n:]))
+        total = seg + self.options.consistency_weight * consistency
+        return total, {**parts, "seg_loss": seg, "consistency": consistency}
+
+    # --- inference and outputs -------------------------------------------------------------
+    def predict(self, models, image, modality_mask):
+        # `fill` has already put x_sub (or zeros) into the missing channels of the whole case.
+        return probabilities("regions", models["unet"](image)["logits"])
+
+    def on_stage_end(self, stage, models, workdir):
+        if stage == "pretrain" and "x_sub" in models:
+            save_substitute(np.asarray(jax.device_get(models["x_sub"]["image"][...])), Path(workdir) / "substitute")
+
+
+def save_substitute(x_sub: np.ndarray, out_dir: Path) -> list[Path]:
+    """x_sub as a 4-channel NIfTI (1 mm, RAS+: the cache's frame) and a PNG of mid slices per modality."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nifti, png = out_dir / "x_sub.nii.gz", out_dir / "x_sub.png"
+    partial = out_dir / ".partial-x_sub.nii.gz"  # renamed into place: never a half-written file under the real name
+    nib.save(nib.Nifti1Image(x_sub.astype(np.float32), np.eye(4)), str(partial))
+    os.replace(partial, nifti)
+    centre = [s // 2 for s in x_sub.shape[:3]]
+    views = (("sagittal", lambda v: v[centre[0]]), ("coronal", lambda v: v[:, centre[1]]), ("axial", lambda v: v[:, :, centre[2]]))
+    fig, axes = plt.subplots(NUM_MODALITIES, 3, figsize=(7.5, 2.4 * NUM_MODALITIES), squeeze=False)
+    for row, modality in enumerate(MODALITIES):
+        channel = x_sub[..., row]
+        lo, hi = np.percentile(channel, [1, 99])
+        for col, (view, cut) in enumerate(views):
+            ax = axes[row, col]
+            ax.imshow(np.rot90(cut(channel)), cmap="gray", vmin=lo, vmax=hi)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(view)
+            if col == 0:
+                ax.set_ylabel(modality)
+    fig.suptitle("M3AE substitute image x_sub (mid slices)")
+    fig.tight_layout()
+    fig.savefig(out_dir / ".partial-x_sub.png", dpi=100)
+    plt.close(fig)
+    os.replace(out_dir / ".partial-x_sub.png", png)
+    return [nifti, png]
