@@ -302,8 +302,8 @@ class Trainer:
         self.method.setup(train_set)
         resume = {}
         for stage in self.method.stages:
-            manager = checkpoint_manager(self.workdir, stage, self.config.train.keep_checkpoints)
-            resume[stage] = manager.latest_step() or 0
+            exists = (self.workdir / "checkpoints" / stage).exists()
+            resume[stage] = (checkpoint_manager(self.workdir, stage, create=False).latest_step() or 0) if exists else 0
         self.log = MetricsLog(self.workdir, resume)
         try:
             previous = None

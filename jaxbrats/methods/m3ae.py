@@ -113,7 +113,7 @@ def mean_image(dataset, shape) -> np.ndarray:
     total = np.zeros(tuple(shape) + (NUM_MODALITIES,), np.float64)
     count = np.zeros(NUM_MODALITIES)
     for i in range(len(dataset)):
-        present = np.asarray([m in dataset.manifests[i]["present"] for m in MODALITIES])
+        present = np.asarray(dataset.manifests[i]["present"], bool)  # per modality, in MODALITIES order
         total += place_centred(np.asarray(dataset.arrays(i)["image"], np.float32), shape) * present
         count += present
     return (total / np.maximum(count, 1)).astype(np.float32)

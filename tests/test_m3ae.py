@@ -1,0 +1,291 @@
+"""M3AE: masking, the substitute image's frame, gradients, losses, both stages through the engine."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import optax
+import pytest
+
+from jaxbrats import engine
+from jaxbrats.config import ConfigError, load_config
+from jaxbrats.data.cache import CacheDataset
+from jaxbrats.errors import JaxbratsError
+from jaxbrats.evaluation import evaluate
+from jaxbrats.losses import masked_mse
+from jaxbrats.methods import get_method
+from jaxbrats.methods.m3ae import mean_image, substitute_penalty
+from jaxbrats.modalities import SUBSETS
+from jaxbrats.transforms import place_centred
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "m3ae_phantom.toml"
+
+#: The phantom config shrunk to the test phantom (24^3 cases): 16^3 crops, 8^3 patches, a few steps.
+TINY = [
+    "model.widths=[8,8,8,8]", "data.crop_size=[16,16,16]", "data.split_ratios=[0.67,0.0,0.33]",
+    "method.substitute_shape=[24,24,24]", "stages.pretrain.steps=3", "stages.finetune.steps=4",
+    "stages.pretrain.optimizers.model.warmup_steps=0", "stages.finetune.optimizers.model.warmup_steps=0",
+    "train.log_every=1", "train.checkpoint_every=2", "train.progress=false",
+    "eval.window=[16,16,16]", "eval.bucket_multiple=8", "eval.hd95=false",
+]
+
+
+def tiny(*extra):
+    return load_config(CONFIG, TINY + list(extra))
+
+
+def batch_of(case_shape, crop=(16, 16, 16), b=2, k=1, seed=0):
+    rng = np.random.default_rng(seed)
+    masks = rng.random((b, k, 4)) < 0.6
+    masks[..., 0] = True
+    return {
+        "image": jnp.asarray(rng.normal(size=(b, *crop, 4)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 4, (b, *crop)), jnp.uint8),
+        "valid": jnp.ones((b, *crop), bool),
+        "present": jnp.ones((b, 4), bool),
+        "modality_mask": jnp.asarray(masks),
+        "crop_start": jnp.asarray(rng.integers(-4, 12, (b, 3)), jnp.int32),
+        "flipped": jnp.asarray(rng.random((b, 3)) < 0.5),
+        "case_shape": jnp.asarray(np.tile(case_shape, (b, 1)), jnp.int32),
+    }
+
+
+def models_of(method, stage, seed=0):
+    from flax import nnx
+
+    return method.init_models(stage, nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def method():
+    return get_method("m3ae")(tiny())
+
+
+# --- masking and the substitute image's frame --------------------------------------------
+
+def test_exactly_the_mask_ratio_of_patches_is_hidden_on_the_patch_grid(method):
+    masks = jnp.asarray([[1, 1, 1, 1], [1, 0, 0, 0], [0, 1, 0, 1]], bool)
+    keep = np.asarray(method.visible(jax.random.PRNGKey(3), masks, (16, 16, 16)))
+    patches = keep.reshape(3, 2, 8, 2, 8, 2, 8, 4)
+    # constant inside each 8^3 patch
+    assert (patches == patches[:, :, :1, :, :1, :, :1, :]).all()
+    grid = patches[:, :, 0, :, 0, :, 0, :]
+    total = 2 * 2 * 2 * 4
+    for i, m in enumerate(np.asarray(masks)):
+        assert grid[i].sum() == round(0.125 * total)  # 4 of 32 patches visible, 87.5 % hidden
+        assert not grid[i][..., ~m].any()  # none in a dropped modality
+
+
+def test_without_patch_masking_only_whole_modalities_are_hidden():
+    method = get_method("m3ae")(tiny("method.patch_masking=false"))
+    masks = jnp.asarray([[1, 0, 1, 0]], bool)
+    keep = np.asarray(method.visible(jax.random.PRNGKey(0), masks, (16, 16, 16)))
+    assert keep[..., [0, 2]].all() and not keep[..., [1, 3]].any()
+
+
+def test_patch_size_must_tile_the_crop():
+    with pytest.raises(ConfigError, match="method.patch_size: crop"):
+        tiny("method.patch_size=5")
+
+
+def numpy_window(x_sub, start, flipped, size):
+    """Reference: voxel by voxel, zeros outside x_sub, then the crop's flips."""
+    out = np.zeros(tuple(size) + (x_sub.shape[-1],), x_sub.dtype)
+    for i in range(size[0]):
+        for j in range(size[1]):
+            for k in range(size[2]):
+                p = np.asarray(start) + (i, j, k)
+                if (p >= 0).all() and (p < x_sub.shape[:3]).all():
+                    out[i, j, k] = x_sub[tuple(p)]
+    for axis in range(3):
+        if flipped[axis]:
+            out = np.flip(out, axis)
+    return out
+
+
+def test_training_fill_reads_x_sub_where_the_crop_came_from(method):
+    models = models_of(method, "pretrain")
+    x_sub = np.asarray(models["x_sub"].image[...])
+    case_shape = np.asarray([20, 18, 22])
+    batch = batch_of(case_shape)
+    read = np.asarray(method.substitute(models, batch))
+    origin = (np.asarray(x_sub.shape[:3]) - case_shape) // 2  # the case centred in x_sub
+    for b in range(2):
+        expected = numpy_window(x_sub, np.asarray(batch["crop_start"][b]) + origin, np.asarray(batch["flipped"][b]), (16, 16, 16))
+        np.testing.assert_array_equal(read[b], expected)
+
+
+def test_inference_fill_uses_the_training_frame(method):
+    """The whole case filled at inference, cropped where a training crop was, equals the training fill."""
+    models = models_of(method, "pretrain")
+    case_shape = np.asarray([20, 18, 22])
+    bucket = (24, 24, 24)  # evaluation pads at the end
+    image = jnp.asarray(np.random.default_rng(1).normal(size=bucket + (4,)), jnp.float32)
+    keep = jnp.asarray([True, False, True, False])
+    filled = np.asarray(method.fill(models, image, keep, jnp.asarray(case_shape)))
+    np.testing.assert_array_equal(filled[..., [0, 2]], np.asarray(image)[..., [0, 2]])
+    batch = batch_of(case_shape, b=1)
+    batch["crop_start"] = jnp.asarray([[2, 1, 3]], jnp.int32)
+    batch["flipped"] = jnp.zeros((1, 3), bool)
+    crop = np.asarray(method.substitute(models, batch))[0]
+    np.testing.assert_array_equal(filled[2:18, 1:17, 3:19][..., [1, 3]], crop[..., [1, 3]])
+
+
+def test_zero_fill_has_no_substitute():
+    method = get_method("m3ae")(tiny("method.fill='zero'", "stages.pretrain.optimizers.model.model_lr={}"))
+    models = models_of(method, "finetune")
+    assert "x_sub" not in models
+    image = jnp.ones((16, 16, 16, 4))
+    filled = method.fill(models, image, jnp.asarray([True, False, False, True]), jnp.asarray([16, 16, 16]))
+    np.testing.assert_array_equal(np.asarray(filled)[0, 0, 0], [1, 0, 0, 1])
+
+
+def test_model_lr_for_an_untrained_x_sub_is_refused():
+    method = get_method("m3ae")(tiny("method.fill='zero'"))
+    with pytest.raises(ConfigError, match="model_lr: x_sub not trained"):
+        engine.stage_optimizers(method, "pretrain", 10)
+
+
+def test_mean_image_centres_each_case_and_averages_present_modalities(phantom_cache):
+    dataset = CacheDataset(phantom_cache)
+    shape = (24, 24, 24)
+    expected = np.mean([place_centred(np.asarray(dataset.arrays(i)["image"]), shape) for i in range(len(dataset))], axis=0)
+    np.testing.assert_allclose(mean_image(dataset, shape), expected, rtol=1e-5, atol=1e-6)
+    case = np.arange(2 * 3 * 4 * 1, dtype=np.float32).reshape(2, 3, 4, 1)
+    placed = place_centred(case, (4, 3, 2))  # one axis larger, one equal, one smaller
+    np.testing.assert_array_equal(placed[1:3, :, :, 0], case[:, :, 1:3, 0])
+    assert placed[0].sum() == 0 and placed[3].sum() == 0
+
+
+# --- losses against numpy ------------------------------------------------------------------
+
+def test_losses_against_numpy():
+    rng = np.random.default_rng(0)
+    p, t = rng.normal(size=(2, 4, 4, 4, 4)), rng.normal(size=(2, 4, 4, 4, 4))
+    w = rng.random((2, 4, 4, 4, 1)) < 0.5
+    wb = np.broadcast_to(w, p.shape)
+    np.testing.assert_allclose(masked_mse(jnp.asarray(p), jnp.asarray(t), jnp.asarray(w)), ((p - t) ** 2)[wb].mean(), rtol=1e-5)
+    x = rng.normal(size=(5, 6, 7, 4)) + np.arange(4)
+    np.testing.assert_allclose(substitute_penalty(jnp.asarray(x), "mean_square"), (x ** 2).mean(), rtol=1e-5)
+    centred = x - x.reshape(-1, 4).mean(0)
+    np.testing.assert_allclose(substitute_penalty(jnp.asarray(x), "centered_norm"), np.sqrt((centred ** 2).sum()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("feature", ["bottleneck", "deep_quarter"])
+def test_consistency_is_zero_for_identical_instantiations_only(feature):
+    method = get_method("m3ae")(tiny(f"method.consistency_feature='{feature}'"))
+    models = models_of(method, "finetune")
+    batch = batch_of([20, 18, 22], b=1, k=2)
+    same = dict(batch, modality_mask=jnp.asarray([[[1, 0, 1, 0], [1, 0, 1, 0]]], bool))
+    _, parts = method.finetune_loss(models, same, jax.random.PRNGKey(0))
+    assert float(parts["consistency"]) == 0.0
+    other = dict(batch, modality_mask=jnp.asarray([[[1, 0, 1, 0], [0, 1, 0, 0]]], bool))
+    _, parts = method.finetune_loss(models, other, jax.random.PRNGKey(0))
+    assert float(parts["consistency"]) > 0.0
+
+
+# --- gradients -------------------------------------------------------------------------------
+
+def one_step(method, stage, batch):
+    optimizers = {"model": optax.adam(1e-2)}
+    graphdefs, state = engine.init_state(method, stage, 0, optimizers)
+    new, metrics = jax.jit(engine.make_train_step(method, stage, graphdefs, optimizers))(state, batch)
+    return state["models"], new["models"], metrics
+
+
+def changed(before, after):
+    return any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_x_sub_learns_in_pretraining_and_is_frozen_in_finetuning(method):
+    batch = batch_of([20, 18, 22], k=2)
+    before, after, metrics = one_step(method, "pretrain", dict(batch, modality_mask=batch["modality_mask"][:, :1]))
+    assert changed(before["x_sub"], after["x_sub"]) and changed(before["unet"], after["unet"])
+    assert float(metrics["visible_fraction"]) == pytest.approx(0.125)
+    before, after, _ = one_step(method, "finetune", batch)
+    assert not changed(before["x_sub"], after["x_sub"]) and changed(before["unet"], after["unet"])
+
+
+# --- both stages through the engine ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def m3ae_run(phantom_cache, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("m3ae")
+    trainer = engine.train(tiny(), workdir, phantom_cache)
+    return workdir, trainer
+
+
+def restored_models(workdir, stage):
+    method, _, models, _ = engine.load_trained(workdir, stage=stage)
+    return models
+
+
+def test_both_stages_run_and_hand_over(m3ae_run):
+    workdir, trainer = m3ae_run
+    assert [(s, n) for s, n, _ in trainer.losses] == [("pretrain", 1), ("pretrain", 2), ("pretrain", 3)] + [("finetune", n) for n in range(1, 5)]
+    assert trainer.compiled_steps["pretrain"].traces == 1 and trainer.compiled_steps["finetune"].traces == 1
+    pretrain, finetune = restored_models(workdir, "pretrain"), restored_models(workdir, "finetune")
+    np.testing.assert_array_equal(pretrain["x_sub"]["image"][...], finetune["x_sub"]["image"][...])  # carried, frozen
+    assert pretrain["unet"]["decoder"]["head"]["kernel"][...].shape[-1] == 4  # regression head
+    assert finetune["unet"]["decoder"]["head"]["kernel"][...].shape[-1] == 3  # fresh segmentation head
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {"mse", "x_sub_penalty"} <= set(next(r for r in rows if r["stage"] == "pretrain" and "loss" in r))
+    assert {"seg_loss", "consistency"} <= set(next(r for r in rows if r["stage"] == "finetune" and "loss" in r))
+
+
+def test_x_sub_is_saved_as_nifti_and_png(m3ae_run):
+    workdir, _ = m3ae_run
+    saved = nib.load(workdir / "substitute" / "x_sub.nii.gz").get_fdata()
+    np.testing.assert_allclose(saved, restored_models(workdir, "pretrain")["x_sub"]["image"][...], rtol=1e-6)
+    assert (workdir / "substitute" / "x_sub.png").stat().st_size > 1000
+
+
+def test_the_15_subset_table_comes_from_the_finetuned_model(m3ae_run, phantom_cache, tmp_path):
+    workdir, _ = m3ae_run
+    method, graphdefs, models, config = engine.load_trained(workdir)
+    assert models["unet"]["decoder"]["head"]["kernel"][...].shape[-1] == 3
+    summary = evaluate(method, graphdefs, models, CacheDataset(phantom_cache), config.eval, tmp_path, predictions="none", progress=False)
+    assert len(summary["subsets"]) == len(SUBSETS) == 15
+    assert json.loads((tmp_path / "eval_settings.json").read_text())["compilations"] == 1
+    assert (tmp_path / "summary.md").read_text().count("\n|") >= 16
+
+
+def test_finetuning_resumes_mid_way(m3ae_run, phantom_cache, tmp_path):
+    whole_dir, whole = m3ae_run
+    engine.train(tiny(), tmp_path, phantom_cache, stop_after=5)  # 3 pretrain + 2 finetune steps
+    rest = engine.train(tiny(), tmp_path, phantom_cache)
+    assert [(s, n) for s, n, _ in rest.losses] == [("finetune", 3), ("finetune", 4)]
+    np.testing.assert_allclose([l for *_, l in rest.losses], [l for *_, l in whole.losses[-2:]], rtol=1e-5)
+
+
+def test_one_stage_from_a_given_checkpoint(m3ae_run, phantom_cache, tmp_path):
+    source, _ = m3ae_run
+    with pytest.raises(JaxbratsError, match="stage finetune starts from stage pretrain"):
+        engine.train(tiny(), tmp_path / "alone", phantom_cache, only=("finetune",))
+    config = tiny(f"stages.finetune.init_from='{source / 'checkpoints' / 'pretrain'}'")
+    trainer = engine.train(config, tmp_path / "from", phantom_cache, only=("finetune",))
+    assert [s for s, _, _ in trainer.losses] == ["finetune"] * 4
+    assert not (tmp_path / "from" / "checkpoints" / "pretrain").exists()
+    np.testing.assert_array_equal(restored_models(tmp_path / "from", "finetune")["x_sub"]["image"][...],
+                                  restored_models(source, "pretrain")["x_sub"]["image"][...])
+    with pytest.raises(JaxbratsError, match="--stage warmup: not a stage of m3ae"):
+        engine.train(tiny(), tmp_path / "bad", phantom_cache, only=("warmup",))
+
+
+def test_mean_image_ablation_fills_from_the_training_cases(phantom_cache, tmp_path):
+    config = tiny("method.fill='mean'", "stages.pretrain.optimizers.model.model_lr={}", "stages.pretrain.steps=1", "stages.finetune.steps=1")
+    trainer = engine.train(config, tmp_path, phantom_cache)
+    assert [s for s, _, _ in trainer.losses] == ["pretrain", "finetune"]
+    expected = mean_image(trainer.method.train_set, (24, 24, 24))
+    for stage in ("pretrain", "finetune"):  # fixed in both stages
+        np.testing.assert_allclose(restored_models(tmp_path, stage)["x_sub"]["image"][...], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_self_distillation_off_leaves_the_segmentation_loss():
+    method = get_method("m3ae")(tiny("method.consistency_weight=0.0"))
+    batch = batch_of([20, 18, 22], b=1, k=2)
+    loss, parts = method.finetune_loss(models_of(method, "finetune"), batch, jax.random.PRNGKey(0))
+    assert float(parts["consistency"]) > 0 and float(loss) == pytest.approx(float(parts["seg_loss"]))
