@@ -261,12 +261,12 @@ class Trainer:
 
     def __init__(self, config: Config, workdir, data_dir=None, only: tuple[str, ...] = ()):
         self.config = config
-        unknown = sorted(set(only) - set(get_method(config.method_name).stages))
-        if unknown:
-            raise JaxbratsError(f"--stage {unknown[0]}: not a stage of {config.method_name} (its stages: {', '.join(get_method(config.method_name).stages)})")
-        self.only = tuple(only)  # run just these stages; the others are loaded from their checkpoints
         self.workdir = Path(workdir)
         self.method = get_method(config.method_name)(config)
+        unknown = sorted(set(only) - set(self.method.stages))
+        if unknown:
+            raise JaxbratsError(f"--stage {unknown[0]}: not a stage of {config.method_name} (its stages: {', '.join(self.method.stages)})")
+        self.only = tuple(only)  # run just these stages; earlier ones are loaded from their checkpoints
         self.cache = CacheDataset(data_dir or config.data.cache)
         self.mesh = make_mesh(config.train.data_parallel)
         self.compiled_steps = {}  # stage -> traced step function (its `.traces` counts compilations)
@@ -307,7 +307,8 @@ class Trainer:
         self.log = MetricsLog(self.workdir, resume)
         try:
             previous = None
-            for index, stage in enumerate(self.method.stages):
+            last = max(self.method.stages.index(s) for s in self.only) if self.only else len(self.method.stages) - 1
+            for index, stage in enumerate(self.method.stages[: last + 1]):
                 steps_per_epoch = max(len(train_set) // self.batch_size(stage), 1)
                 total = self.method.stage_length(self.config, stage, steps_per_epoch)
                 if self.only and stage not in self.only:
@@ -333,7 +334,7 @@ class Trainer:
         manager = checkpoint_manager(self.workdir, stage, create=False) if (self.workdir / "checkpoints" / stage).exists() else None
         if manager is None or manager.latest_step() is None:
             return previous
-        print(f"stage {stage}: not run now; its models come from step {manager.latest_step()}")
+        print(f"stage {stage}: not run now; its models come from its checkpoint at step {manager.latest_step()} of {total}")
         template = init_state(self.method, stage, 0, self.optimizers(stage, total))[1]
         return restore(manager, template)[0]["models"]
 

@@ -7,7 +7,9 @@
   substitute image x_sub), located with the batch's ``crop_start``,
   ``flipped`` and ``case_shape`` (data.pipeline), in one coordinate frame for
   training and inference: the case is centred in the volume
-  (`case_origin`), and inference reads the same frame.
+  (`case_origin`), and inference reads the same frame. `place_centred` is
+  the numpy counterpart that puts a whole case into that frame (M3AE's
+  mean-image ablation).
 """
 
 from __future__ import annotations

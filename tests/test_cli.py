@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +100,9 @@ def test_run_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nsead = 1\n")
     _one_line_error(_run("train", "--config", bad, "--workdir", tmp_path / "w"), "bad.toml", "unknown key(s) train.sead")
+    m3ae = Path(__file__).resolve().parents[1] / "configs" / "m3ae_phantom.toml"
+    _one_line_error(_run("train", "--config", m3ae, "--workdir", tmp_path / "w", "--set", "method.fill='paint'"), "m3ae_phantom.toml", "method.fill must be one of")
+    _one_line_error(_run("train", "--config", m3ae, "--workdir", tmp_path / "w", "--stage", "warmup"), "--stage warmup: not a stage of m3ae")
     _one_line_error(_run("eval", "--workdir", tmp_path / "nothing", "--data", tmp_path, "--out", tmp_path / "o"), "no config.json")
     (tmp_path / "empty_run").mkdir()
     (tmp_path / "empty_run" / "config.json").write_text("{}")
