@@ -334,7 +334,10 @@ class Trainer:
         manager = checkpoint_manager(self.workdir, stage, create=False) if (self.workdir / "checkpoints" / stage).exists() else None
         if manager is None or manager.latest_step() is None:
             return previous
-        print(f"stage {stage}: not run now; its models come from its checkpoint at step {manager.latest_step()} of {total}")
+        if manager.latest_step() < total:
+            raise JaxbratsError(f"stage {stage} stopped at step {manager.latest_step()} of {total} in {self.workdir}: "
+                                f"finish it first (train without --stage, or with --stage {stage})")
+        print(f"stage {stage}: not run now; its models come from its final checkpoint")
         template = init_state(self.method, stage, 0, self.optimizers(stage, total))[1]
         return restore(manager, template)[0]["models"]
 
@@ -377,7 +380,9 @@ class Trainer:
         if done is not None and done >= total:
             print(f"stage {stage}: complete ({done} steps), skipped")
             template = init_state(self.method, stage, 0, self.optimizers(stage, total))[1]
-            return restore(manager, template)[0]["models"]
+            models = restore(manager, template)[0]["models"]
+            self.method.on_stage_end(stage, models, self.workdir)  # idempotent: redone if a crash came before it
+            return models
         graphdefs, state, optimizers, iterator_state = self.stage_start(stage, index, total, previous, manager)
         state = replicate(state, self.mesh)
         step_fn = make_train_step(self.method, stage, graphdefs, optimizers)
@@ -479,4 +484,7 @@ def load_trained(workdir, stage: str | None = None, overrides=()):
         graphdefs, template = init_state(method, name, 0, stage_optimizers(method, name, 1))
         state, _ = restore(manager, template)
         return method, graphdefs, state["models"], config
+    if not stage and any((workdir / "checkpoints" / s).exists() for s in method.stages):
+        raise JaxbratsError(f"{workdir}: no checkpoint of a stage that segments ({', '.join(stages)}); "
+                            f"train it with `jaxbrats train --workdir {workdir}`")
     raise JaxbratsError(f"{workdir}: no checkpoint found (train first with `jaxbrats train --workdir {workdir}`)")

@@ -63,8 +63,8 @@ def read_window(volume, start, flipped, size):
     ``start`` is in the volume's frame (e.g. ``crop_start + case_origin``);
     ``flipped`` (3,) bool flips the window along each axis, as the pipeline
     flipped the image crop, so voxel for voxel the window lines up with it.
-    One gather per axis: no padded copy of the (large) volume, and the
-    gradient is a scatter-add into the read voxels only.
+    One gather per axis: no padded copy of the (large) volume; the gradient
+    is volume-sized, non-zero only at the voxels read.
     """
     window, inside = volume, jnp.ones((1, 1, 1, 1), bool)
     for axis, n in enumerate(size):

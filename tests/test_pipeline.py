@@ -142,3 +142,13 @@ def test_batch_locates_each_crop_in_its_case(phantom_cache):
             want = np.zeros(CROP, np.uint8)
             want[dst] = label[src]
             np.testing.assert_array_equal(batch["label"][b], want)
+
+
+def test_distinct_instantiations_differ_unless_the_case_cannot():
+    rng = np.random.default_rng(3)
+    pairs = [sample_modality_masks(rng, np.ones(4, bool), "drop_k", 2, distinct=True) for _ in range(500)]
+    assert all((a != b).any() for a, b in pairs)
+    independent = [sample_modality_masks(rng, np.ones(4, bool), "drop_k", 2) for _ in range(500)]
+    assert sum((a == b).all() for a, b in independent) > 10  # equal views happen without the option
+    only_flair = np.array([True, False, False, False])
+    np.testing.assert_array_equal(sample_modality_masks(rng, only_flair, "drop_k", 2, distinct=True), [only_flair, only_flair])

@@ -40,8 +40,8 @@ import dataclasses
 import hashlib
 
 import grain
-from absl import flags
 import numpy as np
+from absl import flags
 
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.modalities import NUM_MODALITIES, SUBSET_MASKS
@@ -66,8 +66,11 @@ class PipelineConfig:
     #: "uniform": uniform over the (available) 15 subsets; "drop_k": M3AE's drop k ~ U{0..n-1}
     #: of the n present modalities; "none": keep all present modalities.
     dropout: str = "uniform"
-    #: Independent missing-modality instantiations of each crop (2 for self-distillation).
+    #: Missing-modality instantiations of each crop (2 for self-distillation).
     instantiations: int = 1
+    #: Redraw an instantiation equal to an earlier one of the same crop (M3AE's "two different
+    #: missing-modal situations"), unless the case has fewer subsets than instantiations.
+    distinct: bool = False
     seed: int = 0
     #: Loader processes (0: in the main process) and batches each one prefetches.
     workers: int = 0
@@ -139,8 +142,19 @@ def crop_slices(start, shape, crop, flips) -> tuple[tuple[slice, ...], tuple[sli
     return tuple(src), tuple(dst)
 
 
-def sample_modality_masks(rng: np.random.Generator, present: np.ndarray, mode: str, k: int) -> np.ndarray:
-    """(k, 4) boolean masks, each a non-empty subset of the present modalities."""
+def sample_modality_masks(rng: np.random.Generator, present: np.ndarray, mode: str, k: int, distinct: bool = False) -> np.ndarray:
+    """(k, 4) boolean masks, each a non-empty subset of the present modalities; pairwise different if `distinct`."""
+    if distinct and mode != "none" and 2 ** int(present.sum()) - 1 >= k:
+        masks = [_draw_masks(rng, present, mode, 1)[0]]
+        while len(masks) < k:
+            mask = _draw_masks(rng, present, mode, 1)[0]
+            if not any((mask == m).all() for m in masks):
+                masks.append(mask)
+        return np.stack(masks)
+    return _draw_masks(rng, present, mode, k)
+
+
+def _draw_masks(rng: np.random.Generator, present: np.ndarray, mode: str, k: int) -> np.ndarray:
     if mode == "none":
         return np.repeat(present[None], k, axis=0)
     if mode == "uniform":
@@ -183,7 +197,7 @@ class RandomCropAugmentDropout(grain.transforms.RandomMap):
             out["label"][dst] = label[src]
         self._augment_intensity(out, rng)
         present = element["present"]
-        masks = sample_modality_masks(rng, present, cfg.dropout, cfg.instantiations)
+        masks = sample_modality_masks(rng, present, cfg.dropout, cfg.instantiations, cfg.distinct)
         out.update(modality_mask=masks, subset=subset_indices(masks), present=present, case_index=element["case_index"],
                    crop_start=start.astype(np.int32), flipped=flips, case_shape=np.asarray(shape, np.int32))
         return out

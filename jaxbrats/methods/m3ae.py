@@ -11,8 +11,9 @@ size of a padded full volume, with its own learning rate (optimiser key
 ``model_lr = {x_sub = ...}``).
 
 ``finetune``: a fresh segmentation head (3 sigmoid regions, deep supervision
-at 1, 1/2, 1/4), x_sub frozen. Each subject is seen as two independent
-missing-modality instantiations, missing channels filled from x_sub:
+at 1, 1/2, 1/4), x_sub frozen. Each subject is seen as two different
+missing-modality instantiations (drop 0-3 modalities each, redrawn while
+equal), missing channels filled from x_sub:
 loss = sum_i (Dice + BCE over the three scales) + lambda * MSE(f0, f1).
 
 One coordinate frame for x_sub (the public code reads training crops in
@@ -27,13 +28,24 @@ Where the paper and the public code differ, the paper is the default:
 option               paper (default)               public code (option)
 ===================  ============================  ==================================
 substitute_penalty   "mean_square": an L2 penalty  "centered_norm": the unsquared
-                     on x_sub, mean(x_sub^2) (per  norm of x_sub minus its
-                     voxel, on the MSE's scale)    per-channel mean
+                     on x_sub, mean(x_sub^2)       norm of x_sub minus its
+                                                   per-channel mean
 consistency_feature  "bottleneck": the deepest     "deep_quarter": the upsampled
                      encoder features              1/4-scale deep-supervision logits
+distinct_views       true: "two different          false: two independent draws
+                     missing-modal situations"     (equal views ~10 % of the time)
 ===================  ============================  ==================================
 
-Ablations of the paper's Table 3: ``patch_masking = false`` (modality
+The paper gives no form for its "small amount of L2 regularization"; the
+mean of squares puts it on the per-voxel scale of the MSE, so gamma = 0.005
+is small as the paper says (a sum over the 37 M values of a 240x240x160x4
+x_sub would dominate the loss and pull x_sub to zero). Being a mean over
+the whole volume, its pull on each voxel shrinks as `substitute_shape` grows.
+The backbone's upsampling (`model.upsample`) is trilinear in M3AE's
+supplement and nearest in the public code; the BraTS configs use trilinear.
+
+Ablations of the paper's Table 3: no pretraining (row a:
+``stages.pretrain.epochs = 0``), ``patch_masking = false`` (modality
 dropout only, row b), ``fill = "zero"`` (row c) or ``"mean"`` (the mean
 image of the training cases in the same frame, row d), and
 ``consistency_weight = 0`` (no self-distillation, row e).
@@ -57,7 +69,14 @@ from jaxbrats.methods.base import Method, Update
 from jaxbrats.methods.baseline import probabilities, unet_config
 from jaxbrats.modalities import MODALITIES, NUM_MODALITIES, drop_modalities
 from jaxbrats.networks.unet import UNet
-from jaxbrats.transforms import case_origin, patch_grid, patch_mask_to_voxels, place_centred, read_window, visible_patches
+from jaxbrats.transforms import (
+    case_origin,
+    patch_grid,
+    patch_mask_to_voxels,
+    place_centred,
+    read_window,
+    visible_patches,
+)
 
 FILLS = ("x_sub", "zero", "mean")
 PENALTIES = ("mean_square", "centered_norm")
@@ -77,6 +96,7 @@ class M3AEOptions:
     substitute_weight: float = 0.005  # gamma
     consistency_weight: float = 0.1  # lambda; 0 turns self-distillation off (Table 3 e)
     consistency_feature: str = "bottleneck"  # paper | deep_quarter (public code)
+    distinct_views: bool = True  # paper: the two fine-tuning views differ; false: independent draws
 
     def validate(self, where: str) -> None:
         for name, value, allowed in (("fill", self.fill, FILLS), ("substitute_penalty", self.substitute_penalty, PENALTIES),
@@ -123,7 +143,7 @@ class M3AE(Method):
     name = "m3ae"
     Options = M3AEOptions
     stages = ("pretrain", "finetune")
-    instantiations = 2  # fine-tuning: two missing-modality views of each subject
+    VIEWS = 2  # fine-tuning: a pair of missing-modality views of each subject (the consistency is pairwise)
 
     def __init__(self, config):
         super().__init__(config)
@@ -162,7 +182,9 @@ class M3AE(Method):
         return self._mean
 
     def pipeline(self, stage):
-        return {"dropout": "drop_k", "instantiations": 1 if stage == "pretrain" else self.instantiations}
+        if stage == "pretrain":
+            return {"dropout": "drop_k", "instantiations": 1}
+        return {"dropout": "drop_k", "instantiations": self.VIEWS, "distinct": self.options.distinct_views}
 
     def updates(self, stage):
         if stage == "pretrain":
@@ -205,9 +227,10 @@ class M3AE(Method):
     # --- losses -----------------------------------------------------------------------------
     def pretrain_loss(self, models, batch, key):
         image = batch["image"]
-        keep = self.visible(key, batch["modality_mask"][:, 0], image.shape[1:4])
+        mask_key, dropout_key = jax.random.split(key)
+        keep = self.visible(mask_key, batch["modality_mask"][:, 0], image.shape[1:4])
         masked = jnp.where(keep, image, self.substitute(models, batch))
-        reconstruction = models["unet"](masked)["logits"]
+        reconstruction = models["unet"](masked, dropout_key=dropout_key)["logits"]
         # The target is the whole image: every real modality, visible or not (padding and absent modalities excluded).
         weight = batch["valid"][..., None] & batch["present"][:, None, None, None, :]
         mse = masked_mse(reconstruction, image, weight)
@@ -220,17 +243,15 @@ class M3AE(Method):
     def finetune_loss(self, models, batch, key):
         image, masks = batch["image"], batch["modality_mask"]
         substitute = jax.lax.stop_gradient(self.substitute(models, batch))  # frozen in this stage
-        views = [drop_modalities(image, masks[:, i], substitute) for i in range(self.instantiations)]
+        views = [drop_modalities(image, masks[:, i], substitute) for i in range(self.VIEWS)]
         out = models["unet"](jnp.concatenate(views, axis=0), dropout_key=key)
         n = image.shape[0]
-        seg, parts = 0.0, {}
-        for i in range(self.instantiations):
-            view = slice(i * n, (i + 1) * n)
-            for scale, logits in zip(("1", "1/4", "1/2"), [out["logits"], *out["deep"]]):
-                loss, terms = segmentation_loss("regions", logits[view], batch["label"], batch["valid"])
+        seg, parts = 0.0, {"dice_loss": 0.0, "bce": 0.0}  # each summed over the views and the 3 scales
+        for i in range(self.VIEWS):
+            for logits in (out["logits"], *out["deep"]):
+                loss, terms = segmentation_loss("regions", logits[i * n:(i + 1) * n], batch["label"], batch["valid"])
                 seg = seg + loss
-                if scale == "1" and i == 0:
-                    parts.update(terms)
+                parts = {k: parts[k] + terms[k] for k in parts}
         feature = out["encoder"][-1] if self.options.consistency_feature == "bottleneck" else out["deep"][0]
         feature = feature.astype(jnp.float32)
         consistency = jnp.mean(jnp.square(feature[:n] - feature[n:]))
