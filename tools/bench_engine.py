@@ -3,11 +3,14 @@
     python3 tools/bench_engine.py                       # 64^3 and 128^3, batch 2, float32
     python3 tools/bench_engine.py --sizes 64 --batch 1 --dtype bfloat16 --json out.json
     python3 tools/bench_engine.py --eval-shape 144 176 144   # a brain-cropped BraTS case
+    python3 tools/bench_engine.py --method m3ae --sizes 64   # each M3AE stage's step, its evaluation
 
-The model is the baseline's full U-Net (METHODS.md section 2) on random
+The model is the method's full U-Net (METHODS.md section 2) on random
 inputs. A train step is the engine's own jitted step (`engine.make_train_step`
-with the baseline's loss and Adam); times are the median of `--repeats` after
-one warm-up call, each call synchronised with `block_until_ready`.
+with the method's loss and Adam) for each stage of the method; times are the
+median of `--repeats` after one warm-up call, each call synchronised with
+`block_until_ready`. `--batch` counts samples: an M3AE fine-tuning sample is
+two missing-modality views.
 """
 
 from __future__ import annotations
@@ -43,24 +46,40 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def bench_train_step(size: int, batch: int, dtype: str, repeats: int, conv_impl: str) -> dict:
-    from jaxbrats.config import load_config
-    from jaxbrats.engine import init_state, make_train_step
-    from jaxbrats.methods import get_method
-
-    config = load_config(None, [f"model.dtype='{dtype}'", f"model.conv_impl='{conv_impl}'"])
-    method = get_method("baseline")(config)
-    optimizers = {"model": optax.adam(3e-4)}
-    graphdefs, state = init_state(method, "train", 0, optimizers)
-    rng = np.random.default_rng(0)
+def random_batch(rng, batch: int, size: int, views: int) -> dict:
+    """A pipeline-shaped batch of random crops (data.pipeline's keys) from 240x240x155 cases."""
     shape = (batch, size, size, size)
-    batch_data = {
+    masks = rng.random((batch, views, 4)) < 0.5
+    masks[..., 1] = True  # never empty
+    return {
         "image": jnp.asarray(rng.normal(size=shape + (4,)), jnp.float32),
         "label": jnp.asarray(rng.integers(0, 4, shape), jnp.uint8),
         "valid": jnp.ones(shape, bool),
-        "modality_mask": jnp.ones((batch, 1, 4), bool),
+        "modality_mask": jnp.asarray(masks),
+        "present": jnp.ones((batch, 4), bool),
+        "crop_start": jnp.asarray(rng.integers(0, 240 - size, (batch, 3)), jnp.int32),
+        "flipped": jnp.asarray(rng.random((batch, 3)) < 0.5),
+        "case_shape": jnp.asarray(np.tile([240, 240, 155], (batch, 1)), jnp.int32),
     }
-    step_fn = make_train_step(method, "train", graphdefs, optimizers)
+
+
+def make_method(name: str, overrides: list[str]):
+    from jaxbrats.config import load_config
+    from jaxbrats.methods import get_method
+
+    config = load_config(None, [f"method.name='{name}'", *overrides])
+    return get_method(name)(config)
+
+
+def bench_train_step(method_name: str, stage: str, size: int, batch: int, dtype: str, repeats: int, conv_impl: str) -> dict:
+    from jaxbrats.engine import init_state, make_train_step
+
+    method = make_method(method_name, [f"model.dtype='{dtype}'", f"model.conv_impl='{conv_impl}'", f"data.crop_size=[{size},{size},{size}]"])
+    optimizers = {group: optax.adam(3e-4) for group in method.groups(stage)}
+    graphdefs, state = init_state(method, stage, 0, optimizers)
+    views = method.pipeline(stage)["instantiations"]
+    batch_data = random_batch(np.random.default_rng(0), batch, size, views)
+    step_fn = make_train_step(method, stage, graphdefs, optimizers)
     jitted = jax.jit(step_fn, donate_argnums=0)
     holder = {"state": state}
 
@@ -74,35 +93,35 @@ def bench_train_step(size: int, batch: int, dtype: str, repeats: int, conv_impl:
     del compiled
     _, step_s = _timed(call, repeats)
     return {
-        "what": "train_step", "size": [size] * 3, "batch": batch, "dtype": dtype, "conv_impl": conv_impl,
-        "compile_s": round(compile_s, 3), "step_s": round(step_s, 4),
-        "voxels_per_s": round(batch * size**3 / step_s), "traces": step_fn.traces,
+        "what": "train_step", "method": method_name, "stage": stage, "size": [size] * 3, "batch": batch, "views": views,
+        "dtype": dtype, "conv_impl": conv_impl, "compile_s": round(compile_s, 3), "step_s": round(step_s, 4),
+        "voxels_per_s": round(batch * views * size**3 / step_s), "traces": step_fn.traces,
     }
 
 
-def bench_eval(shape, window: int, repeats: int, dtype: str) -> dict:
-    from jaxbrats.config import load_config
+def bench_eval(method_name: str, shape, window: int, repeats: int, dtype: str) -> dict:
     from jaxbrats.engine import init_state
     from jaxbrats.evaluation import make_case_program
-    from jaxbrats.methods import get_method
 
-    config = load_config(None, [f"model.dtype='{dtype}'", f"eval.window=[{window},{window},{window}]"])
-    method = get_method("baseline")(config)
-    graphdefs, state = init_state(method, "train", 0, {"model": optax.adam(1e-3)})
-    program = make_case_program(method, graphdefs, config.eval)
+    method = make_method(method_name, [f"model.dtype='{dtype}'", f"eval.window=[{window},{window},{window}]", f"data.crop_size=[{window},{window},{window}]"])
+    stage = [s for s in method.stages if method.can_predict(s)][-1]
+    graphdefs, state = init_state(method, stage, 0, {g: optax.adam(1e-3) for g in method.groups(stage)})
+    program = make_case_program(method, graphdefs, method.config.eval)
     rng = np.random.default_rng(0)
     image = jnp.asarray(rng.normal(size=tuple(shape) + (4,)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 4, shape), jnp.uint8)
     valid = jnp.ones(shape, bool)
-    first, per_case = _timed(lambda: program(state["models"], image, labels, valid), repeats)
+    case_shape = jnp.asarray(shape, jnp.int32)
+    first, per_case = _timed(lambda: program(state["models"], image, labels, valid, case_shape), repeats)
     return {
-        "what": "eval_15_subsets", "size": list(shape), "window": [window] * 3, "overlap": config.eval.overlap,
+        "what": "eval_15_subsets", "method": method_name, "size": list(shape), "window": [window] * 3, "overlap": method.config.eval.overlap,
         "dtype": dtype, "first_call_s": round(first, 2), "per_case_s": round(per_case, 3), "traces": program.traces,
     }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="baseline", help="a registered method; every stage's step is timed")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -116,13 +135,16 @@ def main(argv=None) -> int:
 
     result = {"device": machine(), "date": time.strftime("%Y-%m-%d"), "runs": []}
     print(result["device"])
+    from jaxbrats.methods import get_method
+
     for size in args.sizes:
-        row = bench_train_step(size, args.batch, args.dtype, args.repeats, args.conv_impl)
-        result["runs"].append(row)
-        print(f"train step {size}^3 x{args.batch} {args.dtype} ({row['conv_impl']}): {row['step_s'] * 1e3:.0f} ms, "
-              f"{row['voxels_per_s'] / 1e6:.2f} Mvoxel/s, compile {row['compile_s']:.1f} s")
+        for stage in get_method(args.method).stages:
+            row = bench_train_step(args.method, stage, size, args.batch, args.dtype, args.repeats, args.conv_impl)
+            result["runs"].append(row)
+            print(f"{args.method} {stage} step {size}^3 x{args.batch} (x{row['views']} views) {args.dtype} ({row['conv_impl']}): "
+                  f"{row['step_s'] * 1e3:.0f} ms, {row['voxels_per_s'] / 1e6:.2f} Mvoxel/s, compile {row['compile_s']:.1f} s")
     if not args.no_eval:
-        row = bench_eval(args.eval_shape, args.eval_window, max(args.repeats - 1, 1), args.dtype)
+        row = bench_eval(args.method, args.eval_shape, args.eval_window, max(args.repeats - 1, 1), args.dtype)
         result["runs"].append(row)
         print(f"evaluation of 15 subsets, case {tuple(args.eval_shape)}, window {args.eval_window}^3: "
               f"{row['per_case_s']:.1f} s per case (first call with compilation {row['first_call_s']:.1f} s)")
