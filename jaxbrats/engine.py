@@ -215,6 +215,12 @@ def checkpoint_manager(workdir: Path, stage: str, keep: int = 2, create: bool = 
     return ocp.CheckpointManager((workdir / "checkpoints" / stage).absolute(), options=options)
 
 
+def existing_manager(workdir: Path, stage: str) -> ocp.CheckpointManager | None:
+    """The manager of a stage's checkpoints if its directory exists (nothing is created)."""
+    path = Path(workdir) / "checkpoints" / stage
+    return checkpoint_manager(Path(workdir), stage, create=False) if path.exists() else None
+
+
 def restore(manager: ocp.CheckpointManager, template: dict, step: int | None = None) -> tuple[dict, dict]:
     """(train state shaped like `template`, extra JSON: iterator state, config)."""
     step = manager.latest_step() if step is None else step
@@ -302,8 +308,8 @@ class Trainer:
         self.method.setup(train_set)
         resume = {}
         for stage in self.method.stages:
-            exists = (self.workdir / "checkpoints" / stage).exists()
-            resume[stage] = (checkpoint_manager(self.workdir, stage, create=False).latest_step() or 0) if exists else 0
+            manager = existing_manager(self.workdir, stage)
+            resume[stage] = (manager.latest_step() or 0) if manager else 0
         self.log = MetricsLog(self.workdir, resume)
         try:
             previous = None
@@ -331,13 +337,16 @@ class Trainer:
 
     def load_stage(self, stage: str, total: int, previous):
         """Models of a stage that is not run now: its checkpoint in this run, or `previous` when it has none."""
-        manager = checkpoint_manager(self.workdir, stage, create=False) if (self.workdir / "checkpoints" / stage).exists() else None
+        manager = existing_manager(self.workdir, stage)
         if manager is None or manager.latest_step() is None:
             return previous
         if manager.latest_step() < total:
             raise JaxbratsError(f"stage {stage} stopped at step {manager.latest_step()} of {total} in {self.workdir}: "
                                 f"finish it first (train without --stage, or with --stage {stage})")
         print(f"stage {stage}: not run now; its models come from its final checkpoint")
+        return self.restore_models(stage, total, manager)
+
+    def restore_models(self, stage: str, total: int, manager) -> dict:
         template = init_state(self.method, stage, 0, self.optimizers(stage, total))[1]
         return restore(manager, template)[0]["models"]
 
@@ -379,8 +388,7 @@ class Trainer:
         done = manager.latest_step()
         if done is not None and done >= total:
             print(f"stage {stage}: complete ({done} steps), skipped")
-            template = init_state(self.method, stage, 0, self.optimizers(stage, total))[1]
-            models = restore(manager, template)[0]["models"]
+            models = self.restore_models(stage, total, manager)
             self.method.on_stage_end(stage, models, self.workdir)  # idempotent: redone if a crash came before it
             return models
         graphdefs, state, optimizers, iterator_state = self.stage_start(stage, index, total, previous, manager)
@@ -478,7 +486,7 @@ def load_trained(workdir, stage: str | None = None, overrides=()):
     method = get_method(config.method_name)(config)
     stages = [stage] if stage else [s for s in reversed(method.stages) if method.can_predict(s)]
     for name in stages:
-        manager = checkpoint_manager(workdir, name, create=False) if (workdir / "checkpoints" / name).exists() else None
+        manager = existing_manager(workdir, name)
         if manager is None or manager.latest_step() is None:
             continue
         graphdefs, template = init_state(method, name, 0, stage_optimizers(method, name, 1))

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from jaxbrats import engine
 from jaxbrats.config import ConfigError, load_config
@@ -55,8 +56,6 @@ def batch_of(case_shape, crop=(16, 16, 16), b=2, k=1, seed=0):
 
 
 def models_of(method, stage, seed=0):
-    from flax import nnx
-
     return method.init_models(stage, nnx.Rngs(seed))
 
 

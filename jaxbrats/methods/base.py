@@ -117,7 +117,7 @@ class Method:
         """Called with the training `CacheDataset` before the first stage."""
 
     def on_stage_end(self, stage: str, models: dict[str, nnx.State], workdir) -> None:
-        """Called once when `stage` has run its last step."""
+        """Called when `stage` has run its last step, and again when a later run skips it as complete."""
 
     def carry(self, stage: str, fresh: dict[str, nnx.State], previous: dict[str, nnx.State]) -> dict[str, nnx.State]:
         """Start `stage` from the previous stage: variables with equal path and shape are copied."""

@@ -242,7 +242,7 @@ class M3AE(Method):
 
     def finetune_loss(self, models, batch, key):
         image, masks = batch["image"], batch["modality_mask"]
-        substitute = jax.lax.stop_gradient(self.substitute(models, batch))  # frozen in this stage
+        substitute = self.substitute(models, batch)  # frozen: x_sub is not among this update's trainables
         views = [drop_modalities(image, masks[:, i], substitute) for i in range(self.VIEWS)]
         out = models["unet"](jnp.concatenate(views, axis=0), dropout_key=key)
         n = image.shape[0]
