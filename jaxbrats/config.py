@@ -4,7 +4,8 @@ A config file has the sections of `Config`; a method's own settings live in
 ``[method]`` next to its ``name`` and are typed by the method's options class;
 ``[stages.<name>]`` holds the epochs and optimisers of each of the method's
 stages. Unknown keys, wrong types and bad values raise `ConfigError` naming
-the file and the key. ``--set key.path=value`` overrides take TOML values
+the file, the key and the value (each section's `validate`, and `Config.validate`
+for rules across sections). ``--set key.path=value`` overrides take TOML values
 (``--set data.crop_size=[64,64,64]``, ``--set method.output='"labels"'``;
 a value that is not valid TOML is taken as a string).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from pathlib import Path
@@ -22,6 +24,55 @@ from jaxbrats.errors import JaxbratsError
 
 class ConfigError(JaxbratsError):
     pass
+
+
+# --- value checks: each raises ConfigError naming the key and the bad value -------------------
+
+UPSAMPLES = ("nearest", "trilinear")  # networks.unet.UNetConfig
+DTYPES = ("float32", "bfloat16")
+SEED_LIMIT = 2**31  # Grain's sampler takes 32-bit seeds; a run adds the stage index to train.seed
+
+
+def _key(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _show(value) -> str:
+    return repr(list(value) if isinstance(value, tuple) else value)
+
+
+def check_choice(where: str, value, allowed) -> None:
+    """`value` must be one of `allowed`."""
+    if value not in allowed:
+        raise ConfigError(f"{where} must be one of {list(allowed)}, got {value!r}")
+
+
+def _rule(low, high, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def _inside(value, low, high, low_open: bool, high_open: bool) -> bool:
+    if low is not None and (value <= low if low_open else value < low):
+        return False
+    if high is not None and (value >= high if high_open else value > high):
+        return False
+    return True
+
+
+def check_range(where: str, value, low=None, high=None, *, low_open: bool = False, high_open: bool = False) -> None:
+    """`value` must lie between `low` and `high` (either may be None; bounds closed unless `*_open`)."""
+    if not _inside(value, low, high, low_open, high_open):
+        raise ConfigError(f"{where} must be {_rule(low, high, low_open, high_open)}, got {_show(value)}")
+
+
+def check_entries(where: str, values, low=None, high=None, *, low_open: bool = False, high_open: bool = False) -> None:
+    """Every entry of the list `values` must lie between `low` and `high` (as `check_range`)."""
+    if not all(_inside(v, low, high, low_open, high_open) for v in values):
+        raise ConfigError(f"{where} entries must be {_rule(low, high, low_open, high_open)}, got {_show(values)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +90,16 @@ class OptimizerConfig:
     model_lr: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def validate(self, where: str) -> None:
-        _choice(where + ".name", self.name, ("adam", "adamw", "sgd"))
-        _choice(where + ".schedule", self.schedule, ("constant", "cosine", "poly"))
+        check_choice(where + ".name", self.name, ("adam", "adamw", "sgd"))
+        check_choice(where + ".schedule", self.schedule, ("constant", "cosine", "poly"))
         for name, lr in {"lr": self.lr, **{f"model_lr.{k}": v for k, v in self.model_lr.items()}}.items():
             if lr <= 0:
                 raise ConfigError(f"{where}.{name} must be positive, got {lr}")
+        check_range(where + ".weight_decay", self.weight_decay, 0)
+        check_range(where + ".poly_power", self.poly_power, 0, low_open=True)
+        check_range(where + ".warmup_steps", self.warmup_steps, 0)
+        check_range(where + ".clip_norm", self.clip_norm, 0)
+        check_range(where + ".momentum", self.momentum, 0, 1, high_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +115,11 @@ class StageConfig:
     #: the previous stage of this run.
     init_from: str = ""
 
+    def validate(self, where: str) -> None:
+        # epochs = steps = 0 is a stage of no steps: M3AE's "no pretraining" ablation (Table 3 a).
+        for name in ("epochs", "steps", "batch_size"):
+            check_range(_key(where, name), getattr(self, name), 0)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -70,6 +131,26 @@ class ModelConfig:
     dtype: str = "float32"
     conv_impl: str = "auto"
     remat: bool = False  # activation checkpointing per residual block: less memory, ~1/3 more compute
+
+    def validate(self, where: str) -> None:
+        from jaxbrats.networks.layers import CONV_IMPLS
+
+        for name in ("widths", "blocks"):
+            values = getattr(self, name)
+            if not values:
+                raise ConfigError(f"{_key(where, name)} must not be empty, got []")
+            check_entries(_key(where, name), values, 1)
+        if len(self.blocks) != len(self.widths):
+            raise ConfigError(f"{_key(where, 'blocks')} needs one entry per entry of {_key(where, 'widths')} "
+                              f"({len(self.widths)}), got {_show(self.blocks)}")
+        check_range(_key(where, "groups"), self.groups, 1)
+        if any(w % self.groups for w in self.widths):
+            raise ConfigError(f"{_key(where, 'widths')} entries must be divisible by {_key(where, 'groups')} = {self.groups} "
+                              f"(GroupNorm), got {_show(self.widths)}")
+        check_choice(_key(where, "upsample"), self.upsample, UPSAMPLES)
+        check_choice(_key(where, "dtype"), self.dtype, DTYPES)
+        check_choice(_key(where, "conv_impl"), self.conv_impl, CONV_IMPLS)
+        check_range(_key(where, "dropout"), self.dropout, 0, 1, high_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +171,24 @@ class DataConfig:
     split_ratios: tuple[float, float, float] = (0.8, 0.0, 0.2)
     split_seed: int = 0
 
+    def validate(self, where: str) -> None:
+        check_entries(_key(where, "crop_size"), self.crop_size, 1)
+        check_range(_key(where, "batch_size"), self.batch_size, 1)
+        for name in ("foreground_oversample", "flip_probability"):
+            check_range(_key(where, name), getattr(self, name), 0, 1)
+        # Each channel is multiplied by U(1 - scale, 1 + scale): above 1 it could change sign.
+        check_range(_key(where, "intensity_scale"), self.intensity_scale, 0, 1)
+        check_range(_key(where, "intensity_shift"), self.intensity_shift, 0)
+        check_range(_key(where, "workers"), self.workers, 0)
+        check_range(_key(where, "prefetch"), self.prefetch, 1)  # Grain's worker buffer needs >= 1
+        ratios = _key(where, "split_ratios")
+        check_entries(ratios, self.split_ratios, 0)
+        if abs(sum(self.split_ratios) - 1.0) > 1e-6:
+            raise ConfigError(f"{ratios} must sum to 1, got {_show(self.split_ratios)}")
+        if self.split_ratios[0] <= 0:
+            raise ConfigError(f"{ratios} must give training a share > 0, got {_show(self.split_ratios)}")
+        check_range(_key(where, "split_seed"), self.split_seed, 0)
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -106,6 +205,26 @@ class EvalConfig:
     bucket: tuple[int, ...] = ()
     bucket_multiple: int = 16
 
+    def validate(self, where: str) -> None:
+        from jaxbrats.inferers import BLENDS
+        from jaxbrats.metrics import HD95_EMPTY
+
+        check_entries(_key(where, "window"), self.window, 1)
+        check_range(_key(where, "overlap"), self.overlap, 0, 1, high_open=True)
+        check_choice(_key(where, "blend"), self.blend, BLENDS)
+        check_range(_key(where, "window_batch"), self.window_batch, 1)
+        check_range(_key(where, "threshold"), self.threshold, 0, 1, low_open=True, high_open=True)
+        check_choice(_key(where, "hd95_empty"), self.hd95_empty, tuple(HD95_EMPTY))
+        check_range(_key(where, "et_min_voxels"), self.et_min_voxels, 0)
+        if self.bucket:
+            bucket = _key(where, "bucket")
+            if len(self.bucket) != 3:
+                raise ConfigError(f"{bucket} needs 3 values (or none), got {_show(self.bucket)}")
+            check_entries(bucket, self.bucket, 1)
+            if any(b < w for b, w in zip(self.bucket, self.window)):
+                raise ConfigError(f"{bucket} entries must be >= {_key(where, 'window')} {_show(self.window)}, got {_show(self.bucket)}")
+        check_range(_key(where, "bucket_multiple"), self.bucket_multiple, 1)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -115,6 +234,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     data_parallel: int = 0  # devices on the mesh's data axis; 0: all devices
     progress: bool = True
+
+    def validate(self, where: str) -> None:
+        check_range(_key(where, "seed"), self.seed, 0, SEED_LIMIT, high_open=True)
+        for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+            check_range(_key(where, name), getattr(self, name), 1)
+        check_range(_key(where, "data_parallel"), self.data_parallel, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,10 +255,15 @@ class Config:
     def method_name(self) -> str:
         return self.method.get("name", "baseline")
 
-
-def _choice(where: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{where} must be one of {list(allowed)}, got {value!r}")
+    def validate(self, where: str) -> None:
+        """Checks across sections (each section has checked its own values)."""
+        # The U-Net halves each axis len(widths) - 1 times and adds the skips back: every
+        # input it sees (a training crop, an evaluation window) must divide evenly.
+        factor = 2 ** (len(self.model.widths) - 1)
+        for name, size in (("data.crop_size", self.data.crop_size), ("eval.window", self.eval.window)):
+            if any(s % factor for s in size):
+                raise ConfigError(f"{_key(where, name)} entries must be divisible by {factor} (the U-Net halves them "
+                                  f"{len(self.model.widths) - 1} times: model.widths has {len(self.model.widths)} levels), got {_show(size)}")
 
 
 def _typed(tp, value, where: str):
@@ -158,6 +288,8 @@ def _typed(tp, value, where: str):
         return tuple(_typed(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
     if tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a table, got {value!r}")

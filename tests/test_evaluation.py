@@ -1,6 +1,9 @@
 """The 15-subset evaluation program, its reports, and predictions in the source geometry."""
 
+import dataclasses
+import hashlib
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -8,13 +11,20 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from jaxbrats import evaluation
 from jaxbrats.data.cache import CacheDataset
+from jaxbrats.data.preprocess import prepare_dataset
 from jaxbrats.engine import load_splits, load_trained
-from jaxbrats.evaluation import _pad, bucket_shape, evaluate, make_case_program, postprocess_et, subset_evaluator
+from jaxbrats.errors import JaxbratsError
+from jaxbrats.evaluation import (
+    _pad, bucket_shape, canonical_spacing, evaluate, hd95_table, make_case_program, postprocess_et, subset_evaluator,
+    write_prediction,
+)
 from jaxbrats.labels import ENHANCING, NECROSIS
 from jaxbrats.metrics import dice_from_counts
 from jaxbrats.modalities import SUBSET_MASKS, SUBSET_NAMES
 from jaxbrats.predict import predict_case
+from helpers import save
 
 
 def _case_inputs(cache, cfg, i=0):
@@ -87,13 +97,220 @@ def test_predict_uses_the_present_modalities_and_the_source_geometry(trained_run
     for f in case.iterdir():
         if f.name.endswith(("_t1.nii.gz", "_t2.nii.gz", "_seg.nii.gz")):
             f.unlink()
-    before = sorted(p.name for p in case.iterdir())
+    before = _folder_digest(case)
     info = predict_case(trained_run, case, tmp_path / "out" / "seg.nii.gz")
     assert info["present"] == ["flair", "t1ce"] and info["missing"] == ["t1", "t2"]
-    assert sorted(p.name for p in case.iterdir()) == before
+    assert _folder_digest(case) == before  # same names, bytes, modes and modification times
     written = nib.load(tmp_path / "out" / "seg.nii.gz")
     source = nib.load(next(case.glob("*_flair.nii.gz")))
     assert written.shape == source.shape and written.get_data_dtype() == np.uint8
     np.testing.assert_allclose(written.affine, source.affine)
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2, 4}  # the 2018-2021 convention
     assert info["convention"] == "brats2018"
+
+
+def _folder_digest(folder: Path) -> list[tuple]:
+    """Every entry under `folder`: (relative path, sha256 of a file's bytes or "dir", mode, mtime in ns)."""
+    rows = []
+    for path in sorted(folder.rglob("*")):
+        st = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        rows.append((str(path.relative_to(folder)), digest, st.st_mode, st.st_mtime_ns))
+    return rows
+
+
+def _input_case(tmp_path) -> Path:
+    from jaxbrats.data.phantom import write_phantom
+
+    write_phantom(tmp_path / "raw", 1, (16, 16, 16), layout="brats2020", seed=4, workers=1)
+    return next((tmp_path / "raw").iterdir())
+
+
+@pytest.mark.parametrize("where", ["file", "nested", "the folder itself", "dotdot", "symlink to the folder", "case via symlink"])
+def test_predict_refuses_an_output_inside_the_case_folder_and_writes_nothing(trained_run, tmp_path, where):
+    case = _input_case(tmp_path)
+    given_case = case
+    if where == "file":
+        out = case / "seg.nii.gz"
+    elif where == "nested":
+        out = case / "sub" / "seg.nii.gz"
+    elif where == "the folder itself":
+        out = case
+    elif where == "dotdot":
+        (tmp_path / "elsewhere").mkdir()
+        out = tmp_path / "elsewhere" / ".." / "raw" / case.name / "seg.nii.gz"
+    elif where == "symlink to the folder":
+        (tmp_path / "link").symlink_to(case, target_is_directory=True)
+        out = tmp_path / "link" / "seg.nii.gz"
+    else:  # the case named through a symlink, the output through the real path
+        given_case = tmp_path / "link"
+        given_case.symlink_to(case, target_is_directory=True)
+        out = case / "seg.nii.gz"
+    before, outside = _folder_digest(case), sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(JaxbratsError) as raised:
+        predict_case(trained_run, given_case, out)
+    assert str(out) in str(raised.value) and "inside the input case folder" in str(raised.value)
+    assert _folder_digest(case) == before  # no file, no partial file, no new directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == outside
+    assert not any(p.name.startswith(".partial") for p in tmp_path.rglob("*"))
+
+
+# Region definitions from the convention (METHODS.md section 1), independent of jaxbrats.labels:
+# internal labels 1 necrosis, 2 edema, 3 enhancing; WT = all tumour, TC = necrosis + ET, ET = ET.
+REGION_VALUES = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+HD95_ONE_EMPTY_BRATS = 373.13  # METHODS.md: 0 when both are empty, 373.13 when exactly one is
+
+
+def _numpy_dice(pred: np.ndarray, truth: np.ndarray) -> dict:
+    out = {}
+    for region, values in REGION_VALUES.items():
+        p, t = np.isin(pred, values), np.isin(truth, values)
+        total = int(p.sum()) + int(t.sum())
+        out[region] = 1.0 if total == 0 else 2.0 * int((p & t).sum()) / total
+    return out
+
+
+def _surface_points(mask: np.ndarray, spacing) -> np.ndarray:
+    """Positions (mm) of the voxels of `mask` with a 6-neighbour outside it (numpy shifts, no scipy)."""
+    padded = np.pad(mask, 1)
+    interior = mask.copy()
+    for axis in range(3):
+        for step in (1, -1):
+            interior &= np.roll(padded, step, axis=axis)[1:-1, 1:-1, 1:-1]
+    return np.argwhere(mask & ~interior) * np.asarray(spacing, float)
+
+
+def _brute_force_hd95(pred: np.ndarray, truth: np.ndarray, spacing) -> float:
+    """medpy's HD95 (both directions pooled) from all pairwise surface distances; BraTS empty convention."""
+    if not pred.any() and not truth.any():
+        return 0.0
+    if not pred.any() or not truth.any():
+        return HD95_ONE_EMPTY_BRATS
+    a, b = _surface_points(pred, spacing), _surface_points(truth, spacing)
+    d = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+    return float(np.percentile(np.concatenate([d.min(1), d.min(0)]), 95))
+
+
+class _Recording:
+    """The 15-subset program, keeping each call's inputs and outputs (on the host)."""
+
+    def __init__(self, program):
+        self.program, self.calls = program, []
+
+    @property
+    def traces(self):
+        return self.program.traces
+
+    def __call__(self, models_state, image, labels, valid, case_shape=None):
+        out = self.program(models_state, image, labels, valid, case_shape)
+        self.calls.append({"labels": np.asarray(labels), "case_shape": np.asarray(case_shape), "out": jax.device_get(out)})
+        return out
+
+
+def test_dice_and_hd95_recomputed_in_numpy_equal_the_program_and_the_case_json(trained_run, phantom_cache, tmp_path, monkeypatch):
+    method, graphdefs, models, config = load_trained(trained_run)
+    case_id = load_splits(trained_run, CacheDataset(phantom_cache))["test"][0]
+    dataset = CacheDataset(phantom_cache, [case_id])
+    shape = tuple(dataset.manifests[0]["cropped_shape"])
+    cfg = dataclasses.replace(config.eval, bucket=(shape[0] + 8, shape[1], shape[2]))  # padding the program must ignore
+    assert cfg.hd95_empty == "brats"
+    recorded, make = [], evaluation.make_case_program
+    monkeypatch.setattr(evaluation, "make_case_program", lambda *a: recorded.append(_Recording(make(*a))) or recorded[-1])
+    evaluate(method, graphdefs, models, dataset, cfg, tmp_path, predictions="none", progress=False)
+    [program] = recorded
+    [call] = program.calls
+    counts, maps = call["out"]
+    assert maps.shape == (15, *cfg.bucket) and tuple(call["case_shape"]) == shape
+    truth = np.asarray(dataset.arrays(0)["label"])
+    np.testing.assert_array_equal(call["labels"][: shape[0]], truth)
+    assert not maps[:, shape[0]:].any()  # nothing predicted in the padding
+    rows = json.loads((tmp_path / "cases" / f"{case_id}.json").read_text())["subsets"]
+    assert [row["name"] for row in rows] == list(SUBSET_NAMES)
+    program_dice = dice_from_counts(counts)
+    spacing = canonical_spacing(dataset.manifests[0]["original_affine"])
+    assert spacing == (1.0, 1.0, 1.0)  # the phantom's 1 mm voxels
+    partial = 0
+    for s, row in enumerate(rows):
+        pred = maps[s, : shape[0], : shape[1], : shape[2]]  # only voxels inside the case count
+        want = _numpy_dice(pred, truth)
+        for r, region in enumerate(REGION_VALUES):
+            assert program_dice[s, r] == pytest.approx(want[region], rel=1e-12, abs=1e-12), (SUBSET_NAMES[s], region)
+            assert row["dice"][region] == pytest.approx(want[region], rel=1e-12, abs=1e-12), (SUBSET_NAMES[s], region)
+            p, t = np.isin(pred, REGION_VALUES[region]), np.isin(truth, REGION_VALUES[region])
+            assert row["hd95"][region] == pytest.approx(_brute_force_hd95(p, t, spacing), rel=1e-9), (SUBSET_NAMES[s], region)
+            partial += 0.0 < want[region] < 1.0
+    assert partial >= 3 and len({m.tobytes() for m in maps}) > 1  # not vacuous: partial overlaps, subsets differ
+
+
+# Source storage orders: source axis j runs along world axis AXES[j] (0 = x/R, 1 = y/A, 2 = z/S), in the
+# direction SIGNS[j], with voxels of SIZES[j] mm. SPACING: the voxel size along world x, y, z, by hand.
+STORAGES = {
+    # axes stored (z, x, y) as I, L, A with 3, 1, 2 mm voxels
+    "zxy": {"axes": (2, 0, 1), "signs": (-1, -1, 1), "sizes": (3.0, 1.0, 2.0), "spacing": (1.0, 2.0, 3.0)},
+    # axes stored (y, z, x) as P, S, L with 2.5, 1.5, 0.5 mm voxels
+    "yzx": {"axes": (1, 2, 0), "signs": (-1, 1, -1), "sizes": (2.5, 1.5, 0.5), "spacing": (0.5, 2.5, 1.5)},
+    # axes stored (x, z, y) as R, I, P with 1.2, 3, 2 mm voxels
+    "xzy": {"axes": (0, 2, 1), "signs": (1, -1, -1), "sizes": (1.2, 3.0, 2.0), "spacing": (1.2, 2.0, 3.0)},
+}
+
+
+def _affine(storage: dict, rotation_deg: float = 0.0) -> np.ndarray:
+    affine = np.eye(4)
+    for j, (axis, sign, size) in enumerate(zip(storage["axes"], storage["signs"], storage["sizes"])):
+        affine[:3, j] = 0.0
+        affine[axis, j] = sign * size
+    c, s = np.cos(np.radians(rotation_deg)), np.sin(np.radians(rotation_deg))
+    affine[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ affine[:3, :3]
+    affine[:3, 3] = (12.0, -30.0, 7.5)
+    return affine
+
+
+def _to_source(canonical: np.ndarray, storage: dict) -> np.ndarray:
+    """A RAS+ array stored the way `storage` says (by hand, not with nibabel's orientation code)."""
+    source = canonical.transpose(storage["axes"])
+    for j, sign in enumerate(storage["signs"]):
+        if sign < 0:
+            source = np.flip(source, axis=j)
+    return np.ascontiguousarray(source)
+
+
+@pytest.mark.parametrize("name,rotation", [("zxy", 0.0), ("yzx", 0.0), ("xzy", 0.0), ("zxy", 12.0), ("yzx", -20.0)])
+def test_canonical_spacing_of_permuted_flipped_affines(name, rotation):
+    storage = STORAGES[name]
+    assert canonical_spacing(_affine(storage, rotation)) == pytest.approx(storage["spacing"], rel=1e-12)
+    assert canonical_spacing(_affine(storage, rotation).tolist()) == pytest.approx(storage["spacing"], rel=1e-12)  # a manifest's list
+
+
+@pytest.mark.parametrize("name", ["zxy", "yzx"])
+def test_hd95_of_a_shift_along_each_physical_axis_uses_that_axis_spacing(name, tmp_path):
+    """A case stored with permuted, flipped, anisotropic axes goes through prepare; a prediction shifted by
+    two voxels along one RAS+ axis has HD95 = 2 x that physical axis' voxel size, for each axis."""
+    storage = STORAGES[name]
+    affine = _affine(storage)
+    canonical_shape = (14, 12, 11)  # along world x, y, z
+    truth = np.zeros(canonical_shape, np.uint8)
+    truth[4:8, 3:7, 3:7] = 3  # enhancing tumour (internal label), so WT = TC = ET
+    rng = np.random.default_rng(0)
+    case = tmp_path / "raw" / "BraTS20_Training_001"
+    for token in ("flair", "t1ce", "t1", "t2"):
+        image = rng.integers(1, 100, canonical_shape)  # nonzero everywhere: the brain crop keeps the whole volume
+        save(case / f"{case.name}_{token}.nii.gz", _to_source(image, storage), affine, np.int16)
+    save(case / f"{case.name}_seg.nii.gz", _to_source(np.where(truth == 3, 4, truth), storage), affine, np.uint8)
+    report = prepare_dataset(tmp_path / "raw", tmp_path / "cache", workers=1, progress=False)
+    assert not report["errors"]
+    dataset = CacheDataset(tmp_path / "cache")
+    manifest, label = dataset.manifests[0], np.asarray(dataset.arrays(0)["label"])
+    np.testing.assert_array_equal(label, truth)  # the cache holds the case in RAS+ as constructed by hand
+    spacing = canonical_spacing(manifest["original_affine"])  # what `evaluate` passes to `hd95_table`
+    for axis in range(3):
+        shifted = np.roll(truth, 2, axis=axis)  # stays inside the volume (no wrap-around)
+        assert shifted.sum() == truth.sum()
+        table = hd95_table(np.repeat(shifted[None], 15, axis=0), label, spacing, "brats")
+        np.testing.assert_allclose(table, 2 * storage["spacing"][axis], rtol=1e-12, err_msg=f"axis {axis}")
+        # the pooled brute force on surface positions in mm agrees
+        assert _brute_force_hd95(shifted > 0, truth > 0, storage["spacing"]) == pytest.approx(2 * storage["spacing"][axis])
+    # and the prediction writer puts a RAS+ label map back in the source storage, affine and convention
+    write_prediction(label, manifest, tmp_path / "pred.nii.gz")
+    written = nib.load(tmp_path / "pred.nii.gz")
+    np.testing.assert_allclose(written.affine, affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), np.asarray(nib.load(case / f"{case.name}_seg.nii.gz").dataobj))

@@ -14,7 +14,7 @@ import dataclasses
 import jax
 from flax import nnx
 
-from jaxbrats.config import ConfigError
+from jaxbrats.config import ConfigError, check_entries
 from jaxbrats.labels import NUM_LABELS, REGIONS, region_probs_from_label_probs
 from jaxbrats.losses import segmentation_loss
 from jaxbrats.methods.base import Method, Update
@@ -36,7 +36,8 @@ class BaselineOptions:
         if self.dropout_mode not in ("uniform", "drop_k", "none"):
             raise ConfigError(f"{where}.dropout_mode must be uniform, drop_k or none, got {self.dropout_mode!r}")
         if self.class_weights and len(self.class_weights) != NUM_LABELS:
-            raise ConfigError(f"{where}.class_weights needs {NUM_LABELS} values")
+            raise ConfigError(f"{where}.class_weights needs {NUM_LABELS} values, got {list(self.class_weights)}")
+        check_entries(f"{where}.class_weights", self.class_weights, 0)
 
 
 def unet_config(config, out_channels: int, deep_supervision: bool) -> UNetConfig:

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxbrats.config import ConfigError
+from jaxbrats.config import ConfigError, check_entries, check_range
 from jaxbrats.labels import REGIONS
 from jaxbrats.losses import masked_mse, segmentation_loss
 from jaxbrats.methods.base import Method, Update
@@ -103,12 +103,13 @@ class M3AEOptions:
                                      ("consistency_feature", self.consistency_feature, FEATURES)):
             if value not in allowed:
                 raise ConfigError(f"{where}.{name} must be one of {list(allowed)}, got {value!r}")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ConfigError(f"{where}.mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        if self.patch_size < 1 or min(self.substitute_shape) < 1:
-            raise ConfigError(f"{where}: patch_size and substitute_shape must be positive")
-        if self.substitute_weight < 0 or self.consistency_weight < 0:
-            raise ConfigError(f"{where}: substitute_weight and consistency_weight must be >= 0")
+        check_range(f"{where}.mask_ratio", self.mask_ratio, 0, 1, high_open=True)
+        check_range(f"{where}.patch_size", self.patch_size, 1)
+        check_entries(f"{where}.substitute_shape", self.substitute_shape, 1)
+        # > 0: x_sub = 0 everywhere would put centered_norm's sqrt at 0, whose gradient is NaN.
+        check_range(f"{where}.substitute_init_std", self.substitute_init_std, 0, low_open=True)
+        check_range(f"{where}.substitute_weight", self.substitute_weight, 0)
+        check_range(f"{where}.consistency_weight", self.consistency_weight, 0)
 
 
 class SubstituteImage(nnx.Module):
