@@ -31,17 +31,34 @@ def _channels_last(t):
     return t.detach().numpy().transpose(0, 2, 3, 4, 1)
 
 
-@pytest.mark.parametrize("upsample,conv_impl", [("nearest", "depth2d"), ("trilinear", "native")])
-def test_forward_matches_pytorch(upsample, conv_impl):
-    cfg = UNetConfig(upsample=upsample, conv_impl=conv_impl, **SMALL)
+#: The real backbone (16/32/64/128 channels, 1/2/2/4 blocks, deep supervision), as M3AE configures it.
+FULL = {"deep_supervision": True}
+
+
+@pytest.mark.parametrize("upsample,conv_impl,size,batch", [
+    pytest.param("nearest", "native", SMALL, 2, id="nearest-native"),
+    pytest.param("nearest", "depth2d", SMALL, 2, id="nearest-depth2d"),
+    pytest.param("trilinear", "native", SMALL, 2, id="trilinear-native"),
+    pytest.param("trilinear", "depth2d", SMALL, 2, id="trilinear-depth2d"),
+    pytest.param("trilinear", "depth2d", FULL, 1, id="full-width-trilinear-depth2d"),
+])
+def test_forward_matches_pytorch(upsample, conv_impl, size, batch):
+    """Logits, every encoder and decoder feature map and the deep heads within 1e-4 (max abs) of float64 PyTorch."""
+    cfg = UNetConfig(upsample=upsample, conv_impl=conv_impl, **size)
     graphdef, state, reference = _pair(cfg)
-    x, xt = _inputs()
+    x, xt = _inputs(shape=(batch, 16, 16, 16, 4))
     out = nnx.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, jnp.asarray(x))
     with torch.no_grad():
         want = reference(xt)
-    assert np.abs(np.asarray(out["logits"]) - _channels_last(want["logits"])).max() <= 1e-4
-    for got, ref in zip(out["encoder"] + out["deep"], want["encoder"] + want["deep"]):
-        assert np.abs(np.asarray(got) - _channels_last(ref)).max() <= 1e-4
+    assert len(out["encoder"]) == len(want["encoder"]) == 4 and len(out["deep"]) == len(want["deep"]) == 2
+    pairs = [("logits", out["logits"], want["logits"])]
+    for key in ("encoder", "decoder", "deep"):
+        assert len(out[key]) == len(want[key])
+        pairs += [(f"{key}[{i}]", got, ref) for i, (got, ref) in enumerate(zip(out[key], want[key]))]
+    for name, got, ref in pairs:
+        ref = _channels_last(ref)
+        assert got.shape == ref.shape, name
+        assert np.abs(np.asarray(got, np.float64) - ref).max() <= 1e-4, name
 
 
 def test_loss_gradients_match_pytorch():

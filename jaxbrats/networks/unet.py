@@ -74,9 +74,17 @@ class ResBlock(nnx.Module):
 
 
 def run_block(block: ResBlock, x, remat: bool):
-    """A residual block, optionally under activation checkpointing (saves memory at 128^3 and up)."""
+    """A residual block, optionally under activation checkpointing (saves memory at 128^3 and up).
+
+    Remat is `jax.checkpoint` of a pure function of the block's split state: the block is only
+    read, never written back. `nnx.remat(...)(block, x)` writes the block's state back after the
+    call, which fails with flax's TraceContextError ("Cannot mutate Param from a different trace
+    level") when the block was merged outside the trace it runs in, e.g. a model merged in a
+    jitted evaluation program and called inside the sliding window's `lax.scan` or `lax.map`.
+    """
     if remat:
-        return nnx.remat(lambda b, y: b(y))(block, x)
+        graphdef, state = nnx.split(block)
+        return jax.checkpoint(lambda s, y: nnx.merge(graphdef, s)(y))(state, x)
     return block(x)
 
 
