@@ -41,12 +41,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from jaxbrats.config import Config, ConfigError, OptimizerConfig, save_config, to_dict
+from jaxbrats import compilation
+from jaxbrats import workdir as workdir_files
+from jaxbrats.checkpoints import checkpoint_manager, existing_manager, restore_newest_readable, save
+from jaxbrats.config import Config, ConfigError, OptimizerConfig, to_dict
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.pipeline import PipelineConfig, make_loader
-from jaxbrats.data.splits import ratio_split, read_split_file
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.methods import Method, get_method
+from jaxbrats.workdir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
 
 
 class TrainingDiverged(JaxbratsError):
@@ -184,54 +187,12 @@ def make_train_step(method: Method, stage: str, graphdefs: dict, optimizers: dic
         return new_state, metrics
 
     step.traces = 0
+    step.__name__ = step.__qualname__ = step_name(stage)  # JAX reports its compilations as jit(<name>)
     return step
 
 
-# --- splits ------------------------------------------------------------------------------
-
-def resolve_splits(config: Config, cache_ids: list[str]) -> dict[str, list[str]]:
-    d = config.data
-    if d.train_split:
-        splits = {"train": read_split_file(d.train_split, cache_ids)}
-        for name, path in (("val", d.val_split), ("test", d.test_split)):
-            splits[name] = read_split_file(path, cache_ids) if path else []
-        return splits
-    return ratio_split(cache_ids, d.split_ratios, seed=d.split_seed)
-
-
-def load_splits(workdir: Path, cache: CacheDataset) -> dict[str, list[str]]:
-    path = workdir / "splits.json"
-    splits = json.loads(path.read_text())
-    missing = sorted(set(i for ids in splits.values() for i in ids) - set(cache.case_ids))
-    if missing:
-        raise JaxbratsError(f"{path}: case {missing[0]!r} of the run's split is not in the cache {cache.cache_dir}")
-    return splits
-
-
-# --- checkpoints -------------------------------------------------------------------------
-
-def checkpoint_manager(workdir: Path, stage: str, keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
-    return ocp.CheckpointManager((workdir / "checkpoints" / stage).absolute(), options=options)
-
-
-def existing_manager(workdir: Path, stage: str) -> ocp.CheckpointManager | None:
-    """The manager of a stage's checkpoints if its directory exists (nothing is created)."""
-    path = Path(workdir) / "checkpoints" / stage
-    return checkpoint_manager(Path(workdir), stage, create=False) if path.exists() else None
-
-
-def restore(manager: ocp.CheckpointManager, template: dict, step: int | None = None) -> tuple[dict, dict]:
-    """(train state shaped like `template`, extra JSON: iterator state, config)."""
-    step = manager.latest_step() if step is None else step
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
-    return restored["state"], restored["extra"]
-
-
-def save(manager: ocp.CheckpointManager, state: dict, extra: dict) -> None:
-    step = int(jax.device_get(state["step"]))
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)), force=True)
+def step_name(stage: str) -> str:
+    return f"train_step_{stage}"
 
 
 # --- logging -----------------------------------------------------------------------------
@@ -239,15 +200,20 @@ def save(manager: ocp.CheckpointManager, state: dict, extra: dict) -> None:
 class MetricsLog:
     """JSON lines plus TensorBoard event files in the work directory."""
 
-    def __init__(self, workdir: Path, resume_step: dict[str, int]):
+    def __init__(self, workdir: Path):
         self.path = workdir / "metrics.jsonl"
-        if self.path.exists():  # drop rows past the checkpoints being resumed (they are redone)
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            keep = [r for r in rows if r["step"] <= resume_step.get(r["stage"], 0)]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         from tensorboardX import SummaryWriter
 
         self.writer = SummaryWriter(str(workdir / "tensorboard"))
+
+    def truncate(self, resume_step: dict[str, int]) -> None:
+        """Drop the rows of these stages past the step each resumes from: they are about to be redone."""
+        if not self.path.exists():
+            return
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        keep = [r for r in rows if r["step"] <= resume_step.get(r["stage"], r["step"])]
+        if len(keep) < len(rows):
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, row: dict) -> None:
         with self.path.open("a") as f:
@@ -275,42 +241,22 @@ class Trainer:
         self.only = tuple(only)  # run just these stages; earlier ones are loaded from their checkpoints
         self.cache = CacheDataset(data_dir or config.data.cache)
         self.mesh = make_mesh(config.train.data_parallel)
-        self.compiled_steps = {}  # stage -> traced step function (its `.traces` counts compilations)
+        self.compiled_steps = {}  # stage -> the step function (its `.traces` counts Python traces)
+        self.compilations = {}  # stage -> {"compiled": n, "loaded": n}: XLA compilations of its step in this call
         self.losses: list[tuple[str, int, float]] = []  # (stage, step, loss) for every step
-
-    def prepare_workdir(self) -> dict[str, list[str]]:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        split_path = self.workdir / "splits.json"
-        if split_path.exists():
-            splits = load_splits(self.workdir, self.cache)
-        else:
-            splits = resolve_splits(self.config, self.cache.case_ids)
-            split_path.write_text(json.dumps(splits, indent=1) + "\n")
-        if not splits["train"]:
-            raise JaxbratsError(f"{split_path}: no training cases")
-        saved = self.workdir / "config.json"
-        if saved.exists():
-            old = json.loads(saved.read_text())
-            changed = _changed_keys(old, to_dict(self.config))
-            if changed:
-                print(f"note: config differs from the saved run in {', '.join(changed)}; using the new values")
-        save_config(self.config, saved)
-        # Predicting a new case needs the preprocessing the model was trained with.
-        data = {"cache": str(self.cache.cache_dir), "preprocessing": self.cache.index["settings"]}
-        (self.workdir / "data.json").write_text(json.dumps(data, indent=1) + "\n")
-        return splits
 
     def run(self, stop_after: int | None = None) -> dict:
         """Run (or resume) every stage; `stop_after` steps in this call, then checkpoint and return."""
         self.budget = stop_after
-        splits = self.prepare_workdir()
+        splits = workdir_files.prepare(self.workdir, self.config, self.cache)
         train_set = CacheDataset(self.cache.cache_dir, splits["train"])
         self.method.setup(train_set)
         resume = {}
         for stage in self.method.stages:
             manager = existing_manager(self.workdir, stage)
             resume[stage] = (manager.latest_step() or 0) if manager else 0
-        self.log = MetricsLog(self.workdir, resume)
+        self.log = MetricsLog(self.workdir)
+        self.log.truncate(resume)
         try:
             previous = None
             last = max(self.method.stages.index(s) for s in self.only) if self.only else len(self.method.stages) - 1
@@ -340,85 +286,97 @@ class Trainer:
         manager = existing_manager(self.workdir, stage)
         if manager is None or manager.latest_step() is None:
             return previous
-        if manager.latest_step() < total:
-            raise JaxbratsError(f"stage {stage} stopped at step {manager.latest_step()} of {total} in {self.workdir}: "
+        template = init_state(self.method, stage, 0, self.optimizers(stage, total))[1]
+        state, _, step = restore_newest_readable(manager, template)
+        if step < total:
+            raise JaxbratsError(f"stage {stage} stopped at step {step} of {total} in {self.workdir}: "
                                 f"finish it first (train without --stage, or with --stage {stage})")
         print(f"stage {stage}: not run now; its models come from its final checkpoint")
-        return self.restore_models(stage, total, manager)
-
-    def restore_models(self, stage: str, total: int, manager) -> dict:
-        template = init_state(self.method, stage, 0, self.optimizers(stage, total))[1]
-        return restore(manager, template)[0]["models"]
+        return state["models"]
 
     def optimizers(self, stage: str, total: int) -> dict:
         return stage_optimizers(self.method, stage, total)
 
     def stage_start(self, stage, index, total, previous, manager):
-        """(graphdefs, state, iterator state or None) for a stage: resumed, carried or fresh."""
-        seed = self.config.train.seed + index
+        """(graphdefs, state, optimizers, iterator state or None) of a stage: resumed, carried or fresh."""
         optimizers = self.optimizers(stage, total)
+        graphdefs, template = init_state(self.method, stage, 0, optimizers)
+        resumed = restore_newest_readable(manager, template, set_aside=True)
+        if resumed is not None:
+            state, extra, _ = resumed
+            return graphdefs, state, optimizers, extra.get("iterator")
         init_from = self.config.stages[stage].init_from if stage in self.config.stages else ""
-        if manager.latest_step() is None and init_from:
-            source = Path(init_from)
-            other = ocp.CheckpointManager(source.absolute(), options=ocp.CheckpointManagerOptions(create=False))
-            if other.latest_step() is None:
-                raise JaxbratsError(f"{source}: no checkpoint to start stage {stage} from")
-            template = self._previous_template(stage, index, source)
-            previous = restore(other, template)[0]["models"]
-        if manager.latest_step() is None and previous is None and index > 0:
+        if init_from:
+            previous = self._models_from(Path(init_from), stage, index)
+        if previous is None and index > 0:
             before = self.method.stages[index - 1]
             raise JaxbratsError(f"stage {stage} starts from stage {before}, which has no checkpoint in {self.workdir}: "
                                 f"train {before} first or set stages.{stage}.init_from to a checkpoint directory")
-        graphdefs, state = init_state(self.method, stage, seed, optimizers, previous)
-        iterator_state = None
-        if manager.latest_step() is not None:
-            state, extra = restore(manager, state)
-            iterator_state = extra.get("iterator")
-        return graphdefs, state, optimizers, iterator_state
+        graphdefs, state = init_state(self.method, stage, self.config.train.seed + index, optimizers, previous)
+        return graphdefs, state, optimizers, None
 
-    def _previous_template(self, stage, index, source: Path) -> dict:
-        """The state layout of the checkpoint in `source`: the stage it names, or the one before `stage`."""
+    def _models_from(self, source: Path, stage: str, index: int) -> dict:
+        """The models of another run's stage checkpoints in `source`: the stage it names, or the one before `stage`."""
+        other = ocp.CheckpointManager(source.absolute(), options=ocp.CheckpointManagerOptions(create=False))
+        if other.latest_step() is None:
+            raise JaxbratsError(f"{source}: no checkpoint to start stage {stage} from")
         name = source.name if source.name in self.method.stages else self.method.stages[max(index - 1, 0)]
-        total = 1  # the schedule length does not change the state's layout
-        return init_state(self.method, name, 0, self.optimizers(name, total))[1]
+        template = init_state(self.method, name, 0, self.optimizers(name, 1))[1]  # the schedule length does not change the layout
+        return restore_newest_readable(other, template)[0]["models"]
+
+    def pipeline_config(self, stage: str, index: int) -> PipelineConfig:
+        d = self.config.data
+        return PipelineConfig(
+            crop_size=d.crop_size, batch_size=self.batch_size(stage) // jax.process_count(),
+            foreground_oversample=d.foreground_oversample, flip_probability=d.flip_probability,
+            intensity_scale=d.intensity_scale, intensity_shift=d.intensity_shift,
+            seed=self.config.train.seed + index, workers=d.workers, prefetch=d.prefetch,
+            **self.method.pipeline(stage),
+        )
+
+    def compile_step(self, stage: str, step_fn, state, batch):
+        """The step compiled once for these shapes (a batch of other shapes is refused, never recompiled)."""
+        compilation.watch()
+        before = compilation.counts(step_fn.__name__)
+        start = time.perf_counter()
+        compiled = jax.jit(step_fn, donate_argnums=0).lower(state, batch).compile()
+        after = compilation.counts(step_fn.__name__)
+        how = "loaded from the compilation cache" if after["loaded"] > before["loaded"] else "compiled"
+        print(f"stage {stage}: train step {how} in {time.perf_counter() - start:.1f} s")
+        self.compilations[stage] = {k: after[k] - before[k] for k in ("compiled", "loaded")}
+        return compiled
 
     def run_stage(self, stage: str, index: int, total: int, train_set: CacheDataset, previous) -> dict:
         cfg = self.config
         manager = checkpoint_manager(self.workdir, stage, cfg.train.keep_checkpoints)
-        done = manager.latest_step()
-        if done is not None and done >= total:
-            print(f"stage {stage}: complete ({done} steps), skipped")
-            models = self.restore_models(stage, total, manager)
-            self.method.on_stage_end(stage, models, self.workdir)  # idempotent: redone if a crash came before it
-            return models
         graphdefs, state, optimizers, iterator_state = self.stage_start(stage, index, total, previous, manager)
+        start = int(jax.device_get(state["step"]))
+        self.log.truncate({stage: start})
+        if start >= total:
+            print(f"stage {stage}: complete ({start} steps), skipped")
+            self.method.on_stage_end(stage, state["models"], self.workdir)  # idempotent: redone if a crash came before it
+            return state["models"]
         state = replicate(state, self.mesh)
         step_fn = make_train_step(self.method, stage, graphdefs, optimizers)
-        jitted = jax.jit(step_fn, donate_argnums=0)
         self.compiled_steps[stage] = step_fn
 
-        d = cfg.data
-        batch_size = self.batch_size(stage)
-        pipeline = PipelineConfig(
-            crop_size=d.crop_size, batch_size=batch_size // jax.process_count(),
-            foreground_oversample=d.foreground_oversample, flip_probability=d.flip_probability,
-            intensity_scale=d.intensity_scale, intensity_shift=d.intensity_shift,
-            seed=cfg.train.seed + index, workers=d.workers, prefetch=d.prefetch,
-            **self.method.pipeline(stage),
-        )
+        pipeline = self.pipeline_config(stage, index)
         iterator = iter(make_loader(train_set, pipeline))
         if iterator_state is not None:
             iterator.set_state(iterator_state.encode())
         schedules = {u.group: make_schedule(self.method.optimizer(stage, u.group), total) for u in self.method.updates(stage)}
-        start = int(jax.device_get(state["step"]))
-        voxels = batch_size * pipeline.instantiations * int(np.prod(d.crop_size))
+        voxels = pipeline.batch_size * jax.process_count() * pipeline.instantiations * int(np.prod(cfg.data.crop_size))
         pending, last_time, last_step = [], time.perf_counter(), start
         bar = tqdm(total=total, initial=start, desc=f"{stage}", unit="step", disable=not cfg.train.progress, dynamic_ncols=True)
         if start:
             print(f"stage {stage}: resuming at step {start} of {total}")
+        jitted = None
         try:
             for step in range(start, total):
                 batch = place_batch(next(iterator), self.mesh)
+                if jitted is None:
+                    jitted = self.compile_step(stage, step_fn, state, batch)
+                    last_time = time.perf_counter()  # the rate excludes compilation
                 state, metrics = jitted(state, batch)
                 pending.append((step + 1, metrics))
                 if self.budget is not None:
@@ -459,13 +417,6 @@ class Trainer:
         self.log.write({"stage": stage, "step": pending[-1][0], "steps_per_s": float(rate), "voxels_per_s": float(voxel_rate)})
 
 
-def _changed_keys(old, new, prefix="") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
-    return [] if old == new else [prefix.rstrip(".")]
-
-
 def train(config: Config, workdir, data_dir=None, stop_after: int | None = None, only: tuple[str, ...] = ()) -> Trainer:
     trainer = Trainer(config, workdir, data_dir, only)
     trainer.run(stop_after)
@@ -490,7 +441,7 @@ def load_trained(workdir, stage: str | None = None, overrides=()):
         if manager is None or manager.latest_step() is None:
             continue
         graphdefs, template = init_state(method, name, 0, stage_optimizers(method, name, 1))
-        state, _ = restore(manager, template)
+        state, _, _ = restore_newest_readable(manager, template)
         return method, graphdefs, state["models"], config
     if not stage and any((workdir / "checkpoints" / s).exists() for s in method.stages):
         raise JaxbratsError(f"{workdir}: no checkpoint of a stage that segments ({', '.join(stages)}); "

@@ -36,10 +36,11 @@ def write_case(
     skip=(),
     seg: bool = True,
     ext: str = ".nii.gz",
+    shape=SHAPE,
 ) -> Path:
     """A BraTS-style case folder with files `<case_id><sep><token><ext>`."""
     case_id = case_id or case_dir.name
-    images, labels = phantom_arrays(seed)
+    images, labels = phantom_arrays(seed, shape)
     for modality, token in tokens.items():
         if modality not in skip:
             save(case_dir / f"{case_id}{sep}{token}{ext}", images[modality], dtype=np.int16)

@@ -274,12 +274,19 @@ def test_the_15_subset_table_comes_from_the_finetuned_model(m3ae_run, phantom_ca
     assert (tmp_path / "summary.md").read_text().count("\n|") >= 16
 
 
-def test_finetuning_resumes_mid_way(m3ae_run, phantom_cache, tmp_path):
-    _, whole = m3ae_run
-    engine.train(tiny(), tmp_path, phantom_cache, stop_after=5)  # 3 pretrain + 2 finetune steps
+def test_resume_mid_pretraining_and_mid_finetuning_is_bit_for_bit(m3ae_run, phantom_cache, tmp_path):
+    """Pretraining draws its patch masks from the step's key: a resume must replay the same masks."""
+    from test_engine import assert_bitwise_equal, final_state, logged_steps
+
+    whole_dir, whole = m3ae_run
+    engine.train(tiny(), tmp_path, phantom_cache, stop_after=2)  # pretrain step 2 of 3
+    engine.train(tiny(), tmp_path, phantom_cache, stop_after=3)  # pretrain 3, then finetune 1-2 of 4
     rest = engine.train(tiny(), tmp_path, phantom_cache)
     assert [(s, n) for s, n, _ in rest.losses] == [("finetune", 3), ("finetune", 4)]
-    np.testing.assert_allclose([l for *_, l in rest.losses], [l for *_, l in whole.losses[-2:]], rtol=1e-5)
+    for stage in ("pretrain", "finetune"):
+        assert_bitwise_equal(final_state(tmp_path, tiny(), stage), final_state(whole_dir, tiny(), stage))
+    assert logged_steps(tmp_path) == logged_steps(whole_dir) == {"pretrain": [1, 2, 3], "finetune": [1, 2, 3, 4]}
+    assert [l for *_, l in rest.losses] == [l for *_, l in whole.losses[-2:]]
 
 
 def test_one_stage_from_a_given_checkpoint(m3ae_run, phantom_cache, tmp_path):

@@ -76,8 +76,11 @@ def test_dropout_only_with_a_key():
     x = jnp.ones((1, 16, 16, 16, 4))
     run = nnx.jit(lambda m, x, key: m(x, key)["logits"])
     plain = nnx.jit(lambda m, x: m(x)["logits"])
-    np.testing.assert_array_equal(plain(model, x), plain(model, x))
+    no_dropout = UNet(UNetConfig(dropout=0.0, widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1)), nnx.Rngs(0))  # same weights
+    np.testing.assert_array_equal(plain(model, x), plain(no_dropout, x))  # inference: dropout is off
     assert not np.allclose(run(model, x, jax.random.key(1)), plain(model, x))
+    np.testing.assert_array_equal(run(model, x, jax.random.key(1)), run(model, x, jax.random.key(1)))
+    assert not np.allclose(run(model, x, jax.random.key(1)), run(model, x, jax.random.key(2)))
 
 
 def _walk(jaxpr):

@@ -1,0 +1,136 @@
+"""What a training work directory holds besides checkpoints, and what a resume may change.
+
+``config.json`` is the resolved config of the latest `train` call,
+``config_history.jsonl`` one row per call (when, which keys changed from the
+call before, old and new values), ``splits.json`` the case ids of each split
+(fixed at the first call) and ``data.json`` the cache's preprocessing
+settings (`predict` needs them).
+
+A resume may change only the settings that leave what the checkpoints hold
+and what the split is untouched (`RESUMABLE`: batch size, run lengths,
+learning-rate schedule, logging, the compute dtype, evaluation...); a change
+of anything else (the architecture, the method and its options, the
+optimiser's kind, the data pipeline, the seed) is refused with one line
+naming the keys, before anything is written.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import json
+from pathlib import Path
+
+from jaxbrats.config import Config, ConfigError, OptimizerConfig, StageConfig, config_from_data, save_config, to_dict
+from jaxbrats.data.cache import CacheDataset
+from jaxbrats.data.splits import ratio_split, read_split_file
+from jaxbrats.errors import JaxbratsError
+from jaxbrats.methods import get_method
+
+#: Config keys (fnmatch patterns) a resumed run may change. Everything else is refused.
+RESUMABLE = (
+    "data.cache", "data.batch_size", "data.workers", "data.prefetch",
+    "stages.*.epochs", "stages.*.steps", "stages.*.batch_size", "stages.*.init_from",
+    "stages.*.optimizers.*.lr", "stages.*.optimizers.*.schedule", "stages.*.optimizers.*.poly_power",
+    "stages.*.optimizers.*.warmup_steps", "stages.*.optimizers.*.momentum",
+    "model.dtype", "model.remat", "model.conv_impl",
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.data_parallel",
+    "eval.*",
+)
+
+
+def resolve_splits(config: Config, cache_ids: list[str]) -> dict[str, list[str]]:
+    d = config.data
+    if d.train_split:
+        splits = {"train": read_split_file(d.train_split, cache_ids)}
+        for name, path in (("val", d.val_split), ("test", d.test_split)):
+            splits[name] = read_split_file(path, cache_ids) if path else []
+        return splits
+    return ratio_split(cache_ids, d.split_ratios, seed=d.split_seed)
+
+
+def load_splits(workdir: Path, cache: CacheDataset) -> dict[str, list[str]]:
+    path = Path(workdir) / "splits.json"
+    splits = json.loads(path.read_text())
+    missing = sorted({i for ids in splits.values() for i in ids} - set(cache.case_ids))
+    if missing:
+        raise JaxbratsError(f"{path}: case {missing[0]!r} of the run's split is not in the cache {cache.cache_dir}")
+    return splits
+
+
+def effective(config: Config) -> dict:
+    """The config as plain data with every default spelled out (the method's options, each stage and group)."""
+    method = get_method(config.method_name)
+    stages = {}
+    for stage in method.stages:
+        stage_config = config.stages.get(stage, StageConfig())
+        groups = {g: stage_config.optimizers.get(g, OptimizerConfig()) for g in method.groups(stage)}
+        stages[stage] = to_dict(StageConfig(**{**vars(stage_config), "optimizers": groups}))
+    data = to_dict(config)
+    data["method"] = {"name": config.method_name, **to_dict(method.parse_options(config))}
+    data["stages"] = stages
+    return data
+
+
+def changed_keys(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) or isinstance(new, dict):
+        old, new = old if isinstance(old, dict) else {}, new if isinstance(new, dict) else {}
+        return [k for key in sorted(set(old) | set(new)) for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _lookup(data: dict, key: str):
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def has_checkpoints(workdir: Path) -> bool:
+    return any(p.name.isdigit() for p in (Path(workdir) / "checkpoints").glob("*/*"))
+
+
+def record_config(workdir: Path, config: Config) -> list[str]:
+    """Check a resume's config against the saved one, then save it and add a history row; the changed keys."""
+    saved = workdir / "config.json"
+    new = effective(config)
+    changed = []
+    if saved.exists():
+        try:
+            old = effective(config_from_data(json.loads(saved.read_text()), str(saved)))
+        except (json.JSONDecodeError, ConfigError) as e:
+            raise JaxbratsError(f"{saved}: the saved config cannot be read ({e}); use another --workdir") from None
+        changed = changed_keys(old, new)
+        fixed = [k for k in changed if not any(fnmatch.fnmatchcase(k, p) for p in RESUMABLE)]
+        if fixed and has_checkpoints(workdir):
+            raise JaxbratsError(
+                f"{workdir}: its checkpoints were trained with other values of {', '.join(fixed)} "
+                f"(saved: {', '.join(f'{k}={_lookup(old, k)!r}' for k in fixed)}); a resume may change only "
+                f"run lengths, batch size, learning-rate schedule, logging and eval settings. "
+                f"Use another --workdir (stages.<stage>.init_from starts from a checkpoint's models)")
+        if changed:
+            print(f"note: resuming with changed {', '.join(changed)} (recorded in config_history.jsonl)")
+    row = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "changed": {k: [_lookup(old, k), _lookup(new, k)] for k in changed} if changed else {}}
+    with (workdir / "config_history.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    save_config(config, saved)
+    return changed
+
+
+def prepare(workdir: Path, config: Config, cache: CacheDataset) -> dict[str, list[str]]:
+    """Create or check a work directory; returns the run's splits (fixed at its first call)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    split_path = workdir / "splits.json"
+    if split_path.exists():
+        splits = load_splits(workdir, cache)
+    else:
+        splits = resolve_splits(config, cache.case_ids)
+    if not splits["train"]:
+        raise JaxbratsError(f"{split_path}: no training cases")
+    record_config(workdir, config)
+    if not split_path.exists():
+        split_path.write_text(json.dumps(splits, indent=1) + "\n")
+    # Predicting a new case needs the preprocessing the model was trained with.
+    data = {"cache": str(cache.cache_dir), "preprocessing": cache.index["settings"]}
+    (workdir / "data.json").write_text(json.dumps(data, indent=1) + "\n")
+    return splits
