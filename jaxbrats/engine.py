@@ -2,21 +2,26 @@
 
 How a run goes (`train`):
 
-1. The resolved config, the train/val/test split and the cache's
-   preprocessing settings are written to the work directory (`config.json`,
-   `splits.json`, `data.json`); a resumed run reuses the split.
-2. For each of the method's stages, in order: if its checkpoint directory
-   holds the final step, the stage is done; if it holds an earlier step, the
-   models, optimiser states, step, rng and the Grain iterator state are
-   restored and training continues exactly; otherwise the stage starts from
-   fresh models with the previous stage's variables carried over
+1. The work directory is locked (one writer), and the resolved config, the
+   train/val/test split and the cache's preprocessing settings are written to
+   it (`jaxbrats.workdir`); a resumed run reuses the split and may change only
+   settings that leave the checkpoints valid (`workdir.RESUMABLE`), recorded in
+   ``config_history.jsonl``.
+2. For each of the method's stages, in order: if its newest readable
+   checkpoint (`checkpoints.restore_newest_readable`) holds the final step,
+   the stage is done; if it holds an earlier step, the models, optimiser
+   states, step, rng and the Grain iterator state are restored and training
+   continues bit for bit as an uninterrupted run; otherwise the stage starts
+   from fresh models with the previous stage's variables carried over
    (`Method.carry`), or from `[stages.<name>] init_from`.
 3. The train state is a pytree: ``{"models": {name: nnx.State},
    "opt": {group: optax state}, "step": int32, "key": uint32[2]}``, split
    from the NNX graphs once. `make_train_step` closes over the graph
-   definitions and optimisers and is jitted once per stage with the state
-   donated; the step's rng is ``fold_in(key, step)``, so a resumed run draws
-   the same numbers. Nothing in the step talks to the host.
+   definitions and optimisers; it is compiled ahead of time for the first
+   batch, with the state donated, so a batch of another shape is refused
+   rather than compiled again (the compile, or the load from the persistent
+   compilation cache, is reported). The step's rng is ``fold_in(key, step)``,
+   so a resumed run draws the same numbers. Nothing in the step talks to the host.
 4. Batches are placed on a ("data", "space") mesh, split along "data"; the
    "space" axis is 1 today and is where volume sharding goes.
 5. Metrics stay on the device and are fetched every `log_every` steps (one
@@ -157,7 +162,7 @@ def make_train_step(method: Method, stage: str, graphdefs: dict, optimizers: dic
     updates = method.updates(stage)
 
     def step(state, batch):
-        step.traces += 1  # runs at trace time only: counts compilations
+        step.traces += 1  # runs at trace time only (XLA compilations: `jaxbrats.compilation`)
         models = dict(state["models"])
         opt = dict(state["opt"])
         key = jax.random.fold_in(state["key"], state["step"])
@@ -247,6 +252,12 @@ class Trainer:
 
     def run(self, stop_after: int | None = None) -> dict:
         """Run (or resume) every stage; `stop_after` steps in this call, then checkpoint and return."""
+        if jax.process_index() > 0:  # process 0 holds the work directory for the whole run
+            return self._run(stop_after)
+        with workdir_files.single_writer(self.workdir):
+            return self._run(stop_after)
+
+    def _run(self, stop_after: int | None) -> dict:
         self.budget = stop_after
         splits = workdir_files.prepare(self.workdir, self.config, self.cache)
         train_set = CacheDataset(self.cache.cache_dir, splits["train"])

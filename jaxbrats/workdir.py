@@ -16,9 +16,12 @@ naming the keys, before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import fnmatch
 import json
+import os
 from pathlib import Path
 
 from jaxbrats.config import Config, ConfigError, OptimizerConfig, StageConfig, config_from_data, save_config, to_dict
@@ -37,6 +40,26 @@ RESUMABLE = (
     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.data_parallel",
     "eval.*",
 )
+
+
+LOCK = ".train.lock"
+
+
+@contextlib.contextmanager
+def single_writer(workdir: Path):
+    """Hold the work directory's lock while a run writes to it: a second `train` on it stops at once."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the mode goes through the user's umask
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JaxbratsError(f"{workdir}: another `jaxbrats train` is writing to it (it holds {path}); "
+                                f"wait for it to finish or use another --workdir") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def resolve_splits(config: Config, cache_ids: list[str]) -> dict[str, list[str]]:

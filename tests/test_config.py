@@ -126,6 +126,9 @@ BAD_VALUES = [
     # [method]: the baseline's options
     (["method.class_weights=[1.0,-1.0,1.0,1.0]"], "method.class_weights entries must be >= 0, got [1.0, -1.0, 1.0, 1.0]"),
     (["method.class_weights=[1.0]"], "method.class_weights needs 4 values, got [1.0]"),
+    (["method.deep_supervision=true", "model.widths=[8,8]", "model.blocks=[1,1]"],
+     "model.widths needs at least 3 levels for deep supervision (method.deep_supervision = true), got [8, 8]"),
+    ([M3AE, "model.widths=[8,8]", "model.blocks=[1,1]"], "model.widths needs at least 3 levels for deep supervision (M3AE fine-tuning), got [8, 8]"),
     # [method]: M3AE's options
     ([M3AE, "method.patch_size=0"], "method.patch_size must be >= 1, got 0"),
     ([M3AE, "method.mask_ratio=1.0"], "method.mask_ratio must be in [0, 1), got 1.0"),

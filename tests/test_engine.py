@@ -18,6 +18,7 @@ from conftest import tiny_config
 from jaxbrats import checkpoints, engine
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.pipeline import PipelineConfig, make_loader
+from jaxbrats.errors import JaxbratsError
 from jaxbrats.evaluation import evaluate
 from jaxbrats.methods import get_method
 
@@ -301,3 +302,15 @@ def test_no_readable_checkpoint_stops_in_one_line_and_moves_nothing(stopped_run,
     assert rc == 1 and len(err) == 1 and "Traceback" not in err[0], err
     assert "no readable checkpoint in" in err[0] and "train" in err[0] and "2 (" in err[0]
     assert sorted(p.name for p in (workdir / "checkpoints" / "train").iterdir()) == before
+
+
+def test_one_writer_per_work_directory(phantom_cache, tmp_path):
+    import fcntl
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with open(workdir / ".train.lock", "w") as held:  # as another `jaxbrats train` would hold it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(JaxbratsError, match="another `jaxbrats train` is writing to it"):
+            engine.train(tiny_config(), workdir, phantom_cache)
+    assert sorted(p.name for p in workdir.iterdir()) == [".train.lock"]  # nothing written while refused

@@ -247,7 +247,7 @@ def restored_models(workdir, stage):
 def test_both_stages_run_and_hand_over(m3ae_run):
     workdir, trainer = m3ae_run
     assert [(s, n) for s, n, _ in trainer.losses] == [("pretrain", 1), ("pretrain", 2), ("pretrain", 3)] + [("finetune", n) for n in range(1, 5)]
-    assert trainer.compiled_steps["pretrain"].traces == 1 and trainer.compiled_steps["finetune"].traces == 1
+    assert trainer.compilations == {"pretrain": {"compiled": 1, "loaded": 0}, "finetune": {"compiled": 1, "loaded": 0}}
     pretrain, finetune = restored_models(workdir, "pretrain"), restored_models(workdir, "finetune")
     np.testing.assert_array_equal(pretrain["x_sub"]["image"][...], finetune["x_sub"]["image"][...])  # carried, frozen
     assert pretrain["unet"]["decoder"]["head"]["kernel"][...].shape[-1] == 4  # regression head

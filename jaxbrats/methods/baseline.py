@@ -19,7 +19,7 @@ from jaxbrats.labels import NUM_LABELS, REGIONS, region_probs_from_label_probs
 from jaxbrats.losses import segmentation_loss
 from jaxbrats.methods.base import Method, Update
 from jaxbrats.modalities import drop_modalities
-from jaxbrats.networks.unet import UNet, UNetConfig
+from jaxbrats.networks.unet import DEEP_SUPERVISION_LEVELS, UNet, UNetConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,12 @@ class BaselineOptions:
         if self.class_weights and len(self.class_weights) != NUM_LABELS:
             raise ConfigError(f"{where}.class_weights needs {NUM_LABELS} values, got {list(self.class_weights)}")
         check_entries(f"{where}.class_weights", self.class_weights, 0)
+
+
+def check_deep_supervision(config, why: str) -> None:
+    if len(config.model.widths) < DEEP_SUPERVISION_LEVELS:
+        raise ConfigError(f"model.widths needs at least {DEEP_SUPERVISION_LEVELS} levels for deep supervision ({why}), "
+                          f"got {list(config.model.widths)}")
 
 
 def unet_config(config, out_channels: int, deep_supervision: bool) -> UNetConfig:
@@ -61,6 +67,12 @@ class Baseline(Method):
     name = "baseline"
     Options = BaselineOptions
     stages = ("train",)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        if cls.parse_options(config).deep_supervision:
+            check_deep_supervision(config, "method.deep_supervision = true")
 
     def out_channels(self) -> int:
         return len(REGIONS) if self.options.output == "regions" else NUM_LABELS

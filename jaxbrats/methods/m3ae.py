@@ -66,7 +66,7 @@ from jaxbrats.config import ConfigError, check_entries, check_range
 from jaxbrats.labels import REGIONS
 from jaxbrats.losses import masked_mse, segmentation_loss
 from jaxbrats.methods.base import Method, Update
-from jaxbrats.methods.baseline import probabilities, unet_config
+from jaxbrats.methods.baseline import check_deep_supervision, probabilities, unet_config
 from jaxbrats.modalities import MODALITIES, NUM_MODALITIES, drop_modalities
 from jaxbrats.networks.unet import UNet
 from jaxbrats.transforms import (
@@ -155,6 +155,7 @@ class M3AE(Method):
     def check_config(cls, config) -> None:
         super().check_config(config)
         options = cls.parse_options(config)
+        check_deep_supervision(config, "M3AE fine-tuning")
         if options.patch_masking:
             try:
                 patch_grid(config.data.crop_size, options.patch_size)

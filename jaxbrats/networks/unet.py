@@ -23,6 +23,9 @@ from flax import nnx
 from jaxbrats.networks.layers import Conv3D
 
 
+DEEP_SUPERVISION_LEVELS = 3  # the heads read the 1/4 and 1/2 resolution decoder outputs
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
     in_channels: int = 4
@@ -44,6 +47,8 @@ class UNetConfig:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if len(self.widths) != len(self.blocks):
             raise ValueError("widths and blocks need one entry per level")
+        if self.deep_supervision and len(self.widths) < DEEP_SUPERVISION_LEVELS:
+            raise ValueError(f"deep supervision needs at least {DEEP_SUPERVISION_LEVELS} levels (heads at 1/2 and 1/4)")
 
 
 def _conv(cin, cout, kernel, cfg: UNetConfig, rngs, stride=1):
