@@ -30,6 +30,7 @@ class ConfigError(JaxbratsError):
 
 UPSAMPLES = ("nearest", "trilinear")  # networks.unet.UNetConfig
 DTYPES = ("float32", "bfloat16")
+SPLITS = ("auto", "files", "ratio")  # DataConfig.split
 SEED_LIMIT = 2**31  # Grain's sampler takes 32-bit seeds; a run adds the stage index to train.seed
 
 
@@ -164,7 +165,10 @@ class DataConfig:
     intensity_shift: float = 0.1
     workers: int = 0
     prefetch: int = 2
-    #: Split files (one case id per line); empty: a seeded ratio split of the cache.
+    #: Where the train/val/test split comes from: "files" (train_split, val_split, test_split:
+    #: one case id per line; for datasets whose papers publish a split), "ratio" (a seeded
+    #: ratio split of the cache) or "auto" (the files when train_split is set, else the ratios).
+    split: str = "auto"
     train_split: str = ""
     val_split: str = ""
     test_split: str = ""
@@ -181,6 +185,10 @@ class DataConfig:
         check_range(_key(where, "intensity_shift"), self.intensity_shift, 0)
         check_range(_key(where, "workers"), self.workers, 0)
         check_range(_key(where, "prefetch"), self.prefetch, 1)  # Grain's worker buffer needs >= 1
+        check_choice(_key(where, "split"), self.split, SPLITS)
+        if self.split == "ratio" and self.train_split:
+            raise ConfigError(f"{_key(where, 'split')} = 'ratio' but {_key(where, 'train_split')} is set "
+                              f"({self.train_split!r}): set one of the two")
         ratios = _key(where, "split_ratios")
         check_entries(ratios, self.split_ratios, 0)
         if abs(sum(self.split_ratios) - 1.0) > 1e-6:

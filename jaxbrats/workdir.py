@@ -64,6 +64,10 @@ def single_writer(workdir: Path):
 
 def resolve_splits(config: Config, cache_ids: list[str]) -> dict[str, list[str]]:
     d = config.data
+    if d.split == "files" and not (d.train_split and d.test_split):
+        raise ConfigError("data.split = 'files' (this config's paper publishes its split): set data.train_split, "
+                          "data.val_split and data.test_split to files of case ids, or --set data.split='\"ratio\"' "
+                          "for a seeded ratio split (data.split_ratios, data.split_seed) that is not the paper's")
     if d.train_split:
         splits = {"train": read_split_file(d.train_split, cache_ids)}
         for name, path in (("val", d.val_split), ("test", d.test_split)):

@@ -239,15 +239,15 @@ M3AE_BRATS = {  # the paper: 600 pretraining + 300 fine-tuning epochs, 16^3 patc
     **_optimizer("pretrain", 3e-4, 0.0, model_lr={"x_sub": 5e-3}), **_optimizer("finetune", 3e-4, 1e-4),
 }
 EXPECTED = {
-    "baseline_brats2018.toml": BASELINE_BRATS,
-    "baseline_brats2020.toml": BASELINE_BRATS,
-    "baseline_brats2023.toml": BASELINE_BRATS,
+    "baseline_brats2018.toml": {**BASELINE_BRATS, "data.split": "files"},  # the papers' 199/29/57
+    "baseline_brats2020.toml": {**BASELINE_BRATS, "data.split": "files"},  # the papers' 219/50/100
+    "baseline_brats2023.toml": {**BASELINE_BRATS, "data.split": "auto"},  # no published split
     "baseline_phantom.toml": {
         **SHARED, **PHANTOM, **BASELINE, "stages.train.steps": 1200, "length.train": 1200, "train.checkpoint_every": 400,
         **_optimizer("train", 2e-3, warmup=10),
     },
-    "m3ae_brats2018.toml": M3AE_BRATS,
-    "m3ae_brats2020.toml": M3AE_BRATS,
+    "m3ae_brats2018.toml": {**M3AE_BRATS, "data.split": "files"},
+    "m3ae_brats2020.toml": {**M3AE_BRATS, "data.split": "files"},
     "m3ae_phantom.toml": {  # the demo baseline's 1200 steps split 600 + 600; the paper's 128/16 patch grid at 32/8
         **SHARED, **PHANTOM, **M3AE_OPTIONS, "options.patch_size": 8, "options.substitute_shape": (64, 64, 64),
         "stages.pretrain.steps": 600, "length.pretrain": 600, "stages.finetune.steps": 600, "length.finetune": 600,

@@ -314,3 +314,17 @@ def test_one_writer_per_work_directory(phantom_cache, tmp_path):
         with pytest.raises(JaxbratsError, match="another `jaxbrats train` is writing to it"):
             engine.train(tiny_config(), workdir, phantom_cache)
     assert sorted(p.name for p in workdir.iterdir()) == [".train.lock"]  # nothing written while refused
+
+
+def test_a_config_whose_paper_names_a_split_needs_split_files(phantom_cache, tmp_path):
+    config = tiny_config("data.split='files'")
+    with pytest.raises(JaxbratsError, match=r"data.split = 'files'.*set data.train_split, data.val_split and data.test_split"):
+        engine.train(config, tmp_path / "run", phantom_cache)
+    assert not (tmp_path / "run" / "splits.json").exists()
+    ids = CacheDataset(phantom_cache).case_ids
+    for name, part in (("train", ids[:4]), ("val", ids[4:5]), ("test", ids[5:])):
+        (tmp_path / f"{name}.txt").write_text("\n".join(part) + "\n")
+    files = [f"data.{n}_split='{tmp_path / n}.txt'" for n in ("train", "val", "test")]
+    workdir = tmp_path / "with_files"
+    engine.train(tiny_config("data.split='files'", "stages.train.steps=1", *files), workdir, phantom_cache)
+    assert json.loads((workdir / "splits.json").read_text()) == {"train": ids[:4], "val": ids[4:5], "test": ids[5:]}

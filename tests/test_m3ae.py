@@ -289,6 +289,21 @@ def test_resume_mid_pretraining_and_mid_finetuning_is_bit_for_bit(m3ae_run, phan
     assert [l for *_, l in rest.losses] == [l for *_, l in whole.losses[-2:]]
 
 
+@pytest.mark.parametrize("pretrained_unet", [True, False])
+def test_ablation_a_finetunes_a_fresh_unet_with_the_pretrained_x_sub(m3ae_run, pretrained_unet):
+    workdir, _ = m3ae_run
+    method = get_method("m3ae")(tiny(f"method.pretrained_unet={str(pretrained_unet).lower()}"))
+    pretrained = restored_models(workdir, "pretrain")
+    fresh = engine.init_state(method, "finetune", 7, {"model": optax.adam(1e-3)})[1]["models"]
+    started = method.carry("finetune", fresh, pretrained)
+    np.testing.assert_array_equal(started["x_sub"]["image"][...], pretrained["x_sub"]["image"][...])  # always the learned x_sub
+    stem = ("encoder", "stem", "kernel")
+    kernel = lambda models: np.asarray(models["unet"][stem[0]][stem[1]][stem[2]][...])  # noqa: E731
+    want = pretrained if pretrained_unet else fresh
+    np.testing.assert_array_equal(kernel(started), kernel(want))
+    assert not np.array_equal(kernel(pretrained), kernel(fresh))
+
+
 def test_one_stage_from_a_given_checkpoint(m3ae_run, phantom_cache, tmp_path):
     source, _ = m3ae_run
     with pytest.raises(JaxbratsError, match="stage finetune starts from stage pretrain"):

@@ -44,8 +44,11 @@ the whole volume, its pull on each voxel shrinks as `substitute_shape` grows.
 The backbone's upsampling (`model.upsample`) is trilinear in M3AE's
 supplement and nearest in the public code; the BraTS configs use trilinear.
 
-Ablations of the paper's Table 3: no pretraining (row a:
-``stages.pretrain.epochs = 0``), ``patch_masking = false`` (modality
+Ablations of the paper's Table 3: no M3AE pretraining (row a:
+``pretrained_unet = false``: pretraining still learns x_sub by model
+inversion, fine-tuning starts from a fresh U-Net; ``stages.pretrain.epochs = 0``
+instead skips pretraining altogether, so the fill is untrained noise),
+``patch_masking = false`` (modality
 dropout only, row b), ``fill = "zero"`` (row c) or ``"mean"`` (the mean
 image of the training cases in the same frame, row d), and
 ``consistency_weight = 0`` (no self-distillation, row e).
@@ -97,6 +100,9 @@ class M3AEOptions:
     consistency_weight: float = 0.1  # lambda; 0 turns self-distillation off (Table 3 e)
     consistency_feature: str = "bottleneck"  # paper | deep_quarter (public code)
     distinct_views: bool = True  # paper: the two fine-tuning views differ; false: independent draws
+    #: Fine-tuning starts from the pretrained U-Net (true) or a fresh one that keeps only the
+    #: pretrained x_sub (false: Table 3 row a, "no M3AE pretraining", model inversion kept).
+    pretrained_unet: bool = True
 
     def validate(self, where: str) -> None:
         for name, value, allowed in (("fill", self.fill, FILLS), ("substitute_penalty", self.substitute_penalty, PENALTIES),
@@ -198,6 +204,11 @@ class M3AE(Method):
 
     def can_predict(self, stage):
         return stage == "finetune"
+
+    def carry(self, stage, fresh, previous):
+        if stage == "finetune" and not self.options.pretrained_unet:
+            previous = {n: s for n, s in previous.items() if n == "x_sub"}  # row a: a fresh U-Net, the learned x_sub
+        return super().carry(stage, fresh, previous)
 
     # --- filling --------------------------------------------------------------------------
     def substitute(self, models, batch):
