@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from jaxbrats.errors import JaxbratsError
+from jaxbrats.labels import CONVENTIONS
 from jaxbrats.modalities import MODALITIES
 
 
@@ -37,16 +38,19 @@ def _prepare(args) -> int:
 
     need_labels = not args.no_labels
     if args.check_only:
-        report = check_dataset(args.data_dir, need_labels=need_labels, workers=args.workers)
+        report = check_dataset(args.data_dir, need_labels=need_labels, workers=args.workers, convention=args.convention)
         bad = _print_report(report, "checked")
     else:
         report = prepare_dataset(
             args.data_dir, args.cache_dir, normalization=args.normalize, margin=args.margin,
-            need_labels=need_labels, skip_bad=args.skip_bad, workers=args.workers,
+            need_labels=need_labels, skip_bad=args.skip_bad, workers=args.workers, convention=args.convention,
         )
         bad = _print_report(report, "prepared")
     if bad and not args.skip_bad:
         raise JaxbratsError(f"{args.data_dir}: {bad} bad case(s); fix them or rerun with --skip-bad")
+    if bad and not report["prepared"]:  # --skip-bad would leave nothing: no index was written
+        raise JaxbratsError(f"{args.data_dir}: every case is bad ({bad} of {bad}), none usable"
+                            + ("" if args.check_only else f"; no index written to {args.cache_dir}"))
     if bad:
         print(f"skipped {bad} bad case(s)")
     if not args.check_only:
@@ -143,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-only", action="store_true", help="validate every case, write nothing")
     p.add_argument("--skip-bad", action="store_true", help="skip bad cases (listed) instead of failing")
     p.add_argument("--no-labels", action="store_true", help="cases need no seg file (inference-only data)")
+    p.add_argument("--convention", choices=sorted(CONVENTIONS),
+                   help="label convention of every case (default: the layout's, or detected per case from its labels)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=_prepare)
 
@@ -170,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--case", required=True, help="case folder (never written to)")
     p.add_argument("--out", required=True, help="output segmentation, e.g. seg.nii.gz")
-    p.add_argument("--convention", choices=["brats2018", "brats2023"], help="label values to write (default: the case's release)")
+    p.add_argument("--convention", choices=sorted(CONVENTIONS), help="label values to write (default: the case's release)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a saved config key")
     p.set_defaults(func=_predict)
 

@@ -16,10 +16,12 @@ NUM_MODALITIES = len(MODALITIES)
 
 #: File-name tokens used by the BraTS releases (and common variants) for each
 #: modality. BraTS 2023+ uses t2f/t1c/t1n/t2w; 2018-2021 use flair/t1ce/t1/t2.
+#: Channel names of a dataset.json (MSD "FLAIR", "T1w", "t1gd", "T2w"; nnU-Net
+#: "T1", "T1c", ...) are matched here too, lower-cased, without spaces, "-", "_".
 MODALITY_ALIASES: dict[str, tuple[str, ...]] = {
-    "flair": ("flair", "t2f", "fla"),
-    "t1ce": ("t1ce", "t1c", "t1gd", "t1ce1"),
-    "t1": ("t1", "t1n"),
+    "flair": ("flair", "t2f", "fla", "t2flair"),
+    "t1ce": ("t1ce", "t1c", "t1gd", "t1ce1", "t1wce", "t1post"),
+    "t1": ("t1", "t1n", "t1w"),
     "t2": ("t2", "t2w"),
 }
 #: Tokens naming a segmentation file. "segm" covers BraTS 2020 case 355,

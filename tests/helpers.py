@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -46,4 +47,96 @@ def write_case(
             save(case_dir / f"{case_id}{sep}{token}{ext}", images[modality], dtype=np.int16)
     if seg:
         save(case_dir / f"{case_id}{sep}seg{ext}", from_internal(labels, convention), dtype=np.uint8)
+    return case_dir
+
+
+# --- dataset.json layouts (Medical Segmentation Decathlon, nnU-Net v2) and other label conventions ---------
+# Written from the datasets' own descriptions, independently of jaxbrats.labels / jaxbrats.modalities.
+
+#: Task01_BrainTumour's dataset.json: channel index -> name, label value -> name.
+MSD_MODALITY = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
+MSD_LABELS = {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}
+#: nnU-Net v2's BraTS conversion: channel index -> name, label name -> value.
+NNUNET_CHANNELS = {"0": "FLAIR", "1": "T1", "2": "T1c", "3": "T2"}
+NNUNET_LABELS = {"background": 0, "edema": 1, "non-enhancing": 2, "enhancing": 3}
+#: Internal label (0 bg, 1 necrosis/non-enhancing, 2 edema, 3 enhancing) -> value in both datasets above.
+EDEMA_FIRST_VALUES = {0: 0, 1: 2, 2: 1, 3: 3}
+#: The channel names used in these tests -> the phantom's modality.
+CHANNEL_MODALITY = {"flair": "flair", "t1w": "t1", "t1gd": "t1ce", "t1-gd": "t1ce", "t2w": "t2", "t1": "t1", "t1c": "t1ce", "t2": "t2"}
+
+
+def relabel(labels: np.ndarray, values: dict[int, int]) -> np.ndarray:
+    """Internal phantom labels -> another convention's values (uint8)."""
+    lut = np.zeros(max(values) + 1, np.uint8)
+    for internal, value in values.items():
+        lut[internal] = value
+    return lut[labels]
+
+
+def brats2013_seg(labels: np.ndarray) -> np.ndarray:
+    """Phantom labels in the BraTS 2013-2016 values: core split into necrosis 1 and non-enhancing 3, ET 4."""
+    seg = relabel(labels, {0: 0, 1: 1, 2: 2, 3: 4})
+    core = np.argwhere(labels == 1)
+    seg[tuple(core[::2].T)] = 3  # every other core voxel is non-enhancing tumour
+    return seg
+
+
+def _channel_arrays(images: dict, channel_names: dict) -> list[np.ndarray]:
+    return [images[CHANNEL_MODALITY[channel_names[k].lower()]] for k in sorted(channel_names, key=int)]
+
+
+def write_msd(root: Path, cases: int = 2, modality=None, labels=None, values=None, shape=SHAPE,
+              test_cases: int = 0, lists: bool = True) -> Path:
+    """A Decathlon Task01-style dataset: imagesTr/BRATS_XXX.nii.gz 4D, labelsTr/, imagesTs/, dataset.json.
+
+    Case i uses the phantom of seed i (test cases follow the training ones).
+    `lists=False` leaves out the "training"/"test" lists (the folders say).
+    """
+    modality, labels, values = modality or MSD_MODALITY, labels or MSD_LABELS, values or EDEMA_FIRST_VALUES
+    training, test = [], []
+    for i in range(cases + test_cases):
+        images, internal = phantom_arrays(i, shape)
+        name = f"BRATS_{i + 1:03d}.nii.gz"
+        folder = "imagesTr" if i < cases else "imagesTs"
+        save(root / folder / name, np.stack(_channel_arrays(images, modality), axis=-1), affine=brats_affine(shape), dtype=np.float32)
+        if i < cases:
+            save(root / "labelsTr" / name, relabel(internal, values), dtype=np.uint8)
+            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        else:
+            test.append(f"./imagesTs/{name}")
+    meta = {"name": "BRATS", "modality": modality, "labels": labels, "numTraining": cases, "numTest": test_cases}
+    if lists:
+        meta |= {"training": training, "test": test}
+    (root / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return root
+
+
+def write_nnunetv2(root: Path, cases: int = 2, channel_names=None, labels=None, values=None, shape=SHAPE,
+                   test_cases: int = 0, file_ending: str = ".nii.gz") -> Path:
+    """An nnU-Net v2 raw dataset: imagesTr/BRATS_XXX_000C<ending> per channel, labelsTr/, imagesTs/, dataset.json."""
+    channel_names, labels = channel_names or NNUNET_CHANNELS, labels or NNUNET_LABELS
+    values = values or EDEMA_FIRST_VALUES
+    for i in range(cases + test_cases):
+        images, internal = phantom_arrays(i, shape)
+        case = f"BRATS_{i + 1:03d}"
+        folder = "imagesTr" if i < cases else "imagesTs"
+        for c, array in enumerate(_channel_arrays(images, channel_names)):
+            save(root / folder / f"{case}_{c:04d}{file_ending}", array, dtype=np.int16)
+        if i < cases:
+            save(root / "labelsTr" / f"{case}{file_ending}", relabel(internal, values), dtype=np.uint8)
+    meta = {"channel_names": channel_names, "labels": labels, "numTraining": cases, "file_ending": file_ending}
+    (root / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return root
+
+
+def write_plain_case(case_dir: Path, seg_values: np.ndarray | None = None, seed: int = 0, shape=SHAPE) -> Path:
+    """A plain-layout case folder (flair.nii.gz, t1ce.nii.gz, t1.nii.gz, t2.nii.gz, seg.nii.gz).
+
+    `seg_values` is the seg to write (default: the phantom's labels in the 2018 values).
+    """
+    images, labels = phantom_arrays(seed, shape)
+    for modality, image in images.items():
+        save(case_dir / f"{modality}.nii.gz", image, dtype=np.int16)
+    seg = relabel(labels, {0: 0, 1: 1, 2: 2, 3: 4}) if seg_values is None else seg_values
+    save(case_dir / "seg.nii.gz", seg, dtype=np.uint8)
     return case_dir

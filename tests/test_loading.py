@@ -116,7 +116,9 @@ def test_labels_outside_the_convention(tmp_path, value, layout):
     labels = np.asanyarray(nib.load(seg).dataobj).copy()
     labels[0, 0, 0] = value
     save(seg, labels)
-    _expect(case_dir, f"labels [{value}] outside", seg.name)
+    found = sorted(set(np.unique(labels).tolist()))
+    _expect(case_dir, f"labels [{value}] outside the", seg.name)
+    _expect(case_dir, f"(labels found {found}; `jaxbrats prepare --convention` states another")
 
 
 def test_float_seg_is_rounded_and_non_integer_seg_rejected(case_dir):

@@ -136,3 +136,37 @@ def test_case_with_a_missing_modality_is_cached_with_zeros(tmp_path):
     dataset = CacheDataset(tmp_path / "cache")
     assert dataset.manifests[0]["present"] == [True, True, False, True]
     assert not dataset.arrays(0)["image"][..., 2].any()
+
+
+def _all_bad(data):
+    """A dataset whose two cases are both bad: a truncated image, a missing seg."""
+    write_case(data / "BraTS2021_00001", seed=1)
+    (data / "BraTS2021_00001" / "BraTS2021_00001_t1.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    write_case(data / "BraTS2021_00002", seed=2, seg=False)
+    return data
+
+
+def test_skip_bad_with_every_case_bad_writes_no_index(tmp_path):
+    data, cache = _all_bad(tmp_path / "data"), tmp_path / "cache"
+    report = prepare_dataset(data, cache, skip_bad=True, workers=1, progress=False)
+    assert report["prepared"] == {} and len(report["errors"]) == 2
+    assert not (cache / "index.json").exists() and not list(cache.glob("cases/*"))
+    # An older, valid index of the same cache does not survive a run that leaves no usable case.
+    write_case(tmp_path / "good" / "BraTS2021_00000")
+    prepare_dataset(tmp_path / "good", cache, workers=1, progress=False)
+    assert CacheDataset(cache).case_ids == ["BraTS2021_00000"]
+    prepare_dataset(data, cache, skip_bad=True, workers=1, progress=False)
+    with pytest.raises(JaxbratsError, match="index.json: missing"):
+        CacheDataset(cache)
+
+
+def test_cli_skip_bad_with_every_case_bad_fails_in_one_line(tmp_path):
+    from test_cli import _one_line_error, _run
+
+    data, cache = _all_bad(tmp_path / "data"), tmp_path / "cache"
+    result = _run("prepare", data, cache, "--workers", "1", "--skip-bad")
+    _one_line_error(result, str(data), "every case is bad (2 of 2)", "no index written")
+    assert "bad: case BraTS2021_00001:" in result.stdout and "bad: case BraTS2021_00002:" in result.stdout
+    assert "skipped" not in result.stdout and not (cache / "index.json").exists()
+    checked = _run("prepare", data, "--check-only", "--workers", "1", "--skip-bad")
+    _one_line_error(checked, "every case is bad (2 of 2)")

@@ -9,12 +9,14 @@ Layout of a cache directory::
     cases/<case_id>/foreground.npy int32 (N, 4) rows (label, i, j, k) for oversampling
     cases/<case_id>/manifest.json crop box, source shape/affine/orientation,
                                   sources and their fingerprint, present modalities,
-                                  normalisation statistics, format version
+                                  normalisation statistics, background value per
+                                  modality, format version
 
 Crash safety: an entry is written into ``cases/.partial-*`` and renamed into
 place only once complete (manifest last), so a directory named after a case
 is always whole. ``index.json`` is replaced atomically at the end of a
-prepare run; a cache without it is not usable.
+prepare run; a cache without it is not usable. Files and folders get the
+permissions the user's umask gives (`jaxbrats.files`), so a cache can be shared.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from jaxbrats import files
 from jaxbrats.errors import JaxbratsError
 
 FORMAT_VERSION = 1
@@ -70,7 +72,9 @@ def entry_is_current(cache_dir, case_id: str, fingerprint: dict, settings: dict)
         manifest = read_manifest(_cases_dir(cache_dir) / case_id)
     except JaxbratsError:
         return False
-    return manifest["source_fingerprint"] == fingerprint and manifest["settings"] == settings
+    # An entry from before the background was detected (no "background" in its manifest) is redone
+    # once: a constant non-zero background was then taken for brain.
+    return manifest["source_fingerprint"] == fingerprint and manifest["settings"] == settings and "background" in manifest
 
 
 def _write_json(path: Path, obj) -> None:
@@ -84,17 +88,21 @@ def write_entry(cache_dir, case_id: str, arrays: dict[str, np.ndarray], manifest
     """Write one case entry so that readers see either nothing or all of it."""
     cases = _cases_dir(cache_dir)
     cases.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}{case_id}-", dir=cases))
+    partial = files.mkdtemp(prefix=f"{_PARTIAL}{case_id}-", dir=cases)  # the umask's mode, not 0700
+    old = None
     try:
         for name, array in arrays.items():
             np.save(partial / f"{name}.npy", np.ascontiguousarray(array))
         _write_json(partial / MANIFEST, {"format_version": FORMAT_VERSION, **manifest})
         final = cases / case_id
         if final.exists():  # an outdated entry: move it aside before the swap
-            final.rename(Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}old-", dir=cases)) / case_id)
+            old = files.mkdtemp(prefix=f"{_PARTIAL}old-", dir=cases)
+            final.rename(old / case_id)
         partial.rename(final)
     finally:
         remove_partial_entries(cache_dir, only=partial)
+        if old is not None:
+            remove_partial_entries(cache_dir, only=old)
 
 
 def remove_partial_entries(cache_dir, only: Path | None = None) -> None:

@@ -4,6 +4,10 @@ Every problem becomes a `CaseError` naming the case, the file and what is
 wrong. Arrays come back reoriented to RAS+ (nibabel's canonical orientation),
 so every case of every release has the same axis directions; the original
 orientation is kept so that predictions can be written back.
+
+A 4D image holding several modalities (the Medical Segmentation Decathlon's)
+is read once and split into one (D, H, W) array per modality, each checked
+like a separate file; errors name the file and the channel.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from nibabel import orientations as ornt
 
 from jaxbrats.data.discovery import CaseRecord
 from jaxbrats.errors import CaseError
-from jaxbrats.labels import CONVENTIONS, to_internal
+from jaxbrats.labels import CONVENTIONS, DETECTED_CONVENTIONS, convention_values, detect_convention, to_internal
 from jaxbrats.modalities import MODALITIES
 
 #: Largest elementwise difference allowed between two files' affines (mm).
@@ -57,8 +61,8 @@ def from_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return ornt.apply_orientation(array, transform)
 
 
-def _read(case_id: str, path: Path):
-    """(affine, data) of one NIfTI file.
+def _read(case_id: str, path: Path, channels: int | None = None):
+    """(affine, data) of one NIfTI file: 3D, or 4D with `channels` channels when given.
 
     The whole file is decompressed up front so that gzip's CRC is checked:
     nibabel alone stops reading at the end of the voxel data and would accept
@@ -86,6 +90,12 @@ def _read(case_id: str, path: Path):
         data = np.asanyarray(image.dataobj)
     except (EOFError, OSError, ValueError) as e:
         raise CaseError(case_id, path, f"truncated or corrupt data ({_describe(e)})") from None
+    if channels is not None:
+        if channels == 1 and data.ndim == 3:
+            data = data[..., None]
+        if data.ndim != 4 or data.shape[-1] != channels:
+            raise CaseError(case_id, path, f"expected a 4D image of {channels} channels (dataset.json), got shape {data.shape}")
+        return image.affine, data
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -111,39 +121,57 @@ def _check_labels(case_id: str, path: Path, data: np.ndarray, convention: str | 
     rounded = np.rint(data)
     if np.issubdtype(data.dtype, np.floating) and np.abs(data - rounded).max() > LABEL_ROUNDING_TOLERANCE:
         raise CaseError(case_id, path, "labels are not integers")
-    values = set(np.unique(rounded).astype(int).tolist())
+    values = np.unique(rounded).astype(np.int64).tolist()
     if convention is None:  # plain layout: the values say which release
-        convention = "brats2018" if 4 in values and 3 not in values else "brats2023"
-    outside = sorted(values - set(CONVENTIONS[convention]))
+        convention = detect_convention(values)
+        if convention is None:
+            tried = "; ".join(f"{c} {convention_values(c)}" for c in DETECTED_CONVENTIONS)
+            raise CaseError(case_id, path, f"labels {values} fit no label convention (tried {tried})")
+    allowed = convention_values(convention)
+    outside = sorted(set(values) - set(allowed))
     if outside:
-        allowed = sorted(CONVENTIONS[convention])
-        raise CaseError(case_id, path, f"labels {outside} outside the {convention} convention {allowed}")
+        raise CaseError(
+            case_id, path,
+            f"labels {outside} outside the {convention} convention {allowed} (labels found {values}; "
+            f"`jaxbrats prepare --convention` states another: {', '.join(sorted(CONVENTIONS))})",
+        )
     return to_internal(rounded.astype(np.int64), convention), convention
 
 
-def load_case(record: CaseRecord, need_labels: bool = True) -> LoadedCase:
-    """Read and validate all files of a case; raises `CaseError` on the first problem."""
+def load_case(record: CaseRecord, need_labels: bool = True, convention: str | None = None) -> LoadedCase:
+    """Read and validate all files of a case; raises `CaseError` on the first problem.
+
+    `convention` (a label convention name) replaces the record's, e.g. the
+    one stated for a whole dataset with `jaxbrats prepare --convention`.
+    """
     cid = record.case_id
     if need_labels and record.seg is None:
         raise CaseError(cid, record.directory, "segmentation file missing (labels are needed)")
     images, ref = {}, None
+    read: dict[Path, tuple] = {}  # a 4D file is read once for all its channels
     for modality in MODALITIES:
-        path = record.images.get(modality)
-        if path is None:
+        if modality not in record.images:
             continue
-        affine, data = _read(cid, path)
+        path, channel = record.source(modality)
+        if path not in read:
+            read[path] = _read(cid, path, record.num_channels if channel is not None else None)
+        affine, data = read[path]
+        where = "" if channel is None else f"channel {channel} ({modality}): "
+        if channel is not None:
+            data = data[..., channel]
         if ref is None:
             ref = (path, data.shape, affine)
         else:
             _check_geometry(cid, path, data.shape, affine, *ref)
         data = data.astype(np.float32)
         if not np.all(np.isfinite(data)):
-            raise CaseError(cid, path, "image contains NaN or Inf")
+            raise CaseError(cid, path, f"{where}image contains NaN or Inf")
         if not np.any(data):
-            raise CaseError(cid, path, "image is all zero")
+            raise CaseError(cid, path, f"{where}image is all zero")
         images[modality] = to_canonical(data, affine)
+    read.clear()
     ref_path, shape, affine = ref
-    labels, convention = None, record.convention
+    labels, convention = None, convention or record.convention
     if record.seg is not None:
         seg_affine, seg = _read(cid, record.seg)
         _check_geometry(cid, record.seg, seg.shape, seg_affine, ref_path, shape, affine)

@@ -35,13 +35,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from jaxbrats import files
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.labels import EDEMA, ENHANCING, NECROSIS, from_internal
 
@@ -155,7 +155,7 @@ def _write_case(out_dir: Path, index: int, shape, layout: str, seed: int) -> str
     case_id = pattern.format(i=index)
     images, labels = phantom_case(shape, np.random.default_rng([seed, index]))
     affine = brats_affine(shape)
-    partial = Path(tempfile.mkdtemp(prefix=f".partial-{case_id}-", dir=out_dir))
+    partial = Path(files.mkdtemp(prefix=f".partial-{case_id}-", dir=out_dir))
     try:
         for modality, image in images.items():
             nib.save(nib.Nifti1Image(image.astype(np.int16), affine), partial / f"{case_id}{sep}{tokens[modality]}.nii.gz")

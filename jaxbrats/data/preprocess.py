@@ -19,12 +19,16 @@ from jaxbrats.data import cache
 from jaxbrats.data.discovery import CaseRecord, discover
 from jaxbrats.data.loading import LoadedCase, load_case
 from jaxbrats.errors import CaseError
-from jaxbrats.labels import region_voxel_counts
+from jaxbrats.labels import convention_map, region_voxel_counts
 from jaxbrats.modalities import MODALITIES
 
 NORMALIZATIONS = ("zscore", "percentile")
 #: Foreground voxel coordinates kept per label for oversampled crops.
 FOREGROUND_SAMPLES_PER_LABEL = 10_000
+#: A border value is the background when it fills at least this fraction of the outer faces.
+BACKGROUND_BORDER_FRACTION = 0.9
+#: Relative tolerance around a non-zero background (a 0 background is matched exactly).
+BACKGROUND_TOLERANCE = 1e-5
 
 
 def brain_bbox(mask: np.ndarray, margin: int) -> np.ndarray:
@@ -69,11 +73,57 @@ def foreground_samples(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
 
 
+def border_values(image: np.ndarray) -> np.ndarray:
+    """The voxels on the outer faces of a volume, each once."""
+    faces = [image[[0, -1]], image[1:-1, [0, -1]], image[1:-1, 1:-1, [0, -1]]]
+    return np.concatenate([f.ravel() for f in faces])
+
+
+def find_background(image: np.ndarray) -> float:
+    """The value that fills a volume's border, or 0.
+
+    The most common value on the outer faces when it covers at least
+    `BACKGROUND_BORDER_FRACTION` of them (a constant background such as the
+    -3.62 of a z-scored image); otherwise 0 (raw or skull-stripped images,
+    a brain touching the border). Never the minimum: negative ringing at a
+    skull-stripped brain's edge does not move it.
+    """
+    border = border_values(image)
+    values, counts = np.unique(border, return_counts=True)
+    top = int(np.argmax(counts))
+    return float(values[top]) if counts[top] >= BACKGROUND_BORDER_FRACTION * border.size else 0.0
+
+
+def brain_mask(images: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, float]]:
+    """(brain, background per modality): brain = voxels that differ from their modality's background in any modality.
+
+    A value is background when it is within a tiny relative tolerance of the
+    border's constant (exactly 0 for a 0 background, so such images keep the
+    historical rule `x != 0`). Values below the background count as brain:
+    after an affine intensity map (z-scoring with the background set to a
+    constant) the mask, the crop and the normalised cache are those of the
+    source image, and tissue below a zero background (zero-centred z-scores)
+    is kept; negative ringing at the brain's edge thus joins the brain, a
+    shell one or two voxels thick inside the crop margin anyway.
+    """
+    brain, backgrounds = None, {}
+    for modality, image in images.items():
+        background = find_background(image)
+        tolerance = BACKGROUND_TOLERANCE * abs(background)
+        inside = np.abs(image - background) > tolerance if tolerance else image != background
+        brain = inside if brain is None else brain | inside
+        backgrounds[modality] = background
+    return brain, backgrounds
+
+
 def preprocess_case(case: LoadedCase, normalization: str, margin: int) -> tuple[dict, dict]:
     """Crop and normalise a loaded case; returns (arrays, manifest fields)."""
-    brain_full = np.zeros(next(iter(case.images.values())).shape, dtype=bool)
-    for img in case.images.values():
-        brain_full |= img != 0
+    brain_full, backgrounds = brain_mask(case.images)
+    for modality, image in case.images.items():
+        if image.min() == image.max():  # ("all zero" is refused when loading)
+            raise CaseError(case.record.case_id, case.record.images[modality], f"image is constant ({backgrounds[modality]:g} everywhere)")
+    if not brain_full.any():
+        raise CaseError(case.record.case_id, case.record.directory, "no brain voxels: every modality equals its background")
     box = brain_bbox(brain_full, margin)
     crop = tuple(slice(lo, hi) for lo, hi in box)
     brain = brain_full[crop]
@@ -87,6 +137,7 @@ def preprocess_case(case: LoadedCase, normalization: str, margin: int) -> tuple[
         "crop_box": box.tolist(),
         "cropped_shape": list(brain.shape),
         "normalization": {"method": normalization, "stats": stats},
+        "background": backgrounds,  # per present modality: the border's constant (0 for skull-stripped BraTS)
     }
     if case.labels is not None:
         labels = np.ascontiguousarray(case.labels[crop])
@@ -99,16 +150,20 @@ def preprocess_case(case: LoadedCase, normalization: str, margin: int) -> tuple[
     return arrays, fields
 
 
-def prepare_case(record: CaseRecord, cache_dir: Path, normalization: str, margin: int, need_labels: bool) -> str:
+def prepare_case(
+    record: CaseRecord, cache_dir: Path, normalization: str, margin: int, need_labels: bool, convention: str | None = None
+) -> str:
     """Load, validate, preprocess and store one case unless its entry is current.
 
     Returns "cached" or "written"; raises `CaseError` for a bad case.
     """
     settings = {"normalization": normalization, "margin": margin}
+    if convention is not None:  # a stated label convention (else the layout's): a change re-prepares
+        settings["convention"] = convention
     fingerprint = cache.source_fingerprint(record)
     if cache.entry_is_current(cache_dir, record.case_id, fingerprint, settings):
         return "cached"
-    case = load_case(record, need_labels=need_labels)
+    case = load_case(record, need_labels=need_labels, convention=convention)
     arrays, fields = preprocess_case(case, normalization, margin)
     manifest = {
         "case_id": record.case_id,
@@ -137,9 +192,9 @@ def _prepare_one(args):
 
 
 def _check_one(args):
-    record, need_labels = args
+    record, need_labels, convention = args
     try:
-        load_case(record, need_labels=need_labels)
+        load_case(record, need_labels=need_labels, convention=convention)
         return record.case_id, "ok", None
     except CaseError as e:
         return record.case_id, None, str(e)
@@ -172,31 +227,39 @@ def prepare_dataset(
     skip_bad: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    convention: str | None = None,
 ) -> dict:
     """Prepare every case of `data_dir` into `cache_dir`; returns a report.
 
     Bad cases are collected, not raised: the report lists each with its
     reason. The dataset index (what makes the cache usable) is written only
-    when no case is bad, or with `skip_bad`, for the good cases.
+    when no case is bad, or with `skip_bad`, for the good cases; never when
+    no case is good (`report["prepared"]` is then empty).
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
-    layout, records, bad = discover(data_dir)
+    if convention is not None:
+        convention_map(convention)  # an unknown name: one line, before any work
+    layout, records, bad = discover(data_dir, need_labels=need_labels)
     cache_dir = Path(cache_dir)
     cache.remove_partial_entries(cache_dir)
-    jobs = [(r, cache_dir, normalization, margin, need_labels) for r in records]
+    jobs = [(r, cache_dir, normalization, margin, need_labels, convention) for r in records]
     status, errors = _over_cases(_prepare_one, jobs, workers, progress, "prepare")
     errors = [str(e) for e in bad] + errors
-    if skip_bad or not errors:
-        good = [r.case_id for r in records if r.case_id in status]
+    good = [r.case_id for r in records if r.case_id in status]
+    if good and (skip_bad or not errors):
         cache.write_index(cache_dir, layout, good, settings={"normalization": normalization, "margin": margin})
-    else:  # a failed run leaves no index behind, not even an older one
+    else:  # a failed run, or one without a usable case, leaves no index behind, not even an older one
         cache.remove_index(cache_dir)
     return {"layout": layout, "records": records, "prepared": status, "errors": errors}
 
 
-def check_dataset(data_dir, need_labels: bool = True, workers: int | None = None, progress: bool = True) -> dict:
+def check_dataset(
+    data_dir, need_labels: bool = True, workers: int | None = None, progress: bool = True, convention: str | None = None
+) -> dict:
     """Validate every case without writing anything; returns a report like `prepare_dataset`."""
-    layout, records, bad = discover(data_dir)
-    status, errors = _over_cases(_check_one, [(r, need_labels) for r in records], workers, progress, "check")
+    if convention is not None:
+        convention_map(convention)
+    layout, records, bad = discover(data_dir, need_labels=need_labels)
+    status, errors = _over_cases(_check_one, [(r, need_labels, convention) for r in records], workers, progress, "check")
     return {"layout": layout, "records": records, "prepared": status, "errors": [str(e) for e in bad] + errors}
