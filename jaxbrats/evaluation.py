@@ -12,16 +12,41 @@ bucket shape, so the program compiles once for the whole evaluation. The
 label maps come back to the host for HD95 (scipy) and, for the chosen
 subsets, NIfTI predictions in the source geometry and label convention.
 
+One segmentation, `segment`, serves the evaluation and `jaxbrats predict`
+(`predict.predict_case`): the case padded at the end, `method.fill` on the
+whole padded image, sliding windows, thresholds. The window grid is that of
+the case's own extent (data, `inferers.sliding_window`'s `extent`), not of
+the bucket, so a case's labels do not depend on the other cases of the
+evaluation (whose largest sets the bucket), and `predict` of a case (padded
+by `pad_shape`, a program of its own) equals its evaluation's labels for
+the subset of the modalities it has, still with one compilation per
+evaluation.
+
+A row scores only the cases that have all of its modalities (the
+manifest's ``present``; `applicability`, a general (case, subset) mask that
+callers may narrow with ``evaluate(..., applicable=...)``). The program
+still runs every subset; the host leaves the others out of the statistics
+and of HD95. Per case, ``cases/<id>.json`` holds ``{"case", "present":
+[modalities], "subsets": [{"name", "applicable", "dice", "hd95"}, ... 15]}``
+with null Dice and HD95 where ``"applicable": false``.
+
 Outputs in the output directory: ``cases/<id>.json``; ``summary.json``
-(shape below); ``summary.md`` and ``summary.csv`` (the papers' layout, Dice
-in percent); ``dice_heatmap.png``; ``predictions/<id>[_<subset>].nii.gz``.
+(shape below); ``summary.md`` and ``summary.csv`` (the papers' layout plus
+the number of cases of each row, Dice in percent, ``-`` for a row without
+an applicable case); ``dice_heatmap.png`` (rows named with their case
+count, such a row grey with dashes); ``predictions/<id>[_<subset>].nii.gz``
+(``full``: each case with every modality it has).
 
 ``summary.json``::
 
     {"regions": ["WT", "TC", "ET"],
-     "subsets": [{"name": "flair", "modalities": ["flair"],
+     "subsets": [{"name": "flair", "modalities": ["flair"], "cases": n,
                   "dice": {"WT": .., "TC": .., "ET": ..}, "hd95": {...}}, ... 15 rows],
-     "mean": {"dice": {...}, "hd95": {...}}, "cases": N}
+     "mean": {"rows": k, "dice": {...}, "hd95": {...}}, "cases": N}
+
+``cases``: the cases a row scores (those with all its modalities; 0: its
+values are null); ``mean``: over the ``k`` rows with at least one case;
+``cases`` at the top: all cases evaluated.
 
 ``eval_settings.json`` records the settings the numbers used (HD95 empty-mask
 convention, ET post-processing, window), how often XLA compiled the program
@@ -33,7 +58,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -46,15 +70,16 @@ from jax import lax
 from nibabel import orientations as ornt
 from tqdm import tqdm
 
-from jaxbrats import compilation
+from jaxbrats import compilation, files
 from jaxbrats.config import EvalConfig, to_dict
 from jaxbrats.data.cache import CacheDataset
+from jaxbrats.data.pipeline import box_start
 from jaxbrats.data.loading import from_canonical, to_canonical
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.inferers import SlidingWindowConfig, sliding_window
 from jaxbrats.labels import ENHANCING, NECROSIS, REGIONS, from_internal, labels_from_regions, regions_of
 from jaxbrats.metrics import dice_counts, dice_from_counts, hd95
-from jaxbrats.modalities import MODALITIES, FULL_SUBSET_INDEX, SUBSET_MASKS, SUBSET_NAMES, SUBSETS
+from jaxbrats.modalities import MODALITIES, FULL_SUBSET_INDEX, SUBSET_MASKS, SUBSET_NAMES, SUBSETS, subset_index
 
 
 def sliding_config(cfg: EvalConfig) -> SlidingWindowConfig:
@@ -67,15 +92,40 @@ def postprocess_et(labels, min_voxels: int, xp=jnp):
     return xp.where(small & (labels == ENHANCING), NECROSIS, labels).astype(labels.dtype)
 
 
-def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None, case_shape=None):
-    """Internal labels (D, H, W) of one volume (D, H, W, 4) seen through `modality_mask`.
+def case_locator(shape, box_start) -> dict:
+    """Where a (padded) case is, as data for `Method.fill`: its extent, and its corner in the source grid."""
+    return {"shape": np.asarray(shape, np.int32), "box_start": np.asarray(box_start, np.int32)}
 
-    `case_shape` is the extent of the case in a padded `image` (default: all of it).
+
+def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None, case=None):
+    """Internal labels (D, H, W) of one case (D, H, W, 4) seen through `modality_mask`: the one
+    segmentation both `evaluate` (each subset) and `predict.predict_case` run.
+
+    `image` holds the case at its start, padded at the end with zeros to any
+    shape (the evaluation's bucket; `pad_shape` for one case); `case` locates
+    it (data, `case_locator`): ``{"shape": its extent in image, "box_start":
+    its corner in the source grid}`` (default: all of `image`, at 0). Steps: pad
+    to at least the window, `method.fill` on the whole padded image (the one
+    call of it: M3AE reads x_sub into the padding too), sliding windows
+    tiling [0, max(case_shape, window)) only (`inferers.sliding_window`'s
+    `extent`), thresholds, labels zero outside the case (and outside
+    `valid`, if given), optional ET post-processing. The labels inside the
+    case do not depend on how far `image` was padded, so a case scores the
+    same whatever bucket the other cases of an evaluation need.
     """
-    case_shape = jnp.asarray(image.shape[:3] if case_shape is None else case_shape, jnp.int32)
-    image = method.fill(models, image, modality_mask, case_shape)
-    probs = sliding_window(lambda x: method.predict(models, x, modality_mask), image, sliding_config(cfg), len(REGIONS))
-    regions = probs > cfg.threshold
+    shape = image.shape[:3]
+    case = case_locator(shape, (0, 0, 0)) if case is None else case
+    case_shape = jnp.asarray(case["shape"], jnp.int32)
+    padded = tuple(max(s, w) for s, w in zip(shape, cfg.window))
+    if padded != shape:  # fill sees the padding the windows read
+        image = jnp.pad(image, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
+    image = method.fill(models, image, modality_mask, case)
+    probs = sliding_window(lambda x: method.predict(models, x, modality_mask), image, sliding_config(cfg), len(REGIONS),
+                           extent=case_shape)[: shape[0], : shape[1], : shape[2]]
+    inside = jnp.ones(shape, bool)
+    for axis in range(3):
+        inside = inside & (lax.broadcasted_iota(jnp.int32, shape, axis) < case_shape[axis])
+    regions = (probs > cfg.threshold) & inside[..., None]
     if valid is not None:
         regions = regions & valid[..., None]
     labels = labels_from_regions(regions, xp=jnp)
@@ -83,11 +133,11 @@ def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None, c
 
 
 def subset_evaluator(method, graphdefs: dict, cfg: EvalConfig):
-    """``(models_state, image, labels, valid, mask, case_shape) -> (Dice counts (3, 3), labels)`` for one subset."""
+    """``(models_state, image, labels, valid, mask, case) -> (Dice counts (3, 3), labels)`` for one subset."""
 
-    def evaluate_subset(models_state, image, labels, valid, mask, case_shape=None):
+    def evaluate_subset(models_state, image, labels, valid, mask, case=None):
         models = {n: nnx.merge(g, models_state[n]) for n, g in graphdefs.items()}
-        predicted = segment(method, models, image, mask, cfg, valid, case_shape)
+        predicted = segment(method, models, image, mask, cfg, valid, case)
         return dice_counts(regions_of(predicted, xp=jnp), regions_of(labels, xp=jnp)), predicted
 
     return evaluate_subset
@@ -101,9 +151,9 @@ def make_case_program(method, graphdefs: dict, cfg: EvalConfig):
     evaluate_subset = subset_evaluator(method, graphdefs, cfg)
     masks = jnp.asarray(SUBSET_MASKS)
 
-    def eval_15_subsets(models_state, image, labels, valid, case_shape=None):
+    def eval_15_subsets(models_state, image, labels, valid, case=None):
         program.traces += 1
-        return lax.map(lambda mask: evaluate_subset(models_state, image, labels, valid, mask, case_shape), masks)
+        return lax.map(lambda mask: evaluate_subset(models_state, image, labels, valid, mask, case), masks)
 
     program = jax.jit(eval_15_subsets)  # JAX reports its compilations as jit(eval_15_subsets)
     program.traces = 0
@@ -111,11 +161,31 @@ def make_case_program(method, graphdefs: dict, cfg: EvalConfig):
 
 
 def bucket_shape(shapes, cfg: EvalConfig) -> tuple[int, int, int]:
+    """The one padded shape of an evaluation: `eval.bucket`, else `pad_shape` of the largest extent."""
     if cfg.bucket:
         return tuple(cfg.bucket)
+    return pad_shape(np.max(np.asarray(shapes), axis=0), cfg)
+
+
+def pad_shape(shape, cfg: EvalConfig) -> tuple[int, int, int]:
+    """Each axis rounded up to `eval.bucket_multiple`, at least the window (predict pads one case so)."""
     m = cfg.bucket_multiple
-    big = np.max(np.asarray(shapes), axis=0)
-    return tuple(int(max(-(-s // m) * m, w)) for s, w in zip(big, cfg.window))
+    return tuple(int(max(-(-int(s) // m) * m, w)) for s, w in zip(shape, cfg.window))
+
+
+def applicability(manifests, applicable=None) -> np.ndarray:
+    """(cases, 15) bool: whether each subset row scores each case.
+
+    A case counts in a row only if it has every modality of the subset (the
+    manifest's `present`): a case without a T2 file is not scored with a
+    zero T2 channel. `applicable` ((15,) or (cases, 15) bool) removes more,
+    e.g. subsets a method cannot segment.
+    """
+    present = np.asarray([m.get("present", [True] * len(MODALITIES)) for m in manifests], bool).reshape(-1, len(MODALITIES))
+    mask = ~(SUBSET_MASKS[None, :, :] & ~present[:, None, :]).any(axis=-1)
+    if applicable is not None:
+        mask = mask & np.broadcast_to(np.asarray(applicable, bool), mask.shape)
+    return mask
 
 
 def _pad(array, shape):
@@ -141,11 +211,13 @@ def _bbox(mask, margin=1):
     return tuple(slice(a, b) for a, b in zip(lo, hi))
 
 
-def hd95_table(predicted, truth, spacing, empty: str) -> np.ndarray:
-    """(15, 3) HD95 of each subset's label map against the truth."""
-    out = np.zeros((len(SUBSETS), len(REGIONS)))
+def hd95_table(predicted, truth, spacing, empty: str, applicable=None) -> np.ndarray:
+    """(15, 3) HD95 of each subset's label map against the truth; NaN (not computed) where not `applicable` (15,)."""
+    out = np.full((len(SUBSETS), len(REGIONS)), np.nan)
     truth_regions = regions_of(truth)
     for s in range(len(SUBSETS)):
+        if applicable is not None and not applicable[s]:
+            continue
         pred_regions = regions_of(predicted[s])
         for r in range(len(REGIONS)):
             p, t = pred_regions[..., r], truth_regions[..., r]
@@ -181,8 +253,7 @@ def write_nifti(data: np.ndarray, affine, path: Path, header=None) -> None:
     image.set_sform(np.asarray(affine), code=1)
     image.set_qform(np.asarray(affine), code=1)
     suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = files.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)  # the umask's mode, not 0600
     try:
         nib.save(image, tmp)
         os.replace(tmp, path)
@@ -192,8 +263,16 @@ def write_nifti(data: np.ndarray, affine, path: Path, header=None) -> None:
 
 
 def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalConfig, out_dir,
-             predictions: str = "full", progress: bool = True) -> dict:
-    """Score every case of `dataset` on all 15 subsets; write the results to `out_dir`."""
+             predictions: str = "full", progress: bool = True, applicable=None) -> dict:
+    """Score every case of `dataset` on all 15 subsets; write the results to `out_dir`.
+
+    Each case is padded to the one bucket and segmented by `segment` (the
+    function `jaxbrats predict` runs too); a row scores only the cases
+    `applicability` allows (the modalities a case has; `applicable`, (15,)
+    or (cases, 15) bool, removes more). `predictions`: "full" writes each
+    case segmented with every modality it has (the full subset when it has
+    all four), "all" every applicable subset, "none" nothing.
+    """
     out_dir = Path(out_dir)
     (out_dir / "cases").mkdir(parents=True, exist_ok=True)
     if any(not m.get("has_label") for m in dataset.manifests):
@@ -203,6 +282,7 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
     compilation.watch()
     before = compilation.counts(PROGRAM_NAME)
     dice_all, hd_all = [], []
+    allowed = applicability(dataset.manifests, applicable)
     for i in tqdm(range(len(dataset)), desc="eval", unit="case", disable=not progress, dynamic_ncols=True):
         arrays, manifest = dataset.arrays(i), dataset.manifests[i]
         shape = tuple(manifest["cropped_shape"])
@@ -211,17 +291,19 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
         image = _pad(np.asarray(arrays["image"]), bucket)
         labels = _pad(np.asarray(arrays["label"]), bucket)
         valid = _pad(np.ones(shape, bool), bucket)
-        counts, predicted = jax.device_get(program(models_state, image, labels, valid, np.asarray(shape, np.int32)))
+        case = case_locator(shape, box_start(manifest))
+        counts, predicted = jax.device_get(program(models_state, image, labels, valid, case))
         predicted = predicted[:, : shape[0], : shape[1], : shape[2]]
-        dice = dice_from_counts(counts)
-        hd = hd95_table(predicted, np.asarray(arrays["label"]), canonical_spacing(manifest["original_affine"]), cfg.hd95_empty) if cfg.hd95 else np.full(dice.shape, np.nan)
+        dice = np.where(allowed[i][:, None], dice_from_counts(counts), np.nan)
+        hd = hd95_table(predicted, np.asarray(arrays["label"]), canonical_spacing(manifest["original_affine"]), cfg.hd95_empty, allowed[i]) if cfg.hd95 else np.full(dice.shape, np.nan)
         dice_all.append(dice)
         hd_all.append(hd)
-        _write_case(out_dir, manifest["case_id"], dice, hd)
-        for s in _prediction_subsets(predictions):
+        _write_case(out_dir, manifest["case_id"], dice, hd, allowed[i], manifest)
+        for s in _prediction_subsets(predictions, manifest, allowed[i]):
             suffix = "" if predictions == "full" else f"_{SUBSET_NAMES[s]}"
             write_prediction(predicted[s], manifest, out_dir / "predictions" / f"{manifest['case_id']}{suffix}.nii.gz")
-    summary = summarize(np.asarray(dice_all), np.asarray(hd_all))
+    summary = summarize(np.asarray(dice_all).reshape(-1, len(SUBSETS), len(REGIONS)),
+                        np.asarray(hd_all).reshape(-1, len(SUBSETS), len(REGIONS)), allowed)
     write_reports(summary, out_dir, cfg)
     after = compilation.counts(PROGRAM_NAME)
     settings = {"eval": to_dict(cfg), "bucket": list(bucket), "compilations": after["compiled"] - before["compiled"],
@@ -230,30 +312,50 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
     return summary
 
 
-def _prediction_subsets(predictions: str) -> list[int]:
-    return {"none": [], "full": [FULL_SUBSET_INDEX], "all": list(range(len(SUBSETS)))}[predictions]
+def _prediction_subsets(predictions: str, manifest: dict, allowed) -> list[int]:
+    """"full": the subset of the modalities the case has (what `jaxbrats predict` uses); "all": the applicable ones."""
+    if predictions == "full":
+        present = np.asarray(manifest.get("present", [True] * len(MODALITIES)), bool)
+        own = FULL_SUBSET_INDEX if present.all() else subset_index(present)
+        return [own] if allowed[own] else []
+    return {"none": [], "all": [s for s in range(len(SUBSETS)) if allowed[s]]}[predictions]
 
 
 def _row(values) -> dict:
     return {r: (None if math.isnan(v) else float(v)) for r, v in zip(REGIONS, values)}
 
 
-def _write_case(out_dir: Path, case_id: str, dice, hd) -> None:
-    rows = [{"name": SUBSET_NAMES[s], "dice": _row(dice[s]), "hd95": _row(hd[s])} for s in range(len(SUBSETS))]
-    (out_dir / "cases" / f"{case_id}.json").write_text(json.dumps({"case": case_id, "subsets": rows}, indent=1) + "\n")
+def _write_case(out_dir: Path, case_id: str, dice, hd, allowed, manifest: dict) -> None:
+    """Per case: every subset with "applicable" (false: null Dice and HD95, not in the summary)."""
+    rows = [{"name": SUBSET_NAMES[s], "applicable": bool(allowed[s]), "dice": _row(dice[s]), "hd95": _row(hd[s])}
+            for s in range(len(SUBSETS))]
+    present = [m for m, p in zip(MODALITIES, manifest.get("present", [True] * len(MODALITIES))) if p]
+    case = {"case": case_id, "present": present, "subsets": rows}
+    (out_dir / "cases" / f"{case_id}.json").write_text(json.dumps(case, indent=1) + "\n")
 
 
-def summarize(dice: np.ndarray, hd: np.ndarray) -> dict:
-    """Means over cases (per subset) and over subsets; HD95 NaNs (convention "nan") are left out."""
+def summarize(dice: np.ndarray, hd: np.ndarray, applicable=None) -> dict:
+    """Means over the applicable cases of each subset (`applicable` (cases, 15) bool, default all),
+    then over the rows that have at least one case; HD95 NaNs (convention "nan") are left out.
+    A row without an applicable case has ``"cases": 0`` and null values."""
+    dice, hd = np.asarray(dice, float), np.asarray(hd, float)
+    allowed = np.ones(dice.shape[:2], bool) if applicable is None else np.asarray(applicable, bool)
+    counts = allowed.sum(axis=0)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=RuntimeWarning)  # all-NaN HD95 columns
-        dice_mean = dice.mean(axis=0)
-        hd_mean = np.nanmean(hd, axis=0)
+        warnings.simplefilter("ignore", category=RuntimeWarning)  # all-NaN columns, rows without cases
+        dice_mean = np.stack([dice[allowed[:, s], s].mean(axis=0) if counts[s] else np.full(len(REGIONS), np.nan)
+                              for s in range(len(SUBSETS))])
+        hd_mean = np.stack([np.nanmean(hd[allowed[:, s], s], axis=0) if counts[s] else np.full(len(REGIONS), np.nan)
+                            for s in range(len(SUBSETS))])
         subsets = [
-            {"name": SUBSET_NAMES[s], "modalities": list(SUBSETS[s]), "dice": _row(dice_mean[s]), "hd95": _row(hd_mean[s])}
+            {"name": SUBSET_NAMES[s], "modalities": list(SUBSETS[s]), "cases": int(counts[s]),
+             "dice": _row(dice_mean[s]), "hd95": _row(hd_mean[s])}
             for s in range(len(SUBSETS))
         ]
-        mean = {"dice": _row(dice_mean.mean(axis=0)), "hd95": _row(np.nanmean(hd_mean, axis=0))}
+        rows = counts > 0
+        mean = {"rows": int(rows.sum()),
+                "dice": _row(dice_mean[rows].mean(axis=0) if rows.any() else np.full(len(REGIONS), np.nan)),
+                "hd95": _row(np.nanmean(hd_mean[rows], axis=0) if rows.any() else np.full(len(REGIONS), np.nan))}
     return {
         "regions": list(REGIONS),
         "subsets": subsets,
@@ -262,21 +364,39 @@ def summarize(dice: np.ndarray, hd: np.ndarray) -> dict:
     }
 
 
+NOT_APPLICABLE = "-"  # a table cell of a row without an applicable case
+
+
 def _fmt(value, scale=1.0) -> str:
     return "n/a" if value is None else f"{value * scale:.2f}"
 
 
+def _cells(row: dict, key: str, scale=1.0) -> list[str]:
+    if row.get("cases", 1) == 0:
+        return [NOT_APPLICABLE] * len(REGIONS)
+    return [_fmt(row[key][r], scale) for r in REGIONS]
+
+
+def _mean_label(summary: dict) -> str:
+    return f"mean of {summary['mean'].get('rows', len(SUBSETS))}/{len(SUBSETS)} rows"
+
+
 def markdown_table(summary: dict, cfg: EvalConfig) -> str:
-    """The papers' layout: one row per subset, a mark per modality present, Dice in percent."""
-    head = "| " + " | ".join(m for m in MODALITIES) + " | " + " | ".join(f"Dice {r}" for r in REGIONS) + " | " + " | ".join(f"HD95 {r}" for r in REGIONS) + " |"
-    lines = [head, "|" + "---|" * (len(MODALITIES) + 2 * len(REGIONS))]
+    """The papers' layout: one row per subset, a mark per modality present, the number of cases the
+    row scores, Dice in percent; a row without an applicable case shows dashes."""
+    head = "| " + " | ".join(m for m in MODALITIES) + " | cases | " + " | ".join(f"Dice {r}" for r in REGIONS) + " | " + " | ".join(f"HD95 {r}" for r in REGIONS) + " |"
+    lines = [head, "|" + "---|" * (len(MODALITIES) + 1 + 2 * len(REGIONS))]
     for row in summary["subsets"]:
         marks = ["●" if m in row["modalities"] else "○" for m in MODALITIES]
-        lines.append("| " + " | ".join(marks) + " | " + " | ".join(_fmt(row["dice"][r], 100) for r in REGIONS) + " | " + " | ".join(_fmt(row["hd95"][r]) for r in REGIONS) + " |")
+        n = str(row.get("cases", summary["cases"]))
+        lines.append("| " + " | ".join(marks) + f" | {n} | " + " | ".join(_cells(row, "dice", 100)) + " | " + " | ".join(_cells(row, "hd95")) + " |")
     mean = summary["mean"]
-    lines.append("| **mean** | | | | " + " | ".join(_fmt(mean["dice"][r], 100) for r in REGIONS) + " | " + " | ".join(_fmt(mean["hd95"][r]) for r in REGIONS) + " |")
+    rows = mean.get("rows", len(SUBSETS))
+    lines.append(f"| **mean** | | | | {rows}/{len(SUBSETS)} rows | " + " | ".join(_fmt(mean["dice"][r], 100) for r in REGIONS) + " | " + " | ".join(_fmt(mean["hd95"][r]) for r in REGIONS) + " |")
     note = (
-        f"\n{summary['cases']} case(s). Dice in percent; HD95 in mm, empty-mask convention '{cfg.hd95_empty}'"
+        f"\n{summary['cases']} case(s); a row scores the cases that have all its modalities"
+        f" ({NOT_APPLICABLE}: none), the mean is over the {rows} of {len(SUBSETS)} rows that have a case."
+        f" Dice in percent; HD95 in mm, empty-mask convention '{cfg.hd95_empty}'"
         + ("" if cfg.hd95 else " (HD95 not computed)")
         + f"; ET post-processing {'on' if cfg.et_postprocess else 'off'}.\n"
     )
@@ -284,11 +404,17 @@ def markdown_table(summary: dict, cfg: EvalConfig) -> str:
 
 
 def csv_table(summary: dict) -> str:
-    head = ["subset", *MODALITIES, *(f"dice_{r}_percent" for r in REGIONS), *(f"hd95_{r}_mm" for r in REGIONS)]
+    """One line per subset (`cases`: how many it scores; dashes when none) and a last line,
+    ``mean of K/15 rows``, over the rows that have a case."""
+    head = ["subset", *MODALITIES, "cases", *(f"dice_{r}_percent" for r in REGIONS), *(f"hd95_{r}_mm" for r in REGIONS)]
     lines = [",".join(head)]
-    for row in summary["subsets"] + [{"name": "mean", "modalities": [], **summary["mean"]}]:
-        present = ["" if row["name"] == "mean" else str(int(m in row["modalities"])) for m in MODALITIES]
-        lines.append(",".join([row["name"], *present, *(_fmt(row["dice"][r], 100) for r in REGIONS), *(_fmt(row["hd95"][r]) for r in REGIONS)]))
+    for row in summary["subsets"]:
+        present = [str(int(m in row["modalities"])) for m in MODALITIES]
+        n = str(row.get("cases", summary["cases"]))
+        lines.append(",".join([row["name"], *present, n, *_cells(row, "dice", 100), *_cells(row, "hd95")]))
+    mean = summary["mean"]
+    lines.append(",".join([_mean_label(summary), *[""] * len(MODALITIES), "",
+                           *(_fmt(mean["dice"][r], 100) for r in REGIONS), *(_fmt(mean["hd95"][r]) for r in REGIONS)]))
     return "\n".join(lines) + "\n"
 
 
@@ -298,15 +424,18 @@ def heatmap(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [row["name"] for row in summary["subsets"]] + ["mean"]
+    # Each row named with the number of cases it scores; a row without one is grey with dashes.
+    names = [f"{row['name']} (n={row.get('cases', summary['cases'])})" for row in summary["subsets"]] + [_mean_label(summary)]
     rows = [[row["dice"][r] for r in REGIONS] for row in summary["subsets"]] + [[summary["mean"]["dice"][r] for r in REGIONS]]
-    values = np.asarray(rows, float)
-    fig, ax = plt.subplots(figsize=(4.6, 7.2))
-    ax.imshow(values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    values = np.asarray([[np.nan if v is None else v for v in row] for row in rows], float)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    fig, ax = plt.subplots(figsize=(5.2, 7.2))
+    ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(REGIONS)), REGIONS)
     ax.set_yticks(range(len(names)), names)
     for (i, j), v in np.ndenumerate(values):
-        ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
+        text = NOT_APPLICABLE if np.isnan(v) else f"{100 * v:.1f}"
+        ax.text(j, i, text, ha="center", va="center", color="black" if np.isnan(v) or v >= 0.6 else "white", fontsize=8)
     ax.set_title(f"Dice (%), {summary['cases']} case(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -1,10 +1,16 @@
 """Sliding-window inference over a whole volume, as one traceable function.
 
-Window positions, blending weights and their normalisation depend only on
-static shapes, so they are computed once with numpy and enter the compiled
-program as constants; windows are processed `batch` at a time in a
-`lax.scan`. Blending is uniform (the papers' public code) or Gaussian
-(sigma = `sigma_scale` x window, nnU-Net and MONAI's default 1/8).
+The window grid tiles a box [0, max(extent, window)) of the volume:
+evenly strided starts, the last flush with the box's end (`axis_starts`).
+`extent` defaults to the volume's shape (the grid is then static); it may
+be data (a traced (3,) array, the unpadded case inside a padded bucket), so
+one compiled program serves every case while each case gets the grid of
+its own shape: the output inside the box does not depend on how far the
+volume was padded beyond it (the evaluation's bucket). Windows are
+processed `batch` at a time in a loop whose trip count is the number of
+windows of the box; the blend normalisation is accumulated alongside.
+Blending is uniform (the papers' public code) or Gaussian (sigma =
+`sigma_scale` x window, nnU-Net and MONAI's default 1/8).
 """
 
 from __future__ import annotations
@@ -63,43 +69,52 @@ def blend_weights(window, blend: str, sigma_scale: float = 0.125) -> np.ndarray:
     return np.maximum(weights, 1e-3).astype(np.float32)
 
 
-def sliding_window(predict, volume, cfg: SlidingWindowConfig, out_channels: int):
+def sliding_window(predict, volume, cfg: SlidingWindowConfig, out_channels: int, extent=None):
     """Blend `predict` over windows of `volume` (D, H, W, C); returns (D, H, W, out_channels) float32.
 
-    `predict` maps (B, *window, C) to (B, *window, out_channels). Axes shorter
-    than the window are zero-padded for inference and cropped back.
+    `predict` maps (B, *window, C) to (B, *window, out_channels). The windows
+    tile the box [0, max(extent, window)) on each axis (`extent`: (3,) ints,
+    may be traced; default the volume's shape), clipped to the volume, with
+    the grid `window_starts` gives for a volume of the box's shape; outside
+    the box the output is 0. Axes of `volume` shorter than the window are
+    zero-padded for inference and cropped back.
     """
     shape = volume.shape[:3]
-    window = tuple(cfg.window)
+    window = tuple(int(w) for w in cfg.window)
     padded = tuple(max(s, w) for s, w in zip(shape, window))
     if padded != shape:
         volume = jnp.pad(volume, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
-    starts = window_starts(padded, window, cfg.overlap)
-    weights = blend_weights(window, cfg.blend, cfg.sigma_scale)
-    norm = np.zeros(padded, np.float32)
-    for s in starts:
-        norm[s[0]:s[0] + window[0], s[1]:s[1] + window[1], s[2]:s[2] + window[2]] += weights
-    groups = -(-len(starts) // cfg.batch)
-    # Pad the last group with repeats of the first window, weighted 0.
-    scale = np.zeros(groups * cfg.batch, np.float32)
-    scale[: len(starts)] = 1.0
-    starts = np.concatenate([starts, np.repeat(starts[:1], groups * cfg.batch - len(starts), 0)])
-    starts = starts.reshape(groups, cfg.batch, 3)
-    scale = scale.reshape(groups, cfg.batch)
-    weights = jnp.asarray(weights)[..., None]
+    strides = [max(int(w * (1 - cfg.overlap)), 1) for w in window]
+    xp = np if extent is None else jnp
+    box = np.asarray(padded) if extent is None else jnp.clip(jnp.asarray(extent, jnp.int32), np.asarray(window), np.asarray(padded))
+    counts = (box - np.asarray(window) + np.asarray(strides) - 1) // np.asarray(strides) + 1  # as `axis_starts`
+    last = box - np.asarray(window)  # the last start on each axis
+    total = xp.prod(counts)
+    groups = (total + cfg.batch - 1) // cfg.batch
+    weights = jnp.asarray(blend_weights(window, cfg.blend, cfg.sigma_scale))[..., None]
     channels = volume.shape[-1]
 
-    def step(total, group):
-        corners, factors = group
+    def corner(n):
+        """Start of window n, the grid in row-major (i, j, k) order like `window_starts`; distinct for n < total."""
+        index = jnp.stack([n // (counts[1] * counts[2]), (n // counts[2]) % counts[1], n % counts[2]])
+        return jnp.minimum(index * jnp.asarray(strides, jnp.int32), jnp.asarray(last, jnp.int32)).astype(jnp.int32)
+
+    def step(g, acc):
+        n = g * cfg.batch + jnp.arange(cfg.batch, dtype=jnp.int32)
+        factors = (n < total).astype(jnp.float32)  # the last group's spare slots repeat a window, weighted 0
+        corners = jax.vmap(corner)(jnp.minimum(n, total - 1))
         patches = jax.vmap(lambda c: lax.dynamic_slice(volume, (c[0], c[1], c[2], 0), window + (channels,)))(corners)
         out = predict(patches).astype(jnp.float32)
         for b in range(cfg.batch):
             c = corners[b]
-            region = lax.dynamic_slice(total, (c[0], c[1], c[2], 0), window + (out_channels,))
-            total = lax.dynamic_update_slice(total, region + factors[b] * weights * out[b], (c[0], c[1], c[2], 0))
-        return total, None
+            w = factors[b] * weights
+            region = lax.dynamic_slice(acc, (c[0], c[1], c[2], 0), window + (out_channels + 1,))
+            update = jnp.concatenate([w * out[b], w], axis=-1)  # the last channel sums the blend weights
+            acc = lax.dynamic_update_slice(acc, region + update, (c[0], c[1], c[2], 0))
+        return acc
 
-    total = jnp.zeros(padded + (out_channels,), jnp.float32)
-    total, _ = lax.scan(step, total, (jnp.asarray(starts), jnp.asarray(scale)))
-    total = total / jnp.asarray(norm)[..., None]
-    return total[: shape[0], : shape[1], : shape[2]]
+    acc = jnp.zeros(padded + (out_channels + 1,), jnp.float32)
+    acc = lax.fori_loop(0, groups if extent is not None else int(groups), step, acc)
+    norm = acc[..., -1:]
+    out = jnp.where(norm > 0, acc[..., :-1] / jnp.where(norm > 0, norm, 1.0), 0.0)
+    return out[: shape[0], : shape[1], : shape[2]]

@@ -3,9 +3,12 @@
 The case is read and validated like a training case (`data.loading`),
 cropped and normalised with the run's preprocessing settings, segmented with
 the modalities present (the method fills the missing ones its own way) by
-sliding-window inference, and written back in the source geometry (the crop
-undone, the source orientation and affine, the header of the first image) and
-label convention.
+the evaluation's own segmentation (`evaluation.segment`: same padding rule,
+fill, window grid and thresholds, see `segment_one_case`), and written back
+in the source geometry (the crop undone, the source orientation and affine,
+the header of the first image) and label convention. Predict of a case
+gives the labels `jaxbrats eval` gives it for the subset of the modalities
+it has (its ``predictions/<id>.nii.gz``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from jaxbrats.data.loading import from_canonical, load_case
 from jaxbrats.data.preprocess import preprocess_case
 from jaxbrats.engine import load_trained
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.evaluation import segment, write_nifti
+from jaxbrats.evaluation import case_locator, _pad, pad_shape, segment, write_nifti
 from jaxbrats.labels import CONVENTIONS, from_internal, region_voxel_counts
 from jaxbrats.modalities import MODALITIES
 
@@ -51,14 +54,8 @@ def predict_case(workdir, case_dir, out_path, convention: str | None = None, ove
     case = load_case(record, need_labels=False)
     arrays, fields = preprocess_case(case, preprocessing["normalization"], preprocessing["margin"])
     present = np.asarray(record.present)
-    cfg = config.eval
-
-    @jax.jit
-    def run(models_state, image, mask):
-        models = {n: nnx.merge(g, models_state[n]) for n, g in graphdefs.items()}
-        return segment(method, models, image, mask, cfg)
-
-    labels = np.asarray(run(models_state, arrays["image"], present))
+    box = [lo for lo, _ in fields["crop_box"]]
+    labels = segment_one_case(method, graphdefs, models_state, arrays["image"], present, config.eval, box)
     full = np.zeros(next(iter(case.images.values())).shape, np.uint8)
     full[tuple(slice(lo, hi) for lo, hi in fields["crop_box"])] = labels
     convention = convention or case.convention or "brats2023"
@@ -72,6 +69,30 @@ def predict_case(workdir, case_dir, out_path, convention: str | None = None, ove
         "voxels": region_voxel_counts(labels),
         "out": str(out_path),
     }
+
+
+def segment_one_case(method, graphdefs, models_state, image, modality_mask, cfg, box_start=(0, 0, 0)) -> np.ndarray:
+    """Internal labels of one preprocessed case (D, H, W, 4): `evaluation.segment`, as `evaluate` runs it.
+
+    The case is padded at the end to `evaluation.pad_shape` (each axis rounded
+    up to `eval.bucket_multiple`, at least the window: the bucket of an
+    evaluation of this case alone) and segmented with its extent and its
+    corner in the source grid (`box_start`) as the case's locator, so `fill` (M3AE's x_sub read into the padding too) and the
+    window grid (that of the case's extent) are the evaluation's; the labels
+    equal the evaluation's for the subset `modality_mask`, whatever bucket
+    that evaluation used. One program of its own (compiled for this shape).
+    """
+    image = np.asarray(image, np.float32)
+    shape = image.shape[:3]
+    padded = _pad(image, pad_shape(shape, cfg))
+
+    @jax.jit
+    def run(models_state, image, mask, case):
+        models = {n: nnx.merge(g, models_state[n]) for n, g in graphdefs.items()}
+        return segment(method, models, image, mask, cfg, case=case)
+
+    labels = run(models_state, padded, np.asarray(modality_mask, bool), case_locator(shape, box_start))
+    return np.asarray(labels)[: shape[0], : shape[1], : shape[2]]
 
 
 def _first_header(record):

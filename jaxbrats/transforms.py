@@ -5,11 +5,13 @@
   patches over all modalities stays visible, drawn from the kept modalities.
 - `read_window`: a crop-sized window of a volume-sized array (M3AE's
   substitute image x_sub), located with the batch's ``crop_start``,
-  ``flipped`` and ``case_shape`` (data.pipeline), in one coordinate frame for
-  training and inference: the case is centred in the volume
-  (`case_origin`), and inference reads the same frame. `place_centred` is
-  the numpy counterpart that puts a whole case into that frame (M3AE's
-  mean-image ablation).
+  ``flipped``, ``case_shape`` and ``box_start`` (data.pipeline), in one
+  coordinate frame for training and inference (`case_corner`): "template",
+  the source volume's grid (BraTS cases are co-registered to one atlas, so
+  a voxel of that grid is the same place in every case), or "centred", the
+  cached case centred in the volume (for data not in one atlas space).
+  `place_case` is the numpy counterpart that puts a whole case into that
+  frame (M3AE's mean-image ablation).
 """
 
 from __future__ import annotations
@@ -52,9 +54,23 @@ def patch_mask_to_voxels(mask, patch: int):
     return big.reshape(g0 * patch, g1 * patch, g2 * patch, c)
 
 
+FRAMES = ("template", "centred")
+
+
 def case_origin(case_shape, volume_shape):
     """Corner of a case inside a volume-sized array: the case is centred (either may be larger)."""
     return (jnp.asarray(volume_shape) - jnp.asarray(case_shape)) // 2
+
+
+def case_corner(frame: str, case_shape, box_start, volume_shape, xp=jnp):
+    """Where a cached case's voxel (0, 0, 0) lies in a volume-sized array, per case (..., 3).
+
+    "template": at the case's place in its source grid (`box_start`, the brain crop box's
+    corner); "centred": the case centred in the volume (`case_origin`).
+    """
+    if frame == "template":
+        return xp.asarray(box_start)
+    return (xp.asarray(volume_shape) - xp.asarray(case_shape)) // 2
 
 
 def read_window(volume, start, flipped, size):
@@ -78,9 +94,15 @@ def read_window(volume, start, flipped, size):
 
 def place_centred(case, volume_shape):
     """Numpy: `case` (D, H, W, C) put into a zero volume of `volume_shape` in `case_origin`'s frame."""
+    return place_case(case, [(v - c) // 2 for v, c in zip(volume_shape, case.shape)], volume_shape)
+
+
+def place_case(case, origin, volume_shape):
+    """Numpy: `case` (D, H, W, C) put into a zero volume of `volume_shape` with its voxel 0 at `origin`."""
     out = np.zeros(tuple(volume_shape) + case.shape[3:], case.dtype)
-    origin = [(v - c) // 2 for v, c in zip(volume_shape, case.shape)]
-    dst = tuple(slice(max(o, 0), max(o, 0) + min(c, v)) for o, c, v in zip(origin, case.shape, volume_shape))
-    src = tuple(slice(max(-o, 0), max(-o, 0) + min(c, v)) for o, c, v in zip(origin, case.shape, volume_shape))
-    out[dst] = case[src]
+    lo = [max(int(o), 0) for o in origin]
+    hi = [min(int(o) + c, v) for o, c, v in zip(origin, case.shape, volume_shape)]
+    if any(b <= a for a, b in zip(lo, hi)):
+        return out  # the case lies outside the volume
+    out[tuple(slice(a, b) for a, b in zip(lo, hi))] = case[tuple(slice(a - int(o), b - int(o)) for a, b, o in zip(lo, hi, origin))]
     return out

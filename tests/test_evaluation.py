@@ -55,8 +55,10 @@ def test_evaluate_writes_the_summary_compiled_once(trained_run, phantom_cache, t
     assert [row["name"] for row in summary["subsets"]] == list(SUBSET_NAMES)
     assert summary["subsets"][0]["modalities"] == ["flair"] and summary["subsets"][-1]["modalities"] == ["flair", "t1ce", "t1", "t2"]
     for row in summary["subsets"]:
-        assert set(row) == {"name", "modalities", "dice", "hd95"}
+        assert set(row) == {"name", "modalities", "cases", "dice", "hd95"}
+        assert row["cases"] == 2  # every phantom case has the four modalities
         assert all(0.0 <= row["dice"][r] <= 1.0 for r in ("WT", "TC", "ET"))
+    assert set(summary["mean"]) == {"rows", "dice", "hd95"} and summary["mean"]["rows"] == 15
     case_dice = [json.loads((tmp_path / "cases" / f"{i}.json").read_text())["subsets"][3]["dice"]["WT"] for i in ids]
     assert summary["subsets"][3]["dice"]["WT"] == pytest.approx(np.mean(case_dice))
     assert json.loads((tmp_path / "eval_settings.json").read_text())["compilations"] == 1
@@ -201,9 +203,9 @@ class _Recording:
     def traces(self):
         return self.program.traces
 
-    def __call__(self, models_state, image, labels, valid, case_shape=None):
-        out = self.program(models_state, image, labels, valid, case_shape)
-        self.calls.append({"labels": np.asarray(labels), "case_shape": np.asarray(case_shape), "out": jax.device_get(out)})
+    def __call__(self, models_state, image, labels, valid, case=None):
+        out = self.program(models_state, image, labels, valid, case)
+        self.calls.append({"labels": np.asarray(labels), "case_shape": np.asarray(case["shape"]), "out": jax.device_get(out)})
         return out
 
 

@@ -16,7 +16,7 @@ from jaxbrats import engine
 from jaxbrats.config import ConfigError, load_config
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.evaluation import evaluate
+from jaxbrats.evaluation import case_locator, evaluate
 from jaxbrats.losses import masked_mse
 from jaxbrats.methods import get_method
 from jaxbrats.methods.m3ae import mean_image, substitute_penalty
@@ -52,6 +52,7 @@ def batch_of(case_shape, crop=(16, 16, 16), b=2, k=1, seed=0):
         "crop_start": jnp.asarray(rng.integers(-4, 12, (b, 3)), jnp.int32),
         "flipped": jnp.asarray(rng.random((b, 3)) < 0.5),
         "case_shape": jnp.asarray(np.tile(case_shape, (b, 1)), jnp.int32),
+        "box_start": jnp.asarray(rng.integers(0, 6, (b, 3)), jnp.int32),
     }
 
 
@@ -106,28 +107,47 @@ def numpy_window(x_sub, start, flipped, size):
     return out
 
 
-def test_training_fill_reads_x_sub_where_the_crop_came_from(method):
+@pytest.mark.parametrize("frame", ["template", "centred"])
+def test_training_fill_reads_x_sub_where_the_crop_came_from(frame):
+    method = get_method("m3ae")(tiny(f"method.substitute_frame='{frame}'"))
     models = models_of(method, "pretrain")
     x_sub = np.asarray(models["x_sub"].image[...])
     case_shape = np.asarray([20, 18, 22])
     batch = batch_of(case_shape)
     read = np.asarray(method.substitute(models, batch))
-    origin = (np.asarray(x_sub.shape[:3]) - case_shape) // 2  # the case centred in x_sub
     for b in range(2):
+        # template: the case's corner in its source grid; centred: the case centred in x_sub
+        origin = np.asarray(batch["box_start"][b]) if frame == "template" else (np.asarray(x_sub.shape[:3]) - case_shape) // 2
         expected = numpy_window(x_sub, np.asarray(batch["crop_start"][b]) + origin, np.asarray(batch["flipped"][b]), (16, 16, 16))
         np.testing.assert_array_equal(read[b], expected)
 
 
-def test_inference_fill_uses_the_training_frame(method):
+def test_two_cases_with_different_crop_boxes_read_one_x_sub_voxel_at_one_source_coordinate(method):
+    """BraTS cases share one atlas grid: the same source voxel must read the same x_sub voxel in every case."""
+    models = models_of(method, "pretrain")
+    batch = batch_of([20, 18, 22])
+    batch["box_start"] = jnp.asarray([[1, 5, 2], [4, 0, 6]], jnp.int32)  # two brain boxes in the source grid
+    batch["crop_start"] = jnp.asarray([[3, -2, 5], [0, 3, 1]], jnp.int32)  # both crops start at source voxel (4, 3, 7)
+    batch["flipped"] = jnp.zeros((2, 3), bool)
+    read = np.asarray(method.substitute(models, batch))
+    np.testing.assert_array_equal(read[0], read[1])
+    np.testing.assert_array_equal(read[0][0, 0, 0], np.asarray(models["x_sub"].image[...])[4, 3, 7])
+
+
+@pytest.mark.parametrize("frame", ["template", "centred"])
+def test_inference_fill_uses_the_training_frame(frame):
     """The whole case filled at inference, cropped where a training crop was, equals the training fill."""
+    method = get_method("m3ae")(tiny(f"method.substitute_frame='{frame}'"))
     models = models_of(method, "pretrain")
     case_shape = np.asarray([20, 18, 22])
     bucket = (24, 24, 24)  # evaluation pads at the end
     image = jnp.asarray(np.random.default_rng(1).normal(size=bucket + (4,)), jnp.float32)
     keep = jnp.asarray([True, False, True, False])
-    filled = np.asarray(method.fill(models, image, keep, jnp.asarray(case_shape)))
+    box = np.asarray([3, 1, 0])
+    filled = np.asarray(method.fill(models, image, keep, case_locator(case_shape, box)))
     np.testing.assert_array_equal(filled[..., [0, 2]], np.asarray(image)[..., [0, 2]])
     batch = batch_of(case_shape, b=1)
+    batch["box_start"] = jnp.asarray([box], jnp.int32)
     batch["crop_start"] = jnp.asarray([[2, 1, 3]], jnp.int32)
     batch["flipped"] = jnp.zeros((1, 3), bool)
     crop = np.asarray(method.substitute(models, batch))[0]
@@ -139,7 +159,7 @@ def test_zero_fill_has_no_substitute():
     models = models_of(method, "finetune")
     assert "x_sub" not in models
     image = jnp.ones((16, 16, 16, 4))
-    filled = method.fill(models, image, jnp.asarray([True, False, False, True]), jnp.asarray([16, 16, 16]))
+    filled = method.fill(models, image, jnp.asarray([True, False, False, True]), case_locator((16, 16, 16), (0, 0, 0)))
     np.testing.assert_array_equal(np.asarray(filled)[0, 0, 0], [1, 0, 0, 1])
 
 
@@ -153,7 +173,8 @@ class TwoCases:
     """A dataset stand-in: a 2^3 case with every modality and a 4x2x2 case without T1."""
 
     def __init__(self):
-        self.manifests = [{"present": [True, True, True, True]}, {"present": [True, True, False, True]}]
+        self.manifests = [{"present": [True, True, True, True], "crop_box": [[2, 4], [0, 2], [1, 3]]},
+                          {"present": [True, True, False, True], "crop_box": [[0, 4], [1, 3], [1, 3]]}]
         self.images = [np.full((2, 2, 2, 4), 2.0, np.float32), np.full((4, 2, 2, 4), 4.0, np.float32)]
 
     def __len__(self):
@@ -163,8 +184,20 @@ class TwoCases:
         return {"image": self.images[i]}
 
 
+def test_mean_image_places_each_case_at_its_source_box_and_averages_present_modalities():
+    mean = mean_image(TwoCases(), (4, 4, 4), "template")
+    # the 2^3 case sits at [2:4, 0:2, 1:3], the 4x2x2 one at [0:4, 1:3, 1:3]
+    both = (slice(2, 4), slice(1, 2), slice(1, 3))
+    np.testing.assert_array_equal(mean[both][..., [0, 1, 3]], 3.0)  # (2 + 4) / 2
+    np.testing.assert_array_equal(mean[both][..., 2], 2.0)  # T1: only the first case has it
+    np.testing.assert_array_equal(mean[0:2, 1:3, 1:3][..., [0, 1, 3]], 2.0)  # only the second case reaches here
+    np.testing.assert_array_equal(mean[2:4, 0, 1:3][..., [0, 1, 3]], 1.0)  # only the first: 2 over the 2 cases with it
+    np.testing.assert_array_equal(mean[2:4, 0, 1:3][..., 2], 2.0)
+    assert mean[:, 3].sum() == 0 and mean[:, :, 0].sum() == 0
+
+
 def test_mean_image_centres_each_case_and_averages_present_modalities():
-    mean = mean_image(TwoCases(), (4, 4, 4))
+    mean = mean_image(TwoCases(), (4, 4, 4), "centred")
     # the 2^3 case sits at [1:3]^3, the 4x2x2 one at [0:4, 1:3, 1:3]
     inner = (slice(1, 3), slice(1, 3), slice(1, 3))
     np.testing.assert_array_equal(mean[inner][..., [0, 1, 3]], 3.0)  # (2 + 4) / 2

@@ -53,10 +53,10 @@ def ragged_batch(masks, present, seed=0):
 
 
 def substitute_reference(x_sub, batch):
-    """x_sub under each crop: read voxel by voxel at crop_start + the case's origin (centred), with the crop's flips."""
-    origin = (np.asarray(x_sub.shape[:3]) - CASE_SHAPE) // 2
-    starts, flips = np.asarray(batch["crop_start"]), np.asarray(batch["flipped"])
-    return np.stack([numpy_window(x_sub, starts[n] + origin, flips[n], CROP) for n in range(len(starts))])
+    """x_sub under each crop: read voxel by voxel at the source-grid voxel box_start + crop_start (the default
+    "template" frame), with the crop's flips."""
+    starts, flips = np.asarray(batch["crop_start"]) + np.asarray(batch["box_start"]), np.asarray(batch["flipped"])
+    return np.stack([numpy_window(x_sub, starts[n], flips[n], CROP) for n in range(len(starts))])
 
 
 def mse_reference(reconstruction, image, valid, present):

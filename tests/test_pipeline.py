@@ -120,7 +120,7 @@ def test_padding_is_marked_invalid(phantom_cache):
 def test_intensity_augmentation_is_per_channel_affine_and_padding_stays_zero():
     rng = np.random.default_rng(0)
     image = rng.normal(size=(16, 16, 16, 4)).astype(np.float32)
-    element = {"image": image, "present": np.ones(4, bool), "case_index": np.int32(0)}
+    element = {"image": image, "present": np.ones(4, bool), "case_index": np.int32(0), "box_start": np.zeros(3, np.int32)}
     config = PipelineConfig(crop_size=(16, 16, 16), flip_probability=0.0, foreground_oversample=0.0)
     out = RandomCropAugmentDropout(config).random_map(element, np.random.default_rng(1))
     for c in range(4):
@@ -132,12 +132,14 @@ def test_intensity_augmentation_is_per_channel_affine_and_padding_stays_zero():
 
 
 def test_batch_locates_each_crop_in_its_case(phantom_cache):
-    """crop_start, flipped and case_shape reproduce the label crop from the whole case."""
+    """crop_start, flipped and case_shape reproduce the label crop from the whole case; box_start places the case."""
     dataset = CacheDataset(phantom_cache)
     for batch in _batches(phantom_cache, 3):
         for b in range(2):
             label = dataset.arrays(int(batch["case_index"][b]))["label"]
             np.testing.assert_array_equal(batch["case_shape"][b], label.shape)
+            manifest = dataset.manifests[int(batch["case_index"][b])]
+            np.testing.assert_array_equal(batch["box_start"][b], [lo for lo, _ in manifest["crop_box"]])  # in the source grid
             src, dst = crop_slices(batch["crop_start"][b], label.shape, CROP, batch["flipped"][b])
             want = np.zeros(CROP, np.uint8)
             want[dst] = label[src]

@@ -17,10 +17,13 @@ key                shape               dtype    meaning
                                                 negative or beyond the end where padded
 ``flipped``        (B, 3)              bool     axes the crop was flipped along
 ``case_shape``     (B, 3)              int32    shape of the whole case in the cache
+``box_start``      (B, 3)              int32    the cached case's corner in the source volume's
+                                                RAS+ grid (the brain crop box's lower corner)
 =================  ==================  =======  ==========================================
 
-``crop_start``, ``flipped`` and ``case_shape`` locate a crop in the case, so
-a method can read a volume-sized parameter (M3AE's substitute image) at the
+``crop_start``, ``flipped``, ``case_shape`` and ``box_start`` locate a crop in
+the case and in the source grid (for BraTS, the shared atlas grid), so a
+method can read a volume-sized parameter (M3AE's substitute image) at the
 same place in training as at inference.
 
 ``image`` is not yet dropped: methods apply ``modality_mask`` on device with
@@ -107,8 +110,14 @@ class CacheSource(grain.sources.RandomAccessDataSource):
         return {
             "case_index": np.int32(index),
             "present": np.array(self.dataset.manifests[index]["present"], dtype=bool),
+            "box_start": box_start(self.dataset.manifests[index]),
             **arrays,
         }
+
+
+def box_start(manifest: dict) -> np.ndarray:
+    """(3,) int32: where a cached case starts in its source volume's RAS+ grid (its crop box's lower corner)."""
+    return np.asarray([lo for lo, _ in manifest["crop_box"]], np.int32)
 
 
 def crop_start(rng: np.random.Generator, shape, crop, foreground: np.ndarray | None, oversample: float) -> np.ndarray:
@@ -199,7 +208,8 @@ class RandomCropAugmentDropout(grain.transforms.RandomMap):
         present = element["present"]
         masks = sample_modality_masks(rng, present, cfg.dropout, cfg.instantiations, cfg.distinct)
         out.update(modality_mask=masks, subset=subset_indices(masks), present=present, case_index=element["case_index"],
-                   crop_start=start.astype(np.int32), flipped=flips, case_shape=np.asarray(shape, np.int32))
+                   crop_start=start.astype(np.int32), flipped=flips, case_shape=np.asarray(shape, np.int32),
+                   box_start=element["box_start"])
         return out
 
 

@@ -15,9 +15,10 @@ discriminator; a learned substitute image) and runs one or more stages
 - `carry(stage, fresh, previous)`: how a stage starts from the previous
   stage's models (default: copy every variable whose path and shape match).
 
-and for inference `fill(models, image, modality_mask, case_shape)` on the
+and for inference `fill(models, image, modality_mask, case)` on the
 whole (padded) case before sliding windows are cut from it (M3AE reads its
-substitute image here, in the frame it was trained in), then
+substitute image here, in the frame it was trained in; `case` holds the
+case's unpadded "shape" and its "box_start" in the source grid), then
 `predict(models, window, modality_mask)`: region probabilities (..., 3) in
 `labels.REGIONS` order; the method decides how missing inputs are filled.
 Optional hooks: `setup(train_set)` sees the training cases before the first
@@ -102,8 +103,12 @@ class Method:
         """Overrides of `data.pipeline.PipelineConfig` for this stage."""
         return {"dropout": "uniform", "instantiations": 1}
 
-    def fill(self, models: Models, image, modality_mask, case_shape):
-        """The whole case (D, H, W, 4) as `predict` should see it; `case_shape` is its unpadded extent."""
+    def fill(self, models: Models, image, modality_mask, case):
+        """The whole case (D, H, W, 4) as `predict` should see it.
+
+        `case` (`evaluation.case_locator`, data): ``{"shape": the unpadded extent, "box_start":
+        the case's corner in its source volume's grid}``.
+        """
         return image
 
     def predict(self, models: Models, image, modality_mask):

@@ -16,11 +16,17 @@ missing-modality instantiations (drop 0-3 modalities each, redrawn while
 equal), missing channels filled from x_sub:
 loss = sum_i (Dice + BCE over the three scales) + lambda * MSE(f0, f1).
 
-One coordinate frame for x_sub (the public code reads training crops in
-original-volume coordinates but test volumes in cropped coordinates): a
-cached case is centred in x_sub (`transforms.case_origin`); a training crop
-reads x_sub at ``crop_start + case_origin`` with the crop's flips, and
-inference reads the window of the whole case at ``case_origin``.
+One coordinate frame for x_sub, for training crops and inference alike
+(the public code reads training crops in original-volume coordinates but
+test volumes in cropped coordinates). ``substitute_frame = "template"``
+(default): x_sub spans the source volume's RAS+ grid (padded to whole
+patches: 240x240x155 -> 240x240x160 for BraTS); BraTS cases are
+co-registered to one atlas (SRI24), so the paper's "the same location" is
+the same voxel of that grid in every case: a training crop reads x_sub at
+``box_start + crop_start`` (the cached case's corner in its source grid plus
+the crop's corner) with the crop's flips, and inference reads the whole case
+at ``box_start``. ``"centred"``: the cached (brain-cropped) case centred in
+x_sub, for data that is not in one atlas space (`transforms.case_corner`).
 
 Where the paper and the public code differ, the paper is the default:
 
@@ -72,11 +78,13 @@ from jaxbrats.methods.base import Method, Update
 from jaxbrats.methods.baseline import check_deep_supervision, probabilities, unet_config
 from jaxbrats.modalities import MODALITIES, NUM_MODALITIES, drop_modalities
 from jaxbrats.networks.unet import UNet
+from jaxbrats.data.pipeline import box_start
 from jaxbrats.transforms import (
-    case_origin,
+    FRAMES,
+    case_corner,
     patch_grid,
     patch_mask_to_voxels,
-    place_centred,
+    place_case,
     read_window,
     visible_patches,
 )
@@ -92,8 +100,11 @@ class M3AEOptions:
     patch_size: int = 16
     patch_masking: bool = True  # false: modality dropout only (Table 3 b)
     fill: str = "x_sub"  # x_sub (model inversion) | zero | mean (Table 3 c, d)
-    #: x_sub's spatial shape: a padded full volume in the cache's (brain-cropped, RAS+) frame.
+    #: x_sub's spatial shape: the source grid (RAS+) padded to whole patches.
     substitute_shape: tuple[int, int, int] = (240, 240, 160)
+    #: Where a case lies in x_sub: "template" (its place in the source grid, one atlas for
+    #: BraTS) or "centred" (the brain-cropped case centred; data not in one atlas space).
+    substitute_frame: str = "template"
     substitute_init_std: float = 1.0  # x_sub starts as Gaussian noise
     substitute_penalty: str = "mean_square"  # paper's L2 | centered_norm (public code)
     substitute_weight: float = 0.005  # gamma
@@ -106,7 +117,8 @@ class M3AEOptions:
 
     def validate(self, where: str) -> None:
         for name, value, allowed in (("fill", self.fill, FILLS), ("substitute_penalty", self.substitute_penalty, PENALTIES),
-                                     ("consistency_feature", self.consistency_feature, FEATURES)):
+                                     ("consistency_feature", self.consistency_feature, FEATURES),
+                                     ("substitute_frame", self.substitute_frame, FRAMES)):
             if value not in allowed:
                 raise ConfigError(f"{where}.{name} must be one of {list(allowed)}, got {value!r}")
         check_range(f"{where}.mask_ratio", self.mask_ratio, 0, 1, high_open=True)
@@ -135,13 +147,16 @@ def substitute_penalty(x_sub, kind: str):
     return jnp.sqrt(jnp.sum(jnp.square(centred)))
 
 
-def mean_image(dataset, shape) -> np.ndarray:
-    """Voxel-wise mean of the cases, each centred in `shape`; a modality averages over the cases that have it."""
+def mean_image(dataset, shape, frame: str = "template") -> np.ndarray:
+    """Voxel-wise mean of the cases, each placed in `shape` in x_sub's `frame`; a modality averages over the cases that have it."""
     total = np.zeros(tuple(shape) + (NUM_MODALITIES,), np.float64)
     count = np.zeros(NUM_MODALITIES)
     for i in range(len(dataset)):
-        present = np.asarray(dataset.manifests[i]["present"], bool)  # per modality, in MODALITIES order
-        total += place_centred(np.asarray(dataset.arrays(i)["image"], np.float32), shape) * present
+        manifest = dataset.manifests[i]
+        present = np.asarray(manifest["present"], bool)  # per modality, in MODALITIES order
+        image = np.asarray(dataset.arrays(i)["image"], np.float32)
+        corner = case_corner(frame, image.shape[:3], box_start(manifest), shape, xp=np)
+        total += place_case(image, corner, shape) * present
         count += present
     return (total / np.maximum(count, 1)).astype(np.float32)
 
@@ -186,7 +201,7 @@ class M3AE(Method):
         if self.train_set is None:
             return jnp.zeros(tuple(self.options.substitute_shape) + (NUM_MODALITIES,))
         if self._mean is None:
-            self._mean = mean_image(self.train_set, self.options.substitute_shape)
+            self._mean = mean_image(self.train_set, self.options.substitute_shape, self.options.substitute_frame)
         return self._mean
 
     def pipeline(self, stage):
@@ -217,7 +232,7 @@ class M3AE(Method):
         if "x_sub" not in models:
             return jnp.zeros_like(image)
         x_sub = models["x_sub"].image[...]
-        origin = case_origin(batch["case_shape"], x_sub.shape[:3])
+        origin = case_corner(self.options.substitute_frame, batch["case_shape"], batch["box_start"], x_sub.shape[:3])
         read = jax.vmap(lambda start, flipped: read_window(x_sub, start, flipped, image.shape[1:4]))
         return read(batch["crop_start"] + origin, batch["flipped"]).astype(image.dtype)
 
@@ -230,11 +245,12 @@ class M3AE(Method):
         patches = jax.vmap(lambda k, m: visible_patches(k, m, grid, 1.0 - self.options.mask_ratio))(keys, modality_mask)
         return jax.vmap(lambda p: patch_mask_to_voxels(p, self.options.patch_size))(patches)
 
-    def fill(self, models, image, modality_mask, case_shape):
+    def fill(self, models, image, modality_mask, case):
         if "x_sub" not in models:
             return drop_modalities(image, modality_mask)
         x_sub = models["x_sub"].image[...]
-        window = read_window(x_sub, case_origin(case_shape, x_sub.shape[:3]), jnp.zeros(3, bool), image.shape[:3])
+        corner = case_corner(self.options.substitute_frame, case["shape"], case["box_start"], x_sub.shape[:3])
+        window = read_window(x_sub, corner, jnp.zeros(3, bool), image.shape[:3])
         return drop_modalities(image, modality_mask, window.astype(image.dtype))
 
     # --- losses -----------------------------------------------------------------------------

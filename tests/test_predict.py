@@ -1,0 +1,128 @@
+"""`jaxbrats predict` segments a case exactly as the evaluation does: same padding, fill, window grid.
+
+The evaluation pads every case to one bucket (its largest case); its window
+grid follows each case's own extent, so predict (its own program, the case
+padded by `evaluation.pad_shape`) equals the evaluation of the case alone
+and inside any larger bucket, for the baseline and for M3AE (whose fill
+reads x_sub into the padding), with an axis shorter than the window.
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+
+from jaxbrats import engine
+from jaxbrats.data.cache import CacheDataset
+from jaxbrats.data.preprocess import prepare_dataset
+from jaxbrats.engine import load_trained
+from jaxbrats.evaluation import bucket_shape, evaluate, pad_shape
+from jaxbrats.inferers import SlidingWindowConfig, sliding_window, window_starts
+from jaxbrats.predict import predict_case
+from helpers import write_case
+
+#: case id -> (shape, modalities left out). A is shorter than the 16^3 window along W; B makes the
+#: bucket larger than A's own; C has no T2 file (segmented with flair, t1ce, t1).
+CASES = {
+    "BraTS20_Training_001": ((16, 20, 12), ()),
+    "BraTS20_Training_002": ((30, 22, 20), ()),
+    "BraTS20_Training_003": ((18, 16, 20), ("t2",)),
+}
+SHORT = "BraTS20_Training_001"
+
+
+def _dataset(root: Path, workdir: Path) -> tuple[Path, Path]:
+    raw, cache = root / "raw", root / "cache"
+    for seed, (case_id, (shape, skip)) in enumerate(CASES.items()):
+        write_case(raw / case_id, shape=shape, seed=seed + 11, skip=skip)
+    settings = json.loads((workdir / "data.json").read_text())["preprocessing"]  # the run's, as predict uses
+    report = prepare_dataset(raw, cache, settings["normalization"], settings["margin"], workers=1, progress=False)
+    assert not report["errors"]
+    return raw, cache
+
+
+def _nifti(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def _predict_equals_evaluate(workdir: Path, tmp_path: Path, cases) -> dict:
+    """Predict each case of `cases`; compare with an evaluation of all cases and of the short case alone."""
+    raw, cache = _dataset(tmp_path, workdir)
+    method, graphdefs, models, config = load_trained(workdir)
+    dataset = CacheDataset(cache)
+    shapes = {m["case_id"]: tuple(m["cropped_shape"]) for m in dataset.manifests}
+    assert shapes[SHORT][2] < config.eval.window[2]  # an axis shorter than the window
+    assert bucket_shape(list(shapes.values()), config.eval) != pad_shape(shapes[SHORT], config.eval)  # another bucket
+    evaluate(method, graphdefs, models, dataset, config.eval, tmp_path / "eval_all", progress=False)
+    evaluate(method, graphdefs, models, CacheDataset(cache, [SHORT]), config.eval, tmp_path / "eval_one", progress=False)
+    tumour = {}
+    for case_id in cases:
+        info = predict_case(workdir, raw / case_id, tmp_path / "pred" / f"{case_id}.nii.gz", convention="brats2018")
+        assert info["missing"] == list(CASES[case_id][1])
+        predicted = _nifti(tmp_path / "pred" / f"{case_id}.nii.gz")
+        evaluated = _nifti(tmp_path / "eval_all" / "predictions" / f"{case_id}.nii.gz")
+        np.testing.assert_array_equal(predicted, evaluated, err_msg=case_id)
+        if case_id == SHORT:
+            np.testing.assert_array_equal(predicted, _nifti(tmp_path / "eval_one" / "predictions" / f"{case_id}.nii.gz"))
+        tumour[case_id] = int((predicted > 0).sum())
+    return tumour
+
+
+def test_predict_equals_the_evaluation_baseline(trained_run, tmp_path):
+    tumour = _predict_equals_evaluate(trained_run, tmp_path, list(CASES))
+    assert any(tumour.values()), tumour  # not vacuous: some tumour predicted
+
+
+M3AE_STEPS = ["stages.pretrain.steps=2", "stages.finetune.steps=2"]
+
+
+@pytest.fixture(scope="module")
+def m3ae_short_run(phantom_cache, tmp_path_factory) -> Path:
+    from test_m3ae import tiny
+
+    workdir = tmp_path_factory.mktemp("m3ae_predict")
+    engine.train(tiny(*M3AE_STEPS), workdir, phantom_cache)
+    return workdir
+
+
+def test_predict_equals_the_evaluation_m3ae(m3ae_short_run, tmp_path):
+    method, _, models, _ = load_trained(m3ae_short_run)
+    assert "x_sub" in models and method.options.fill == "x_sub"  # the fill reads x_sub into the padding
+    _predict_equals_evaluate(m3ae_short_run, tmp_path, [SHORT, "BraTS20_Training_003"])
+
+
+def _window_model(x):
+    """Not voxel-wise: each output depends on its window's mean, so the window grid shows."""
+    return jnp.tanh(x[..., :2] + jnp.mean(x, axis=(1, 2, 3), keepdims=True)[..., :2])
+
+
+def _numpy_reference(volume: np.ndarray, cfg: SlidingWindowConfig) -> np.ndarray:
+    """The static grid of `window_starts`, blended by hand."""
+    from jaxbrats.inferers import blend_weights
+
+    w = blend_weights(cfg.window, cfg.blend, cfg.sigma_scale)[..., None]
+    total, norm = np.zeros(volume.shape[:3] + (2,)), np.zeros(volume.shape[:3] + (1,))
+    for s in window_starts(volume.shape[:3], cfg.window, cfg.overlap):
+        box = tuple(slice(a, a + n) for a, n in zip(s, cfg.window))
+        total[box] += w * np.asarray(_window_model(jnp.asarray(volume[box][None])))[0]
+        norm[box] += w
+    return total / norm
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_window_grid_follows_the_extent_not_the_padding(batch):
+    cfg = SlidingWindowConfig(window=(8, 8, 8), overlap=0.5, batch=batch)
+    case = np.asarray(jax.random.normal(jax.random.key(0), (13, 8, 19, 4)))
+    reference = _numpy_reference(case, cfg)
+    run = jax.jit(lambda v, e: sliding_window(_window_model, v, cfg, 2, extent=e))
+    for bucket in [(13, 8, 19), (16, 16, 24), (24, 8, 32)]:
+        padded = np.pad(case, [(0, b - s) for b, s in zip(bucket, case.shape[:3])] + [(0, 0)])
+        out = np.asarray(run(padded, np.asarray(case.shape[:3], np.int32)))
+        np.testing.assert_allclose(out[:13, :8, :19], reference, atol=1e-5, err_msg=str(bucket))
+        assert not out[13:].any() and not out[:, :, 19:].any()  # nothing outside the case's box
+    # the static path (no extent) is the same grid
+    np.testing.assert_allclose(jax.jit(lambda v: sliding_window(_window_model, v, cfg, 2))(case), reference, atol=1e-5)
