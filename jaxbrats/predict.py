@@ -13,6 +13,7 @@ it has (its ``predictions/<id>.nii.gz``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def predict_case(workdir, case_dir, out_path, convention: str | None = None, ove
         preprocessing = json.loads((workdir / "data.json").read_text())["preprocessing"]
     except FileNotFoundError:
         raise JaxbratsError(f"{workdir / 'data.json'}: missing; the run's preprocessing settings are unknown") from None
-    record = read_case_dir(case_dir)
+    # A seg file beside the images is not read: predict needs none, and its label values
+    # (any release's convention) must not stop the segmentation.
+    record = dataclasses.replace(read_case_dir(case_dir), seg=None)
     case = load_case(record, need_labels=False)
     arrays, fields = preprocess_case(case, preprocessing["normalization"], preprocessing["margin"])
     present = np.asarray(record.present)
