@@ -73,13 +73,13 @@ from tqdm import tqdm
 from jaxbrats import compilation, files
 from jaxbrats.config import EvalConfig, to_dict
 from jaxbrats.data.cache import CacheDataset
-from jaxbrats.data.pipeline import box_start
 from jaxbrats.data.loading import from_canonical, to_canonical
+from jaxbrats.data.pipeline import box_start
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.inferers import SlidingWindowConfig, sliding_window
 from jaxbrats.labels import ENHANCING, NECROSIS, REGIONS, from_internal, labels_from_regions, regions_of
 from jaxbrats.metrics import dice_counts, dice_from_counts, hd95
-from jaxbrats.modalities import MODALITIES, FULL_SUBSET_INDEX, SUBSET_MASKS, SUBSET_NAMES, SUBSETS, subset_index
+from jaxbrats.modalities import FULL_SUBSET_INDEX, MODALITIES, SUBSET_MASKS, SUBSET_NAMES, SUBSETS, subset_index
 
 
 def sliding_config(cfg: EvalConfig) -> SlidingWindowConfig:

@@ -215,7 +215,7 @@ BASELINE = {
 }
 M3AE_OPTIONS = {
     "method_name": "m3ae", "options.mask_ratio": 0.875, "options.patch_masking": True, "options.fill": "x_sub",
-    "options.substitute_init_std": 1.0, "options.substitute_penalty": "mean_square", "options.substitute_weight": 0.005,
+    "options.substitute_init_std": 1.0, "options.substitute_penalty": "centered_norm", "options.substitute_weight": 0.005,
     "options.consistency_weight": 0.1, "options.consistency_feature": "bottleneck", "options.distinct_views": True,
     "stages.finetune.batch_size": 1, "stages.pretrain.batch_size": 0,
 }
@@ -252,7 +252,7 @@ EXPECTED = {
         **SHARED, **PHANTOM, **M3AE_OPTIONS, "options.patch_size": 8, "options.substitute_shape": (64, 64, 64),
         "stages.pretrain.steps": 600, "length.pretrain": 600, "stages.finetune.steps": 600, "length.finetune": 600,
         "train.checkpoint_every": 200,
-        **_optimizer("pretrain", 2e-3, warmup=10, model_lr={"x_sub": 5e-3}), **_optimizer("finetune", 2e-3, warmup=10),
+        **_optimizer("pretrain", 2e-3, warmup=10, model_lr={"x_sub": 0.1}), **_optimizer("finetune", 2e-3, warmup=10),
     },
 }
 

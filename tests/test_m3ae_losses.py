@@ -67,16 +67,27 @@ def mse_reference(reconstruction, image, valid, present):
     return float(np.sum(w * (r - x) ** 2) / np.sum(w))
 
 
-def mean_square_reference(x_sub):
-    """R(x_sub) = (1 / (S0 S1 S2 4)) sum_{v,m} x_sub[v, m]^2: the paper's L2, on the MSE's per-voxel scale."""
+def mean_square_reference(x_sub, image):
+    """R(x_sub) = (1 / (S0 S1 S2 4)) sum_{v,m} x_sub[v, m]^2: the mean over x_sub (the previous default)."""
     x = np.asarray(x_sub, np.float64)
     return float(np.mean(x ** 2))
 
 
-def centered_norm_reference(x_sub):
+def sum_square_per_batch_value_reference(x_sub, image):
+    """R(x_sub) = sum_{v,m} x_sub[v, m]^2 / (B D H W 4): the sum over x_sub per value of the training batch."""
+    x = np.asarray(x_sub, np.float64)
+    return float(np.sum(x ** 2) / np.asarray(image).size)
+
+
+def centered_norm_reference(x_sub, image):
     """R(x_sub) = sqrt(sum_{v,m} (x_sub[v, m] - mean_v x_sub[:, m])^2): the public code's unsquared centred norm."""
     x = np.asarray(x_sub, np.float64).reshape(-1, 4)
     return float(np.sqrt(np.sum((x - x.mean(axis=0)) ** 2)))
+
+
+#: every `substitute_penalty` form; R of eq. (3): the paper gives no form (m3ae.py's docstring)
+PENALTY_REFERENCES = {"centered_norm": centered_norm_reference, "sum_square_per_batch_value": sum_square_per_batch_value_reference,
+                      "mean_square": mean_square_reference}
 
 
 def seg_reference(logits, labels, valid):
@@ -97,7 +108,8 @@ def _differs(a, b, rtol=1e-3):
 
 # --- pretraining ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("penalty,patch_masking", [("mean_square", True), ("centered_norm", True), ("mean_square", False)])
+@pytest.mark.parametrize("penalty,patch_masking", [("centered_norm", True), ("sum_square_per_batch_value", True),
+                                                   ("mean_square", True), ("centered_norm", False)])
 def test_pretrain_loss_is_mse_over_real_voxels_plus_gamma_r(penalty, patch_masking):
     method = get_method("m3ae")(tiny(f"method.substitute_penalty='{penalty}'", f"method.patch_masking={str(patch_masking).lower()}"))
     assert method.options.substitute_weight == GAMMA and method.config.model.dropout == 0.0
@@ -123,7 +135,7 @@ def test_pretrain_loss_is_mse_over_real_voxels_plus_gamma_r(penalty, patch_maski
     reconstruction = np.asarray(unet(jnp.asarray(masked, jnp.float32), dropout_key=dropout_key)["logits"])
 
     want_mse = mse_reference(reconstruction, image, valid, present)
-    r = mean_square_reference(x_sub) if penalty == "mean_square" else centered_norm_reference(x_sub)
+    r = PENALTY_REFERENCES[penalty](x_sub, image)
     np.testing.assert_allclose(parts["mse"], want_mse, rtol=1e-5)
     np.testing.assert_allclose(parts["x_sub_penalty"], GAMMA * r, rtol=1e-5)
     np.testing.assert_allclose(total, want_mse + GAMMA * r, rtol=1e-5)
@@ -135,8 +147,8 @@ def test_pretrain_loss_is_mse_over_real_voxels_plus_gamma_r(penalty, patch_maski
     assert _differs(parts["mse"], visible_only)
     unmasked = np.asarray(unet(jnp.asarray(image), dropout_key=dropout_key)["logits"])
     assert _differs(parts["mse"], mse_reference(unmasked, image, valid, present))  # the input really was masked
-    other = centered_norm_reference(x_sub) if penalty == "mean_square" else mean_square_reference(x_sub)
-    assert _differs(parts["x_sub_penalty"], GAMMA * other)
+    for other, reference in PENALTY_REFERENCES.items():  # the form asked for, not another
+        assert other == penalty or _differs(parts["x_sub_penalty"], GAMMA * reference(x_sub, image))
 
 
 # --- fine-tuning ---------------------------------------------------------------------------------
