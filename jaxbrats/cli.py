@@ -105,7 +105,7 @@ def _predict(args) -> int:
 def _demo(args) -> int:
     from jaxbrats import demo
 
-    demo.run(Path(args.workdir))
+    demo.run(Path(args.workdir), seed=args.seed)
     return 0
 
 
@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="phantom -> prepare -> train the baseline -> evaluate all 15 subsets")
     p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantom and of training")
     p.set_defaults(func=_demo)
 
     from jaxbrats.benchmark import add_arguments

@@ -206,7 +206,7 @@ BRATS = {  # the papers' setting: the 4.7 M-parameter U-Net on 128^3 crops, batc
 PHANTOM = {  # the demo's narrow U-Net on 32^3 crops of 64^3 phantoms, on 2 CPU cores
     "model.widths": (8, 16, 32, 64), "model.blocks": (1, 1, 1, 1), "model.upsample": "nearest",
     "data.crop_size": (32, 32, 32), "data.batch_size": 2, "data.foreground_oversample": 0.5, "data.workers": 0,
-    "data.split_ratios": (0.7, 0.0, 0.3), "train.log_every": 25, "eval.window": (32, 32, 32), "eval.window_batch": 4,
+    "data.split_ratios": (0.5, 0.0, 0.5), "train.log_every": 25, "eval.window": (32, 32, 32), "eval.window_batch": 4,
 }
 BASELINE = {
     "method_name": "baseline", "options.output": "regions", "options.dropout_mode": "uniform",
@@ -243,14 +243,14 @@ EXPECTED = {
     "baseline_brats2020.toml": {**BASELINE_BRATS, "data.split": "files"},  # the papers' 219/50/100
     "baseline_brats2023.toml": {**BASELINE_BRATS, "data.split": "auto"},  # no published split
     "baseline_phantom.toml": {
-        **SHARED, **PHANTOM, **BASELINE, "stages.train.steps": 1200, "length.train": 1200, "train.checkpoint_every": 400,
+        **SHARED, **PHANTOM, **BASELINE, "stages.train.steps": 1600, "length.train": 1600, "train.checkpoint_every": 400,
         **_optimizer("train", 2e-3, warmup=10),
     },
     "m3ae_brats2018.toml": {**M3AE_BRATS, "data.split": "files"},
     "m3ae_brats2020.toml": {**M3AE_BRATS, "data.split": "files"},
-    "m3ae_phantom.toml": {  # the demo baseline's 1200 steps split 600 + 600; the paper's 128/16 patch grid at 32/8
+    "m3ae_phantom.toml": {  # the demo baseline's 1600 steps split 800 + 800; the paper's 128/16 patch grid at 32/8
         **SHARED, **PHANTOM, **M3AE_OPTIONS, "options.patch_size": 8, "options.substitute_shape": (64, 64, 64),
-        "stages.pretrain.steps": 600, "length.pretrain": 600, "stages.finetune.steps": 600, "length.finetune": 600,
+        "stages.pretrain.steps": 800, "length.pretrain": 800, "stages.finetune.steps": 800, "length.finetune": 800,
         "train.checkpoint_every": 200,
         **_optimizer("pretrain", 2e-3, warmup=10, model_lr={"x_sub": 0.1}), **_optimizer("finetune", 2e-3, warmup=10),
     },
