@@ -311,11 +311,12 @@ class Trainer:
     def stage_start(self, stage, index, total, previous, manager):
         """(graphdefs, state, optimizers, iterator state or None) of a stage: resumed, carried or fresh."""
         optimizers = self.optimizers(stage, total)
-        graphdefs, template = init_state(self.method, stage, 0, optimizers)
-        resumed = restore_newest_readable(manager, template, set_aside=True)
-        if resumed is not None:
-            state, extra, _ = resumed
-            return graphdefs, state, optimizers, extra.get("iterator")
+        if manager.all_steps():  # one model init either way: a restore template here, fresh models below
+            graphdefs, template = init_state(self.method, stage, 0, optimizers)
+            resumed = restore_newest_readable(manager, template, set_aside=True)
+            if resumed is not None:
+                state, extra, _ = resumed
+                return graphdefs, state, optimizers, extra.get("iterator")
         init_from = self.config.stages[stage].init_from if stage in self.config.stages else ""
         if init_from:
             previous = self._models_from(Path(init_from), stage, index)
