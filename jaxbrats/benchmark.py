@@ -111,7 +111,7 @@ class JaxSide:
     """The baseline method's model, train step, forward and 15-subset evaluation, jitted once each."""
 
     def __init__(self, args, remat: bool):
-        from jaxbrats.config import load_config
+        from jaxbrats.methods import load_config
         from jaxbrats.engine import init_state
         from jaxbrats.methods import get_method
 
@@ -130,7 +130,7 @@ class JaxSide:
         return self.state["models"]["unet"]
 
     def unet_config(self):
-        from jaxbrats.methods.baseline import unet_config
+        from jaxbrats.networks.factory import unet_config
 
         return unet_config(self.config, self.method.out_channels(), self.method.options.deep_supervision)
 

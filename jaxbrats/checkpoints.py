@@ -29,15 +29,24 @@ def existing_manager(workdir: Path, stage: str) -> ocp.CheckpointManager | None:
     return checkpoint_manager(Path(workdir), stage, create=False) if path.exists() else None
 
 
-def restore(manager: ocp.CheckpointManager, template: dict, step: int | None = None) -> tuple[dict, dict]:
-    """(train state shaped like `template`, extra JSON: iterator state, config)."""
+def restore(manager: ocp.CheckpointManager, template: dict, step: int | None = None, partial: bool = False) -> tuple[dict, dict]:
+    """(train state shaped like `template`, extra JSON: iterator state, config).
+
+    `template` holds arrays or `jax.ShapeDtypeStruct`s (with the sharding to restore into,
+    `sharding.with_shardings`). `partial`: `template` names a part of the saved state (e.g.
+    only the models that predict) and only that part is read.
+    """
     step = manager.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
+    if partial:
+        args = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)
+    else:
+        args = ocp.args.StandardRestore(abstract)
+    restored = manager.restore(step, args=ocp.args.Composite(state=args, extra=ocp.args.JsonRestore()))
     return restored["state"], restored["extra"]
 
 
-def restore_newest_readable(manager: ocp.CheckpointManager, template: dict, set_aside: bool = False):
+def restore_newest_readable(manager: ocp.CheckpointManager, template: dict, set_aside: bool = False, partial: bool = False):
     """(state, extra, step) from the newest checkpoint that can be read; None when there is none.
 
     An unreadable checkpoint (truncated, half-copied) is reported in one line and the one
@@ -49,7 +58,7 @@ def restore_newest_readable(manager: ocp.CheckpointManager, template: dict, set_
     problems = []
     for step in steps:
         try:
-            state, extra = restore(manager, template, step)
+            state, extra = restore(manager, template, step, partial)
         except Exception as e:  # noqa: BLE001  orbax raises many kinds (JSON, tensorstore, OS, structure) for one cause
             problems.append((Path(manager.directory) / str(step), _first_line(e)))
             continue

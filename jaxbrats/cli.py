@@ -59,7 +59,7 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
-    from jaxbrats.config import load_config
+    from jaxbrats.methods import load_config
     from jaxbrats.engine import train
 
     config = load_config(args.config, args.set)

@@ -19,11 +19,7 @@ import tomllib
 import typing
 from pathlib import Path
 
-from jaxbrats.errors import JaxbratsError
-
-
-class ConfigError(JaxbratsError):
-    pass
+from jaxbrats.errors import ConfigError  # noqa: F401  (re-exported: config and methods both raise it)
 
 
 # --- value checks: each raises ConfigError naming the key and the bad value -------------------
@@ -129,9 +125,14 @@ class ModelConfig:
     groups: int = 8
     upsample: str = "nearest"
     dropout: float = 0.0
+    stem_dropout: float = 0.0  # spatial (whole-channel) dropout after the first convolution (RIRN: 0.2)
     dtype: str = "float32"
     conv_impl: str = "auto"
     remat: bool = False  # activation checkpointing per residual block: less memory, ~1/3 more compute
+    #: How a family of models (stacked students) is computed: "vmap" (batched; what the mesh's
+    #: "model" axis splits), "unroll" (one member after another in the program; XLA:CPU runs
+    #: batched convolutions slowly) or "auto" (unroll on CPU, vmap elsewhere): `networks.family`.
+    family_map: str = "auto"
 
     def validate(self, where: str) -> None:
         from jaxbrats.networks.layers import CONV_IMPLS
@@ -151,7 +152,9 @@ class ModelConfig:
         check_choice(_key(where, "upsample"), self.upsample, UPSAMPLES)
         check_choice(_key(where, "dtype"), self.dtype, DTYPES)
         check_choice(_key(where, "conv_impl"), self.conv_impl, CONV_IMPLS)
+        check_choice(_key(where, "family_map"), self.family_map, ("auto", "vmap", "unroll"))
         check_range(_key(where, "dropout"), self.dropout, 0, 1, high_open=True)
+        check_range(_key(where, "stem_dropout"), self.stem_dropout, 0, 1, high_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,19 +238,30 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh of a run (`jaxbrats.sharding`): data x model (x space, 1 until volume sharding)."""
+
+    data: int = 0  # devices splitting the batch; 0: all the devices left after `model`
+    model: int = 1  # devices splitting a family of models (the students), which must divide its size
+
+    def validate(self, where: str) -> None:
+        check_range(_key(where, "data"), self.data, 0)
+        check_range(_key(where, "model"), self.model, 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     log_every: int = 10  # steps between metric fetches (also the NaN check)
     checkpoint_every: int = 100  # steps; a checkpoint is also written at the end of each stage
     keep_checkpoints: int = 2
-    data_parallel: int = 0  # devices on the mesh's data axis; 0: all devices
+    mesh: MeshConfig = MeshConfig()
     progress: bool = True
 
     def validate(self, where: str) -> None:
         check_range(_key(where, "seed"), self.seed, 0, SEED_LIMIT, high_open=True)
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
             check_range(_key(where, name), getattr(self, name), 1)
-        check_range(_key(where, "data_parallel"), self.data_parallel, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,22 +382,20 @@ def read_raw(path) -> dict:
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
 
 
-def load_config(path=None, overrides=()) -> Config:
-    """Read a TOML (or a saved JSON) config, apply `--set` overrides, check it against the schema."""
+def read_config(path=None, overrides=()) -> tuple[Config, str]:
+    """(config checked against the schema, its source name) from a TOML or saved JSON file and
+    `--set` overrides; the method's own checks are `jaxbrats.methods.load_config`'s."""
     data = read_raw(path) if path else {}
-    return config_from_data(apply_overrides(data, overrides), str(path or "config"))
+    source = str(path or "config")
+    return parse_config(apply_overrides(data, overrides), source), source
 
 
-def config_from_data(data: dict, source: str = "config") -> Config:
-    """Check parsed TOML data against the schema; errors name `source`."""
+def parse_config(data: dict, source: str = "config") -> Config:
+    """Check parsed TOML data against the schema (not the method's section); errors name `source`."""
     try:
-        config = build(Config, data)
-        from jaxbrats.methods import get_method  # the method checks its own section and stages
-
-        get_method(config.method_name).check_config(config)
+        return build(Config, data)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    return config
 
 
 def save_config(config: Config, path) -> None:

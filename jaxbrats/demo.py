@@ -12,7 +12,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from jaxbrats.config import config_from_data
+from jaxbrats.methods import config_from_data
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.phantom import write_phantom
 from jaxbrats.data.preprocess import prepare_dataset

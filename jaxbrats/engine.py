@@ -16,14 +16,19 @@ How a run goes (`train`):
    (`Method.carry`), or from `[stages.<name>] init_from`.
 3. The train state is a pytree: ``{"models": {name: nnx.State},
    "opt": {group: optax state}, "step": int32, "key": uint32[2]}``, split
-   from the NNX graphs once. `make_train_step` closes over the graph
-   definitions and optimisers; it is compiled ahead of time for the first
+   from the NNX graphs once (restore templates are abstract:
+   `abstract_state`, no model is initialised to be overwritten).
+   `make_train_step` closes over the graph definitions and optimisers; the
+   updates of a step run in order and pass a *step context* (what an update
+   computed for later ones, without gradient); it is compiled ahead of time for the first
    batch, with the state donated, so a batch of another shape is refused
    rather than compiled again (the compile, or the load from the persistent
    compilation cache, is reported). The step's rng is ``fold_in(key, step)``,
    so a resumed run draws the same numbers. Nothing in the step talks to the host.
-4. Batches are placed on a ("data", "space") mesh, split along "data"; the
-   "space" axis is 1 today and is where volume sharding goes.
+4. Batches are placed on the ("data", "model", "space") mesh of
+   `jaxbrats.sharding`, split along "data"; the state is placed by the same
+   module's rules (family members split along "model", the rest
+   replicated), and the step keeps those shardings. "space" is 1 today.
 5. Metrics stay on the device and are fetched every `log_every` steps (one
    transfer), checked for NaN/Inf, written to `metrics.jsonl` and TensorBoard
    (`tensorboard/`). A checkpoint is written only after the steps before it
@@ -43,42 +48,30 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from jaxbrats import compilation
 from jaxbrats import workdir as workdir_files
 from jaxbrats.checkpoints import checkpoint_manager, existing_manager, restore_newest_readable, save
-from jaxbrats.config import Config, ConfigError, OptimizerConfig, to_dict
+from jaxbrats.config import Config, OptimizerConfig, to_dict
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.pipeline import PipelineConfig, make_loader
-from jaxbrats.errors import JaxbratsError
+from jaxbrats.errors import ConfigError, JaxbratsError
 from jaxbrats.methods import Method, get_method
-from jaxbrats.workdir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
+from jaxbrats.sharding import (
+    check_families,
+    make_mesh,
+    place_batch,
+    replicated,
+    shard_state,
+    state_shardings,
+    with_shardings,
+)
+from jaxbrats.workdir import load_splits
 
 
 class TrainingDiverged(JaxbratsError):
     pass
-
-
-# --- mesh and placement ------------------------------------------------------------
-
-def make_mesh(data_parallel: int = 0) -> Mesh:
-    devices = jax.devices()
-    n = data_parallel or len(devices)
-    if n > len(devices):
-        raise JaxbratsError(f"train.data_parallel = {n} but only {len(devices)} device(s) are visible")
-    return Mesh(np.asarray(devices[:n]).reshape(n, 1), ("data", "space"))
-
-
-def place_batch(batch: dict, mesh: Mesh) -> dict:
-    """Host batch (this process's part) -> global arrays split along the mesh's data axis."""
-    sharding = NamedSharding(mesh, P("data"))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
-
-
-def replicate(tree, mesh: Mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
 # --- optimisers ------------------------------------------------------------------------
@@ -141,6 +134,16 @@ def trainable_part(state: nnx.State, trainable_filter):
     return nnx.split_state(state, trainable_filter, ...)
 
 
+def _optimizer_states(method: Method, stage: str, optimizers: dict, models: dict, init=None) -> dict:
+    """One optax state per update group, over the variables that group trains."""
+    init = init or (lambda opt, params: opt.init(params))
+    opt = {}
+    for update in method.updates(stage):
+        trainable = {n: trainable_part(models[n], f)[0] for n, f in update.trainable.items()}
+        opt[update.group] = init(optimizers[update.group], trainable)
+    return opt
+
+
 def init_state(method: Method, stage: str, seed: int, optimizers: dict, previous: dict | None = None):
     """(graph definitions, train state) of a stage; `previous` models are carried over."""
     models = method.init_models(stage, nnx.Rngs(seed))
@@ -149,16 +152,42 @@ def init_state(method: Method, stage: str, seed: int, optimizers: dict, previous
         graphdefs[name], states[name] = nnx.split(model)
     if previous:
         states = method.carry(stage, states, previous)
-    opt = {}
-    for update in method.updates(stage):
-        trainable = {n: trainable_part(states[n], f)[0] for n, f in update.trainable.items()}
-        opt[update.group] = optimizers[update.group].init(trainable)
+    opt = _optimizer_states(method, stage, optimizers, states)
     state = {"models": states, "opt": opt, "step": jnp.zeros((), jnp.int32), "key": jax.random.PRNGKey(seed)}
     return graphdefs, state
 
 
+def abstract_state(method: Method, stage: str, optimizers: dict, models: tuple[str, ...] | None = None):
+    """(graph definitions, train state of ShapeDtypeStructs): a restore template, nothing initialised.
+
+    `models` keeps only those models and no optimiser state (what `eval` and `predict` load).
+    """
+    abstract = nnx.eval_shape(lambda: method.init_models(stage, nnx.Rngs(0)))
+    graphdefs, states = {}, {}
+    for name, model in abstract.items():
+        if models is None or name in models:
+            graphdefs[name], states[name] = nnx.split(model)
+    if models is not None:
+        return graphdefs, {"models": states}
+    opt = _optimizer_states(method, stage, optimizers, states, lambda o, p: jax.eval_shape(o.init, p))
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    return graphdefs, {"models": states, "opt": opt, "step": jax.ShapeDtypeStruct((), jnp.int32), "key": key}
+
+
+def _loss_output(out):
+    """A loss returns (loss, parts) or (loss, parts, shared step context)."""
+    loss, parts, *shared = out
+    return loss, (parts, shared[0] if shared else {})
+
+
 def make_train_step(method: Method, stage: str, graphdefs: dict, optimizers: dict):
-    """The pure train step ``(state, batch) -> (state, metrics)``, to be jitted once."""
+    """The pure train step ``(state, batch) -> (state, metrics)``, to be jitted once.
+
+    The updates run in order; each sees the models as the updates before it left
+    them and the *step context*: what earlier updates shared (their third output),
+    with gradients stopped. Metrics are named ``<group>/<part>`` when a stage has
+    several updates (no group name is special to the engine).
+    """
     updates = method.updates(stage)
 
     def step(state, batch):
@@ -166,7 +195,7 @@ def make_train_step(method: Method, stage: str, graphdefs: dict, optimizers: dic
         models = dict(state["models"])
         opt = dict(state["opt"])
         key = jax.random.fold_in(state["key"], state["step"])
-        metrics = {}
+        metrics, context = {}, {}
         for i, update in enumerate(updates):
             split = {n: trainable_part(models[n], f) for n, f in update.trainable.items()}
             frozen = {n: s[1] for n, s in split.items()}
@@ -176,10 +205,11 @@ def make_train_step(method: Method, stage: str, graphdefs: dict, optimizers: dic
                     n: nnx.merge(g, trainable[n], frozen[n]) if n in trainable else nnx.merge(g, models[n])
                     for n, g in graphdefs.items()
                 }
-                return update.loss(live, batch, jax.random.fold_in(key, i))
+                return _loss_output(update.loss(live, batch, jax.random.fold_in(key, i), context))
 
             trainable = {n: s[0] for n, s in split.items()}
-            (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+            (loss, (parts, shared)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+            context = {**context, **jax.lax.stop_gradient(shared)}
             changes, opt[update.group] = optimizers[update.group].update(grads, opt[update.group], trainable)
             trainable = optax.apply_updates(trainable, changes)
             for n in trainable:
@@ -194,6 +224,12 @@ def make_train_step(method: Method, stage: str, graphdefs: dict, optimizers: dic
     step.traces = 0
     step.__name__ = step.__qualname__ = step_name(stage)  # JAX reports its compilations as jit(<name>)
     return step
+
+
+def loss_keys(method: Method, stage: str) -> list[str]:
+    """The metric names of each update group's loss (``loss``, or ``<group>/loss`` for several)."""
+    groups = [u.group for u in method.updates(stage)]
+    return ["loss"] if len(groups) == 1 else [f"{g}/loss" for g in groups]
 
 
 def step_name(stage: str) -> str:
@@ -245,7 +281,7 @@ class Trainer:
             raise JaxbratsError(f"--stage {unknown[0]}: not a stage of {config.method_name} (its stages: {', '.join(self.method.stages)})")
         self.only = tuple(only)  # run just these stages; earlier ones are loaded from their checkpoints
         self.cache = CacheDataset(data_dir or config.data.cache)
-        self.mesh = make_mesh(config.train.data_parallel)
+        self.mesh = make_mesh(config.train.mesh)
         self.compiled_steps = {}  # stage -> the step function (its `.traces` counts Python traces)
         self.compilations = {}  # stage -> {"compiled": n, "loaded": n}: XLA compilations of its step in this call
         self.losses: list[tuple[str, int, float]] = []  # (stage, step, loss) for every step
@@ -289,7 +325,8 @@ class Trainer:
         stage_config = self.config.stages.get(stage)
         batch = stage_config.batch_size if stage_config and stage_config.batch_size else self.config.data.batch_size
         if batch % self.mesh.shape["data"]:
-            raise JaxbratsError(f"stage {stage}: batch size {batch} is not divisible by the {self.mesh.shape['data']} data-parallel devices")
+            raise JaxbratsError(f"stage {stage}: batch size {batch} is not divisible by the {self.mesh.shape['data']} devices "
+                                f"of the mesh's data axis (train.mesh.data)")
         return batch
 
     def load_stage(self, stage: str, total: int, previous):
@@ -297,8 +334,7 @@ class Trainer:
         manager = existing_manager(self.workdir, stage)
         if manager is None or manager.latest_step() is None:
             return previous
-        template = init_state(self.method, stage, 0, self.optimizers(stage, total))[1]
-        state, _, step = restore_newest_readable(manager, template)
+        state, _, step = restore_newest_readable(manager, self.template(stage, total)[1])
         if step < total:
             raise JaxbratsError(f"stage {stage} stopped at step {step} of {total} in {self.workdir}: "
                                 f"finish it first (train without --stage, or with --stage {stage})")
@@ -308,11 +344,16 @@ class Trainer:
     def optimizers(self, stage: str, total: int) -> dict:
         return stage_optimizers(self.method, stage, total)
 
+    def template(self, stage: str, total: int):
+        """(graph definitions, abstract train state carrying the mesh shardings a restore puts it in)."""
+        graphdefs, abstract = abstract_state(self.method, stage, self.optimizers(stage, total))
+        return graphdefs, with_shardings(abstract, state_shardings(abstract, self.mesh, self.method.families(stage)))
+
     def stage_start(self, stage, index, total, previous, manager):
         """(graphdefs, state, optimizers, iterator state or None) of a stage: resumed, carried or fresh."""
         optimizers = self.optimizers(stage, total)
-        if manager.all_steps():  # one model init either way: a restore template here, fresh models below
-            graphdefs, template = init_state(self.method, stage, 0, optimizers)
+        if manager.all_steps():  # an abstract template: no model is initialised only to be overwritten
+            graphdefs, template = self.template(stage, total)
             resumed = restore_newest_readable(manager, template, set_aside=True)
             if resumed is not None:
                 state, extra, _ = resumed
@@ -324,6 +365,9 @@ class Trainer:
             before = self.method.stages[index - 1]
             raise JaxbratsError(f"stage {stage} starts from stage {before}, which has no checkpoint in {self.workdir}: "
                                 f"train {before} first or set stages.{stage}.init_from to a checkpoint directory")
+        outside = self.method.start_from(stage, lambda: abstract_state(self.method, stage, optimizers)[1]["models"])
+        if outside:
+            previous = {**(previous or {}), **outside}
         graphdefs, state = init_state(self.method, stage, self.config.train.seed + index, optimizers, previous)
         return graphdefs, state, optimizers, None
 
@@ -333,7 +377,7 @@ class Trainer:
         if other.latest_step() is None:
             raise JaxbratsError(f"{source}: no checkpoint to start stage {stage} from")
         name = source.name if source.name in self.method.stages else self.method.stages[max(index - 1, 0)]
-        template = init_state(self.method, name, 0, self.optimizers(name, 1))[1]  # the schedule length does not change the layout
+        template = self.template(name, 1)[1]  # the schedule length does not change the layout
         return restore_newest_readable(other, template)[0]["models"]
 
     def pipeline_config(self, stage: str, index: int) -> PipelineConfig:
@@ -347,11 +391,17 @@ class Trainer:
         )
 
     def compile_step(self, stage: str, step_fn, state, batch):
-        """The step compiled once for these shapes (a batch of other shapes is refused, never recompiled)."""
+        """The step compiled once for these shapes (a batch of other shapes is refused, never recompiled).
+
+        The new state keeps the input state's shardings (family members stay split along
+        "model"); the metrics come back replicated.
+        """
         compilation.watch()
         before = compilation.counts(step_fn.__name__)
         start = time.perf_counter()
-        compiled = jax.jit(step_fn, donate_argnums=0).lower(state, batch).compile()
+        shardings = state_shardings(state, self.mesh, self.method.families(stage))
+        jitted = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, replicated(self.mesh)))
+        compiled = jitted.lower(state, batch).compile()
         after = compilation.counts(step_fn.__name__)
         how = "loaded from the compilation cache" if after["loaded"] > before["loaded"] else "compiled"
         print(f"stage {stage}: train step {how} in {time.perf_counter() - start:.1f} s")
@@ -360,6 +410,8 @@ class Trainer:
 
     def run_stage(self, stage: str, index: int, total: int, train_set: CacheDataset, previous) -> dict:
         cfg = self.config
+        families = self.method.families(stage)
+        check_families(self.mesh, families)
         manager = checkpoint_manager(self.workdir, stage, cfg.train.keep_checkpoints)
         graphdefs, state, optimizers, iterator_state = self.stage_start(stage, index, total, previous, manager)
         start = int(jax.device_get(state["step"]))
@@ -368,7 +420,7 @@ class Trainer:
             print(f"stage {stage}: complete ({start} steps), skipped")
             self.method.on_stage_end(stage, state["models"], self.workdir)  # idempotent: redone if a crash came before it
             return state["models"]
-        state = replicate(state, self.mesh)
+        state = shard_state(state, self.mesh, families)
         step_fn = make_train_step(self.method, stage, graphdefs, optimizers)
         self.compiled_steps[stage] = step_fn
 
@@ -398,8 +450,8 @@ class Trainer:
                 if save_now or (step + 1) % cfg.train.log_every == 0:
                     now = time.perf_counter()
                     rate = (step + 1 - last_step) / (now - last_time)
-                    self._flush(stage, pending, manager, rate, voxels * rate, schedules)
-                    bar.set_postfix(loss=f"{self.losses[-1][2]:.4f}", vox_s=f"{voxels * rate:.3g}")
+                    shown = self._flush(stage, pending, manager, rate, voxels * rate, schedules)
+                    bar.set_postfix(**shown, vox_s=f"{voxels * rate:.3g}")
                     bar.update(step + 1 - last_step)
                     pending, last_time, last_step = [], now, step + 1
                 if save_now:
@@ -413,7 +465,9 @@ class Trainer:
             self.method.on_stage_end(stage, state["models"], self.workdir)
         return state["models"]
 
-    def _flush(self, stage, pending, manager, rate, voxel_rate, schedules) -> None:
+    def _flush(self, stage, pending, manager, rate, voxel_rate, schedules) -> dict:
+        """Fetch, check and write the pending metrics; each group's latest loss for the progress bar."""
+        keys = loss_keys(self.method, stage)
         fetched = jax.device_get([m for _, m in pending])
         for (step, _), metrics in zip(pending, fetched):
             values = {k: float(v) for k, v in metrics.items()}
@@ -422,11 +476,12 @@ class Trainer:
                 good = manager.latest_step()
                 where = f"step {good} in {manager.directory}" if good is not None else "none (no checkpoint yet)"
                 raise TrainingDiverged(f"stage {stage}: {', '.join(bad)} became {values[bad[0]]} at step {step}; training stopped. Last good checkpoint: {where}")
-            self.losses.append((stage, step, values.get("loss", values.get("model/loss", float("nan")))))
+            self.losses.append((stage, step, values[keys[0]]))
             row = {"stage": stage, "step": step, **values}
             row.update({f"lr/{group}": float(schedule(step - 1)) for group, schedule in schedules.items()})
             self.log.write(row)
         self.log.write({"stage": stage, "step": pending[-1][0], "steps_per_s": float(rate), "voxels_per_s": float(voxel_rate)})
+        return {k.replace("/", "_"): f"{values[k]:.4f}" for k in keys}
 
 
 def train(config: Config, workdir, data_dir=None, stop_after: int | None = None, only: tuple[str, ...] = ()) -> Trainer:
@@ -438,9 +493,11 @@ def train(config: Config, workdir, data_dir=None, stop_after: int | None = None,
 def load_trained(workdir, stage: str | None = None, overrides=()):
     """(method, graph definitions, model states, config) of a trained run, from its latest checkpoint.
 
+    Only the models that predict are read (`Method.inference_models`: a teacher,
+    discriminators and optimiser states stay on disk), onto the first device.
     `overrides` (``key=value``) change the saved config, e.g. the eval settings.
     """
-    from jaxbrats.config import load_config
+    from jaxbrats.methods import load_config
 
     workdir = Path(workdir)
     if not (workdir / "config.json").exists():
@@ -452,8 +509,13 @@ def load_trained(workdir, stage: str | None = None, overrides=()):
         manager = existing_manager(workdir, name)
         if manager is None or manager.latest_step() is None:
             continue
-        graphdefs, template = init_state(method, name, 0, stage_optimizers(method, name, 1))
-        state, _, _ = restore_newest_readable(manager, template)
+        models = method.inference_models(name)
+        if models is None:
+            models = tuple(nnx.eval_shape(lambda: method.init_models(name, nnx.Rngs(0))))
+        graphdefs, abstract = abstract_state(method, name, {}, models)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+        state, _, _ = restore_newest_readable(manager, template, partial=True)
         return method, graphdefs, state["models"], config
     if not stage and any((workdir / "checkpoints" / s).exists() for s in method.stages):
         raise JaxbratsError(f"{workdir}: no checkpoint of a stage that segments ({', '.join(stages)}); "

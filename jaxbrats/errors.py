@@ -7,6 +7,10 @@ class JaxbratsError(Exception):
     """A problem with the user's input or settings; the CLI prints it as one line."""
 
 
+class ConfigError(JaxbratsError):
+    """A bad config file, key or value: names the file and the key."""
+
+
 class CaseError(JaxbratsError):
     """A problem with one case of a dataset: names the case and the file."""
 

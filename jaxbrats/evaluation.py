@@ -22,11 +22,15 @@ by `pad_shape`, a program of its own) equals its evaluation's labels for
 the subset of the modalities it has, still with one compilation per
 evaluation.
 
-A row scores only the cases that have all of its modalities (the
-manifest's ``present``; `applicability`, a general (case, subset) mask that
-callers may narrow with ``evaluate(..., applicable=...)``). The program
-still runs every subset; the host leaves the others out of the statistics
-and of HD95. Per case, ``cases/<id>.json`` holds ``{"case", "present":
+The program runs the subsets the method serves (`Method.served_subsets`:
+all 15 for a catch-all method; those with a student for a dedicated one),
+each with its index passed to `predict` as data, so a dedicated method picks
+that subset's student inside the one compiled program. A subset not served
+has null Dice and HD95 (``"served": false`` in summary.json, dashes in the
+tables and the heatmap). A row scores only the cases that have all of its
+modalities (the manifest's ``present``; `applicability`, a general (case,
+subset) mask that callers may narrow with ``evaluate(..., applicable=...)``);
+the host leaves the others out of the statistics and of HD95. Per case, ``cases/<id>.json`` holds ``{"case", "present":
 [modalities], "subsets": [{"name", "applicable", "dice", "hd95"}, ... 15]}``
 with null Dice and HD95 where ``"applicable": false``.
 
@@ -40,7 +44,7 @@ count, such a row grey with dashes); ``predictions/<id>[_<subset>].nii.gz``
 ``summary.json``::
 
     {"regions": ["WT", "TC", "ET"],
-     "subsets": [{"name": "flair", "modalities": ["flair"], "cases": n,
+     "subsets": [{"name": "flair", "modalities": ["flair"], "cases": n, "served": true,
                   "dice": {"WT": .., "TC": .., "ET": ..}, "hd95": {...}}, ... 15 rows],
      "mean": {"rows": k, "dice": {...}, "hd95": {...}}, "cases": N}
 
@@ -97,9 +101,10 @@ def case_locator(shape, box_start) -> dict:
     return {"shape": np.asarray(shape, np.int32), "box_start": np.asarray(box_start, np.int32)}
 
 
-def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None, case=None):
+def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None, case=None, subset=None):
     """Internal labels (D, H, W) of one case (D, H, W, 4) seen through `modality_mask`: the one
-    segmentation both `evaluate` (each subset) and `predict.predict_case` run.
+    segmentation both `evaluate` (each subset) and `predict.predict_case` run. `subset` is the
+    index of the subset served (data; default: the full set), passed to `method.predict`.
 
     `image` holds the case at its start, padded at the end with zeros to any
     shape (the evaluation's bucket; `pad_shape` for one case); `case` locates
@@ -115,12 +120,13 @@ def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None, c
     """
     shape = image.shape[:3]
     case = case_locator(shape, (0, 0, 0)) if case is None else case
+    subset = jnp.int32(FULL_SUBSET_INDEX) if subset is None else subset
     case_shape = jnp.asarray(case["shape"], jnp.int32)
     padded = tuple(max(s, w) for s, w in zip(shape, cfg.window))
     if padded != shape:  # fill sees the padding the windows read
         image = jnp.pad(image, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
     image = method.fill(models, image, modality_mask, case)
-    probs = sliding_window(lambda x: method.predict(models, x, modality_mask), image, sliding_config(cfg), len(REGIONS),
+    probs = sliding_window(lambda x: method.predict(models, x, modality_mask, subset), image, sliding_config(cfg), len(REGIONS),
                            extent=case_shape)[: shape[0], : shape[1], : shape[2]]
     inside = jnp.ones(shape, bool)
     for axis in range(3):
@@ -133,11 +139,11 @@ def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None, c
 
 
 def subset_evaluator(method, graphdefs: dict, cfg: EvalConfig):
-    """``(models_state, image, labels, valid, mask, case) -> (Dice counts (3, 3), labels)`` for one subset."""
+    """``(models_state, image, labels, valid, mask, subset, case) -> (Dice counts (3, 3), labels)`` for one subset."""
 
-    def evaluate_subset(models_state, image, labels, valid, mask, case=None):
+    def evaluate_subset(models_state, image, labels, valid, mask, subset, case=None):
         models = {n: nnx.merge(g, models_state[n]) for n, g in graphdefs.items()}
-        predicted = segment(method, models, image, mask, cfg, valid, case)
+        predicted = segment(method, models, image, mask, cfg, valid, case, subset)
         return dice_counts(regions_of(predicted, xp=jnp), regions_of(labels, xp=jnp)), predicted
 
     return evaluate_subset
@@ -147,13 +153,17 @@ PROGRAM_NAME = "eval_15_subsets"
 
 
 def make_case_program(method, graphdefs: dict, cfg: EvalConfig):
-    """The jitted 15-subset program: (Dice counts (15, 3, 3), labels (15, D, H, W) uint8)."""
+    """The jitted program over the subsets the method serves (`Method.served_subsets`, K of the
+    15; all 15 for a catch-all method): (Dice counts (K, 3, 3), labels (K, D, H, W) uint8), in
+    the order of `served_subsets`. The subset's mask and index are data (`lax.map`), so every
+    subset, and a dedicated method's choice of student, shares one trace."""
     evaluate_subset = subset_evaluator(method, graphdefs, cfg)
-    masks = jnp.asarray(SUBSET_MASKS)
+    served = np.asarray(method.served_subsets(), np.int32)
+    masks, indices = jnp.asarray(SUBSET_MASKS[served]), jnp.asarray(served)
 
     def eval_15_subsets(models_state, image, labels, valid, case=None):
         program.traces += 1
-        return lax.map(lambda mask: evaluate_subset(models_state, image, labels, valid, mask, case), masks)
+        return lax.map(lambda m: evaluate_subset(models_state, image, labels, valid, m[0], m[1], case), (masks, indices))
 
     program = jax.jit(eval_15_subsets)  # JAX reports its compilations as jit(eval_15_subsets)
     program.traces = 0
@@ -171,6 +181,13 @@ def pad_shape(shape, cfg: EvalConfig) -> tuple[int, int, int]:
     """Each axis rounded up to `eval.bucket_multiple`, at least the window (predict pads one case so)."""
     m = cfg.bucket_multiple
     return tuple(int(max(-(-int(s) // m) * m, w)) for s, w in zip(shape, cfg.window))
+
+
+def served_mask(method) -> np.ndarray:
+    """(15,) bool: the subsets the method segments (the others' rows are null)."""
+    mask = np.zeros(len(SUBSETS), bool)
+    mask[list(method.served_subsets())] = True
+    return mask
 
 
 def applicability(manifests, applicable=None) -> np.ndarray:
@@ -282,7 +299,8 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
     compilation.watch()
     before = compilation.counts(PROGRAM_NAME)
     dice_all, hd_all = [], []
-    allowed = applicability(dataset.manifests, applicable)
+    served = np.asarray(method.served_subsets())
+    allowed = applicability(dataset.manifests, served_mask(method) if applicable is None else served_mask(method) & np.asarray(applicable, bool))
     for i in tqdm(range(len(dataset)), desc="eval", unit="case", disable=not progress, dynamic_ncols=True):
         arrays, manifest = dataset.arrays(i), dataset.manifests[i]
         shape = tuple(manifest["cropped_shape"])
@@ -292,8 +310,11 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
         labels = _pad(np.asarray(arrays["label"]), bucket)
         valid = _pad(np.ones(shape, bool), bucket)
         case = case_locator(shape, box_start(manifest))
-        counts, predicted = jax.device_get(program(models_state, image, labels, valid, case))
-        predicted = predicted[:, : shape[0], : shape[1], : shape[2]]
+        served_counts, served_labels = jax.device_get(program(models_state, image, labels, valid, case))
+        counts = np.zeros((len(SUBSETS),) + served_counts.shape[1:], served_counts.dtype)
+        predicted = np.zeros((len(SUBSETS),) + shape, np.uint8)  # rows of subsets not served stay empty
+        counts[served] = served_counts
+        predicted[served] = served_labels[:, : shape[0], : shape[1], : shape[2]]
         dice = np.where(allowed[i][:, None], dice_from_counts(counts), np.nan)
         hd = hd95_table(predicted, np.asarray(arrays["label"]), canonical_spacing(manifest["original_affine"]), cfg.hd95_empty, allowed[i]) if cfg.hd95 else np.full(dice.shape, np.nan)
         dice_all.append(dice)
@@ -304,6 +325,8 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
             write_prediction(predicted[s], manifest, out_dir / "predictions" / f"{manifest['case_id']}{suffix}.nii.gz")
     summary = summarize(np.asarray(dice_all).reshape(-1, len(SUBSETS), len(REGIONS)),
                         np.asarray(hd_all).reshape(-1, len(SUBSETS), len(REGIONS)), allowed)
+    for row, is_served in zip(summary["subsets"], served_mask(method)):
+        row["served"] = bool(is_served)  # False: the method has no model for this subset (a dedicated method's rows)
     write_reports(summary, out_dir, cfg)
     after = compilation.counts(PROGRAM_NAME)
     settings = {"eval": to_dict(cfg), "bucket": list(bucket), "compilations": after["compiled"] - before["compiled"],

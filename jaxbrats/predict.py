@@ -26,9 +26,9 @@ from jaxbrats.data.loading import from_canonical, load_case
 from jaxbrats.data.preprocess import preprocess_case
 from jaxbrats.engine import load_trained
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.evaluation import case_locator, _pad, pad_shape, segment, write_nifti
+from jaxbrats.evaluation import _pad, case_locator, pad_shape, segment, write_nifti
 from jaxbrats.labels import CONVENTIONS, from_internal, region_voxel_counts
-from jaxbrats.modalities import MODALITIES
+from jaxbrats.modalities import MODALITIES, SUBSET_NAMES, subset_index
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -57,6 +57,11 @@ def predict_case(workdir, case_dir, out_path, convention: str | None = None, ove
     case = load_case(record, need_labels=False)
     arrays, fields = preprocess_case(case, preprocessing["normalization"], preprocessing["margin"])
     present = np.asarray(record.present)
+    served = method.served_subsets()
+    if subset_index(present) not in served:
+        have = "+".join(m for m, p in zip(MODALITIES, present) if p)
+        raise JaxbratsError(f"{case_dir}: this {config.method_name} run has no model for the modalities the case has ({have}); "
+                            f"it segments: {', '.join(SUBSET_NAMES[s] for s in served)}")
     box = [lo for lo, _ in fields["crop_box"]]
     labels = segment_one_case(method, graphdefs, models_state, arrays["image"], present, config.eval, box)
     full = np.zeros(next(iter(case.images.values())).shape, np.uint8)
@@ -90,11 +95,12 @@ def segment_one_case(method, graphdefs, models_state, image, modality_mask, cfg,
     padded = _pad(image, pad_shape(shape, cfg))
 
     @jax.jit
-    def run(models_state, image, mask, case):
+    def run(models_state, image, mask, subset, case):
         models = {n: nnx.merge(g, models_state[n]) for n, g in graphdefs.items()}
-        return segment(method, models, image, mask, cfg, case=case)
+        return segment(method, models, image, mask, cfg, case=case, subset=subset)
 
-    labels = run(models_state, padded, np.asarray(modality_mask, bool), case_locator(shape, box_start))
+    mask = np.asarray(modality_mask, bool)
+    labels = run(models_state, padded, mask, np.int32(subset_index(mask)), case_locator(shape, box_start))
     return np.asarray(labels)[: shape[0], : shape[1], : shape[2]]
 
 

@@ -24,11 +24,11 @@ import json
 import os
 from pathlib import Path
 
-from jaxbrats.config import Config, ConfigError, OptimizerConfig, StageConfig, config_from_data, save_config, to_dict
+from jaxbrats.config import Config, ConfigError, OptimizerConfig, StageConfig, save_config, to_dict
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.splits import ratio_split, read_split_file
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.methods import get_method
+from jaxbrats.methods import config_from_data, get_method
 
 #: Config keys (fnmatch patterns) a resumed run may change. Everything else is refused.
 RESUMABLE = (
@@ -37,7 +37,7 @@ RESUMABLE = (
     "stages.*.optimizers.*.lr", "stages.*.optimizers.*.schedule", "stages.*.optimizers.*.poly_power",
     "stages.*.optimizers.*.warmup_steps", "stages.*.optimizers.*.momentum",
     "model.dtype", "model.remat", "model.conv_impl",
-    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.data_parallel",
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.mesh.*",
     "eval.*",
 )
 
@@ -87,7 +87,7 @@ def load_splits(workdir: Path, cache: CacheDataset) -> dict[str, list[str]]:
 
 def effective(config: Config) -> dict:
     """The config as plain data with every default spelled out (the method's options, each stage and group)."""
-    method = get_method(config.method_name)
+    method = get_method(config.method_name)(config)
     stages = {}
     for stage in method.stages:
         stage_config = config.stages.get(stage, StageConfig())

@@ -47,7 +47,7 @@ TINY = [
 
 
 def tiny_config(*extra):
-    from jaxbrats.config import load_config
+    from jaxbrats.methods import load_config
 
     return load_config(None, TINY + list(extra))
 

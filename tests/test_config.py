@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxbrats.config import ConfigError, load_config, parse_override
+from jaxbrats.config import ConfigError, parse_override
+from jaxbrats.methods import load_config
 from jaxbrats.methods import get_method
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
@@ -70,6 +71,8 @@ BAD_VALUES = [
     (["model.dtype='float16'"], "model.dtype must be one of ['float32', 'bfloat16'], got 'float16'"),
     (["model.conv_impl='cudnn'"], "model.conv_impl must be one of ['auto', 'native', 'depth2d'], got 'cudnn'"),
     (["model.dropout=1.0"], "model.dropout must be in [0, 1), got 1.0"),
+    (["model.stem_dropout=-0.1"], "model.stem_dropout must be in [0, 1), got -0.1"),
+    (["model.family_map='loop'"], "model.family_map must be one of ['auto', 'vmap', 'unroll'], got 'loop'"),
     # [data]
     (["data.crop_size=[0,0,0]"], "data.crop_size entries must be >= 1, got [0, 0, 0]"),
     (["data.crop_size=[12,16,16]"],
@@ -122,7 +125,8 @@ BAD_VALUES = [
     (["train.log_every=0"], "train.log_every must be >= 1, got 0"),
     (["train.checkpoint_every=0"], "train.checkpoint_every must be >= 1, got 0"),
     (["train.keep_checkpoints=0"], "train.keep_checkpoints must be >= 1, got 0"),
-    (["train.data_parallel=-1"], "train.data_parallel must be >= 0, got -1"),
+    (["train.mesh.data=-1"], "train.mesh.data must be >= 0, got -1"),
+    (["train.mesh.model=0"], "train.mesh.model must be >= 1, got 0"),
     # [method]: the baseline's options
     (["method.class_weights=[1.0,-1.0,1.0,1.0]"], "method.class_weights entries must be >= 0, got [1.0, -1.0, 1.0, 1.0]"),
     (["method.class_weights=[1.0]"], "method.class_weights needs 4 values, got [1.0]"),
@@ -159,7 +163,7 @@ def test_edge_values_are_allowed():
         "data.foreground_oversample=0", "data.flip_probability=1", "data.intensity_scale=0", "data.intensity_shift=0",
         "data.split_ratios=[1.0,0.0,0.0]", "data.workers=0", "stages.train.epochs=0", "model.dropout=0",
         "model.widths=[8]", "model.blocks=[1]", "data.crop_size=[9,9,9]", "eval.window=[7,7,7]", "eval.overlap=0",
-        "eval.et_min_voxels=0", "eval.bucket=[7,8,9]", "train.data_parallel=0", f"{ADAM}.momentum=0",
+        "eval.et_min_voxels=0", "eval.bucket=[7,8,9]", "train.mesh.data=0", f"{ADAM}.momentum=0",
         f"{ADAM}.weight_decay=0", f"{ADAM}.clip_norm=0", "method.class_weights=[0.0,1.0,1.0,1.0]",
     ])
     load_config(None, [M3AE, "method.mask_ratio=0", "method.substitute_weight=0", "method.consistency_weight=0"])
@@ -191,10 +195,10 @@ def test_cli_rejects_a_bad_value_in_one_line(tmp_path, override, message):
 #: config fails here. Keys are attribute paths of `Config`; "options.<k>" is the method's typed option,
 #: "length.<stage>" the stage's steps at 100 steps per epoch.
 SHARED = {
-    "model.groups": 8, "model.dropout": 0.0, "model.conv_impl": "auto", "model.remat": False, "model.dtype": "float32",
+    "model.groups": 8, "model.dropout": 0.0, "model.stem_dropout": 0.0, "model.conv_impl": "auto", "model.family_map": "auto", "model.remat": False, "model.dtype": "float32",
     "data.cache": "", "data.flip_probability": 0.5, "data.intensity_scale": 0.1, "data.intensity_shift": 0.1,  # M3AE's
     "data.prefetch": 2, "data.split_seed": 0, "data.train_split": "",
-    "train.seed": 0, "train.keep_checkpoints": 2, "train.data_parallel": 0, "train.progress": True,
+    "train.seed": 0, "train.keep_checkpoints": 2, "train.mesh.data": 0, "train.mesh.model": 1, "train.progress": True,
     "eval.overlap": 0.5, "eval.blend": "gaussian", "eval.threshold": 0.5, "eval.hd95": True, "eval.hd95_empty": "brats",
     "eval.et_postprocess": False, "eval.et_min_voxels": 500, "eval.bucket": (), "eval.bucket_multiple": 16,
 }
@@ -238,7 +242,40 @@ M3AE_BRATS = {  # the paper: 600 pretraining + 300 fine-tuning epochs, 16^3 patc
     "stages.finetune.epochs": 300, "stages.finetune.steps": 0, "length.finetune": 30000,
     **_optimizer("pretrain", 3e-4, 0.0, model_lr={"x_sub": 5e-3}), **_optimizer("finetune", 3e-4, 1e-4),
 }
+RIRN_OPTIONS = {
+    "method_name": "rirn", "options.seg_loss": "dice", "options.crr": True, "options.mf": True,
+    "options.crr_threshold": 0.5, "options.car": True, "options.car_level": -1, "options.car_axis": "keys",
+    "options.car_embeddings": "fixed", "options.adv": True, "options.adv_input": "probabilities", "options.disc_width": 64,
+    "options.crr_weight": 1.0, "options.car_weight": 1.0, "options.adv_weight": 1.0, "options.teacher_from": "",
+    "model.stem_dropout": 0.2, "stages.train.batch_size": 0,
+}
+
+
+def _rirn_optimizers(lr, schedule, disc_lr):
+    out = {}
+    for group, rate in (("model", lr), ("discriminator", disc_lr)):
+        prefix = f"stages.train.optimizers.{group}."
+        out.update({prefix + "name": "adam", prefix + "lr": rate, prefix + "schedule": schedule, prefix + "weight_decay": 0.0,
+                    prefix + "clip_norm": 0.0})
+    return out
+
+
+RIRN_BRATS = {  # the paper: Adam 1e-4, poly 0.9, batch 1, 160x192x128 crops, 300 epochs, flips only, 2:1 split
+    **SHARED, **RIRN_OPTIONS, "options.students": "all", "model.widths": (16, 32, 64, 128), "model.blocks": (1, 2, 2, 4),
+    "data.crop_size": (160, 192, 128), "data.batch_size": 1, "data.foreground_oversample": 0.0,
+    "data.intensity_scale": 0.0, "data.intensity_shift": 0.0, "data.split": "ratio",
+    "data.split_ratios": (0.6666667, 0.0, 0.3333333), "stages.train.epochs": 300, "length.train": 30000,
+    "stages.train.optimizers.model.poly_power": 0.9, **_rirn_optimizers(1e-4, "poly", 1e-4),
+    "eval.window": (160, 192, 128),
+}
 EXPECTED = {
+    "rirn_brats2018.toml": RIRN_BRATS,
+    "rirn_brats2020.toml": RIRN_BRATS,
+    "rirn_phantom.toml": {
+        **SHARED, **PHANTOM, **RIRN_OPTIONS, "options.students": ["flair", "t1ce", "t1", "t2"],
+        "stages.train.steps": 400, "length.train": 400, "train.checkpoint_every": 100,
+        **_rirn_optimizers(2e-3, "cosine", 2e-4),
+    },
     "baseline_brats2018.toml": {**BASELINE_BRATS, "data.split": "files"},  # the papers' 199/29/57
     "baseline_brats2020.toml": {**BASELINE_BRATS, "data.split": "files"},  # the papers' 219/50/100
     "baseline_brats2023.toml": {**BASELINE_BRATS, "data.split": "auto"},  # no published split
@@ -269,7 +306,7 @@ def _resolve(config, key: str):
 
 
 def test_every_shipped_config_has_expectations():
-    assert sorted(EXPECTED) == [p.name for p in CONFIGS]
+    assert sorted(EXPECTED) == sorted(p.name for p in CONFIGS)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -169,7 +169,7 @@ def test_eight_cpu_devices_give_the_loss_of_one(phantom_cache, tmp_path):
         assert jax.device_count() == 8
         losses = {{}}
         for n in (1, 8):
-            config = tiny_config("data.batch_size=8", "data.split_ratios=[1.0,0.0,0.0]", "stages.train.steps=2", "train.data_parallel=%d" % n)
+            config = tiny_config("data.batch_size=8", "data.split_ratios=[1.0,0.0,0.0]", "stages.train.steps=2", "train.mesh.data=%d" % n)
             trainer = engine.train(config, {str(tmp_path)!r} + "/dp%d" % n, {str(phantom_cache)!r})
             losses[n] = [l for *_, l in trainer.losses]
         print(json.dumps(losses))

@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from jaxbrats import engine
-from jaxbrats.config import ConfigError, load_config
+from jaxbrats.config import ConfigError
+from jaxbrats.methods import load_config
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.evaluation import case_locator, evaluate

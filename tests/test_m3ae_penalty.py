@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxbrats.config import load_config
+from jaxbrats.methods import load_config
 from jaxbrats.methods import get_method
 from jaxbrats.methods.m3ae import PENALTIES, M3AEOptions, substitute_penalty
 

@@ -64,7 +64,7 @@ def random_batch(rng, batch: int, size: int, views: int) -> dict:
 
 
 def make_method(name: str, overrides: list[str]):
-    from jaxbrats.config import load_config
+    from jaxbrats.methods import load_config
     from jaxbrats.methods import get_method
 
     config = load_config(None, [f"method.name='{name}'", *overrides])

@@ -1,15 +1,25 @@
 """The Method interface: what a missing-modality method tells the engine.
 
-A method owns one or more models (a U-Net; a teacher and a student; a
-discriminator; a learned substitute image) and runs one or more stages
-(M3AE: pretrain, then finetune). For each stage it declares
+A method owns one or more models (a U-Net; a teacher and a family of
+students; one discriminator per student; a learned substitute image) and runs
+one or more stages (M3AE: pretrain, then finetune). For each stage it declares
 
-- `init_models(stage, rngs)`: the NNX modules of the stage, by name;
+- `init_models(stage, rngs)`: the NNX modules of the stage, by name. A
+  *family* (K models of one architecture, `networks.family.stack`) is one
+  module whose variables have a leading axis K; `families(stage)` names them
+  with their size, so the engine can split that axis along the mesh's
+  "model" axis;
 - `updates(stage)`: the gradient updates of one train step, applied in order,
   each with its optimiser group, the variables it trains (an NNX filter per
-  model; variables outside the filters are frozen) and its loss
-  ``loss(models, batch, key) -> (scalar, {name: scalar})``. Alternating
-  adversarial training is two updates: the student's, then the discriminator's;
+  model; variables outside the filters are frozen; a model no update trains
+  gets no optimiser state) and its loss
+  ``loss(models, batch, key, context) -> (scalar, {name: scalar}[, shared])``.
+  ``shared`` (a dict of arrays) is the *step context*: what this update
+  computed that a later update of the same step reads (with no gradient)
+  instead of computing it again, e.g. the teacher's and students' outputs
+  for the discriminator. Alternating adversarial training is two updates:
+  the students', then the discriminator's. The optimiser groups are the
+  updates' groups (`groups`);
 - `pipeline(stage)`: what the input pipeline must draw (dropout mode, how
   many missing-modality instantiations per sample);
 - `carry(stage, fresh, previous)`: how a stage starts from the previous
@@ -19,8 +29,13 @@ and for inference `fill(models, image, modality_mask, case)` on the
 whole (padded) case before sliding windows are cut from it (M3AE reads its
 substitute image here, in the frame it was trained in; `case` holds the
 case's unpadded "shape" and its "box_start" in the source grid), then
-`predict(models, window, modality_mask)`: region probabilities (..., 3) in
-`labels.REGIONS` order; the method decides how missing inputs are filled.
+`predict(models, window, modality_mask, subset)`: region probabilities
+(..., 3) in `labels.REGIONS` order; `subset` is the index of the subset
+being served (data, an int32 scalar: a method with one student per subset
+picks that student's weights with it); the method decides how missing inputs
+are filled. `served_subsets()` lists the subsets a method can segment (a
+dedicated method: those with a student; the others' rows are null), and
+`inference_models(stage)` the models `eval` and `predict` load.
 Optional hooks: `setup(train_set)` sees the training cases before the first
 stage (M3AE's mean-image ablation), `on_stage_end(stage, models, workdir)`
 writes what a finished stage learned (M3AE's substitute image), and
@@ -32,15 +47,19 @@ checkpoints, logging; `jaxbrats.evaluation` scores `predict` on all 15 subsets.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx
 
-from jaxbrats.config import Config, ConfigError, OptimizerConfig, build
+from jaxbrats.config import Config, OptimizerConfig, build
+from jaxbrats.errors import ConfigError
+from jaxbrats.modalities import SUBSETS
 
 Models = dict[str, nnx.Module]
-Loss = Callable[[Models, dict, jax.Array], tuple[jax.Array, dict]]
+#: (models, batch, key, step context) -> (loss, parts) or (loss, parts, shared context)
+Loss = Callable[[Models, dict, jax.Array, dict], tuple]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,21 +89,21 @@ class Method:
             return steps_per_epoch
         return stage_config.steps if stage_config.steps > 0 else stage_config.epochs * steps_per_epoch
 
-    @classmethod
-    def groups(cls, stage: str) -> tuple[str, ...]:
-        """The optimiser groups of a stage (one per `Update.group`)."""
-        return ("model",)
+    def groups(self, stage: str) -> tuple[str, ...]:
+        """The optimiser groups of a stage: its updates' groups, in order."""
+        return tuple(dict.fromkeys(update.group for update in self.updates(stage)))
 
     @classmethod
     def check_config(cls, config: Config) -> None:
-        cls.parse_options(config)
+        method = cls(config)  # parses (and so checks) the [method] options
         unknown = sorted(set(config.stages) - set(cls.stages))
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown} for method {cls.name} (its stages: {list(cls.stages)})")
         for stage, stage_config in config.stages.items():
-            extra = sorted(set(stage_config.optimizers) - set(cls.groups(stage)))
+            groups = method.groups(stage)
+            extra = sorted(set(stage_config.optimizers) - set(groups))
             if extra:
-                raise ConfigError(f"stages.{stage}.optimizers: unknown group(s) {extra} (groups: {list(cls.groups(stage))})")
+                raise ConfigError(f"stages.{stage}.optimizers: unknown group(s) {extra} (groups: {list(groups)})")
 
     def optimizer(self, stage: str, group: str) -> OptimizerConfig:
         stage_config = self.config.stages.get(stage)
@@ -99,6 +118,18 @@ class Method:
     def updates(self, stage: str) -> list[Update]:
         raise NotImplementedError
 
+    def families(self, stage: str) -> dict[str, int]:
+        """Models of the stage that are families (a leading axis of K members), by name -> K."""
+        return {}
+
+    def inference_models(self, stage: str) -> tuple[str, ...] | None:
+        """The models `eval` and `predict` load (None: all of the stage's models)."""
+        return None
+
+    def served_subsets(self) -> tuple[int, ...]:
+        """Indices (`modalities.SUBSETS`) of the subsets this method segments; the others' rows are null."""
+        return tuple(range(len(SUBSETS)))
+
     def pipeline(self, stage: str) -> dict:
         """Overrides of `data.pipeline.PipelineConfig` for this stage."""
         return {"dropout": "uniform", "instantiations": 1}
@@ -111,7 +142,8 @@ class Method:
         """
         return image
 
-    def predict(self, models: Models, image, modality_mask):
+    def predict(self, models: Models, image, modality_mask, subset):
+        """Region probabilities of `image` seen through `modality_mask`, for the subset index `subset`."""
         raise NotImplementedError
 
     def can_predict(self, stage: str) -> bool:
@@ -123,6 +155,11 @@ class Method:
 
     def on_stage_end(self, stage: str, models: dict[str, nnx.State], workdir) -> None:
         """Called when `stage` has run its last step, and again when a later run skips it as complete."""
+
+    def start_from(self, stage: str, abstract: Callable[[], dict]) -> dict[str, nnx.State]:
+        """Models a fresh stage takes from outside this run (RIRN's `teacher_from`), by name;
+        `abstract()` gives the stage's models as abstract states (the shapes to restore into)."""
+        return {}
 
     def carry(self, stage: str, fresh: dict[str, nnx.State], previous: dict[str, nnx.State]) -> dict[str, nnx.State]:
         """Start `stage` from the previous stage: variables with equal path and shape are copied."""

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 from flax import nnx
 
-from jaxbrats.config import ConfigError, check_entries
-from jaxbrats.labels import NUM_LABELS, REGIONS, region_probs_from_label_probs
+from jaxbrats.config import check_entries
+from jaxbrats.errors import ConfigError
+from jaxbrats.labels import NUM_LABELS, REGIONS
 from jaxbrats.losses import segmentation_loss
 from jaxbrats.methods.base import Method, Update
 from jaxbrats.modalities import drop_modalities
-from jaxbrats.networks.unet import DEEP_SUPERVISION_LEVELS, UNet, UNetConfig
+from jaxbrats.networks.factory import check_deep_supervision, probabilities, unet_config
+from jaxbrats.networks.unet import UNet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,29 +39,6 @@ class BaselineOptions:
         if self.class_weights and len(self.class_weights) != NUM_LABELS:
             raise ConfigError(f"{where}.class_weights needs {NUM_LABELS} values, got {list(self.class_weights)}")
         check_entries(f"{where}.class_weights", self.class_weights, 0)
-
-
-def check_deep_supervision(config, why: str) -> None:
-    if len(config.model.widths) < DEEP_SUPERVISION_LEVELS:
-        raise ConfigError(f"model.widths needs at least {DEEP_SUPERVISION_LEVELS} levels for deep supervision ({why}), "
-                          f"got {list(config.model.widths)}")
-
-
-def unet_config(config, out_channels: int, deep_supervision: bool) -> UNetConfig:
-    """The shared backbone as set in `[model]`."""
-    m = config.model
-    return UNetConfig(
-        out_channels=out_channels, widths=m.widths, blocks=m.blocks, groups=m.groups, upsample=m.upsample,
-        deep_supervision=deep_supervision, dropout=m.dropout, dtype=m.dtype, conv_impl=m.conv_impl, remat=m.remat,
-    )
-
-
-def probabilities(output: str, logits):
-    """Region probabilities (..., 3) from the network's logits of either output convention."""
-    logits = logits.astype("float32")
-    if output == "regions":
-        return jax.nn.sigmoid(logits)
-    return region_probs_from_label_probs(jax.nn.softmax(logits, axis=-1), xp=jax.numpy)
 
 
 class Baseline(Method):
@@ -92,7 +70,7 @@ class Baseline(Method):
             loss = loss + segmentation_loss(self.options.output, deep, batch["label"], batch["valid"], **opts)[0]
         return loss, parts
 
-    def loss(self, models, batch, key):
+    def loss(self, models, batch, key, context=None):
         image = drop_modalities(batch["image"], batch["modality_mask"][:, 0])
         out = models["unet"](image, dropout_key=key)
         return self.seg_loss(out, batch)
@@ -100,6 +78,6 @@ class Baseline(Method):
     def updates(self, stage):
         return [Update(group="model", trainable={"unet": nnx.Param}, loss=self.loss)]
 
-    def predict(self, models, image, modality_mask):
+    def predict(self, models, image, modality_mask, subset=None):
         logits = models["unet"](drop_modalities(image, modality_mask))["logits"]
         return probabilities(self.options.output, logits)

@@ -97,7 +97,7 @@ from jaxbrats.data.pipeline import box_start
 from jaxbrats.labels import REGIONS
 from jaxbrats.losses import masked_mse, segmentation_loss
 from jaxbrats.methods.base import Method, Update
-from jaxbrats.methods.baseline import check_deep_supervision, probabilities, unet_config
+from jaxbrats.networks.factory import check_deep_supervision, probabilities, unet_config
 from jaxbrats.modalities import MODALITIES, NUM_MODALITIES, drop_modalities
 from jaxbrats.networks.unet import UNet
 from jaxbrats.transforms import (
@@ -288,7 +288,7 @@ class M3AE(Method):
         return drop_modalities(image, modality_mask, window.astype(image.dtype))
 
     # --- losses -----------------------------------------------------------------------------
-    def pretrain_loss(self, models, batch, key):
+    def pretrain_loss(self, models, batch, key, context=None):
         image = batch["image"]
         mask_key, dropout_key = jax.random.split(key)
         keep = self.visible(mask_key, batch["modality_mask"][:, 0], image.shape[1:4])
@@ -304,7 +304,7 @@ class M3AE(Method):
         penalty = self.options.substitute_weight * r
         return mse + penalty, {**parts, "x_sub_penalty": penalty}
 
-    def finetune_loss(self, models, batch, key):
+    def finetune_loss(self, models, batch, key, context=None):
         image, masks = batch["image"], batch["modality_mask"]
         substitute = self.substitute(models, batch)  # frozen: x_sub is not among this update's trainables
         views = [drop_modalities(image, masks[:, i], substitute) for i in range(self.VIEWS)]
@@ -323,7 +323,7 @@ class M3AE(Method):
         return total, {**parts, "seg_loss": seg, "consistency": consistency}
 
     # --- inference and outputs -------------------------------------------------------------
-    def predict(self, models, image, modality_mask):
+    def predict(self, models, image, modality_mask, subset=None):
         # `fill` has already put x_sub (or zeros) into the missing channels of the whole case.
         return probabilities("regions", models["unet"](image)["logits"])
 

@@ -6,7 +6,9 @@ encoder 16/32/64/128 channels with 1/2/2/4 blocks and stride-2 conv3
 downsampling; decoder per level: 1x1 conv halving the channels, x2
 upsampling (nearest, as the public code, or trilinear, as M3AE's supplement),
 add the encoder skip, one block; a final 1x1 conv. Optional deep-supervision
-1x1 heads on the 1/4 and 1/2 resolution decoder outputs (M3AE).
+1x1 heads on the 1/4 and 1/2 resolution decoder outputs (M3AE). Optional dropout
+in training: spatial (whole channels) after the stem convolution (RIRN), element-wise
+on the bottleneck input (ACN).
 
 Parameters and GroupNorm statistics are float32; `dtype` sets the compute
 dtype of convolutions (float32 or bfloat16).
@@ -36,6 +38,7 @@ class UNetConfig:
     upsample: str = "nearest"  # or "trilinear"
     deep_supervision: bool = False
     dropout: float = 0.0  # on the bottleneck features (ACN); 0 disables
+    stem_dropout: float = 0.0  # spatial (whole-channel) dropout after the first convolution (RIRN: 0.2); 0 disables
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
     conv_impl: str = "auto"  # see networks.layers: "auto", "native" or "depth2d"
     remat: bool = False  # recompute each residual block in the backward pass instead of storing it
@@ -45,6 +48,8 @@ class UNetConfig:
             raise ValueError(f"upsample must be 'nearest' or 'trilinear', got {self.upsample!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if not 0 <= self.stem_dropout < 1:
+            raise ValueError(f"stem_dropout must be in [0, 1), got {self.stem_dropout!r}")
         if len(self.widths) != len(self.blocks):
             raise ValueError("widths and blocks need one entry per level")
         if self.deep_supervision and len(self.widths) < DEEP_SUPERVISION_LEVELS:
@@ -105,12 +110,20 @@ class Encoder(nnx.Module):
             [nnx.List([ResBlock(w, cfg, rngs) for _ in range(n)]) for w, n in zip(cfg.widths, cfg.blocks)]
         )
         self.dropout = cfg.dropout
+        self.stem_dropout = cfg.stem_dropout
         self.dtype = jnp.dtype(cfg.dtype)
         self.remat = cfg.remat
 
     def __call__(self, x, dropout_key=None) -> list[jax.Array]:
-        """Dropout on the bottleneck input applies only when a `dropout_key` is given (training)."""
+        """Dropout applies only when a `dropout_key` is given (training).
+
+        Spatial dropout of the stem output (`stem_dropout`, RIRN) draws from
+        `fold_in(dropout_key, 1)`; element-wise dropout of the bottleneck input (`dropout`, ACN)
+        draws from `dropout_key` itself, so it draws the same numbers with or without the former.
+        """
         x = self.stem(x.astype(self.dtype))
+        if dropout_key is not None and self.stem_dropout:
+            x = spatial_dropout(x, self.stem_dropout, jax.random.fold_in(dropout_key, 1))
         features = []
         for i, blocks in enumerate(self.levels):
             if i:
@@ -126,6 +139,15 @@ class Encoder(nnx.Module):
 def dropout(x, rate: float, key):
     """Inverted dropout; the key comes from the train step, so a model holds no rng state."""
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def spatial_dropout(x, rate: float, key):
+    """Inverted channel dropout (PyTorch's Dropout3d): whole channels of a sample zeroed, kept ones / (1 - rate).
+
+    x is channels-last (N, D, H, W, C); one draw per (sample, channel).
+    """
+    keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0], 1, 1, 1, x.shape[-1]))
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 

@@ -1,0 +1,352 @@
+"""RIRN (Su et al., Neural Networks 2024; papers/rirn.txt): a full-modality teacher and
+dedicated missing-modality students, trained together, the students taught by relation
+distillation (CRR, CAR) and an adversarial term.
+
+What the paper gives and how it maps here (choices are marked as ours):
+
+- Teacher: the shared U-Net on the full image, trained with Dice only (eq. 1's
+  L_full). One teacher serves every student: that equals the paper's
+  teacher-student pairs because no student-side term reaches the teacher (its
+  outputs and features enter CRR, CAR and the discriminator through
+  `stop_gradient`; tests/test_rirn.py checks the teacher's gradient).
+  `method.teacher_from` (ours) starts from another run's U-Net and freezes it.
+- Students: one U-Net per modality subset (`method.students`: "all" = the 15,
+  or a list of names, e.g. ["t1ce"] for Table 4), stacked as one family
+  (`networks.family`): one jitted step trains them all, vmapped, the family
+  split along the mesh's "model" axis. The paper's student takes the N
+  available modalities as N channels; here it takes the 4 channels with the
+  missing ones zero-filled, which is the same function: a zero channel adds
+  nothing to the first convolution (and its weights get no gradient), so the
+  student computes what an N-channel first convolution would.
+  Region sigmoid outputs (the paper thresholds P_region), Dice only.
+  Backbone per the paper: 16 initial channels, spatial dropout 0.2 after the
+  first encoder convolution (`model.stem_dropout`, in the configs).
+- L_SEG = Dice(teacher, full) + Dice(student, incomplete) (eq. 1).
+- CRR (eqs. 2-5, `losses.relation.crr_loss`) on the penultimate layer (the
+  last decoder block's output, full resolution, before the 1x1 head), the
+  mask M_r = 1(P_r^T > 0.5) AND GT_r ("MF", `method.mf`; GT_r alone without
+  it), the same teacher-filtered mask for teacher and student. A pair with an
+  empty region contributes 0 (`crr_pairs` counts the pairs used).
+- CAR (eqs. 6-7, `losses.relation.car_loss`) on an encoder level
+  (`method.car_level`, default the bottleneck, 1/8 resolution: the matrix is
+  quadratic in voxels: float32, batch 1, 16^3 -> 4096^2 floats = 64 MiB per
+  matrix at a 128^3 crop, 20x24x16 -> 225 MiB at 160x192x128; one for the
+  teacher and one per student, about twice that with the backward pass;
+  `losses.relation.car_memory_bytes`). The paper's softmax(e^{theta^T phi}) is read as the non-local
+  block's embedded Gaussian softmax(theta^T phi) over the keys
+  (`method.car_axis`). Who owns theta/phi is open in the paper; ours: one
+  shared pair, fixed at its random initialisation (`car_embeddings =
+  "fixed"`), because trained by L_CAR alone they have a trivial minimiser
+  (theta = phi = 0 makes every row uniform for teacher and student: L_CAR = 0).
+  `"trained"`: one pair per student, trained by that student's L_CAR (the
+  collapse risk is the user's). Embedding width C/2 (the non-local block's).
+- ADV (eq. 8, `losses.adversarial`): one discriminator per student (a family),
+  two stride-2 3x3x3 convolutions (`networks.discriminator`; widths ours) on
+  the region probabilities (`method.adv_input`, or the logits). Eq. 8 is the
+  discriminator's objective (teacher -> 1, student -> 0); the student's term,
+  which the paper does not write, is the non-saturating -log D(S_out). The
+  student update runs first with the discriminators frozen and shares its
+  outputs (the step context); the discriminators' update then reads them
+  without gradient, so neither side's loss helps the other.
+- L = L_SEG + L_CRR + L_CAR + L_ADV (eq. 9): unit weights (the `*_weight`
+  options default to 1). The students' objective is the SUM of their losses
+  (and the teacher's Dice), so each student's gradient is exactly its own
+  loss's: trained together = trained alone (Adam is per parameter; global-norm
+  clipping would couple them and is refused).
+- Table 4 ablations: `method.crr`, `method.mf`, `method.car`, `method.adv`
+  (README lists the rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxbrats.config import check_choice, check_range
+from jaxbrats.errors import ConfigError
+from jaxbrats.labels import REGIONS, regions_of
+from jaxbrats.losses import region_loss
+from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
+from jaxbrats.losses.relation import car_loss, crr_loss, region_masks, resize_to_features
+from jaxbrats.methods.base import Method, Update
+from jaxbrats.modalities import SUBSET_MASKS, SUBSET_NAMES, drop_modalities, subset_index
+from jaxbrats.networks import family
+from jaxbrats.networks.discriminator import Discriminator, DiscriminatorConfig
+from jaxbrats.networks.factory import probabilities, unet_config
+from jaxbrats.networks.unet import UNet
+
+ADV_INPUTS = ("probabilities", "logits")
+CAR_EMBEDDINGS = ("fixed", "trained")
+SEG_LOSSES = ("dice", "dice_bce")
+
+
+@dataclasses.dataclass(frozen=True)
+class RIRNOptions:
+    #: "all" (the 15 subsets, in the library's order) or a list of subset names ("t1ce", "flair+t2", ...)
+    students: object = "all"
+    seg_loss: str = "dice"  # the paper: Dice only; "dice_bce" adds BCE (ours, an option)
+    crr: bool = True
+    mf: bool = True  # CRR's manual filtering: only voxels the teacher gets right (eq. 3)
+    crr_threshold: float = 0.5  # lambda of eq. 3
+    car: bool = True
+    car_level: int = -1  # encoder level of CAR's features (0: full resolution, -1: the bottleneck)
+    car_axis: str = "keys"  # softmax over the keys j (non-local block) or the queries i
+    car_embeddings: str = "fixed"  # one fixed random theta/phi pair | one trained pair per student
+    adv: bool = True
+    adv_input: str = "probabilities"  # what the discriminator sees: region probabilities or logits
+    disc_width: int = 64
+    crr_weight: float = 1.0
+    car_weight: float = 1.0
+    adv_weight: float = 1.0
+    #: A checkpoint directory of another run (`<workdir>/checkpoints/<stage>`) whose U-Net
+    #: ("teacher" or "unet") becomes the teacher, frozen (ours: the paper co-trains it).
+    teacher_from: str = ""
+
+    def validate(self, where: str) -> None:
+        student_subsets(self.students, f"{where}.students")
+        check_choice(f"{where}.seg_loss", self.seg_loss, SEG_LOSSES)
+        check_range(f"{where}.crr_threshold", self.crr_threshold, 0, 1, low_open=True, high_open=True)
+        check_choice(f"{where}.car_axis", self.car_axis, ("keys", "queries"))
+        check_choice(f"{where}.car_embeddings", self.car_embeddings, CAR_EMBEDDINGS)
+        check_choice(f"{where}.adv_input", self.adv_input, ADV_INPUTS)
+        check_range(f"{where}.disc_width", self.disc_width, 1)
+        for name in ("crr_weight", "car_weight", "adv_weight"):
+            check_range(f"{where}.{name}", getattr(self, name), 0)
+
+
+def student_subsets(students, where: str = "method.students") -> tuple[int, ...]:
+    """Subset indices of the students: "all" -> the 15 in order; a list of names -> theirs."""
+    if students == "all":
+        return tuple(range(len(SUBSET_NAMES)))
+    if isinstance(students, str) or not isinstance(students, (list, tuple)) or not students:
+        raise ConfigError(f"{where} must be 'all' or a non-empty list of subset names, got {students!r}")
+    out = []
+    for name in students:
+        try:
+            index = subset_index(str(name))
+        except ValueError:
+            raise ConfigError(f"{where}: {name!r} is not a subset (names like 't1ce' or 'flair+t2'; "
+                              f"the 15: {', '.join(SUBSET_NAMES)})") from None
+        if index in out:
+            raise ConfigError(f"{where}: {name!r} is listed twice")
+        out.append(index)
+    return tuple(out)
+
+
+class RelationEmbeddings(nnx.Module):
+    """CAR's non-local embeddings theta and phi: two 1x1x1 convolutions C -> C/2."""
+
+    def __init__(self, channels: int, rngs: nnx.Rngs):
+        inner = max(channels // 2, 1)
+        init = nnx.initializers.lecun_normal()
+        self.theta = nnx.Param(init(rngs.params(), (channels, inner), jnp.float32))
+        self.theta_bias = nnx.Param(jnp.zeros((inner,), jnp.float32))
+        self.phi = nnx.Param(init(rngs.params(), (channels, inner), jnp.float32))
+        self.phi_bias = nnx.Param(jnp.zeros((inner,), jnp.float32))
+
+    def pair(self):
+        return ({"kernel": self.theta[...], "bias": self.theta_bias[...]},
+                {"kernel": self.phi[...], "bias": self.phi_bias[...]})
+
+
+def restore_model(directory: str, names: tuple[str, ...], abstract) -> nnx.State:
+    """The first model of `names` found in the newest checkpoint of `directory`, shaped like `abstract`."""
+    from pathlib import Path
+
+    import orbax.checkpoint as ocp
+
+    from jaxbrats.checkpoints import restore
+
+    path = Path(directory).absolute()
+    if not path.is_dir():
+        raise ConfigError(f"method.teacher_from: {directory} is not a directory (a run's checkpoints/<stage>)")
+    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
+    if manager.latest_step() is None:
+        raise ConfigError(f"method.teacher_from: no checkpoint in {directory}")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    problems = []
+    for name in names:
+        try:
+            return restore(manager, {"models": {name: template}}, partial=True)[0]["models"][name]
+        except Exception as e:
+            problems.append(f"{name}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}")
+    raise ConfigError(f"method.teacher_from: {directory} holds no U-Net shaped like this run's teacher "
+                      f"(model widths, outputs 'regions'): {'; '.join(problems)}")
+
+
+class RIRN(Method):
+    name = "rirn"
+    Options = RIRNOptions
+    stages = ("train",)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.subsets = student_subsets(self.options.students)
+        self.slots = np.zeros(len(SUBSET_NAMES), np.int32)  # subset index -> the student serving it
+        self.slots[list(self.subsets)] = np.arange(len(self.subsets))
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        options = cls.parse_options(config)
+        levels = len(config.model.widths)
+        if not -levels <= options.car_level < levels:
+            raise ConfigError(f"method.car_level must be in [{-levels}, {levels - 1}] (model.widths has {levels} levels), "
+                              f"got {options.car_level}")
+        train = config.stages.get("train")
+        model_opt = train.optimizers.get("model") if train else None
+        if model_opt is not None and model_opt.clip_norm > 0:
+            raise ConfigError("stages.train.optimizers.model.clip_norm must be 0 for RIRN: one global norm over the "
+                              "stacked students would couple them (each student must train as if alone)")
+
+    # --- models ------------------------------------------------------------------------
+    def families(self, stage):
+        k = len(self.subsets)
+        out = {"students": k}
+        if self.options.adv:
+            out["discriminators"] = k
+        if self.options.car and self.options.car_embeddings == "trained":
+            out["embeddings"] = k
+        return out
+
+    def member_keys(self, root):
+        """One key per student from its subset index: a student's init and dropout do not depend on
+        which other students are trained with it."""
+        return jnp.stack([jax.random.fold_in(root, s) for s in self.subsets])
+
+    def init_models(self, stage, rngs):
+        roots = jax.random.split(rngs.params(), 3)  # students, discriminators, embeddings
+        cfg = unet_config(self.config, len(REGIONS))
+        models = {
+            "teacher": UNet(cfg, rngs),
+            "students": family.stack(lambda r: UNet(cfg, r), self.member_keys(roots[0])),
+        }
+        if self.options.adv:
+            disc = DiscriminatorConfig(in_channels=len(REGIONS), width=self.options.disc_width,
+                                       dtype=self.config.model.dtype, conv_impl=self.config.model.conv_impl)
+            models["discriminators"] = family.stack(lambda r: Discriminator(disc, r), self.member_keys(roots[1]))
+        if self.options.car:
+            channels = self.config.model.widths[self.options.car_level]
+            if self.options.car_embeddings == "trained":
+                models["embeddings"] = family.stack(lambda r: RelationEmbeddings(channels, r), self.member_keys(roots[2]))
+            else:
+                models["embeddings"] = RelationEmbeddings(channels, nnx.Rngs(roots[2]))
+        return models
+
+    def start_from(self, stage, abstract):
+        """`teacher_from`: the teacher is another run's U-Net ("teacher" of an RIRN run, "unet" of a
+        baseline run), restored with the shapes of this run's teacher (or one line saying why not)."""
+        if not self.options.teacher_from:
+            return {}
+        return {"teacher": restore_model(self.options.teacher_from, ("teacher", "unet"), abstract()["teacher"])}
+
+    def pipeline(self, stage):
+        return {"dropout": "none", "instantiations": 1}  # every student applies its own subset on device
+
+    def updates(self, stage):
+        trainable = {"students": nnx.Param}
+        if not self.options.teacher_from:
+            trainable["teacher"] = nnx.Param
+        if self.options.car and self.options.car_embeddings == "trained":
+            trainable["embeddings"] = nnx.Param
+        updates = [Update(group="model", trainable=trainable, loss=self.model_loss)]
+        if self.options.adv:
+            updates.append(Update(group="discriminator", trainable={"discriminators": nnx.Param}, loss=self.discriminator_loss))
+        return updates
+
+    # --- losses ------------------------------------------------------------------------
+    def seg_loss(self, logits, batch):
+        bce = 1.0 if self.options.seg_loss == "dice_bce" else 0.0
+        return region_loss(logits, batch["label"], batch["valid"], bce_weight=bce)[0]
+
+    def adversary_input(self, out):
+        logits = out["logits"].astype(jnp.float32)
+        return jax.nn.sigmoid(logits) if self.options.adv_input == "probabilities" else logits
+
+    def model_loss(self, models, batch, key, context=None):
+        """Teacher Dice + the sum over students of L_SEG + L_CRR + L_CAR + L_ADV (eq. 9)."""
+        teacher_key, students_key = jax.random.split(key)
+        teacher_out = models["teacher"](batch["image"], dropout_key=teacher_key)
+        teacher_dice = self.seg_loss(teacher_out["logits"], batch)
+        teacher = jax.lax.stop_gradient(teacher_out)  # nothing below reaches the teacher
+        terms = self.student_terms(models, batch, teacher, students_key)
+        total = jnp.sum(terms["loss"])
+        if not self.options.teacher_from:
+            total = total + teacher_dice
+        parts = {"teacher_dice": teacher_dice}
+        parts.update({k: jnp.mean(v) for k, v in terms.items() if k not in ("loss", "adversary_input")})
+        for slot, s in enumerate(self.subsets):
+            parts.update({f"{SUBSET_NAMES[s]}/{k}": v[slot] for k, v in terms.items() if k != "adversary_input"})
+        shared = {"teacher_adversary_input": self.adversary_input(teacher), "student_adversary_input": terms["adversary_input"]}
+        return total, parts, shared
+
+    def student_terms(self, models, batch, teacher, key):
+        """Each student's loss terms, vmapped over the family: dict of (K,) arrays (+ its outputs)."""
+        o = self.options
+        gt = regions_of(batch["label"], xp=jnp) & batch["valid"][..., None]
+        teacher_probs = jax.nn.sigmoid(teacher["logits"].astype(jnp.float32))
+        fixed_embeddings = models.get("embeddings") if o.car and o.car_embeddings == "fixed" else None
+        graphs = {n: nnx.split(models[n]) for n in self.families("train")}
+        subsets = jnp.asarray(self.subsets, jnp.int32)
+        masks = jnp.asarray(SUBSET_MASKS[list(self.subsets)])
+
+        def one(states, mask, subset):
+            member = {n: nnx.merge(graphs[n][0], s) for n, s in states.items()}
+            image = drop_modalities(batch["image"], mask[None])
+            out = member["students"](image, dropout_key=jax.random.fold_in(key, subset))
+            seg = self.seg_loss(out["logits"], batch)
+            terms = {"seg": seg}
+            loss = seg
+            if o.crr:
+                penultimate = out["decoder"][-1]
+                masks_r = region_masks(resize_to_features(teacher_probs, penultimate.shape[1:4]),
+                                       resize_to_features(gt, penultimate.shape[1:4]), o.crr_threshold, filtered=o.mf)
+                terms["crr"], crr_parts = crr_loss(teacher["decoder"][-1], penultimate, masks_r)
+                terms["crr_pairs"] = crr_parts["crr_pairs"]
+                loss = loss + o.crr_weight * terms["crr"]
+            if o.car:
+                embeddings = member.get("embeddings", fixed_embeddings)
+                theta, phi = embeddings.pair()
+                level = o.car_level
+                terms["car"] = car_loss(teacher["encoder"][level], out["encoder"][level], theta, phi, o.car_axis)[0]
+                loss = loss + o.car_weight * terms["car"]
+            adversary_input = self.adversary_input(out)
+            if o.adv:
+                terms["adv_s"] = student_adversarial_loss(member["discriminators"](adversary_input))[0]
+                loss = loss + o.adv_weight * terms["adv_s"]
+            return {"loss": loss, **terms, "adversary_input": adversary_input}
+
+        return family.map_states(one, {n: s for n, (_, s) in graphs.items()}, masks, subsets, how=self.config.model.family_map)
+
+    def discriminator_loss(self, models, batch, key, context=None):
+        """Eq. 8 for each student's discriminator, on the outputs the model update shared."""
+        teacher_in = context["teacher_adversary_input"]
+
+        def one(disc, student_in):
+            return discriminator_loss(disc(teacher_in), disc(student_in))
+
+        losses, parts = family.map_members(one, models["discriminators"], context["student_adversary_input"],
+                                           how=self.config.model.family_map)
+        out = {k: jnp.mean(v) for k, v in parts.items()}
+        for slot, s in enumerate(self.subsets):
+            out[f"{SUBSET_NAMES[s]}/adv_d"] = losses[slot]
+        return jnp.sum(losses), out
+
+    # --- inference ---------------------------------------------------------------------
+    def served_subsets(self):
+        return self.subsets
+
+    def inference_models(self, stage):
+        return ("students",)
+
+    def predict(self, models, image, modality_mask, subset=None):
+        """The student of `subset` (data: its weights are picked inside the program) on its modalities."""
+        slot = jnp.asarray(self.slots)[subset if subset is not None else len(SUBSET_NAMES) - 1]
+        student = family.member(models["students"], slot)
+        logits = student(drop_modalities(image, modality_mask))["logits"]
+        return probabilities("regions", logits)

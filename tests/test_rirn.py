@@ -1,0 +1,290 @@
+"""RIRN and the teacher/student engine: stacked students train as if alone, the teacher learns
+from its Dice only, each student sees only its subset, each 15-subset row comes from its own
+student, exact resume, and the student axis split over 4 devices gives one device's losses.
+
+The losses themselves are checked against numpy in test_relation_losses.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import TINY
+from flax import nnx
+
+from jaxbrats import engine
+from jaxbrats.checkpoints import restore, save
+from jaxbrats.config import ConfigError
+from jaxbrats.evaluation import evaluate
+from jaxbrats.methods import get_method, load_config
+from jaxbrats.modalities import SUBSET_NAMES, subset_index
+from jaxbrats.networks import family
+from jaxbrats.sharding import make_mesh, shard_state
+
+#: A 3-level narrow U-Net (bottleneck 4^3 for CAR), two students, the paper's stem dropout.
+RIRN = TINY + ["method.name='rirn'", "model.widths=[8,8,8]", "model.blocks=[1,1,1]", "model.stem_dropout=0.2"]
+
+
+def rirn_config(*extra):
+    return load_config(None, RIRN + list(extra))
+
+
+def rirn(students, *extra):
+    return get_method("rirn")(rirn_config(f"method.students={json.dumps(students)}", *extra))
+
+
+def synthetic_batch(seed: int, n: int = 2, size: int = 16) -> dict:
+    """A batch with a tumour blob per sample (all three regions present) and some padding."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=(n, size, size, size, 4)).astype(np.float32)
+    label = np.zeros((n, size, size, size), np.uint8)
+    for i in range(n):
+        c = rng.integers(5, size - 5, 3)
+        label[i, c[0] - 4:c[0] + 4, c[1] - 4:c[1] + 4, c[2] - 4:c[2] + 4] = 2
+        label[i, c[0] - 2:c[0] + 2, c[1] - 2:c[1] + 2, c[2] - 2:c[2] + 2] = 1
+        label[i, c[0] - 1:c[0] + 1, c[1] - 1:c[1] + 1, c[2]:c[2] + 2] = 3
+        image[i, label[i] > 0] += 2.0
+    valid = np.ones((n, size, size, size), bool)
+    valid[:, -2:] = False
+    return {"image": image, "label": label, "valid": valid, "modality_mask": np.ones((n, 1, 4), bool)}
+
+
+# --- the teacher learns from its Dice only; a student sees only its subset -------------------------
+
+def test_no_student_loss_reaches_the_teacher():
+    method = rirn(["t1ce", "flair"])
+    models = method.init_models("train", nnx.Rngs(0))
+    batch = jax.tree.map(jnp.asarray, synthetic_batch(0))
+    key = jax.random.PRNGKey(5)
+    graphdef, teacher = nnx.split(models["teacher"])
+
+    def full(state):
+        return method.model_loss({**models, "teacher": nnx.merge(graphdef, state)}, batch, key)[0]
+
+    def dice_only(state):
+        out = nnx.merge(graphdef, state)(batch["image"], dropout_key=jax.random.split(key)[0])
+        return method.seg_loss(out["logits"], batch)
+
+    def students_only(state):  # the students' terms of the model update's loss
+        return full(state) - dice_only(state)
+
+    @jax.jit
+    def check(state, moved):
+        return jax.value_and_grad(students_only)(state), students_only(moved), jax.grad(dice_only)(state)
+
+    (value, grads), moved_value, dice_grads = check(teacher, jax.tree.map(lambda a: a * 1.1, teacher))
+    # The student terms depend on the teacher (CRR's mask, CAR's matrix, D's input) ...
+    assert abs(float(moved_value) - float(value)) > 1e-4
+    # ... and yet give it no gradient: the teacher's gradient is its Dice's.
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(dice_grads)) > 0
+
+
+def test_a_student_sees_only_its_subset():
+    method = rirn(["t1ce", "flair"])
+    models = method.init_models("train", nnx.Rngs(0))
+    batch = jax.tree.map(jnp.asarray, synthetic_batch(1))
+    teacher = models["teacher"](batch["image"])
+    outputs = jax.jit(lambda b: method.student_terms(models, b, teacher, jax.random.PRNGKey(0))["adversary_input"])
+    before = outputs(batch)
+    t2 = {**batch, "image": batch["image"].at[..., 3].add(5.0)}  # a modality neither student has
+    np.testing.assert_array_equal(outputs(t2), before)
+    flair = {**batch, "image": batch["image"].at[..., 0].add(5.0)}
+    after = outputs(flair)
+    np.testing.assert_array_equal(after[0], before[0])  # the T1ce student
+    assert float(jnp.abs(after[1] - before[1]).max()) > 1e-3  # the FLAIR student
+
+
+# --- stacked = separate; exact resume ------------------------------------------------------------------
+
+def _steps(method, batches, mesh=None, state=None, step=None):
+    optimizers = engine.stage_optimizers(method, "train", 10)
+    graphdefs, fresh = engine.init_state(method, "train", 0, optimizers)
+    mesh = mesh or make_mesh()
+    state = shard_state(fresh if state is None else state, mesh, method.families("train"))
+    step = step or jax.jit(engine.make_train_step(method, "train", graphdefs, optimizers))
+    metrics = []
+    for batch in batches:
+        state, m = step(state, batch)
+        metrics.append(jax.device_get(m))
+    return state, metrics, step
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return [synthetic_batch(seed) for seed in range(4)]
+
+
+@pytest.fixture(scope="module")
+def together(batches):
+    """Two students trained together for 4 steps: (method, final state, metrics, the jitted step)."""
+    method = rirn(["t1ce", "flair"])
+    state, metrics, step = _steps(method, batches)
+    return method, state, metrics, step
+
+
+def test_students_trained_together_give_the_losses_of_each_trained_alone(together, batches):
+    _, _, metrics, _ = together
+    for name in ("flair",):  # slot 1 together, slot 0 alone (one compilation: each run is one)
+        _, alone, _ = _steps(rirn([name]), batches[:2])
+        for step in range(2):
+            for part in ("model/{}/seg", "model/{}/crr", "model/{}/car", "model/{}/adv_s", "discriminator/{}/adv_d"):
+                key = part.format(name)
+                np.testing.assert_allclose(metrics[step][key], alone[step][key], rtol=1e-5, err_msg=key)
+            np.testing.assert_allclose(metrics[step]["model/teacher_dice"], alone[step]["model/teacher_dice"], rtol=1e-6)
+    # The students differ (their subsets), so equal losses are not trivially equal numbers.
+    assert metrics[1]["model/t1ce/seg"] != metrics[1]["model/flair/seg"]
+
+
+def test_resume_mid_run_is_bit_for_bit(together, batches, tmp_path):
+    """Two steps, a checkpoint, a restore into the abstract template (no model initialised), two more
+    steps: the state equals four uninterrupted steps bit for bit."""
+    method, uninterrupted, _, step = together
+    half, _, _ = _steps(method, batches[:2], step=step)
+    manager = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+    save(manager, half, {"stage": "train"})
+    manager.wait_until_finished()
+    _, abstract = engine.abstract_state(method, "train", engine.stage_optimizers(method, "train", 10))
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(abstract))
+    restored, _ = restore(manager, abstract)
+    resumed, _, _ = _steps(method, batches[2:], state=restored, step=step)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- evaluation: each row from its own student ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rirn_run(phantom_cache, tmp_path_factory):
+    """A 2-step RIRN run with three students (two singles and a pair)."""
+    workdir = tmp_path_factory.mktemp("rirn")
+    config = rirn_config("method.students=['t1ce','flair','t1+t2']", "stages.train.steps=2")
+    trainer = engine.train(config, workdir, phantom_cache)
+    assert trainer.compilations["train"] == {"compiled": 1, "loaded": 0}
+    return workdir
+
+
+def test_each_row_comes_from_its_own_student(rirn_run, phantom_cache, tmp_path):
+    from jaxbrats.data.cache import CacheDataset
+
+    method, graphdefs, models, config = engine.load_trained(rirn_run)
+    assert set(models) == {"students"}  # eval loads neither the teacher nor the discriminators
+    test = CacheDataset(phantom_cache, engine.load_splits(rirn_run, CacheDataset(phantom_cache))["test"])
+    summary = evaluate(method, graphdefs, models, test, config.eval, tmp_path / "a", predictions="none", progress=False)
+    served = {subset_index(s) for s in ("t1ce", "flair", "t1+t2")}
+    for i, row in enumerate(summary["subsets"]):
+        assert row["served"] == (i in served)
+        assert (row["cases"] > 0) == (i in served) and (row["dice"]["WT"] is None) == (i not in served)
+    assert summary["mean"]["rows"] == 3
+    assert json.loads((tmp_path / "a" / "eval_settings.json").read_text())["compilations"] == 1
+    assert "| - | - | - |" in (tmp_path / "a" / "summary.md").read_text()
+    # Flip the sign of the FLAIR student's head (slot 1): only the FLAIR row changes.
+    flipped = jax.tree_util.tree_map_with_path(
+        lambda path, a: a.at[1].multiply(-1.0) if "head" in jax.tree_util.keystr(path) else a, models)
+    evaluate(method, graphdefs, flipped, test, config.eval, tmp_path / "b", predictions="none", progress=False)
+    changed = set()
+    for case in sorted((tmp_path / "a" / "cases").iterdir()):
+        rows_a = json.loads(case.read_text())["subsets"]
+        rows_b = json.loads((tmp_path / "b" / "cases" / case.name).read_text())["subsets"]
+        changed |= {a["name"] for a, b in zip(rows_a, rows_b) if a["dice"] != b["dice"]}
+    assert changed == {"flair"}
+
+
+def test_predict_refuses_a_case_no_student_serves(rirn_run, phantom_dir, tmp_path):
+    from jaxbrats.errors import JaxbratsError
+    from jaxbrats.predict import predict_case
+
+    case = next(p for p in sorted(phantom_dir.iterdir()) if p.is_dir())
+    only_t1 = tmp_path / case.name
+    only_t1.mkdir()
+    for f in case.iterdir():
+        if "t1n" in f.name:
+            (only_t1 / f.name).symlink_to(f)
+    with pytest.raises(JaxbratsError, match=r"no model for the modalities the case has \(t1\); it segments: t1ce, flair, t1\+t2"):
+        predict_case(rirn_run, only_t1, tmp_path / "seg.nii.gz")
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
+# --- settings ------------------------------------------------------------------------------------------
+
+def test_students_option():
+    assert rirn("all").served_subsets() == tuple(range(15))
+    assert [SUBSET_NAMES[s] for s in rirn(["t2", "flair+t1ce"]).served_subsets()] == ["t2", "flair+t1ce"]
+    with pytest.raises(ConfigError, match="'t3' is not a subset"):
+        rirn(["t3"])
+    with pytest.raises(ConfigError, match="'t1ce' is listed twice"):
+        rirn(["t1ce", "t1ce"])
+    with pytest.raises(ConfigError, match="must be 'all' or a non-empty list"):
+        rirn([])
+    with pytest.raises(ConfigError, match="clip_norm must be 0 for RIRN"):
+        rirn_config("stages.train.optimizers.model.clip_norm=1.0")
+    with pytest.raises(ConfigError, match="car_level must be in"):
+        rirn_config("method.car_level=3")
+
+
+def test_table4_switches_change_the_models_and_terms():
+    method = rirn(["t1ce"], "method.adv=false", "method.car=false")
+    assert [u.group for u in method.updates("train")] == ["model"] and method.families("train") == {"students": 1}
+    models = method.init_models("train", nnx.Rngs(0))
+    assert set(models) == {"teacher", "students"}
+    terms = method.student_terms(models, jax.tree.map(jnp.asarray, synthetic_batch(2)),
+                                 models["teacher"](jnp.asarray(synthetic_batch(2)["image"])), jax.random.PRNGKey(0))
+    assert set(terms) == {"loss", "seg", "crr", "crr_pairs", "adversary_input"}
+    trained = rirn(["t1ce", "flair"], "method.car_embeddings='trained'")
+    assert trained.families("train")["embeddings"] == 2 and "embeddings" in trained.updates("train")[0].trainable
+    assert family.size(trained.init_models("train", nnx.Rngs(0))["embeddings"]) == 2
+
+
+# --- the student axis over 4 devices -------------------------------------------------------------------
+
+def test_students_split_over_four_devices_give_the_losses_of_one(tmp_path):
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import jax
+        from test_rirn import _steps, rirn, synthetic_batch
+        from jaxbrats.config import MeshConfig
+        from jaxbrats.sharding import make_mesh
+        assert jax.device_count() == 4
+        batches = [synthetic_batch(s) for s in range(2)]
+        out = {{}}
+        # One device, students one after another (CPU's "auto"); four, vmapped with the axis split.
+        for m, how in ((1, "unroll"), (4, "vmap")):
+            method = rirn(["flair", "t1ce", "t1", "t2"], f"model.family_map='{{how}}'")
+            state, metrics, _ = _steps(method, batches, mesh=make_mesh(MeshConfig(data=1, model=m)))
+            kernel = state["models"]["students"]["decoder"]["head"]["kernel"]
+            out[m] = {{"metrics": [{{k: float(v) for k, v in s.items()}} for s in metrics],
+                      "shards": len(kernel.sharding.device_set), "spec": str(kernel.sharding.spec)}}
+        print(json.dumps(out))
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["4"]["shards"] == 4 and "model" in result["4"]["spec"]
+    for one, four in zip(result["1"]["metrics"], result["4"]["metrics"]):
+        assert one.keys() == four.keys()
+        for key in one:
+            np.testing.assert_allclose(four[key], one[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+def test_a_frozen_teacher_from_another_run(rirn_run, trained_run):
+    method = rirn(["t1ce"], f"method.teacher_from='{rirn_run / 'checkpoints' / 'train'}'")
+    assert "teacher" not in method.updates("train")[0].trainable  # frozen: no optimiser state, no update
+    optimizers = engine.stage_optimizers(method, "train", 10)
+    teacher = method.start_from("train", lambda: engine.abstract_state(method, "train", optimizers)[1]["models"])["teacher"]
+    saved = ocp.CheckpointManager((rirn_run / "checkpoints" / "train").absolute())
+    full = saved.restore(saved.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(full["models"]["teacher"])):
+        np.testing.assert_array_equal(a, b)
+    # A baseline run of another U-Net (4 levels, not 3): refused in one line, nothing half-loaded.
+    other = rirn(["t1ce"], f"method.teacher_from='{trained_run / 'checkpoints' / 'train'}'")
+    with pytest.raises(ConfigError, match="holds no U-Net shaped like this run's teacher"):
+        other.start_from("train", lambda: engine.abstract_state(other, "train", optimizers)[1]["models"])
