@@ -39,11 +39,43 @@ def restore(manager: ocp.CheckpointManager, template: dict, step: int | None = N
     step = manager.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     if partial:
+        check_whole_models(Path(manager.directory) / str(step) / "state", abstract)
         args = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)
     else:
         args = ocp.args.StandardRestore(abstract)
     restored = manager.restore(step, args=ocp.args.Composite(state=args, extra=ocp.args.JsonRestore()))
     return restored["state"], restored["extra"]
+
+
+def _name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _paths(tree) -> set[str]:
+    """Variable paths as "a/b/c", whatever key kinds the tree uses (a saved tree ends in "value")."""
+    out = set()
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = [_name(e) for e in path]
+        out.add("/".join(names[:-1] if names and names[-1] == "value" else names))
+    return out
+
+
+def check_whole_models(state_dir: Path, abstract: dict) -> None:
+    """A partial restore reads whole models: each model in `abstract["models"]` must have exactly
+    the saved model's variables (a U-Net of other depth shares many paths and shapes)."""
+    saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
+    saved = saved.tree if hasattr(saved, "tree") else saved
+    for name, model in abstract.get("models", {}).items():
+        if name not in saved.get("models", {}):
+            raise ValueError(f"no model {name!r} in the checkpoint")
+        want, have = _paths(model), _paths(saved["models"][name])
+        if want != have:
+            extra, missing = sorted(have - want), sorted(want - have)
+            raise ValueError(f"model {name!r} differs: {len(extra)} saved variable(s) not in this model "
+                             f"({', '.join(extra[:2])}{', ...' if len(extra) > 2 else ''}), {len(missing)} missing")
 
 
 def restore_newest_readable(manager: ocp.CheckpointManager, template: dict, set_aside: bool = False, partial: bool = False):
