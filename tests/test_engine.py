@@ -14,7 +14,7 @@ import optax
 import pytest
 from pathlib import Path
 
-from conftest import tiny_config
+from conftest import tiny_config, with_xla_flags
 from jaxbrats import checkpoints, engine
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.pipeline import PipelineConfig, make_loader
@@ -174,7 +174,7 @@ def test_eight_cpu_devices_give_the_loss_of_one(phantom_cache, tmp_path):
             losses[n] = [l for *_, l in trainer.losses]
         print(json.dumps(losses))
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = with_xla_flags("--xla_force_host_platform_device_count=8")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     losses = json.loads(out.stdout.strip().splitlines()[-1])

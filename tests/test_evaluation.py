@@ -40,7 +40,7 @@ def test_the_15_subset_program_equals_a_python_loop(trained_run, phantom_cache):
     counts, predicted = make_case_program(method, graphdefs, config.eval)(models, image, labels, valid)
     one = jax.jit(subset_evaluator(method, graphdefs, config.eval))
     for s, mask in enumerate(SUBSET_MASKS):
-        c, p = one(models, image, labels, valid, jnp.asarray(mask))
+        c, p = one(models, image, labels, valid, jnp.asarray(mask), jnp.int32(s))
         np.testing.assert_array_equal(counts[s], c, err_msg=SUBSET_NAMES[s])
         np.testing.assert_array_equal(predicted[s], p, err_msg=SUBSET_NAMES[s])
     assert len({np.asarray(p).tobytes() for p in predicted}) > 1  # the subsets do differ
@@ -55,8 +55,8 @@ def test_evaluate_writes_the_summary_compiled_once(trained_run, phantom_cache, t
     assert [row["name"] for row in summary["subsets"]] == list(SUBSET_NAMES)
     assert summary["subsets"][0]["modalities"] == ["flair"] and summary["subsets"][-1]["modalities"] == ["flair", "t1ce", "t1", "t2"]
     for row in summary["subsets"]:
-        assert set(row) == {"name", "modalities", "cases", "dice", "hd95"}
-        assert row["cases"] == 2  # every phantom case has the four modalities
+        assert set(row) == {"name", "modalities", "cases", "served", "dice", "hd95"}
+        assert row["cases"] == 2 and row["served"]  # every phantom case has the four modalities
         assert all(0.0 <= row["dice"][r] <= 1.0 for r in ("WT", "TC", "ET"))
     assert set(summary["mean"]) == {"rows", "dice", "hd95"} and summary["mean"]["rows"] == 15
     case_dice = [json.loads((tmp_path / "cases" / f"{i}.json").read_text())["subsets"][3]["dice"]["WT"] for i in ids]

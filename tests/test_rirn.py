@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import TINY
+from conftest import TINY, with_xla_flags
 from flax import nnx
 
 from jaxbrats import engine
@@ -245,6 +245,9 @@ def test_table4_switches_change_the_models_and_terms():
 # --- the student axis over 4 devices -------------------------------------------------------------------
 
 def test_students_split_over_four_devices_give_the_losses_of_one(tmp_path):
+    """Two students and a batch of 2 on a 2 (data) x 2 (model) mesh of 4 fake CPU devices, vmapped
+    with the student axis split along "model", against one device computing the students one
+    after the other (CPU's "auto"): the same losses, and each device holds one student."""
     script = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
@@ -255,21 +258,23 @@ def test_students_split_over_four_devices_give_the_losses_of_one(tmp_path):
         assert jax.device_count() == 4
         batches = [synthetic_batch(s) for s in range(2)]
         out = {{}}
-        # One device, students one after another (CPU's "auto"); four, vmapped with the axis split.
-        for m, how in ((1, "unroll"), (4, "vmap")):
-            method = rirn(["flair", "t1ce", "t1", "t2"], f"model.family_map='{{how}}'")
-            state, metrics, _ = _steps(method, batches, mesh=make_mesh(MeshConfig(data=1, model=m)))
+        for data, model, how in ((1, 1, "unroll"), (2, 2, "vmap")):
+            method = rirn(["flair", "t1ce"], f"model.family_map='{{how}}'")
+            state, metrics, _ = _steps(method, batches, mesh=make_mesh(MeshConfig(data=data, model=model)))
             kernel = state["models"]["students"]["decoder"]["head"]["kernel"]
-            out[m] = {{"metrics": [{{k: float(v) for k, v in s.items()}} for s in metrics],
-                      "shards": len(kernel.sharding.device_set), "spec": str(kernel.sharding.spec)}}
+            teacher = state["models"]["teacher"]["decoder"]["head"]["kernel"]
+            out[model] = {{"metrics": [{{k: float(v) for k, v in s.items()}} for s in metrics],
+                          "student_shape": list(kernel.addressable_shards[0].data.shape),
+                          "spec": str(kernel.sharding.spec), "teacher_spec": str(teacher.sharding.spec)}}
         print(json.dumps(out))
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, check=False)
+    out = subprocess.run([sys.executable, "-c", script], env=with_xla_flags("--xla_force_host_platform_device_count=4"),
+                         capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["4"]["shards"] == 4 and "model" in result["4"]["spec"]
-    for one, four in zip(result["1"]["metrics"], result["4"]["metrics"]):
+    assert result["2"]["student_shape"][0] == 1 and "model" in result["2"]["spec"]  # one student per device
+    assert "model" not in result["2"]["teacher_spec"] and "data" not in result["2"]["teacher_spec"]  # replicated
+    for one, four in zip(result["1"]["metrics"], result["2"]["metrics"]):
         assert one.keys() == four.keys()
         for key in one:
             np.testing.assert_allclose(four[key], one[key], rtol=1e-5, atol=1e-5, err_msg=key)
