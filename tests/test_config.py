@@ -272,7 +272,7 @@ EXPECTED = {
     "rirn_brats2018.toml": RIRN_BRATS,
     "rirn_brats2020.toml": RIRN_BRATS,
     "rirn_phantom.toml": {
-        **SHARED, **PHANTOM, **RIRN_OPTIONS, "options.students": ["flair", "t1ce", "t1", "t2"],
+        **SHARED, **PHANTOM, **RIRN_OPTIONS, "options.students": ["flair", "t1ce", "t1", "t2"], "options.seg_loss": "dice_bce",
         "stages.train.steps": 400, "length.train": 400, "train.checkpoint_every": 100,
         **_rirn_optimizers(2e-3, "cosine", 2e-4),
     },

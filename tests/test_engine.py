@@ -276,7 +276,7 @@ def _largest_array_file(checkpoint: Path) -> Path:
     return max((p for p in (checkpoint / "state").rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
 
 
-@pytest.mark.parametrize("damaged", ["extra/metadata", "largest array file"])
+@pytest.mark.parametrize("damaged", [pytest.param("extra/metadata", marks=pytest.mark.slow), "largest array file"])
 def test_an_unreadable_checkpoint_is_named_and_the_one_before_is_used(uninterrupted, phantom_cache, tmp_path, damaged, capsys):
     config = tiny_config(*RESUME)
     engine.train(config, tmp_path, phantom_cache, stop_after=4)  # checkpoints at 2 and 4

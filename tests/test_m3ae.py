@@ -352,6 +352,7 @@ def test_one_stage_from_a_given_checkpoint(m3ae_run, phantom_cache, tmp_path):
         engine.train(tiny(), tmp_path / "bad", phantom_cache, only=("warmup",))
 
 
+@pytest.mark.slow  # `--stage` is also covered by test_one_stage_from_a_given_checkpoint
 def test_stages_one_at_a_time_in_one_workdir(phantom_cache, tmp_path):
     engine.train(tiny(), tmp_path, phantom_cache, stop_after=2, only=("pretrain",))
     with pytest.raises(JaxbratsError, match="stage pretrain stopped at step 2 of 3"):

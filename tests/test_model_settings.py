@@ -23,7 +23,7 @@ SETTINGS = [
     pytest.param({"remat": True, "dtype": "bfloat16", "upsample": "trilinear", "conv_impl": "native", "deep_supervision": False},
                  id="remat-bf16-trilinear-native"),
     pytest.param({"remat": False, "dtype": "float32", "upsample": "nearest", "conv_impl": "depth2d", "deep_supervision": True},
-                 id="f32-nearest-depth2d-deep"),
+                 id="f32-nearest-depth2d-deep", marks=pytest.mark.slow),  # float32 and depth2d: what the other tests run
     pytest.param({"remat": True, "dtype": "bfloat16", "upsample": "nearest", "conv_impl": "depth2d", "deep_supervision": True},
                  id="remat-bf16-nearest-depth2d-deep"),
 ]
