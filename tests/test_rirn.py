@@ -237,6 +237,11 @@ def test_table4_switches_change_the_models_and_terms():
     terms = method.student_terms(models, jax.tree.map(jnp.asarray, synthetic_batch(2)),
                                  models["teacher"](jnp.asarray(synthetic_batch(2)["image"])), jax.random.PRNGKey(0))
     assert set(terms) == {"loss", "seg", "crr", "crr_pairs", "adversary_input"}
+    # The shipped phantom config sets the discriminator's optimiser: still valid with adv = false.
+    shipped = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "rirn_phantom.toml"), ["method.adv=false"])
+    assert get_method("rirn")(shipped).groups("train") == ("model",)
+    with pytest.raises(ConfigError, match=r"unknown group\(s\) \['critic'\]"):
+        rirn_config("stages.train.optimizers.critic.lr=1e-3")
     trained = rirn(["t1ce", "flair"], "method.car_embeddings='trained'")
     assert trained.families("train")["embeddings"] == 2 and "embeddings" in trained.updates("train")[0].trainable
     assert family.size(trained.init_models("train", nnx.Rngs(0))["embeddings"]) == 2

@@ -93,6 +93,11 @@ class Method:
         """The optimiser groups of a stage: its updates' groups, in order."""
         return tuple(dict.fromkeys(update.group for update in self.updates(stage)))
 
+    def known_groups(self, stage: str) -> tuple[str, ...]:
+        """The groups a config may set for a stage: `groups`, and those an option switches off
+        (RIRN's "discriminator" with `adv = false`: its settings are kept, unused)."""
+        return self.groups(stage)
+
     @classmethod
     def check_config(cls, config: Config) -> None:
         method = cls(config)  # parses (and so checks) the [method] options
@@ -100,7 +105,7 @@ class Method:
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown} for method {cls.name} (its stages: {list(cls.stages)})")
         for stage, stage_config in config.stages.items():
-            groups = method.groups(stage)
+            groups = method.known_groups(stage)
             extra = sorted(set(stage_config.optimizers) - set(groups))
             if extra:
                 raise ConfigError(f"stages.{stage}.optimizers: unknown group(s) {extra} (groups: {list(groups)})")

@@ -259,6 +259,9 @@ class RIRN(Method):
             updates.append(Update(group="discriminator", trainable={"discriminators": nnx.Param}, loss=self.discriminator_loss))
         return updates
 
+    def known_groups(self, stage):
+        return ("model", "discriminator")  # a config's discriminator settings stay valid with adv = false
+
     # --- losses ------------------------------------------------------------------------
     def seg_loss(self, logits, batch):
         bce = 1.0 if self.options.seg_loss == "dice_bce" else 0.0
