@@ -67,7 +67,7 @@ from jaxbrats.sharding import (
     state_shardings,
     with_shardings,
 )
-from jaxbrats.workdir import load_splits
+from jaxbrats.workdir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
 
 
 class TrainingDiverged(JaxbratsError):
