@@ -29,6 +29,12 @@ def existing_manager(workdir: Path, stage: str) -> ocp.CheckpointManager | None:
     return checkpoint_manager(Path(workdir), stage, create=False) if path.exists() else None
 
 
+def on_first_device(abstract):
+    """Abstract leaves that restore onto this process's first device (eval, predict, a frozen model)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+
+
 def restore(manager: ocp.CheckpointManager, template: dict, step: int | None = None, partial: bool = False) -> tuple[dict, dict]:
     """(train state shaped like `template`, extra JSON: iterator state, config).
 

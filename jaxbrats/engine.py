@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from jaxbrats import compilation
 from jaxbrats import workdir as workdir_files
-from jaxbrats.checkpoints import checkpoint_manager, existing_manager, restore_newest_readable, save
+from jaxbrats.checkpoints import checkpoint_manager, existing_manager, on_first_device, restore_newest_readable, save
 from jaxbrats.config import Config, OptimizerConfig, to_dict
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.pipeline import PipelineConfig, make_loader
@@ -157,18 +157,20 @@ def init_state(method: Method, stage: str, seed: int, optimizers: dict, previous
     return graphdefs, state
 
 
-def abstract_state(method: Method, stage: str, optimizers: dict, models: tuple[str, ...] | None = None):
-    """(graph definitions, train state of ShapeDtypeStructs): a restore template, nothing initialised.
-
-    `models` keeps only those models and no optimiser state (what `eval` and `predict` load).
-    """
+def abstract_models(method: Method, stage: str, names: tuple[str, ...] | None = None):
+    """(graph definitions, model states of ShapeDtypeStructs) of a stage's models (`names`: only
+    those), nothing initialised."""
     abstract = nnx.eval_shape(lambda: method.init_models(stage, nnx.Rngs(0)))
     graphdefs, states = {}, {}
     for name, model in abstract.items():
-        if models is None or name in models:
+        if names is None or name in names:
             graphdefs[name], states[name] = nnx.split(model)
-    if models is not None:
-        return graphdefs, {"models": states}
+    return graphdefs, states
+
+
+def abstract_state(method: Method, stage: str, optimizers: dict):
+    """(graph definitions, train state of ShapeDtypeStructs): a restore template, nothing initialised."""
+    graphdefs, states = abstract_models(method, stage)
     opt = _optimizer_states(method, stage, optimizers, states, lambda o, p: jax.eval_shape(o.init, p))
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     return graphdefs, {"models": states, "opt": opt, "step": jax.ShapeDtypeStruct((), jnp.int32), "key": key}
@@ -365,7 +367,7 @@ class Trainer:
             before = self.method.stages[index - 1]
             raise JaxbratsError(f"stage {stage} starts from stage {before}, which has no checkpoint in {self.workdir}: "
                                 f"train {before} first or set stages.{stage}.init_from to a checkpoint directory")
-        outside = self.method.start_from(stage, lambda: abstract_state(self.method, stage, optimizers)[1]["models"])
+        outside = self.method.start_from(stage, lambda: abstract_models(self.method, stage)[1])
         if outside:
             previous = {**(previous or {}), **outside}
         graphdefs, state = init_state(self.method, stage, self.config.train.seed + index, optimizers, previous)
@@ -509,13 +511,8 @@ def load_trained(workdir, stage: str | None = None, overrides=()):
         manager = existing_manager(workdir, name)
         if manager is None or manager.latest_step() is None:
             continue
-        models = method.inference_models(name)
-        if models is None:
-            models = tuple(nnx.eval_shape(lambda: method.init_models(name, nnx.Rngs(0))))
-        graphdefs, abstract = abstract_state(method, name, {}, models)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-        state, _, _ = restore_newest_readable(manager, template, partial=True)
+        graphdefs, abstract = abstract_models(method, name, method.inference_models(name))
+        state, _, _ = restore_newest_readable(manager, {"models": on_first_device(abstract)}, partial=True)
         return method, graphdefs, state["models"], config
     if not stage and any((workdir / "checkpoints" / s).exists() for s in method.stages):
         raise JaxbratsError(f"{workdir}: no checkpoint of a stage that segments ({', '.join(stages)}); "

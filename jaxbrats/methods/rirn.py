@@ -159,7 +159,7 @@ def restore_model(directory: str, names: tuple[str, ...], abstract) -> nnx.State
 
     import orbax.checkpoint as ocp
 
-    from jaxbrats.checkpoints import restore
+    from jaxbrats.checkpoints import on_first_device, restore
 
     path = Path(directory).absolute()
     if not path.is_dir():
@@ -167,8 +167,7 @@ def restore_model(directory: str, names: tuple[str, ...], abstract) -> nnx.State
     manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
     if manager.latest_step() is None:
         raise ConfigError(f"method.teacher_from: no checkpoint in {directory}")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    template = on_first_device(abstract)
     problems = []
     for name in names:
         try:
