@@ -13,6 +13,8 @@ often it was loaded, so the engine can report it and tests can hold it to one.
 
 from __future__ import annotations
 
+import math
+import re
 import threading
 from collections import Counter
 
@@ -60,3 +62,30 @@ def counts(name: str) -> dict:
     key = f"jit({name})"
     with _lock:
         return {"compiled": compiled[key], "loaded": loaded[key], "seconds": seconds[key]}
+
+
+# --- what a compiled program exchanges between devices ------------------------------------
+
+COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8}
+_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def collectives(hlo_text: str) -> list[tuple[str, int]]:
+    """(op, bytes of its result on one device) for every collective of a compiled program's HLO
+    (`compiled.as_text()`), e.g. to check that a depth-split step moves halos (collective-permute)
+    and never all-gathers an activation. An async pair (-start/-done) counts once; a tuple result
+    counts its last element (the received buffer)."""
+    out = []
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE.search(line)
+        if not match:
+            continue
+        shapes = _SHAPE.findall(match.group(1))
+        if not shapes:
+            continue
+        dtype, dims = shapes[-1]
+        out.append((match.group(2), _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)))
+    return out

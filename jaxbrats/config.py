@@ -215,6 +215,9 @@ class EvalConfig:
     #: Padded case shape compiled for; empty: the largest case rounded up to `bucket_multiple`.
     bucket: tuple[int, ...] = ()
     bucket_multiple: int = 16
+    #: Devices of the evaluation: `space` splits each window's depth, `data` the windows of a
+    #: batch (`window_batch`); `model` is unused. data 1 x space 1: one device, as before.
+    mesh: "MeshConfig" = dataclasses.field(default_factory=lambda: MeshConfig(data=1))
 
     def validate(self, where: str) -> None:
         from jaxbrats.inferers import BLENDS
@@ -235,17 +238,22 @@ class EvalConfig:
             if any(b < w for b, w in zip(self.bucket, self.window)):
                 raise ConfigError(f"{bucket} entries must be >= {_key(where, 'window')} {_show(self.window)}, got {_show(self.bucket)}")
         check_range(_key(where, "bucket_multiple"), self.bucket_multiple, 1)
+        self.mesh.validate(_key(where, "mesh"))
+        if self.mesh.data == 0 or self.window_batch % self.mesh.data:
+            raise ConfigError(f"{_key(where, 'mesh.data')} = {self.mesh.data} must divide {_key(where, 'window_batch')} = {self.window_batch}")
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """The device mesh of a run (`jaxbrats.sharding`): data x model (x space, 1 until volume sharding)."""
+    """The device mesh of a run (`jaxbrats.sharding`): data x space x model devices."""
 
-    data: int = 0  # devices splitting the batch; 0: all the devices left after `model`
+    data: int = 0  # devices splitting the batch; 0: all the devices left after `space` and `model`
+    space: int = 1  # devices splitting each volume's depth (first spatial axis), halos exchanged
     model: int = 1  # devices splitting a family of models (the students), which must divide its size
 
     def validate(self, where: str) -> None:
         check_range(_key(where, "data"), self.data, 0)
+        check_range(_key(where, "space"), self.space, 1)
         check_range(_key(where, "model"), self.model, 1)
 
 
@@ -286,6 +294,13 @@ class Config:
             if any(s % factor for s in size):
                 raise ConfigError(f"{_key(where, name)} entries must be divisible by {factor} (the U-Net halves them "
                                   f"{len(self.model.widths) - 1} times: model.widths has {len(self.model.widths)} levels), got {_show(size)}")
+        # Volume sharding: every level's depth splits into whole slabs of the "space" devices.
+        for mesh, name, size in (("train.mesh", "data.crop_size", self.data.crop_size), ("eval.mesh", "eval.window", self.eval.window)):
+            space = getattr(self, mesh.split(".")[0]).mesh.space
+            if size[0] % (factor * space):
+                raise ConfigError(f"{_key(where, name)}[0] = {size[0]} must be divisible by {factor * space}: {_key(where, mesh)}.space = "
+                                  f"{space} devices split the depth of each of the U-Net's {len(self.model.widths)} levels "
+                                  f"(the coarsest is {factor}x smaller)")
 
 
 def _typed(tp, value, where: str):

@@ -27,12 +27,18 @@ How a run goes (`train`):
    so a resumed run draws the same numbers. Nothing in the step talks to the host.
 4. Batches are placed on the ("data", "model", "space") mesh of
    `jaxbrats.sharding`, split along "data"; the state is placed by the same
-   module's rules (family members split along "model", the rest
-   replicated), and the step keeps those shardings. "space" is 1 today.
+   module's rules (family members split along "model", x_sub along
+   "space", the rest replicated), and the step keeps those shardings. With
+   "space" > 1 each crop's depth is split and the U-Net's convolutions
+   exchange halos (`networks.layers.halo_conv3d`).
 5. Metrics stay on the device and are fetched every `log_every` steps (one
    transfer), checked for NaN/Inf, written to `metrics.jsonl` and TensorBoard
    (`tensorboard/`). A checkpoint is written only after the steps before it
    were checked, so a diverged run stops with the last good checkpoint.
+6. With several processes (`jaxbrats train --distributed`), each reads its
+   own share of the cases; process 0 alone writes the work directory's files
+   (metrics, TensorBoard, config, splits, reports) and notes; every process
+   takes part in each checkpoint, which holds each one's iterator state.
 """
 
 from __future__ import annotations
@@ -52,7 +58,14 @@ from tqdm import tqdm
 
 from jaxbrats import compilation
 from jaxbrats import workdir as workdir_files
-from jaxbrats.checkpoints import checkpoint_manager, existing_manager, on_first_device, restore_newest_readable, save
+from jaxbrats.checkpoints import (
+    checkpoint_manager,
+    existing_manager,
+    iterator_state,
+    on_first_device,
+    restore_newest_readable,
+    save,
+)
 from jaxbrats.config import Config, OptimizerConfig, to_dict
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.pipeline import PipelineConfig, make_loader
@@ -240,18 +253,30 @@ def step_name(stage: str) -> str:
 
 # --- logging -----------------------------------------------------------------------------
 
+def _lead() -> bool:
+    """Whether this process writes the run's files and notes (process 0 of a multi-process run)."""
+    return jax.process_index() == 0
+
+
 class MetricsLog:
-    """JSON lines plus TensorBoard event files in the work directory."""
+    """JSON lines plus TensorBoard event files in the work directory.
 
-    def __init__(self, workdir: Path):
+    Only one process of a multi-process run writes them (`write` False elsewhere: every
+    call does nothing), so each row is written once.
+    """
+
+    def __init__(self, workdir: Path, write: bool = True):
         self.path = workdir / "metrics.jsonl"
-        from tensorboardX import SummaryWriter
+        self.enabled = write
+        self.writer = None
+        if write:
+            from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))
 
     def truncate(self, resume_step: dict[str, int]) -> None:
         """Drop the rows of these stages past the step each resumes from: they are about to be redone."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
         keep = [r for r in rows if r["step"] <= resume_step.get(r["stage"], r["step"])]
@@ -259,6 +284,8 @@ class MetricsLog:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         for key, value in row.items():
@@ -266,7 +293,8 @@ class MetricsLog:
                 self.writer.add_scalar(f"{row['stage']}/{key}", value, row["step"])
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 # --- the loop ----------------------------------------------------------------------------
@@ -289,11 +317,42 @@ class Trainer:
         self.losses: list[tuple[str, int, float]] = []  # (stage, step, loss) for every step
 
     def run(self, stop_after: int | None = None) -> dict:
-        """Run (or resume) every stage; `stop_after` steps in this call, then checkpoint and return."""
-        if jax.process_index() > 0:  # process 0 holds the work directory for the whole run
+        """Run (or resume) every stage; `stop_after` steps in this call, then checkpoint and return.
+
+        Process 0 holds the work directory's lock for the whole run (`workdir.single_writer`).
+        """
+        from contextlib import ExitStack
+
+        with ExitStack() as held:
+            self._lock_workdir(lambda: held.enter_context(workdir_files.single_writer(self.workdir)))
             return self._run(stop_after)
-        with workdir_files.single_writer(self.workdir):
-            return self._run(stop_after)
+
+    def _lock_workdir(self, take) -> None:
+        """Call `take` (it takes the lock) on process 0 only; with several processes, all learn whether it worked.
+
+        The processes of one multi-host run share the work directory, so only
+        process 0 takes its lock. When that is refused, the others must stop too,
+        not run on into the first collective and wait there for a process 0 that
+        has left: process 0 broadcasts the outcome, then raises its own error
+        (it names the holder).
+        """
+        if jax.process_count() == 1:
+            take()
+            return
+        from jax.experimental import multihost_utils
+
+        error = None
+        if jax.process_index() == 0:
+            try:
+                take()
+            except Exception as e:  # noqa: BLE001  raised after the broadcast, which every process must join
+                error = e
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if error is not None:
+            raise error
+        if not ok:
+            raise JaxbratsError(f"{self.workdir}: process 0 could not take the work directory's lock "
+                                f"({workdir_files.LOCK}); its error names the run that holds it")
 
     def _run(self, stop_after: int | None) -> dict:
         self.budget = stop_after
@@ -304,7 +363,7 @@ class Trainer:
         for stage in self.method.stages:
             manager = existing_manager(self.workdir, stage)
             resume[stage] = (manager.latest_step() or 0) if manager else 0
-        self.log = MetricsLog(self.workdir)
+        self.log = MetricsLog(self.workdir, write=_lead())  # process 0 writes metrics and TensorBoard
         self.log.truncate(resume)
         try:
             previous = None
@@ -340,7 +399,8 @@ class Trainer:
         if step < total:
             raise JaxbratsError(f"stage {stage} stopped at step {step} of {total} in {self.workdir}: "
                                 f"finish it first (train without --stage, or with --stage {stage})")
-        print(f"stage {stage}: not run now; its models come from its final checkpoint")
+        if _lead():
+            print(f"stage {stage}: not run now; its models come from its final checkpoint")
         return state["models"]
 
     def optimizers(self, stage: str, total: int) -> dict:
@@ -356,10 +416,10 @@ class Trainer:
         optimizers = self.optimizers(stage, total)
         if manager.all_steps():  # an abstract template: no model is initialised only to be overwritten
             graphdefs, template = self.template(stage, total)
-            resumed = restore_newest_readable(manager, template, set_aside=True)
+            resumed = restore_newest_readable(manager, template, set_aside=True, iterator=True)
             if resumed is not None:
-                state, extra, _ = resumed
-                return graphdefs, state, optimizers, extra.get("iterator")
+                state, extra, step = resumed  # a complete stage needs no iterator: any process count reads it
+                return graphdefs, state, optimizers, iterator_state(extra, manager, step) if step < total else None
         init_from = self.config.stages[stage].init_from if stage in self.config.stages else ""
         if init_from:
             previous = self._models_from(Path(init_from), stage, index)
@@ -403,7 +463,8 @@ class Trainer:
         start = time.perf_counter()
         shardings = state_shardings(state, self.mesh, self.method.families(stage))
         jitted = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, replicated(self.mesh)))
-        compiled = jitted.lower(state, batch).compile()
+        with jax.set_mesh(self.mesh):  # layers see whether the depth is split (networks.layers.space_shards)
+            compiled = jitted.lower(state, batch).compile()
         after = compilation.counts(step_fn.__name__)
         how = "loaded from the compilation cache" if after["loaded"] > before["loaded"] else "compiled"
         print(f"stage {stage}: train step {how} in {time.perf_counter() - start:.1f} s")
@@ -419,8 +480,9 @@ class Trainer:
         start = int(jax.device_get(state["step"]))
         self.log.truncate({stage: start})
         if start >= total:
-            print(f"stage {stage}: complete ({start} steps), skipped")
-            self.method.on_stage_end(stage, state["models"], self.workdir)  # idempotent: redone if a crash came before it
+            if _lead():
+                print(f"stage {stage}: complete ({start} steps), skipped")
+                self.method.on_stage_end(stage, state["models"], self.workdir)  # idempotent: redone if a crash came before it
             return state["models"]
         state = shard_state(state, self.mesh, families)
         step_fn = make_train_step(self.method, stage, graphdefs, optimizers)
@@ -428,13 +490,13 @@ class Trainer:
 
         pipeline = self.pipeline_config(stage, index)
         iterator = iter(make_loader(train_set, pipeline))
-        if iterator_state is not None:
+        if iterator_state is not None:  # this process's own state (each reads its shard of the cases)
             iterator.set_state(iterator_state.encode())
         schedules = {u.group: make_schedule(self.method.optimizer(stage, u.group), total) for u in self.method.updates(stage)}
         voxels = pipeline.batch_size * jax.process_count() * pipeline.instantiations * int(np.prod(cfg.data.crop_size))
         pending, last_time, last_step = [], time.perf_counter(), start
-        bar = tqdm(total=total, initial=start, desc=f"{stage}", unit="step", disable=not cfg.train.progress, dynamic_ncols=True)
-        if start:
+        bar = tqdm(total=total, initial=start, desc=f"{stage}", unit="step", disable=not (cfg.train.progress and _lead()), dynamic_ncols=True)
+        if start and _lead():
             print(f"stage {stage}: resuming at step {start} of {total}")
         jitted = None
         try:
@@ -457,13 +519,14 @@ class Trainer:
                     bar.update(step + 1 - last_step)
                     pending, last_time, last_step = [], now, step + 1
                 if save_now:
-                    save(manager, state, {"iterator": iterator.get_state().decode(), "config": to_dict(cfg), "stage": stage, "total_steps": total})
+                    save(manager, state, {"config": to_dict(cfg), "stage": stage, "total_steps": total,
+                                          "processes": jax.process_count()}, iterator)
                 if self.budget == 0:
                     break
         finally:
             bar.close()
             manager.wait_until_finished()
-        if int(jax.device_get(state["step"])) == total:
+        if int(jax.device_get(state["step"])) == total and _lead():  # reports: written once
             self.method.on_stage_end(stage, state["models"], self.workdir)
         return state["models"]
 

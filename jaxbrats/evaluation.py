@@ -84,6 +84,7 @@ from jaxbrats.inferers import SlidingWindowConfig, sliding_window
 from jaxbrats.labels import ENHANCING, NECROSIS, REGIONS, from_internal, labels_from_regions, regions_of
 from jaxbrats.metrics import dice_counts, dice_from_counts, hd95
 from jaxbrats.modalities import FULL_SUBSET_INDEX, MODALITIES, SUBSET_MASKS, SUBSET_NAMES, SUBSETS, subset_index
+from jaxbrats.sharding import OnMesh, eval_mesh, split_windows
 
 
 def sliding_config(cfg: EvalConfig) -> SlidingWindowConfig:
@@ -126,7 +127,7 @@ def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None, c
     if padded != shape:  # fill sees the padding the windows read
         image = jnp.pad(image, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
     image = method.fill(models, image, modality_mask, case)
-    probs = sliding_window(lambda x: method.predict(models, x, modality_mask, subset), image, sliding_config(cfg), len(REGIONS),
+    probs = sliding_window(lambda x: method.predict(models, split_windows(x), modality_mask, subset), image, sliding_config(cfg), len(REGIONS),
                            extent=case_shape)[: shape[0], : shape[1], : shape[2]]
     inside = jnp.ones(shape, bool)
     for axis in range(3):
@@ -165,7 +166,9 @@ def make_case_program(method, graphdefs: dict, cfg: EvalConfig):
         program.traces += 1
         return lax.map(lambda m: evaluate_subset(models_state, image, labels, valid, m[0], m[1], case), (masks, indices))
 
-    program = jax.jit(eval_15_subsets)  # JAX reports its compilations as jit(eval_15_subsets)
+    # JAX reports its compilations as jit(eval_15_subsets). Under `eval.mesh` each window's depth
+    # is split over "space" (the U-Net exchanges halos) and a window batch over "data".
+    program = OnMesh(jax.jit(eval_15_subsets), eval_mesh(cfg))
     program.traces = 0
     return program
 

@@ -29,6 +29,7 @@ from jaxbrats.errors import JaxbratsError
 from jaxbrats.evaluation import _pad, case_locator, pad_shape, segment, write_nifti
 from jaxbrats.labels import CONVENTIONS, from_internal, region_voxel_counts
 from jaxbrats.modalities import MODALITIES, SUBSET_NAMES, subset_index
+from jaxbrats.sharding import OnMesh, eval_mesh
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -94,10 +95,11 @@ def segment_one_case(method, graphdefs, models_state, image, modality_mask, cfg,
     shape = image.shape[:3]
     padded = _pad(image, pad_shape(shape, cfg))
 
-    @jax.jit
-    def run(models_state, image, mask, subset, case):
+    def segment_case(models_state, image, mask, subset, case):
         models = {n: nnx.merge(g, models_state[n]) for n, g in graphdefs.items()}
         return segment(method, models, image, mask, cfg, case=case, subset=subset)
+
+    run = OnMesh(jax.jit(segment_case), eval_mesh(cfg))  # eval.mesh splits the windows, as in `evaluate`
 
     mask = np.asarray(modality_mask, bool)
     labels = run(models_state, padded, mask, np.int32(subset_index(mask)), case_locator(shape, box_start))

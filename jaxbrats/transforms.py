@@ -3,7 +3,7 @@
 - `visible_patches` / `patch_mask_to_voxels`: M3AE's masking (METHODS.md
   section 3): after whole modalities are dropped, an exact number of 16^3
   patches over all modalities stays visible, drawn from the kept modalities.
-- `read_window`: a crop-sized window of a volume-sized array (M3AE's
+- `read_window` (`read_windows` for a batch): a crop-sized window of a volume-sized array (M3AE's
   substitute image x_sub), located with the batch's ``crop_start``,
   ``flipped``, ``case_shape`` and ``box_start`` (data.pipeline), in one
   coordinate frame for training and inference (`case_corner`): "template",
@@ -21,8 +21,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jaxbrats.modalities import NUM_MODALITIES
+from jaxbrats.sharding import SPACE_AXIS, space_shards
 
 
 def patch_grid(crop, patch: int) -> tuple[int, int, int]:
@@ -71,6 +74,48 @@ def case_corner(frame: str, case_shape, box_start, volume_shape, xp=jnp):
     if frame == "template":
         return xp.asarray(box_start)
     return (xp.asarray(volume_shape) - xp.asarray(case_shape)) // 2
+
+
+def read_windows(volume, starts, flips, size):
+    """`read_window` for each crop of a batch: (B, *size, C) from starts (B, 3) and flips (B, 3).
+
+    In a trace under a mesh that splits volumes along "space" (x_sub in a depth-split run),
+    with the batch along "data": `read_windows_split`, so no device gathers the volume.
+    """
+    shards = space_shards()
+    mesh = jax.sharding.get_abstract_mesh()
+    if shards > 1 and volume.shape[0] % shards == 0 and size[0] % shards == 0 and starts.shape[0] % mesh.shape["data"] == 0:
+        return read_windows_split(volume, starts, flips, size, shards)
+    return jax.vmap(lambda start, flipped: read_window(volume, start, flipped, size))(starts, flips)
+
+
+def read_windows_split(volume, starts, flips, size, shards: int):
+    """`read_windows` of a volume whose depth is split in `shards` slabs along "space".
+
+    Each device reads, from its own slab, the rows of its samples' windows that lie there
+    (zeros for the others: a row lies on exactly one slab, or outside the volume), cut into
+    the window's `shards` slabs; an all-to-all sends slab k to device k, which sums what it
+    receives. One window per sample moves, and its gradient (the transpose) the same way
+    back: no device holds the whole volume. The batch is split along "data" inside too:
+    left to XLA, the all-to-all of a batch gathered it.
+    """
+    n = size[0]
+
+    def one(slab, start, flipped):
+        rows = slab.shape[0]
+        index = start[0] + jnp.where(flipped[0], jnp.arange(n - 1, -1, -1), jnp.arange(n)) - lax.axis_index(SPACE_AXIS) * rows
+        mine = (index >= 0) & (index < rows)
+        window = read_window(jnp.take(slab, jnp.clip(index, 0, rows - 1), axis=0),
+                             jnp.stack([jnp.int32(0), start[1], start[2]]), flipped.at[0].set(False), size)
+        return jnp.where(mine[:, None, None, None], window, jnp.zeros((), window.dtype))
+
+    def local(slab, starts, flips):
+        windows = jax.vmap(lambda s, f: one(slab, s, f))(starts, flips)
+        pieces = windows.reshape(windows.shape[0], shards, n // shards, *windows.shape[2:])
+        return lax.all_to_all(pieces, SPACE_AXIS, 1, 1, tiled=False).sum(axis=1)
+
+    return jax.shard_map(local, in_specs=(P(SPACE_AXIS), P("data"), P("data")), out_specs=P("data", SPACE_AXIS),
+                         axis_names={SPACE_AXIS, "data"})(volume, jnp.asarray(starts, jnp.int32), jnp.asarray(flips, bool))
 
 
 def read_window(volume, start, flipped, size):

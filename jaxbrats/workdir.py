@@ -4,7 +4,9 @@
 ``config_history.jsonl`` one row per call (when, which keys changed from the
 call before, old and new values), ``splits.json`` the case ids of each split
 (fixed at the first call) and ``data.json`` the cache's preprocessing
-settings (`predict` needs them).
+settings (`predict` needs them). ``.train.lock`` is the one-writer lock
+(`single_writer`): while a run writes, it names that run (host, pid, start
+time); it is empty when nobody holds it.
 
 A resume may change only the settings that leave what the checkpoints hold
 and what the split is untouched (`RESUMABLE`: batch size, run lengths,
@@ -16,14 +18,12 @@ naming the keys, before anything is written.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import fcntl
 import fnmatch
 import json
-import os
 from pathlib import Path
 
+from jaxbrats import locks
 from jaxbrats.config import Config, ConfigError, OptimizerConfig, StageConfig, save_config, to_dict
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.splits import ratio_split, read_split_file
@@ -45,21 +45,15 @@ RESUMABLE = (
 LOCK = ".train.lock"
 
 
-@contextlib.contextmanager
 def single_writer(workdir: Path):
-    """Hold the work directory's lock while a run writes to it: a second `train` on it stops at once."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the mode goes through the user's umask
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise JaxbratsError(f"{workdir}: another `jaxbrats train` is writing to it (it holds {path}); "
-                                f"wait for it to finish or use another --workdir") from None
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    """Hold the work directory's lock while a run writes to it (`jaxbrats.locks.hold`).
+
+    Two runs in one work directory would interleave checkpoints, metrics and
+    the saved config without an error, so a second `train` stops at once, in
+    one line naming the run that holds it; the lock of a killed run is taken
+    over. Only process 0 of a multi-host run takes it (`Trainer.run`).
+    """
+    return locks.hold(Path(workdir) / LOCK, "jaxbrats train", hint="wait for it to finish or use another --workdir")
 
 
 def resolve_splits(config: Config, cache_ids: list[str]) -> dict[str, list[str]]:
@@ -145,7 +139,49 @@ def record_config(workdir: Path, config: Config) -> list[str]:
 
 
 def prepare(workdir: Path, config: Config, cache: CacheDataset) -> dict[str, list[str]]:
-    """Create or check a work directory; returns the run's splits (fixed at its first call)."""
+    """Create or check a work directory; returns the run's splits (fixed at its first call).
+
+    In a multi-process run process 0 alone writes and checks the work directory; every
+    process gets its splits, or its error (a resume refused, a bad split), from it, so all
+    train on the same split or all stop with the same line.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return _prepare(workdir, config, cache)
+    outcome, error = None, None
+    if jax.process_index() == 0:
+        try:
+            outcome = {"splits": _prepare(workdir, config, cache)}
+        except Exception as e:  # noqa: BLE001  re-raised below, after the broadcast every process must join
+            error, outcome = e, {"error": str(e) if isinstance(e, JaxbratsError) else f"process 0: {type(e).__name__}: {e}"}
+    outcome = _from_process_0(outcome)
+    if error is not None:
+        raise error
+    if "error" in outcome:
+        raise JaxbratsError(outcome["error"])
+    splits = outcome["splits"]
+    missing = sorted({i for ids in splits.values() for i in ids} - set(cache.case_ids))
+    if missing:
+        raise JaxbratsError(f"process {jax.process_index()}: case {missing[0]!r} of the run's split is not in "
+                            f"this host's cache {cache.cache_dir}")
+    return splits
+
+
+def _from_process_0(payload: dict | None) -> dict:
+    """Process 0's JSON `payload` on every process (two small broadcasts; the others pass None)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(payload).encode(), np.uint8) if payload is not None else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    buffer = np.zeros(size, np.uint8)
+    buffer[: data.size] = data
+    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8)
+    return json.loads(received.tobytes().decode())
+
+
+def _prepare(workdir: Path, config: Config, cache: CacheDataset) -> dict[str, list[str]]:
     workdir.mkdir(parents=True, exist_ok=True)
     split_path = workdir / "splits.json"
     if split_path.exists():

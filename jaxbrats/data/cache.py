@@ -3,6 +3,8 @@
 Layout of a cache directory::
 
     index.json                    dataset index: layout, settings, case ids
+    .prepare.lock                 one `prepare` at a time (`jaxbrats.locks`): names the
+                                  run writing the cache, empty when none is
     cases/<case_id>/image.npy     float32 (D, H, W, 4), channels in MODALITIES order,
                                   zeros for a modality the case lacks
     cases/<case_id>/label.npy     uint8 (D, H, W), internal labels (if the case has a seg)
@@ -35,6 +37,7 @@ from jaxbrats.errors import JaxbratsError
 FORMAT_VERSION = 1
 INDEX = "index.json"
 MANIFEST = "manifest.json"
+LOCK = ".prepare.lock"  # beside index.json, never in cases/: not an entry, nor a partial one
 _PARTIAL = ".partial-"
 
 

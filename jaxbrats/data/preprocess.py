@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from jaxbrats import locks
 from jaxbrats.data import cache
 from jaxbrats.data.discovery import CaseRecord, discover
 from jaxbrats.data.loading import LoadedCase, load_case
@@ -234,7 +235,9 @@ def prepare_dataset(
     Bad cases are collected, not raised: the report lists each with its
     reason. The dataset index (what makes the cache usable) is written only
     when no case is bad, or with `skip_bad`, for the good cases; never when
-    no case is good (`report["prepared"]` is then empty).
+    no case is good (`report["prepared"]` is then empty). A second `prepare`
+    into the same cache meanwhile is refused in one line naming this one
+    (`cache.LOCK`, `jaxbrats.locks`).
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
@@ -242,15 +245,18 @@ def prepare_dataset(
         convention_map(convention)  # an unknown name: one line, before any work
     layout, records, bad = discover(data_dir, need_labels=need_labels)
     cache_dir = Path(cache_dir)
-    cache.remove_partial_entries(cache_dir)
-    jobs = [(r, cache_dir, normalization, margin, need_labels, convention) for r in records]
-    status, errors = _over_cases(_prepare_one, jobs, workers, progress, "prepare")
-    errors = [str(e) for e in bad] + errors
-    good = [r.case_id for r in records if r.case_id in status]
-    if good and (skip_bad or not errors):
-        cache.write_index(cache_dir, layout, good, settings={"normalization": normalization, "margin": margin})
-    else:  # a failed run, or one without a usable case, leaves no index behind, not even an older one
-        cache.remove_index(cache_dir)
+    # One writer per cache, from the first write to the index: two runs would delete each other's
+    # partial entries and race for index.json. (Taken after discovery: a bad DATA_DIR creates no cache.)
+    with locks.hold(cache_dir / cache.LOCK, "jaxbrats prepare", hint="wait for it to finish or use another cache directory"):
+        cache.remove_partial_entries(cache_dir)
+        jobs = [(r, cache_dir, normalization, margin, need_labels, convention) for r in records]
+        status, errors = _over_cases(_prepare_one, jobs, workers, progress, "prepare")
+        errors = [str(e) for e in bad] + errors
+        good = [r.case_id for r in records if r.case_id in status]
+        if good and (skip_bad or not errors):
+            cache.write_index(cache_dir, layout, good, settings={"normalization": normalization, "margin": margin})
+        else:  # a failed run, or one without a usable case, leaves no index behind, not even an older one
+            cache.remove_index(cache_dir)
     return {"layout": layout, "records": records, "prepared": status, "errors": errors}
 
 

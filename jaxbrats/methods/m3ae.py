@@ -97,8 +97,8 @@ from jaxbrats.data.pipeline import box_start
 from jaxbrats.labels import REGIONS
 from jaxbrats.losses import masked_mse, segmentation_loss
 from jaxbrats.methods.base import Method, Update
-from jaxbrats.networks.factory import check_deep_supervision, probabilities, unet_config
 from jaxbrats.modalities import MODALITIES, NUM_MODALITIES, drop_modalities
+from jaxbrats.networks.factory import check_deep_supervision, probabilities, unet_config
 from jaxbrats.networks.unet import UNet
 from jaxbrats.transforms import (
     FRAMES,
@@ -107,6 +107,7 @@ from jaxbrats.transforms import (
     patch_mask_to_voxels,
     place_case,
     read_window,
+    read_windows,
     visible_patches,
 )
 
@@ -267,8 +268,7 @@ class M3AE(Method):
             return jnp.zeros_like(image)
         x_sub = models["x_sub"].image[...]
         origin = case_corner(self.options.substitute_frame, batch["case_shape"], batch["box_start"], x_sub.shape[:3])
-        read = jax.vmap(lambda start, flipped: read_window(x_sub, start, flipped, image.shape[1:4]))
-        return read(batch["crop_start"] + origin, batch["flipped"]).astype(image.dtype)
+        return read_windows(x_sub, batch["crop_start"] + origin, batch["flipped"], image.shape[1:4]).astype(image.dtype)
 
     def visible(self, key, modality_mask, crop):
         """(B, *crop, 4) bool: voxels kept in pretraining (kept modalities, visible patches)."""

@@ -17,6 +17,17 @@ at the end), in one of two ways:
   convolution's forward + backward from 2956 to 1206 ms.
 
 ``"auto"`` picks depth2d on CPU and native elsewhere.
+
+Volume sharding: when the mesh in context (`jax.set_mesh`, as the engine and
+the evaluation lower their programs) splits the depth axis over "space",
+a 3x3x3 convolution runs on each device's slab with the neighbours' boundary
+slices (halos) moved by `lax.ppermute` (`halo_conv3d`), for either
+lowering. XLA's own partitioning of a depth-sharded convolution was measured
+wrong here (jax 0.10.2, 8 CPU devices, native lowering, mesh data 2 x space
+4: gradients off by 17 % of their largest value; METHODS.md section 9 cites
+the same class of bug), and it all-gathers where a shard is thinner than the
+halo. The explicit exchange moves exactly 2 x halo slices per convolution
+and is tested against one device.
 """
 
 from __future__ import annotations
@@ -28,22 +39,26 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from jaxbrats.sharding import SPACE_AXIS, space_shards
+
 CONV_IMPLS = ("auto", "native", "depth2d")
 
 
-def conv3d_native(x, kernel, stride: int = 1):
-    pad = [(kernel.shape[0] // 2,) * 2] * 3
+def conv3d_native(x, kernel, stride: int = 1, depth_padding=None):
+    """`depth_padding`: (before, after) slices of zeros on the depth axis (default kernel // 2 each)."""
+    p = kernel.shape[0] // 2
+    pad = [tuple(depth_padding) if depth_padding is not None else (p, p), (p, p), (p, p)]
     return lax.conv_general_dilated(
         x, kernel, (stride,) * 3, pad, dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
     )
 
 
-def _depth_taps(x, k: int, stride: int):
+def _depth_taps(x, k: int, stride: int, depth_padding):
     """The k depth-shifted (and strided) views of x as 2D batches: k arrays (N * D_out, H, W, C)."""
     n, d, h, w, c = x.shape
-    p = k // 2
-    xp = jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0), (0, 0)))
-    d_out = (d + 2 * p - k) // stride + 1
+    before, after = depth_padding
+    xp = jnp.pad(x, ((0, 0), (before, after), (0, 0), (0, 0), (0, 0)))
+    d_out = (d + before + after - k) // stride + 1
     # Output depth j reads input depth j * stride + i of the padded volume.
     return [lax.slice_in_dim(xp, i, i + (d_out - 1) * stride + 1, stride, axis=1).reshape(n * d_out, h, w, c)
             for i in range(k)], d_out
@@ -54,9 +69,9 @@ def _conv2d(x, kernel, stride: int):
     return lax.conv_general_dilated(x, kernel, (stride, stride), [(p, p), (p, p)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _depth2d_forward(x, kernel, stride: int):
+def _depth2d_forward(x, kernel, stride: int, depth_padding):
     n = x.shape[0]
-    taps, d_out = _depth_taps(x, kernel.shape[0], stride)
+    taps, d_out = _depth_taps(x, kernel.shape[0], stride, depth_padding)
     y = sum(_conv2d(t, kernel[i], stride) for i, t in enumerate(taps))
     return y.reshape(n, d_out, *y.shape[1:])
 
@@ -80,19 +95,19 @@ def _weight_grad_2d(x, dy, kernel, stride: int):
     return total
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depth2d(x, kernel, stride: int):
-    return _depth2d_forward(x, kernel, stride)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depth2d(x, kernel, stride: int, depth_padding):
+    return _depth2d_forward(x, kernel, stride, depth_padding)
 
 
-def _depth2d_fwd(x, kernel, stride: int):
-    return _depth2d_forward(x, kernel, stride), (x, kernel)
+def _depth2d_fwd(x, kernel, stride: int, depth_padding):
+    return _depth2d_forward(x, kernel, stride, depth_padding), (x, kernel)
 
 
-def _depth2d_bwd(stride: int, res, dy):
+def _depth2d_bwd(stride: int, depth_padding, res, dy):
     x, kernel = res
-    dx = jax.vjp(lambda v: _depth2d_forward(v, kernel, stride), x)[1](dy)[0]
-    taps, _ = _depth_taps(x, kernel.shape[0], stride)
+    dx = jax.vjp(lambda v: _depth2d_forward(v, kernel, stride, depth_padding), x)[1](dy)[0]
+    taps, _ = _depth_taps(x, kernel.shape[0], stride, depth_padding)
     dy2 = dy.reshape(-1, *dy.shape[2:])
     dkernel = jnp.stack([_weight_grad_2d(t, dy2, kernel[i], stride) for i, t in enumerate(taps)])
     return dx, dkernel
@@ -101,7 +116,7 @@ def _depth2d_bwd(stride: int, res, dy):
 _depth2d.defvjp(_depth2d_fwd, _depth2d_bwd)
 
 
-def conv3d_depth2d(x, kernel, stride: int = 1):
+def conv3d_depth2d(x, kernel, stride: int = 1, depth_padding=None):
     """The same 3D convolution as a sum over kernel depth of 2D convolutions.
 
     Its weight gradient is computed piece by piece over the folded batch and
@@ -109,7 +124,8 @@ def conv3d_depth2d(x, kernel, stride: int = 1):
     """
     if kernel.shape[0] == 1 and stride == 1:
         return jnp.einsum("ndhwc,co->ndhwo", x, kernel[0, 0, 0])
-    return _depth2d(x, kernel, stride)
+    p = kernel.shape[0] // 2
+    return _depth2d(x, kernel, stride, tuple(depth_padding) if depth_padding is not None else (p, p))
 
 
 def resolve_conv_impl(impl: str) -> str:
@@ -118,6 +134,39 @@ def resolve_conv_impl(impl: str) -> str:
     if impl == "auto":
         return "depth2d" if jax.default_backend() == "cpu" else "native"
     return impl
+
+
+def exchange_halos(x, before: int, after: int, shards: int):
+    """x (N, d, H, W, C), this device's slab of depth -> (N, before + d + after, H, W, C).
+
+    Inside `shard_map` over "space": the last `before` slices of the previous shard and the first
+    `after` of the next are appended; the volume's ends receive zeros (the zero padding).
+    """
+    parts = []
+    if before:
+        parts.append(lax.ppermute(x[:, -before:], SPACE_AXIS, [(i, i + 1) for i in range(shards - 1)]))
+    parts.append(x)
+    if after:
+        parts.append(lax.ppermute(x[:, :after], SPACE_AXIS, [(i + 1, i) for i in range(shards - 1)]))
+    return jnp.concatenate(parts, axis=1)
+
+
+def halo_conv3d(conv, x, kernel, stride: int, shards: int):
+    """`conv` (a lowering: x, kernel, stride, depth_padding) on a depth split over "space", halos exchanged.
+
+    Each shard's slab must hold a whole number of output slices (its depth divisible by the
+    stride): output slice j reads input slices j * stride - p .. j * stride + p, so a
+    stride-1 convolution needs p slices from each side and a stride-2 one only from before.
+    """
+    p = kernel.shape[0] // 2
+    after = p if stride == 1 else 0
+
+    def local(xs, k):
+        return conv(exchange_halos(xs, p, after, shards), k, stride, (0, 0))
+
+    spec = jax.sharding.PartitionSpec(None, SPACE_AXIS)
+    return jax.shard_map(local, in_specs=(spec, jax.sharding.PartitionSpec()), out_specs=spec,
+                         axis_names={SPACE_AXIS})(x, kernel)
 
 
 class Conv3D(nnx.Module):
@@ -136,4 +185,9 @@ class Conv3D(nnx.Module):
         x = x.astype(self.dtype)
         kernel = self.kernel[...].astype(self.dtype)
         conv = conv3d_depth2d if self.impl == "depth2d" else conv3d_native
-        return conv(x, kernel, self.stride) + self.bias[...].astype(self.dtype)
+        shards = space_shards()
+        if shards > 1 and kernel.shape[0] > 1:  # a 1x1x1 convolution needs no neighbour
+            y = halo_conv3d(conv, x, kernel, self.stride, shards)
+        else:
+            y = conv(x, kernel, self.stride)
+        return y + self.bias[...].astype(self.dtype)

@@ -21,9 +21,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from jaxbrats.networks.layers import Conv3D
-
 
 DEEP_SUPERVISION_LEVELS = 3  # the heads read the 1/4 and 1/2 resolution decoder outputs
 
@@ -157,8 +157,31 @@ def upsample2(x, method: str):
         for axis in (1, 2, 3):
             x = jnp.repeat(x, 2, axis=axis)
         return x
-    n, d, h, w, c = x.shape
-    return jax.image.resize(x, (n, 2 * d, 2 * h, 2 * w, c), method="trilinear").astype(x.dtype)
+    return upsample_linear(x, 2)
+
+
+def upsample_linear(x, factor: int):
+    """Trilinear upsampling of (N, D, H, W, C) by an integer factor, half-pixel centres
+    (PyTorch's align_corners=False, `jax.image.resize`'s "trilinear"; tests compare both).
+
+    Output voxel f * i + r lies at source position i + t_r, t_r = (2r + 1 - f) / 2f, so it blends
+    voxel i with its neighbour before (t_r < 0) or after (t_r > 0), the volume's edge voxel repeated.
+    Written with shifts, not `jax.image.resize`'s dense interpolation matrices: a shift of a
+    depth-split volume is one neighbour exchange, a matrix product over depth is an all-gather.
+    """
+    for axis in (1, 2, 3):
+        n = x.shape[axis]
+        first, last = lax.slice_in_dim(x, 0, 1, axis=axis), lax.slice_in_dim(x, n - 1, n, axis=axis)
+        before = jnp.concatenate([first, lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
+        after = jnp.concatenate([lax.slice_in_dim(x, 1, n, axis=axis), last], axis=axis)
+        phases = []
+        for r in range(factor):
+            t = (2 * r + 1 - factor) / (2 * factor)
+            neighbour = before if t < 0 else after
+            phases.append((x + abs(t) * (neighbour - x)).astype(x.dtype))
+        x = jnp.stack(phases, axis=axis + 1)
+        x = x.reshape(*x.shape[:axis], n * factor, *x.shape[axis + 2:])
+    return x
 
 
 class Decoder(nnx.Module):
@@ -185,7 +208,7 @@ class Decoder(nnx.Module):
         if self.ds_heads is not None:
             for head, feature in zip(self.ds_heads, outputs[-3:-1]):
                 y = head(feature)
-                deep.append(jax.image.resize(y, logits.shape, method="trilinear").astype(y.dtype))
+                deep.append(upsample_linear(y, logits.shape[1] // y.shape[1]))
         return logits, outputs, deep
 
 
