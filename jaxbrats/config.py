@@ -216,7 +216,8 @@ class EvalConfig:
     bucket: tuple[int, ...] = ()
     bucket_multiple: int = 16
     #: Devices of the evaluation: `space` splits each window's depth, `data` the windows of a
-    #: batch (`window_batch`); `model` is unused. data 1 x space 1: one device, as before.
+    #: batch (`window_batch`; 0, the default of a table that omits it: 1); `model` is unused.
+    #: data 1 x space 1: one device.
     mesh: "MeshConfig" = dataclasses.field(default_factory=lambda: MeshConfig(data=1))
 
     def validate(self, where: str) -> None:
@@ -239,7 +240,7 @@ class EvalConfig:
                 raise ConfigError(f"{bucket} entries must be >= {_key(where, 'window')} {_show(self.window)}, got {_show(self.bucket)}")
         check_range(_key(where, "bucket_multiple"), self.bucket_multiple, 1)
         self.mesh.validate(_key(where, "mesh"))
-        if self.mesh.data == 0 or self.window_batch % self.mesh.data:
+        if self.mesh.data and self.window_batch % self.mesh.data:
             raise ConfigError(f"{_key(where, 'mesh.data')} = {self.mesh.data} must divide {_key(where, 'window_batch')} = {self.window_batch}")
 
 

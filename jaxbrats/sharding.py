@@ -32,6 +32,8 @@ samples (`place_batch`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
@@ -150,7 +152,7 @@ def with_shardings(abstract, shardings):
 def eval_mesh(cfg: EvalConfig) -> Mesh | None:
     """The evaluation's mesh (`eval.mesh`: space splits each window's depth, data a window batch);
     None for one device, the default."""
-    m = cfg.mesh
+    m = dataclasses.replace(cfg.mesh, data=cfg.mesh.data or 1)
     if m.data * m.space * m.model == 1:
         return None
     return make_mesh(m, where="eval.mesh")

@@ -3,6 +3,8 @@ from pathlib import Path
 
 # The CLI keeps compiled programs on disk by default; tests start cold and write nothing outside tmp.
 os.environ["JAXBRATS_COMPILE_CACHE"] = ""
+# Two test workers (pytest-xdist) share one accelerator where there is one: no preallocation.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # The suite is compile-bound (tiny inputs, many small programs): XLA:CPU's backend (LLVM) without
 # optimisation compiles them about a third faster (RIRN's tests: 110 -> 69 s). Set before JAX
 # starts; subprocesses inherit it (`with_xla_flags` adds to it).

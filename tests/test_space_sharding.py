@@ -121,3 +121,41 @@ def test_the_split_step_moves_halos_and_never_gathers_an_activation(runs):
     run = runs("rirn")["2,2,2"]
     gathers = [size for op, size in run["collectives"]["train"] if op == "all-gather"]
     assert max(gathers, default=0) <= 8 ** 3 * 8 * 4
+
+
+# --- the command-line contract and the pieces, on this process's one device -----------------------
+
+def test_an_impossible_mesh_is_one_line_naming_the_numbers(phantom_cache, tmp_path, capsys):
+    from conftest import TINY
+
+    from jaxbrats.cli import main
+
+    sets = [a for s in TINY + ["train.mesh={data = 2, space = 4}", "data.crop_size=[64,16,16]"] for a in ("--set", s)]
+    assert main(["train", "--config", "/dev/null", "--workdir", str(tmp_path / "run"), "--data", str(phantom_cache), *sets]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data 2 x space 4 x model 1 needs 8 devices, but 1 are visible" in err[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_depth_that_does_not_split_at_every_level_is_refused():
+    from conftest import tiny_config
+
+    from jaxbrats.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"crop_size\[0\] = 16 must be divisible by 32: train.mesh.space = 4"):
+        tiny_config("train.mesh={space = 4}")  # 4 levels: the coarsest depth is 16 / 8 = 2 < 4 devices
+    with pytest.raises(ConfigError, match=r"eval.window\[0\] = 16 must be divisible by 32: eval.mesh.space = 4"):
+        tiny_config("eval.mesh={space = 4}")
+    assert tiny_config("train.mesh={space = 2}", "data.crop_size=[16,16,16]").train.mesh.space == 2
+
+
+def test_shifted_trilinear_upsampling_equals_jax_image_resize():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxbrats.networks.unet import upsample_linear
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 5, 3))
+    for factor in (2, 4):
+        want = jax.image.resize(x, (2, 3 * factor, 4 * factor, 5 * factor, 3), "trilinear")
+        np.testing.assert_allclose(upsample_linear(x, factor), want, atol=1e-6)
