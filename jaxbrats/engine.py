@@ -467,7 +467,8 @@ class Trainer:
             compiled = jitted.lower(state, batch).compile()
         after = compilation.counts(step_fn.__name__)
         how = "loaded from the compilation cache" if after["loaded"] > before["loaded"] else "compiled"
-        print(f"stage {stage}: train step {how} in {time.perf_counter() - start:.1f} s")
+        if jax.process_index() == 0:
+            print(f"stage {stage}: train step {how} in {time.perf_counter() - start:.1f} s")
         self.compilations[stage] = {k: after[k] - before[k] for k in ("compiled", "loaded")}
         return compiled
 
