@@ -76,16 +76,16 @@ _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 def collectives(hlo_text: str) -> list[tuple[str, int]]:
     """(op, bytes of its result on one device) for every collective of a compiled program's HLO
     (`compiled.as_text()`), e.g. to check that a depth-split step moves halos (collective-permute)
-    and never all-gathers an activation. An async pair (-start/-done) counts once; a tuple result
-    counts its last element (the received buffer)."""
+    and never all-gathers an activation. An async pair (-start/-done) counts once, its result."""
     out = []
     for line in hlo_text.splitlines():
-        match = _COLLECTIVE.search(line)
+        match = _COLLECTIVE.search(re.sub(r"/\*.*?\*/", "", line))  # tuple types carry /*index=k*/ comments
         if not match:
             continue
-        shapes = _SHAPE.findall(match.group(1))
+        shapes = [_DTYPE_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _SHAPE.findall(match.group(1))]
         if not shapes:
             continue
-        dtype, dims = shapes[-1]
-        out.append((match.group(2), _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)))
+        # An async start's tuple holds its operand and its result: the result counts; a combined
+        # collective (XLA merges gradient all-reduces) returns a tuple of results: they all count.
+        out.append((match.group(2), shapes[-1] if "-start(" in match.group(0) else sum(shapes)))
     return out

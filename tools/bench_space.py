@@ -1,8 +1,8 @@
 """Volume sharding: memory and time per device of the train step, each crop's depth split over "space".
 
-    python3 tools/bench_space.py                                    # 128^3 and 160x240x240, space 1 2 4 8
+    python3 tools/bench_space.py                                     # 128^3, 240x240x160, 160x240x240; space 1 2 4 8
     python3 tools/bench_space.py --sizes 128,128,128 --spaces 1 2 --time --out space.json
-    python3 tools/bench_space.py --sizes 160,240,240 --remat --dtype bfloat16 --no-time
+    python3 tools/bench_space.py --sizes 160,240,240 --remat --conv-impl native --no-time   # GPU lowering, memory only
 
 For each crop size (D,H,W: D, the first, is the axis split over the devices) and
 each number of "space" devices S, the method's real train step
@@ -14,9 +14,13 @@ the shardings `sharding.place_batch` gives. Reported per device:
 
 - memory: `compiled.memory_analysis()`: arguments, outputs, temporaries and
   "peak" = arguments + outputs + temporaries - aliased (donated state that the
-  outputs reuse); XLA's own `peak_memory_in_bytes` too, which XLA:CPU leaves 0.
-  It is the compiler's buffer assignment for this backend: a guide to the
-  memory a GPU would need, not a measurement of it.
+  outputs reuse). XLA's own `peak_memory_in_bytes` is kept in the JSON as
+  xla_peak: XLA:CPU puts little more than the arguments' size there. It is
+  the compiler's buffer assignment for this backend: a guide to the memory a
+  GPU would need, not a measurement of it (XLA:CPU appears to compute bfloat16
+  convolutions in float32, and its figures barely move with --remat at
+  space 1). `--conv-impl native` is the lowering GPUs run; the default, auto,
+  is depth2d on CPU (METHODS.md, networks/layers.py).
 - halo: bytes received by the collective-permutes of one step (the 3x3x3
   convolutions' boundary slices, `networks.layers.halo_conv3d`); all-reduce:
   bytes of the all-reduces (gradients of the replicated weights, GroupNorm and
@@ -32,8 +36,11 @@ the shardings `sharding.place_batch` gives. Reported per device:
   share the machine's cores. Those times say that the split step runs, not
   how much faster it is: they are not a speed-up figure.
 
-A size S cannot split is reported as refused (config validation: every U-Net
-level's depth must split into whole slabs, i.e. D divisible by 8 x S for 4 levels).
+A size that S cannot split is reported as refused (config validation: every U-Net
+level's depth must split into whole slabs, i.e. D divisible by 8 x S for 4
+levels): 240 splits over 2 devices at most, 160 over 4, 128 over 8. With
+jax 0.10.2, `--dtype bfloat16` at space > 1 aborts XLA:CPU's compiler (a
+bfloat16 weight-gradient all-reduce; BENCHMARKS.md), which ends this process.
 """
 
 from __future__ import annotations
@@ -44,22 +51,21 @@ _FLAG = "--xla_force_host_platform_device_count"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts: 8 fake CPU devices
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}=8".strip()
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from collections import defaultdict
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from jaxbrats import benchmark, compilation, engine  # noqa: E402
-from jaxbrats.errors import ConfigError  # noqa: E402
-from jaxbrats.methods import get_method, load_config  # noqa: E402
-from jaxbrats.sharding import batch_sharding, check_families, make_mesh, place_batch, replicated, shard_state, state_shardings  # noqa: E402
+from jaxbrats import benchmark, compilation, engine, sharding
+from jaxbrats.errors import ConfigError
+from jaxbrats.methods import get_method, load_config
 
 MIB = 2**20
 
@@ -91,11 +97,9 @@ def exchanges(hlo: str) -> dict:
     XLA:CPU emits them)."""
     out = defaultdict(int)
     for op, size in compilation.collectives(hlo):
-        out[f"{op}_n"] += 1
-        out[f"{op}_bytes"] += size
-    for op in ("all-reduce", "all-gather", "all-to-all", "reduce-scatter"):
-        out[f"{op}_n"] = out[f"{op}_bytes"] = 0
-    out["all-gather_max_bytes"] = 0
+        if op == "collective-permute":
+            out[f"{op}_n"] += 1
+            out[f"{op}_bytes"] += size
     for match in map(_COMBINED.search, hlo.splitlines()):
         if match:
             sizes = [_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _SHAPE.findall(match.group(1))]
@@ -108,26 +112,26 @@ def exchanges(hlo: str) -> dict:
 
 def bench(args, size, space: int) -> dict:
     row = {"method": args.method, "size": list(size), "space": space, "slab": size[0] // space, "dtype": args.dtype,
-           "remat": args.remat}
+           "remat": args.remat, "conv_impl": args.conv_impl}
     overrides = [f"method.name='{args.method}'", f"model.dtype='{args.dtype}'", f"model.remat={str(args.remat).lower()}",
                  f"model.conv_impl='{args.conv_impl}'", f"data.crop_size=[{size[0]},{size[1]},{size[2]}]",
                  "data.batch_size=1", f"train.mesh={{data = 1, space = {space}, model = 1}}", *args.set]
     try:
         method = get_method(args.method)(load_config(None, overrides))
-        mesh = make_mesh(method.config.train.mesh)
+        mesh = sharding.make_mesh(method.config.train.mesh)
         stage = args.stage or method.stages[-1]
-        check_families(mesh, method.families(stage))
+        sharding.check_families(mesh, method.families(stage))
     except ConfigError as e:
         return {**row, "refused": str(e)}
     row["stage"] = stage
     optimizers = engine.stage_optimizers(method, stage, 1000)
     graphdefs, state = engine.init_state(method, stage, 0, optimizers)
     families = method.families(stage)
-    state = shard_state(state, mesh, families)
+    state = sharding.shard_state(state, mesh, families)
     data = host_batch(size, method.pipeline(stage).get("instantiations", 1), np.random.default_rng(0))
-    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, v.ndim)) for k, v in data.items()}
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, v.ndim)) for k, v in data.items()}
     step_fn = engine.make_train_step(method, stage, graphdefs, optimizers)
-    jitted = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings(state, mesh, families), replicated(mesh)))
+    jitted = jax.jit(step_fn, donate_argnums=0, out_shardings=(sharding.state_shardings(state, mesh, families), sharding.replicated(mesh)))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):  # the layers see the split depth (networks.layers.space_shards)
         compiled = jitted.lower(state, abstract).compile()
@@ -141,10 +145,10 @@ def bench(args, size, space: int) -> dict:
     row["collectives"] = exchanges(compiled.as_text())
     timing = args.time if args.time is not None else math.prod(size) <= 128**3
     if timing:
-        batch = place_batch(data, mesh)
+        batch = sharding.place_batch(data, mesh)
         holder = {"state": state}
         times = []
-        for i in range(args.repeats + 1):  # the first call is the warm-up
+        for _ in range(args.repeats + 1):  # the first call is the warm-up
             t0 = time.perf_counter()
             holder["state"], metrics = compiled(holder["state"], batch)
             jax.block_until_ready(metrics)
@@ -159,14 +163,11 @@ def table_line(row: dict) -> str:
     if "refused" in row:
         return f"| {size} | {row['space']} | - | refused: {row['refused']} |"
     mem, c = row.get("memory", {}), row["collectives"]
-
-    def mib(v):
-        return f"{v / MIB:.0f}" if v is not None else "-"
-
+    mib = {k: f"{v / MIB:.0f}" for k, v in mem.items()}
     gathers = f"{c.get('all-gather_n', 0)} ({c.get('all-gather_max_bytes', 0) / MIB:.2f} MiB)" if c.get("all-gather_n") else "0"
     step = f"{row['step_s']:.1f}" if "step_s" in row else "-"
-    return (f"| {size} | {row['space']} | {row['slab']} | {mib(mem.get('argument'))} | {mib(mem.get('output'))} | "
-            f"{mib(mem.get('alias'))} | {mib(mem.get('temp'))} | **{mib(mem.get('peak'))}** | "
+    return (f"| {size} | {row['space']} | {row['slab']} | {mib.get('argument', '-')} | {mib.get('output', '-')} | "
+            f"{mib.get('alias', '-')} | {mib.get('temp', '-')} | **{mib.get('peak', '-')}** | "
             f"{c.get('collective-permute_bytes', 0) / MIB:.1f} ({c.get('collective-permute_n', 0)}) | "
             f"{c.get('all-reduce_bytes', 0) / MIB:.1f} ({c.get('all-reduce_n', 0)}) | {gathers} | {row['compile_s']:.0f} | {step} |")
 
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="baseline")
     parser.add_argument("--stage", help="the method's stage (default: its last)")
-    parser.add_argument("--sizes", nargs="+", default=["128,128,128", "160,240,240"], help="crops D,H,W (D is split)")
+    parser.add_argument("--sizes", nargs="+", default=["128,128,128", "240,240,160", "160,240,240"], help="crops D,H,W (D is split)")
     parser.add_argument("--spaces", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--remat", action="store_true", help="model.remat: recompute each residual block in the backward pass")

@@ -162,6 +162,10 @@ def halo_conv3d(conv, x, kernel, stride: int, shards: int):
     after = p if stride == 1 else 0
 
     def local(xs, k):
+        # The kernel enters float32 and is cast here, per shard ("varying"): cast before the
+        # shard_map, its gradient's sum over "space" is a bfloat16 all-reduce that XLA:CPU's
+        # AllReducePromotion pass aborts on (jax 0.10.2); cast here, the sum stays float32.
+        k = lax.pcast(k, SPACE_AXIS, to="varying").astype(xs.dtype)
         return conv(exchange_halos(xs, p, after, shards), k, stride, (0, 0))
 
     spec = jax.sharding.PartitionSpec(None, SPACE_AXIS)
@@ -183,11 +187,10 @@ class Conv3D(nnx.Module):
 
     def __call__(self, x):
         x = x.astype(self.dtype)
-        kernel = self.kernel[...].astype(self.dtype)
         conv = conv3d_depth2d if self.impl == "depth2d" else conv3d_native
         shards = space_shards()
-        if shards > 1 and kernel.shape[0] > 1:  # a 1x1x1 convolution needs no neighbour
-            y = halo_conv3d(conv, x, kernel, self.stride, shards)
+        if shards > 1 and self.kernel.shape[0] > 1:  # a 1x1x1 convolution needs no neighbour
+            y = halo_conv3d(conv, x, self.kernel[...], self.stride, shards)
         else:
-            y = conv(x, kernel, self.stride)
+            y = conv(x, self.kernel[...].astype(self.dtype), self.stride)
         return y + self.bias[...].astype(self.dtype)
