@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxbrats.errors import JaxbratsError
+from jaxbrats.processes import lead
 
 ITERATOR = "iterator"  # the item holding one Grain iterator state per process
 
@@ -174,7 +175,6 @@ def restore_newest_readable(manager: ocp.CheckpointManager, template: dict, set_
     """
     steps = sorted(manager.all_steps(), reverse=True)
     problems = []
-    lead = jax.process_index() == 0
     for step in steps:
         try:
             state, extra = restore(manager, template, step, partial, iterator)
@@ -185,7 +185,7 @@ def restore_newest_readable(manager: ocp.CheckpointManager, template: dict, set_
         if why is not None:
             problems.append((Path(manager.directory) / str(step), why))
             continue
-        if lead:
+        if lead():
             for path, why in problems:
                 print(f"warning: checkpoint {path} cannot be read ({why}); using step {step}", file=sys.stderr)
         if set_aside and problems:
@@ -216,7 +216,7 @@ def _first_line(error: Exception) -> str:
 
 def _set_aside(manager: ocp.CheckpointManager, steps) -> None:
     directory = Path(manager.directory)
-    if jax.process_index() == 0:  # one process renames; the others wait for it
+    if lead():  # one process renames; the others wait for it
         for step in steps:
             target = directory / f"unreadable-{step}"
             n = 1

@@ -58,124 +58,10 @@ def _prepare(args) -> int:
     return 0
 
 
-#: Environment variables the distributed flags fall back to (flag, variable, type).
-DISTRIBUTED_ENV = (
-    ("coordinator", "JAXBRATS_COORDINATOR", str),
-    ("num_processes", "JAXBRATS_NUM_PROCESSES", int),
-    ("process_id", "JAXBRATS_PROCESS_ID", int),
-    ("timeout", "JAXBRATS_TIMEOUT", int),
-)
-
-
-def distributed_settings(args, environ=None) -> dict:
-    """The coordinator, process count, process id and timeout of a `--distributed` run, from the
-    flags or else the environment (JAXBRATS_*); None where neither gives one (JAX detects it).
-    Bad or incomplete values raise a `JaxbratsError` in one line."""
-    import os
-
-    environ = os.environ if environ is None else environ
-    given = {name: getattr(args, name) for name, _, _ in DISTRIBUTED_ENV if getattr(args, name) is not None}
-    if not args.distributed:
-        if given:
-            flags = ", ".join("--" + n.replace("_", "-") for n in given)
-            raise JaxbratsError(f"{flags}: only with --distributed (a multi-process run)")
-        return {}
-    out = {}
-    for name, variable, kind in DISTRIBUTED_ENV:
-        flag = "--" + name.replace("_", "-")
-        value = getattr(args, name)
-        if value is None and environ.get(variable, "").strip():
-            flag, value = variable, environ[variable].strip()
-            try:
-                value = kind(value)
-            except ValueError:
-                raise JaxbratsError(f"{variable}={value!r}: not a whole number (it stands for {'--' + name.replace('_', '-')})") from None
-        out[name] = value
-        out[name + "_from"] = flag
-    address, n, i, timeout = out["coordinator"], out["num_processes"], out["process_id"], out["timeout"]
-    if address is not None:
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise JaxbratsError(f"{out['coordinator_from']} {address}: give the coordinator as HOST:PORT (process 0's host, a free port)")
-    if n is not None and n < 1:
-        raise JaxbratsError(f"{out['num_processes_from']} {n}: the number of processes must be at least 1")
-    if i is not None and n is None:
-        raise JaxbratsError(f"{out['process_id_from']} {i} needs --num-processes (or JAXBRATS_NUM_PROCESSES): "
-                            f"the number of processes of the run")
-    if n == 1 and i is None:
-        out["process_id"] = i = 0
-    if n is not None and i is None:
-        raise JaxbratsError(f"{out['num_processes_from']} {n} needs --process-id (or JAXBRATS_PROCESS_ID): "
-                            f"this process's number, 0 to {n - 1}")
-    if i is not None and not 0 <= i < n:
-        raise JaxbratsError(f"{out['process_id_from']} {i}: out of range for {n} processes (0 to {n - 1})")
-    if n is not None and address is None:
-        raise JaxbratsError(f"{out['num_processes_from']} {n} needs --coordinator HOST:PORT (or JAXBRATS_COORDINATOR): "
-                            f"where process 0 listens")
-    if timeout is not None and timeout < 1:
-        raise JaxbratsError(f"{out['timeout_from']} {timeout}: the timeout must be at least 1 second")
-    return {k: out[k] for k in ("coordinator", "num_processes", "process_id", "timeout")}
-
-
-def start_distributed(coordinator=None, num_processes=None, process_id=None, timeout=None) -> None:
-    """`jax.distributed.initialize` with these settings (None: detected, e.g. under SLURM).
-
-    `timeout` bounds the start (every process must reach the coordinator), the heartbeat
-    (a process silent that long counts as dead and the run stops) and the wait at shutdown;
-    None keeps JAX's (300 s, 100 s, 300 s). A start that does not complete in time stops this
-    process with one line naming the coordinator and the timeout (JAX's own timeout would
-    abort with a stack trace, so a watchdog stops it first).
-    """
-    import os
-    import threading
-    import time
-
-    import jax
-
-    wait = timeout or 300
-    where = coordinator or "(detected from the cluster environment)"
-    who = f"process {process_id} of {num_processes}" if num_processes else "this process"
-
-    def give_up():
-        print(f"jaxbrats: error: {who} could not start the distributed run within {wait} s: the coordinator "
-              f"{where} was not reached or not every process joined it (start all processes with the same "
-              f"--coordinator and --num-processes, or raise --timeout)", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
-
-    watchdog = threading.Timer(wait, give_up)
-    watchdog.daemon = True
-    limits = {} if timeout is None else {"heartbeat_timeout_seconds": timeout, "shutdown_timeout_seconds": timeout}
-    start = time.monotonic()
-    watchdog.start()
-    try:
-        jax.distributed.initialize(coordinator, num_processes, process_id,
-                                   initialization_timeout=2 * wait + 30, **limits)  # the watchdog comes first
-    except (ValueError, TypeError, RuntimeError) as e:  # nothing detected, bad values, or a start that failed
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if None in (coordinator, num_processes, process_id) and "defined" in text:
-            raise JaxbratsError(f"--distributed: no cluster detected (SLURM, Open MPI, Cloud TPU) that gives what is missing "
-                                f"(JAX: {text}); give --coordinator HOST:PORT, --num-processes N and --process-id I "
-                                f"(or JAXBRATS_COORDINATOR, JAXBRATS_NUM_PROCESSES, JAXBRATS_PROCESS_ID)") from None
-        raise JaxbratsError(f"--distributed: could not start with coordinator {where} "
-                            f"after {time.monotonic() - start:.0f} s (timeout {wait} s): {text}") from None
-    finally:
-        watchdog.cancel()
-
-
-def _stop_process(code: int) -> None:
-    """End a distributed process now: JAX's exit hook would wait (up to the shutdown timeout) for
-    peers that may be gone, then print a traceback."""
-    import os
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def _train(args) -> int:
     from jaxbrats.engine import train
     from jaxbrats.methods import load_config
+    from jaxbrats.processes import distributed_settings, lead, start_distributed, stop_process
 
     settings = distributed_settings(args)
     config = load_config(args.config, args.set)
@@ -192,23 +78,23 @@ def _train(args) -> int:
         train(config, args.workdir, args.data, stop_after=args.stop_after, only=tuple(args.stage))
     except JaxbratsError as e:  # every process meets the same problem and says it once
         print(f"jaxbrats: error: {e}", file=sys.stderr)
-        _stop_process(1)
+        stop_process(1)
     except OSError as e:  # as `main` words it
         print(f"jaxbrats: error: {e.filename or ''}: {e.strerror or e} ({where})", file=sys.stderr)
-        _stop_process(1)
+        stop_process(1)
     except jax.errors.JaxRuntimeError as e:  # a collective failed: most often another process stopped
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         print(f"jaxbrats: error: {where} stopped: {first} (has another process failed? see its output)", file=sys.stderr)
-        _stop_process(1)
+        stop_process(1)
     except KeyboardInterrupt:
         print(f"jaxbrats: interrupted ({where})", file=sys.stderr)
-        _stop_process(130)
+        stop_process(130)
     except BaseException:  # noqa: BLE001  a bug: its traceback, then out without waiting for the peers
         import traceback
 
         traceback.print_exc()
-        _stop_process(1)
-    if jax.process_index() == 0:
+        stop_process(1)
+    if lead():
         print(f"{'stopped' if args.stop_after else 'trained'} {config.method_name} in {args.workdir} "
               f"({jax.process_count()} processes)")
     return 0

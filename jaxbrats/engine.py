@@ -43,6 +43,7 @@ How a run goes (`train`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -56,7 +57,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
-from jaxbrats import compilation
+from jaxbrats import compilation, processes
 from jaxbrats import workdir as workdir_files
 from jaxbrats.checkpoints import (
     checkpoint_manager,
@@ -71,6 +72,7 @@ from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.pipeline import PipelineConfig, make_loader
 from jaxbrats.errors import ConfigError, JaxbratsError
 from jaxbrats.methods import Method, get_method
+from jaxbrats.processes import lead
 from jaxbrats.sharding import (
     check_families,
     make_mesh,
@@ -253,11 +255,6 @@ def step_name(stage: str) -> str:
 
 # --- logging -----------------------------------------------------------------------------
 
-def _lead() -> bool:
-    """Whether this process writes the run's files and notes (process 0 of a multi-process run)."""
-    return jax.process_index() == 0
-
-
 class MetricsLog:
     """JSON lines plus TensorBoard event files in the work directory.
 
@@ -319,40 +316,12 @@ class Trainer:
     def run(self, stop_after: int | None = None) -> dict:
         """Run (or resume) every stage; `stop_after` steps in this call, then checkpoint and return.
 
-        Process 0 holds the work directory's lock for the whole run (`workdir.single_writer`).
+        Process 0 holds the work directory's lock for the whole run (`workdir.single_writer`);
+        when it is refused, every process stops with its line (`processes.on_process_0`).
         """
-        from contextlib import ExitStack
-
-        with ExitStack() as held:
-            self._lock_workdir(lambda: held.enter_context(workdir_files.single_writer(self.workdir)))
+        with contextlib.ExitStack() as held:
+            processes.on_process_0(lambda: bool(held.enter_context(workdir_files.single_writer(self.workdir))))
             return self._run(stop_after)
-
-    def _lock_workdir(self, take) -> None:
-        """Call `take` (it takes the lock) on process 0 only; with several processes, all learn whether it worked.
-
-        The processes of one multi-host run share the work directory, so only
-        process 0 takes its lock. When that is refused, the others must stop too,
-        not run on into the first collective and wait there for a process 0 that
-        has left: process 0 broadcasts the outcome, then raises its own error
-        (it names the holder).
-        """
-        if jax.process_count() == 1:
-            take()
-            return
-        from jax.experimental import multihost_utils
-
-        error = None
-        if jax.process_index() == 0:
-            try:
-                take()
-            except Exception as e:  # noqa: BLE001  raised after the broadcast, which every process must join
-                error = e
-        ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
-        if error is not None:
-            raise error
-        if not ok:
-            raise JaxbratsError(f"{self.workdir}: process 0 could not take the work directory's lock "
-                                f"({workdir_files.LOCK}); its error names the run that holds it")
 
     def _run(self, stop_after: int | None) -> dict:
         self.budget = stop_after
@@ -363,7 +332,7 @@ class Trainer:
         for stage in self.method.stages:
             manager = existing_manager(self.workdir, stage)
             resume[stage] = (manager.latest_step() or 0) if manager else 0
-        self.log = MetricsLog(self.workdir, write=_lead())  # process 0 writes metrics and TensorBoard
+        self.log = MetricsLog(self.workdir, write=lead())  # process 0 writes metrics and TensorBoard
         self.log.truncate(resume)
         try:
             previous = None
@@ -399,7 +368,7 @@ class Trainer:
         if step < total:
             raise JaxbratsError(f"stage {stage} stopped at step {step} of {total} in {self.workdir}: "
                                 f"finish it first (train without --stage, or with --stage {stage})")
-        if _lead():
+        if lead():
             print(f"stage {stage}: not run now; its models come from its final checkpoint")
         return state["models"]
 
@@ -467,7 +436,7 @@ class Trainer:
             compiled = jitted.lower(state, batch).compile()
         after = compilation.counts(step_fn.__name__)
         how = "loaded from the compilation cache" if after["loaded"] > before["loaded"] else "compiled"
-        if jax.process_index() == 0:
+        if lead():
             print(f"stage {stage}: train step {how} in {time.perf_counter() - start:.1f} s")
         self.compilations[stage] = {k: after[k] - before[k] for k in ("compiled", "loaded")}
         return compiled
@@ -481,7 +450,7 @@ class Trainer:
         start = int(jax.device_get(state["step"]))
         self.log.truncate({stage: start})
         if start >= total:
-            if _lead():
+            if lead():
                 print(f"stage {stage}: complete ({start} steps), skipped")
                 self.method.on_stage_end(stage, state["models"], self.workdir)  # idempotent: redone if a crash came before it
             return state["models"]
@@ -496,8 +465,8 @@ class Trainer:
         schedules = {u.group: make_schedule(self.method.optimizer(stage, u.group), total) for u in self.method.updates(stage)}
         voxels = pipeline.batch_size * jax.process_count() * pipeline.instantiations * int(np.prod(cfg.data.crop_size))
         pending, last_time, last_step = [], time.perf_counter(), start
-        bar = tqdm(total=total, initial=start, desc=f"{stage}", unit="step", disable=not (cfg.train.progress and _lead()), dynamic_ncols=True)
-        if start and _lead():
+        bar = tqdm(total=total, initial=start, desc=f"{stage}", unit="step", disable=not (cfg.train.progress and lead()), dynamic_ncols=True)
+        if start and lead():
             print(f"stage {stage}: resuming at step {start} of {total}")
         jitted = None
         try:
@@ -527,7 +496,7 @@ class Trainer:
         finally:
             bar.close()
             manager.wait_until_finished()
-        if int(jax.device_get(state["step"])) == total and _lead():  # reports: written once
+        if int(jax.device_get(state["step"])) == total and lead():  # reports: written once
             self.method.on_stage_end(stage, state["models"], self.workdir)
         return state["models"]
 

@@ -102,18 +102,11 @@ def place_batch(batch: dict, mesh: Mesh) -> dict:
     return out
 
 
-def check_depth(mesh: Mesh, depth: int, levels: int, what: str) -> None:
-    """Each level of the U-Net (depth / 2^level) must split into whole slabs of the "space" devices."""
-    space, factor = mesh.shape["space"], 2 ** (levels - 1)
-    if depth % (factor * space):
-        raise ConfigError(f"{what}: depth {depth} is not divisible by {factor * space} ({space} space devices x "
-                          f"{factor}, the U-Net's coarsest level)")
-
-
-def _family_of(path, families: dict[str, int]) -> str | None:
+def _family_of(path, names) -> str | None:
+    """The first key on `path` that is one of `names` (a family's or a volume model's name)."""
     for entry in path:
         name = getattr(entry, "key", None)
-        if isinstance(name, str) and name in families:
+        if isinstance(name, str) and name in names:
             return name
     return None
 
@@ -130,7 +123,7 @@ def state_shardings(state, mesh: Mesh, families: dict[str, int]):
         shape = getattr(leaf, "shape", ())
         if name is not None and len(shape) >= 1 and shape[0] == families[name]:
             return family_spec
-        if _family_of(path, dict.fromkeys(SPACE_MODELS)) and len(shape) == 4 and shape[0] % space == 0:
+        if _family_of(path, SPACE_MODELS) and len(shape) == 4 and shape[0] % space == 0:
             return space_spec
         return replicate
 

@@ -23,7 +23,7 @@ import fnmatch
 import json
 from pathlib import Path
 
-from jaxbrats import locks
+from jaxbrats import locks, processes
 from jaxbrats.config import Config, ConfigError, OptimizerConfig, StageConfig, save_config, to_dict
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.splits import ratio_split, read_split_file
@@ -51,7 +51,7 @@ def single_writer(workdir: Path):
     Two runs in one work directory would interleave checkpoints, metrics and
     the saved config without an error, so a second `train` stops at once, in
     one line naming the run that holds it; the lock of a killed run is taken
-    over. Only process 0 of a multi-host run takes it (`Trainer.run`).
+    over. Only process 0 of a multi-host run takes it (`Trainer.run`, `processes.on_process_0`).
     """
     return locks.hold(Path(workdir) / LOCK, "jaxbrats train", hint="wait for it to finish or use another --workdir")
 
@@ -145,40 +145,11 @@ def prepare(workdir: Path, config: Config, cache: CacheDataset) -> dict[str, lis
     process gets its splits, or its error (a resume refused, a bad split), from it, so all
     train on the same split or all stop with the same line.
     """
-    import jax
-
-    if jax.process_count() == 1:
-        return _prepare(workdir, config, cache)
-    outcome, error = None, None
-    if jax.process_index() == 0:
-        try:
-            outcome = {"splits": _prepare(workdir, config, cache)}
-        except Exception as e:  # noqa: BLE001  re-raised below, after the broadcast every process must join
-            error, outcome = e, {"error": str(e) if isinstance(e, JaxbratsError) else f"process 0: {type(e).__name__}: {e}"}
-    outcome = _from_process_0(outcome)
-    if error is not None:
-        raise error
-    if "error" in outcome:
-        raise JaxbratsError(outcome["error"])
-    splits = outcome["splits"]
+    splits = processes.on_process_0(lambda: _prepare(workdir, config, cache))
     missing = sorted({i for ids in splits.values() for i in ids} - set(cache.case_ids))
-    if missing:
-        raise JaxbratsError(f"process {jax.process_index()}: case {missing[0]!r} of the run's split is not in "
-                            f"this host's cache {cache.cache_dir}")
+    if missing:  # another host's cache
+        raise JaxbratsError(f"case {missing[0]!r} of the run's split is not in this host's cache {cache.cache_dir}")
     return splits
-
-
-def _from_process_0(payload: dict | None) -> dict:
-    """Process 0's JSON `payload` on every process (two small broadcasts; the others pass None)."""
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(json.dumps(payload).encode(), np.uint8) if payload is not None else np.zeros(0, np.uint8)
-    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
-    buffer = np.zeros(size, np.uint8)
-    buffer[: data.size] = data
-    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8)
-    return json.loads(received.tobytes().decode())
 
 
 def _prepare(workdir: Path, config: Config, cache: CacheDataset) -> dict[str, list[str]]:

@@ -14,11 +14,10 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jaxbrats import engine, locks
+from jaxbrats import engine, locks, processes
 from jaxbrats.cli import main
 from jaxbrats.data.cache import LOCK as PREPARE_LOCK
 from jaxbrats.data.phantom import write_phantom
@@ -162,24 +161,23 @@ def test_prepare_is_refused_on_a_locked_cache(raw, tmp_path, capsys):
 
 
 def test_the_other_processes_stop_when_process_0_is_refused(raw, tmp_path, monkeypatch):
-    """Multi-host: only process 0 takes the lock and broadcasts whether it got it (faked: one real process)."""
-    from jax.experimental import multihost_utils
-
+    """Multi-host: only process 0 takes the lock and gives the outcome to the others (faked: one real process)."""
     cache, workdir = tmp_path / "cache", tmp_path / "run"
     prepare_dataset(raw, cache, workers=1, progress=False)
     trainer = engine.Trainer(tiny_config(), workdir, cache)
     sent = []
+    refusal = {"error": f"{workdir / TRAIN_LOCK}: locked by jaxbrats train (pid 1 on host h, started t); wait"}
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: sent.append(int(x)) or np.int32(0))
+    monkeypatch.setattr(processes, "broadcast_json", lambda payload: sent.append(payload) or refusal)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
-    with pytest.raises(JaxbratsError, match="process 0 could not take the work directory's lock"):
+    with pytest.raises(JaxbratsError, match="locked by jaxbrats train"):  # process 0's line
         trainer.run()
-    assert not workdir.exists() and sent == [1]  # process 1 never touches the lock (what it sends is not used)
+    assert not workdir.exists() and sent == [None]  # process 1 never touches the lock (what it sends is not used)
     monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(processes, "broadcast_json", lambda payload: sent.append(payload) or payload)
     with locks.hold(workdir / TRAIN_LOCK, "jaxbrats train"), pytest.raises(JaxbratsError, match="locked by jaxbrats train"):
         trainer.run()
-    assert sent == [1, 0] and sorted(p.name for p in workdir.iterdir()) == [TRAIN_LOCK]
-    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: sent.append(int(x)) or np.int32(x))
+    assert "locked by jaxbrats train" in sent[1]["error"] and sorted(p.name for p in workdir.iterdir()) == [TRAIN_LOCK]
     taken = []
-    trainer._lock_workdir(lambda: taken.append(1))
-    assert taken == [1] and sent == [1, 0, 1]
+    assert processes.on_process_0(lambda: taken.append(1) or True) is True
+    assert taken == [1] and sent[2] == {"value": True}

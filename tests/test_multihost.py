@@ -154,7 +154,8 @@ def test_bad_distributed_settings_are_one_line(args, fragment, tmp_path, capsys,
 
 
 def test_settings_come_from_the_environment_when_no_flag_gives_them():
-    from jaxbrats.cli import build_parser, distributed_settings
+    from jaxbrats.cli import build_parser
+    from jaxbrats.processes import distributed_settings
 
     args = build_parser().parse_args(["train", "--config", "c", "--workdir", "w", "--distributed", "--process-id", "1"])
     env = {"JAXBRATS_COORDINATOR": "h:99", "JAXBRATS_NUM_PROCESSES": "2", "JAXBRATS_PROCESS_ID": "0", "JAXBRATS_TIMEOUT": "7"}
