@@ -240,3 +240,24 @@ def save(manager: ocp.CheckpointManager, state: dict, extra: dict, iterator=None
     if iterator is not None:
         items[ITERATOR] = grain.checkpoint.CheckpointSave(iterator)
     manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore_model(directory, names: tuple[str, ...], abstract, key: str):
+    """The first model of `names` found in the newest checkpoint of `directory` (another run's
+    `checkpoints/<stage>`), shaped like `abstract`; a problem is one line naming the config `key`."""
+    from jaxbrats.errors import ConfigError
+
+    path = Path(directory).absolute()
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {directory} is not a directory (a run's checkpoints/<stage>)")
+    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
+    if manager.latest_step() is None:
+        raise ConfigError(f"{key}: no checkpoint in {directory}")
+    template = on_first_device(abstract)
+    problems = []
+    for name in names:
+        try:
+            return restore(manager, {"models": {name: template}}, partial=True)[0]["models"][name]
+        except Exception as e:  # noqa: BLE001  each candidate's first line goes into the one error
+            problems.append(f"{name}: {_first_line(e)[:160]}")
+    raise ConfigError(f"{key}: {directory} holds no model {' or '.join(names)} shaped like this run's: {'; '.join(problems)}")

@@ -105,7 +105,7 @@ def _eval(args) -> int:
     from jaxbrats.engine import load_splits, load_trained
     from jaxbrats.evaluation import evaluate, markdown_table
 
-    method, graphdefs, models, config = load_trained(args.workdir, overrides=args.set)
+    method, graphdefs, models, config = load_trained(args.workdir, stage=args.stage, overrides=args.set)
     cache = CacheDataset(args.data)
     if args.split == "all":
         ids = cache.case_ids
@@ -123,7 +123,7 @@ def _eval(args) -> int:
 def _predict(args) -> int:
     from jaxbrats.predict import predict_case
 
-    info = predict_case(args.workdir, args.case, args.out, convention=args.convention, overrides=args.set)
+    info = predict_case(args.workdir, args.case, args.out, convention=args.convention, overrides=args.set, stage=args.stage)
     print(f"modalities used: {', '.join(info['present'])}; missing: {', '.join(info['missing']) or 'none'}")
     print("predicted voxels: " + ", ".join(f"{r} {n}" for r, n in info["voxels"].items()) + f" (labels in the {info['convention']} convention)")
     print(f"wrote {info['out']}")
@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="check a BraTS dataset and preprocess it into a cache")
     p.add_argument("data_dir")
     p.add_argument("cache_dir", nargs="?", help="required unless --check-only")
-    p.add_argument("--normalize", choices=["zscore", "percentile"], default="zscore")
+    p.add_argument("--normalize", choices=["zscore", "percentile", "minmax"], default="zscore",
+                   help="per modality over brain voxels, outside the brain 0: zscore (mean 0, std 1), "
+                        "percentile (M3AE: [1, 99] percentiles -> [0, 1]), minmax (Mind the Gap: min/max -> [-1, 1])")
     p.add_argument("--margin", type=int, default=4, help="voxels kept around the brain's bounding box")
     p.add_argument("--check-only", action="store_true", help="validate every case, write nothing")
     p.add_argument("--skip-bad", action="store_true", help="skip bad cases (listed) instead of failing")
@@ -212,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--predictions", choices=["none", "full", "all"], default="full", help="NIfTI predictions to write: none, the full-modality one, or all 15 subsets")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a saved config key, e.g. eval.hd95_empty='\"zero\"'")
+    p.add_argument("--stage", help="score the models of this stage (default: the last stage whose models segment; "
+                   "e.g. Mind the Gap's teacher)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="segment one case folder with the modality files it has")
@@ -220,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output segmentation, e.g. seg.nii.gz")
     p.add_argument("--convention", choices=sorted(CONVENTIONS), help="label values to write (default: the case's release)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a saved config key")
+    p.add_argument("--stage", help="segment with the models of this stage (default: the last that segments)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="phantom -> prepare -> train the baseline -> evaluate all 15 subsets")

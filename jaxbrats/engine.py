@@ -201,8 +201,9 @@ def make_train_step(method: Method, stage: str, graphdefs: dict, optimizers: dic
     """The pure train step ``(state, batch) -> (state, metrics)``, to be jitted once.
 
     The updates run in order; each sees the models as the updates before it left
-    them and the *step context*: what earlier updates shared (their third output),
-    with gradients stopped. Metrics are named ``<group>/<part>`` when a stage has
+    them and the *step context*: the step number ("step", counted from 0 in the
+    stage) and what earlier updates shared (their third output), with gradients
+    stopped. Metrics are named ``<group>/<part>`` when a stage has
     several updates (no group name is special to the engine).
     """
     updates = method.updates(stage)
@@ -212,7 +213,7 @@ def make_train_step(method: Method, stage: str, graphdefs: dict, optimizers: dic
         models = dict(state["models"])
         opt = dict(state["opt"])
         key = jax.random.fold_in(state["key"], state["step"])
-        metrics, context = {}, {}
+        metrics, context = {}, {"step": state["step"]}  # a ramp (SMU-Net's consistency) reads the step
         for i, update in enumerate(updates):
             split = {n: trainable_part(models[n], f) for n, f in update.trainable.items()}
             frozen = {n: s[1] for n, s in split.items()}
@@ -526,7 +527,8 @@ def train(config: Config, workdir, data_dir=None, stop_after: int | None = None,
 
 
 def load_trained(workdir, stage: str | None = None, overrides=()):
-    """(method, graph definitions, model states, config) of a trained run, from its latest checkpoint.
+    """(method, graph definitions, model states, config) of a trained run, from its latest checkpoint
+    of `stage` (default: the last stage whose models segment); the method is told which (`Method.serve`).
 
     Only the models that predict are read (`Method.inference_models`: a teacher,
     discriminators and optimiser states stay on disk), onto the first device.
@@ -539,6 +541,10 @@ def load_trained(workdir, stage: str | None = None, overrides=()):
         raise JaxbratsError(f"{workdir}: not a jaxbrats run (no config.json); train with `jaxbrats train --workdir {workdir}`")
     config = load_config(workdir / "config.json", overrides)
     method = get_method(config.method_name)(config)
+    if stage and stage not in method.stages:
+        raise JaxbratsError(f"--stage {stage}: method {method.name} has the stages {', '.join(method.stages)}")
+    if stage and not method.can_predict(stage):
+        raise JaxbratsError(f"--stage {stage}: the models of stage {stage} of {method.name} do not segment")
     stages = [stage] if stage else [s for s in reversed(method.stages) if method.can_predict(s)]
     for name in stages:
         manager = existing_manager(workdir, name)
@@ -546,8 +552,11 @@ def load_trained(workdir, stage: str | None = None, overrides=()):
             continue
         graphdefs, abstract = abstract_models(method, name, method.inference_models(name))
         state, _, _ = restore_newest_readable(manager, {"models": on_first_device(abstract)}, partial=True)
+        method.serve(name)
         return method, graphdefs, state["models"], config
-    if not stage and any((workdir / "checkpoints" / s).exists() for s in method.stages):
+    if stage:
+        raise JaxbratsError(f"{workdir}: no checkpoint of stage {stage} (train it with `jaxbrats train --workdir {workdir}`)")
+    if any((workdir / "checkpoints" / s).exists() for s in method.stages):
         raise JaxbratsError(f"{workdir}: no checkpoint of a stage that segments ({', '.join(stages)}); "
                             f"train it with `jaxbrats train --workdir {workdir}`")
     raise JaxbratsError(f"{workdir}: no checkpoint found (train first with `jaxbrats train --workdir {workdir}`)")

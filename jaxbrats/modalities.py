@@ -90,3 +90,25 @@ def _jnp():
     import jax.numpy as jnp
 
     return jnp
+
+
+def student_subsets(students, where: str = "method.students") -> tuple[int, ...]:
+    """Subset indices of a family of dedicated students: "all" -> the 15 in order; a list of subset
+    names ("t1ce", "flair+t2") -> theirs. A bad value is one line naming `where`."""
+    from jaxbrats.errors import ConfigError
+
+    if students == "all":
+        return tuple(range(len(SUBSET_NAMES)))
+    if isinstance(students, str) or not isinstance(students, (list, tuple)) or not students:
+        raise ConfigError(f"{where} must be 'all' or a non-empty list of subset names, got {students!r}")
+    out = []
+    for name in students:
+        try:
+            index = subset_index(str(name))
+        except ValueError:
+            raise ConfigError(f"{where}: {name!r} is not a subset (names like 't1ce' or 'flair+t2'; "
+                              f"the 15: {', '.join(SUBSET_NAMES)})") from None
+        if index in out:
+            raise ConfigError(f"{where}: {name!r} is listed twice")
+        out.append(index)
+    return tuple(out)

@@ -40,14 +40,15 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def predict_case(workdir, case_dir, out_path, convention: str | None = None, overrides=()) -> dict:
-    """Write the segmentation of `case_dir` to `out_path`; returns what was done."""
+def predict_case(workdir, case_dir, out_path, convention: str | None = None, overrides=(), stage: str | None = None) -> dict:
+    """Write the segmentation of `case_dir` to `out_path` (the models of `stage`, default the last that
+    segments); returns what was done."""
     workdir, case_dir, out_path = Path(workdir), Path(case_dir), Path(out_path)
     if _inside(out_path, case_dir):
         raise JaxbratsError(f"{out_path}: inside the input case folder {case_dir}; choose an output outside it")
     if convention is not None and convention not in CONVENTIONS:
         raise JaxbratsError(f"--convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
-    method, graphdefs, models_state, config = load_trained(workdir, overrides=overrides)
+    method, graphdefs, models_state, config = load_trained(workdir, stage=stage, overrides=overrides)
     try:
         preprocessing = json.loads((workdir / "data.json").read_text())["preprocessing"]
     except FileNotFoundError:

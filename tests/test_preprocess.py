@@ -1,6 +1,8 @@
 """The cache: normalisation, cropping, idempotence and crash safety."""
 
+import json
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import pytest
 import jaxbrats.data.cache as cache_module
 from helpers import write_case
 from jaxbrats.data.cache import CacheDataset
-from jaxbrats.data.preprocess import brain_bbox, normalize, prepare_dataset
+from jaxbrats.data.preprocess import NORMALIZATIONS, brain_bbox, normalize, prepare_dataset
 from jaxbrats.errors import JaxbratsError
 
 
@@ -30,6 +32,70 @@ def test_zscore_and_percentile_against_numpy():
     lo, hi = np.percentile(image[brain], [1, 99])
     np.testing.assert_allclose(out[brain], (np.clip(image[brain], lo, hi) - lo) / (hi - lo), rtol=1e-5, atol=1e-6)
     assert out.min() == 0 and out.max() == pytest.approx(1)
+
+
+def test_minmax_maps_the_brain_range_onto_minus_one_to_one():
+    rng = np.random.default_rng(0)
+    image = rng.gamma(2.0, 100.0, (8, 8, 8)).astype(np.float32)
+    brain = np.zeros(image.shape, bool)
+    brain[1:7, 1:7, 1:7] = True
+    image[~brain] = 1e4  # outside the brain: neither the range nor the output
+    out, stats = normalize(image, brain, "minmax")
+    lo, hi = float(image[brain].min()), float(image[brain].max())
+    assert stats == {"min": lo, "max": hi}
+    assert out.dtype == np.float32 and out[brain].min() == -1 and out[brain].max() == 1  # attained, exactly
+    np.testing.assert_allclose(out[brain], 2 * (image[brain] - lo) / (hi - lo) - 1, rtol=1e-5, atol=1e-6)
+    assert not out[~brain].any()
+
+
+def test_minmax_of_a_modality_constant_over_the_brain_is_zero():
+    image = np.full((6, 6, 6), 3.0, np.float32)
+    brain = np.zeros(image.shape, bool)
+    brain[1:5, 1:5, 1:5] = True
+    image[~brain] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no division by zero, no invalid value
+        out, stats = normalize(image, brain, "minmax")
+    assert stats == {"min": 3.0, "max": 3.0}
+    assert np.isfinite(out).all() and not out.any()
+
+
+def test_cli_offers_every_normalization():
+    from jaxbrats.cli import build_parser
+
+    parser = build_parser()
+    for name in NORMALIZATIONS:
+        assert parser.parse_args(["prepare", "data", "cache", "--normalize", name]).normalize == name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prepare", "data", "cache", "--normalize", "unknown"])
+
+
+def test_prepare_minmax_from_the_cli(tmp_path, capsys):
+    from jaxbrats.cli import main
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    write_case(data / "BraTS2021_00000", skip=("t1",))
+    write_case(data / "BraTS2021_00001", seed=1)
+    assert main(["prepare", str(data), str(cache), "--normalize", "minmax", "--workers", "1"]) == 0
+    assert "2 written" in capsys.readouterr().out
+    assert json.loads((cache / "index.json").read_text())["settings"]["normalization"] == "minmax"
+    dataset = CacheDataset(cache)
+    for i, manifest in enumerate(dataset.manifests):
+        assert manifest["settings"]["normalization"] == "minmax" and manifest["normalization"]["method"] == "minmax"
+        image = np.asarray(dataset.arrays(i)["image"])
+        assert image.min() >= -1 and image.max() <= 1
+        for c, present in enumerate(manifest["present"]):
+            stats = manifest["normalization"]["stats"]
+            if not present:
+                assert not image[..., c].any()  # the missing modality: zeros
+                continue
+            modality = manifest["modalities"][c]
+            assert set(stats[modality]) == {"min", "max"} and stats[modality]["min"] < stats[modality]["max"]
+            assert image[..., c].min() == -1 and image[..., c].max() == 1
+    # Another normalisation is another setting: the entries are rebuilt, and rebuilt again on the way back.
+    assert set(prepare_dataset(data, cache, normalization="zscore", workers=1, progress=False)["prepared"].values()) == {"written"}
+    assert set(prepare_dataset(data, cache, normalization="minmax", workers=1, progress=False)["prepared"].values()) == {"written"}
+    assert set(prepare_dataset(data, cache, normalization="minmax", workers=1, progress=False)["prepared"].values()) == {"cached"}
 
 
 def test_cache_entries_describe_the_case(phantom_dir, phantom_cache):

@@ -293,5 +293,5 @@ def test_a_frozen_teacher_from_another_run(rirn_run, trained_run):
         np.testing.assert_array_equal(a, b)
     # A baseline run of another U-Net (4 levels, not 3): refused in one line, nothing half-loaded.
     other = rirn(["t1ce"], f"method.teacher_from='{trained_run / 'checkpoints' / 'train'}'")
-    with pytest.raises(ConfigError, match="holds no U-Net shaped like this run's teacher"):
+    with pytest.raises(ConfigError, match="holds no model teacher or unet shaped like this run's"):
         other.start_from("train", lambda: engine.abstract_state(other, "train", optimizers)[1]["models"])

@@ -23,7 +23,7 @@ from jaxbrats.errors import CaseError
 from jaxbrats.labels import convention_map, region_voxel_counts
 from jaxbrats.modalities import MODALITIES
 
-NORMALIZATIONS = ("zscore", "percentile")
+NORMALIZATIONS = ("zscore", "percentile", "minmax")
 #: Foreground voxel coordinates kept per label for oversampled crops.
 FOREGROUND_SAMPLES_PER_LABEL = 10_000
 #: A border value is the background when it fills at least this fraction of the outer faces.
@@ -46,7 +46,16 @@ def normalize(image: np.ndarray, brain: np.ndarray, method: str) -> tuple[np.nda
     """Normalise one modality over brain voxels; voxels outside the brain become 0.
 
     zscore: (x - mean) / std. percentile (M3AE): clip to the [1, 99]
-    percentiles, then min-max to [0, 1].
+    percentiles, then min-max to [0, 1]. minmax (Mind the Gap, which says only
+    "Image intensities are normalized to [-1, 1]"): the brain voxels' minimum
+    -> -1, maximum -> 1, linearly in between (stats {"min", "max"}). Two of
+    its details are our choices, the paper is silent on them: the range is
+    that of the brain voxels (not the whole volume, not percentiles), and the
+    background is 0 as for the other methods, not -1, so that it equals a
+    missing modality's zero-filled channel (0 = "no signal"; inside the brain
+    0 is the middle of the range). A modality constant over the brain
+    (max == min) has no range to scale: it maps to 0 everywhere, without a
+    division by zero.
     """
     voxels = image[brain]
     if method == "zscore":
@@ -55,6 +64,11 @@ def normalize(image: np.ndarray, brain: np.ndarray, method: str) -> tuple[np.nda
     elif method == "percentile":
         lo, hi = (float(v) for v in np.percentile(voxels, [1, 99]))
         out, stats = (np.clip(image, lo, hi) - lo) / max(hi - lo, 1e-8), {"p1": lo, "p99": hi}
+    elif method == "minmax":
+        lo, hi = float(voxels.min()), float(voxels.max())
+        # In float64, so that the extremes land exactly on -1 and 1 after the cast to float32.
+        out = 2 * (image.astype(np.float64) - lo) / (hi - lo) - 1 if hi > lo else np.zeros(image.shape)
+        stats = {"min": lo, "max": hi}
     else:
         raise ValueError(f"unknown normalization {method!r}; expected one of {NORMALIZATIONS}")
     return np.where(brain, out, 0).astype(np.float32), stats

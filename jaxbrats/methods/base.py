@@ -77,6 +77,7 @@ class Method:
     def __init__(self, config: Config):
         self.config = config
         self.options = self.parse_options(config)
+        self.serving = self.stages[-1]  # the stage whose models `predict` receives (`serve`)
 
     @classmethod
     def parse_options(cls, config: Config):
@@ -126,6 +127,10 @@ class Method:
     def families(self, stage: str) -> dict[str, int]:
         """Models of the stage that are families (a leading axis of K members), by name -> K."""
         return {}
+
+    def serve(self, stage: str) -> None:
+        """`eval`/`predict` loaded the models of `stage` (Mind the Gap serves its teacher or its students)."""
+        self.serving = stage
 
     def inference_models(self, stage: str) -> tuple[str, ...] | None:
         """The models `eval` and `predict` load (None: all of the stage's models)."""

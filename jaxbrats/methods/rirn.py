@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxbrats.checkpoints import restore_model
 from jaxbrats.config import check_choice, check_range
 from jaxbrats.errors import ConfigError
 from jaxbrats.labels import REGIONS, regions_of
@@ -73,7 +74,7 @@ from jaxbrats.losses import region_loss
 from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
 from jaxbrats.losses.relation import car_loss, crr_loss, region_masks, resize_to_features
 from jaxbrats.methods.base import Method, Update
-from jaxbrats.modalities import SUBSET_MASKS, SUBSET_NAMES, drop_modalities, subset_index
+from jaxbrats.modalities import SUBSET_MASKS, SUBSET_NAMES, drop_modalities, student_subsets
 from jaxbrats.networks import family
 from jaxbrats.networks.discriminator import Discriminator, DiscriminatorConfig
 from jaxbrats.networks.factory import probabilities, unet_config
@@ -118,25 +119,6 @@ class RIRNOptions:
             check_range(f"{where}.{name}", getattr(self, name), 0)
 
 
-def student_subsets(students, where: str = "method.students") -> tuple[int, ...]:
-    """Subset indices of the students: "all" -> the 15 in order; a list of names -> theirs."""
-    if students == "all":
-        return tuple(range(len(SUBSET_NAMES)))
-    if isinstance(students, str) or not isinstance(students, (list, tuple)) or not students:
-        raise ConfigError(f"{where} must be 'all' or a non-empty list of subset names, got {students!r}")
-    out = []
-    for name in students:
-        try:
-            index = subset_index(str(name))
-        except ValueError:
-            raise ConfigError(f"{where}: {name!r} is not a subset (names like 't1ce' or 'flair+t2'; "
-                              f"the 15: {', '.join(SUBSET_NAMES)})") from None
-        if index in out:
-            raise ConfigError(f"{where}: {name!r} is listed twice")
-        out.append(index)
-    return tuple(out)
-
-
 class RelationEmbeddings(nnx.Module):
     """CAR's non-local embeddings theta and phi: two 1x1x1 convolutions C -> C/2."""
 
@@ -151,31 +133,6 @@ class RelationEmbeddings(nnx.Module):
     def pair(self):
         return ({"kernel": self.theta[...], "bias": self.theta_bias[...]},
                 {"kernel": self.phi[...], "bias": self.phi_bias[...]})
-
-
-def restore_model(directory: str, names: tuple[str, ...], abstract) -> nnx.State:
-    """The first model of `names` found in the newest checkpoint of `directory`, shaped like `abstract`."""
-    from pathlib import Path
-
-    import orbax.checkpoint as ocp
-
-    from jaxbrats.checkpoints import on_first_device, restore
-
-    path = Path(directory).absolute()
-    if not path.is_dir():
-        raise ConfigError(f"method.teacher_from: {directory} is not a directory (a run's checkpoints/<stage>)")
-    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
-    if manager.latest_step() is None:
-        raise ConfigError(f"method.teacher_from: no checkpoint in {directory}")
-    template = on_first_device(abstract)
-    problems = []
-    for name in names:
-        try:
-            return restore(manager, {"models": {name: template}}, partial=True)[0]["models"][name]
-        except Exception as e:
-            problems.append(f"{name}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}")
-    raise ConfigError(f"method.teacher_from: {directory} holds no U-Net shaped like this run's teacher "
-                      f"(model widths, outputs 'regions'): {'; '.join(problems)}")
 
 
 class RIRN(Method):
@@ -242,7 +199,8 @@ class RIRN(Method):
         baseline run), restored with the shapes of this run's teacher (or one line saying why not)."""
         if not self.options.teacher_from:
             return {}
-        return {"teacher": restore_model(self.options.teacher_from, ("teacher", "unet"), abstract()["teacher"])}
+        return {"teacher": restore_model(self.options.teacher_from, ("teacher", "unet"), abstract()["teacher"],
+                                        "method.teacher_from")}
 
     def pipeline(self, stage):
         return {"dropout": "none", "instantiations": 1}  # every student applies its own subset on device
