@@ -268,7 +268,39 @@ RIRN_BRATS = {  # the paper: Adam 1e-4, poly 0.9, batch 1, 160x192x128 crops, 30
     "stages.train.optimizers.model.poly_power": 0.9, **_rirn_optimizers(1e-4, "poly", 1e-4),
     "eval.window": (160, 192, 128),
 }
+MTG_OPTIONS = {
+    "method_name": "mind_the_gap", "options.anchor": "mix", "options.anchor_modality": "t1ce", "options.mix_target": "mixture",
+    "options.mix_floor": 0.1, "options.hold_target": True, "options.normal_sample": True, "options.align_weight": 1.0,
+    "options.shared_encoder": False, "options.encoder_blocks": 1, "options.teacher_seg": "each", "options.class_weights": (),
+    "options.students": ["flair", "t1ce", "t1", "t2"], "options.kd": "pmkl", "options.kd_weight": 1.0,
+    "options.teacher_view": "full", "options.disc_width": 64,
+}
+
+
+def _stage_optimizer(stage, group, lr, schedule, weight_decay=0.0, warmup=0):
+    prefix = f"stages.{stage}.optimizers.{group}."
+    return {prefix + "name": "adam", prefix + "lr": lr, prefix + "schedule": schedule, prefix + "weight_decay": weight_decay,
+            prefix + "warmup_steps": warmup, prefix + "clip_norm": 0.0}
+
+
+MTG_BRATS = {  # the paper: [-1, 1], 80^3 crops, batch 4, Adam 1e-2 (decay garbled: ours poly + weight decay 1e-5)
+    **SHARED, **MTG_OPTIONS, "options.latent_channels": 16, "options.ramp_steps": 0,
+    "model.widths": (16, 32, 64, 128), "model.blocks": (1, 2, 2, 4), "model.upsample": "nearest",
+    "data.crop_size": (80, 80, 80), "data.batch_size": 4, "data.foreground_oversample": 0.0,
+    "data.intensity_scale": 0.0, "data.intensity_shift": 0.0, "data.split": "files", "data.workers": 2,
+    "stages.teacher.epochs": 300, "length.teacher": 30000, "stages.students.epochs": 300, "length.students": 30000,
+    **_stage_optimizer("teacher", "teacher", 1e-2, "poly", 1e-5), **_stage_optimizer("students", "students", 1e-2, "poly", 1e-5),
+    **_stage_optimizer("students", "discriminator", 1e-4, "poly"), "eval.window": (80, 80, 80),
+}
 EXPECTED = {
+    "mind_the_gap_brats2018.toml": MTG_BRATS,
+    "mind_the_gap_phantom.toml": {
+        **SHARED, **PHANTOM, **MTG_OPTIONS, "options.latent_channels": 0, "options.ramp_steps": 0,
+        "stages.teacher.steps": 400, "length.teacher": 400, "stages.students.steps": 400, "length.students": 400,
+        "train.checkpoint_every": 100, **_stage_optimizer("teacher", "teacher", 2e-3, "cosine", warmup=10),
+        **_stage_optimizer("students", "students", 2e-3, "cosine", warmup=10),
+        **_stage_optimizer("students", "discriminator", 2e-4, "cosine"),
+    },
     "rirn_brats2018.toml": RIRN_BRATS,
     "rirn_brats2020.toml": RIRN_BRATS,
     "rirn_phantom.toml": {
