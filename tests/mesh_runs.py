@@ -38,6 +38,11 @@ METHODS = {
         "method.name='rirn'", "method.students=['t1ce','flair']", "model.stem_dropout=0.2", "stages.train.steps=4",
         f"stages.train.optimizers.model={SGD}", f"stages.train.optimizers.discriminator={SGD}",
     ]),
+    "mind_the_gap": (None, [
+        "method.name='mind_the_gap'", "method.students=['t1ce','flair']", "method.kd='smunet'",
+        "stages.teacher.steps=4", "stages.students.steps=4", f"stages.teacher.optimizers.teacher={SGD}",
+        f"stages.students.optimizers.students={SGD}", f"stages.students.optimizers.discriminator={SGD}",
+    ]),
 }
 
 
@@ -66,7 +71,7 @@ def run(cache: Path, out: Path, method: str, mesh: str) -> dict:
     finally:
         engine.Trainer.compile_step = compile_step
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    losses = [{k: v for k, v in r.items() if k == "step" or k == "stage" or k.endswith("loss")} for r in rows if "loss" in r or "model/loss" in r]
+    losses = [{k: v for k, v in r.items() if k == "step" or k == "stage" or k.endswith("loss")} for r in rows if any(k.endswith("loss") for k in r)]
     method_obj, graphdefs, models, config = engine.load_trained(workdir)
     splits = engine.load_splits(workdir, CacheDataset(cache))
     eval_dir = out / f"eval-{workdir.name}"
