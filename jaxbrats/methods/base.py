@@ -35,7 +35,9 @@ being served (data, an int32 scalar: a method with one student per subset
 picks that student's weights with it); the method decides how missing inputs
 are filled. `served_subsets()` lists the subsets a method can segment (a
 dedicated method: those with a student; the others' rows are null), and
-`inference_models(stage)` the models `eval` and `predict` load.
+`inference_models(stage)` the models `eval` and `predict` load; `load_trained`
+tells the method which stage's models it loaded (`serve`, `self.serving`: Mind the
+Gap serves its teacher on all 15 subsets or its students on theirs).
 Optional hooks: `setup(train_set)` sees the training cases before the first
 stage (M3AE's mean-image ablation), `on_stage_end(stage, models, workdir)`
 writes what a finished stage learned (M3AE's substitute image), and
