@@ -105,7 +105,7 @@ def _eval(args) -> int:
     from jaxbrats.engine import load_splits, load_trained
     from jaxbrats.evaluation import evaluate, markdown_table
 
-    method, graphdefs, models, config = load_trained(args.workdir, stage=args.stage, overrides=args.set)
+    method, graphdefs, models, config = load_trained(args.workdir, stage=args.stage, overrides=args.set, segmenting=True)
     cache = CacheDataset(args.data)
     if args.split == "all":
         ids = cache.case_ids

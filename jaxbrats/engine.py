@@ -526,9 +526,10 @@ def train(config: Config, workdir, data_dir=None, stop_after: int | None = None,
     return trainer
 
 
-def load_trained(workdir, stage: str | None = None, overrides=()):
+def load_trained(workdir, stage: str | None = None, overrides=(), segmenting: bool = False):
     """(method, graph definitions, model states, config) of a trained run, from its latest checkpoint
-    of `stage` (default: the last stage whose models segment); the method is told which (`Method.serve`).
+    of `stage` (default: the last stage whose models segment; `segmenting`: refuse a named stage whose
+    models do not segment, as eval and predict need); the method is told which (`Method.serve`).
 
     Only the models that predict are read (`Method.inference_models`: a teacher,
     discriminators and optimiser states stay on disk), onto the first device.
@@ -543,7 +544,7 @@ def load_trained(workdir, stage: str | None = None, overrides=()):
     method = get_method(config.method_name)(config)
     if stage and stage not in method.stages:
         raise JaxbratsError(f"--stage {stage}: method {method.name} has the stages {', '.join(method.stages)}")
-    if stage and not method.can_predict(stage):
+    if stage and segmenting and not method.can_predict(stage):
         raise JaxbratsError(f"--stage {stage}: the models of stage {stage} of {method.name} do not segment")
     stages = [stage] if stage else [s for s in reversed(method.stages) if method.can_predict(s)]
     for name in stages:

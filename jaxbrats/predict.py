@@ -48,7 +48,7 @@ def predict_case(workdir, case_dir, out_path, convention: str | None = None, ove
         raise JaxbratsError(f"{out_path}: inside the input case folder {case_dir}; choose an output outside it")
     if convention is not None and convention not in CONVENTIONS:
         raise JaxbratsError(f"--convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
-    method, graphdefs, models_state, config = load_trained(workdir, stage=stage, overrides=overrides)
+    method, graphdefs, models_state, config = load_trained(workdir, stage=stage, overrides=overrides, segmenting=True)
     try:
         preprocessing = json.loads((workdir / "data.json").read_text())["preprocessing"]
     except FileNotFoundError:

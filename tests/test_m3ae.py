@@ -291,6 +291,17 @@ def test_both_stages_run_and_hand_over(m3ae_run):
     assert {"seg_loss", "consistency"} <= set(next(r for r in rows if r["stage"] == "finetune" and "loss" in r))
 
 
+def test_eval_refuses_the_pretraining_stage_in_one_line(m3ae_run, phantom_cache, tmp_path, capsys):
+    from jaxbrats.cli import main
+
+    workdir, _ = m3ae_run
+    assert main(["eval", "--workdir", str(workdir), "--data", str(phantom_cache), "--out", str(tmp_path / "e"),
+                 "--stage", "pretrain"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "jaxbrats: error: --stage pretrain: the models of stage pretrain of m3ae do not segment"]
+    assert not (tmp_path / "e").exists()
+
+
 def test_x_sub_is_saved_as_nifti_and_png(m3ae_run):
     workdir, _ = m3ae_run
     saved = nib.load(workdir / "substitute" / "x_sub.nii.gz").get_fdata()
