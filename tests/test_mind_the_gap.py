@@ -95,11 +95,17 @@ def test_the_teacher_loss_is_eq7_summed_over_modalities():
     method = mtg("method.anchor='modality'")
     models = method.init_models("teacher", nnx.Rngs(0))
     batch = jax.tree.map(jnp.asarray, synthetic_batch(2))
-    loss, parts = method.teacher_loss(models, batch, jax.random.PRNGKey(0))
-    latents = method.encode(models, batch["image"])["latent"]
-    seg = sum(float(label_loss(models["predictor"](latents[j])["logits"], batch["label"], batch["valid"])[0])
-              for j in range(len(MODALITIES)))
-    align = sum(float(jnp.mean(jnp.square(latents[j] - latents[1]))) for j in range(len(MODALITIES)))  # T1ce is k
+
+    @jax.jit
+    def both(batch):  # the method's loss, and eq. 7 written out modality by modality
+        latents = method.encode(models, batch["image"])["latent"]
+        seg = [label_loss(models["predictor"](latents[j])["logits"], batch["label"], batch["valid"])[0]
+               for j in range(len(MODALITIES))]
+        align = [jnp.mean(jnp.square(latents[j] - latents[1])) for j in range(len(MODALITIES))]  # T1ce is k
+        return method.teacher_loss(models, batch, jax.random.PRNGKey(0)), sum(seg), sum(align)
+
+    (loss, parts), seg, align = both(batch)
+    seg, align = float(seg), float(align)
     np.testing.assert_allclose(float(parts["seg"]), seg, rtol=1e-4)
     np.testing.assert_allclose(float(parts["align"]), align, rtol=1e-4)
     np.testing.assert_allclose(float(loss), seg + align, rtol=1e-4)
@@ -164,7 +170,7 @@ def test_a_student_sees_only_its_subset_and_the_teacher_gets_no_gradient():
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
 
 
-@pytest.mark.parametrize("kd", ["none", "pmkl", "protokd", "smunet"])
+@pytest.mark.parametrize("kd", ["none", "protokd", "smunet"])  # pmkl: the end-to-end run below (the config's)
 def test_every_kd_loss_runs_one_student_step(kd):
     method = mtg(f"method.kd='{kd}'", "method.students=['t2']", "method.teacher_view='subset'", "method.ramp_steps=10")
     optimizers = engine.stage_optimizers(method, "students", 10)
