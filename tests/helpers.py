@@ -140,3 +140,20 @@ def write_plain_case(case_dir: Path, seg_values: np.ndarray | None = None, seed:
     seg = relabel(labels, {0: 0, 1: 1, 2: 2, 3: 4}) if seg_values is None else seg_values
     save(case_dir / "seg.nii.gz", seg, dtype=np.uint8)
     return case_dir
+
+
+def synthetic_batch(seed: int, n: int = 2, size: int = 16) -> dict:
+    """A batch with a tumour blob per sample (every tumour label present; a training batch of the
+    pipeline's keys, for teacher/student tests) and some padding."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=(n, size, size, size, 4)).astype(np.float32)
+    label = np.zeros((n, size, size, size), np.uint8)
+    for i in range(n):
+        c = rng.integers(5, size - 5, 3)
+        label[i, c[0] - 4:c[0] + 4, c[1] - 4:c[1] + 4, c[2] - 4:c[2] + 4] = 2
+        label[i, c[0] - 2:c[0] + 2, c[1] - 2:c[1] + 2, c[2] - 2:c[2] + 2] = 1
+        label[i, c[0] - 1:c[0] + 1, c[1] - 1:c[1] + 1, c[2]:c[2] + 2] = 3
+        image[i, label[i] > 0] += 2.0
+    valid = np.ones((n, size, size, size), bool)
+    valid[:, -2:] = False
+    return {"image": image, "label": label, "valid": valid, "modality_mask": np.ones((n, 1, 4), bool)}

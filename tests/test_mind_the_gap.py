@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import TINY
 from flax import nnx
+from helpers import synthetic_batch
 
 from jaxbrats import engine
 from jaxbrats.checkpoints import restore, save
@@ -43,22 +44,6 @@ def mtg_config(*extra):
 
 def mtg(*extra):
     return get_method("mind_the_gap")(mtg_config(*extra))
-
-
-def synthetic_batch(seed: int, n: int = 2, size: int = 16) -> dict:
-    """A batch with a tumour blob per sample (all labels present) and some padding."""
-    rng = np.random.default_rng(seed)
-    image = rng.normal(size=(n, size, size, size, 4)).astype(np.float32)
-    label = np.zeros((n, size, size, size), np.uint8)
-    for i in range(n):
-        c = rng.integers(5, size - 5, 3)
-        label[i, c[0] - 4:c[0] + 4, c[1] - 4:c[1] + 4, c[2] - 4:c[2] + 4] = 2
-        label[i, c[0] - 2:c[0] + 2, c[1] - 2:c[1] + 2, c[2] - 2:c[2] + 2] = 1
-        label[i, c[0] - 1:c[0] + 1, c[1] - 1:c[1] + 1, c[2]:c[2] + 2] = 3
-        image[i, label[i] > 0] += 2.0
-    valid = np.ones((n, size, size, size), bool)
-    valid[:, -2:] = False
-    return {"image": image, "label": label, "valid": valid, "modality_mask": np.ones((n, 1, 4), bool)}
 
 
 # --- encoders ---------------------------------------------------------------------------------------

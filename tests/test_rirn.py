@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import TINY, with_xla_flags
 from flax import nnx
+from helpers import synthetic_batch
 
 from jaxbrats import engine
 from jaxbrats.checkpoints import restore, save
@@ -38,22 +39,6 @@ def rirn_config(*extra):
 
 def rirn(students, *extra):
     return get_method("rirn")(rirn_config(f"method.students={json.dumps(students)}", *extra))
-
-
-def synthetic_batch(seed: int, n: int = 2, size: int = 16) -> dict:
-    """A batch with a tumour blob per sample (all three regions present) and some padding."""
-    rng = np.random.default_rng(seed)
-    image = rng.normal(size=(n, size, size, size, 4)).astype(np.float32)
-    label = np.zeros((n, size, size, size), np.uint8)
-    for i in range(n):
-        c = rng.integers(5, size - 5, 3)
-        label[i, c[0] - 4:c[0] + 4, c[1] - 4:c[1] + 4, c[2] - 4:c[2] + 4] = 2
-        label[i, c[0] - 2:c[0] + 2, c[1] - 2:c[1] + 2, c[2] - 2:c[2] + 2] = 1
-        label[i, c[0] - 1:c[0] + 1, c[1] - 1:c[1] + 1, c[2]:c[2] + 2] = 3
-        image[i, label[i] > 0] += 2.0
-    valid = np.ones((n, size, size, size), bool)
-    valid[:, -2:] = False
-    return {"image": image, "label": label, "valid": valid, "modality_mask": np.ones((n, 1, 4), bool)}
 
 
 # --- the teacher learns from its Dice only; a student sees only its subset -------------------------

@@ -113,6 +113,15 @@ class Method:
             if extra:
                 raise ConfigError(f"stages.{stage}.optimizers: unknown group(s) {extra} (groups: {list(groups)})")
 
+    @staticmethod
+    def refuse_coupled_clipping(config: Config, stage: str, group: str, why: str = "") -> None:
+        """Stacked students must each train as if alone: one global-norm clip over the family would couple them."""
+        stage_config = config.stages.get(stage)
+        opt = stage_config.optimizers.get(group) if stage_config else None
+        if opt is not None and opt.clip_norm > 0:
+            raise ConfigError(f"stages.{stage}.optimizers.{group}.clip_norm must be 0{why}: one global norm over the "
+                              "stacked students would couple them (each student must train as if alone)")
+
     def optimizer(self, stage: str, group: str) -> OptimizerConfig:
         stage_config = self.config.stages.get(stage)
         if stage_config and group in stage_config.optimizers:

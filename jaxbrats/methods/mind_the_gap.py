@@ -149,11 +149,7 @@ class MindTheGap(Method):
         if channels % config.model.groups:
             raise ConfigError(f"method.latent_channels ({channels}) must be divisible by model.groups = "
                               f"{config.model.groups} (GroupNorm in the encoders)")
-        students = config.stages.get("students")
-        opt = students.optimizers.get("students") if students else None
-        if opt is not None and opt.clip_norm > 0:
-            raise ConfigError("stages.students.optimizers.students.clip_norm must be 0: one global norm over the "
-                              "stacked students would couple them (each student must train as if alone)")
+        cls.refuse_coupled_clipping(config, "students", "students")
 
     # --- models ------------------------------------------------------------------------
     def encoder_config(self) -> LatentEncoderConfig:
@@ -170,28 +166,24 @@ class MindTheGap(Method):
                 out["discriminators"] = len(self.subsets)
         return out
 
-    def member_keys(self, root, ids):
-        """One key per member from its id (a modality, a subset): a member does not depend on its siblings."""
-        return jnp.stack([jax.random.fold_in(root, i) for i in ids])
-
     def init_models(self, stage, rngs):
         roots = jax.random.split(rngs.params(), 4)  # encoders, predictor, students, discriminators
         enc = self.encoder_config()
         if self.options.shared_encoder:
             encoders = LatentEncoder(enc, nnx.Rngs(roots[0]))
         else:
-            encoders = family.stack(lambda r: LatentEncoder(enc, r), self.member_keys(roots[0], range(len(MODALITIES))))
+            encoders = family.stack(lambda r: LatentEncoder(enc, r), family.member_keys(roots[0], range(len(MODALITIES))))
         models = {"encoders": encoders,
                   "predictor": UNet(unet_config(self.config, NUM_LABELS, in_channels=self.latent_channels), nnx.Rngs(roots[1]))}
         if self.options.anchor == "mix":
             models["mix"] = MixWeights(len(MODALITIES))
         if stage == "students":
             cfg = unet_config(self.config, NUM_LABELS)
-            models["students"] = family.stack(lambda r: UNet(cfg, r), self.member_keys(roots[2], self.subsets))
+            models["students"] = family.stack(lambda r: UNet(cfg, r), family.member_keys(roots[2], self.subsets))
             if self.options.kd == "smunet":
                 disc = DiscriminatorConfig(in_channels=self.config.model.widths[-1], width=self.options.disc_width,
                                            dtype=self.config.model.dtype, conv_impl=self.config.model.conv_impl)
-                models["discriminators"] = family.stack(lambda r: Discriminator(disc, r), self.member_keys(roots[3], self.subsets))
+                models["discriminators"] = family.stack(lambda r: Discriminator(disc, r), family.member_keys(roots[3], self.subsets))
         return models
 
     def pipeline(self, stage):

@@ -154,11 +154,7 @@ class RIRN(Method):
         if not -levels <= options.car_level < levels:
             raise ConfigError(f"method.car_level must be in [{-levels}, {levels - 1}] (model.widths has {levels} levels), "
                               f"got {options.car_level}")
-        train = config.stages.get("train")
-        model_opt = train.optimizers.get("model") if train else None
-        if model_opt is not None and model_opt.clip_norm > 0:
-            raise ConfigError("stages.train.optimizers.model.clip_norm must be 0 for RIRN: one global norm over the "
-                              "stacked students would couple them (each student must train as if alone)")
+        cls.refuse_coupled_clipping(config, "train", "model", " for RIRN")
 
     # --- models ------------------------------------------------------------------------
     def families(self, stage):
@@ -171,9 +167,8 @@ class RIRN(Method):
         return out
 
     def member_keys(self, root):
-        """One key per student from its subset index: a student's init and dropout do not depend on
-        which other students are trained with it."""
-        return jnp.stack([jax.random.fold_in(root, s) for s in self.subsets])
+        """One key per student from its subset index (`family.member_keys`)."""
+        return family.member_keys(root, self.subsets)
 
     def init_models(self, stage, rngs):
         roots = jax.random.split(rngs.params(), 3)  # students, discriminators, embeddings

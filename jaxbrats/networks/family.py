@@ -72,6 +72,12 @@ def stack(create: Callable[[nnx.Rngs], nnx.Module], keys: jax.Array) -> nnx.Modu
     return nnx.merge(graphdefs[0], state)
 
 
+def member_keys(root: jax.Array, ids) -> jax.Array:
+    """One key per member from its id (a subset index, a modality index): `fold_in(root, id)`, so a
+    member's initialisation (and dropout) does not depend on which siblings are trained with it."""
+    return jnp.stack([jax.random.fold_in(root, i) for i in ids])
+
+
 def _leaves(family: nnx.Module):
     leaves = jax.tree.leaves(nnx.state(family))
     if not leaves:
