@@ -166,6 +166,11 @@ class DataConfig:
     flip_probability: float = 0.5
     intensity_scale: float = 0.1
     intensity_shift: float = 0.1
+    #: Random rotation of each crop (`jaxbrats.data.pipeline`): by U(-rotation_degrees,
+    #: rotation_degrees) degrees in one of the three axis planes, with `rotation_probability`;
+    #: 0 degrees (the default) disables it. Not for M3AE (its x_sub is read where the crop lies).
+    rotation_degrees: float = 0.0
+    rotation_probability: float = 1.0
     workers: int = 0
     prefetch: int = 2
     #: Where the train/val/test split comes from: "files" (train_split, val_split, test_split:
@@ -181,8 +186,9 @@ class DataConfig:
     def validate(self, where: str) -> None:
         check_entries(_key(where, "crop_size"), self.crop_size, 1)
         check_range(_key(where, "batch_size"), self.batch_size, 1)
-        for name in ("foreground_oversample", "flip_probability"):
+        for name in ("foreground_oversample", "flip_probability", "rotation_probability"):
             check_range(_key(where, name), getattr(self, name), 0, 1)
+        check_range(_key(where, "rotation_degrees"), self.rotation_degrees, 0, 180)
         # Each channel is multiplied by U(1 - scale, 1 + scale): above 1 it could change sign.
         check_range(_key(where, "intensity_scale"), self.intensity_scale, 0, 1)
         check_range(_key(where, "intensity_shift"), self.intensity_shift, 0)

@@ -418,6 +418,7 @@ class Trainer:
             crop_size=d.crop_size, batch_size=self.batch_size(stage) // jax.process_count(),
             foreground_oversample=d.foreground_oversample, flip_probability=d.flip_probability,
             intensity_scale=d.intensity_scale, intensity_shift=d.intensity_shift,
+            rotation_degrees=d.rotation_degrees, rotation_probability=d.rotation_probability,
             seed=self.config.train.seed + index, workers=d.workers, prefetch=d.prefetch,
             **self.method.pipeline(stage),
         )

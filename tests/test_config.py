@@ -83,6 +83,9 @@ BAD_VALUES = [
     (["data.foreground_oversample=1.5"], "data.foreground_oversample must be in [0, 1], got 1.5"),
     (["data.foreground_oversample=inf"], "data.foreground_oversample must be a finite number, got inf"),
     (["data.flip_probability=-0.1"], "data.flip_probability must be in [0, 1], got -0.1"),
+    (["data.rotation_degrees=-5"], "data.rotation_degrees must be in [0, 180], got -5.0"),
+    (["data.rotation_degrees=190.0"], "data.rotation_degrees must be in [0, 180], got 190.0"),
+    (["data.rotation_probability=1.5"], "data.rotation_probability must be in [0, 1], got 1.5"),
     (["data.intensity_scale=1.5"], "data.intensity_scale must be in [0, 1], got 1.5"),
     (["data.intensity_shift=-0.1"], "data.intensity_shift must be >= 0, got -0.1"),
     (["data.workers=-1"], "data.workers must be >= 0, got -1"),
@@ -139,6 +142,10 @@ BAD_VALUES = [
     ([M3AE, "method.substitute_shape=[240,0,160]"], "method.substitute_shape entries must be >= 1, got [240, 0, 160]"),
     ([M3AE, "method.substitute_init_std=0"], "method.substitute_init_std must be > 0, got 0.0"),
     ([M3AE, "method.substitute_weight=-0.005"], "method.substitute_weight must be >= 0, got -0.005"),
+    ([M3AE, "data.rotation_degrees=10"], "data.rotation_degrees must be 0 for M3AE with method.fill = 'x_sub', got 10.0: "
+     "the fill is read where the unrotated crop lies (crop_start, flipped), not under a rotated crop"),
+    ([M3AE, "method.fill='mean'", "data.rotation_degrees=0.5"], "data.rotation_degrees must be 0 for M3AE with method.fill = 'mean', "
+     "got 0.5: the fill is read where the unrotated crop lies (crop_start, flipped), not under a rotated crop"),
     ([M3AE, "method.consistency_weight=-0.1"], "method.consistency_weight must be >= 0, got -0.1"),
 ]
 
@@ -167,6 +174,8 @@ def test_edge_values_are_allowed():
         f"{ADAM}.weight_decay=0", f"{ADAM}.clip_norm=0", "method.class_weights=[0.0,1.0,1.0,1.0]",
     ])
     load_config(None, [M3AE, "method.mask_ratio=0", "method.substitute_weight=0", "method.consistency_weight=0"])
+    load_config(None, ["data.rotation_degrees=180", "data.rotation_probability=0"])
+    load_config(None, [M3AE, "method.fill='zero'", "data.rotation_degrees=10"])  # the zero fill reads no volume
 
 
 def _one_line_error(result, *fragments):  # as tests/test_cli.py
@@ -197,7 +206,7 @@ def test_cli_rejects_a_bad_value_in_one_line(tmp_path, override, message):
 SHARED = {
     "model.groups": 8, "model.dropout": 0.0, "model.stem_dropout": 0.0, "model.conv_impl": "auto", "model.family_map": "auto", "model.remat": False, "model.dtype": "float32",
     "data.cache": "", "data.flip_probability": 0.5, "data.intensity_scale": 0.1, "data.intensity_shift": 0.1,  # M3AE's
-    "data.prefetch": 2, "data.split_seed": 0, "data.train_split": "",
+    "data.prefetch": 2, "data.split_seed": 0, "data.train_split": "", "data.rotation_degrees": 0.0, "data.rotation_probability": 1.0,
     "train.seed": 0, "train.keep_checkpoints": 2, "train.mesh.data": 0, "train.mesh.model": 1, "train.progress": True,
     "eval.overlap": 0.5, "eval.blend": "gaussian", "eval.threshold": 0.5, "eval.hd95": True, "eval.hd95_empty": "brats",
     "eval.et_postprocess": False, "eval.et_min_voxels": 500, "eval.bucket": (), "eval.bucket_multiple": 16,
@@ -292,7 +301,27 @@ MTG_BRATS = {  # the paper: [-1, 1], 80^3 crops, batch 4, Adam 1e-2 (decay garbl
     **_stage_optimizer("teacher", "teacher", 1e-2, "poly", 1e-5), **_stage_optimizer("students", "students", 1e-2, "poly", 1e-5),
     **_stage_optimizer("students", "discriminator", 1e-4, "poly"), "eval.window": (80, 80, 80),
 }
+ACDIS_OPTIONS = {
+    "method_name": "acdis", "options.afeb": True, "options.afeb_levels": (), "options.distill": "acct",
+    "options.acct_window": 4, "options.acct_stride": 0, "options.acct_pooled": False, "options.mfsb": True,
+    "options.synthesis": ("syn",), "options.syn_norm": "mse", "options.acct_start_epoch": 0, "options.seg_loss": "rfnet",
+    "options.class_weights": (), "options.adv_weight": 1.0, "options.disc_width": 64, "data.rotation_degrees": 10.0,
+}
+ACDIS_BRATS = {  # the paper: Adam 1e-4, weight decay 1e-4, 500 epochs, batch 2, 80^3 crops, rotations (ours: 10 degrees)
+    **SHARED, **ACDIS_OPTIONS, "options.synthesis_start_epoch": 20,
+    "model.widths": (16, 32, 64, 128), "model.blocks": (1, 2, 2, 4), "model.upsample": "nearest",
+    "data.crop_size": (80, 80, 80), "data.batch_size": 2, "data.foreground_oversample": 0.0, "data.split": "files",
+    "data.workers": 2, "stages.train.epochs": 500, "length.train": 50000,
+    **_stage_optimizer("train", "model", 1e-4, "poly", 1e-4), "stages.train.optimizers.model.poly_power": 0.9,
+    "eval.window": (80, 80, 80), "eval.blend": "uniform",
+}
 EXPECTED = {
+    "acdis_brats2020.toml": ACDIS_BRATS,
+    "acdis_phantom.toml": {
+        **SHARED, **PHANTOM, **ACDIS_OPTIONS, "options.synthesis_start_epoch": 25, "stages.train.steps": 400,
+        "length.train": 400, "train.checkpoint_every": 100, **_stage_optimizer("train", "model", 2e-3, "cosine", warmup=10),
+        **_stage_optimizer("train", "discriminator", 2e-4, "cosine"),
+    },
     "mind_the_gap_brats2018.toml": MTG_BRATS,
     "mind_the_gap_phantom.toml": {
         **SHARED, **PHANTOM, **MTG_OPTIONS, "options.latent_channels": 0, "options.ramp_steps": 0,

@@ -12,6 +12,7 @@ import pytest
 
 from jaxbrats.labels import labels_from_regions, region_probs_from_label_probs, regions_of
 from jaxbrats.losses import label_loss, region_loss, segmentation_loss, soft_dice_loss
+from jaxbrats.losses.segmentation import rfnet_loss
 
 SMOOTH = 1e-5  # the soft Dice smoothing of the equation (not imported: the reference states it)
 
@@ -144,6 +145,36 @@ def test_label_loss_weighted_ce_matches_numpy():
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     assert _differs(parts["ce"], ce_reference(logits, labels, valid))  # the weights matter on this batch
     assert _differs(loss, label_reference(logits, labels, np.ones_like(valid), class_weights=weights)[0])
+
+
+def rfnet_reference(logits, labels, valid):
+    """RFNet's criterion (ACDIS's "weighted CE + Dice", [7, 36]) with explicit loops: per sample
+    and label c, w = 1 - n_c / n; CE = sum over voxels of w y_c (-log max(p_c, 0.005)) / voxels;
+    Dice = 1 - mean over the 4 labels of 2 sum(p y) / (sum p + sum y + 1e-7), sums over the batch."""
+    p, y = softmax_reference(logits), onehot_reference(labels)
+    ce = 0.0
+    for n in range(labels.shape[0]):
+        count = valid[n].sum()
+        for c in range(4):
+            weight = 1.0 - (y[n, ..., c] * valid[n]).sum() / count
+            ce += (weight * y[n, ..., c] * -np.log(np.clip(p[n, ..., c], 0.005, 1.0)) * valid[n]).sum()
+    ce /= valid.sum()
+    dice = 0.0
+    for c in range(4):
+        overlap = (p[..., c] * y[..., c] * valid).sum()
+        dice += 2 * overlap / ((p[..., c] * valid).sum() + (y[..., c] * valid).sum() + 1e-7)
+    return ce + 1.0 - dice / 4, 1.0 - dice / 4, ce
+
+
+def test_rfnet_loss_matches_numpy():
+    rng, labels, valid = _case(5)
+    logits = (rng.normal(size=labels.shape + (4,)) * 3).astype(np.float32)  # some p below the 0.005 floor
+    loss, parts = rfnet_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(valid))
+    want, want_dice, want_ce = rfnet_reference(logits, labels, valid)
+    np.testing.assert_allclose(parts["ce"], want_ce, rtol=1e-5)
+    np.testing.assert_allclose(parts["dice_loss"], want_dice, rtol=1e-5)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    assert _differs(loss, rfnet_reference(logits, labels, np.ones_like(valid))[0])  # padding is exercised
 
 
 def test_label_branch_of_segmentation_loss_is_plain_ce_plus_foreground_dice():

@@ -1,13 +1,17 @@
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.pipeline import (
+    ROTATION_PLANES,
     PipelineConfig,
     RandomCropAugmentDropout,
     crop_slices,
     crop_start,
     make_loader,
+    rotated_crop,
+    rotation_margin,
     sample_modality_masks,
     subset_indices,
 )
@@ -154,3 +158,156 @@ def test_distinct_instantiations_differ_unless_the_case_cannot():
     assert sum((a == b).all() for a, b in independent) > 10  # equal views happen without the option
     only_flair = np.array([True, False, False, False])
     np.testing.assert_array_equal(sample_modality_masks(rng, only_flair, "drop_k", 2, distinct=True), [only_flair, only_flair])
+
+
+# --- rotation --------------------------------------------------------------------------------
+
+
+def _element(image, label=None):
+    element = {"image": image, "present": np.ones(4, bool), "case_index": np.int32(0), "box_start": np.zeros(3, np.int32)}
+    if label is not None:
+        element["label"] = label
+    return element
+
+
+def _blobs(shape, seed=0):
+    """(label, image): nested boxes of labels 0-3 in a case, channel 0 the label as float, the others noise + 1."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, np.uint8)
+    for value, inset in ((1, 3), (2, 6), (3, 8)):
+        label[tuple(slice(inset + int(rng.integers(3)), n - inset) for n in shape)] = value
+    image = np.concatenate([label[..., None].astype(np.float32), 1 + rng.random(shape + (3,), dtype=np.float32)], axis=-1)
+    return label, image
+
+
+@pytest.mark.parametrize("axes", ROTATION_PLANES)
+def test_rotated_crop_matches_ndimage_rotate_of_the_padded_case(axes):
+    """The rotated crop is scipy.ndimage.rotate of the zero-padded (then flipped) case about the crop's centre."""
+    rng = np.random.default_rng(5)
+    shape, crop = (20, 24, 18), (16, 12, 14)
+    image = 1 + rng.random(shape + (4,), dtype=np.float32)
+    label = rng.integers(0, 4, shape).astype(np.uint8)
+    pad, extra = 40, 20
+    padded = {"image": np.pad(image, [(pad, pad)] * 3 + [(0, 0)]), "label": np.pad(label, pad),
+              "valid": np.pad(np.ones(shape, np.uint8), pad)}
+    for degrees in (17.0, -73.0, 150.0):
+        start = np.array([rng.integers(-6, n - c + 7) for n, c in zip(shape, crop)])  # partly outside the case
+        flips = rng.random(3) < 0.5
+        got = rotated_crop(image, label, start, crop, flips, axes, degrees)
+        window = tuple(slice(pad + s - extra, pad + s + c + extra) for s, c in zip(start, crop))  # centred on the crop
+        centre = tuple(slice(extra, extra + c) for c in crop)
+        want = {}
+        for key, order in (("image", 1), ("label", 0), ("valid", 0)):
+            flipped = np.flip(padded[key][window], axis=tuple(np.flatnonzero(flips)))
+            want[key] = ndi.rotate(flipped, degrees, axes=axes, reshape=False, order=order)[centre]
+        want["valid"] = want["valid"].astype(bool)
+        want["image"][~want["valid"]] = 0.0
+        np.testing.assert_array_equal(got["valid"], want["valid"])
+        np.testing.assert_array_equal(got["label"], want["label"])
+        np.testing.assert_allclose(got["image"], want["image"], atol=1e-5)
+        assert got["image"].flags.c_contiguous and got["image"].dtype == np.float32 and got["label"].dtype == np.uint8
+
+
+def test_rotation_by_zero_degrees_is_the_plain_crop():
+    rng = np.random.default_rng(6)
+    shape, crop = (20, 14, 18), (16, 16, 16)
+    image, label = rng.random(shape + (4,), dtype=np.float32), rng.integers(0, 4, shape).astype(np.uint8)
+    start, flips = np.array([3, -2, 1]), np.array([True, False, True])
+    src, dst = crop_slices(start, shape, crop, flips)
+    want = {"image": np.zeros(crop + (4,), np.float32), "label": np.zeros(crop, np.uint8), "valid": np.zeros(crop, bool)}
+    want["image"][dst], want["label"][dst], want["valid"][dst] = image[src], label[src], True
+    for axes in ROTATION_PLANES:
+        got = rotated_crop(image, label, start, crop, flips, axes, 0.0)
+        _assert_same(got, want)
+
+
+def test_rotation_margin_holds_the_rotated_crop():
+    crop = (16, 24, 8)
+    for axes in ROTATION_PLANES:
+        assert (rotation_margin(crop, axes, 0.0)[list(axes)] == 1).all()
+        for degrees in np.linspace(-180, 180, 37):
+            margin = rotation_margin(crop, axes, degrees)
+            a, b = axes
+            t = np.deg2rad(degrees)
+            reach_a = (crop[a] * abs(np.cos(t)) + crop[b] * abs(np.sin(t))) / 2
+            assert margin[3 - a - b] == 0 and crop[a] / 2 + margin[a] >= reach_a + 1
+
+
+def test_labels_rotate_with_the_image():
+    """Channel 0 is the label as float: after rotation the labels (nearest) keep their values and agree with
+    the rounded channel (linear) away from label boundaries, where the channel takes intermediate values."""
+    shape = (24, 24, 24)
+    label, image = _blobs(shape)
+    config = PipelineConfig(crop_size=(16, 16, 16), rotation_degrees=40.0, flip_probability=0.5, foreground_oversample=0.0,
+                            intensity_scale=0.0, intensity_shift=0.0)
+    transform = RandomCropAugmentDropout(config)
+    checked = 0
+    for seed in range(6):
+        out = transform.random_map(_element(image, label), np.random.default_rng(seed))
+        assert set(np.unique(out["label"])) <= {0, 1, 2, 3}
+        channel = out["image"][..., 0]
+        # Interior: the label is the same over the voxel's 3^3 neighbourhood (and it is in the case).
+        interior = (ndi.maximum_filter(out["label"], 3) == ndi.minimum_filter(out["label"], 3)) & ndi.binary_erosion(out["valid"], border_value=1)
+        np.testing.assert_array_equal(np.rint(channel[interior]), out["label"][interior])
+        checked += interior.sum()
+        fractional = np.abs(channel - np.rint(channel)) > 0.05
+        assert fractional.sum() > 50  # linear interpolation across the label boundaries
+    assert checked > 6 * 16**3 / 4
+
+
+def test_rotated_crop_is_filled_with_the_case():
+    """Where the case extends beyond the rotated crop, no corner of it is padding."""
+    shape = (32, 32, 32)
+    rng = np.random.default_rng(7)
+    image = 1 + rng.random(shape + (4,), dtype=np.float32)
+    for axes in ROTATION_PLANES:
+        out = rotated_crop(image, None, np.array([8, 8, 8]), (16, 16, 16), np.array([False, True, False]), axes, 45.0)
+        assert out["valid"].all() and (out["image"] >= 1).all() and "label" not in out
+    # Through the transform: a 10-degree rotation of a 16^3 crop needs 3 more voxels a side.
+    config = PipelineConfig(crop_size=(16, 16, 16), rotation_degrees=10.0, foreground_oversample=0.0)
+    for seed in range(10):
+        out = RandomCropAugmentDropout(config).random_map(_element(np.pad(image, [(8, 8)] * 3 + [(0, 0)], constant_values=1)), np.random.default_rng(seed))
+        assert out["valid"].all() and (out["image"] > 0.5).all()
+
+
+def test_rotation_keeps_padding_zero_and_invalid():
+    """A case smaller than the crop: outside it valid is False and the (intensity-augmented) image exactly 0."""
+    shape = (12, 10, 12)
+    rng = np.random.default_rng(8)
+    image = 1 + rng.random(shape + (4,), dtype=np.float32)
+    label = rng.integers(1, 4, shape).astype(np.uint8)
+    config = PipelineConfig(crop_size=(16, 16, 16), rotation_degrees=30.0, foreground_oversample=0.0)
+    for seed in range(6):
+        out = RandomCropAugmentDropout(config).random_map(_element(image, label), np.random.default_rng(seed))
+        valid = out["valid"]
+        assert not valid.all() and abs(int(valid.sum()) - int(np.prod(shape))) < 0.2 * np.prod(shape)  # rotation keeps volume
+        assert not out["image"][~valid].any() and not out["label"][~valid].any()
+        assert (out["label"][valid] > 0).all()  # a label is rotated with its voxel, never taken from padding
+
+
+def test_rotation_off_draws_nothing_and_rotation_on_keeps_the_crop_place(phantom_cache):
+    """rotation_degrees = 0 is off whatever the probability (the stream is unchanged); rotation draws after the
+    crop's start and flips, so a rotated batch has the same crop_start, flipped and cases."""
+    off = _batches(phantom_cache, 3)
+    for a, b in zip(off, _batches(phantom_cache, 3, rotation_degrees=0.0, rotation_probability=0.5)):
+        _assert_same(a, b)
+    on = _batches(phantom_cache, 3, rotation_degrees=20.0)
+    for a, b in zip(off, on):
+        for key in ("crop_start", "flipped", "case_index", "case_shape", "box_start", "present"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        assert b["image"].shape == a["image"].shape and b["label"].dtype == np.uint8 and b["valid"].dtype == bool
+        assert not np.array_equal(a["label"], b["label"])
+        assert not b["image"][~b["valid"]].any()
+    for a, b in zip(on, _batches(phantom_cache, 3, rotation_degrees=20.0)):
+        _assert_same(a, b)
+    never = _batches(phantom_cache, 3, rotation_degrees=20.0, rotation_probability=0.0)  # draws, never rotates
+    for a, b in zip(off, never):
+        for key in ("label", "valid", "crop_start", "flipped"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_rotation_settings_are_checked():
+    with pytest.raises(ValueError, match="rotation_degrees must be in"):
+        PipelineConfig(rotation_degrees=200.0)
+    with pytest.raises(ValueError, match="rotation_probability in"):
+        PipelineConfig(rotation_degrees=10.0, rotation_probability=1.5)

@@ -26,6 +26,20 @@ the case and in the source grid (for BraTS, the shared atlas grid), so a
 method can read a volume-sized parameter (M3AE's substitute image) at the
 same place in training as at inference.
 
+With ``rotation_degrees > 0`` a crop is also rotated (with probability
+``rotation_probability``) about its centre, by an angle uniform in
+[-rotation_degrees, rotation_degrees] in one of the three axis planes chosen
+uniformly (RFNet's public code rotates by up to 10 degrees in a random plane;
+the plane choice and the uniform angle are our choice). The rotated crop is
+filled with the case: a crop larger in the two rotated axes is cut (padded
+and flipped as above), rotated (image: linear; ``label`` and ``valid``:
+nearest), and its centre kept, as if the zero-padded case had been rotated
+about the crop's centre; image voxels where ``valid`` is False stay 0.
+``crop_start`` and ``flipped`` still describe the unrotated crop (the
+rotation's centre and the flips applied before rotating): they do not locate
+the voxels of a rotated crop, so a method that reads a volume at the crop's
+place (M3AE's x_sub) must not rotate.
+
 ``image`` is not yet dropped: methods apply ``modality_mask`` on device with
 `jaxbrats.modalities.drop_modalities` (zeros for the baseline, a learned
 substitute for M3AE, the full image for a teacher), which keeps one host copy
@@ -66,6 +80,11 @@ class PipelineConfig:
     #: on the case's voxels (padding stays 0).
     intensity_scale: float = 0.1
     intensity_shift: float = 0.1
+    #: Rotation about the crop's centre by U(-rotation_degrees, rotation_degrees) degrees in
+    #: one of the three axis planes (chosen uniformly), applied with `rotation_probability`;
+    #: rotation_degrees = 0 disables it and draws no random numbers (the stream is unchanged).
+    rotation_degrees: float = 0.0
+    rotation_probability: float = 1.0
     #: "uniform": uniform over the (available) 15 subsets; "drop_k": M3AE's drop k ~ U{0..n-1}
     #: of the n present modalities; "none": keep all present modalities.
     dropout: str = "uniform"
@@ -88,6 +107,9 @@ class PipelineConfig:
             raise ValueError(f"crop_size must be three positive ints, got {self.crop_size}")
         if self.instantiations < 1 or self.batch_size < 1:
             raise ValueError("batch_size and instantiations must be at least 1")
+        if not 0 <= self.rotation_degrees <= 180 or not 0 <= self.rotation_probability <= 1:
+            raise ValueError(f"rotation_degrees must be in [0, 180] and rotation_probability in [0, 1], "
+                             f"got {self.rotation_degrees} and {self.rotation_probability}")
 
 
 class CacheSource(grain.sources.RandomAccessDataSource):
@@ -151,6 +173,100 @@ def crop_slices(start, shape, crop, flips) -> tuple[tuple[slice, ...], tuple[sli
     return tuple(src), tuple(dst)
 
 
+#: The axis planes a crop may be rotated in (each as scipy.ndimage.rotate's `axes`).
+ROTATION_PLANES = ((0, 1), (0, 2), (1, 2))
+
+
+def rotation_margin(crop, axes, degrees: float) -> np.ndarray:
+    """(3,) voxels to add on each side of a crop so that, rotated by `degrees` in the plane `axes`
+    about its centre, its centre crop is interpolated from the larger crop alone.
+
+    The rotated crop reaches (ca |cos t| + cb |sin t|) / 2 from the centre along axis a (and
+    (ca |sin t| + cb |cos t|) / 2 along b); one voxel more holds linear interpolation's neighbour.
+    """
+    a, b = axes
+    cos, sin = abs(np.cos(np.deg2rad(degrees))), abs(np.sin(np.deg2rad(degrees)))
+    half = {a: (crop[a] * cos + crop[b] * sin) / 2, b: (crop[a] * sin + crop[b] * cos) / 2}
+    margin = np.zeros(3, np.int64)
+    for axis, reach in half.items():
+        margin[axis] = max(int(np.ceil(reach - crop[axis] / 2)), 0) + 1
+    return margin
+
+
+def rotated_crop(image, label, start, crop, flips, axes, degrees: float) -> dict:
+    """``image``, ``valid`` (and ``label`` unless None) of the crop at `start`, flipped along `flips`,
+    rotated about its centre by `degrees` in the plane `axes` (a < b): padding outside the case is 0
+    (``valid`` False), as if the zero-padded case were rotated by `scipy.ndimage.rotate(...,
+    axes=axes, reshape=False)` about the crop's centre (image: order 1; label and valid: order 0).
+
+    A crop `rotation_margin` larger in the plane is cut with `crop_slices`, in a layout with the
+    plane's two axes leading, so each position of the output plane interpolates a whole row (the
+    other axis and the channels) from the four (linear) or one (nearest) rows around its input
+    point: scipy.ndimage's interpolation at the same points (the tests compare), with one
+    interpolation per plane position instead of ndimage.rotate's loop over planes. An 80^3 crop of
+    a 4-channel case takes ~18 ms this way (~4 ms unrotated), ~130 ms with scipy.ndimage.rotate.
+    """
+    a, b = axes
+    perm = (a, b, 3 - a - b)
+    back = tuple(int(i) for i in np.argsort(perm))  # original axis i is axis back[i] of the buffers
+    crop, margin = np.asarray(crop), rotation_margin(crop, axes, degrees)
+    big = crop + 2 * margin
+    src, dst = crop_slices(np.asarray(start) - margin, image.shape[:3], big, flips)
+    size = tuple(int(n) for n in big[list(perm)])  # (La, Lb, Lo) of the buffers
+    out_size = tuple(int(n) for n in crop[list(perm)])
+
+    # Input point of each output position (i, j) of the plane: R (o - centre_out) + centre_in,
+    # R = [[cos, sin], [-sin, cos]] as scipy.ndimage.rotate.
+    cos, sin = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
+    u = np.arange(out_size[0]) - (out_size[0] - 1) / 2
+    v = np.arange(out_size[1]) - (out_size[1] - 1) / 2
+    pa = (cos * u[:, None] + sin * v[None, :] + (size[0] - 1) / 2).ravel()
+    pb = (-sin * u[:, None] + cos * v[None, :] + (size[1] - 1) / 2).ravel()
+
+    def nearest(buffer):
+        rows = buffer.reshape(size[0] * size[1], -1)
+        ia = np.clip(np.floor(pa + 0.5), 0, size[0] - 1).astype(np.intp)  # ndimage's order-0 rounding
+        ib = np.clip(np.floor(pb + 0.5), 0, size[1] - 1).astype(np.intp)
+        return rows[ia * size[1] + ib].reshape(out_size + buffer.shape[3:]).transpose(back + tuple(range(3, buffer.ndim)))
+
+    out = {}
+    valid = np.zeros(size, bool)
+    valid.transpose(back)[dst] = True
+    out["valid"] = np.ascontiguousarray(nearest(valid))
+    if label is not None:
+        buffer = np.zeros(size, np.uint8)
+        buffer.transpose(back)[dst] = label[src]
+        out["label"] = np.ascontiguousarray(nearest(buffer))
+
+    buffer = np.zeros(size + (NUM_MODALITIES,), np.float32)
+    buffer.transpose(back + (3,))[dst] = image[src]
+    rows = buffer.reshape(size[0] * size[1], -1)
+    ia = np.clip(np.floor(pa), 0, size[0] - 2).astype(np.intp)
+    ib = np.clip(np.floor(pb), 0, size[1] - 2).astype(np.intp)
+    wa, wb = (pa - ia).astype(np.float32)[:, None], (pb - ib).astype(np.float32)[:, None]
+    corners = [(ia * size[1] + ib + step, weight) for step, weight in (
+        (0, (1 - wa) * (1 - wb)), (1, (1 - wa) * wb), (size[1], wa * (1 - wb)), (size[1] + 1, wa * wb))]
+    out["image"] = np.empty(tuple(crop) + (NUM_MODALITIES,), np.float32)
+    target = out["image"].transpose(perm + (3,))  # the output in the buffers' layout
+    invalid = ~out["valid"].transpose(perm)
+    # One output row of the plane at a time: its gathers stay in the cache.
+    n = out_size[1]
+    gathered, total = np.empty((n, rows.shape[1]), np.float32), np.empty((n, rows.shape[1]), np.float32)
+    for i in range(out_size[0]):
+        part = slice(i * n, (i + 1) * n)
+        for k, (index, weight) in enumerate(corners):
+            np.take(rows, index[part], axis=0, out=gathered if k else total)
+            if k:
+                gathered *= weight[part]
+                total += gathered
+            else:
+                total *= weight[part]
+        row = total.reshape(n, out_size[2], NUM_MODALITIES)
+        row[invalid[i]] = 0.0  # padding stays exactly 0
+        target[i] = row
+    return out
+
+
 def sample_modality_masks(rng: np.random.Generator, present: np.ndarray, mode: str, k: int, distinct: bool = False) -> np.ndarray:
     """(k, 4) boolean masks, each a non-empty subset of the present modalities; pairwise different if `distinct`."""
     if distinct and mode != "none" and 2 ** int(present.sum()) - 1 >= k:
@@ -197,13 +313,17 @@ class RandomCropAugmentDropout(grain.transforms.RandomMap):
         shape, crop = image.shape[:3], cfg.crop_size
         start = crop_start(rng, shape, crop, element.get("foreground"), cfg.foreground_oversample)
         flips = rng.random(3) < cfg.flip_probability
-        src, dst = crop_slices(start, shape, crop, flips)
-        out = {"image": np.zeros(tuple(crop) + (NUM_MODALITIES,), np.float32), "valid": np.zeros(crop, bool)}
-        out["image"][dst] = image[src]
-        out["valid"][dst] = True
-        if label is not None:
-            out["label"] = np.zeros(crop, np.uint8)
-            out["label"][dst] = label[src]
+        rotation = self._draw_rotation(rng)
+        if rotation is not None:
+            out = rotated_crop(image, label, start, crop, flips, *rotation)
+        else:
+            src, dst = crop_slices(start, shape, crop, flips)
+            out = {"image": np.zeros(tuple(crop) + (NUM_MODALITIES,), np.float32), "valid": np.zeros(crop, bool)}
+            out["image"][dst] = image[src]
+            out["valid"][dst] = True
+            if label is not None:
+                out["label"] = np.zeros(crop, np.uint8)
+                out["label"][dst] = label[src]
         self._augment_intensity(out, rng)
         present = element["present"]
         masks = sample_modality_masks(rng, present, cfg.dropout, cfg.instantiations, cfg.distinct)
@@ -212,6 +332,15 @@ class RandomCropAugmentDropout(grain.transforms.RandomMap):
                    box_start=element["box_start"])
         return out
 
+    def _draw_rotation(self, rng: np.random.Generator):
+        """(plane axes, degrees) of this crop's rotation, or None; draws nothing when rotation is off."""
+        cfg = self.config
+        if not cfg.rotation_degrees:
+            return None
+        apply = rng.random() < cfg.rotation_probability
+        plane = ROTATION_PLANES[rng.integers(len(ROTATION_PLANES))]
+        degrees = float(rng.uniform(-cfg.rotation_degrees, cfg.rotation_degrees))
+        return (plane, degrees) if apply else None
 
     def _augment_intensity(self, out: dict, rng: np.random.Generator) -> None:
         cfg = self.config

@@ -77,3 +77,26 @@ def masked_mse(prediction, target, weight):
     w = jnp.broadcast_to(weight, target.shape).astype(jnp.float32)
     error = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
     return jnp.sum(error * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def rfnet_loss(logits, labels, valid, eps: float = 1e-7, floor: float = 0.005):
+    """RFNet's (and mmFormer's) criterion, which ACDIS follows ("in line with [7, 36]"), as in
+    their public code: a weighted CE + a soft Dice over all labels, background included.
+
+    CE: each sample weighs label c by 1 - (its voxels of c) / (its voxels), and the loss is
+    the mean over voxels of sum_c w_c y_c (-log max(p_c, floor)), floor 0.005 (the code's
+    clamp). Dice: 1 - mean_c 2 sum(p_c y_c) / (sum p_c + sum y_c + eps), sums over the whole
+    batch, eps 1e-7. Padding (`valid` False) counts nowhere.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    w = valid.astype(jnp.float32)[..., None]
+    onehot = jax.nn.one_hot(labels.astype(jnp.int32), NUM_LABELS, dtype=jnp.float32) * w
+    spatial = tuple(range(1, onehot.ndim - 1))
+    voxels = jnp.maximum(jnp.sum(w, axis=spatial), 1.0)  # (N, 1)
+    weights = 1.0 - jnp.sum(onehot, axis=spatial) / voxels  # (N, K)
+    weights = weights.reshape(weights.shape[0], *([1] * len(spatial)), weights.shape[1])
+    ce = jnp.sum(weights * onehot * -jnp.log(jnp.clip(probs, floor, 1.0))) / jnp.maximum(jnp.sum(w), 1.0)
+    axes = tuple(range(onehot.ndim - 1))
+    overlap = jnp.sum(probs * onehot, axis=axes)
+    dice = 1.0 - jnp.mean(2.0 * overlap / (jnp.sum(probs * w, axis=axes) + jnp.sum(onehot, axis=axes) + eps))
+    return ce + dice, {"dice_loss": dice, "ce": ce}

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from jaxbrats.config import Config, parse_config, read_config
 from jaxbrats.errors import ConfigError
+from jaxbrats.methods.acdis import ACDIS
 from jaxbrats.methods.base import Method, Update
 from jaxbrats.methods.baseline import Baseline
 from jaxbrats.methods.m3ae import M3AE
 from jaxbrats.methods.mind_the_gap import MindTheGap
 from jaxbrats.methods.rirn import RIRN
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Baseline, M3AE, MindTheGap, RIRN)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ACDIS, Baseline, M3AE, MindTheGap, RIRN)}
 
 
 def get_method(name: str) -> type[Method]:

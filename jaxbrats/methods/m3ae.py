@@ -212,6 +212,10 @@ class M3AE(Method):
         super().check_config(config)
         options = cls.parse_options(config)
         check_deep_supervision(config, "M3AE fine-tuning")
+        if config.data.rotation_degrees > 0 and options.fill != "zero":
+            raise ConfigError(f"data.rotation_degrees must be 0 for M3AE with method.fill = {options.fill!r}, got "
+                              f"{config.data.rotation_degrees}: the fill is read where the unrotated crop lies "
+                              "(crop_start, flipped), not under a rotated crop")
         if options.patch_masking:
             try:
                 patch_grid(config.data.crop_size, options.patch_size)

@@ -1,0 +1,280 @@
+"""ACDIS (Zhang et al. 2024, papers/acdis.txt): anatomical consistency distillation and
+inconsistency synthesis. A catch-all model: four mono-modal encoders with AFEB, an auxiliary
+multi-modal encoder E_aux and decoder D_aux used in training only, the MFSB and a fusion decoder.
+
+No public code. The networks and what in them is ours: `networks.acdis`. The training objective,
+eq. 12, unweighted: L = L_ACCT + L_seg + L_syn.
+
+- L_seg (eq. 11) sums six outputs: D_aux on each modality's raw encoder features (4, the
+  modalities folded into the batch: one D_aux pass), D_fuse on E_aux's features and D_fuse on
+  the completed features f_comp (one D_fuse pass for both). "weighted CE + Dice in line with
+  [7, 36]" is RFNet's criterion (`seg_loss = "rfnet"`, `losses.segmentation.rfnet_loss`);
+  `"label"` is this library's weighted CE + foreground soft Dice (`class_weights`).
+- D_fuse decodes 4C channels per level; E_aux gives C (the shared encoder reading the four
+  modalities), so its feature fills all four modality slots (ours: the completion ACCT asks of
+  every mono feature). Skips: every level, as the shared U-Net.
+- ACCT (eqs. 1-4, `losses.consistency`) between each enhanced mono feature f_m and E_aux's
+  feature at the same level, at every AFEB level, E_aux's a fixed target (no gradient: E_aux
+  learns only from its D_fuse segmentation). Windows of `acct_window`^3 voxels with stride
+  `acct_stride` (0: the window, non-overlapping), statistics per channel (`acct_pooled = false`)
+  or over all channels: the paper gives neither (ours). Summed over modalities and levels,
+  averaged over windows, channels and batch (ours). `distill` picks Table 2's loss
+  (none | mse | kl | var | covar | acct).
+- MFSB synthesises every modality's feature from the present ones (`networks.acdis.MFSB`); the
+  missing slots of f_comp take the syntheses. L_syn (eq. 10) on the missing modalities only,
+  the full-modality feature f_m gradient-stopped as the label (ours); `syn_norm = "mse"` (the
+  text: "Mean Square Error", default) or "l2" (eq. 10 as printed). Table 3's other synthesis
+  losses (`synthesis`): "var", "covar" (the ACCT terms between f_hat_m and f_m), "adv" (a
+  discriminator on the bottleneck level's features: f_m real, f_hat_m fake, every modality;
+  non-saturating generator term x `adv_weight`, trained in a second update "discriminator").
+- Schedule. The paper: "initial training omitted L_ACCT and L_syn" and, in the same paragraph,
+  consistency distillation "from the first to the final epoch" and feature synthesis "from the
+  21st epoch onwards". Our reading (settings): ACCT from epoch `acct_start_epoch` = 0, the MFSB
+  path and L_syn from `synthesis_start_epoch` = 20 (0-based: the 21st); before it the missing
+  slots of f_comp are zeros. Epochs are converted with the run's steps per epoch (`setup`);
+  the switch is data in the step (no recompilation).
+- Missing modalities in training (the paper does not say): uniform over the 15 subsets, as
+  RFNet; the mono encoders always see every modality (D_aux, ACCT and L_syn's labels need them),
+  the masks act on f_ava. At inference E_aux, D_aux and the discriminator are not loaded:
+  mono encoders + AFEB -> f_ava of the present modalities -> MFSB -> D_fuse.
+- Ablations (Sec. 4.4): `afeb = false` and `mfsb = false` put a 3x3x3 convolution in the
+  block's place (as the paper, to keep the parameters comparable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxbrats.config import check_choice, check_entries, check_range
+from jaxbrats.errors import ConfigError
+from jaxbrats.labels import NUM_LABELS
+from jaxbrats.losses import label_loss
+from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
+from jaxbrats.losses.consistency import DISTILLATION_LOSSES, SYNTHESIS_NORMS, acct_loss, consistency_distillation, synthesis_loss
+from jaxbrats.losses.segmentation import rfnet_loss
+from jaxbrats.methods.base import Method, Update
+from jaxbrats.modalities import MODALITIES
+from jaxbrats.networks import family
+from jaxbrats.networks.acdis import FeatureCompletion, FusionDecoder, MonoEncoder
+from jaxbrats.networks.discriminator import Discriminator, DiscriminatorConfig
+from jaxbrats.networks.factory import probabilities, unet_config
+from jaxbrats.networks.latent_encoder import modality_stack
+from jaxbrats.networks.unet import Decoder, Encoder
+
+SYNTHESIS_LOSSES = ("syn", "adv", "var", "covar")
+SEG_LOSSES = ("rfnet", "label")
+INFERENCE_MODELS = ("mono", "completion", "fuse_decoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class ACDISOptions:
+    afeb: bool = True  # false: a 3x3x3 convolution in each AFEB's place (Table 2's first row)
+    afeb_levels: tuple[int, ...] = ()  # encoder levels with AFEB (and ACCT); (): every level
+    distill: str = "acct"  # Table 2: none | mse | kl | var | covar | acct (= var + covar, eq. 4)
+    acct_window: int = 4  # local window edge, voxels (ours; the paper gives none)
+    acct_stride: int = 0  # 0: the window (non-overlapping)
+    acct_pooled: bool = False  # window statistics over all channels, else per channel
+    mfsb: bool = True  # false: a 3x3x3 convolution 4C -> 4C in its place (Table 3's first row)
+    synthesis: tuple[str, ...] = ("syn",)  # Table 3: any of syn, adv, var, covar
+    syn_norm: str = "mse"  # mse (the text) | l2 (eq. 10 as printed)
+    acct_start_epoch: int = 0  # 0-based epoch from which L_ACCT counts
+    synthesis_start_epoch: int = 20  # 0-based epoch from which MFSB fills f_comp and L_syn counts
+    seg_loss: str = "rfnet"  # rfnet (RFNet/mmFormer's weighted CE + Dice) | label
+    class_weights: tuple[float, ...] = ()  # seg_loss = "label" only: CE weight per internal label
+    adv_weight: float = 1.0  # synthesis "adv": the generator term's weight (ours)
+    disc_width: int = 64  # synthesis "adv": the feature discriminator's hidden channels (ours)
+
+    def validate(self, where: str) -> None:
+        check_choice(f"{where}.distill", self.distill, DISTILLATION_LOSSES)
+        check_range(f"{where}.acct_window", self.acct_window, 2)
+        check_range(f"{where}.acct_stride", self.acct_stride, 0)
+        for name in self.synthesis:
+            check_choice(f"{where}.synthesis", name, SYNTHESIS_LOSSES)
+        if not self.mfsb and self.synthesis:
+            raise ConfigError(f"{where}.synthesis must be [] with {where}.mfsb = false (nothing is synthesised), "
+                              f"got {list(self.synthesis)}")
+        check_choice(f"{where}.syn_norm", self.syn_norm, SYNTHESIS_NORMS)
+        check_range(f"{where}.acct_start_epoch", self.acct_start_epoch, 0)
+        check_range(f"{where}.synthesis_start_epoch", self.synthesis_start_epoch, 0)
+        check_choice(f"{where}.seg_loss", self.seg_loss, SEG_LOSSES)
+        if self.class_weights and (self.seg_loss != "label" or len(self.class_weights) != NUM_LABELS):
+            raise ConfigError(f"{where}.class_weights needs seg_loss = 'label' and {NUM_LABELS} values, "
+                              f"got {list(self.class_weights)}")
+        check_entries(f"{where}.class_weights", self.class_weights, 0)
+        check_range(f"{where}.adv_weight", self.adv_weight, 0)
+        check_range(f"{where}.disc_width", self.disc_width, 1)
+
+
+class ACDIS(Method):
+    name = "acdis"
+    Options = ACDISOptions
+    stages = ("train",)
+
+    def __init__(self, config):
+        super().__init__(config)
+        levels = len(config.model.widths)
+        self.afeb_levels = tuple(self.options.afeb_levels) or tuple(range(levels))
+        self.steps_per_epoch = None  # set by `setup` (the schedule's epochs -> steps)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        o = cls.parse_options(config)
+        levels = len(config.model.widths)
+        bad = [l for l in o.afeb_levels if not 0 <= l < levels]
+        if bad:
+            raise ConfigError(f"method.afeb_levels: no encoder level {bad} (model.widths has {levels} levels: 0..{levels - 1})")
+
+    def setup(self, train_set) -> None:
+        stage = self.config.stages.get("train")
+        batch = stage.batch_size if stage and stage.batch_size else self.config.data.batch_size
+        self.steps_per_epoch = max(len(train_set) // batch, 1)
+
+    def start_step(self, epoch: int) -> int:
+        if epoch and self.steps_per_epoch is None:
+            raise RuntimeError("ACDIS.setup(train_set) must run before its loss is traced (epochs -> steps)")
+        return epoch * (self.steps_per_epoch or 0)
+
+    # --- models ------------------------------------------------------------------------
+    def families(self, stage):
+        return {"mono": len(MODALITIES)}
+
+    def init_models(self, stage, rngs):
+        o = self.options
+        roots = jax.random.split(rngs.params(), 6)
+        mono_cfg = unet_config(self.config, NUM_LABELS, in_channels=1)
+        cfg = unet_config(self.config, NUM_LABELS)
+        models = {
+            "mono": family.stack(lambda r: MonoEncoder(mono_cfg, self.afeb_levels, o.afeb, r),
+                                 family.member_keys(roots[0], range(len(MODALITIES)))),
+            "completion": FeatureCompletion(cfg.widths, len(MODALITIES), o.mfsb, cfg, nnx.Rngs(roots[1])),
+            "fuse_decoder": FusionDecoder(cfg, len(MODALITIES), nnx.Rngs(roots[2])),
+            "aux_encoder": Encoder(cfg, nnx.Rngs(roots[3])),
+            "aux_decoder": Decoder(cfg, nnx.Rngs(roots[4])),
+        }
+        if "adv" in o.synthesis:
+            disc = DiscriminatorConfig(in_channels=cfg.widths[-1], width=o.disc_width, dtype=cfg.dtype, conv_impl=cfg.conv_impl)
+            models["discriminator"] = Discriminator(disc, nnx.Rngs(roots[5]))
+        return models
+
+    def pipeline(self, stage):
+        return {"dropout": "uniform", "instantiations": 1}
+
+    def updates(self, stage):
+        trainable = {name: nnx.Param for name in (*INFERENCE_MODELS, "aux_encoder", "aux_decoder")}
+        updates = [Update(group="model", trainable=trainable, loss=self.loss)]
+        if "adv" in self.options.synthesis:
+            updates.append(Update(group="discriminator", trainable={"discriminator": nnx.Param}, loss=self.discriminator_loss))
+        return updates
+
+    def known_groups(self, stage):
+        return ("model", "discriminator")
+
+    # --- training ------------------------------------------------------------------------
+    def encode(self, models, image) -> dict:
+        """Every modality through its encoder and AFEBs: {"raw", "enhanced"}: per level (M, N, ..., C)."""
+        return family.map_members(lambda encoder, x: encoder(x), models["mono"], modality_stack(image),
+                                  how=self.config.model.family_map)
+
+    def seg_loss(self, logits, labels, valid):
+        if self.options.seg_loss == "rfnet":
+            return rfnet_loss(logits, labels, valid)[0]
+        return label_loss(logits, labels, valid, class_weights=self.options.class_weights or None)[0]
+
+    def segmentation_terms(self, models, batch, mono, aux, comp) -> dict:
+        """Eq. 11's six outputs: 4 x D_aux(raw mono), D_fuse(E_aux, tiled to the 4C layout), D_fuse(f_comp)."""
+        m, n = len(MODALITIES), batch["image"].shape[0]
+        mono_logits = models["aux_decoder"]([fold(f) for f in mono["raw"]])[0]  # one D_aux pass, M*N samples
+        # Each output's loss on its own (RFNet's Dice sums over the batch), summed.
+        per_modality = jax.vmap(lambda logits: self.seg_loss(logits, batch["label"], batch["valid"]))
+        seg_mono = jnp.sum(per_modality(mono_logits.reshape(m, n, *mono_logits.shape[1:])))
+        both = [jnp.concatenate([jnp.tile(a, (1,) * (a.ndim - 1) + (m,)), c], axis=0) for a, c in zip(aux, comp)]
+        logits = models["fuse_decoder"](both)
+        seg_aux = self.seg_loss(logits[:n], batch["label"], batch["valid"])
+        seg_fuse = self.seg_loss(logits[n:], batch["label"], batch["valid"])
+        return {"seg_mono": seg_mono, "seg_aux": seg_aux, "seg_fuse": seg_fuse}
+
+    def distillation(self, mono, aux):
+        """L_ACCT (or Table 2's alternative) summed over modalities and AFEB levels."""
+        o = self.options
+        total, parts = jnp.zeros((), jnp.float32), {}
+        for level in self.afeb_levels:
+            loss, terms = consistency_distillation(o.distill, mono["enhanced"][level], aux[level], o.acct_window,
+                                                   o.acct_stride or o.acct_window, o.acct_pooled)
+            total = total + jnp.sum(loss)
+            for k, v in terms.items():
+                parts[k] = parts.get(k, 0.0) + jnp.sum(v)
+        return total, parts
+
+    def synthesis_terms(self, mono, synthesised, mask) -> dict:
+        """Table 3's synthesis losses on the missing modalities, summed over levels."""
+        o = self.options
+        missing = ~jnp.asarray(mask, bool).T  # (M, N)
+        terms = {}
+        for f_hat, f in zip(synthesised, mono["enhanced"]):
+            if "syn" in o.synthesis:
+                terms["syn"] = terms.get("syn", 0.0) + synthesis_loss(f_hat, f, missing, o.syn_norm)
+            if {"var", "covar"} & set(o.synthesis):
+                # (M, N, 1, ...): one value per modality and sample, averaged over the missing ones.
+                acct = acct_loss(f_hat[:, :, None], f[:, :, None], o.acct_window, o.acct_stride or o.acct_window, o.acct_pooled)
+                weight = missing.astype(jnp.float32)
+                for name in ("var", "covar"):
+                    if name in o.synthesis:
+                        value = jnp.sum(acct[name] * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+                        terms[f"syn_{name}"] = terms.get(f"syn_{name}", 0.0) + value
+        return terms
+
+    def loss(self, models, batch, key, context):
+        o = self.options
+        image, mask, step = batch["image"], batch["modality_mask"][:, 0], context["step"]
+        acct_on = step >= self.start_step(o.acct_start_epoch)
+        synthesis_on = step >= self.start_step(o.synthesis_start_epoch)
+        mono = self.encode(models, image)
+        aux = models["aux_encoder"](image)
+        comp, synthesised = models["completion"](mono["enhanced"], mask, synthesise=synthesis_on)
+        parts = self.segmentation_terms(models, batch, mono, aux, comp)
+        loss = parts["seg_mono"] + parts["seg_aux"] + parts["seg_fuse"]
+        if o.distill != "none":
+            distill, terms = self.distillation(mono, aux)
+            parts.update(terms, distill=distill)
+            loss = loss + jnp.where(acct_on, distill, 0.0)
+        shared = {}
+        if synthesised is not None and o.synthesis:
+            terms = self.synthesis_terms(mono, synthesised, mask)
+            if "adv" in o.synthesis:
+                fake = fold(synthesised[-1])
+                terms["adv"] = o.adv_weight * student_adversarial_loss(models["discriminator"](fake))[0]
+                shared = {"real": fold(mono["enhanced"][-1]).astype(jnp.float32), "fake": fake.astype(jnp.float32)}
+            synthesis = sum(terms.values())
+            parts.update(terms, synthesis=synthesis)
+            loss = loss + jnp.where(synthesis_on, synthesis, 0.0)
+        parts["acct_on"] = acct_on.astype(jnp.float32)
+        parts["synthesis_on"] = synthesis_on.astype(jnp.float32)
+        return loss, parts, shared
+
+    def discriminator_loss(self, models, batch, key, context):
+        """Table 3's adversarial synthesis: full-modality bottleneck features real, syntheses fake."""
+        disc = models["discriminator"]
+        loss, parts = discriminator_loss(disc(context["real"]), disc(context["fake"]))
+        on = context["step"] >= self.start_step(self.options.synthesis_start_epoch)
+        return jnp.where(on, loss, 0.0), parts
+
+    # --- inference -----------------------------------------------------------------------
+    def inference_models(self, stage):
+        return INFERENCE_MODELS
+
+    def predict(self, models, image, modality_mask, subset=None):
+        """Mono encoders + AFEB -> f_ava of the present modalities -> MFSB -> D_fuse."""
+        mask = jnp.broadcast_to(jnp.asarray(modality_mask, bool), (image.shape[0], len(MODALITIES)))
+        mono = self.encode(models, image)
+        comp, _ = models["completion"](mono["enhanced"], mask)
+        return probabilities("labels", models["fuse_decoder"](comp))
+
+
+def fold(f):
+    """(M, N, ...) -> (M*N, ...)."""
+    return f.reshape(f.shape[0] * f.shape[1], *f.shape[2:])

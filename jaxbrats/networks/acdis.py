@@ -1,0 +1,187 @@
+"""ACDIS's networks (Zhang et al. 2024, papers/acdis.txt): mono-modal encoders with AFEB, the
+modality feature synthesis block (MFSB) and the fusion decoder. No public code; the paper gives
+the blocks' equations (MFSB, eqs. 5-9) and a figure (AFEB), not their sizes. Ours, settings where
+a researcher may want another reading:
+
+- Encoders and decoders "closely resemble the 3D U-Net": they are the shared backbone's
+  `Encoder` and `Decoder` (`networks.unet`), C_l = model.widths[l] channels at level l.
+  A mono-modal encoder E_m reads one channel; E_aux reads the four.
+- AFEB (Fig. 3; `AFEB`): a 1x1x1 embedding into the multi-modal space, then a global branch
+  (multi-head self-attention) and a local branch (GN -> ReLU -> 3x3x3 convolution), fused by a
+  1x1x1 convolution of their concatenation, added to the embedding (the residual is ours). Full
+  attention over every voxel of a level is out of reach (80^3 = 512k tokens), so the global
+  branch attends over the level average-pooled to the bottleneck's grid (`pool` = 2^(L-1-l):
+  (crop/8)^3 tokens for four levels), upsampled back trilinearly. Heads: C_l / 16 (at least 1).
+- `MonoEncoder` = E_m + its AFEBs (the levels in `afeb_levels`; "the mono-modal hierarchical
+  features" names no level: every level by default). With `afeb = False` (the paper's ablation,
+  Sec. 4.4) a 3x3x3 convolution stands in each AFEB's place. It returns the raw features (for
+  D_aux) and the enhanced features f_m (for ACCT, MFSB and D_fuse). The four are a family
+  (`networks.family`) mapped over the modality axis: one program, not four.
+- `MFSB` (Fig. 4, eqs. 5-9), one per level and one set of weights per target modality m (p_m,
+  W2..W4 are indexed by m: shared weights would make the four syntheses identical):
+  p_m = sigmoid(W1_m GAP(f_ava)), f_m^cha = W2_m (p_m * f_ava), alpha_m = sigmoid(W3_m f_m^cha),
+  beta_m = sigmoid(W4_m f_m^cha), f_hat_m = (1 + alpha_m) f_m^cha + beta_m; W are 1x1x1
+  convolutions (with biases, ours) computed as einsums over the modality axis.
+- `FusionDecoder` (D_fuse): the completed features f_comp (N, ..., 4 C_l) at every level, a
+  1x1x1 convolution 4 C_l -> C_l per level (ours: a decoder 4x as wide would cost 16x), then
+  the shared `Decoder` with its skips at every level.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxbrats.networks.layers import Conv3D
+from jaxbrats.networks.unet import Decoder, Encoder, GroupNorm32, UNetConfig, upsample_linear
+
+HEAD_CHANNELS = 16  # channels per attention head in AFEB's global branch (ours)
+
+
+def _conv(cin: int, cout: int, kernel: int, cfg: UNetConfig, rngs: nnx.Rngs) -> Conv3D:
+    return Conv3D(cin, cout, kernel, dtype=cfg.dtype, impl=cfg.conv_impl, rngs=rngs)
+
+
+def average_pool(x, factor: int):
+    """(N, D, H, W, C) -> (N, D/f, H/f, W/f, C), the mean of each f^3 block."""
+    if factor == 1:
+        return x
+    n, d, h, w, c = x.shape
+    blocks = x.reshape(n, d // factor, factor, h // factor, factor, w // factor, factor, c)
+    return jnp.mean(blocks.astype(jnp.float32), axis=(2, 4, 6)).astype(x.dtype)
+
+
+class AFEB(nnx.Module):
+    """Anatomical feature enhancement: embed, global (pooled self-attention) + local (conv), fuse."""
+
+    def __init__(self, channels: int, pool: int, cfg: UNetConfig, rngs: nnx.Rngs):
+        c = channels
+        self.embed = _conv(c, c, 1, cfg, rngs)
+        self.attention_norm = GroupNorm32(c, cfg.groups, rngs)
+        self.qkv = _conv(c, 3 * c, 1, cfg, rngs)
+        self.attention_out = _conv(c, c, 1, cfg, rngs)
+        self.local_norm = GroupNorm32(c, cfg.groups, rngs)
+        self.local = _conv(c, c, 3, cfg, rngs)
+        self.fuse = _conv(2 * c, c, 1, cfg, rngs)
+        self.pool = pool
+        self.heads = max(1, c // HEAD_CHANNELS)
+
+    def global_branch(self, x):
+        n, d, h, w, c = x.shape
+        tokens = self.qkv(average_pool(self.attention_norm(x), self.pool))
+        grid = tokens.shape[1:4]
+        q, k, v = jnp.split(tokens.reshape(n, -1, 3, self.heads, c // self.heads), 3, axis=2)
+        attended = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+        y = self.attention_out(attended.reshape(n, *grid, c))
+        return upsample_linear(y, self.pool) if self.pool > 1 else y
+
+    def __call__(self, x):
+        e = self.embed(x)
+        local = self.local(jax.nn.relu(self.local_norm(e)))
+        return e + self.fuse(jnp.concatenate([self.global_branch(e), local], axis=-1))
+
+
+class MonoEncoder(nnx.Module):
+    """E_m and its AFEBs: one modality (N, D, H, W, 1) -> {"raw": [per level], "enhanced": [per level]}."""
+
+    def __init__(self, cfg: UNetConfig, afeb_levels: tuple[int, ...], afeb: bool, rngs: nnx.Rngs):
+        levels = len(cfg.widths)
+        self.encoder = Encoder(cfg, rngs)
+        self.afeb_levels = tuple(afeb_levels)
+        self.enhance = nnx.List([
+            AFEB(cfg.widths[l], 2 ** (levels - 1 - l), cfg, rngs) if afeb else _conv(cfg.widths[l], cfg.widths[l], 3, cfg, rngs)
+            for l in self.afeb_levels
+        ])
+
+    def __call__(self, x) -> dict:
+        raw = self.encoder(x)
+        enhanced = list(raw)
+        for level, block in zip(self.afeb_levels, self.enhance):
+            enhanced[level] = block(raw[level])
+        return {"raw": raw, "enhanced": enhanced}
+
+
+def _param(key, shape, fan_in: int):
+    """PyTorch's default for a convolution's weights: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / jnp.sqrt(fan_in)
+    return nnx.Param(jax.random.uniform(key, shape, jnp.float32, -bound, bound))
+
+
+class MFSB(nnx.Module):
+    """One level's modality feature synthesis block: f_ava (N, ..., M*C) -> f_hat (M, N, ..., C)."""
+
+    def __init__(self, channels: int, modalities: int, dtype: str, rngs: nnx.Rngs):
+        c, mc, m = channels, modalities * channels, modalities
+        keys = jax.random.split(rngs.params(), 4)
+        self.w1, self.b1 = _param(keys[0], (m, mc, mc), mc), nnx.Param(jnp.zeros((m, mc), jnp.float32))
+        self.w2, self.b2 = _param(keys[1], (m, mc, c), mc), nnx.Param(jnp.zeros((m, c), jnp.float32))
+        self.w3, self.b3 = _param(keys[2], (m, c, c), c), nnx.Param(jnp.zeros((m, c), jnp.float32))
+        self.w4, self.b4 = _param(keys[3], (m, c, c), c), nnx.Param(jnp.zeros((m, c), jnp.float32))
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, available):
+        spatial = tuple(range(1, available.ndim - 1))
+        gap = jnp.mean(available.astype(jnp.float32), axis=spatial)  # (N, M*C)
+        prior = jax.nn.sigmoid(jnp.einsum("nc,mcd->mnd", gap, self.w1[...]) + self.b1[...][:, None])  # p_m (M, N, M*C)
+        # W2 (p_m * f_ava) with p_m folded into W2: no (M, N, ..., M*C) intermediate.
+        squeeze = (prior[..., None] * self.w2[...][:, None]).astype(self.dtype)  # (M, N, M*C, C)
+        cha = jnp.einsum("n...c,mncd->mn...d", available.astype(self.dtype), squeeze).astype(jnp.float32)
+        cha = cha + _channels_bias(self.b2[...], cha.ndim)
+        alpha = jax.nn.sigmoid(jnp.einsum("mn...c,mcd->mn...d", cha, self.w3[...]) + _channels_bias(self.b3[...], cha.ndim))
+        beta = jax.nn.sigmoid(jnp.einsum("mn...c,mcd->mn...d", cha, self.w4[...]) + _channels_bias(self.b4[...], cha.ndim))
+        return (1.0 + alpha) * cha + beta
+
+
+def _channels_bias(bias, ndim: int):
+    """(M, C) -> (M, 1, ..., 1, C) against an (M, N, ..., C) array of `ndim` axes."""
+    return bias.reshape(bias.shape[0], *([1] * (ndim - 2)), bias.shape[1])
+
+
+class FeatureCompletion(nnx.Module):
+    """f_ava at every level -> f_comp: MFSB's syntheses in the missing modalities' slots, or (the
+    ablation without MFSB, Sec. 4.4) a 3x3x3 convolution 4C -> 4C of f_ava in the block's place."""
+
+    def __init__(self, widths: tuple[int, ...], modalities: int, mfsb: bool, cfg: UNetConfig, rngs: nnx.Rngs):
+        self.mfsb = mfsb
+        self.modalities = modalities
+        self.blocks = nnx.List([
+            MFSB(w, modalities, cfg.dtype, rngs) if mfsb else _conv(modalities * w, modalities * w, 3, cfg, rngs)
+            for w in widths
+        ])
+
+    def __call__(self, features: list, mask, synthesise=True) -> tuple[list, list | None]:
+        """`features`: per level (M, N, ..., C), every modality's enhanced feature; `mask` (N, M).
+
+        Returns (f_comp per level (N, ..., M*C), f_hat per level (M, N, ..., C) or None).
+        `synthesise` (a traced bool, the schedule): False leaves the missing slots at zero.
+        """
+        present = jnp.asarray(mask, bool).T  # (M, N)
+        comp, synthesised = [], []
+        for block, f in zip(self.blocks, features):
+            keep = present.reshape(*present.shape, *([1] * (f.ndim - 2)))
+            available = concat_modalities(jnp.where(keep, f, 0).astype(f.dtype))
+            if not self.mfsb:
+                comp.append(block(available))
+                continue
+            f_hat = block(available)
+            synthesised.append(f_hat)
+            filled = jnp.where(keep, f.astype(jnp.float32), jnp.where(synthesise, f_hat, 0.0))
+            comp.append(concat_modalities(filled).astype(f.dtype))
+        return comp, synthesised if self.mfsb else None
+
+
+def concat_modalities(f):
+    """(M, N, ..., C) -> (N, ..., M*C): the modalities' features concatenated along the channels."""
+    return jnp.concatenate(list(f), axis=-1)
+
+
+class FusionDecoder(nnx.Module):
+    """D_fuse: per level a 1x1x1 convolution M*C -> C, then the shared decoder."""
+
+    def __init__(self, cfg: UNetConfig, modalities: int, rngs: nnx.Rngs):
+        self.fuse = nnx.List([_conv(modalities * w, w, 1, cfg, rngs) for w in cfg.widths])
+        self.decoder = Decoder(cfg, rngs)
+
+    def __call__(self, features: list):
+        return self.decoder([fuse(f) for fuse, f in zip(self.fuse, features)])[0]

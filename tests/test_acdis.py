@@ -1,0 +1,301 @@
+"""ACDIS: the MFSB against a numpy reference of eqs. 5-9 (per-modality weights, zeros for missing
+modalities), the stacked mono encoders = four separate encoders, eq. 12's terms, the schedule's
+start epochs, no gradient into E_aux through ACCT, inference without the auxiliary parts, exact
+resume, one compilation for training and for the 15-subset evaluation, and every ablation switch.
+
+The ACCT, distillation and synthesis losses themselves are checked against numpy in
+test_consistency_losses.py; RFNet's criterion in test_losses.py.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import TINY
+from flax import nnx
+from helpers import synthetic_batch
+
+from jaxbrats import engine
+from jaxbrats.checkpoints import restore, save
+from jaxbrats.config import ConfigError
+from jaxbrats.data.cache import CacheDataset
+from jaxbrats.evaluation import evaluate
+from jaxbrats.losses.segmentation import rfnet_loss
+from jaxbrats.methods import get_method, load_config
+from jaxbrats.methods.acdis import INFERENCE_MODELS
+from jaxbrats.modalities import MODALITIES
+from jaxbrats.networks import family
+from jaxbrats.networks.acdis import MFSB, FeatureCompletion, MonoEncoder
+from jaxbrats.networks.factory import unet_config
+from jaxbrats.sharding import make_mesh, shard_state
+
+M = len(MODALITIES)
+#: A 2-level 8-channel backbone for every encoder and decoder, the mono encoders vmapped (one copy
+#: of their program to compile); the schedule starts at step 2 (2 steps per epoch).
+ACDIS = TINY + ["method.name='acdis'", "model.widths=[8,8]", "model.blocks=[1,1]", "model.family_map='vmap'",
+                "method.acct_start_epoch=0", "method.synthesis_start_epoch=1", "stages.train.steps=4"]
+STEPS_PER_EPOCH = 2
+
+
+def acdis_config(*extra):
+    return load_config(None, ACDIS + list(extra))
+
+
+def acdis(*extra):
+    method = get_method("acdis")(acdis_config(*extra))
+    method.steps_per_epoch = STEPS_PER_EPOCH  # what `setup` derives from the training cases
+    return method
+
+
+def batch_with_masks(seed, masks=((True, False, True, False), (False, False, False, True))):
+    batch = jax.tree.map(jnp.asarray, synthetic_batch(seed))
+    return {**batch, "modality_mask": jnp.asarray(masks)[:, None]}
+
+
+def context(step):
+    return {"step": jnp.asarray(step, jnp.int32)}
+
+
+# --- MFSB: eqs. 5-9 ---------------------------------------------------------------------------------
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def mfsb_reference(f_ava, p):
+    """Eqs. 5-9 for each target modality m, float64; f_ava (N, D, H, W, M*C)."""
+    out = []
+    for m in range(M):
+        gap = f_ava.mean(axis=(1, 2, 3))  # (N, 4C)
+        prior = sigmoid(gap @ p["w1"][m] + p["b1"][m])  # eq. 5
+        cha = (f_ava * prior[:, None, None, None, :]) @ p["w2"][m] + p["b2"][m]  # eq. 6
+        alpha = sigmoid(cha @ p["w3"][m] + p["b3"][m])  # eq. 7
+        beta = sigmoid(cha @ p["w4"][m] + p["b4"][m])  # eq. 8
+        out.append((1 + alpha) * cha + beta)  # eq. 9
+    return np.stack(out)
+
+
+def random_mfsb(channels, seed=0):
+    block = MFSB(channels, M, "float32", nnx.Rngs(seed))
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name in ("w1", "b1", "w2", "b2", "w3", "b3", "w4", "b4"):
+        value = rng.normal(size=getattr(block, name)[...].shape) * 0.3  # nonzero biases too
+        getattr(block, name)[...] = jnp.asarray(value, jnp.float32)
+        params[name] = value
+    return block, params
+
+
+def test_mfsb_is_eqs_5_to_9_with_one_set_of_weights_per_modality():
+    c = 3
+    block, params = random_mfsb(c)
+    f_ava = np.random.default_rng(1).normal(size=(2, 4, 4, 2, M * c))
+    out = np.asarray(block(jnp.asarray(f_ava, jnp.float32)))
+    assert out.shape == (M, 2, 4, 4, 2, c)
+    np.testing.assert_allclose(out, mfsb_reference(f_ava, params), rtol=2e-5, atol=2e-5)
+    for m in range(1, M):  # per-modality weights: four different syntheses of one input
+        assert np.abs(out[m] - out[0]).max() > 1e-3
+
+
+def test_completion_fills_missing_slots_from_the_present_features_only():
+    c = 3
+    block, params = random_mfsb(c, seed=2)
+    completion = FeatureCompletion((c,), M, True, unet_config(acdis_config(), 4), nnx.Rngs(0))
+    completion.blocks[0] = block
+    rng = np.random.default_rng(3)
+    f = rng.normal(size=(M, 2, 4, 4, 2, c))
+    mask = np.array([[True, False, True, False], [False, False, False, True]])
+    comp, synthesised = completion([jnp.asarray(f, jnp.float32)], jnp.asarray(mask))
+    comp = np.asarray(comp[0]).reshape(2, 4, 4, 2, M, c)
+    for n in range(2):
+        f_ava = np.concatenate([f[m, n] * mask[n, m] for m in range(M)], axis=-1)  # zeros where missing
+        expected = mfsb_reference(f_ava[None], params)[:, 0]
+        for m in range(M):
+            want = f[m, n] if mask[n, m] else expected[m]
+            np.testing.assert_allclose(comp[n, ..., m, :], want, rtol=2e-5, atol=2e-5)
+    # the schedule's switch off: the missing slots stay zero, the present ones unchanged
+    off = np.asarray(completion([jnp.asarray(f, jnp.float32)], jnp.asarray(mask), synthesise=False)[0][0]).reshape(comp.shape)
+    np.testing.assert_allclose(off[0, ..., 1, :], 0.0)
+    np.testing.assert_allclose(off[0, ..., 0, :], f[0, 0], rtol=1e-6)
+
+
+# --- the mono encoders -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["vmap", "unroll"])
+def test_stacked_mono_encoders_equal_four_separate_encoders(how):
+    method = acdis(f"model.family_map='{how}'")
+    models = method.init_models("train", nnx.Rngs(0))
+    assert family.size(models["mono"]) == M and method.families("train") == {"mono": M}
+    image = jnp.asarray(synthetic_batch(0)["image"])
+    stacked = jax.jit(lambda x: method.encode(models, x))(image)
+    for m in range(M):
+        alone = family.member(models["mono"], m)(image[..., m:m + 1])
+        for key in ("raw", "enhanced"):
+            for level in range(2):
+                np.testing.assert_allclose(stacked[key][level][m], alone[key][level], rtol=1e-5, atol=1e-5)
+    # member m is the encoder made from its own key
+    root = jax.random.split(nnx.Rngs(0).params(), 6)[0]
+    own = MonoEncoder(unet_config(method.config, 4, in_channels=1), method.afeb_levels, True, nnx.Rngs(jax.random.fold_in(root, 2)))
+    np.testing.assert_array_equal(own.encoder.stem.kernel[...], models["mono"].encoder.stem.kernel[...][2])
+
+
+# --- the objective ------------------------------------------------------------------------------------------
+
+def test_the_loss_is_eq12_with_six_segmentation_outputs():
+    method = acdis()
+    models = method.init_models("train", nnx.Rngs(0))
+    batch = batch_with_masks(1)
+
+    @jax.jit
+    def both(batch):
+        loss, parts, _ = method.loss(models, batch, jax.random.PRNGKey(0), context(3))
+        image, label, valid = batch["image"], batch["label"], batch["valid"]
+        mono = method.encode(models, image)
+        seg_mono = sum(rfnet_loss(models["aux_decoder"]([f[m] for f in mono["raw"]])[0], label, valid)[0] for m in range(M))
+        aux = models["aux_encoder"](image)
+        seg_aux = rfnet_loss(models["fuse_decoder"]([jnp.concatenate([a] * M, axis=-1) for a in aux]), label, valid)[0]
+        return loss, parts, seg_mono, seg_aux
+
+    loss, parts, seg_mono, seg_aux = both(batch)
+    np.testing.assert_allclose(float(parts["seg_mono"]), float(seg_mono), rtol=1e-4)
+    np.testing.assert_allclose(float(parts["seg_aux"]), float(seg_aux), rtol=1e-4)
+    assert float(parts["acct_on"]) == 1.0 and float(parts["synthesis_on"]) == 1.0
+    np.testing.assert_allclose(float(parts["distill"]), float(parts["var"] + parts["covar"]), rtol=1e-5)
+    total = parts["seg_mono"] + parts["seg_aux"] + parts["seg_fuse"] + parts["distill"] + parts["syn"]
+    np.testing.assert_allclose(float(loss), float(total), rtol=1e-5)
+
+
+def test_the_start_epochs_switch_the_terms_on_without_recompiling():
+    method = acdis("method.acct_start_epoch=1", "method.synthesis_start_epoch=2")
+    models = method.init_models("train", nnx.Rngs(0))
+    batch = batch_with_masks(2)
+    graphdef, completion = nnx.split(models["completion"])
+
+    def loss(state, step):
+        return method.loss({**models, "completion": nnx.merge(graphdef, state)}, batch, jax.random.PRNGKey(0), context(step))[:2]
+
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    seen = []
+    for step in (0, 2, 4):  # epochs 0, 1, 2
+        (value, parts), grads = run(completion, step)
+        seen.append((float(parts["acct_on"]), float(parts["synthesis_on"]), max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))))
+        expected = parts["seg_mono"] + parts["seg_aux"] + parts["seg_fuse"]
+        expected = expected + parts["distill"] * parts["acct_on"] + parts["syn"] * parts["synthesis_on"]
+        np.testing.assert_allclose(float(value), float(expected), rtol=1e-5)
+    assert [s[:2] for s in seen] == [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0)]
+    assert seen[0][2] == 0.0 and seen[1][2] == 0.0 and seen[2][2] > 0.0  # MFSB learns from its start only
+    assert run._cache_size() == 1  # the step is data: one program
+
+
+def test_no_gradient_reaches_the_auxiliary_encoder_through_acct():
+    method = acdis()
+    models = method.init_models("train", nnx.Rngs(0))
+    image = batch_with_masks(3)["image"]
+    aux_graph, aux_state = nnx.split(models["aux_encoder"])
+    mono_graph, mono_state = nnx.split(models["mono"])
+
+    def distill(aux_s, mono_s):
+        live = {**models, "aux_encoder": nnx.merge(aux_graph, aux_s), "mono": nnx.merge(mono_graph, mono_s)}
+        return method.distillation(method.encode(live, image), live["aux_encoder"](image))[0]
+
+    to_aux, to_mono = jax.jit(jax.grad(distill, argnums=(0, 1)))(aux_state, mono_state)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(to_aux))
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(to_mono)) > 0.0
+
+
+def test_inference_uses_no_auxiliary_part_and_ignores_missing_modalities():
+    method = acdis()
+    models = method.init_models("train", nnx.Rngs(0))
+    served = {name: models[name] for name in INFERENCE_MODELS}
+    assert set(method.inference_models("train")) == {"mono", "completion", "fuse_decoder"}
+    image = batch_with_masks(4)["image"]
+    mask = jnp.asarray([True, True, False, False])
+    predict = jax.jit(lambda x: method.predict(served, x, mask))
+    before = predict(image)
+    assert before.shape == image.shape[:4] + (3,)
+    np.testing.assert_array_equal(predict(image.at[..., 2:].add(5.0)), before)  # the missing ones change nothing
+    assert float(jnp.abs(predict(image.at[..., 0].add(5.0)) - before).max()) > 1e-5
+
+
+# --- ablation switches ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("settings", [
+    ["method.afeb=false", "method.distill='kl'", "method.mfsb=false", "method.synthesis=[]"],  # Tables 2 and 3, w/o blocks
+    ["method.synthesis=['adv','syn','var','covar']", "method.syn_norm='l2'", "method.acct_pooled=true",
+     "method.afeb_levels=[1]", "method.distill='mse'"],  # Table 3's losses together
+])
+def test_every_ablation_trains_one_step(settings):
+    method = acdis("method.synthesis_start_epoch=0", *settings)
+    optimizers = engine.stage_optimizers(method, "train", 10)
+    graphdefs, state = engine.init_state(method, "train", 0, optimizers)
+    adversarial = "adv" in method.options.synthesis
+    assert set(state["opt"]) == ({"model", "discriminator"} if adversarial else {"model"})
+    step = jax.jit(engine.make_train_step(method, "train", graphdefs, optimizers))
+    state, metrics = step(state, batch_with_masks(5))
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    if adversarial:
+        assert float(metrics["model/adv"]) > 0.0 and float(metrics["discriminator/adv_d"]) > 0.0
+    if adversarial:
+        assert all(float(metrics[f"model/{k}"]) > 0.0 for k in ("syn", "syn_var", "syn_covar", "mse"))
+    else:
+        assert "syn" not in metrics and float(metrics["kl"]) > 0.0
+
+
+def test_settings_are_checked():
+    with pytest.raises(ConfigError, match="method.distill must be one of"):
+        acdis_config("method.distill='l1'")
+    with pytest.raises(ConfigError, match="method.synthesis must be one of"):
+        acdis_config("method.synthesis=['gan']")
+    with pytest.raises(ConfigError, match=r"method.synthesis must be \[\] with method.mfsb = false"):
+        acdis_config("method.mfsb=false")
+    with pytest.raises(ConfigError, match=r"method.afeb_levels: no encoder level \[2\]"):
+        acdis_config("method.afeb_levels=[2]")
+    with pytest.raises(ConfigError, match="method.acct_window must be"):
+        acdis_config("method.acct_window=1")
+    with pytest.raises(ConfigError, match="class_weights needs seg_loss = 'label'"):
+        acdis_config("method.class_weights=[1,1,1,1]")
+
+
+# --- resume, compilation, evaluation --------------------------------------------------------------------
+
+def _steps(method, batches, state=None, step=None):
+    optimizers = engine.stage_optimizers(method, "train", 10)
+    graphdefs, fresh = engine.init_state(method, "train", 0, optimizers)
+    state = shard_state(fresh if state is None else state, make_mesh(), method.families("train"))
+    step = step or jax.jit(engine.make_train_step(method, "train", graphdefs, optimizers))
+    for batch in batches:
+        state, _ = step(state, batch)
+    return state, step
+
+
+def test_resume_mid_stage_is_bit_for_bit(tmp_path):
+    method = acdis()
+    batches = [batch_with_masks(s) for s in range(4)]  # the synthesis switches on at step 2, after the resume
+    uninterrupted, step = _steps(method, batches)
+    half, _ = _steps(method, batches[:2], step=step)
+    manager = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+    save(manager, half, {"stage": "train"})
+    manager.wait_until_finished()
+    _, abstract = engine.abstract_state(method, "train", engine.stage_optimizers(method, "train", 10))
+    restored, _ = restore(manager, abstract)
+    resumed, _ = _steps(method, batches[2:], state=restored, step=step)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_trains_and_evaluates_with_one_compilation_each(phantom_cache, tmp_path):
+    workdir = tmp_path / "acdis"
+    trainer = engine.train(acdis_config(), workdir, phantom_cache)
+    assert trainer.compilations == {"train": {"compiled": 1, "loaded": 0}}
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    synthesis = [r["synthesis_on"] for r in rows if "synthesis_on" in r]
+    assert synthesis[0] == 0.0 and synthesis[-1] == 1.0  # 4 cases / batch 2: epoch 1 starts at step 2
+    test = CacheDataset(phantom_cache, engine.load_splits(workdir, CacheDataset(phantom_cache))["test"])
+    method, graphdefs, models, config = engine.load_trained(workdir)
+    assert set(models) == set(INFERENCE_MODELS)  # E_aux, D_aux are not loaded
+    summary = evaluate(method, graphdefs, models, test, config.eval, tmp_path / "eval", predictions="none", progress=False)
+    assert all(row["served"] for row in summary["subsets"]) and summary["mean"]["rows"] == 15
+    assert json.loads((tmp_path / "eval" / "eval_settings.json").read_text())["compilations"] == 1
