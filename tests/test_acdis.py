@@ -108,7 +108,7 @@ def test_completion_fills_missing_slots_from_the_present_features_only():
     rng = np.random.default_rng(3)
     f = rng.normal(size=(M, 2, 4, 4, 2, c))
     mask = np.array([[True, False, True, False], [False, False, False, True]])
-    comp, synthesised = completion([jnp.asarray(f, jnp.float32)], jnp.asarray(mask))
+    comp, _ = completion([jnp.asarray(f, jnp.float32)], jnp.asarray(mask))
     comp = np.asarray(comp[0]).reshape(2, 4, 4, 2, M, c)
     for n in range(2):
         f_ava = np.concatenate([f[m, n] * mask[n, m] for m in range(M)], axis=-1)  # zeros where missing
@@ -204,6 +204,21 @@ def test_no_gradient_reaches_the_auxiliary_encoder_through_acct():
     to_aux, to_mono = jax.jit(jax.grad(distill, argnums=(0, 1)))(aux_state, mono_state)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(to_aux))
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(to_mono)) > 0.0
+
+
+def test_the_synthesis_losses_train_the_mfsb_only():
+    method = acdis("method.synthesis=['syn','var','covar']")
+    models = method.init_models("train", nnx.Rngs(0))
+    batch = batch_with_masks(8)
+    graphs = {name: nnx.split(models[name]) for name in ("mono", "completion")}
+
+    def synthesis(states):
+        live = {**models, **{n: nnx.merge(graphs[n][0], s) for n, s in states.items()}}
+        return method.loss(live, batch, jax.random.PRNGKey(0), context(4))[1]["synthesis"]
+
+    grads = jax.jit(jax.grad(synthesis))({n: g[1] for n, g in graphs.items()})
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads["mono"]))
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["completion"])) > 0.0
 
 
 def test_inference_uses_no_auxiliary_part_and_ignores_missing_modalities():

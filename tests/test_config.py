@@ -304,7 +304,7 @@ MTG_BRATS = {  # the paper: [-1, 1], 80^3 crops, batch 4, Adam 1e-2 (decay garbl
 ACDIS_OPTIONS = {
     "method_name": "acdis", "options.afeb": True, "options.afeb_levels": (), "options.distill": "acct",
     "options.acct_window": 4, "options.acct_stride": 0, "options.acct_pooled": False, "options.mfsb": True,
-    "options.synthesis": ("syn",), "options.syn_norm": "mse", "options.acct_start_epoch": 0, "options.seg_loss": "rfnet",
+    "options.synthesis": ("syn",), "options.syn_norm": "mse", "options.syn_grad_encoders": False, "options.term_reduce": "mean", "options.acct_start_epoch": 0, "options.seg_loss": "rfnet",
     "options.class_weights": (), "options.adv_weight": 1.0, "options.disc_width": 64, "data.rotation_degrees": 10.0,
 }
 ACDIS_BRATS = {  # the paper: Adam 1e-4, weight decay 1e-4, 500 epochs, batch 2, 80^3 crops, rotations (ours: 10 degrees)

@@ -4,13 +4,17 @@
     python3 tools/bench_engine.py --sizes 64 --batch 1 --dtype bfloat16 --json out.json
     python3 tools/bench_engine.py --eval-shape 144 176 144   # a brain-cropped BraTS case
     python3 tools/bench_engine.py --method m3ae --sizes 64   # each M3AE stage's step, its evaluation
+    python3 tools/bench_engine.py --method acdis --sizes 64 --no-eval --set model.family_map='"vmap"'
 
 The model is the method's full U-Net (METHODS.md section 2) on random
 inputs. A train step is the engine's own jitted step (`engine.make_train_step`
 with the method's loss and Adam) for each stage of the method; times are the
 median of `--repeats` after one warm-up call, each call synchronised with
 `block_until_ready`. `--batch` counts samples: an M3AE fine-tuning sample is
-two missing-modality views.
+two missing-modality views. Memory is XLA's own account of the compiled step
+(`memory_analysis()`): its arguments (parameters, optimiser state, batch) and
+its temporaries (activations kept for the backward pass, workspace), in MiB.
+`--set key=value` overrides the method's config as `jaxbrats train --set`.
 """
 
 from __future__ import annotations
@@ -71,10 +75,12 @@ def make_method(name: str, overrides: list[str]):
     return get_method(name)(config)
 
 
-def bench_train_step(method_name: str, stage: str, size: int, batch: int, dtype: str, repeats: int, conv_impl: str) -> dict:
+def bench_train_step(method_name: str, stage: str, size: int, batch: int, dtype: str, repeats: int, conv_impl: str,
+                     overrides: tuple[str, ...] = ()) -> dict:
     from jaxbrats.engine import init_state, make_train_step
 
-    method = make_method(method_name, [f"model.dtype='{dtype}'", f"model.conv_impl='{conv_impl}'", f"data.crop_size=[{size},{size},{size}]"])
+    method = make_method(method_name, [f"model.dtype='{dtype}'", f"model.conv_impl='{conv_impl}'", f"data.crop_size=[{size},{size},{size}]",
+                                       *overrides])
     optimizers = {group: optax.adam(3e-4) for group in method.groups(stage)}
     graphdefs, state = init_state(method, stage, 0, optimizers)
     views = method.pipeline(stage)["instantiations"]
@@ -90,20 +96,23 @@ def bench_train_step(method_name: str, stage: str, size: int, batch: int, dtype:
     t0 = time.perf_counter()
     compiled = jitted.lower(holder["state"], batch_data).compile()
     compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
     del compiled
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(holder["state"]["models"]))
     _, step_s = _timed(call, repeats)
     return {
         "what": "train_step", "method": method_name, "stage": stage, "size": [size] * 3, "batch": batch, "views": views,
         "dtype": dtype, "conv_impl": conv_impl, "compile_s": round(compile_s, 3), "step_s": round(step_s, 4),
-        "voxels_per_s": round(batch * views * size**3 / step_s), "traces": step_fn.traces,
+        "voxels_per_s": round(batch * views * size**3 / step_s), "traces": step_fn.traces, "parameters": params,
+        "arguments_mib": round(memory.argument_size_in_bytes / 2**20, 1), "temporaries_mib": round(memory.temp_size_in_bytes / 2**20, 1),
     }
 
 
-def bench_eval(method_name: str, shape, window: int, repeats: int, dtype: str) -> dict:
+def bench_eval(method_name: str, shape, window: int, repeats: int, dtype: str, overrides: tuple[str, ...] = ()) -> dict:
     from jaxbrats.engine import init_state
     from jaxbrats.evaluation import make_case_program
 
-    method = make_method(method_name, [f"model.dtype='{dtype}'", f"eval.window=[{window},{window},{window}]", f"data.crop_size=[{window},{window},{window}]"])
+    method = make_method(method_name, [f"model.dtype='{dtype}'", f"eval.window=[{window},{window},{window}]", f"data.crop_size=[{window},{window},{window}]", *overrides])
     stage = [s for s in method.stages if method.can_predict(s)][-1]
     graphdefs, state = init_state(method, stage, 0, {g: optax.adam(1e-3) for g in method.groups(stage)})
     program = make_case_program(method, graphdefs, method.config.eval)
@@ -130,6 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-shape", type=int, nargs=3, default=[128, 128, 128], help="padded case shape for the 15-subset evaluation")
     parser.add_argument("--eval-window", type=int, default=128)
     parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
@@ -139,12 +149,14 @@ def main(argv=None) -> int:
 
     for size in args.sizes:
         for stage in get_method(args.method).stages:
-            row = bench_train_step(args.method, stage, size, args.batch, args.dtype, args.repeats, args.conv_impl)
+            row = bench_train_step(args.method, stage, size, args.batch, args.dtype, args.repeats, args.conv_impl, tuple(args.set))
             result["runs"].append(row)
             print(f"{args.method} {stage} step {size}^3 x{args.batch} (x{row['views']} views) {args.dtype} ({row['conv_impl']}): "
-                  f"{row['step_s'] * 1e3:.0f} ms, {row['voxels_per_s'] / 1e6:.2f} Mvoxel/s, compile {row['compile_s']:.1f} s")
+                  f"{row['step_s'] * 1e3:.0f} ms, {row['voxels_per_s'] / 1e6:.2f} Mvoxel/s, compile {row['compile_s']:.1f} s, "
+                  f"{row['parameters'] / 1e6:.2f} M parameters, memory {row['arguments_mib']:.0f} MiB arguments + "
+                  f"{row['temporaries_mib']:.0f} MiB temporaries")
     if not args.no_eval:
-        row = bench_eval(args.method, args.eval_shape, args.eval_window, max(args.repeats - 1, 1), args.dtype)
+        row = bench_eval(args.method, args.eval_shape, args.eval_window, max(args.repeats - 1, 1), args.dtype, tuple(args.set))
         result["runs"].append(row)
         print(f"evaluation of 15 subsets, case {tuple(args.eval_shape)}, window {args.eval_window}^3: "
               f"{row['per_case_s']:.1f} s per case (first call with compilation {row['first_call_s']:.1f} s)")

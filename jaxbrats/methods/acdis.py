@@ -17,13 +17,21 @@ eq. 12, unweighted: L = L_ACCT + L_seg + L_syn.
   feature at the same level, at every AFEB level, E_aux's a fixed target (no gradient: E_aux
   learns only from its D_fuse segmentation). Windows of `acct_window`^3 voxels with stride
   `acct_stride` (0: the window, non-overlapping), statistics per channel (`acct_pooled = false`)
-  or over all channels: the paper gives neither (ours). Summed over modalities and levels,
-  averaged over windows, channels and batch (ours). `distill` picks Table 2's loss
+  or over all channels: the paper gives neither (ours). Averaged over windows, channels and
+  batch, then over modalities and levels (`term_reduce = "mean"`: eq. 12 adds L_ACCT and L_syn
+  as single terms next to L_seg's explicit sum over six outputs; "sum" sums modalities and
+  levels instead: on the phantom that made L_ACCT ~12 against ~0.7 per segmentation output at
+  the start, and after 200 steps the model had found no tumour core, Dice 0). `distill` picks Table 2's loss
   (none | mse | kl | var | covar | acct).
 - MFSB synthesises every modality's feature from the present ones (`networks.acdis.MFSB`); the
-  missing slots of f_comp take the syntheses. L_syn (eq. 10) on the missing modalities only,
-  the full-modality feature f_m gradient-stopped as the label (ours); `syn_norm = "mse"` (the
-  text: "Mean Square Error", default) or "l2" (eq. 10 as printed). Table 3's other synthesis
+  missing slots of f_comp take the syntheses (and L_seg's gradient flows through them into the
+  encoders). L_syn (eq. 10) on the missing modalities only, the full-modality feature f_m
+  gradient-stopped as the label (ours); `syn_norm = "mse"` (the text: "Mean Square Error",
+  default) or "l2" (eq. 10 as printed). The synthesis losses train the MFSB only: they read a
+  second MFSB pass on gradient-stopped features (ours, `syn_grad_encoders = false`). Measured
+  why: our encoders' features are the residual stream, unnormalised (an MSE of ~250 at step 50
+  on the phantom against ~0.7 for each segmentation term), and through f_ava such a term would
+  rule the encoders' gradient, whose cheapest answer is smaller features, not better syntheses. Table 3's other synthesis
   losses (`synthesis`): "var", "covar" (the ACCT terms between f_hat_m and f_m), "adv" (a
   discriminator on the bottleneck level's features: f_m real, f_hat_m fake, every modality;
   non-saturating generator term x `adv_weight`, trained in a second update "discriminator").
@@ -50,11 +58,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbrats.config import check_choice, check_entries, check_range
-from jaxbrats.errors import ConfigError
+from jaxbrats.errors import ConfigError, JaxbratsError
 from jaxbrats.labels import NUM_LABELS
 from jaxbrats.losses import label_loss
 from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
-from jaxbrats.losses.consistency import DISTILLATION_LOSSES, SYNTHESIS_NORMS, acct_loss, consistency_distillation, synthesis_loss
+from jaxbrats.losses.consistency import (
+    DISTILLATION_LOSSES,
+    SYNTHESIS_NORMS,
+    acct_loss,
+    consistency_distillation,
+    synthesis_loss,
+)
 from jaxbrats.losses.segmentation import rfnet_loss
 from jaxbrats.methods.base import Method, Update
 from jaxbrats.modalities import MODALITIES
@@ -67,6 +81,7 @@ from jaxbrats.networks.unet import Decoder, Encoder
 
 SYNTHESIS_LOSSES = ("syn", "adv", "var", "covar")
 SEG_LOSSES = ("rfnet", "label")
+TERM_REDUCTIONS = ("mean", "sum")
 INFERENCE_MODELS = ("mono", "completion", "fuse_decoder")
 
 
@@ -81,6 +96,10 @@ class ACDISOptions:
     mfsb: bool = True  # false: a 3x3x3 convolution 4C -> 4C in its place (Table 3's first row)
     synthesis: tuple[str, ...] = ("syn",)  # Table 3: any of syn, adv, var, covar
     syn_norm: str = "mse"  # mse (the text) | l2 (eq. 10 as printed)
+    #: L_ACCT and L_syn over modalities and levels: "mean" (eq. 12 adds them as single terms) | "sum"
+    term_reduce: str = "mean"
+    #: the synthesis losses train the MFSB only (false) or also the mono encoders through f_ava (ours)
+    syn_grad_encoders: bool = False
     acct_start_epoch: int = 0  # 0-based epoch from which L_ACCT counts
     synthesis_start_epoch: int = 20  # 0-based epoch from which MFSB fills f_comp and L_syn counts
     seg_loss: str = "rfnet"  # rfnet (RFNet/mmFormer's weighted CE + Dice) | label
@@ -98,6 +117,7 @@ class ACDISOptions:
             raise ConfigError(f"{where}.synthesis must be [] with {where}.mfsb = false (nothing is synthesised), "
                               f"got {list(self.synthesis)}")
         check_choice(f"{where}.syn_norm", self.syn_norm, SYNTHESIS_NORMS)
+        check_choice(f"{where}.term_reduce", self.term_reduce, TERM_REDUCTIONS)
         check_range(f"{where}.acct_start_epoch", self.acct_start_epoch, 0)
         check_range(f"{where}.synthesis_start_epoch", self.synthesis_start_epoch, 0)
         check_choice(f"{where}.seg_loss", self.seg_loss, SEG_LOSSES)
@@ -136,7 +156,9 @@ class ACDIS(Method):
 
     def start_step(self, epoch: int) -> int:
         if epoch and self.steps_per_epoch is None:
-            raise RuntimeError("ACDIS.setup(train_set) must run before its loss is traced (epochs -> steps)")
+            raise JaxbratsError("acdis: the schedule's start epochs need the steps per epoch (`setup(train_set)`, "
+                                "which `train` calls); outside a run set method.acct_start_epoch and "
+                                "method.synthesis_start_epoch to 0")
         return epoch * (self.steps_per_epoch or 0)
 
     # --- models ------------------------------------------------------------------------
@@ -199,34 +221,17 @@ class ACDIS(Method):
         return {"seg_mono": seg_mono, "seg_aux": seg_aux, "seg_fuse": seg_fuse}
 
     def distillation(self, mono, aux):
-        """L_ACCT (or Table 2's alternative) summed over modalities and AFEB levels."""
+        """L_ACCT (or Table 2's alternative) over modalities and AFEB levels (`term_reduce`)."""
         o = self.options
+        scale = 1.0 if o.term_reduce == "sum" else 1.0 / (len(self.afeb_levels) * len(MODALITIES))
         total, parts = jnp.zeros((), jnp.float32), {}
         for level in self.afeb_levels:
             loss, terms = consistency_distillation(o.distill, mono["enhanced"][level], aux[level], o.acct_window,
                                                    o.acct_stride or o.acct_window, o.acct_pooled)
-            total = total + jnp.sum(loss)
+            total = total + scale * jnp.sum(loss)
             for k, v in terms.items():
-                parts[k] = parts.get(k, 0.0) + jnp.sum(v)
+                parts[k] = parts.get(k, 0.0) + scale * jnp.sum(v)
         return total, parts
-
-    def synthesis_terms(self, mono, synthesised, mask) -> dict:
-        """Table 3's synthesis losses on the missing modalities, summed over levels."""
-        o = self.options
-        missing = ~jnp.asarray(mask, bool).T  # (M, N)
-        terms = {}
-        for f_hat, f in zip(synthesised, mono["enhanced"]):
-            if "syn" in o.synthesis:
-                terms["syn"] = terms.get("syn", 0.0) + synthesis_loss(f_hat, f, missing, o.syn_norm)
-            if {"var", "covar"} & set(o.synthesis):
-                # (M, N, 1, ...): one value per modality and sample, averaged over the missing ones.
-                acct = acct_loss(f_hat[:, :, None], f[:, :, None], o.acct_window, o.acct_stride or o.acct_window, o.acct_pooled)
-                weight = missing.astype(jnp.float32)
-                for name in ("var", "covar"):
-                    if name in o.synthesis:
-                        value = jnp.sum(acct[name] * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-                        terms[f"syn_{name}"] = terms.get(f"syn_{name}", 0.0) + value
-        return terms
 
     def loss(self, models, batch, key, context):
         o = self.options
@@ -244,7 +249,9 @@ class ACDIS(Method):
             loss = loss + jnp.where(acct_on, distill, 0.0)
         shared = {}
         if synthesised is not None and o.synthesis:
-            terms = self.synthesis_terms(mono, synthesised, mask)
+            if not o.syn_grad_encoders:  # MFSB again on gradient-stopped features: L_syn trains the MFSB only
+                synthesised = models["completion"].synthesise(jax.lax.stop_gradient(mono["enhanced"]), mask)
+            terms = synthesis_terms(o, mono["enhanced"], synthesised, mask)
             if "adv" in o.synthesis:
                 fake = fold(synthesised[-1])
                 terms["adv"] = o.adv_weight * student_adversarial_loss(models["discriminator"](fake))[0]
@@ -278,3 +285,25 @@ class ACDIS(Method):
 def fold(f):
     """(M, N, ...) -> (M*N, ...)."""
     return f.reshape(f.shape[0] * f.shape[1], *f.shape[2:])
+
+
+def synthesis_terms(o: ACDISOptions, features: list, synthesised: list, mask) -> dict:
+    """Table 3's synthesis losses (`o.synthesis`) of f_hat against f, averaged over the missing
+    modalities, then over the levels (or summed: `term_reduce`)."""
+    missing = ~jnp.asarray(mask, bool).T  # (M, N)
+    weight = missing.astype(jnp.float32)
+    stride = o.acct_stride or o.acct_window
+    terms = {}
+    for f_hat, f in zip(synthesised, features):
+        if "syn" in o.synthesis:
+            terms["syn"] = terms.get("syn", 0.0) + synthesis_loss(f_hat, f, missing, o.syn_norm)
+        if {"var", "covar"} & set(o.synthesis):
+            # (M, N, 1, ...): one value per modality and sample, averaged over the missing ones.
+            acct = acct_loss(f_hat[:, :, None], f[:, :, None], o.acct_window, stride, o.acct_pooled)
+            for name in ("var", "covar"):
+                if name in o.synthesis:
+                    value = jnp.sum(acct[name] * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+                    terms[f"syn_{name}"] = terms.get(f"syn_{name}", 0.0) + value
+    if o.term_reduce == "mean":
+        terms = {k: v / len(synthesised) for k, v in terms.items()}
+    return terms

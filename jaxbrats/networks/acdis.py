@@ -68,7 +68,7 @@ class AFEB(nnx.Module):
         self.heads = max(1, c // HEAD_CHANNELS)
 
     def global_branch(self, x):
-        n, d, h, w, c = x.shape
+        n, c = x.shape[0], x.shape[-1]
         tokens = self.qkv(average_pool(self.attention_norm(x), self.pool))
         grid = tokens.shape[1:4]
         q, k, v = jnp.split(tokens.reshape(n, -1, 3, self.heads, c // self.heads), 3, axis=2)
@@ -156,10 +156,9 @@ class FeatureCompletion(nnx.Module):
         Returns (f_comp per level (N, ..., M*C), f_hat per level (M, N, ..., C) or None).
         `synthesise` (a traced bool, the schedule): False leaves the missing slots at zero.
         """
-        present = jnp.asarray(mask, bool).T  # (M, N)
         comp, synthesised = [], []
         for block, f in zip(self.blocks, features):
-            keep = present.reshape(*present.shape, *([1] * (f.ndim - 2)))
+            keep = _present(mask, f.ndim)
             available = concat_modalities(jnp.where(keep, f, 0).astype(f.dtype))
             if not self.mfsb:
                 comp.append(block(available))
@@ -169,6 +168,17 @@ class FeatureCompletion(nnx.Module):
             filled = jnp.where(keep, f.astype(jnp.float32), jnp.where(synthesise, f_hat, 0.0))
             comp.append(concat_modalities(filled).astype(f.dtype))
         return comp, synthesised if self.mfsb else None
+
+    def synthesise(self, features: list, mask) -> list:
+        """MFSB's f_hat per level (M, N, ..., C) from the present modalities' features."""
+        return [block(concat_modalities(jnp.where(_present(mask, f.ndim), f, 0).astype(f.dtype)))
+                for block, f in zip(self.blocks, features)]
+
+
+def _present(mask, ndim: int):
+    """(N, M) modality mask -> (M, N, 1, ...) against (M, N, ..., C) features of `ndim` axes."""
+    present = jnp.asarray(mask, bool).T
+    return present.reshape(*present.shape, *([1] * (ndim - 2)))
 
 
 def concat_modalities(f):
