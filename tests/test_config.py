@@ -318,8 +318,8 @@ ACDIS_BRATS = {  # the paper: Adam 1e-4, weight decay 1e-4, 500 epochs, batch 2,
 EXPECTED = {
     "acdis_brats2020.toml": ACDIS_BRATS,
     "acdis_phantom.toml": {
-        **SHARED, **PHANTOM, **ACDIS_OPTIONS, "options.synthesis_start_epoch": 25, "stages.train.steps": 400,
-        "length.train": 400, "train.checkpoint_every": 100, **_stage_optimizer("train", "model", 2e-3, "cosine", warmup=10),
+        **SHARED, **PHANTOM, **ACDIS_OPTIONS, "options.synthesis_start_epoch": 25, "options.seg_loss": "label", "stages.train.steps": 200,
+        "length.train": 200, "train.checkpoint_every": 100, **_stage_optimizer("train", "model", 2e-3, "cosine", warmup=10),
         **_stage_optimizer("train", "discriminator", 2e-4, "cosine"),
     },
     "mind_the_gap_brats2018.toml": MTG_BRATS,

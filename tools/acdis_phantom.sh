@@ -2,13 +2,13 @@
 # ACDIS on the demo phantom, and the paper's ablation without MFSB (Table 3's first row: a 3x3x3
 # convolution in the block's place, no L_syn), each trained with configs/acdis_phantom.toml and
 # scored on all 15 subsets of the same held-out cases. The phantom is the demo's (16 cases of
-# 64^3, seed 0; half held out). STEPS (default the config's 400) sets the stage length of both,
-# e.g. to match another method's wall clock. Prints the tables side by side with the runs named in
+# 64^3, seed 0; half held out). STEPS (default: the config's 200, the baseline's wall clock)
+# sets the stage length of both. Prints the tables side by side with the runs named in
 # COMPARE (NAME=EVAL_DIR ..., e.g. the baseline's and M3AE's from tools/compare_phantom.sh).
 # Usage: tools/acdis_phantom.sh WORKDIR [STEPS] [NAME=EVAL_DIR ...]
 set -euo pipefail
 work=${1:?usage: tools/acdis_phantom.sh WORKDIR [STEPS] [NAME=EVAL_DIR ...]}
-steps=${2:-400}
+steps=${2:-}
 shift $(( $# < 2 ? $# : 2 ))
 repo=$(cd "$(dirname "$0")/.." && pwd)
 config=$repo/configs/acdis_phantom.toml
@@ -18,7 +18,9 @@ cd "$work"
 run() {  # NAME [--set k=v ...]
   local name=$1; shift
   local start; start=$(date +%s)
-  jaxbrats train --config "$config" --workdir "$name" --data cache --set train.progress=false --set stages.train.steps="$steps" "$@"
+  local length=()
+  [ -n "$steps" ] && length=(--set stages.train.steps="$steps")
+  jaxbrats train --config "$config" --workdir "$name" --data cache --set train.progress=false "${length[@]}" "$@"
   echo "$name: trained in $(( $(date +%s) - start )) s"
   jaxbrats eval --workdir "$name" --data cache --split test --out "$name/eval"
 }
