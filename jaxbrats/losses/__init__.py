@@ -4,7 +4,10 @@
   masked MSE of image reconstruction (every method's supervised term);
 - `relation`: RIRN's relational distillation, class-relative (CRR, eqs. 2-5)
   and class-agnostic (CAR, eqs. 6-7) relations between teacher and student;
-- `adversarial`: RIRN's discriminator and student terms (eq. 8).
+- `adversarial`: RIRN's discriminator and student terms (eq. 8);
+- `alignment`: Mind the Gap's anchors; `distillation`: the KD losses of its baselines;
+- `consistency`: ACDIS's ACCT (windowed variance and covariance), its Table 2
+  alternatives and the synthesis loss L_syn.
 
 The segmentation names are re-exported here, so ``from jaxbrats.losses import
 segmentation_loss`` keeps working; the other families are imported by module,

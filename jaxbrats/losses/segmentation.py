@@ -5,7 +5,9 @@ Two output conventions, both scored on the nested regions WT, TC, ET:
 - region outputs: one sigmoid channel per region (`labels.REGIONS` order),
   loss soft Dice + binary cross-entropy (M3AE, the common choice);
 - label outputs: softmax over the 4 internal labels, loss weighted
-  cross-entropy + soft Dice over the foreground labels (RIRN, ACDIS).
+  cross-entropy + soft Dice over the foreground labels (RIRN, Mind the Gap);
+  `rfnet_loss`, RFNet's and mmFormer's criterion (per-sample class-weighted CE +
+  a batch Dice over all four labels), which ACDIS follows,
 
 and `masked_mse` for image reconstruction (M3AE's pretraining).
 
