@@ -12,14 +12,12 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from conftest import TINY
 from flax import nnx
-from helpers import synthetic_batch
+from helpers import assert_resume_is_bit_for_bit, synthetic_batch
 
 from jaxbrats import engine
-from jaxbrats.checkpoints import restore, save
 from jaxbrats.config import ConfigError
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.evaluation import evaluate
@@ -30,7 +28,6 @@ from jaxbrats.modalities import MODALITIES
 from jaxbrats.networks import family
 from jaxbrats.networks.acdis import MFSB, FeatureCompletion, MonoEncoder
 from jaxbrats.networks.factory import unet_config
-from jaxbrats.sharding import make_mesh, shard_state
 
 M = len(MODALITIES)
 #: A 2-level 8-channel backbone for every encoder and decoder, the mono encoders vmapped (one copy
@@ -276,29 +273,9 @@ def test_settings_are_checked():
 
 # --- resume, compilation, evaluation --------------------------------------------------------------------
 
-def _steps(method, batches, state=None, step=None):
-    optimizers = engine.stage_optimizers(method, "train", 10)
-    graphdefs, fresh = engine.init_state(method, "train", 0, optimizers)
-    state = shard_state(fresh if state is None else state, make_mesh(), method.families("train"))
-    step = step or jax.jit(engine.make_train_step(method, "train", graphdefs, optimizers))
-    for batch in batches:
-        state, _ = step(state, batch)
-    return state, step
-
-
 def test_resume_mid_stage_is_bit_for_bit(tmp_path):
-    method = acdis()
     batches = [batch_with_masks(s) for s in range(4)]  # the synthesis switches on at step 2, after the resume
-    uninterrupted, step = _steps(method, batches)
-    half, _ = _steps(method, batches[:2], step=step)
-    manager = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
-    save(manager, half, {"stage": "train"})
-    manager.wait_until_finished()
-    _, abstract = engine.abstract_state(method, "train", engine.stage_optimizers(method, "train", 10))
-    restored, _ = restore(manager, abstract)
-    resumed, _ = _steps(method, batches[2:], state=restored, step=step)
-    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
-        np.testing.assert_array_equal(a, b)
+    assert_resume_is_bit_for_bit(acdis(), "train", batches, tmp_path)
 
 
 def test_trains_and_evaluates_with_one_compilation_each(phantom_cache, tmp_path):

@@ -15,10 +15,9 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import TINY
 from flax import nnx
-from helpers import synthetic_batch
+from helpers import assert_resume_is_bit_for_bit, synthetic_batch
 
 from jaxbrats import engine
-from jaxbrats.checkpoints import restore, save
 from jaxbrats.config import ConfigError
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.errors import JaxbratsError
@@ -28,7 +27,6 @@ from jaxbrats.methods import get_method, load_config
 from jaxbrats.modalities import MODALITIES, SUBSET_NAMES, subset_index
 from jaxbrats.networks import family
 from jaxbrats.networks.latent_encoder import LatentEncoder, encode_modalities
-from jaxbrats.sharding import make_mesh, shard_state
 
 #: A 3-level 8-channel U-Net, 8-channel latents, two students, a few steps per stage.
 MTG = [s for s in TINY if not s.startswith("stages.train")] + [
@@ -167,32 +165,9 @@ def test_every_kd_loss_runs_one_student_step(kd):
     assert ("t2/kd" in metrics or "students/t2/kd" in metrics) == (kd != "none")
 
 
-def _steps(method, stage, batches, state=None, step=None, previous=None):
-    optimizers = engine.stage_optimizers(method, stage, 10)
-    graphdefs, fresh = engine.init_state(method, stage, 0, optimizers, previous)
-    state = shard_state(fresh if state is None else state, make_mesh(), method.families(stage))
-    step = step or jax.jit(engine.make_train_step(method, stage, graphdefs, optimizers))
-    metrics = []
-    for batch in batches:
-        state, m = step(state, batch)
-        metrics.append(jax.device_get(m))
-    return state, metrics, step
-
-
 @pytest.mark.parametrize("stage", ["teacher", "students"])
 def test_resume_mid_stage_is_bit_for_bit(stage, tmp_path):
-    method = mtg()
-    batches = [synthetic_batch(s) for s in range(4)]
-    uninterrupted, _, step = _steps(method, stage, batches)
-    half, _, _ = _steps(method, stage, batches[:2], step=step)
-    manager = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
-    save(manager, half, {"stage": stage})
-    manager.wait_until_finished()
-    _, abstract = engine.abstract_state(method, stage, engine.stage_optimizers(method, stage, 10))
-    restored, _ = restore(manager, abstract)
-    resumed, _, _ = _steps(method, stage, batches[2:], state=restored, step=step)
-    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
-        np.testing.assert_array_equal(a, b)
+    assert_resume_is_bit_for_bit(mtg(), stage, [synthetic_batch(s) for s in range(4)], tmp_path)
 
 
 # --- both stages end to end: handover, frozen teacher, one compilation, evaluation ---------------------

@@ -158,21 +158,25 @@ class FeatureCompletion(nnx.Module):
         """
         comp, synthesised = [], []
         for block, f in zip(self.blocks, features):
-            keep = _present(mask, f.ndim)
-            available = concat_modalities(jnp.where(keep, f, 0).astype(f.dtype))
+            available = available_features(f, mask)
             if not self.mfsb:
                 comp.append(block(available))
                 continue
             f_hat = block(available)
             synthesised.append(f_hat)
+            keep = _present(mask, f.ndim)
             filled = jnp.where(keep, f.astype(jnp.float32), jnp.where(synthesise, f_hat, 0.0))
             comp.append(concat_modalities(filled).astype(f.dtype))
         return comp, synthesised if self.mfsb else None
 
     def synthesise(self, features: list, mask) -> list:
         """MFSB's f_hat per level (M, N, ..., C) from the present modalities' features."""
-        return [block(concat_modalities(jnp.where(_present(mask, f.ndim), f, 0).astype(f.dtype)))
-                for block, f in zip(self.blocks, features)]
+        return [block(available_features(f, mask)) for block, f in zip(self.blocks, features)]
+
+
+def available_features(f, mask):
+    """f_ava: (M, N, ..., C) features -> (N, ..., M*C), zeros in the missing modalities' slots."""
+    return concat_modalities(jnp.where(_present(mask, f.ndim), f, 0).astype(f.dtype))
 
 
 def _present(mask, ndim: int):
