@@ -114,9 +114,24 @@ def _eval(args) -> int:
         if args.split not in splits or not splits[args.split]:
             raise JaxbratsError(f"{Path(args.workdir) / 'splits.json'}: no cases in split {args.split!r}")
         ids = splits[args.split]
-    summary = evaluate(method, graphdefs, models, CacheDataset(args.data, ids), config.eval, args.out, predictions=args.predictions)
+    step = 0
+    if args.figures:  # TensorBoard's step of the figures: the newest checkpoint of the stage served (what load_trained restores)
+        from jaxbrats.checkpoints import existing_manager
+
+        step = existing_manager(Path(args.workdir), method.serving).latest_step() or 0
+    summary = evaluate(method, graphdefs, models, CacheDataset(args.data, ids), config.eval, args.out, predictions=args.predictions,
+                       figures=args.figures, step=step)
     print(markdown_table(summary, config.eval))
     print(f"results: {args.out}")
+    return 0
+
+
+def _plot(args) -> int:
+    from jaxbrats.plots import plot_runs
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    keys = [k.strip() for k in args.keys.split(",")] if args.keys else None
+    print(f"wrote {plot_runs(args.workdirs, args.out, names=names, keys=keys)}")
     return 0
 
 
@@ -127,6 +142,17 @@ def _predict(args) -> int:
     print(f"modalities used: {', '.join(info['present'])}; missing: {', '.join(info['missing']) or 'none'}")
     print("predicted voxels: " + ", ".join(f"{r} {n}" for r, n in info["voxels"].items()) + f" (labels in the {info['convention']} convention)")
     print(f"wrote {info['out']}")
+    return 0
+
+
+def _compare(args) -> int:
+    from jaxbrats.compare import compare
+    from jaxbrats.compare_report import markdown
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    result = compare(args.eval_dirs, args.out, names=names, reference=args.reference)
+    print(markdown(result["tables"]["dice"]))
+    print(f"wrote {len(result['written'])} files to {args.out} (Dice and HD95: .md, .csv, .tex, charts; compare.json)")
     return 0
 
 
@@ -216,7 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a saved config key, e.g. eval.hd95_empty='\"zero\"'")
     p.add_argument("--stage", help="score the models of this stage (default: the last stage whose models segment; "
                    "e.g. Mind the Gap's teacher)")
+    p.add_argument("--figures", type=int, default=0, metavar="N",
+                   help="figures of the first N cases: OUT/figures/<case>.png (axial, coronal, sagittal slices; images, "
+                        "truth, full and single-modality predictions) and the same in OUT/tensorboard")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("plot", help="training curves (losses, learning rates) of runs from their metrics.jsonl")
+    p.add_argument("workdirs", nargs="+", metavar="WORKDIR")
+    p.add_argument("--out", required=True, help="output figure; the format follows the suffix: .png, .pdf, .svg")
+    p.add_argument("--names", help="comma-separated label per run (default: each work directory's name)")
+    p.add_argument("--keys", help="comma-separated metrics to draw per stage, e.g. loss,grad_norm (default: the losses)")
+    p.set_defaults(func=_plot)
 
     p = sub.add_parser("predict", help="segment one case folder with the modality files it has")
     p.add_argument("--workdir", required=True)
@@ -226,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a saved config key")
     p.add_argument("--stage", help="segment with the models of this stage (default: the last that segments)")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("compare", help="several evaluations side by side: 15-subset tables, Wilcoxon tests, charts")
+    p.add_argument("eval_dirs", nargs="+", metavar="EVAL_DIR", help="outputs of `jaxbrats eval` on the same cases")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--names", help="comma-separated run names (default: each folder's name, its parent's for <run>/eval)")
+    p.add_argument("--reference", metavar="NAME", help="the run the others are tested against (default: the first)")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("demo", help="phantom -> prepare -> train the baseline -> evaluate all 15 subsets")
     p.add_argument("--workdir", default="runs/demo")

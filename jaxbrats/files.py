@@ -55,3 +55,20 @@ def mkstemp(prefix: str, suffix: str, dir) -> Path:
     finally:
         os.close(fd)
     return Path(path)
+
+
+def write_atomic(path, write) -> None:
+    """Write `path` by calling `write(tmp)` on a temporary file beside it (same suffix, the umask's
+    mode), then renaming it into place: a reader never finds half a file under the final name."""
+    path = Path(path)
+    tmp = mkstemp(prefix=".partial-", suffix=path.suffix, dir=path.parent)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path, text: str) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
