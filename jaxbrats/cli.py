@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from jaxbrats import __version__
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.labels import CONVENTIONS
 from jaxbrats.modalities import MODALITIES
@@ -136,12 +137,30 @@ def _plot(args) -> int:
 
 
 def _predict(args) -> int:
-    from jaxbrats.predict import predict_case
+    from jaxbrats.predict import predict_case, predict_folder
 
+    if args.input:
+        return _predict_folder(predict_folder(args.workdir, args.input, args.out, convention=args.convention,
+                                              overrides=args.set, stage=args.stage))
     info = predict_case(args.workdir, args.case, args.out, convention=args.convention, overrides=args.set, stage=args.stage)
     print(f"modalities used: {', '.join(info['present'])}; missing: {', '.join(info['missing']) or 'none'}")
     print("predicted voxels: " + ", ".join(f"{r} {n}" for r, n in info["voxels"].items()) + f" (labels in the {info['convention']} convention)")
     print(f"wrote {info['out']}")
+    return 0
+
+
+def _predict_folder(summary: dict) -> int:
+    """What was missing per case, grouped; the failed cases were named as they failed."""
+    groups: dict[str, list[str]] = {}
+    for case in summary["predicted"]:
+        groups.setdefault(", ".join(case["missing"]) or "nothing", []).append(case["case"])
+    for missing, cases in sorted(groups.items(), key=lambda g: (g[0] != "nothing", g[0])):
+        listed = ", ".join(cases[:5]) + (f" and {len(cases) - 5} more" if len(cases) > 5 else "")
+        print(f"missing {missing}: {len(cases)} case(s) ({listed})")
+    total = len(summary["predicted"]) + len(summary["failed"])
+    print(f"wrote {len(summary['predicted'])} of {total} segmentations to {summary['out']} (predict_summary.json)")
+    if summary["failed"]:
+        raise JaxbratsError(f"{len(summary['failed'])} of {total} case(s) failed (listed above and in predict_summary.json)")
     return 0
 
 
@@ -182,6 +201,7 @@ def enable_compile_cache() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxbrats", description="Missing-modality brain tumour segmentation in JAX.")
+    parser.add_argument("--version", action="version", version=f"jaxbrats {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("phantom", help="write a synthetic BraTS-like dataset as NIfTI files")
@@ -254,10 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", help="comma-separated metrics to draw per stage, e.g. loss,grad_norm (default: the losses)")
     p.set_defaults(func=_plot)
 
-    p = sub.add_parser("predict", help="segment one case folder with the modality files it has")
+    p = sub.add_parser("predict", help="segment a case folder, or every case of a folder, with the modality files each has")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--case", required=True, help="case folder (never written to)")
-    p.add_argument("--out", required=True, help="output segmentation, e.g. seg.nii.gz")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--case", help="one case folder (never written to); --out is the segmentation, e.g. seg.nii.gz")
+    where.add_argument("--input", metavar="DIR", help="a folder of case folders or a dataset in any layout `prepare` "
+                       "reads; --out is a folder that gets <case>.nii.gz each and predict_summary.json")
+    p.add_argument("--out", required=True, help="the segmentation (--case) or the output folder (--input)")
     p.add_argument("--convention", choices=sorted(CONVENTIONS), help="label values to write (default: the case's release)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a saved config key")
     p.add_argument("--stage", help="segment with the models of this stage (default: the last that segments)")

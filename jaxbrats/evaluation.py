@@ -39,7 +39,9 @@ Outputs in the output directory: ``cases/<id>.json``; ``summary.json``
 the number of cases of each row, Dice in percent, ``-`` for a row without
 an applicable case); ``dice_heatmap.png`` (rows named with their case
 count, such a row grey with dashes); ``predictions/<id>[_<subset>].nii.gz``
-(``full``: each case with every modality it has).
+(``full``: each case with every modality it has); with ``figures=N``,
+``figures/<id>.png`` of the first N cases and the same images in
+``tensorboard/`` (`jaxbrats.figures`).
 
 ``summary.json``::
 
@@ -77,9 +79,10 @@ from tqdm import tqdm
 from jaxbrats import compilation, files
 from jaxbrats.config import EvalConfig, to_dict
 from jaxbrats.data.cache import CacheDataset
-from jaxbrats.data.loading import from_canonical, to_canonical
+from jaxbrats.data.loading import canonical_shape, from_canonical
 from jaxbrats.data.pipeline import box_start
 from jaxbrats.errors import JaxbratsError
+from jaxbrats.figures import CaseFigures
 from jaxbrats.inferers import SlidingWindowConfig, sliding_window
 from jaxbrats.labels import ENHANCING, NECROSIS, REGIONS, from_internal, labels_from_regions, regions_of
 from jaxbrats.metrics import dice_counts, dice_from_counts, hd95
@@ -251,17 +254,12 @@ def hd95_table(predicted, truth, spacing, empty: str, applicable=None) -> np.nda
 
 def write_prediction(labels: np.ndarray, manifest: dict, path: Path, header=None) -> None:
     """Write internal labels of the cached crop as a NIfTI in the source geometry and convention."""
-    full = np.zeros(_canonical_shape(manifest), np.uint8)
+    full = np.zeros(canonical_shape(manifest["original_shape"], manifest["original_affine"]), np.uint8)
     box = tuple(slice(lo, hi) for lo, hi in manifest["crop_box"])
     full[box] = labels
     affine = np.asarray(manifest["original_affine"])
     data = from_internal(from_canonical(full, affine), manifest["label_convention"] or "brats2023")
     write_nifti(data, affine, path, header)
-
-
-def _canonical_shape(manifest) -> tuple[int, ...]:
-    probe = np.zeros(manifest["original_shape"], np.bool_)
-    return to_canonical(probe, np.asarray(manifest["original_affine"])).shape
 
 
 def write_nifti(data: np.ndarray, affine, path: Path, header=None) -> None:
@@ -283,7 +281,7 @@ def write_nifti(data: np.ndarray, affine, path: Path, header=None) -> None:
 
 
 def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalConfig, out_dir,
-             predictions: str = "full", progress: bool = True, applicable=None) -> dict:
+             predictions: str = "full", progress: bool = True, applicable=None, figures: int = 0, step: int = 0) -> dict:
     """Score every case of `dataset` on all 15 subsets; write the results to `out_dir`.
 
     Each case is padded to the one bucket and segmented by `segment` (the
@@ -291,7 +289,9 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
     `applicability` allows (the modalities a case has; `applicable`, (15,)
     or (cases, 15) bool, removes more). `predictions`: "full" writes each
     case segmented with every modality it has (the full subset when it has
-    all four), "all" every applicable subset, "none" nothing.
+    all four), "all" every applicable subset, "none" nothing. `figures`: the first
+    that many cases get a figure (`jaxbrats.figures`: ``figures/<id>.png``, and
+    the same image in ``tensorboard/`` at `step`, the evaluated run's step).
     """
     out_dir = Path(out_dir)
     (out_dir / "cases").mkdir(parents=True, exist_ok=True)
@@ -304,6 +304,7 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
     dice_all, hd_all = [], []
     served = np.asarray(method.served_subsets())
     allowed = applicability(dataset.manifests, served_mask(method) if applicable is None else served_mask(method) & np.asarray(applicable, bool))
+    shown = CaseFigures(out_dir, figures, step)  # the first `figures` cases: PNG + TensorBoard image
     for i in tqdm(range(len(dataset)), desc="eval", unit="case", disable=not progress, dynamic_ncols=True):
         arrays, manifest = dataset.arrays(i), dataset.manifests[i]
         shape = tuple(manifest["cropped_shape"])
@@ -319,13 +320,16 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
         counts[served] = served_counts
         predicted[served] = served_labels[:, : shape[0], : shape[1], : shape[2]]
         dice = np.where(allowed[i][:, None], dice_from_counts(counts), np.nan)
-        hd = hd95_table(predicted, np.asarray(arrays["label"]), canonical_spacing(manifest["original_affine"]), cfg.hd95_empty, allowed[i]) if cfg.hd95 else np.full(dice.shape, np.nan)
+        spacing = canonical_spacing(manifest["original_affine"])
+        hd = hd95_table(predicted, np.asarray(arrays["label"]), spacing, cfg.hd95_empty, allowed[i]) if cfg.hd95 else np.full(dice.shape, np.nan)
         dice_all.append(dice)
         hd_all.append(hd)
         _write_case(out_dir, manifest["case_id"], dice, hd, allowed[i], manifest)
+        shown.add(i, manifest["case_id"], arrays["image"], arrays["label"], predicted, dice, allowed[i], spacing)
         for s in _prediction_subsets(predictions, manifest, allowed[i]):
             suffix = "" if predictions == "full" else f"_{SUBSET_NAMES[s]}"
             write_prediction(predicted[s], manifest, out_dir / "predictions" / f"{manifest['case_id']}{suffix}.nii.gz")
+    shown.close()
     summary = summarize(np.asarray(dice_all).reshape(-1, len(SUBSETS), len(REGIONS)),
                         np.asarray(hd_all).reshape(-1, len(SUBSETS), len(REGIONS)), allowed)
     for row, is_served in zip(summary["subsets"], served_mask(method)):

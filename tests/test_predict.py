@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxbrats import engine
+from jaxbrats import cli, compilation, engine
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.preprocess import prepare_dataset
 from jaxbrats.engine import load_trained
@@ -72,9 +72,33 @@ def _predict_equals_evaluate(workdir: Path, tmp_path: Path, cases) -> dict:
     return tumour
 
 
-def test_predict_equals_the_evaluation_baseline(trained_run, tmp_path):
+def test_predict_equals_the_evaluation_baseline(trained_run, tmp_path, capsys):
     tumour = _predict_equals_evaluate(trained_run, tmp_path, list(CASES))
     assert any(tumour.values()), tumour  # not vacuous: some tumour predicted
+    _predict_a_folder(trained_run, tmp_path, capsys)
+
+
+def _predict_a_folder(workdir: Path, tmp_path: Path, capsys):
+    """`predict --input`: every case as `predict --case` wrote it, one compilation for all shapes, a
+    broken case named in one line without stopping the others, the summary, exit status 1."""
+    broken = write_case(tmp_path / "raw" / "BraTS20_Training_004", shape=(16, 16, 16), seed=3)
+    flair = next(broken.glob("*flair*"))
+    flair.write_bytes(flair.read_bytes()[:200])  # a truncated gzip stream
+    compilation.watch()
+    before = compilation.counts("segment_case")
+    code = cli.main(["predict", "--workdir", workdir, "--input", tmp_path / "raw", "--out", tmp_path / "folder",
+                     "--convention", "brats2018"])
+    out = capsys.readouterr()
+    after = compilation.counts("segment_case")
+    assert code == 1 and out.err.strip().splitlines()[-1].startswith("jaxbrats: error: 1 of 4 case(s) failed")
+    assert f"failed: case BraTS20_Training_004: {flair}" in out.err
+    assert "missing nothing: 2 case(s)" in out.out and "missing t2: 1 case(s) (BraTS20_Training_003)" in out.out
+    assert after["compiled"] + after["loaded"] - before["compiled"] - before["loaded"] == 1  # three shapes, one program
+    for case_id in CASES:
+        np.testing.assert_array_equal(_nifti(tmp_path / "folder" / f"{case_id}.nii.gz"),
+                                      _nifti(tmp_path / "pred" / f"{case_id}.nii.gz"), err_msg=case_id)
+    summary = json.loads((tmp_path / "folder" / "predict_summary.json").read_text())
+    assert [c["case"] for c in summary["failed"]] == ["BraTS20_Training_004"] and len(summary["predicted"]) == 3
 
 
 M3AE_STEPS = ["stages.pretrain.steps=2", "stages.finetune.steps=2"]

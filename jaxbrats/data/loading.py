@@ -55,6 +55,14 @@ def to_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return ornt.apply_orientation(array, transform)
 
 
+def canonical_shape(shape, affine) -> tuple[int, int, int]:
+    """The shape `to_canonical` gives a volume of `shape` (its first three axes) stored with `affine`."""
+    out = [0, 0, 0]
+    for source_axis, (target_axis, _) in enumerate(ornt.io_orientation(np.asarray(affine))):
+        out[int(target_axis)] = int(shape[source_axis])
+    return tuple(out)
+
+
 def from_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Inverse of `to_canonical`: a RAS+ array back into the source orientation."""
     transform = ornt.ornt_transform(ornt.axcodes2ornt("RAS"), ornt.io_orientation(affine))

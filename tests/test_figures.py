@@ -1,0 +1,259 @@
+"""Case figures of an evaluation (`jaxbrats eval --figures`) and training curves (`jaxbrats plot`).
+
+No training and no compilation: the evaluation runs with a stand-in for its compiled program.
+"""
+
+import json
+import struct
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from jaxbrats import evaluation, figures
+from jaxbrats.cli import main
+from jaxbrats.config import EvalConfig
+from jaxbrats.data.cache import CacheDataset
+from jaxbrats.labels import EDEMA, ENHANCING, NECROSIS, regions_of
+from jaxbrats.modalities import SUBSET_NAMES, subset_index
+
+N = 24
+#: The tumour's centre in RAS+ voxels: the subject's right (x high), posterior (y low), superior (z high).
+CENTRE = (16, 7, 16)
+
+
+def _sphere_case():
+    """A 24^3 case: FLAIR a smooth ramp, a three-label sphere tumour at CENTRE (ET inside NCR inside ED)."""
+    x, y, z = np.meshgrid(*[np.arange(N)] * 3, indexing="ij")
+    r = np.sqrt(sum((a - c) ** 2 for a, c in zip((x, y, z), CENTRE)))
+    truth = np.where(r <= 1.5, ENHANCING, np.where(r <= 3, NECROSIS, np.where(r <= 5, EDEMA, 0))).astype(np.uint8)
+    image = np.stack([1.0 + x + y + z, 2.0 + x, 1.0 + y, 1.0 + z], axis=-1).astype(np.float32)
+    return image, truth
+
+
+def _colour_masks(pixels):
+    """Boolean masks of the pixels that show ED (green), NCR/NET (red), ET (yellow) over grey."""
+    rgb = np.asarray(pixels, float)[..., :3]
+    rgb = rgb / 255.0 if rgb.max() > 1 else rgb
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return {EDEMA: g - np.maximum(r, b) > 0.4, NECROSIS: r - np.maximum(g, b) > 0.4, ENHANCING: np.minimum(r, g) - b > 0.4}
+
+
+def _voxel_pixel(row, column, display_rc):
+    """The figure pixel (y, x) at the centre of the displayed voxel (row, column) of a panel of a 24^2 slice."""
+    left, top, _, _ = figures.panel_box(row, column)
+    side = (figures.PANEL - 2 * figures.PAD) / N
+    return int(top + figures.PAD + (display_rc[0] + 0.5) * side), int(left + figures.PAD + (display_rc[1] + 0.5) * side)
+
+
+def test_display_is_radiological():
+    """RAS+ slices: anterior / superior up; the subject's right (axial, coronal) and anterior (sagittal) on the left."""
+    volume = np.zeros((4, 5, 6), int)
+    volume[3, 4, 5] = 1  # right, anterior, superior corner
+    volume[0, 0, 0] = 2  # left, posterior, inferior corner
+    centre = (3, 4, 5)
+    for view, shape in (("axial", (5, 4)), ("coronal", (6, 4)), ("sagittal", (6, 5))):
+        shown = figures.cut(volume, view, centre)
+        assert shown.shape == shape, view  # rows: y (axial) or z; columns: x or y (sagittal)
+        assert shown[0, 0] == 1, view  # top left: anterior (axial) / superior, and right (sagittal: anterior)
+    shown = figures.cut(volume, "axial", (0, 0, 0))
+    assert shown[-1, -1] == 2  # left and posterior: bottom right
+
+
+def test_slices_through_the_tumour_box_centre_else_the_volume_centre():
+    _, truth = _sphere_case()
+    assert figures.slice_centre(truth) == (CENTRE, True)
+    truth = np.zeros((10, 12, 7), np.uint8)
+    assert figures.slice_centre(truth) == ((5, 6, 3), False)
+    truth[2, 3, 1] = truth[6, 9, 1] = EDEMA
+    assert figures.slice_centre(truth) == ((4, 6, 1), True)
+
+
+def test_case_figure_size_colours_and_orientation(tmp_path):
+    image, truth = _sphere_case()
+    predicted = np.zeros((15, N, N, N), np.uint8)
+    predicted[subset_index("flair+t1ce+t1+t2")] = truth
+    predicted[subset_index("t1ce")] = np.where(truth == ENHANCING, NECROSIS, truth)  # no ET
+    dice = np.full((15, 3), np.nan)
+    dice[subset_index("flair+t1ce+t1+t2")] = [1.0, 1.0, 1.0]
+    dice[subset_index("t1ce")] = [1.0, 1.0, 0.0]
+    allowed = np.ones(15, bool)
+    allowed[subset_index("t1")] = False  # neither served nor scored: no column
+    path = tmp_path / "figures" / "case-7.png"
+    pixels = figures.write_case_figure(path, "case-7", image, truth, predicted, dice, allowed)
+    columns = 3 + 4  # FLAIR, T1ce, truth; full, flair, t1ce, t2
+    assert figures.figure_size(columns) == (24 + 200 * columns, 700)
+    read = matplotlib.image.imread(path)
+    assert read.shape[:2] == (700, 24 + 200 * columns) == pixels.shape[:2]
+    np.testing.assert_array_equal((read[..., :3] * 255).round().astype(np.uint8), pixels)  # the PNG is what TensorBoard gets
+    assert [p.name for p in path.parent.iterdir()] == ["case-7.png"]  # no temporary file left
+    colours = _colour_masks(pixels)
+
+    def panel(row, column):
+        left, top, right, bottom = figures.panel_box(row, column)
+        return {label: mask[top:bottom, left:right] for label, mask in colours.items()}
+
+    for row in range(3):
+        for column in (0, 1):  # FLAIR and T1ce: grey only
+            assert not any(m.any() for m in panel(row, column).values()), (row, column)
+        for column in (2, 3):  # truth and the full subset's prediction: all three colours
+            assert all(m.sum() > 20 for m in panel(row, column).values()), (row, column)
+        assert not panel(row, 4)[EDEMA].any()  # flair alone predicted nothing
+        assert panel(row, 5)[NECROSIS].any() and not panel(row, 5)[ENHANCING].any()  # t1ce: no ET
+    # Orientation: the tumour's centre voxel (ET) where the radiological view puts it. Axial (x, y):
+    # right -> left, posterior -> low; coronal (x, z): right -> left, superior -> up; sagittal (y, z):
+    # posterior -> right, superior -> up.
+    x, y, z = CENTRE
+    for row, display_rc in enumerate([(N - 1 - y, N - 1 - x), (N - 1 - z, N - 1 - x), (N - 1 - z, N - 1 - y)]):
+        assert colours[ENHANCING][_voxel_pixel(row, 2, display_rc)], figures.VIEWS[row]
+        ys, xs = np.nonzero(panel(row, 2)[EDEMA])
+        below, leftwards = ys.mean() > figures.PANEL / 2, xs.mean() < figures.PANEL / 2
+        assert (below, leftwards) == [(True, True), (False, True), (False, False)][row], figures.VIEWS[row]
+
+
+def _events(folder):
+    """(tag, step, height, width) of each image summary in the TensorBoard event files of a folder."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):  # TFRecord: length (8), its CRC (4), the record, its CRC (4)
+            (length,) = struct.unpack("<Q", data[at: at + 8])
+            event = event_pb2.Event.FromString(data[at + 12: at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("image"):
+                    out.append((value.tag, event.step, value.image.height, value.image.width))
+    return out
+
+
+class _Method:
+    """Serves every subset but t1 alone."""
+
+    def served_subsets(self):
+        return tuple(s for s in range(15) if SUBSET_NAMES[s] != "t1")
+
+
+def _fake_program(*_):
+    """Stands in for the compiled 15-subset program: every served subset predicts the truth."""
+    served = _Method().served_subsets()
+
+    def program(models_state, image, labels, valid, case=None):
+        truth = regions_of(labels)
+        counts = np.stack([(truth & truth).sum((0, 1, 2)), truth.sum((0, 1, 2)), truth.sum((0, 1, 2))])
+        return np.repeat(counts[None], len(served), 0), np.repeat(np.asarray(labels)[None], len(served), 0)
+
+    return program
+
+
+def test_evaluate_writes_figures_of_the_first_cases_and_to_tensorboard(phantom_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation, "make_case_program", _fake_program)
+    dataset = CacheDataset(phantom_cache)
+    cfg = EvalConfig(window=(16, 16, 16), bucket_multiple=8)
+    evaluation.evaluate(_Method(), {}, {}, dataset, cfg, tmp_path, predictions="none", progress=False, figures=2, step=37)
+    first = dataset.case_ids[:2]
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(f"{c}.png" for c in first)
+    assert len(list((tmp_path / "cases").iterdir())) == len(dataset) > 2  # every case scored, two drawn
+    width, height = figures.figure_size(3 + 4)  # t1 is not served: no column
+    for case_id in first:
+        assert matplotlib.image.imread(tmp_path / "figures" / f"{case_id}.png").shape[:2] == (height, width)
+    assert sorted(_events(tmp_path / "tensorboard")) == sorted((f"figures/{c}", 37, height, width) for c in first)
+
+
+def test_evaluate_without_figures_writes_none(phantom_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation, "make_case_program", _fake_program)
+    cfg = EvalConfig(window=(16, 16, 16), bucket_multiple=8)
+    evaluation.evaluate(_Method(), {}, {}, CacheDataset(phantom_cache), cfg, tmp_path, predictions="none", progress=False)
+    assert not (tmp_path / "figures").exists() and not (tmp_path / "tensorboard").exists()
+
+
+def test_eval_command_passes_figures_and_the_checkpoint_step(phantom_cache, tmp_path, monkeypatch, capsys):
+    import jaxbrats.checkpoints
+    import jaxbrats.engine
+
+    class Manager:
+        def latest_step(self):
+            return 12
+
+    method = _Method()
+    method.serving = "train"
+    config = type("Config", (), {"eval": EvalConfig()})()
+    seen = {}
+    monkeypatch.setattr(jaxbrats.engine, "load_trained", lambda *a, **k: (method, {}, {}, config))
+    monkeypatch.setattr(jaxbrats.checkpoints, "existing_manager", lambda workdir, stage: seen.update(stage=stage) or Manager())
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: seen.update(k) or {"stop": True})
+    monkeypatch.setattr(evaluation, "markdown_table", lambda *a: "")
+    args = ["eval", "--workdir", tmp_path, "--data", phantom_cache, "--split", "all", "--out", tmp_path / "out"]
+    assert main(args + ["--figures", "3"]) == 0
+    assert seen["figures"] == 3 and seen["step"] == 12 and seen["stage"] == "train"
+    seen.clear()
+    assert main(args) == 0
+    assert seen["figures"] == 0 and seen["step"] == 0 and "stage" not in seen  # no checkpoint read without figures
+
+
+# --- jaxbrats plot --------------------------------------------------------------------------
+
+def _write_run(workdir, scale):
+    """Two stages as `Trainer._flush` logs them: one update group, then two; throughput rows after each flush."""
+    rows = []
+    for step in range(1, 6):
+        rows.append({"stage": "pretrain", "step": step, "loss": scale / step, "mse": 0.5 / step, "grad_norm": 1.0, "lr/model": 1e-3 * step})
+    rows.append({"stage": "pretrain", "step": 5, "steps_per_s": 2.0, "voxels_per_s": 1e5})
+    for step in range(1, 4):
+        rows.append({"stage": "finetune", "step": step, "students/loss": scale * (1 - step / 10), "students/dice": 0.3,
+                     "students/grad_norm": 2.0, "discriminators/loss": 0.7 - 0.8 * step / 3 * scale,
+                     "discriminators/grad_norm": 0.1, "lr/students": 1e-4, "lr/discriminators": 2e-4})
+    rows.append({"stage": "finetune", "step": 3, "steps_per_s": 1.5, "voxels_per_s": 8e4})
+    workdir.mkdir(parents=True)
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return workdir
+
+
+def test_plot_two_runs_of_two_stages(tmp_path, capsys):
+    from jaxbrats.plots import loss_keys, read_metrics
+
+    a, b = _write_run(tmp_path / "run_a", 1.0), _write_run(tmp_path / "run_b", 2.0)
+    rows = read_metrics(a)
+    assert loss_keys(rows) == ["loss", "students/loss", "discriminators/loss"]
+    out = tmp_path / "plots" / "curves.png"
+    assert main(["plot", a, b, "--out", out, "--names", "baseline, m3ae"]) == 0
+    assert str(out) in capsys.readouterr().out
+    pixels = matplotlib.image.imread(out)
+    assert pixels.shape[:2] == (280 * 2 + 40, 400 * 3) and pixels[..., :3].std() > 0  # 2 stages; 2 losses + lr (finetune)
+    for suffix in (".pdf", ".svg"):  # for papers: the format follows the suffix
+        assert main(["plot", a, b, "--out", tmp_path / "plots" / f"curves{suffix}", "--keys", "loss,grad_norm"]) == 0
+    assert (tmp_path / "plots" / "curves.pdf").read_bytes().startswith(b"%PDF")
+    assert "<svg" in (tmp_path / "plots" / "curves.svg").read_text()
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["curves.pdf", "curves.png", "curves.svg"]  # no temporary file
+
+
+def _error_line(capsys, argv) -> str:
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxbrats: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (None, "no metrics.jsonl"),
+    ("", "empty"),
+    ('{"stage": "train", "step": 1, "loss": 0.5}\n{"stage": "train", "st\n', ":2: not JSON"),
+    ('{"stage": "train", "step": 1, "loss": 0.5}\n\n[1, 2]\n', ":3: not a metrics row"),
+    ('{"stage": "train", "step": 1, "loss": "high"}\n', ":1: 'loss' is not a number"),
+])
+def test_plot_names_a_missing_empty_or_corrupt_metrics_file_and_line(tmp_path, capsys, content, fragment):
+    good = _write_run(tmp_path / "good", 1.0)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    if content is not None:
+        (bad / "metrics.jsonl").write_text(content)
+    line = _error_line(capsys, ["plot", good, bad, "--out", tmp_path / "curves.png"])
+    assert f"{bad / 'metrics.jsonl'}" in line and fragment in line
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_plot_refuses_an_unknown_format_and_a_wrong_number_of_names(tmp_path, capsys):
+    run = _write_run(tmp_path / "run", 1.0)
+    assert ".png, .pdf, .svg" in _error_line(capsys, ["plot", run, "--out", tmp_path / "curves.jpg"])
+    assert "2 name(s) for 1 work directory" in _error_line(capsys, ["plot", run, "--out", tmp_path / "c.png", "--names", "a,b"])
