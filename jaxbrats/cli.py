@@ -175,6 +175,17 @@ def _compare(args) -> int:
     return 0
 
 
+def _import_m3ae(args) -> int:
+    from jaxbrats.m3ae_import import import_m3ae
+
+    summary = import_m3ae(args.checkpoint, args.out, source_axcodes=tuple(args.source_axes), margin=args.margin)
+    print(f"imported {summary['unet_parameters']:,} U-Net parameters and x_sub {tuple(summary['x_sub_shape'])} "
+          f"(deep-supervision heads: {summary['deep_supervision_heads']}) into {args.out}")
+    print(f"prepare the cases to score with: jaxbrats prepare DATA CACHE --normalize percentile --margin {args.margin}; "
+          f"then jaxbrats eval --workdir {args.out} --data CACHE --split all --out EVAL")
+    return 0
+
+
 def _demo(args) -> int:
     from jaxbrats import demo
 
@@ -292,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", help="comma-separated run names (default: each folder's name, its parent's for <run>/eval)")
     p.add_argument("--reference", metavar="NAME", help="the run the others are tested against (default: the first)")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("import-m3ae", help="the official M3AE PyTorch checkpoint as a jaxbrats run (for eval, predict)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT.pth", help="the public code's fine-tuned model_best_<epoch>.pth.tar "
+                   "({'epoch', 'state_dict', 'optimizer'}) or a bare state dict")
+    p.add_argument("--out", required=True, help="the new work directory (must not exist, or be empty)")
+    p.add_argument("--source-axes", default="LPS", metavar="AXES",
+                   help="voxel axes of the NIfTI files it was trained on (BraTS: LPS); they place x_sub in RAS+")
+    p.add_argument("--margin", type=int, default=1, help="brain-box margin of the preprocessing it expects (public code: 1)")
+    p.set_defaults(func=_import_m3ae)
 
     p = sub.add_parser("demo", help="phantom -> prepare -> train the baseline -> evaluate all 15 subsets")
     p.add_argument("--workdir", default="runs/demo")

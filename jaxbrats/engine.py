@@ -308,6 +308,7 @@ class Trainer:
         if unknown:
             raise JaxbratsError(f"--stage {unknown[0]}: not a stage of {config.method_name} (its stages: {', '.join(self.method.stages)})")
         self.only = tuple(only)  # run just these stages; earlier ones are loaded from their checkpoints
+        workdir_files.refuse_imported(self.workdir, self.method.stages)
         self.cache = CacheDataset(data_dir or config.data.cache)
         self.mesh = make_mesh(config.train.mesh)
         self.compiled_steps = {}  # stage -> the step function (its `.traces` counts Python traces)

@@ -30,6 +30,10 @@ from jaxbrats.data.splits import ratio_split, read_split_file
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.methods import config_from_data, get_method
 
+#: The record of weights imported from another framework (`jaxbrats import-m3ae`): such a folder
+#: is evaluated and predicted with, never trained in (`refuse_imported`).
+IMPORT_RECORD = "import.json"
+
 #: Config keys (fnmatch patterns) a resumed run may change. Everything else is refused.
 RESUMABLE = (
     "data.cache", "data.batch_size", "data.workers", "data.prefetch",
@@ -70,9 +74,21 @@ def resolve_splits(config: Config, cache_ids: list[str]) -> dict[str, list[str]]
     return ratio_split(cache_ids, d.split_ratios, seed=d.split_seed)
 
 
+def refuse_imported(workdir: Path, stages) -> None:
+    """Imported weights are not a run to resume: training there would start its stages from scratch."""
+    if (Path(workdir) / IMPORT_RECORD).exists():
+        raise JaxbratsError(f"{workdir}: holds imported weights ({IMPORT_RECORD}), not a run to train in; train in a new "
+                            f"--workdir with --set stages.{stages[-1]}.init_from='\"{Path(workdir) / 'checkpoints' / stages[-1]}\"' "
+                            f"--stage {stages[-1]}")
+
+
 def load_splits(workdir: Path, cache: CacheDataset) -> dict[str, list[str]]:
     path = Path(workdir) / "splits.json"
-    splits = json.loads(path.read_text())
+    try:
+        splits = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise JaxbratsError(f"{path}: missing, the run has no splits (imported weights?); evaluate --split all "
+                            f"on a cache of the cases to score") from None
     missing = sorted({i for ids in splits.values() for i in ids} - set(cache.case_ids))
     if missing:
         raise JaxbratsError(f"{path}: case {missing[0]!r} of the run's split is not in the cache {cache.cache_dir}")
