@@ -3,8 +3,9 @@
 # convolution in the block's place, no L_syn), each trained with configs/acdis_phantom.toml and
 # scored on all 15 subsets of the same held-out cases. The phantom is the demo's (16 cases of
 # 64^3, seed 0; half held out). STEPS (default: the config's 200, the baseline's wall clock)
-# sets the stage length of both. Prints the tables side by side with the runs named in
-# COMPARE (NAME=EVAL_DIR ..., e.g. the baseline's and M3AE's from tools/compare_phantom.sh).
+# sets the stage length of both. Compares them (`jaxbrats compare`, into WORKDIR/compare, the
+# first named run the reference) with the runs named in NAME=EVAL_DIR ... (e.g. the baseline's
+# and M3AE's from tools/compare_phantom.sh).
 # Usage: tools/acdis_phantom.sh WORKDIR [STEPS] [NAME=EVAL_DIR ...]
 set -euo pipefail
 work=${1:?usage: tools/acdis_phantom.sh WORKDIR [STEPS] [NAME=EVAL_DIR ...]}
@@ -26,4 +27,8 @@ run() {  # NAME [--set k=v ...]
 }
 run acdis
 run acdis_without_mfsb --set method.mfsb=false --set 'method.synthesis=[]'
-python3 "$repo/tools/side_by_side.py" "$@" ACDIS=acdis/eval "ACDIS w/o MFSB=acdis_without_mfsb/eval"
+names=() dirs=()
+for pair in "$@" acdis=acdis/eval acdis_without_mfsb=acdis_without_mfsb/eval; do
+  names+=("${pair%%=*}"); dirs+=("${pair#*=}")
+done
+jaxbrats compare "${dirs[@]}" --names "$(IFS=,; echo "${names[*]}")" --out compare

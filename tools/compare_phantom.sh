@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Two methods on the same phantom at the same budget, each scored on all 15 subsets of the
-# same held-out cases (the split comes from data.split_seed, equal in both configs).
+# same held-out cases (the split comes from data.split_seed, equal in both configs), then
+# compared (`jaxbrats compare`, CONFIG_A the reference) into WORKDIR/compare.
 # The phantom is the demo's (16 cases of 64^3, seed 0; half held out by the configs' split).
 # Usage: tools/compare_phantom.sh WORKDIR [CONFIG_A] [CONFIG_B] [-- --set k=v ...]
 #   default: configs/baseline_phantom.toml (1600 steps) vs configs/m3ae_phantom.toml (800 + 800);
@@ -25,3 +26,4 @@ for config in "$a" "$b"; do
   echo "$name: trained in $(( $(date +%s) - start )) s"
   jaxbrats eval --workdir "$name" --data cache --split test --out "$name/eval"
 done
+jaxbrats compare "$(basename "$a" .toml)/eval" "$(basename "$b" .toml)/eval" --out compare
