@@ -108,3 +108,12 @@ def test_run_errors_are_one_line(tmp_path):
     (tmp_path / "empty_run" / "config.json").write_text("{}")
     (tmp_path / "case").mkdir()
     _one_line_error(_run("predict", "--workdir", tmp_path / "empty_run", "--case", tmp_path / "case", "--out", tmp_path / "s.nii.gz"), "no checkpoint found")
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"jaxbrats {version('jaxbrats')}"
