@@ -132,7 +132,7 @@ def _plot(args) -> int:
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     keys = [k.strip() for k in args.keys.split(",")] if args.keys else None
-    print(f"wrote {plot_runs(args.workdirs, args.out, names=names, keys=keys)}")
+    print(f"wrote {plot_runs(args.workdirs, args.out, names=names, keys=keys, smooth=args.smooth)}")
     return 0
 
 
@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output figure; the format follows the suffix: .png, .pdf, .svg")
     p.add_argument("--names", help="comma-separated label per run (default: each work directory's name)")
     p.add_argument("--keys", help="comma-separated metrics to draw per stage, e.g. loss,grad_norm (default: the losses)")
+    p.add_argument("--smooth", type=float, default=0.0, metavar="W",
+                   help="also draw each metric as a moving average of weight W in [0, 1) (TensorBoard's; e.g. 0.9)")
     p.set_defaults(func=_plot)
 
     p = sub.add_parser("predict", help="segment a case folder, or every case of a folder, with the modality files each has")

@@ -11,7 +11,8 @@ after each flush a throughput row ``{"stage", "step", "steps_per_s",
 The figure: one row per stage (in the order the runs first log them), columns
 the stage's loss keys (``loss`` / ``<group>/loss``, or the keys asked for),
 then the learning rates of its optimiser groups (one line per run and group,
-the group told by the line style); one colour per run, named by ``names`` or
+the group told by the line style), optionally smoothed (``smooth``, the
+raw values faint behind); one colour per run, named by ``names`` or
 the work directory's name. A panel's y axis is logarithmic when all its
 values are positive. The format follows the output's suffix: ``.png``
 (`DPI` 100), ``.pdf``, ``.svg``; a panel is `PANEL_INCHES` (4 x 2.8 in: a PNG
@@ -94,16 +95,36 @@ def _log_scale_if_positive(ax, values) -> None:
         ax.set_yscale("log")
 
 
-def plot_runs(workdirs, out, names=None, keys=None) -> Path:
+def ema(values, weight: float) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so it starts at the first value."""
+    out, average = [], 0.0
+    for i, v in enumerate(values, 1):
+        average = weight * average + (1 - weight) * v
+        out.append(average / (1 - weight**i))
+    return out
+
+
+def _draw(ax, steps, ys, colour, style, label, smooth: float) -> None:
+    """A series; smoothed (`ema`) over its raw values drawn faint when `smooth` > 0."""
+    if smooth > 0:
+        ax.plot(steps, ys, color=colour, linestyle=style, linewidth=0.8, alpha=0.25)
+        ys = ema(ys, smooth)
+    ax.plot(steps, ys, color=colour, linestyle=style, linewidth=1.2, label=label)
+
+
+def plot_runs(workdirs, out, names=None, keys=None, smooth: float = 0.0) -> Path:
     """Draw the training curves of the runs in `workdirs` (module docstring) to `out` (.png, .pdf, .svg).
     `names`: a label per run (default: each work directory's name); `keys`: the metrics per stage
-    (default: its loss keys); a stage without one of them leaves its panel out."""
+    (default: its loss keys); a stage without one of them leaves its panel out. `smooth` in [0, 1):
+    the metrics (not the learning rates) also drawn as an exponential moving average of that weight."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     out = Path(out)
+    if not 0 <= smooth < 1:
+        raise JaxbratsError(f"--smooth must be in [0, 1) (TensorBoard's smoothing weight), got {smooth}")
     if out.suffix.lower() not in FORMATS:
         raise JaxbratsError(f"--out {out}: the format follows the suffix, one of {', '.join(FORMATS)}")
     workdirs = [Path(w) for w in workdirs]
@@ -133,8 +154,8 @@ def plot_runs(workdirs, out, names=None, keys=None) -> Path:
                 for g, metric in enumerate(groups):
                     steps, ys = _series(rows, stage, metric)
                     if steps:
-                        ax.plot(steps, ys, color=colour, linestyle=_STYLES[g % len(_STYLES)], linewidth=1.2,
-                                label=metric[len(LR_PREFIX):] if key == "lr" else name)
+                        _draw(ax, steps, ys, colour, _STYLES[g % len(_STYLES)], metric[len(LR_PREFIX):] if key == "lr" else name,
+                              0.0 if key == "lr" else smooth)
                         values += ys
             _log_scale_if_positive(ax, values)
             ax.set_title(f"{stage}: {'learning rate' if key == 'lr' else key}", fontsize=9)

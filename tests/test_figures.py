@@ -226,6 +226,19 @@ def test_plot_two_runs_of_two_stages(tmp_path, capsys):
     assert (tmp_path / "plots" / "curves.pdf").read_bytes().startswith(b"%PDF")
     assert "<svg" in (tmp_path / "plots" / "curves.svg").read_text()
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["curves.pdf", "curves.png", "curves.svg"]  # no temporary file
+    assert main(["plot", a, "--out", tmp_path / "smooth.png", "--smooth", "0.9"]) == 0
+
+
+def test_smoothing_is_tensorboards_debiased_moving_average():
+    from jaxbrats.plots import ema
+
+    values = np.random.default_rng(0).normal(size=50)
+    want, biased = [], 0.0
+    for i, v in enumerate(values, 1):  # TensorBoard: s_i = w s_(i-1) + (1 - w) x_i, divided by 1 - w^i
+        biased = 0.8 * biased + 0.2 * v
+        want.append(biased / (1 - 0.8**i))
+    np.testing.assert_allclose(ema(values, 0.8), want, rtol=1e-12)
+    assert ema([3.0, 3.0, 3.0], 0.99) == pytest.approx([3.0, 3.0, 3.0])  # a constant stays itself from the start
 
 
 def _error_line(capsys, argv) -> str:
