@@ -24,11 +24,14 @@ the row scores (those with all its modalities, as `evaluation.summarize`:
 HD95 NaNs of the "nan" convention left out), so the numbers equal each run's
 summary.json. The paired test (`scipy.stats.wilcoxon`, two-sided, its
 defaults) takes the cases both runs scored with a finite value. For the mean
-row the test pairs each case's mean over the rows both runs serve (our
-choice: the papers do not say how they test a mean). With n cases the
+row the test pairs each case's mean over the mean's rows (our choice: the
+papers do not say how they test a mean). The mean row is over the rows every
+compared run serves (all 15 for catch-all methods; a dedicated method's
+students' rows otherwise), so that each run's mean covers the same rows; it
+equals a run's summary.json mean when every run serves all 15. With n cases the
 smallest two-sided p-value the exact test can give is 2 / 2^n: fewer than 6
 cases can never reach p < 0.05. A row a run does not serve (a dedicated
-method without that student) is a dash and is left out of its mean.
+method without that student) is a dash.
 """
 
 from __future__ import annotations
@@ -153,11 +156,11 @@ def _quiet_nanmean(values, axis):
         return np.nanmean(values, axis=axis)
 
 
-def row_means(values: np.ndarray, served: np.ndarray) -> np.ndarray:
-    """(16, 3): each row's mean over its cases (NaN where none or not served), then the mean of those rows."""
+def row_means(values: np.ndarray, served: np.ndarray, mean_rows: np.ndarray) -> np.ndarray:
+    """(16, 3): each row's mean over its cases (NaN where none or not served), then the mean of the
+    `mean_rows` (15,) bool."""
     rows = np.where(served[:, None], _quiet_nanmean(values, axis=0), np.nan)
-    scored = ~np.isnan(rows).all(axis=1)
-    mean = _quiet_nanmean(rows[scored], axis=0) if scored.any() else np.full(len(REGIONS), np.nan)
+    mean = _quiet_nanmean(rows[mean_rows], axis=0) if mean_rows.any() else np.full(len(REGIONS), np.nan)
     return np.concatenate([rows, mean[None]])
 
 
@@ -173,13 +176,14 @@ def wilcoxon_p(x: np.ndarray, y: np.ndarray) -> float:
         return float(stats.wilcoxon(x[keep], y[keep]).pvalue)
 
 
-def paired_p_values(values: np.ndarray, reference: np.ndarray, served: np.ndarray) -> np.ndarray:
-    """(16, 3) p-values of a run's per-case values against the reference's (NaN where not testable)."""
+def paired_p_values(values: np.ndarray, reference: np.ndarray, served: np.ndarray, mean_rows: np.ndarray) -> np.ndarray:
+    """(16, 3) p-values of a run's per-case values against the reference's (NaN where not testable),
+    the rows both serve; the mean row pairs each case's mean over the `mean_rows`."""
     out = np.full((len(ROWS), len(REGIONS)), np.nan)
     for s in np.flatnonzero(served):
         for r in range(len(REGIONS)):
             out[s, r] = wilcoxon_p(values[:, s, r], reference[:, s, r])
-    both = served[None, :, None] & np.isfinite(values) & np.isfinite(reference)
+    both = mean_rows[None, :, None] & np.isfinite(values) & np.isfinite(reference)
     per_case = [_quiet_nanmean(np.where(both, v, np.nan), axis=1) for v in (values, reference)]
     for r in range(len(REGIONS)):
         out[-1, r] = wilcoxon_p(per_case[0][:, r], per_case[1][:, r])
@@ -199,14 +203,15 @@ def compare_metric(runs: list[Run], reference: int, metric: str, note: str) -> M
     """The table of one metric: means, p-values against the reference (NaN for itself), best and marked cells."""
     order = runs[reference].cases
     aligned = [_aligned(run, order) for run in runs]
-    ref_values = aligned[reference][1][metric]
-    means = np.stack([row_means(values[metric], run.served) for run, (_, values) in zip(runs, aligned)])
+    ref_values, cases = aligned[reference][1][metric], aligned[reference][0].sum(axis=0)
+    mean_rows = np.logical_and.reduce([run.served for run in runs]) & (cases > 0)  # rows every run has
+    means = np.stack([row_means(values[metric], run.served, mean_rows) for run, (_, values) in zip(runs, aligned)])
     p = np.stack([np.full((len(ROWS), len(REGIONS)), np.nan) if i == reference else
-                  paired_p_values(values[metric], ref_values, run.served & runs[reference].served)
+                  paired_p_values(values[metric], ref_values, run.served & runs[reference].served, mean_rows)
                   for i, (run, (_, values)) in enumerate(zip(runs, aligned))])
     _, scale, higher, unit = METRICS[metric]
     return MetricTable(metric=metric, names=[run.name for run in runs], reference=reference, values=means * scale,
-                       p=p, best=_best(means, scale, higher), marked=p < ALPHA, cases=aligned[reference][0].sum(axis=0),
+                       p=p, best=_best(means, scale, higher), marked=p < ALPHA, cases=cases, mean_rows=mean_rows,
                        higher_is_better=higher, unit=unit, note=note)
 
 

@@ -35,6 +35,7 @@ class MetricTable:
     best: np.ndarray  # (runs, 16, 3) bool
     marked: np.ndarray  # (runs, 16, 3) bool: p < ALPHA
     cases: np.ndarray  # (15,) cases each row scores
+    mean_rows: np.ndarray  # (15,) bool: the rows the mean row averages (those every run serves)
     higher_is_better: bool
     unit: str
     note: str
@@ -42,6 +43,10 @@ class MetricTable:
     @property
     def title(self) -> str:
         return {"dice": "Dice", "hd95": "HD95"}.get(self.metric, self.metric)
+
+    @property
+    def mean_label(self) -> str:
+        return f"mean of {int(self.mean_rows.sum())} rows"
 
     @property
     def others(self) -> list[int]:
@@ -73,7 +78,8 @@ def _marks(row: int, present="●", absent="○") -> list[str]:
 def _legend(t: MetricTable) -> str:
     best = "highest" if t.higher_is_better else "lowest"
     return (f"Bold: the {best} of the row and region; {MARK}: p < 0.05 against {t.names[t.reference]} (Wilcoxon "
-            f"signed-rank over the cases, two-sided); {MISSING}: not served or no case. {t.note}")
+            f"signed-rank over the cases, two-sided); {MISSING}: not served or no case; the mean is over the "
+            f"{int(t.mean_rows.sum())} rows every run serves. {t.note}")
 
 
 def markdown(t: MetricTable) -> str:
@@ -81,14 +87,14 @@ def markdown(t: MetricTable) -> str:
     head = [MODALITY_TITLES[m] for m in MODALITIES] + ["cases"] + [f"{n} {r}" for n in t.names for r in REGIONS]
     lines = [f"### {t.title} ({t.unit})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in range(len(SUBSETS) + 1):
-        cases = str(int(t.cases[row])) if row < len(SUBSETS) else "**mean**"
+        cases = str(int(t.cases[row])) if row < len(SUBSETS) else f"**{t.mean_label}**"
         cells = [_cell(t, i, row, r) for i in range(len(t.names)) for r in range(len(REGIONS))]
         lines.append("| " + " | ".join(_marks(row) + [cases] + cells) + " |")
     lines += ["", _legend(t), "", f"p-values against {t.names[t.reference]}:", ""]
     head = ["subset"] + [f"{t.names[i]} {r}" for i in t.others for r in REGIONS]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in range(len(SUBSETS) + 1):
-        label = "+".join(MODALITY_TITLES[m] for m in SUBSETS[row]) if row < len(SUBSETS) else "**mean**"
+        label = "+".join(MODALITY_TITLES[m] for m in SUBSETS[row]) if row < len(SUBSETS) else f"**{t.mean_label}**"
         lines.append("| " + " | ".join([label] + [_p(t.p[i, row, r]) for i in t.others for r in range(len(REGIONS))]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -99,7 +105,7 @@ def csv(t: MetricTable) -> str:
             *(f"p {t.names[i]} {r}" for i in t.others for r in REGIONS)]
     lines = [",".join(head)]
     for row in range(len(SUBSETS) + 1):
-        label = "+".join(SUBSETS[row]) if row < len(SUBSETS) else "mean"
+        label = "+".join(SUBSETS[row]) if row < len(SUBSETS) else t.mean_label
         flags = [str(int(m in SUBSETS[row])) if row < len(SUBSETS) else "" for m in MODALITIES]
         cases = str(int(t.cases[row])) if row < len(SUBSETS) else ""
         values = [_value(t.values[i, row, r]) for i in range(len(t.names)) for r in range(len(REGIONS))]
@@ -127,7 +133,7 @@ def latex(t: MetricTable) -> str:
     for row in range(len(SUBSETS) + 1):
         if row == len(SUBSETS):
             lines.append(r"\midrule")
-        marks = _marks(row, r"$\bullet$", r"$\circ$") if row < len(SUBSETS) else [rf"\multicolumn{{{n_mod}}}{{c}}{{Mean}}"]
+        marks = _marks(row, r"$\bullet$", r"$\circ$") if row < len(SUBSETS) else [rf"\multicolumn{{{n_mod}}}{{c}}{{Mean ({int(t.mean_rows.sum())} rows)}}"]
         cells = [_cell(t, i, row, r, (r"\textbf{", "}"), r"$^\dagger$") for i in range(len(t.names)) for r in range(n_reg)]
         lines.append(" & ".join(marks + cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
@@ -159,7 +165,7 @@ def mean_bars(t: MetricTable, path: Path) -> None:
         ax.bar_label(bars, labels=[_value(v) for v in t.values[i, -1]], fontsize=7)
     ax.set_xticks(range(len(REGIONS)), REGIONS)
     ax.set_ylabel(f"{t.title} ({t.unit})")
-    ax.set_title(f"Mean {t.title} over the subset rows")
+    ax.set_title(f"{t.title}: {t.mean_label} (those every run serves)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
@@ -174,7 +180,7 @@ def difference_heatmap(t: MetricTable, path: Path) -> None:
     cmap = "RdBu" if t.higher_is_better else "RdBu_r"
     fig, ax = plt.subplots(figsize=(3.6 + 0.8 * len(columns), 7.2))
     image = ax.imshow(np.ma.masked_invalid(diff), cmap=cmap, vmin=-limit or -1, vmax=limit or 1, aspect="auto")
-    rows = ["+".join(MODALITY_TITLES[m] for m in s) for s in SUBSETS] + ["mean"]
+    rows = ["+".join(MODALITY_TITLES[m] for m in s) for s in SUBSETS] + [t.mean_label]
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xticks(range(len(columns)), [f"{t.names[i]}\n{REGIONS[r]}" for i, r in columns], fontsize=8)
     for (row, col), v in np.ndenumerate(diff):
@@ -195,7 +201,7 @@ def _json_rows(t: MetricTable) -> list[dict]:
 
     rows = []
     for row in range(len(SUBSETS) + 1):
-        rows.append({"name": "+".join(SUBSETS[row]) if row < len(SUBSETS) else "mean",
+        rows.append({"name": "+".join(SUBSETS[row]) if row < len(SUBSETS) else t.mean_label,
                      "cases": int(t.cases[row]) if row < len(SUBSETS) else None,
                      "values": {n: region_dict(t.values[i, row]) for i, n in enumerate(t.names)},
                      "p": {t.names[i]: region_dict(t.p[i, row]) for i in t.others}})

@@ -72,9 +72,13 @@ def test_tables_bold_the_best_and_mark_p_from_scipy(three_runs, tmp_path):
         assert t.marked[2, s, r] == (want < 0.05)
     assert np.allclose(t.p[1, :15], 2 / 2**8) and t.marked[1, :15].all()
     assert np.isnan(t.p[2, 5]).all() and np.isnan(t.values[2, 5]).all()  # a row "noisy" does not serve: a dash
-    mean_ref = dice["ref"][:, [0, 1, 2, 3, FULL]].mean(axis=1)  # the mean row pairs each case over shared rows
-    mean_noisy = dice["noisy"][:, [0, 1, 2, 3, FULL]].mean(axis=1)
+    shared = [0, 1, 2, 3, FULL]  # the rows every run serves: the mean row's, for every run
+    assert t.mean_rows.sum() == 5 and t.mean_rows[shared].all()
+    for i, name in enumerate(t.names):
+        assert t.values[i, 15] == pytest.approx(100 * dice[name][:, shared].mean(axis=(0, 1)))
+    mean_ref, mean_noisy = dice["ref"][:, shared].mean(axis=1), dice["noisy"][:, shared].mean(axis=1)  # per case
     assert t.p[2, 15, 0] == pytest.approx(stats.wilcoxon(mean_noisy[:, 0], mean_ref[:, 0]).pvalue)
+    assert "**mean of 5 rows**" in (tmp_path / "out" / "compare_dice.md").read_text()
     md = (tmp_path / "out" / "compare_dice.md").read_text()
     full_row = next(line for line in md.splitlines() if line.startswith("| ● | ● | ● | ● |"))
     assert f"**{100 * dice['better'][:, FULL, 0].mean():.2f}**†" in full_row
@@ -93,6 +97,8 @@ def test_reference_and_names(three_runs, tmp_path):
     _, paths, dice = three_runs
     result = compare(paths[:2], tmp_path / "out", names=["A", "B"], reference="B")
     t = result["tables"]["dice"]
+    summary = json.loads((paths[0] / "summary.json").read_text())  # catch-all runs: the mean of all 15 rows
+    assert t.mean_rows.all() and t.values[0, 15, 0] == pytest.approx(100 * summary["mean"]["dice"]["WT"])
     assert t.names == ["A", "B"] and t.reference == 1 and np.isnan(t.p[1]).all()
     want = stats.wilcoxon(dice["ref"][:, 0, 0], dice["better"][:, 0, 0]).pvalue
     assert t.p[0, 0, 0] == pytest.approx(want)
