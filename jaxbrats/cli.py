@@ -106,6 +106,8 @@ def _eval(args) -> int:
     from jaxbrats.engine import load_splits, load_trained
     from jaxbrats.evaluation import evaluate, markdown_table
 
+    if args.figures < 0:
+        raise JaxbratsError(f"--figures must be 0 or more, got {args.figures}")
     method, graphdefs, models, config = load_trained(args.workdir, stage=args.stage, overrides=args.set, segmenting=True)
     cache = CacheDataset(args.data)
     if args.split == "all":
@@ -127,12 +129,15 @@ def _eval(args) -> int:
     return 0
 
 
+def _listed(text: str | None) -> list[str] | None:
+    """A comma-separated option (`--names a,b`) as its items, or None when not given."""
+    return [item.strip() for item in text.split(",")] if text else None
+
+
 def _plot(args) -> int:
     from jaxbrats.plots import plot_runs
 
-    names = [n.strip() for n in args.names.split(",")] if args.names else None
-    keys = [k.strip() for k in args.keys.split(",")] if args.keys else None
-    print(f"wrote {plot_runs(args.workdirs, args.out, names=names, keys=keys, smooth=args.smooth)}")
+    print(f"wrote {plot_runs(args.workdirs, args.out, names=_listed(args.names), keys=_listed(args.keys), smooth=args.smooth)}")
     return 0
 
 
@@ -168,8 +173,7 @@ def _compare(args) -> int:
     from jaxbrats.compare import compare
     from jaxbrats.compare_report import markdown
 
-    names = [n.strip() for n in args.names.split(",")] if args.names else None
-    result = compare(args.eval_dirs, args.out, names=names, reference=args.reference)
+    result = compare(args.eval_dirs, args.out, names=_listed(args.names), reference=args.reference)
     print(markdown(result["tables"]["dice"]))
     print(f"wrote {len(result['written'])} files to {args.out} (Dice and HD95: .md, .csv, .tex, charts; compare.json)")
     return 0
