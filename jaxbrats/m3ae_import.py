@@ -80,7 +80,7 @@ from jaxbrats.labels import REGIONS
 from jaxbrats.methods import config_from_data
 from jaxbrats.methods.m3ae import M3AE
 from jaxbrats.modalities import MODALITIES
-from jaxbrats.workdir import IMPORT_RECORD
+from jaxbrats.workdir import IMPORT_RECORD, write_data_record
 
 STAGE = "finetune"
 PREFIX = "module."  # nn.DataParallel's, in every key the public scripts save
@@ -327,7 +327,7 @@ def train_state(method: M3AE, models: dict) -> dict:
 
 def write_run(folder: Path, config, state: dict, summary: dict, preprocessing: dict, splits) -> None:
     save_config(config, folder / "config.json")
-    (folder / "data.json").write_text(json.dumps({"cache": "", "preprocessing": preprocessing}, indent=1) + "\n")
+    write_data_record(folder, "", preprocessing)
     if splits is not None:
         (folder / "splits.json").write_text(json.dumps({k: list(v) for k, v in splits.items()}, indent=1) + "\n")
     manager = checkpoint_manager(folder, STAGE, keep=1)

@@ -35,6 +35,7 @@ from jaxbrats.evaluation import _pad, case_locator, pad_shape, segment, write_ni
 from jaxbrats.labels import CONVENTIONS, from_internal, region_voxel_counts
 from jaxbrats.modalities import MODALITIES, SUBSET_NAMES, subset_index
 from jaxbrats.sharding import OnMesh, eval_mesh
+from jaxbrats.workdir import read_preprocessing
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -52,10 +53,7 @@ class Predictor:
     def __init__(self, workdir, overrides=(), stage: str | None = None):
         workdir = Path(workdir)
         self.method, self.graphdefs, self.models_state, self.config = load_trained(workdir, stage=stage, overrides=overrides, segmenting=True)
-        try:
-            self.preprocessing = json.loads((workdir / "data.json").read_text())["preprocessing"]
-        except FileNotFoundError:
-            raise JaxbratsError(f"{workdir / 'data.json'}: missing; the run's preprocessing settings are unknown") from None
+        self.preprocessing = read_preprocessing(workdir)
         self.program = segment_program(self.method, self.graphdefs, self.config.eval)
 
     def predict(self, record, out_path, convention: str | None = None, bucket=None) -> dict:

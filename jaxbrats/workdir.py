@@ -33,6 +33,7 @@ from jaxbrats.methods import config_from_data, get_method
 #: The record of weights imported from another framework (`jaxbrats import-m3ae`): such a folder
 #: is evaluated and predicted with, never trained in (`refuse_imported`).
 IMPORT_RECORD = "import.json"
+DATA_RECORD = "data.json"  # the run's cache and preprocessing (`write_data_record`)
 
 #: Config keys (fnmatch patterns) a resumed run may change. Everything else is refused.
 RESUMABLE = (
@@ -180,7 +181,19 @@ def _prepare(workdir: Path, config: Config, cache: CacheDataset) -> dict[str, li
     record_config(workdir, config)
     if not split_path.exists():
         split_path.write_text(json.dumps(splits, indent=1) + "\n")
-    # Predicting a new case needs the preprocessing the model was trained with.
-    data = {"cache": str(cache.cache_dir), "preprocessing": cache.index["settings"]}
-    (workdir / "data.json").write_text(json.dumps(data, indent=1) + "\n")
+    write_data_record(workdir, str(cache.cache_dir), cache.index["settings"])
     return splits
+
+
+def write_data_record(workdir: Path, cache: str, preprocessing: dict) -> None:
+    """data.json: the cache a run trained on and its preprocessing, which predicting a new case needs."""
+    (Path(workdir) / DATA_RECORD).write_text(json.dumps({"cache": cache, "preprocessing": preprocessing}, indent=1) + "\n")
+
+
+def read_preprocessing(workdir: Path) -> dict:
+    """The preprocessing settings of a run's data.json (one line when it has none)."""
+    path = Path(workdir) / DATA_RECORD
+    try:
+        return json.loads(path.read_text())["preprocessing"]
+    except FileNotFoundError:
+        raise JaxbratsError(f"{path}: missing; the run's preprocessing settings are unknown") from None
