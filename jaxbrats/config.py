@@ -27,6 +27,8 @@ from jaxbrats.errors import ConfigError  # noqa: F401  (re-exported: config and 
 UPSAMPLES = ("nearest", "trilinear")  # networks.unet.UNetConfig
 DTYPES = ("float32", "bfloat16")
 SPLITS = ("auto", "files", "ratio")  # DataConfig.split
+AVERAGES = ("probabilities", "logits")  # EvalConfig.average: what the sliding window blends
+DECODINGS = ("auto", "threshold", "argmax")  # EvalConfig.decoding: region probabilities -> labels
 SEED_LIMIT = 2**31  # Grain's sampler takes 32-bit seeds; a run adds the stage index to train.seed
 
 
@@ -213,7 +215,17 @@ class EvalConfig:
     overlap: float = 0.5
     blend: str = "gaussian"  # gaussian | uniform
     window_batch: int = 1
+    #: How window outputs are averaged: the region "probabilities" (default), or their "logits"
+    #: (M3AE's public test; the logit of each probability, clipped at 1e-6 from 0 and 1).
+    average: str = "probabilities"
+    #: Region probabilities -> labels: "threshold" (WT, TC, ET each at `threshold`, nested),
+    #: "argmax" (of the label probabilities they imply: RFNet's evaluation, which ACDIS follows),
+    #: "auto": the method's own (`Method.decoding`). eval_settings.json records the one used.
+    decoding: str = "auto"
     threshold: float = 0.5
+    #: A centre crop [D, H, W] of the source volume (RAS+ axes) that image AND labels are cut to
+    #: before evaluation (ACN's and RIRN's test protocol: 160 x 192 x 128); empty: the whole case.
+    center_crop: tuple[int, ...] = ()
     hd95: bool = True
     hd95_empty: str = "brats"  # brats | zero | nan (see metrics.HD95_EMPTY)
     et_postprocess: bool = False  # ET < et_min_voxels -> necrosis
@@ -234,7 +246,13 @@ class EvalConfig:
         check_range(_key(where, "overlap"), self.overlap, 0, 1, high_open=True)
         check_choice(_key(where, "blend"), self.blend, BLENDS)
         check_range(_key(where, "window_batch"), self.window_batch, 1)
+        check_choice(_key(where, "average"), self.average, AVERAGES)
+        check_choice(_key(where, "decoding"), self.decoding, DECODINGS)
         check_range(_key(where, "threshold"), self.threshold, 0, 1, low_open=True, high_open=True)
+        if self.center_crop:
+            if len(self.center_crop) != 3:
+                raise ConfigError(f"{_key(where, 'center_crop')} needs 3 values (or none), got {_show(self.center_crop)}")
+            check_entries(_key(where, "center_crop"), self.center_crop, 1)
         check_choice(_key(where, "hd95_empty"), self.hd95_empty, tuple(HD95_EMPTY))
         check_range(_key(where, "et_min_voxels"), self.et_min_voxels, 0)
         if self.bucket:
@@ -272,6 +290,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     mesh: MeshConfig = MeshConfig()
     progress: bool = True
+    #: Loss terms (the names a method logs, e.g. RIRN's "seg", "crr", "car", "adv_s") whose
+    #: gradient norm over the update's trainable variables is logged as grad_norm/<term>
+    #: (a diagnostic: one more backward pass per term and step).
+    grad_norms: tuple[str, ...] = ()
 
     def validate(self, where: str) -> None:
         check_range(_key(where, "seed"), self.seed, 0, SEED_LIMIT, high_open=True)

@@ -204,9 +204,13 @@ def make_train_step(method: Method, stage: str, graphdefs: dict, optimizers: dic
     them and the *step context*: the step number ("step", counted from 0 in the
     stage) and what earlier updates shared (their third output), with gradients
     stopped. Metrics are named ``<group>/<part>`` when a stage has
-    several updates (no group name is special to the engine).
+    several updates (no group name is special to the engine). With
+    `train.grad_norms`, each named loss term an update logs also gets
+    ``grad_norm/<term>``: the norm of that term's own gradient over the update's
+    trainable variables (`term_grad_norms`).
     """
     updates = method.updates(stage)
+    wanted = tuple(method.config.train.grad_norms)
 
     def step(state, batch):
         step.traces += 1  # runs at trace time only (XLA compilations: `jaxbrats.compilation`)
@@ -214,11 +218,12 @@ def make_train_step(method: Method, stage: str, graphdefs: dict, optimizers: dic
         opt = dict(state["opt"])
         key = jax.random.fold_in(state["key"], state["step"])
         metrics, context = {}, {"step": state["step"]}  # a ramp (SMU-Net's consistency) reads the step
+        found = set()
         for i, update in enumerate(updates):
             split = {n: trainable_part(models[n], f) for n, f in update.trainable.items()}
             frozen = {n: s[1] for n, s in split.items()}
 
-            def loss_fn(trainable):
+            def loss_fn(trainable, models=models, context=context, update=update, i=i):
                 live = {
                     n: nnx.merge(g, trainable[n], frozen[n]) if n in trainable else nnx.merge(g, models[n])
                     for n, g in graphdefs.items()
@@ -227,21 +232,41 @@ def make_train_step(method: Method, stage: str, graphdefs: dict, optimizers: dic
 
             trainable = {n: s[0] for n, s in split.items()}
             (loss, (parts, shared)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+            prefix = "" if len(updates) == 1 else f"{update.group}/"
+            terms = [t for t in wanted if t in parts]
+            if terms:  # before this update changes the models: the gradients `grads` was taken with
+                norms = term_grad_norms(lambda t, loss_fn=loss_fn: loss_fn(t)[1][0], trainable, terms)
+                metrics.update({f"{prefix}grad_norm/{t}": v for t, v in norms.items()})
+                found.update(terms)
             context = {**context, **jax.lax.stop_gradient(shared)}
             changes, opt[update.group] = optimizers[update.group].update(grads, opt[update.group], trainable)
             trainable = optax.apply_updates(trainable, changes)
             for n in trainable:
                 models[n] = nnx.merge_state(trainable[n], frozen[n])
-            prefix = "" if len(updates) == 1 else f"{update.group}/"
             metrics[prefix + "loss"] = loss
             metrics.update({prefix + k: v for k, v in parts.items()})
             metrics[prefix + "grad_norm"] = optax.tree.norm(grads)
+        missing = [t for t in wanted if t not in found]
+        if missing:
+            logged = sorted({k.split("/")[-1] for k in metrics if "grad_norm" not in k})
+            raise ConfigError(f"train.grad_norms: {', '.join(missing)} is not a loss term of stage {stage} "
+                              f"(its logged terms: {', '.join(logged)})")
         new_state = {"models": models, "opt": opt, "step": state["step"] + 1, "key": state["key"]}
         return new_state, metrics
 
     step.traces = 0
     step.__name__ = step.__qualname__ = step_name(stage)  # JAX reports its compilations as jit(<name>)
     return step
+
+
+def term_grad_norms(parts_fn, trainable, terms: list[str]) -> dict:
+    """{term: the global norm of d part[term] / d trainable}: one reverse pass per term over one
+    shared forward pass (`jax.jacrev` of the terms as a vector). A term is taken as the loss logs it,
+    before its weight in the total (RIRN's CRR before `crr_weight`)."""
+    jac = jax.jacrev(lambda t: jnp.stack([jnp.asarray(parts_fn(t)[name], jnp.float32) for name in terms]))(trainable)
+    squares = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=tuple(range(1, leaf.ndim)))
+                  for leaf in jax.tree.leaves(jac))
+    return {name: jnp.sqrt(squares[k]) for k, name in enumerate(terms)}
 
 
 def loss_keys(method: Method, stage: str) -> list[str]:

@@ -84,7 +84,7 @@ from jaxbrats.data.pipeline import box_start
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.figures import CaseFigures
 from jaxbrats.inferers import SlidingWindowConfig, sliding_window
-from jaxbrats.labels import ENHANCING, NECROSIS, REGIONS, from_internal, labels_from_regions, regions_of
+from jaxbrats.labels import ENHANCING, NECROSIS, REGIONS, from_internal, labels_by_argmax, labels_from_regions, regions_of
 from jaxbrats.metrics import dice_counts, dice_from_counts, hd95
 from jaxbrats.modalities import FULL_SUBSET_INDEX, MODALITIES, SUBSET_MASKS, SUBSET_NAMES, SUBSETS, subset_index
 from jaxbrats.sharding import OnMesh, eval_mesh, split_windows
@@ -130,16 +130,44 @@ def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None, c
     if padded != shape:  # fill sees the padding the windows read
         image = jnp.pad(image, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
     image = method.fill(models, image, modality_mask, case)
-    probs = sliding_window(lambda x: method.predict(models, split_windows(x), modality_mask, subset), image, sliding_config(cfg), len(REGIONS),
-                           extent=case_shape)[: shape[0], : shape[1], : shape[2]]
+
+    def window_scores(x):
+        probs = method.predict(models, split_windows(x), modality_mask, subset)
+        return to_logits(probs) if cfg.average == "logits" else probs
+
+    scores = sliding_window(window_scores, image, sliding_config(cfg), len(REGIONS), extent=case_shape)
+    scores = scores[: shape[0], : shape[1], : shape[2]]
+    probs = jax.nn.sigmoid(scores) if cfg.average == "logits" else scores
     inside = jnp.ones(shape, bool)
     for axis in range(3):
         inside = inside & (lax.broadcasted_iota(jnp.int32, shape, axis) < case_shape[axis])
-    regions = (probs > cfg.threshold) & inside[..., None]
     if valid is not None:
-        regions = regions & valid[..., None]
-    labels = labels_from_regions(regions, xp=jnp)
+        inside = inside & valid
+    labels = decode(probs, decoding_of(method, cfg), cfg.threshold)
+    labels = jnp.where(inside, labels, 0).astype(jnp.uint8)
     return postprocess_et(labels, cfg.et_min_voxels) if cfg.et_postprocess else labels
+
+
+LOGIT_CLIP = 1e-6  # probabilities are clipped this far from 0 and 1 before their logit (+-13.8)
+
+
+def to_logits(probs):
+    """The logit of each region probability (`eval.average = "logits"`)."""
+    p = jnp.clip(probs.astype(jnp.float32), LOGIT_CLIP, 1.0 - LOGIT_CLIP)
+    return jnp.log(p) - jnp.log1p(-p)
+
+
+def decoding_of(method, cfg: EvalConfig) -> str:
+    """The decoding an evaluation uses: `eval.decoding`, or the method's own for "auto"."""
+    return method.decoding if cfg.decoding == "auto" else cfg.decoding
+
+
+def decode(probs, decoding: str, threshold: float = 0.5):
+    """Internal labels from region probabilities (..., 3): each region thresholded and nested
+    (`labels.labels_from_regions`), or the argmax of the label probabilities they imply."""
+    if decoding == "argmax":
+        return labels_by_argmax(probs, xp=jnp)
+    return labels_from_regions(probs > threshold, xp=jnp)
 
 
 def subset_evaluator(method, graphdefs: dict, cfg: EvalConfig):
@@ -297,7 +325,8 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
     (out_dir / "cases").mkdir(parents=True, exist_ok=True)
     if any(not m.get("has_label") for m in dataset.manifests):
         raise JaxbratsError(f"{dataset.cache_dir}: evaluation needs labelled cases (prepared without --no-labels)")
-    bucket = bucket_shape([m["cropped_shape"] for m in dataset.manifests], cfg)
+    views = [center_crop_view(m, cfg.center_crop) for m in dataset.manifests]  # (manifest, slices) of each case
+    bucket = bucket_shape([m["cropped_shape"] for m, _ in views], cfg)
     program = make_case_program(method, graphdefs, cfg)
     compilation.watch()
     before = compilation.counts(PROGRAM_NAME)
@@ -306,7 +335,8 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
     allowed = applicability(dataset.manifests, served_mask(method) if applicable is None else served_mask(method) & np.asarray(applicable, bool))
     shown = CaseFigures(out_dir, figures, step)  # the first `figures` cases: PNG + TensorBoard image
     for i in tqdm(range(len(dataset)), desc="eval", unit="case", disable=not progress, dynamic_ncols=True):
-        arrays, manifest = dataset.arrays(i), dataset.manifests[i]
+        manifest, view = views[i]
+        arrays = {k: np.asarray(v[view]) for k, v in dataset.arrays(i).items() if k in ("image", "label")}
         shape = tuple(manifest["cropped_shape"])
         if any(s > b for s, b in zip(shape, bucket)):
             raise JaxbratsError(f"case {manifest['case_id']}: shape {shape} exceeds eval.bucket {bucket}")
@@ -336,10 +366,32 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
         row["served"] = bool(is_served)  # False: the method has no model for this subset (a dedicated method's rows)
     write_reports(summary, out_dir, cfg)
     after = compilation.counts(PROGRAM_NAME)
-    settings = {"eval": to_dict(cfg), "bucket": list(bucket), "compilations": after["compiled"] - before["compiled"],
+    settings = {"eval": to_dict(cfg), "decoding": decoding_of(method, cfg), "bucket": list(bucket),
+                "compilations": after["compiled"] - before["compiled"],
                 "loaded_from_cache": after["loaded"] - before["loaded"]}
     (out_dir / "eval_settings.json").write_text(json.dumps(settings, indent=1) + "\n")
     return summary
+
+
+def center_crop_view(manifest: dict, crop) -> tuple[dict, tuple[slice, ...]]:
+    """(manifest, slices of the cached arrays) of a case cut to `eval.center_crop`.
+
+    The crop is centred in the source volume's RAS+ grid (start (size - crop) // 2, the whole axis
+    where the volume is smaller) and intersected with the cached brain box; the manifest's box and
+    shape are narrowed to match, so predictions are written in place. Without a crop: the case."""
+    whole = tuple(slice(None) for _ in range(3))
+    if not crop:
+        return manifest, whole
+    full = np.asarray(canonical_shape(manifest["original_shape"], manifest["original_affine"]))
+    start = np.maximum((full - np.asarray(crop)) // 2, 0)
+    stop = start + np.minimum(np.asarray(crop), full)
+    box = np.asarray(manifest["crop_box"])
+    lo, hi = np.maximum(box[:, 0], start), np.minimum(box[:, 1], stop)
+    if np.any(hi <= lo):
+        raise JaxbratsError(f"case {manifest['case_id']}: its brain box {box.tolist()} lies outside eval.center_crop "
+                            f"{list(crop)} of its {full.tolist()} volume")
+    narrowed = {**manifest, "crop_box": np.stack([lo, hi], 1).tolist(), "cropped_shape": (hi - lo).tolist()}
+    return narrowed, tuple(slice(int(a), int(b)) for a, b in zip(lo - box[:, 0], hi - box[:, 0]))
 
 
 def _prediction_subsets(predictions: str, manifest: dict, allowed) -> list[int]:

@@ -172,6 +172,20 @@ def labels_from_regions(regions, xp=np):
     return xp.where(et, ENHANCING, labels).astype(xp.uint8)
 
 
+def label_probs_from_region_probs(regions, xp=np):
+    """Probabilities of the 4 internal labels (last axis) from nested WT, TC, ET probabilities, the
+    inverse of `region_probs_from_label_probs`: exact for a softmax network's region probabilities
+    (and for their blend over windows, which is linear); for independent sigmoids the differences may
+    be negative, and the argmax is still defined."""
+    wt, tc, et = (regions[..., i] for i in range(3))
+    return xp.stack([1.0 - wt, tc - et, wt - tc, et], axis=-1)  # BACKGROUND, NECROSIS, EDEMA, ENHANCING
+
+
+def labels_by_argmax(regions, xp=np):
+    """Internal labels as the argmax of the label probabilities behind region probabilities (RFNet's decoding)."""
+    return xp.argmax(label_probs_from_region_probs(regions, xp=xp), axis=-1).astype(xp.uint8)
+
+
 def region_probs_from_label_probs(probs, xp=np):
     """WT, TC, ET probabilities (last axis) from softmax probabilities over the 4 internal labels."""
     wt = 1.0 - probs[..., BACKGROUND]

@@ -42,7 +42,7 @@ RESUMABLE = (
     "stages.*.optimizers.*.lr", "stages.*.optimizers.*.schedule", "stages.*.optimizers.*.poly_power",
     "stages.*.optimizers.*.warmup_steps", "stages.*.optimizers.*.momentum",
     "model.dtype", "model.remat", "model.conv_impl",
-    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.mesh.*",
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.mesh.*", "train.grad_norms",
     "eval.*",
 )
 

@@ -316,3 +316,88 @@ def test_hd95_of_a_shift_along_each_physical_axis_uses_that_axis_spacing(name, t
     written = nib.load(tmp_path / "pred.nii.gz")
     np.testing.assert_allclose(written.affine, affine, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(written.dataobj), np.asarray(nib.load(case / f"{case.name}_seg.nii.gz").dataobj))
+
+
+# --- decoding, logit averaging and the centre crop (issue 25) ------------------------------------------
+
+def test_argmax_decoding_differs_from_thresholds_where_rfnet_says():
+    """A softmax voxel [0.40, 0.35, 0, 0.25] (background, NCR, ED, ET): WT = TC = 0.60 pass the
+    thresholds (NCR), but the argmax over the four labels is background."""
+    from jaxbrats.labels import BACKGROUND, region_probs_from_label_probs
+
+    regions = region_probs_from_label_probs(jnp.asarray([[0.40, 0.35, 0.0, 0.25]]), xp=jnp)
+    np.testing.assert_allclose(regions, [[0.60, 0.60, 0.25]], rtol=1e-6)
+    assert int(evaluation.decode(regions, "threshold")[0]) == NECROSIS
+    assert int(evaluation.decode(regions, "argmax")[0]) == BACKGROUND
+    softmax = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (500, 4)), axis=-1)
+    np.testing.assert_array_equal(evaluation.decode(region_probs_from_label_probs(softmax, xp=jnp), "argmax"),
+                                  np.argmax(softmax, axis=-1))  # exact for a softmax network
+
+
+class _WindowDependent:
+    """A stand-in method whose outputs depend on the window (x - the window's mean), so averaging
+    probabilities and averaging logits give different labels."""
+
+    decoding = "threshold"
+
+    def fill(self, models, image, mask, case):
+        return image
+
+    def predict(self, models, window, mask, subset):
+        x = window[..., :1]
+        logits = 3.0 * (x - jnp.mean(x, axis=(1, 2, 3), keepdims=True)) + jnp.asarray([0.5, 0.0, -0.5])
+        return jax.nn.sigmoid(logits)
+
+
+def test_logit_averaging_blends_the_windows_logits():
+    from jaxbrats.config import EvalConfig
+    from jaxbrats.inferers import window_starts
+    from jaxbrats.labels import labels_from_regions
+
+    rng = np.random.default_rng(3)  # blocks of 4^3 with strong offsets: window means differ a lot
+    image = np.kron(4.0 * rng.normal(size=(3, 3, 3, 1)), np.ones((4, 4, 4, 4))) + rng.normal(size=(12, 12, 12, 4))
+    image = image.astype(np.float32)
+    cfg = EvalConfig(window=(8, 8, 8), overlap=0.5, blend="uniform")
+    total, count = np.zeros((12, 12, 12, 3)), np.zeros((12, 12, 12, 1))
+    for start in window_starts((12, 12, 12), (8, 8, 8), 0.5):  # numpy: the mean of each voxel's logits
+        box = tuple(slice(s, s + 8) for s in start)
+        x = image[box][..., :1].astype(np.float64)
+        total[box] += 3.0 * (x - x.mean()) + np.asarray([0.5, 0.0, -0.5])
+        count[box] += 1
+    expected = labels_from_regions(total / count > 0)
+    method, mask = _WindowDependent(), jnp.ones((4,), bool)
+    by_logits = evaluation.segment(method, {}, jnp.asarray(image), mask, dataclasses.replace(cfg, average="logits"))
+    by_probs = evaluation.segment(method, {}, jnp.asarray(image), mask, cfg)
+    np.testing.assert_array_equal(by_logits, expected)
+    assert (np.asarray(by_probs) != expected).any()  # the two averages do differ here
+
+
+def test_center_crop_view_cuts_the_source_grid_centre_out_of_the_brain_box():
+    manifest = {"case_id": "c", "original_shape": [240, 240, 155], "original_affine": np.eye(4).tolist(),
+                "crop_box": [[30, 200], [10, 230], [0, 150]], "cropped_shape": [170, 220, 150]}
+    narrowed, view = evaluation.center_crop_view(manifest, (160, 192, 128))
+    # centre crop [40, 200) x [24, 216) x [13, 141) of the volume, within the box
+    assert narrowed["crop_box"] == [[40, 200], [24, 216], [13, 141]]
+    assert narrowed["cropped_shape"] == [160, 192, 128]
+    assert view == (slice(10, 170), slice(14, 206), slice(13, 141))
+    assert evaluation.center_crop_view(manifest, ()) == (manifest, (slice(None),) * 3)
+    with pytest.raises(JaxbratsError, match="case c: its brain box .* lies outside eval.center_crop"):
+        evaluation.center_crop_view({**manifest, "crop_box": [[0, 20], [0, 240], [0, 155]]}, (160, 192, 128))
+
+
+def test_evaluate_with_a_center_crop_scores_and_writes_only_the_crop(trained_run, phantom_cache, tmp_path):
+    method, graphdefs, models, config = load_trained(trained_run)
+    ids = load_splits(trained_run, CacheDataset(phantom_cache))["test"][:1]
+    dataset = CacheDataset(phantom_cache, ids)
+    manifest = dataset.manifests[0]
+    full = np.asarray(manifest["original_shape"])
+    crop = tuple(int(s) - 8 for s in full)
+    cfg = dataclasses.replace(config.eval, center_crop=crop)
+    evaluate(method, graphdefs, models, dataset, cfg, tmp_path, progress=False)
+    settings = json.loads((tmp_path / "eval_settings.json").read_text())
+    assert settings["decoding"] == "threshold" and settings["eval"]["center_crop"] == list(crop)
+    written = np.asarray(nib.load(tmp_path / "predictions" / f"{ids[0]}.nii.gz").dataobj)
+    assert written.shape == tuple(full)
+    inside = np.zeros(written.shape, bool)
+    inside[4:-4, 4:-4, 4:-4] = True  # the phantom is stored RAS+ (identity axes)
+    assert not written[~inside].any() and written[inside].any()

@@ -280,3 +280,82 @@ def test_a_frozen_teacher_from_another_run(rirn_run, trained_run):
     other = rirn(["t1ce"], f"method.teacher_from='{trained_run / 'checkpoints' / 'train'}'")
     with pytest.raises(ConfigError, match="holds no model teacher or unet shaped like this run's"):
         other.start_from("train", lambda: engine.abstract_state(other, "train", optimizers)[1]["models"])
+
+
+# --- issue 25: L_SEG's Dice over regions, refusals, per-term gradient norms ---------------------------
+
+def _numpy_region_dice(logits, label, valid):
+    """1 - (2 sum(p g) + s) / (sum p + sum g + s) per sample and region (WT, TC, ET), s = 1e-5."""
+    p = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+    g = np.stack([label > 0, (label == 1) | (label == 3), label == 3], axis=-1).astype(np.float64)
+    w = np.asarray(valid, np.float64)[..., None]
+    axes = (1, 2, 3)
+    dice = 1 - (2 * (p * g * w).sum(axes) + 1e-5) / ((p * w).sum(axes) + (g * w).sum(axes) + 1e-5)
+    return dice.mean(axis=0)  # (3,): each region's Dice loss, averaged over the samples
+
+
+def test_l_seg_sums_the_three_regions_dice_by_default_as_acn():
+    batch = synthetic_batch(2)
+    logits = np.random.default_rng(0).normal(size=batch["label"].shape + (3,)).astype(np.float32)
+    per_region = _numpy_region_dice(logits, batch["label"], batch["valid"])
+    summed = float(rirn(["t1ce"]).seg_loss(jnp.asarray(logits), batch))
+    averaged = float(rirn(["t1ce"], "method.dice_regions='mean'").seg_loss(jnp.asarray(logits), batch))
+    np.testing.assert_allclose(summed, per_region.sum(), rtol=1e-5)
+    np.testing.assert_allclose(averaged, per_region.mean(), rtol=1e-5)
+
+
+def test_a_global_norm_clip_on_the_discriminators_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"stages.train.optimizers.discriminator.clip_norm must be 0 .*discriminators"):
+        rirn_config("stages.train.optimizers.discriminator.clip_norm=1.0")
+
+
+def test_predict_refuses_a_subset_no_student_serves():
+    from jaxbrats.errors import JaxbratsError
+
+    method = rirn(["t1ce"])
+    models = method.init_models("train", nnx.Rngs(0))
+    image = jnp.zeros((1, 16, 16, 16, 4))
+    mask = jnp.ones((1, 4), bool)
+    with pytest.raises(JaxbratsError, match="no student for flair .*its students: t1ce"):
+        method.predict(models, image, mask, subset_index("flair"))
+    with pytest.raises(JaxbratsError, match="no student for flair\\+t1ce\\+t1\\+t2"):
+        method.predict(models, image, mask)  # None: the full set
+    served = method.predict(models, image, mask, np.int32(subset_index("t1ce")))
+    assert np.isfinite(np.asarray(served)).all()
+    # Inside a program the subset is data: an unserved one gives NaN, never another student's output.
+    traced = jax.jit(lambda s: method.predict(models, image, mask, s))
+    assert np.isnan(np.asarray(traced(jnp.int32(subset_index("flair"))))).all()
+    assert np.isfinite(np.asarray(traced(jnp.int32(subset_index("t1ce"))))).all()
+
+
+def test_grad_norms_log_each_terms_own_gradient_norm(batches):
+    terms = ["seg", "crr", "car", "adv_s", "teacher_dice"]
+    method = rirn(["t1ce"], f"train.grad_norms={json.dumps(terms)}")
+    optimizers = engine.stage_optimizers(method, "train", 10)
+    graphdefs, state = engine.init_state(method, "train", 0, optimizers)
+    batch = jax.tree.map(jnp.asarray, batches[0])
+    _, metrics = jax.jit(engine.make_train_step(method, "train", graphdefs, optimizers))(state, batch)
+    # The same norms by hand: each term's own gradient over the model update's trainable variables.
+    key = jax.random.fold_in(jax.random.fold_in(state["key"], 0), 0)
+    models = {n: nnx.merge(g, state["models"][n]) for n, g in graphdefs.items()}
+    graphs = {n: nnx.split(models[n]) for n in ("teacher", "students")}
+
+    def part(trainable, name):
+        live = {**models, **{n: nnx.merge(graphs[n][0], trainable[n]) for n in trainable}}
+        return method.model_loss(live, batch, key)[1][name]
+
+    trainable = {n: graphs[n][1] for n in graphs}
+    for name in terms:
+        expected = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(jax.jit(jax.grad(part), static_argnums=1)(trainable, name)))))
+        got = float(metrics[f"model/grad_norm/{name}"])
+        assert expected > 0, name
+        np.testing.assert_allclose(got, expected, rtol=1e-4, err_msg=name)
+
+
+def test_grad_norms_of_a_term_no_update_logs_is_a_config_error(batches):
+    method = rirn(["t1ce"], "train.grad_norms=['crr', 'nosuch']")
+    optimizers = engine.stage_optimizers(method, "train", 10)
+    graphdefs, state = engine.abstract_state(method, "train", optimizers)
+    step = engine.make_train_step(method, "train", graphdefs, optimizers)
+    with pytest.raises(ConfigError, match="train.grad_norms: nosuch is not a loss term of stage train .*crr"):
+        jax.eval_shape(step, state, jax.tree.map(jnp.asarray, batches[0]))

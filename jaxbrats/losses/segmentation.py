@@ -13,8 +13,13 @@ and `masked_mse` for image reconstruction (M3AE's pretraining).
 
 Every loss takes `valid` (N, D, H, W) bool: False voxels (crop padding)
 contribute nothing. Soft Dice is computed per sample and channel,
-``1 - (2 sum(p g) + smooth) / (sum(p) + sum(g) + smooth)``, then averaged;
-``batch_dice`` sums over the batch first (nnU-Net's option).
+``1 - (2 sum(p g) + smooth) / (sum(p) + sum(g) + smooth)``, then averaged
+over the samples and averaged or summed over the channels (`channels`:
+"mean", or "sum" as ACN's code on which RIRN builds); ``batch_dice`` sums over
+the batch first (nnU-Net's option). `squared_soft_dice_loss` is V-Net's form
+(Milletari et al. 2016), squares in the denominator,
+``1 - (2 sum(p g) + smooth) / (sum(p^2) + sum(g^2) + smooth)``, which the
+public M3AE code uses with smooth 1 (`region_loss(squared_dice=True)`).
 """
 
 from __future__ import annotations
@@ -28,13 +33,29 @@ from jaxbrats.labels import NUM_LABELS, regions_of
 SMOOTH = 1e-5
 
 
-def soft_dice_loss(probs, targets, valid, smooth: float = SMOOTH, batch_dice: bool = False):
-    """Mean soft Dice loss over (sample, channel); probs and targets (N, ..., C)."""
+DICE_CHANNELS = ("mean", "sum")
+
+
+def soft_dice_loss(probs, targets, valid, smooth: float = SMOOTH, batch_dice: bool = False, channels: str = "mean"):
+    """Soft Dice loss, mean over samples, mean or sum over channels; probs and targets (N, ..., C)."""
     w = valid[..., None].astype(probs.dtype)
     axes = tuple(range(0 if batch_dice else 1, probs.ndim - 1))
     intersection = jnp.sum(probs * targets * w, axis=axes)
     total = jnp.sum(probs * w, axis=axes) + jnp.sum(targets * w, axis=axes)
-    return jnp.mean(1.0 - (2.0 * intersection + smooth) / (total + smooth))
+    per_channel = jnp.mean(jnp.reshape(1.0 - (2.0 * intersection + smooth) / (total + smooth), (-1, probs.shape[-1])), axis=0)
+    return jnp.sum(per_channel) if channels == "sum" else jnp.mean(per_channel)
+
+
+def squared_soft_dice_loss(probs, targets, valid, smooth: float = 1.0, batch_dice: bool = False, channels: str = "mean"):
+    """Soft Dice loss with a squared denominator, 1 - (2 sum(p g) + smooth) / (sum(p^2) + sum(g^2) + smooth),
+    per sample (or over the whole batch: `batch_dice`) and channel over the valid voxels, then mean over the
+    samples and mean or sum over the channels; probs and targets (N, ..., C). Default smooth 1 (the public M3AE code's)."""
+    w = valid[..., None].astype(probs.dtype)
+    axes = tuple(range(0 if batch_dice else 1, probs.ndim - 1))
+    intersection = jnp.sum(probs * targets * w, axis=axes)
+    total = jnp.sum(jnp.square(probs) * w, axis=axes) + jnp.sum(jnp.square(targets) * w, axis=axes)
+    per_channel = jnp.mean(jnp.reshape(1.0 - (2.0 * intersection + smooth) / (total + smooth), (-1, probs.shape[-1])), axis=0)
+    return jnp.sum(per_channel) if channels == "sum" else jnp.mean(per_channel)
 
 
 def _masked_mean(values, valid):
@@ -42,11 +63,16 @@ def _masked_mean(values, valid):
     return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def region_loss(logits, labels, valid, dice_weight: float = 1.0, bce_weight: float = 1.0, batch_dice: bool = False):
-    """Soft Dice + BCE on sigmoid region outputs; logits (N, D, H, W, 3), labels internal."""
+def region_loss(logits, labels, valid, dice_weight: float = 1.0, bce_weight: float = 1.0, batch_dice: bool = False,
+                dice_channels: str = "mean", squared_dice: bool = False, smooth: float = SMOOTH):
+    """Soft Dice + BCE on sigmoid region outputs; logits (N, D, H, W, 3), labels internal.
+    `dice_channels`: the Dice of the three regions averaged ("mean") or summed ("sum");
+    `squared_dice`: the squared denominator (`squared_soft_dice_loss`) instead of the linear one;
+    `smooth`: the Dice's smoothing term (the public M3AE code's is 1)."""
     logits = logits.astype(jnp.float32)
     targets = regions_of(labels, xp=jnp).astype(jnp.float32)
-    dice = soft_dice_loss(jax.nn.sigmoid(logits), targets, valid, batch_dice=batch_dice)
+    dice_loss = squared_soft_dice_loss if squared_dice else soft_dice_loss
+    dice = dice_loss(jax.nn.sigmoid(logits), targets, valid, smooth=smooth, batch_dice=batch_dice, channels=dice_channels)
     bce = _masked_mean(optax.sigmoid_binary_cross_entropy(logits, targets).mean(axis=-1), valid)
     return dice_weight * dice + bce_weight * bce, {"dice_loss": dice, "bce": bce}
 

@@ -75,6 +75,9 @@ class Method:
     name: str = ""
     Options: type = object  # dataclass typing the `[method]` section (besides `name`)
     stages: tuple[str, ...] = ("train",)
+    #: How `eval.decoding = "auto"` turns region probabilities into labels: "threshold" (each region
+    #: at `eval.threshold`) or "argmax" (of the label probabilities: RFNet's evaluation, ACDIS's).
+    decoding: str = "threshold"
 
     def __init__(self, config: Config):
         self.config = config
@@ -114,13 +117,14 @@ class Method:
                 raise ConfigError(f"stages.{stage}.optimizers: unknown group(s) {extra} (groups: {list(groups)})")
 
     @staticmethod
-    def refuse_coupled_clipping(config: Config, stage: str, group: str, why: str = "") -> None:
-        """Stacked students must each train as if alone: one global-norm clip over the family would couple them."""
+    def refuse_coupled_clipping(config: Config, stage: str, group: str, why: str = "", members: str = "students") -> None:
+        """Stacked members (students, their discriminators) must each train as if alone: one
+        global-norm clip over the family would couple them."""
         stage_config = config.stages.get(stage)
         opt = stage_config.optimizers.get(group) if stage_config else None
         if opt is not None and opt.clip_norm > 0:
             raise ConfigError(f"stages.{stage}.optimizers.{group}.clip_norm must be 0{why}: one global norm over the "
-                              "stacked students would couple them (each student must train as if alone)")
+                              f"stacked {members} would couple them (each must train as if alone)")
 
     def optimizer(self, stage: str, group: str) -> OptimizerConfig:
         stage_config = self.config.stages.get(stage)

@@ -70,7 +70,9 @@ from jaxbrats.checkpoints import restore_model
 from jaxbrats.config import check_choice, check_range
 from jaxbrats.errors import ConfigError
 from jaxbrats.labels import REGIONS, regions_of
+from jaxbrats.errors import JaxbratsError
 from jaxbrats.losses import region_loss
+from jaxbrats.losses.segmentation import DICE_CHANNELS
 from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
 from jaxbrats.losses.relation import car_loss, crr_loss, region_masks, resize_to_features
 from jaxbrats.methods.base import Method, Update
@@ -90,6 +92,9 @@ class RIRNOptions:
     #: "all" (the 15 subsets, in the library's order) or a list of subset names ("t1ce", "flair+t2", ...)
     students: object = "all"
     seg_loss: str = "dice"  # the paper: Dice only; "dice_bce" adds BCE (ours, an option)
+    #: The Dice of WT, TC and ET summed (ACN's code, on which RIRN builds; the paper is silent)
+    #: or averaged ("mean": 1/3 of the weight of L_SEG against CRR, CAR and ADV).
+    dice_regions: str = "sum"
     crr: bool = True
     mf: bool = True  # CRR's manual filtering: only voxels the teacher gets right (eq. 3)
     crr_threshold: float = 0.5  # lambda of eq. 3
@@ -110,6 +115,7 @@ class RIRNOptions:
     def validate(self, where: str) -> None:
         student_subsets(self.students, f"{where}.students")
         check_choice(f"{where}.seg_loss", self.seg_loss, SEG_LOSSES)
+        check_choice(f"{where}.dice_regions", self.dice_regions, DICE_CHANNELS)
         check_range(f"{where}.crr_threshold", self.crr_threshold, 0, 1, low_open=True, high_open=True)
         check_choice(f"{where}.car_axis", self.car_axis, ("keys", "queries"))
         check_choice(f"{where}.car_embeddings", self.car_embeddings, CAR_EMBEDDINGS)
@@ -143,7 +149,7 @@ class RIRN(Method):
     def __init__(self, config):
         super().__init__(config)
         self.subsets = student_subsets(self.options.students)
-        self.slots = np.zeros(len(SUBSET_NAMES), np.int32)  # subset index -> the student serving it
+        self.slots = np.full(len(SUBSET_NAMES), -1, np.int32)  # subset index -> the student serving it (-1: none)
         self.slots[list(self.subsets)] = np.arange(len(self.subsets))
 
     @classmethod
@@ -155,6 +161,7 @@ class RIRN(Method):
             raise ConfigError(f"method.car_level must be in [{-levels}, {levels - 1}] (model.widths has {levels} levels), "
                               f"got {options.car_level}")
         cls.refuse_coupled_clipping(config, "train", "model", " for RIRN")
+        cls.refuse_coupled_clipping(config, "train", "discriminator", " for RIRN", "discriminators")
 
     # --- models ------------------------------------------------------------------------
     def families(self, stage):
@@ -217,7 +224,7 @@ class RIRN(Method):
     # --- losses ------------------------------------------------------------------------
     def seg_loss(self, logits, batch):
         bce = 1.0 if self.options.seg_loss == "dice_bce" else 0.0
-        return region_loss(logits, batch["label"], batch["valid"], bce_weight=bce)[0]
+        return region_loss(logits, batch["label"], batch["valid"], bce_weight=bce, dice_channels=self.options.dice_regions)[0]
 
     def adversary_input(self, out):
         logits = out["logits"].astype(jnp.float32)
@@ -300,8 +307,17 @@ class RIRN(Method):
         return ("students",)
 
     def predict(self, models, image, modality_mask, subset=None):
-        """The student of `subset` (data: its weights are picked inside the program) on its modalities."""
-        slot = jnp.asarray(self.slots)[subset if subset is not None else len(SUBSET_NAMES) - 1]
-        student = family.member(models["students"], slot)
+        """The student of `subset` (data: its weights are picked inside the program) on its modalities.
+
+        A subset no student serves is refused: in one line when `subset` is known here (a Python or
+        numpy int, or None for the full set); inside a compiled program, where it is data, the
+        probabilities come out NaN rather than another student's."""
+        subset = len(SUBSET_NAMES) - 1 if subset is None else subset
+        if not isinstance(subset, jax.core.Tracer):
+            if self.slots[int(subset)] < 0:
+                raise JaxbratsError(f"RIRN has no student for {SUBSET_NAMES[int(subset)]} "
+                                    f"(its students: {', '.join(SUBSET_NAMES[s] for s in self.subsets)})")
+        slot = jnp.asarray(self.slots)[subset]
+        student = family.member(models["students"], jnp.maximum(slot, 0))
         logits = student(drop_modalities(image, modality_mask))["logits"]
-        return probabilities("regions", logits)
+        return jnp.where(slot >= 0, probabilities("regions", logits), jnp.nan)
