@@ -102,7 +102,7 @@ def run_config(substitute_shape) -> dict:
         "method": {"name": "m3ae", "mask_ratio": 0.875, "patch_size": 16, "fill": "x_sub",
                    "substitute_shape": list(substitute_shape), "substitute_frame": "template",
                    "substitute_penalty": "centered_norm", "substitute_weight": 0.005, "consistency_weight": 0.1,
-                   "consistency_feature": "deep_quarter", "distinct_views": False},
+                   "consistency_feature": "deep_quarter", "distinct_views": False, "seg_balance": "code"},
         "model": {"widths": [16, 32, 64, 128], "blocks": [1, 2, 2, 4], "groups": 8, "upsample": "nearest",
                   "dtype": "float32"},
         "data": {"crop_size": [128, 128, 128], "batch_size": 2, "foreground_oversample": 0.0, "flip_probability": 0.5,

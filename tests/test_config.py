@@ -230,6 +230,7 @@ M3AE_OPTIONS = {
     "method_name": "m3ae", "options.mask_ratio": 0.875, "options.patch_masking": True, "options.fill": "x_sub",
     "options.substitute_init_std": 1.0, "options.substitute_penalty": "centered_norm", "options.substitute_weight": 0.005,
     "options.consistency_weight": 0.1, "options.consistency_feature": "bottleneck", "options.distinct_views": True,
+    "options.seg_balance": "paper",
     "stages.finetune.batch_size": 1, "stages.pretrain.batch_size": 0,
 }
 

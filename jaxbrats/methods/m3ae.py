@@ -14,7 +14,8 @@ size of a padded full volume, with its own learning rate (optimiser key
 at 1, 1/2, 1/4), x_sub frozen. Each subject is seen as two different
 missing-modality instantiations (drop 0-3 modalities each, redrawn while
 equal), missing channels filled from x_sub:
-loss = sum_i (Dice + BCE over the three scales) + lambda * MSE(f0, f1).
+loss = sum_i (Dice + BCE over the three scales) + lambda * MSE(f0, f1)
+(``seg_balance = "paper"``; the public code's balance is an option, below).
 
 One coordinate frame for x_sub, for training crops and inference alike
 (the public code reads training crops in original-volume coordinates but
@@ -37,7 +38,30 @@ consistency_feature  "bottleneck": the deepest     "deep_quarter": the upsampled
                      encoder features              1/4-scale deep-supervision logits
 distinct_views       true: "two different          false: two independent draws
                      missing-modal situations"     (equal views ~10 % of the time)
+seg_balance          "paper": eq. 4, per view      "code": (0.7 Dice_sq + 0.3 BCE)
+                     and scale Dice + BCE 1:1,     per scale, the two views pooled
+                     summed over the two views     in one batch (loss/dice.py)
 ===================  ============================  ==================================
+
+The fine-tuning segmentation term (``seg_balance``). "paper" (default): the
+paper's eqs. 4-5 read literally, sum over the two views i and the three scales
+of (soft Dice + BCE): per-sample soft Dice with a linear denominator,
+1 - (2 sum(p g) + 1e-5) / (sum(p) + sum(g) + 1e-5), averaged over samples and
+the regions WT/TC/ET, plus BCE averaged over the valid voxels and regions.
+"code": what the public code (github.com/ccarliu/m3ae, loss/dice.py and
+train_18.py) computes: for each of the three deep-supervision outputs, equally
+weighted and summed, (0.7 sum_c Dice_c + 0.3 sum_c BCE_c) / 3 over the 3
+regions, where Dice_c = 1 - (2 sum(p g) + 1) / (sum(p^2) + sum(g^2) + 1) sums
+over the whole batch (both views, every subject: the code's batch is one
+subject seen twice) and BCE_c is the mean over the batch's voxels; the views
+are one batch, counted once, not summed. Crop padding counts nowhere in
+either form (the code pads a brain box under 128 voxels with zeros and counts
+them as background). The consistency term is the same in
+both, so the choice moves self-distillation's weight relative to
+segmentation: the paper form's segmentation term is about 2 (views) x
+(Dice + BCE) / (0.7 Dice + 0.3 BCE) times the code's, 2/0.7 ~ 3 where Dice
+dominates and ~4 where the two are equal, so lambda = 0.1 weighs about 3-4x
+more against segmentation in the code form.
 
 R(x_sub) (``substitute_penalty``): the paper gives no form for its "small
 amount of L2 regularization" with gamma = 0.005; the default is this
@@ -95,7 +119,7 @@ from flax import nnx
 from jaxbrats.config import ConfigError, check_entries, check_range
 from jaxbrats.data.pipeline import box_start
 from jaxbrats.labels import REGIONS
-from jaxbrats.losses import masked_mse, segmentation_loss
+from jaxbrats.losses import masked_mse, region_loss, segmentation_loss
 from jaxbrats.methods.base import Method, Update
 from jaxbrats.modalities import MODALITIES, NUM_MODALITIES, drop_modalities
 from jaxbrats.networks.factory import check_deep_supervision, probabilities, unet_config
@@ -114,6 +138,9 @@ from jaxbrats.transforms import (
 FILLS = ("x_sub", "zero", "mean")
 PENALTIES = ("centered_norm", "sum_square_per_batch_value", "mean_square")  # R(x_sub): module docstring
 FEATURES = ("bottleneck", "deep_quarter")
+SEG_BALANCES = ("paper", "code")  # the fine-tuning segmentation term: module docstring
+#: the public code's segmentation term (loss/dice.py): weights of the Dice and the BCE, Dice smoothing
+CODE_DICE_WEIGHT, CODE_BCE_WEIGHT, CODE_SMOOTH = 0.7, 0.3, 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +162,9 @@ class M3AEOptions:
     consistency_weight: float = 0.1  # lambda; 0 turns self-distillation off (Table 3 e)
     consistency_feature: str = "bottleneck"  # paper | deep_quarter (public code)
     distinct_views: bool = True  # paper: the two fine-tuning views differ; false: independent draws
+    #: Fine-tuning's segmentation term: "paper" (eq. 4: Dice + BCE per view and scale, summed over the views) |
+    #: "code" (the public code's (0.7 squared-denominator batch Dice + 0.3 BCE) per scale, views pooled, counted once).
+    seg_balance: str = "paper"
     #: Fine-tuning starts from the pretrained U-Net (true) or a fresh one that keeps only the
     #: pretrained x_sub (false: Table 3 row a, "no M3AE pretraining", model inversion kept).
     pretrained_unet: bool = True
@@ -142,6 +172,7 @@ class M3AEOptions:
     def validate(self, where: str) -> None:
         for name, value, allowed in (("fill", self.fill, FILLS), ("substitute_penalty", self.substitute_penalty, PENALTIES),
                                      ("consistency_feature", self.consistency_feature, FEATURES),
+                                     ("seg_balance", self.seg_balance, SEG_BALANCES),
                                      ("substitute_frame", self.substitute_frame, FRAMES)):
             if value not in allowed:
                 raise ConfigError(f"{where}.{name} must be one of {list(allowed)}, got {value!r}")
@@ -314,17 +345,35 @@ class M3AE(Method):
         views = [drop_modalities(image, masks[:, i], substitute) for i in range(self.VIEWS)]
         out = models["unet"](jnp.concatenate(views, axis=0), dropout_key=key)
         n = image.shape[0]
-        seg, parts = 0.0, {"dice_loss": 0.0, "bce": 0.0}  # each summed over the views and the 3 scales
-        for i in range(self.VIEWS):
-            for logits in (out["logits"], *out["deep"]):
-                loss, terms = segmentation_loss("regions", logits[i * n:(i + 1) * n], batch["label"], batch["valid"])
-                seg = seg + loss
-                parts = {k: parts[k] + terms[k] for k in parts}
+        seg, parts = self.segmentation_terms(out, batch)
         feature = out["encoder"][-1] if self.options.consistency_feature == "bottleneck" else out["deep"][0]
         feature = feature.astype(jnp.float32)
         consistency = jnp.mean(jnp.square(feature[:n] - feature[n:]))
         total = seg + self.options.consistency_weight * consistency
         return total, {**parts, "seg_loss": seg, "consistency": consistency}
+
+    def segmentation_terms(self, out, batch):
+        """Fine-tuning's segmentation term on the network's outputs for the views stacked on the batch axis
+        (view 0's samples, then view 1's): (loss, {"dice_loss", "bce"} unweighted, summed like the loss)."""
+        heads = (out["logits"], *out["deep"])
+        parts = {"dice_loss": 0.0, "bce": 0.0}
+        seg = 0.0
+        if self.options.seg_balance == "code":  # the views pooled in one batch, counted once; each scale once
+            labels = jnp.concatenate([batch["label"]] * self.VIEWS, axis=0)
+            valid = jnp.concatenate([batch["valid"]] * self.VIEWS, axis=0)
+            for logits in heads:
+                loss, terms = region_loss(logits, labels, valid, dice_weight=CODE_DICE_WEIGHT, bce_weight=CODE_BCE_WEIGHT,
+                                          batch_dice=True, squared_dice=True, smooth=CODE_SMOOTH)
+                seg = seg + loss
+                parts = {k: parts[k] + terms[k] for k in parts}
+            return seg, parts
+        n = batch["label"].shape[0]
+        for i in range(self.VIEWS):  # eq. 4: summed over the views and the 3 scales
+            for logits in heads:
+                loss, terms = segmentation_loss("regions", logits[i * n:(i + 1) * n], batch["label"], batch["valid"])
+                seg = seg + loss
+                parts = {k: parts[k] + terms[k] for k in parts}
+        return seg, parts
 
     # --- inference and outputs -------------------------------------------------------------
     def predict(self, models, image, modality_mask, subset=None):
