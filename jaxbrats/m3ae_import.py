@@ -113,7 +113,7 @@ def run_config(substitute_shape) -> dict:
             STAGE: {"epochs": 300, "batch_size": 1, "optimizers": {"model": {
                 "name": "adam", "lr": 3e-4, "weight_decay": 1e-4, "schedule": "cosine"}}},
         },
-        "eval": {"window": [128, 128, 128], "overlap": 0.5, "blend": "uniform", "threshold": 0.5, "hd95_empty": "zero"},
+        "eval": {"window": [128, 128, 128], "overlap": 0.5, "blend": "uniform", "average": "logits", "threshold": 0.5, "hd95_empty": "zero"},
     }
 
 

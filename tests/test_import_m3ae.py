@@ -92,7 +92,7 @@ def test_summary_and_run_directory(public):
     assert summary["frame"] == "template" and summary["source_axcodes"] == "LPS" and summary["deep_supervision_heads"] == "imported"
     config = json.loads((run / "config.json").read_text())
     assert config["method"]["name"] == "m3ae" and config["method"]["substitute_shape"] == [X, Y, Z]
-    assert config["model"]["upsample"] == "nearest" and config["eval"]["blend"] == "uniform"
+    assert config["model"]["upsample"] == "nearest" and config["eval"]["blend"] == "uniform" and config["eval"]["average"] == "logits"
     assert json.loads((run / "data.json").read_text())["preprocessing"] == {"normalization": "percentile", "margin": 1}
     assert sorted(p.name for p in run.parent.iterdir() if p.name.startswith(".")) == []  # no partial folder left
 

@@ -1,4 +1,5 @@
-"""RIRN (Su et al., Neural Networks 2024; papers/rirn.txt): a full-modality teacher and
+"""RIRN ("Reconstruct incomplete relation for incomplete modality brain tumor segmentation",
+Su et al., Neural Networks 2024): a full-modality teacher and
 dedicated missing-modality students, trained together, the students taught by relation
 distillation (CRR, CAR) and an adversarial term.
 
@@ -21,7 +22,15 @@ What the paper gives and how it maps here (choices are marked as ours):
   Region sigmoid outputs (the paper thresholds P_region), Dice only.
   Backbone per the paper: 16 initial channels, spatial dropout 0.2 after the
   first encoder convolution (`model.stem_dropout`, in the configs).
-- L_SEG = Dice(teacher, full) + Dice(student, incomplete) (eq. 1).
+- L_SEG = Dice(teacher, full) + Dice(student, incomplete) (eq. 1). Each Dice is
+  the SUM of the WT, TC and ET soft Dice losses (`dice_regions = "sum"`): the
+  paper does not say how regions combine; ACN's public code, on which RIRN
+  builds, sums them. Only the sum is taken from ACN, not its 0.2/0.8 weighting
+  of the teacher's and student's terms (eq. 1 is unweighted). `"mean"`
+  weighs L_SEG a third as much against CRR, CAR and ADV.
+- Test: the paper centre-crops ("For testing, we use center crop"; the size,
+  160x192x128, is ACN's validation crop): `eval.center_crop`, image and
+  labels alike. The default evaluation slides windows over the whole brain.
 - CRR (eqs. 2-5, `losses.relation.crr_loss`) on the penultimate layer (the
   last decoder block's output, full resolution, before the 1x1 head), the
   mask M_r = 1(P_r^T > 0.5) AND GT_r ("MF", `method.mf`; GT_r alone without
