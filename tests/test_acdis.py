@@ -1,13 +1,16 @@
 """ACDIS: the MFSB against a numpy reference of eqs. 5-9 (per-modality weights, zeros for missing
 modalities), the stacked mono encoders = four separate encoders, eq. 12's terms, the schedule's
-start epochs, no gradient into E_aux through ACCT, inference without the auxiliary parts, exact
-resume, one compilation for training and for the 15-subset evaluation, and every ablation switch.
+start epochs and what an epoch is, no gradient into E_aux through ACCT, L_syn's gradient options
+and one MFSB pass per step, inference without the auxiliary parts, exact resume, one compilation
+for training and for the 15-subset evaluation, every ablation switch and its parameter count,
+AFEB's head count checked with the config.
 
 The ACCT, distillation and synthesis losses themselves are checked against numpy in
 test_consistency_losses.py; RFNet's criterion in test_losses.py.
 """
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,20 +23,24 @@ from helpers import assert_resume_is_bit_for_bit, synthetic_batch
 from jaxbrats import engine
 from jaxbrats.config import ConfigError
 from jaxbrats.data.cache import CacheDataset
+from jaxbrats.cli import main
 from jaxbrats.evaluation import evaluate
 from jaxbrats.losses.segmentation import rfnet_loss
 from jaxbrats.methods import get_method, load_config
 from jaxbrats.methods.acdis import INFERENCE_MODELS
 from jaxbrats.modalities import MODALITIES
 from jaxbrats.networks import family
-from jaxbrats.networks.acdis import MFSB, FeatureCompletion, MonoEncoder
+from jaxbrats.networks.acdis import AFEB, MFSB, FeatureCompletion, MonoEncoder, mfsb_forward, shared_pass
 from jaxbrats.networks.factory import unet_config
 
 M = len(MODALITIES)
 #: A 2-level 8-channel backbone for every encoder and decoder, the mono encoders vmapped (one copy
-#: of their program to compile); the schedule starts at step 2 (2 steps per epoch).
+#: of their program to compile); the schedule starts at step 2 (an epoch: one pass over the
+#: training split, 2 steps).
 ACDIS = TINY + ["method.name='acdis'", "model.widths=[8,8]", "model.blocks=[1,1]", "model.family_map='vmap'",
-                "method.acct_start_epoch=0", "method.synthesis_start_epoch=1", "stages.train.steps=4"]
+                "method.acct_start_epoch=0", "method.synthesis_start_epoch=1", "method.iterations_per_epoch=0",
+                "stages.train.steps=4"]
+BRATS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "acdis_brats2020.toml"
 STEPS_PER_EPOCH = 2
 
 
@@ -117,6 +124,56 @@ def test_completion_fills_missing_slots_from_the_present_features_only():
     off = np.asarray(completion([jnp.asarray(f, jnp.float32)], jnp.asarray(mask), synthesise=False)[0][0]).reshape(comp.shape)
     np.testing.assert_allclose(off[0, ..., 1, :], 0.0)
     np.testing.assert_allclose(off[0, ..., 0, :], f[0, 0], rtol=1e-6)
+
+
+def test_without_mfsb_a_convolution_fills_the_missing_slots():
+    """`mfsb_conv = "fill"`: a 3x3x3 convolution 4C -> C of f_ava in each missing slot, the present
+    slots kept; "full": a 4C -> 4C convolution of f_ava is all of f_comp."""
+    c = 3
+    cfg = unet_config(acdis_config(), 4)
+    rng = np.random.default_rng(5)
+    f = jnp.asarray(rng.normal(size=(M, 2, 4, 4, 2, c)), jnp.float32)
+    mask = np.array([[True, False, True, False], [False, False, False, True]])
+    f_ava = np.concatenate([np.asarray(f[m]) * mask[:, m, None, None, None, None] for m in range(M)], axis=-1)
+    fill = FeatureCompletion((c,), M, False, cfg, nnx.Rngs(0))
+    assert fill.blocks[0].kernel.shape == (3, 3, 3, M * c, c)
+    comp, synthesised = fill([f], jnp.asarray(mask))
+    assert synthesised is None
+    conv = np.asarray(fill.blocks[0](jnp.asarray(f_ava)))
+    comp = np.asarray(comp[0]).reshape(2, 4, 4, 2, M, c)
+    for n, m in np.ndindex(2, M):
+        want = np.asarray(f[m, n]) if mask[n, m] else conv[n]
+        np.testing.assert_allclose(comp[n, ..., m, :], want, rtol=1e-6, atol=1e-6)
+    full = FeatureCompletion((c,), M, False, cfg, nnx.Rngs(0), conv="full")
+    assert full.blocks[0].kernel.shape == (3, 3, 3, M * c, M * c)
+    np.testing.assert_allclose(full([f], jnp.asarray(mask))[0][0], full.blocks[0](jnp.asarray(f_ava)), rtol=1e-6)
+
+
+def test_one_mfsb_pass_gives_the_gradient_of_a_second_pass_on_stopped_features():
+    """`shared_pass`: (y, y_w) from one forward pass; y_w's gradient reaches the weights only, as
+    a second pass on gradient-stopped features would (what L_syn with syn_grad_encoders = false reads)."""
+    c = 3
+    block, _ = random_mfsb(c, seed=4)
+    weights = block.weights()
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(2, 4, 4, 2, M * c)), jnp.float32)
+    r1, r2 = (jnp.asarray(rng.normal(size=(M, 2, 4, 4, 2, c)), jnp.float32) for _ in range(2))
+
+    def shared(w, x):
+        y, y_w = shared_pass(lambda w, x: mfsb_forward(w, x, jnp.float32), w, x)
+        return jnp.sum(y * r1) + jnp.sum(jnp.square(y_w) * r2)
+
+    def twice(w, x):
+        y, y_w = mfsb_forward(w, x, jnp.float32), mfsb_forward(w, jax.lax.stop_gradient(x), jnp.float32)
+        return jnp.sum(y * r1) + jnp.sum(jnp.square(y_w) * r2)
+
+    (got, got_grads), (want, want_grads) = (jax.value_and_grad(f, argnums=(0, 1))(weights, x) for f in (shared, twice))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    y, y_w = block.two_heads(x)
+    np.testing.assert_array_equal(y, y_w)
+    np.testing.assert_array_equal(y, block(x))
 
 
 # --- the mono encoders -----------------------------------------------------------------------------------
@@ -203,8 +260,14 @@ def test_no_gradient_reaches_the_auxiliary_encoder_through_acct():
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(to_mono)) > 0.0
 
 
-def test_the_synthesis_losses_train_the_mfsb_only():
-    method = acdis("method.synthesis=['syn','var','covar']")
+@pytest.mark.parametrize("settings, to_mono", [
+    ([], True),  # the defaults
+    (["method.syn_grad_encoders=false", "method.syn_grad_target=false"], False),
+])
+def test_the_synthesis_losses_gradient_reaches_the_encoders_unless_switched_off(settings, to_mono):
+    """Eq. 12's plain sum (the defaults): the synthesis losses' gradient reaches the mono encoders
+    (through f_ava and the target f_m); with both options off they train the MFSB only."""
+    method = acdis("method.synthesis=['syn','var','covar']", *settings)
     models = method.init_models("train", nnx.Rngs(0))
     batch = batch_with_masks(8)
     graphs = {name: nnx.split(models[name]) for name in ("mono", "completion")}
@@ -214,8 +277,42 @@ def test_the_synthesis_losses_train_the_mfsb_only():
         return method.loss(live, batch, jax.random.PRNGKey(0), context(4))[1]["synthesis"]
 
     grads = jax.jit(jax.grad(synthesis))({n: g[1] for n, g in graphs.items()})
-    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads["mono"]))
+    assert (max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["mono"])) > 0.0) == to_mono
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["completion"])) > 0.0
+
+
+def _dot_operand_shapes(jaxpr):
+    """The operand shapes of every dot_general in a jaxpr and its sub-jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(sorted(tuple(v.aval.shape) for v in eqn.invars)))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found.extend(_dot_operand_shapes(inner))
+    return found
+
+
+@pytest.mark.parametrize("to_encoders", [True, False])
+def test_the_mfsb_runs_once_per_step(to_encoders):
+    """The train step's gradient program has one eq. 5 product GAP(f_ava) W1 per level: f_comp and the
+    synthesis losses share the MFSB's pass, whichever way L_syn's gradient goes."""
+    method = acdis(f"method.syn_grad_encoders={str(to_encoders).lower()}")
+    models = method.init_models("train", nnx.Rngs(0))
+    batch = batch_with_masks(9)
+    graphs = {name: nnx.split(models[name]) for name in ("mono", "completion")}
+
+    def loss(states):
+        live = {**models, **{n: nnx.merge(graphs[n][0], s) for n, s in states.items()}}
+        return method.loss(live, batch, jax.random.PRNGKey(0), context(4))[0]
+
+    program = jax.make_jaxpr(jax.value_and_grad(loss))({n: g[1] for n, g in graphs.items()})
+    n, widths = batch["image"].shape[0], method.config.model.widths
+    eq5 = [tuple(sorted([(n, M * w), (M, M * w, M * w)])) for w in widths]
+    found = _dot_operand_shapes(program.jaxpr)
+    assert sum(found.count(shapes) for shapes in set(eq5)) == len(widths)
 
 
 def test_inference_uses_no_auxiliary_part_and_ignores_missing_modalities():
@@ -256,6 +353,66 @@ def test_every_ablation_trains_one_step(settings):
         assert "syn" not in metrics and float(metrics["kl"]) > 0.0
 
 
+def parameter_counts(*settings) -> dict:
+    """Parameters per model of the BraTS config with `settings`, from shapes alone (nnx.eval_shape)."""
+    method = get_method("acdis")(load_config(BRATS_CONFIG, list(settings)))
+    models = nnx.eval_shape(lambda: method.init_models("train", nnx.Rngs(0)))
+    return {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+            for name, model in models.items()}
+
+
+def test_each_ablation_keeps_the_parameter_count_within_5_percent():
+    """The paper replaces a block by a 3x3x3 convolution "to maintain the invariance of parameter
+    counts"; our tolerance: 5 % of the full model, counted over every trained model (the models
+    that predict + E_aux + D_aux) and over the models that predict alone, at the BraTS config."""
+    full = parameter_counts()
+    assert set(full) == {*INFERENCE_MODELS, "aux_encoder", "aux_decoder"}
+    assert sum(full.values()) == 27_589_032  # README's count
+
+    def totals(counts):
+        return sum(counts.values()), sum(counts[name] for name in INFERENCE_MODELS)
+
+    for settings in (["method.afeb=false"], ["method.mfsb=false", "method.synthesis=[]"],
+                     ["method.afeb=false", "method.mfsb=false", "method.synthesis=[]"]):
+        for got, want in zip(totals(parameter_counts(*settings)), totals(full)):
+            assert abs(got / want - 1) < 0.05, (settings, got, want)
+    # the other reading of the MFSB's place, a 4C -> 4C convolution: +27 %
+    trained, _ = totals(parameter_counts("method.mfsb=false", "method.synthesis=[]", "method.mfsb_conv='full'"))
+    assert trained / sum(full.values()) > 1.25
+
+
+def test_an_afeb_width_its_heads_do_not_divide_is_a_config_error(tmp_path, capsys):
+    """AFEB's C // 16 heads must divide C: 56 channels (3 heads) is refused when the config is read,
+    in one line naming model.widths, not in a reshape at the first step."""
+    with pytest.raises(ConfigError, match=r"model.widths: AFEB splits a level.s 56 channels into 56 // 16 = 3 "):
+        load_config(BRATS_CONFIG, ["model.widths=[16,32,56,128]"])
+    load_config(BRATS_CONFIG, ["model.widths=[16,32,48,128]"])  # 3 heads of 16
+    load_config(BRATS_CONFIG, ["model.widths=[16,32,56,128]", "method.afeb_levels=[0,1,3]"])  # no AFEB at 56
+    load_config(BRATS_CONFIG, ["model.widths=[16,32,56,128]", "method.afeb=false"])
+    with pytest.raises(ValueError, match="3 attention heads"):  # the block itself, outside a config
+        AFEB(56, 1, unet_config(acdis_config(), 4), nnx.Rngs(0))
+    code = main(["train", "--config", BRATS_CONFIG, "--workdir", tmp_path / "run", "--data", tmp_path / "cache",
+                 "--set", "model.widths=[16,32,56,128]"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "model.widths: AFEB" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_epoch_is_rfnets_150_iterations_unless_set_to_the_data():
+    """The schedule's and the stage's epochs: 150 steps by default (RFNet's training script: 500
+    epochs = 75,000 steps, synthesis from step 3,000); 0: one pass over the split (219 cases at
+    batch 2: 109 steps, synthesis from step 2,180)."""
+    config = load_config(BRATS_CONFIG)
+    method = get_method("acdis")(config)
+    assert method.options.iterations_per_epoch == 150 and method.start_step(20) == 3_000  # no `setup` needed
+    method.setup(range(219))
+    assert method.start_step(20) == 3_000 and method.stage_length(config, "train", 109) == 75_000
+    config = load_config(BRATS_CONFIG, ["method.iterations_per_epoch=0"])
+    method = get_method("acdis")(config)
+    method.setup(range(219))
+    assert method.start_step(20) == 2_180 and method.stage_length(config, "train", 109) == 54_500
+
+
 def test_settings_are_checked():
     with pytest.raises(ConfigError, match="method.distill must be one of"):
         acdis_config("method.distill='l1'")
@@ -269,6 +426,12 @@ def test_settings_are_checked():
         acdis_config("method.acct_window=1")
     with pytest.raises(ConfigError, match="class_weights needs seg_loss = 'label'"):
         acdis_config("method.class_weights=[1,1,1,1]")
+    with pytest.raises(ConfigError, match=r"method.acct_stride must be 0 \(the window\) or at most method.acct_window"):
+        acdis_config("method.acct_stride=5")
+    with pytest.raises(ConfigError, match="method.mfsb_conv must be one of"):
+        acdis_config("method.mfsb_conv='none'")
+    with pytest.raises(ConfigError, match="method.iterations_per_epoch must be"):
+        acdis_config("method.iterations_per_epoch=-1")
 
 
 # --- resume, compilation, evaluation --------------------------------------------------------------------
@@ -290,4 +453,6 @@ def test_trains_and_evaluates_with_one_compilation_each(phantom_cache, tmp_path)
     assert set(models) == set(INFERENCE_MODELS)  # E_aux, D_aux are not loaded
     summary = evaluate(method, graphdefs, models, test, config.eval, tmp_path / "eval", predictions="none", progress=False)
     assert all(row["served"] for row in summary["subsets"]) and summary["mean"]["rows"] == 15
-    assert json.loads((tmp_path / "eval" / "eval_settings.json").read_text())["compilations"] == 1
+    settings = json.loads((tmp_path / "eval" / "eval_settings.json").read_text())
+    assert settings["compilations"] == 1
+    assert settings["decoding"] == "argmax"  # RFNet's evaluation, which ACDIS follows

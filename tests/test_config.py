@@ -279,11 +279,11 @@ RIRN_BRATS = {  # the paper: Adam 1e-4, poly 0.9, batch 1, 160x192x128 crops, 30
     "eval.window": (160, 192, 128),
 }
 MTG_OPTIONS = {
-    "method_name": "mind_the_gap", "options.anchor": "mix", "options.anchor_modality": "t1ce", "options.mix_target": "mixture",
-    "options.mix_floor": 0.1, "options.hold_target": True, "options.normal_sample": True, "options.align_weight": 1.0,
-    "options.shared_encoder": False, "options.encoder_blocks": 1, "options.teacher_seg": "each", "options.class_weights": (),
+    "method_name": "mind_the_gap", "options.anchor": "mix", "options.anchor_modality": "t1ce", "options.mix_target": "prior",
+    "options.mix_floor": 0.1, "options.mix_sum": 4.1846, "options.hold_target": True, "options.normal_sample": True, "options.align_weight": 1.0,
+    "options.shared_encoder": False, "options.encoder_blocks": 1, "options.teacher_seg": "each", "options.teacher_inference": "auto", "options.class_weights": (),
     "options.students": ["flair", "t1ce", "t1", "t2"], "options.kd": "pmkl", "options.kd_weight": 1.0,
-    "options.teacher_view": "full", "options.disc_width": 64,
+    "options.teacher_view": "full", "options.disc_width": 64, "options.teacher_from": "",
 }
 
 
@@ -298,6 +298,7 @@ MTG_BRATS = {  # the paper: [-1, 1], 80^3 crops, batch 4, Adam 1e-2 (decay garbl
     "model.widths": (16, 32, 64, 128), "model.blocks": (1, 2, 2, 4), "model.upsample": "nearest",
     "data.crop_size": (80, 80, 80), "data.batch_size": 4, "data.foreground_oversample": 0.0,
     "data.intensity_scale": 0.0, "data.intensity_shift": 0.0, "data.split": "files", "data.workers": 2,
+    "data.flip_probability": 0.0,  # the paper lists cropping only
     "stages.teacher.epochs": 300, "length.teacher": 30000, "stages.students.epochs": 300, "length.students": 30000,
     **_stage_optimizer("teacher", "teacher", 1e-2, "poly", 1e-5), **_stage_optimizer("students", "students", 1e-2, "poly", 1e-5),
     **_stage_optimizer("students", "discriminator", 1e-4, "poly"), "eval.window": (80, 80, 80),
@@ -305,14 +306,15 @@ MTG_BRATS = {  # the paper: [-1, 1], 80^3 crops, batch 4, Adam 1e-2 (decay garbl
 ACDIS_OPTIONS = {
     "method_name": "acdis", "options.afeb": True, "options.afeb_levels": (), "options.distill": "acct",
     "options.acct_window": 4, "options.acct_stride": 0, "options.acct_pooled": False, "options.mfsb": True,
-    "options.synthesis": ("syn",), "options.syn_norm": "mse", "options.syn_grad_encoders": False, "options.term_reduce": "mean", "options.acct_start_epoch": 0, "options.seg_loss": "rfnet",
+    "options.synthesis": ("syn",), "options.syn_norm": "mse", "options.syn_grad_encoders": True, "options.syn_grad_target": True,
+    "options.mfsb_conv": "fill", "options.term_reduce": "mean", "options.acct_start_epoch": 0, "options.seg_loss": "rfnet",
     "options.class_weights": (), "options.adv_weight": 1.0, "options.disc_width": 64, "data.rotation_degrees": 10.0,
 }
 ACDIS_BRATS = {  # the paper: Adam 1e-4, weight decay 1e-4, 500 epochs, batch 2, 80^3 crops, rotations (ours: 10 degrees)
-    **SHARED, **ACDIS_OPTIONS, "options.synthesis_start_epoch": 20,
+    **SHARED, **ACDIS_OPTIONS, "options.synthesis_start_epoch": 20, "options.iterations_per_epoch": 150,  # RFNet's epoch
     "model.widths": (16, 32, 64, 128), "model.blocks": (1, 2, 2, 4), "model.upsample": "nearest",
     "data.crop_size": (80, 80, 80), "data.batch_size": 2, "data.foreground_oversample": 0.0, "data.split": "files",
-    "data.workers": 2, "stages.train.epochs": 500, "length.train": 50000,
+    "data.workers": 2, "stages.train.epochs": 500, "length.train": 75000,
     **_stage_optimizer("train", "model", 1e-4, "poly", 1e-4), "stages.train.optimizers.model.poly_power": 0.9,
     "eval.window": (80, 80, 80), "eval.blend": "uniform",
 }
@@ -320,6 +322,7 @@ EXPECTED = {
     "acdis_brats2020.toml": ACDIS_BRATS,
     "acdis_phantom.toml": {
         **SHARED, **PHANTOM, **ACDIS_OPTIONS, "options.synthesis_start_epoch": 25, "options.seg_loss": "label", "stages.train.steps": 200,
+        "options.syn_grad_encoders": False, "options.syn_grad_target": False, "options.iterations_per_epoch": 0,
         "length.train": 200, "train.checkpoint_every": 100, **_stage_optimizer("train", "model", 2e-3, "cosine", warmup=10),
         **_stage_optimizer("train", "discriminator", 2e-4, "cosine"),
     },
@@ -328,6 +331,7 @@ EXPECTED = {
         **SHARED, **PHANTOM, **MTG_OPTIONS, "options.latent_channels": 0, "options.ramp_steps": 0,
         "stages.teacher.steps": 400, "length.teacher": 400, "stages.students.steps": 400, "length.students": 400,
         "train.checkpoint_every": 100, **_stage_optimizer("teacher", "teacher", 2e-3, "cosine", warmup=10),
+        "stages.teacher.optimizers.teacher.model_lr": {"mix": 5e-3},  # P_mix's weights (tools/mix_weights_sim.py)
         **_stage_optimizer("students", "students", 2e-3, "cosine", warmup=10),
         **_stage_optimizer("students", "discriminator", 2e-4, "cosine"),
     },

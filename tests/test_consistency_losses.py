@@ -3,9 +3,11 @@
 The references are float64 numpy with explicit loops over the windows and
 call nothing of jaxbrats: sigmoid first, then per window the means, the
 unbiased (1/(n-1), eq. 2) variances and covariance, eqs. 1 and 3 with
-eps = 1e-6 and |cov|. Data are tiny: M = 2 modalities, N = 2 samples of
-8 x 8 x 6 voxels, C = 3 channels (6 < 8 so that windows get dropped at an
-edge and, with a window of 8, shrink to an axis).
+eps = 1e-6 and |cov|. Windows start every `stride` voxels along an axis, and
+one more ends at the far edge where those leave voxels out. Data are tiny:
+M = 2 modalities, N = 2 samples of 8 x 8 x 6 voxels, C = 3 channels (6 is not
+a multiple of 4, so the last axis needs the edge window; with a window of 8 it
+shrinks to the axis).
 """
 
 import itertools
@@ -50,7 +52,12 @@ def moments_np(x, y, window, stride, pooled):
     """(var_x, var_y, cov) per window, (..., N, d, h, w, C or 1), by explicit loops (eq. 2)."""
     x, y = np.broadcast_arrays(np.asarray(x, np.float64), np.asarray(y, np.float64))
     sizes = [min(window, s) for s in x.shape[-4:-1]]
-    starts = [range(0, s - w + 1, stride) for s, w in zip(x.shape[-4:-1], sizes)]
+    starts = []
+    for s, w in zip(x.shape[-4:-1], sizes):
+        axis = list(range(0, s - w + 1, stride))
+        if axis[-1] + w < s:  # the voxels past the last window: one more window ends at the edge
+            axis.append(s - w)
+        starts.append(axis)
     channels = [slice(None)] if pooled else [slice(c, c + 1) for c in range(x.shape[-1])]
     out = np.zeros((3, *x.shape[:-4], *(len(r) for r in starts), len(channels)))
     for lead in np.ndindex(*x.shape[:-4]):
@@ -84,11 +91,11 @@ def close(got, expected, rtol=RTOL, atol=ATOL):
 # --- window moments ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("window, stride, pooled", [
-    (4, 4, False),  # tiling along D, H; the last axis drops voxels 4-5
+    (4, 4, False),  # tiling along D, H; the last axis: windows at 0 and 2 (voxels 4-5 covered)
     (4, 4, True),
     (4, 2, False),  # overlapping windows
-    (3, 2, True),
-    (2, 3, False),  # gaps between windows
+    (3, 2, True),  # 8 voxels: starts 0, 2, 4 and the edge window at 5
+    (3, 3, False),  # 8 voxels: starts 0, 3 and the edge window at 5; 6 voxels: 0, 3 (tiled)
     (8, 8, False),  # shrinks to 6 along the last axis: one window per sample
 ])
 def test_window_moments_against_numpy(pair, window, stride, pooled):
@@ -112,6 +119,29 @@ def test_a_spatial_axis_shorter_than_the_window_keeps_one_window():
     # the first window by hand: all of D and H, voxels 0-3 along W, unbiased over 2*3*4 = 24 voxels
     u = x[0, :, :, 0:4, 1].ravel()
     close(var_x[0, 0, 0, 0, 1], u.var(ddof=1))
+
+
+def test_every_voxel_is_in_a_window():
+    """The bottleneck of an 80^3 crop is 10^3: windows of 4 at 0 and 4 leave voxels 8-9 out unless
+    a window ends at the edge. ACCT's gradient must reach the last voxel, and every voxel."""
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(1, 10, 10, 10, 2)).astype(np.float32)
+    target = rng.normal(size=(1, 10, 10, 10, 2)).astype(np.float32)
+    for window, stride, pooled in ((4, 4, False), (3, 2, True)):  # windows at 0, 4, 6; at 0, 2, 4, 6, 7
+        def total(f):
+            return sum(jnp.sum(v) for v in acct_loss(f, target, window, stride, pooled).values())
+
+        grad = jax.jit(jax.grad(total))(jnp.asarray(features))
+        assert float(jnp.abs(grad[0, 9, 9, 9]).min()) > 0.0  # the last voxel, every channel
+        assert float(jnp.abs(grad).sum(axis=-1).min()) > 0.0  # every voxel
+        l_var, l_covar = acct_np(features, target, window, stride, pooled)
+        parts = acct_loss(features, target, window, stride, pooled)
+        close(parts["var"], l_var)
+        close(parts["covar"], l_covar)
+    var_x, _, _ = window_moments(features, target, 4, 4, False)
+    assert var_x.shape == (1, 3, 3, 3, 2)
+    with pytest.raises(ValueError, match="every voxel is in a window"):
+        window_moments(features, target, 2, 3, False)  # gaps between windows
 
 
 # --- ACCT --------------------------------------------------------------------------------
@@ -261,11 +291,38 @@ def test_synthesis_loss_without_missing_pairs_or_errors(synthesis, norm):
     # a perfect synthesis: 0, with a finite (zero) gradient through the L2 norm's sqrt
     grad = jax.grad(lambda s: synthesis_loss(s, target, weight, norm))(jnp.asarray(target))
     assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).max()) == 0.0
-    # the target is the label
-    d_target = jax.grad(lambda t: synthesis_loss(synthesised, t, weight, norm))(jnp.asarray(target))
-    assert float(jnp.abs(d_target).max()) == 0.0
     with pytest.raises(ValueError):
         synthesis_loss(synthesised, target, weight, "l1")
+
+
+@pytest.mark.parametrize("norm", SYNTHESIS_NORMS)
+def test_synthesis_target_gets_a_gradient_unless_stopped(synthesis, norm):
+    """Eq. 12 is a plain sum: the full-modality feature gets L_syn's gradient (the opposite of the
+    synthesis's: the loss reads their difference); `stop_target` makes it a fixed label."""
+    synthesised, target, weight = synthesis
+    s, t = jnp.asarray(synthesised), jnp.asarray(target)
+    d_synth, d_target = jax.grad(lambda s, t: synthesis_loss(s, t, weight, norm), argnums=(0, 1))(s, t)
+    assert float(jnp.abs(d_target).max()) > 0.0
+    close(d_target, -np.asarray(d_synth), atol=1e-8)
+    # the gradient in numpy: d/ds of the counted squared errors (mse) or of each pair's norm (l2)
+    err = synthesised.astype(np.float64) - target
+    pairs = weight[..., None, None, None, None]
+    if norm == "mse":
+        expected = 2 * err * pairs / (weight.sum() * err[0, 0].size)
+    else:
+        expected = err * pairs / np.sqrt((err**2).sum(axis=(2, 3, 4, 5), keepdims=True)) / weight.sum()
+    close(d_synth, expected, atol=1e-7)
+    stopped = jax.grad(lambda t: synthesis_loss(s, t, weight, norm, stop_target=True))(t)
+    assert float(jnp.abs(stopped).max()) == 0.0
+    close(synthesis_loss(s, t, weight, norm, stop_target=True), synthesis_np(synthesised, target, weight, norm))
+
+
+def test_acct_target_can_learn_for_the_synthesis_terms(pair):
+    features, target = jnp.asarray(pair[0]), jnp.asarray(pair[1])
+    fixed = jax.grad(lambda t: jnp.sum(acct_loss(features, t, 4)["covar"]))(target)
+    free = jax.grad(lambda t: jnp.sum(acct_loss(features, t, 4, stop_target=False)["covar"]))(target)
+    assert float(jnp.abs(fixed).max()) == 0.0 and float(jnp.abs(free).max()) > 0.0
+    close(acct_loss(features, target, 4, stop_target=False)["covar"], acct_np(pair[0], pair[1], 4, 4, False)[1])
 
 
 # --- the dispatcher --------------------------------------------------------------------

@@ -401,3 +401,16 @@ def test_evaluate_with_a_center_crop_scores_and_writes_only_the_crop(trained_run
     inside = np.zeros(written.shape, bool)
     inside[4:-4, 4:-4, 4:-4] = True  # the phantom is stored RAS+ (identity axes)
     assert not written[~inside].any() and written[inside].any()
+
+
+def test_auto_decoding_is_each_methods_own_and_a_setting_overrides_it():
+    from jaxbrats.config import EvalConfig
+    from jaxbrats.methods import get_method, load_config
+
+    regions = get_method("baseline")(load_config(None, []))
+    labels = get_method("baseline")(load_config(None, ["method.output='labels'"]))
+    acdis = get_method("acdis")(load_config(None, ["method.name='acdis'"]))
+    assert evaluation.decoding_of(regions, EvalConfig()) == "threshold"
+    assert evaluation.decoding_of(labels, EvalConfig()) == "argmax"  # a softmax network's own
+    assert evaluation.decoding_of(acdis, EvalConfig()) == "argmax"  # RFNet's evaluation, which ACDIS follows
+    assert evaluation.decoding_of(acdis, EvalConfig(decoding="threshold")) == "threshold"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ACDIS on the demo phantom, and the paper's ablation without MFSB (Table 3's first row: a 3x3x3
-# convolution in the block's place, no L_syn), each trained with configs/acdis_phantom.toml and
+# convolution in the block's place, by default 4C -> C filling the missing modalities' slots,
+# method.mfsb_conv; no L_syn), each trained with configs/acdis_phantom.toml and
 # scored on all 15 subsets of the same held-out cases. The phantom is the demo's (16 cases of
 # 64^3, seed 0; half held out). STEPS (default: the config's 200, the baseline's wall clock)
 # sets the stage length of both. Compares them (`jaxbrats compare`, into WORKDIR/compare, the

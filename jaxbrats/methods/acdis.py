@@ -1,6 +1,8 @@
-"""ACDIS (Zhang et al. 2024, papers/acdis.txt): anatomical consistency distillation and
-inconsistency synthesis. A catch-all model: four mono-modal encoders with AFEB, an auxiliary
-multi-modal encoder E_aux and decoder D_aux used in training only, the MFSB and a fusion decoder.
+"""ACDIS (Zhang et al., "Anatomical Consistency Distillation and Inconsistency Synthesis for Brain
+Tumor Segmentation with Missing Modalities", ECAI 2024, arXiv:2408.13733): anatomical consistency
+distillation and inconsistency synthesis. A catch-all model: four mono-modal encoders with AFEB,
+an auxiliary multi-modal encoder E_aux and decoder D_aux used in training only, the MFSB and a
+fusion decoder.
 
 No public code. The networks and what in them is ours: `networks.acdis`. The training objective,
 eq. 12, unweighted: L = L_ACCT + L_seg + L_syn.
@@ -16,37 +18,58 @@ eq. 12, unweighted: L = L_ACCT + L_seg + L_syn.
 - ACCT (eqs. 1-4, `losses.consistency`) between each enhanced mono feature f_m and E_aux's
   feature at the same level, at every AFEB level, E_aux's a fixed target (no gradient: E_aux
   learns only from its D_fuse segmentation). Windows of `acct_window`^3 voxels with stride
-  `acct_stride` (0: the window, non-overlapping), statistics per channel (`acct_pooled = false`)
-  or over all channels: the paper gives neither (ours). Averaged over windows, channels and
-  batch, then over modalities and levels (`term_reduce = "mean"`: eq. 12 adds L_ACCT and L_syn
-  as single terms next to L_seg's explicit sum over six outputs; "sum" sums modalities and
-  levels instead: on the phantom that made L_ACCT ~12 against ~0.7 per segmentation output at
-  the start, and after 200 steps the model had found no tumour core, Dice 0). `distill` picks Table 2's loss
-  (none | mse | kl | var | covar | acct).
+  `acct_stride` (0: the window, non-overlapping; at most the window), and where they do not
+  tile an axis one more window ending at its far edge, so that every voxel gets ACCT's gradient
+  (an 80^3 crop's 10^3 bottleneck: windows at 0, 4 and 6); statistics per channel
+  (`acct_pooled = false`) or over all channels: the paper gives neither (ours). Averaged over
+  windows, channels and batch, then over modalities and levels (`term_reduce = "mean"`: eq. 12
+  adds L_ACCT and L_syn as single terms next to L_seg's explicit sum over six outputs; "sum"
+  sums modalities and levels instead: on the phantom that made L_ACCT ~12 against ~0.7 per
+  segmentation output at the start, and after 200 steps the model had found no tumour core,
+  Dice 0). `distill` picks Table 2's loss (none | mse | kl | var | covar | acct).
 - MFSB synthesises every modality's feature from the present ones (`networks.acdis.MFSB`); the
   missing slots of f_comp take the syntheses (and L_seg's gradient flows through them into the
-  encoders). L_syn (eq. 10) on the missing modalities only, the full-modality feature f_m
-  gradient-stopped as the label (ours); `syn_norm = "mse"` (the text: "Mean Square Error",
-  default) or "l2" (eq. 10 as printed). The synthesis losses train the MFSB only: they read a
-  second MFSB pass on gradient-stopped features (ours, `syn_grad_encoders = false`). Measured
-  why: our encoders' features are the residual stream, unnormalised (an MSE of ~250 at step 50
-  on the phantom against ~0.7 for each segmentation term), and through f_ava such a term would
-  rule the encoders' gradient, whose cheapest answer is smaller features, not better syntheses. Table 3's other synthesis
-  losses (`synthesis`): "var", "covar" (the ACCT terms between f_hat_m and f_m), "adv" (a
-  discriminator on the bottleneck level's features: f_m real, f_hat_m fake, every modality;
-  non-saturating generator term x `adv_weight`, trained in a second update "discriminator").
+  encoders). L_syn (eq. 10) on the missing modalities only; `syn_norm = "mse"` (the text: "Mean
+  Square Error", default) or "l2" (eq. 10 as printed). Eq. 12 is a plain sum and the paper
+  stops no gradient in L_syn, so by default (`syn_grad_encoders = true`, `syn_grad_target =
+  true`) L_syn trains the MFSB, the mono encoders through the MFSB's input f_ava, and the mono
+  encoders through its target f_m (pulled towards the synthesis). Our options, each alone or
+  both: `syn_grad_encoders = false` keeps L_syn's gradient out of f_ava (the MFSB's weights
+  still learn from it; the same MFSB pass serves f_comp and L_syn, `networks.acdis.shared_pass`);
+  `syn_grad_target = false` makes f_m a fixed label. Both false: L_syn trains the MFSB only.
+  Why one may want that (measured): our encoders' features are the residual stream,
+  unnormalised (an MSE of ~250 at step 50 on the phantom against ~0.7 for each segmentation
+  term), and such a term can rule the encoders' gradient, whose cheapest answer is smaller
+  features, not better syntheses. The MFSB runs once per step in every setting. Table 3's other
+  synthesis losses (`synthesis`): "var", "covar" (the ACCT terms between f_hat_m and f_m, the
+  same gradient options), "adv" (a discriminator on the bottleneck level's features: f_m real,
+  f_hat_m fake, every modality; non-saturating generator term x `adv_weight`, trained in a
+  second update "discriminator").
 - Schedule. The paper: "initial training omitted L_ACCT and L_syn" and, in the same paragraph,
   consistency distillation "from the first to the final epoch" and feature synthesis "from the
   21st epoch onwards". Our reading (settings): ACCT from epoch `acct_start_epoch` = 0, the MFSB
   path and L_syn from `synthesis_start_epoch` = 20 (0-based: the 21st); before it the missing
-  slots of f_comp are zeros. Epochs are converted with the run's steps per epoch (`setup`);
-  the switch is data in the step (no recompilation).
+  slots of f_comp are zeros. An epoch is `iterations_per_epoch` steps, for the schedule and for
+  the stage's `epochs` alike: 150 by default, RFNet's training script's (batch 2, 150
+  iterations per epoch, its fusion loss from epoch 20 on, 0-based: the same 21st epoch). ACDIS
+  takes RFNet's split, loss and metric, and we read its epochs as RFNet's; 500 epochs are
+  75,000 steps, synthesis from step 3,000. `iterations_per_epoch = 0`: one pass over the
+  training split (BraTS 2020's 219 cases at batch 2: 109 steps, synthesis from step 2,180).
+  The switch is data in the step (no recompilation).
 - Missing modalities in training (the paper does not say): uniform over the 15 subsets, as
   RFNet; the mono encoders always see every modality (D_aux, ACCT and L_syn's labels need them),
   the masks act on f_ava. At inference E_aux, D_aux and the discriminator are not loaded:
-  mono encoders + AFEB -> f_ava of the present modalities -> MFSB -> D_fuse.
+  mono encoders + AFEB -> f_ava of the present modalities -> MFSB -> D_fuse. Labels are the
+  argmax of D_fuse's softmax (`decoding = "argmax"`): the paper evaluates "aligning with"
+  RFNet, whose prediction averages softmax outputs and takes the argmax (thresholding the
+  regions would differ: `eval.decoding = "threshold"`).
 - Ablations (Sec. 4.4): `afeb = false` and `mfsb = false` put a 3x3x3 convolution in the
-  block's place (as the paper, to keep the parameters comparable).
+  block's place, as the paper, "to maintain the invariance of parameter counts": AFEB's becomes
+  a C -> C convolution, the MFSB's (`mfsb_conv`) by default a 4C -> C convolution of f_ava
+  filling the missing modalities' slots ("fill", ours), or "full", a 4C -> 4C convolution
+  giving all of f_comp. At the BraTS config (all five encoders, both decoders, the completion;
+  27.59 M parameters) the ablations stay within 5 % (our tolerance) of the full model: afeb =
+  false -2.2 %, mfsb = false +1.6 % ("full": +27.1 %), both -0.7 %.
 """
 
 from __future__ import annotations
@@ -73,7 +96,14 @@ from jaxbrats.losses.segmentation import rfnet_loss
 from jaxbrats.methods.base import Method, Update
 from jaxbrats.modalities import MODALITIES
 from jaxbrats.networks import family
-from jaxbrats.networks.acdis import FeatureCompletion, FusionDecoder, MonoEncoder
+from jaxbrats.networks.acdis import (
+    COMPLETION_CONVS,
+    HEAD_CHANNELS,
+    FeatureCompletion,
+    FusionDecoder,
+    MonoEncoder,
+    afeb_width_problem,
+)
 from jaxbrats.networks.discriminator import Discriminator, DiscriminatorConfig
 from jaxbrats.networks.factory import probabilities, unet_config
 from jaxbrats.networks.latent_encoder import modality_stack
@@ -93,15 +123,23 @@ class ACDISOptions:
     acct_window: int = 4  # local window edge, voxels (ours; the paper gives none)
     acct_stride: int = 0  # 0: the window (non-overlapping)
     acct_pooled: bool = False  # window statistics over all channels, else per channel
-    mfsb: bool = True  # false: a 3x3x3 convolution 4C -> 4C in its place (Table 3's first row)
+    mfsb: bool = True  # false: a 3x3x3 convolution in its place (Table 3's first row), `mfsb_conv`
+    #: the convolution in the MFSB's place (ours): "fill" (4C -> C into the missing slots) | "full" (4C -> 4C)
+    mfsb_conv: str = "fill"
     synthesis: tuple[str, ...] = ("syn",)  # Table 3: any of syn, adv, var, covar
     syn_norm: str = "mse"  # mse (the text) | l2 (eq. 10 as printed)
     #: L_ACCT and L_syn over modalities and levels: "mean" (eq. 12 adds them as single terms) | "sum"
     term_reduce: str = "mean"
-    #: the synthesis losses train the MFSB only (false) or also the mono encoders through f_ava (ours)
-    syn_grad_encoders: bool = False
+    #: the synthesis losses' gradient reaches the mono encoders through f_ava (true: eq. 12's plain
+    #: sum) or only the MFSB's weights (false, ours)
+    syn_grad_encoders: bool = True
+    #: ... and through the target f_m (true: eq. 12's plain sum) or f_m is a fixed label (false, ours)
+    syn_grad_target: bool = True
     acct_start_epoch: int = 0  # 0-based epoch from which L_ACCT counts
     synthesis_start_epoch: int = 20  # 0-based epoch from which MFSB fills f_comp and L_syn counts
+    #: steps per epoch for the schedule and the stage's `epochs`: RFNet's training script's 150;
+    #: 0: one pass over the training split (cases // batch)
+    iterations_per_epoch: int = 150
     seg_loss: str = "rfnet"  # rfnet (RFNet/mmFormer's weighted CE + Dice) | label
     class_weights: tuple[float, ...] = ()  # seg_loss = "label" only: CE weight per internal label
     adv_weight: float = 1.0  # synthesis "adv": the generator term's weight (ours)
@@ -111,6 +149,10 @@ class ACDISOptions:
         check_choice(f"{where}.distill", self.distill, DISTILLATION_LOSSES)
         check_range(f"{where}.acct_window", self.acct_window, 2)
         check_range(f"{where}.acct_stride", self.acct_stride, 0)
+        if self.acct_stride > self.acct_window:
+            raise ConfigError(f"{where}.acct_stride must be 0 (the window) or at most {where}.acct_window "
+                              f"({self.acct_window}) so that every voxel is in a window, got {self.acct_stride}")
+        check_choice(f"{where}.mfsb_conv", self.mfsb_conv, COMPLETION_CONVS)
         for name in self.synthesis:
             check_choice(f"{where}.synthesis", name, SYNTHESIS_LOSSES)
         if not self.mfsb and self.synthesis:
@@ -120,6 +162,7 @@ class ACDISOptions:
         check_choice(f"{where}.term_reduce", self.term_reduce, TERM_REDUCTIONS)
         check_range(f"{where}.acct_start_epoch", self.acct_start_epoch, 0)
         check_range(f"{where}.synthesis_start_epoch", self.synthesis_start_epoch, 0)
+        check_range(f"{where}.iterations_per_epoch", self.iterations_per_epoch, 0)
         check_choice(f"{where}.seg_loss", self.seg_loss, SEG_LOSSES)
         if self.class_weights and (self.seg_loss != "label" or len(self.class_weights) != NUM_LABELS):
             raise ConfigError(f"{where}.class_weights needs seg_loss = 'label' and {NUM_LABELS} values, "
@@ -133,23 +176,41 @@ class ACDIS(Method):
     name = "acdis"
     Options = ACDISOptions
     stages = ("train",)
+    #: ACDIS evaluates "aligning with" RFNet, whose prediction averages softmax outputs and takes
+    #: the argmax: region thresholds would call a voxel with softmax (0.40, 0.35, 0, 0.25) NCR.
+    decoding = "argmax"
 
     def __init__(self, config):
         super().__init__(config)
         levels = len(config.model.widths)
         self.afeb_levels = tuple(self.options.afeb_levels) or tuple(range(levels))
-        self.steps_per_epoch = None  # set by `setup` (the schedule's epochs -> steps)
+        # the schedule's epochs -> steps: `iterations_per_epoch`, or set by `setup` from the data
+        self.steps_per_epoch = self.options.iterations_per_epoch or None
 
     @classmethod
     def check_config(cls, config) -> None:
         super().check_config(config)
         o = cls.parse_options(config)
-        levels = len(config.model.widths)
+        widths = tuple(config.model.widths)
+        levels = len(widths)
         bad = [l for l in o.afeb_levels if not 0 <= l < levels]
         if bad:
             raise ConfigError(f"method.afeb_levels: no encoder level {bad} (model.widths has {levels} levels: 0..{levels - 1})")
+        for level in (o.afeb_levels or range(levels)) if o.afeb else ():
+            problem = afeb_width_problem(widths[level])
+            if problem:
+                raise ConfigError(f"model.widths: {problem} (level {level} of {list(widths)}: a multiple of "
+                                  f"{HEAD_CHANNELS} or a width under {2 * HEAD_CHANNELS} there)")
+
+    @classmethod
+    def stage_length(cls, config, stage: str, steps_per_epoch: int) -> int:
+        """The stage's steps: `steps`, or its `epochs` of `iterations_per_epoch` steps (0: of the data's)."""
+        return super().stage_length(config, stage, cls.parse_options(config).iterations_per_epoch or steps_per_epoch)
 
     def setup(self, train_set) -> None:
+        if self.options.iterations_per_epoch:
+            self.steps_per_epoch = self.options.iterations_per_epoch
+            return
         stage = self.config.stages.get("train")
         batch = stage.batch_size if stage and stage.batch_size else self.config.data.batch_size
         self.steps_per_epoch = max(len(train_set) // batch, 1)
@@ -157,8 +218,8 @@ class ACDIS(Method):
     def start_step(self, epoch: int) -> int:
         if epoch and self.steps_per_epoch is None:
             raise JaxbratsError("acdis: the schedule's start epochs need the steps per epoch (`setup(train_set)`, "
-                                "which `train` calls); outside a run set method.acct_start_epoch and "
-                                "method.synthesis_start_epoch to 0")
+                                "which `train` calls, or method.iterations_per_epoch); outside a run set "
+                                "method.acct_start_epoch and method.synthesis_start_epoch to 0")
         return epoch * (self.steps_per_epoch or 0)
 
     # --- models ------------------------------------------------------------------------
@@ -173,7 +234,8 @@ class ACDIS(Method):
         models = {
             "mono": family.stack(lambda r: MonoEncoder(mono_cfg, self.afeb_levels, o.afeb, r),
                                  family.member_keys(roots[0], range(len(MODALITIES)))),
-            "completion": FeatureCompletion(cfg.widths, len(MODALITIES), o.mfsb, cfg, nnx.Rngs(roots[1])),
+            "completion": FeatureCompletion(cfg.widths, len(MODALITIES), o.mfsb, cfg, nnx.Rngs(roots[1]),
+                                            conv=o.mfsb_conv),
             "fuse_decoder": FusionDecoder(cfg, len(MODALITIES), nnx.Rngs(roots[2])),
             "aux_encoder": Encoder(cfg, nnx.Rngs(roots[3])),
             "aux_decoder": Decoder(cfg, nnx.Rngs(roots[4])),
@@ -240,7 +302,9 @@ class ACDIS(Method):
         synthesis_on = step >= self.start_step(o.synthesis_start_epoch)
         mono = self.encode(models, image)
         aux = models["aux_encoder"](image)
-        comp, synthesised = models["completion"](mono["enhanced"], mask, synthesise=synthesis_on)
+        # One MFSB pass: f_comp for L_seg, f_hat for the synthesis losses (`syn_grad_encoders`).
+        comp, synthesised = models["completion"](mono["enhanced"], mask, synthesise=synthesis_on,
+                                                 grad_to_features=o.syn_grad_encoders)
         parts = self.segmentation_terms(models, batch, mono, aux, comp)
         loss = parts["seg_mono"] + parts["seg_aux"] + parts["seg_fuse"]
         if o.distill != "none":
@@ -249,8 +313,6 @@ class ACDIS(Method):
             loss = loss + jnp.where(acct_on, distill, 0.0)
         shared = {}
         if synthesised is not None and o.synthesis:
-            if not o.syn_grad_encoders:  # MFSB again on gradient-stopped features: L_syn trains the MFSB only
-                synthesised = models["completion"].synthesise(jax.lax.stop_gradient(mono["enhanced"]), mask)
             terms = synthesis_terms(o, mono["enhanced"], synthesised, mask)
             if "adv" in o.synthesis:
                 fake = fold(synthesised[-1])
@@ -289,17 +351,19 @@ def fold(f):
 
 def synthesis_terms(o: ACDISOptions, features: list, synthesised: list, mask) -> dict:
     """Table 3's synthesis losses (`o.synthesis`) of f_hat against f, averaged over the missing
-    modalities, then over the levels (or summed: `term_reduce`)."""
+    modalities, then over the levels (or summed: `term_reduce`); f gets their gradient unless
+    `o.syn_grad_target` is false."""
     missing = ~jnp.asarray(mask, bool).T  # (M, N)
     weight = missing.astype(jnp.float32)
     stride = o.acct_stride or o.acct_window
+    stop = not o.syn_grad_target
     terms = {}
     for f_hat, f in zip(synthesised, features):
         if "syn" in o.synthesis:
-            terms["syn"] = terms.get("syn", 0.0) + synthesis_loss(f_hat, f, missing, o.syn_norm)
+            terms["syn"] = terms.get("syn", 0.0) + synthesis_loss(f_hat, f, missing, o.syn_norm, stop_target=stop)
         if {"var", "covar"} & set(o.synthesis):
             # (M, N, 1, ...): one value per modality and sample, averaged over the missing ones.
-            acct = acct_loss(f_hat[:, :, None], f[:, :, None], o.acct_window, stride, o.acct_pooled)
+            acct = acct_loss(f_hat[:, :, None], f[:, :, None], o.acct_window, stride, o.acct_pooled, stop_target=stop)
             for name in ("var", "covar"):
                 if name in o.synthesis:
                     value = jnp.sum(acct[name] * weight) / jnp.maximum(jnp.sum(weight), 1.0)

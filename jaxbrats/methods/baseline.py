@@ -4,7 +4,8 @@ Every method is compared against it. Each training sample keeps a random
 non-empty subset of its modalities (uniform over the 15 subsets by default,
 or M3AE's drop-k), the dropped channels are set to 0, and the U-Net is
 trained with the segmentation loss; at inference the missing modalities are
-zeros as well.
+zeros as well. Decoding (`eval.decoding = "auto"`): sigmoid regions
+thresholded, a softmax over labels (`output = "labels"`) by its argmax.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class Baseline(Method):
         super().check_config(config)
         if cls.parse_options(config).deep_supervision:
             check_deep_supervision(config, "method.deep_supervision = true")
+
+    @property
+    def decoding(self) -> str:
+        """A softmax network's labels are the argmax of its softmax; sigmoid regions are thresholded."""
+        return "argmax" if self.options.output == "labels" else "threshold"
 
     def out_channels(self) -> int:
         return len(REGIONS) if self.options.output == "regions" else NUM_LABELS

@@ -1,7 +1,8 @@
-"""ACDIS's networks (Zhang et al. 2024, papers/acdis.txt): mono-modal encoders with AFEB, the
-modality feature synthesis block (MFSB) and the fusion decoder. No public code; the paper gives
-the blocks' equations (MFSB, eqs. 5-9) and a figure (AFEB), not their sizes. Ours, settings where
-a researcher may want another reading:
+"""ACDIS's networks (Zhang et al., "Anatomical Consistency Distillation and Inconsistency Synthesis
+for Brain Tumor Segmentation with Missing Modalities", ECAI 2024, arXiv:2408.13733): mono-modal
+encoders with AFEB, the modality feature synthesis block (MFSB) and the fusion decoder. No public
+code; the paper gives the blocks' equations (MFSB, eqs. 5-9) and a figure (AFEB), not their sizes.
+Ours, settings where a researcher may want another reading:
 
 - Encoders and decoders "closely resemble the 3D U-Net": they are the shared backbone's
   `Encoder` and `Decoder` (`networks.unet`), C_l = model.widths[l] channels at level l.
@@ -11,23 +12,37 @@ a researcher may want another reading:
   1x1x1 convolution of their concatenation, added to the embedding (the residual is ours). Full
   attention over every voxel of a level is out of reach (80^3 = 512k tokens), so the global
   branch attends over the level average-pooled to the bottleneck's grid (`pool` = 2^(L-1-l):
-  (crop/8)^3 tokens for four levels), upsampled back trilinearly. Heads: C_l / 16 (at least 1).
+  (crop/8)^3 tokens for four levels), upsampled back trilinearly. Heads: C_l // 16 (at least 1),
+  which must divide C_l (`afeb_heads`; a config check names `model.widths`).
 - `MonoEncoder` = E_m + its AFEBs (the levels in `afeb_levels`; "the mono-modal hierarchical
   features" names no level: every level by default). With `afeb = False` (the paper's ablation,
-  Sec. 4.4) a 3x3x3 convolution stands in each AFEB's place. It returns the raw features (for
+  Sec. 4.4) a 3x3x3 convolution C -> C stands in each AFEB's place (27 C^2 weights against
+  AFEB's 34 C^2: the whole model 2.2 % smaller at the BraTS config). It returns the raw features (for
   D_aux) and the enhanced features f_m (for ACCT, MFSB and D_fuse). The four are a family
   (`networks.family`) mapped over the modality axis: one program, not four.
 - `MFSB` (Fig. 4, eqs. 5-9), one per level and one set of weights per target modality m (p_m,
   W2..W4 are indexed by m: shared weights would make the four syntheses identical):
   p_m = sigmoid(W1_m GAP(f_ava)), f_m^cha = W2_m (p_m * f_ava), alpha_m = sigmoid(W3_m f_m^cha),
   beta_m = sigmoid(W4_m f_m^cha), f_hat_m = (1 + alpha_m) f_m^cha + beta_m; W are 1x1x1
-  convolutions (with biases, ours) computed as einsums over the modality axis.
+  convolutions (with biases, ours) computed as einsums over the modality axis. One pass per
+  step serves both f_comp and L_syn: `MFSB.two_heads` returns f_hat twice, the second copy's
+  gradient reaching the block's weights but not its input (`FeatureCompletion`'s
+  `grad_to_features = False`: L_syn training the MFSB only, an option of ours).
+- `FeatureCompletion` without MFSB (the paper's ablation, Sec. 4.4: "3x3x3 convolutions in their
+  respective positions ... to maintain the invariance of parameter counts"), `conv`:
+  "fill" (ours, default): a 3x3x3 convolution 4C -> C of f_ava per level whose output fills each
+  missing modality's slot of f_comp (the present slots keep their features, as with MFSB):
+  108 C^2 weights against MFSB's 88 C^2, the whole model within 2 % of the full one's count;
+  "full": a 3x3x3 convolution 4C -> 4C of f_ava is all of f_comp (432 C^2: +27 % parameters
+  at the BraTS config).
 - `FusionDecoder` (D_fuse): the completed features f_comp (N, ..., 4 C_l) at every level, a
   1x1x1 convolution 4 C_l -> C_l per level (ours: a decoder 4x as wide would cost 16x), then
   the shared `Decoder` with its skips at every level.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +52,21 @@ from jaxbrats.networks.layers import Conv3D
 from jaxbrats.networks.unet import Decoder, Encoder, GroupNorm32, UNetConfig, upsample_linear
 
 HEAD_CHANNELS = 16  # channels per attention head in AFEB's global branch (ours)
+COMPLETION_CONVS = ("fill", "full")  # FeatureCompletion's 3x3x3 convolution in the MFSB's place
+
+
+def afeb_heads(channels: int) -> int:
+    """AFEB's attention heads for a `channels`-wide level: channels // 16, at least 1."""
+    return max(1, channels // HEAD_CHANNELS)
+
+
+def afeb_width_problem(channels: int) -> str:
+    """Why a level `channels` wide cannot have an AFEB ('' when it can): its heads must split it evenly."""
+    heads = afeb_heads(channels)
+    if channels % heads:
+        return (f"AFEB splits a level's {channels} channels into {channels} // {HEAD_CHANNELS} = {heads} attention "
+                f"heads, which must divide them")
+    return ""
 
 
 def _conv(cin: int, cout: int, kernel: int, cfg: UNetConfig, rngs: nnx.Rngs) -> Conv3D:
@@ -65,13 +95,16 @@ class AFEB(nnx.Module):
         self.local = _conv(c, c, 3, cfg, rngs)
         self.fuse = _conv(2 * c, c, 1, cfg, rngs)
         self.pool = pool
-        self.heads = max(1, c // HEAD_CHANNELS)
+        if afeb_width_problem(c):
+            raise ValueError(afeb_width_problem(c))
+        self.heads = afeb_heads(c)
 
     def global_branch(self, x):
         n, c = x.shape[0], x.shape[-1]
         tokens = self.qkv(average_pool(self.attention_norm(x), self.pool))
         grid = tokens.shape[1:4]
-        q, k, v = jnp.split(tokens.reshape(n, -1, 3, self.heads, c // self.heads), 3, axis=2)
+        count = grid[0] * grid[1] * grid[2]
+        q, k, v = jnp.split(tokens.reshape(n, count, 3, self.heads, c // self.heads), 3, axis=2)
         attended = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
         y = self.attention_out(attended.reshape(n, *grid, c))
         return upsample_linear(y, self.pool) if self.pool > 1 else y
@@ -120,17 +153,57 @@ class MFSB(nnx.Module):
         self.w4, self.b4 = _param(keys[3], (m, c, c), c), nnx.Param(jnp.zeros((m, c), jnp.float32))
         self.dtype = jnp.dtype(dtype)
 
+    def weights(self) -> dict:
+        return {name: getattr(self, name)[...] for name in MFSB_WEIGHTS}
+
     def __call__(self, available):
-        spatial = tuple(range(1, available.ndim - 1))
-        gap = jnp.mean(available.astype(jnp.float32), axis=spatial)  # (N, M*C)
-        prior = jax.nn.sigmoid(jnp.einsum("nc,mcd->mnd", gap, self.w1[...]) + self.b1[...][:, None])  # p_m (M, N, M*C)
-        # W2 (p_m * f_ava) with p_m folded into W2: no (M, N, ..., M*C) intermediate.
-        squeeze = (prior[..., None] * self.w2[...][:, None]).astype(self.dtype)  # (M, N, M*C, C)
-        cha = jnp.einsum("n...c,mncd->mn...d", available.astype(self.dtype), squeeze).astype(jnp.float32)
-        cha = cha + _channels_bias(self.b2[...], cha.ndim)
-        alpha = jax.nn.sigmoid(jnp.einsum("mn...c,mcd->mn...d", cha, self.w3[...]) + _channels_bias(self.b3[...], cha.ndim))
-        beta = jax.nn.sigmoid(jnp.einsum("mn...c,mcd->mn...d", cha, self.w4[...]) + _channels_bias(self.b4[...], cha.ndim))
-        return (1.0 + alpha) * cha + beta
+        return mfsb_forward(self.weights(), available, self.dtype)
+
+    def two_heads(self, available):
+        """(f_hat, f_hat) from one pass: the second copy's gradient reaches the weights, not `available`."""
+        return shared_pass(functools.partial(mfsb_forward, dtype=self.dtype), self.weights(), available)
+
+
+MFSB_WEIGHTS = ("w1", "b1", "w2", "b2", "w3", "b3", "w4", "b4")
+
+
+def mfsb_forward(p: dict, available, dtype):
+    """Eqs. 5-9 for every target modality m: f_ava (N, ..., M*C) -> f_hat (M, N, ..., C)."""
+    spatial = tuple(range(1, available.ndim - 1))
+    gap = jnp.mean(available.astype(jnp.float32), axis=spatial)  # (N, M*C)
+    prior = jax.nn.sigmoid(jnp.einsum("nc,mcd->mnd", gap, p["w1"]) + p["b1"][:, None])  # p_m (M, N, M*C)
+    # W2 (p_m * f_ava) with p_m folded into W2: no (M, N, ..., M*C) intermediate.
+    squeeze = (prior[..., None] * p["w2"][:, None]).astype(dtype)  # (M, N, M*C, C)
+    cha = jnp.einsum("n...c,mncd->mn...d", available.astype(dtype), squeeze).astype(jnp.float32)
+    cha = cha + _channels_bias(p["b2"], cha.ndim)
+    alpha = jax.nn.sigmoid(jnp.einsum("mn...c,mcd->mn...d", cha, p["w3"]) + _channels_bias(p["b3"], cha.ndim))
+    beta = jax.nn.sigmoid(jnp.einsum("mn...c,mcd->mn...d", cha, p["w4"]) + _channels_bias(p["b4"], cha.ndim))
+    return (1.0 + alpha) * cha + beta
+
+
+def shared_pass(fn, weights, x):
+    """fn(weights, x) computed once and returned twice, (y, y_w): the cotangents of both reach
+    `weights`, only y's reaches `x` (as fn(weights, stop_gradient(x)) for y_w, without a second
+    forward pass: the backward pass runs the pullback with y's cotangent for `x` and with the sum
+    of both for `weights`)."""
+
+    @jax.custom_vjp
+    def run(weights, x):
+        y = fn(weights, x)
+        return y, y
+
+    def forward(weights, x):
+        y, pullback = jax.vjp(fn, weights, x)
+        return (y, y), pullback
+
+    def backward(pullback, cotangents):
+        to_both, to_weights = cotangents
+        d_weights, _ = pullback(jax.tree.map(jnp.add, to_both, to_weights))
+        _, d_x = pullback(to_both)
+        return d_weights, d_x
+
+    run.defvjp(forward, backward)
+    return run(weights, x)
 
 
 def _channels_bias(bias, ndim: int):
@@ -140,38 +213,51 @@ def _channels_bias(bias, ndim: int):
 
 class FeatureCompletion(nnx.Module):
     """f_ava at every level -> f_comp: MFSB's syntheses in the missing modalities' slots, or (the
-    ablation without MFSB, Sec. 4.4) a 3x3x3 convolution 4C -> 4C of f_ava in the block's place."""
+    ablation without MFSB, Sec. 4.4) a 3x3x3 convolution of f_ava in the block's place (`conv`:
+    "fill", 4C -> C into the missing slots; "full", 4C -> 4C, all of f_comp)."""
 
-    def __init__(self, widths: tuple[int, ...], modalities: int, mfsb: bool, cfg: UNetConfig, rngs: nnx.Rngs):
+    def __init__(self, widths: tuple[int, ...], modalities: int, mfsb: bool, cfg: UNetConfig, rngs: nnx.Rngs,
+                 conv: str = "fill"):
+        if conv not in COMPLETION_CONVS:
+            raise ValueError(f"conv must be one of {COMPLETION_CONVS}, not {conv!r}")
         self.mfsb = mfsb
+        self.conv = conv
         self.modalities = modalities
+        out = 1 if conv == "fill" else modalities
         self.blocks = nnx.List([
-            MFSB(w, modalities, cfg.dtype, rngs) if mfsb else _conv(modalities * w, modalities * w, 3, cfg, rngs)
+            MFSB(w, modalities, cfg.dtype, rngs) if mfsb else _conv(modalities * w, out * w, 3, cfg, rngs)
             for w in widths
         ])
 
-    def __call__(self, features: list, mask, synthesise=True) -> tuple[list, list | None]:
+    def __call__(self, features: list, mask, synthesise=True,
+                 grad_to_features: bool = True) -> tuple[list, list | None]:
         """`features`: per level (M, N, ..., C), every modality's enhanced feature; `mask` (N, M).
 
-        Returns (f_comp per level (N, ..., M*C), f_hat per level (M, N, ..., C) or None).
-        `synthesise` (a traced bool, the schedule): False leaves the missing slots at zero.
+        Returns (f_comp per level (N, ..., M*C), f_hat per level (M, N, ..., C) or None without
+        MFSB). `synthesise` (a traced bool, the schedule): False leaves the missing slots at zero.
+        The returned f_hat (for the synthesis losses) comes from the same MFSB pass as f_comp;
+        with `grad_to_features = False` its gradient reaches the MFSB's weights but not the
+        features (f_comp's always does).
         """
         comp, synthesised = [], []
         for block, f in zip(self.blocks, features):
             available = available_features(f, mask)
-            if not self.mfsb:
-                comp.append(block(available))
-                continue
-            f_hat = block(available)
-            synthesised.append(f_hat)
             keep = _present(mask, f.ndim)
+            if not self.mfsb:
+                if self.conv == "full":
+                    comp.append(block(available))
+                else:  # one convolved feature fills every missing slot
+                    fill = block(available)[None].astype(jnp.float32)
+                    comp.append(concat_modalities(jnp.where(keep, f.astype(jnp.float32), fill)).astype(f.dtype))
+                continue
+            if grad_to_features:
+                f_hat = labelled = block(available)
+            else:
+                f_hat, labelled = block.two_heads(available)
+            synthesised.append(labelled)
             filled = jnp.where(keep, f.astype(jnp.float32), jnp.where(synthesise, f_hat, 0.0))
             comp.append(concat_modalities(filled).astype(f.dtype))
         return comp, synthesised if self.mfsb else None
-
-    def synthesise(self, features: list, mask) -> list:
-        """MFSB's f_hat per level (M, N, ..., C) from the present modalities' features."""
-        return [block(available_features(f, mask)) for block, f in zip(self.blocks, features)]
 
 
 def available_features(f, mask):
