@@ -105,24 +105,30 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int):
     return optax.join_schedules([warmup, main], [cfg.warmup_steps])
 
 
-def _update_rules(cfg: OptimizerConfig, total_steps: int) -> list[optax.GradientTransformation]:
+def _update_rules(cfg: OptimizerConfig, total_steps: int, decay_mask=None) -> list[optax.GradientTransformation]:
     schedule = make_schedule(cfg, total_steps)
     if cfg.name == "adamw":
-        return [optax.adamw(schedule, weight_decay=cfg.weight_decay)]
+        return [optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)]
     rule = optax.adam(schedule) if cfg.name == "adam" else optax.sgd(schedule, momentum=cfg.momentum)
     if cfg.weight_decay:  # PyTorch Adam/SGD weight decay: L2 added to the gradient
-        return [optax.add_decayed_weights(cfg.weight_decay), rule]
+        return [optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask), rule]
     return [rule]
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """The optimiser of one update group; its parameters are a dict {model name: state}."""
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, undecayed: tuple[str, ...] = ()) -> optax.GradientTransformation:
+    """The optimiser of one update group; its parameters are a dict {model name: state}. Weight
+    decay leaves the models named in `undecayed` alone (Mind the Gap's P_mix weights)."""
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    decay_mask = None
+    if undecayed:
+        def decay_mask(params):
+            return {n: jax.tree.map(lambda _, keep=n not in undecayed: keep, sub) for n, sub in params.items()}
     if not cfg.model_lr:
-        return optax.chain(*parts, *_update_rules(cfg, total_steps))
+        return optax.chain(*parts, *_update_rules(cfg, total_steps, decay_mask))
     # One rule per learning rate, chosen by the top-level model name.
     rates = {"": cfg.lr, **cfg.model_lr}
-    rules = {n: optax.chain(*_update_rules(dataclasses.replace(cfg, lr=lr), total_steps)) for n, lr in rates.items()}
+    rules = {n: optax.chain(*_update_rules(dataclasses.replace(cfg, lr=lr), total_steps, decay_mask))
+             for n, lr in rates.items()}
 
     def labels(params):
         return {n: jax.tree.map(lambda _, n=n: n if n in cfg.model_lr else "", sub) for n, sub in params.items()}
@@ -139,7 +145,7 @@ def stage_optimizers(method: Method, stage: str, total_steps: int) -> dict:
         if unknown:
             raise ConfigError(f"stages.{stage}.optimizers.{update.group}.model_lr: {', '.join(unknown)} "
                               f"not trained in this group (trained: {', '.join(update.trainable)})")
-        out[update.group] = make_optimizer(cfg, total_steps)
+        out[update.group] = make_optimizer(cfg, total_steps, tuple(method.undecayed(stage, update.group)))
     return out
 
 

@@ -23,6 +23,7 @@ from jaxbrats.losses.distillation import (
     content_loss,
     distillation_loss,
     gram_matrix,
+    label_logits_from_region_logits,
     latent_kl,
     part_weights,
     pmkl_contrastive_loss,
@@ -496,3 +497,22 @@ def test_jit_grad_and_vmap(data, kind):
     half = jax.tree.map(lambda x: 0.5 * x, student)
     np.testing.assert_allclose(np.asarray(mapped), [float(value), float(loss(half, teacher, 0.5))], rtol=1e-5,
                                atol=1e-7)
+
+
+# --- a region teacher read in the students' label convention --------------------------------------
+
+def test_region_logits_become_nested_label_probabilities():
+    """numpy: P(bg) = 1 - wt, P(NCR) = wt tc (1 - et), P(ED) = wt (1 - tc), P(ET) = wt tc et, in the
+    internal order (bg, NCR, ED, ET); a distribution for any sigmoids, finite for extreme logits."""
+    z = np.random.default_rng(5).normal(size=(2, 3, 4, 5, 3)) * 4
+    z[0, 0, 0, 0] = [80.0, -80.0, 80.0]  # extreme logits stay finite
+    wt, tc, et = (1 / (1 + np.exp(-z[..., i])) for i in range(3))
+    expected = np.stack([1 - wt, wt * tc * (1 - et), wt * (1 - tc), wt * tc * et], axis=-1)
+    got = np.asarray(label_logits_from_region_logits(jnp.asarray(z, jnp.float32)))
+    assert np.isfinite(got).all()
+    probs = np.asarray(jax.nn.softmax(got, axis=-1))
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    np.testing.assert_allclose(np.exp(got).sum(-1), 1.0, rtol=1e-5)  # already normalised log-probabilities
+    # thresholded nested regions give the label a region network's evaluation gives
+    nested = np.array([[9.0, -9.0, -9.0], [9.0, 9.0, -9.0], [9.0, 9.0, 9.0], [-9.0, -9.0, -9.0]])
+    assert np.argmax(np.asarray(label_logits_from_region_logits(jnp.asarray(nested))), -1).tolist() == [2, 1, 3, 0]

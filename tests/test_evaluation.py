@@ -414,3 +414,5 @@ def test_auto_decoding_is_each_methods_own_and_a_setting_overrides_it():
     assert evaluation.decoding_of(labels, EvalConfig()) == "argmax"  # a softmax network's own
     assert evaluation.decoding_of(acdis, EvalConfig()) == "argmax"  # RFNet's evaluation, which ACDIS follows
     assert evaluation.decoding_of(acdis, EvalConfig(decoding="threshold")) == "threshold"
+    mind_the_gap = get_method("mind_the_gap")(load_config(None, ["method.name='mind_the_gap'"]))
+    assert evaluation.decoding_of(mind_the_gap, EvalConfig()) == "argmax"  # softmax teacher and students

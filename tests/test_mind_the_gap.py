@@ -1,12 +1,18 @@
 """Mind the Gap: per-modality encoders mapped over the modality axis = separate encoders, the
-teacher's objective (eq. 7), the teacher's checkpoint handed over to frozen-teacher students,
-exact resume in each stage, one compilation per stage and for each evaluation.
+teacher's objective (eq. 7, padding masked), its inference rule (as C* was trained) for evaluation
+and for the students alike, P_mix's weights (their own rate, no weight decay, the paper's values in
+reach), the teacher's checkpoint handed over to frozen-teacher students, students of another run's
+plain U-Net (Table I's "Original Method"), exact resume in each stage, one compilation per stage
+and for each evaluation.
 
 The anchors and KD losses themselves are checked against numpy in test_alignment_losses.py and
 test_distillation_losses.py.
 """
 
+import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +28,12 @@ from jaxbrats.config import ConfigError
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.evaluation import evaluate
+from jaxbrats.labels import region_probs_from_label_probs
 from jaxbrats.losses import label_loss
+from jaxbrats.losses.distillation import label_logits_from_region_logits, style_features
 from jaxbrats.methods import get_method, load_config
-from jaxbrats.modalities import MODALITIES, SUBSET_NAMES, subset_index
+from jaxbrats.methods.mind_the_gap import MindTheGapOptions, MixWeights
+from jaxbrats.modalities import MODALITIES, SUBSET_MASKS, SUBSET_NAMES, subset_index
 from jaxbrats.networks import family
 from jaxbrats.networks.latent_encoder import LatentEncoder, encode_modalities
 
@@ -42,6 +51,10 @@ def mtg_config(*extra):
 
 def mtg(*extra):
     return get_method("mind_the_gap")(mtg_config(*extra))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_WEIGHTS = {"t1": 0.7759, "t2": 0.8977, "t1ce": 2.2055, "flair": 0.3055}  # Sec. IV-C
 
 
 # --- encoders ---------------------------------------------------------------------------------------
@@ -84,7 +97,9 @@ def test_the_teacher_loss_is_eq7_summed_over_modalities():
         latents = method.encode(models, batch["image"])["latent"]
         seg = [label_loss(models["predictor"](latents[j])["logits"], batch["label"], batch["valid"])[0]
                for j in range(len(MODALITIES))]
-        align = [jnp.mean(jnp.square(latents[j] - latents[1])) for j in range(len(MODALITIES))]  # T1ce is k
+        v = batch["valid"][..., None].astype(jnp.float32)  # padding voxels count in no term
+        align = [jnp.sum(jnp.square(latents[j] - latents[1]) * v) / (jnp.sum(v) * latents.shape[-1])
+                 for j in range(len(MODALITIES))]  # T1ce is k
         return method.teacher_loss(models, batch, jax.random.PRNGKey(0)), sum(seg), sum(align)
 
     (loss, parts), seg, align = both(batch)
@@ -95,8 +110,11 @@ def test_the_teacher_loss_is_eq7_summed_over_modalities():
     assert float(parts["align/t1ce"]) == 0.0
 
 
-def test_the_teacher_predicts_from_the_present_latents_only():
-    method = mtg()
+@pytest.mark.parametrize("rule", ["each", "mean_latent"])
+def test_the_teacher_predicts_from_the_present_latents_only(rule):
+    """"each": the present C*(Z_j)'s softmax averaged; "mean_latent": C* on the present latents' mean.
+    The students distil from the same teacher output (`teacher_view_output`) that eval scores."""
+    method = mtg(f"method.teacher_inference='{rule}'")
     method.serve("teacher")
     models = method.init_models("teacher", nnx.Rngs(0))
     image = jnp.asarray(synthetic_batch(3)["image"])
@@ -105,16 +123,34 @@ def test_the_teacher_predicts_from_the_present_latents_only():
     before = predict(image)
     np.testing.assert_array_equal(predict(image.at[..., 2:].add(7.0)), before)  # T1, T2 change nothing
     assert float(jnp.abs(predict(image.at[..., 0].add(7.0)) - before).max()) > 1e-4
-    # the combination is the mean of the present latents
-    latents = method.encode(models, image)["mean"]
-    expected = models["predictor"](jnp.mean(latents[:2], axis=0))["logits"]
-    np.testing.assert_allclose(method.teacher_output(models, latents, mask)["logits"], expected, rtol=1e-5, atol=1e-5)
+
+    @jax.jit
+    def reference(image):  # written out, and what the students distil from (`teacher_view_output`)
+        latents = method.encode(models, image)["mean"]
+        if rule == "each":
+            probs = jnp.mean(jnp.stack([jax.nn.softmax(models["predictor"](latents[j])["logits"], -1) for j in (0, 1)]), 0)
+        else:
+            probs = jax.nn.softmax(models["predictor"](jnp.mean(latents[:2], axis=0))["logits"], -1)
+        teacher = method.teacher_view_output(models, method.teacher_basis(models, image), mask)
+        return probs, jax.nn.softmax(teacher["logits"], -1)
+
+    probs, students_see = reference(image)
+    np.testing.assert_allclose(before, region_probs_from_label_probs(probs, xp=jnp), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(students_see, probs, rtol=1e-4, atol=1e-5)
     assert method.served_subsets() == tuple(range(15))
 
 
-@pytest.mark.parametrize("anchor", ["none", "normal", "mix"])
+def test_the_inference_rule_follows_how_the_predictor_was_trained():
+    assert mtg().options.teacher_inference == "auto" and mtg().inference_rule == "each"  # eq. 7's "each"
+    assert mtg("method.teacher_seg='combined'").inference_rule == "mean_latent"
+    assert mtg("method.teacher_seg='both'").inference_rule == "mean_latent"
+    assert mtg("method.teacher_seg='each'", "method.teacher_inference='mean_latent'").inference_rule == "mean_latent"
+
+
+@pytest.mark.parametrize("anchor", ["none", "normal", "mix", "mix-mixture"])
 def test_every_anchor_trains(anchor):
-    method = mtg(f"method.anchor='{anchor}'")
+    anchor, _, target = anchor.partition("-")
+    method = mtg(f"method.anchor='{anchor}'", f"method.mix_target='{target or 'prior'}'")
     models = method.init_models("teacher", nnx.Rngs(0))
     batch = jax.tree.map(jnp.asarray, synthetic_batch(4))
     loss, parts = jax.jit(lambda b: method.teacher_loss(models, b, jax.random.PRNGKey(1)))(batch)
@@ -127,8 +163,71 @@ def test_every_anchor_trains(anchor):
         weights = [float(parts[f"w/{m}"]) for m in MODALITIES]
         np.testing.assert_allclose(sum(weights), 4.0, rtol=1e-5)
         assert "mix" in method.updates("teacher")[0].trainable  # learned with the teacher, not frozen
+        if not target:  # the prior (T1ce) is the target: its own term is 0
+            assert float(parts["align/t1ce"]) == 0.0
     if anchor == "normal":
         assert models["encoders"].head.kernel.shape[-1] == 2 * method.latent_channels  # mean + log variance
+
+
+def test_p_mix_follows_the_written_loss_by_default():
+    """Sec. III-B writes P_mix's loss against a prior modality's latent: the default target."""
+    assert MindTheGapOptions().mix_target == "prior" and MindTheGapOptions().anchor_modality == "t1ce"
+    for name in ("mind_the_gap_phantom.toml", "mind_the_gap_brats2018.toml"):
+        assert get_method("mind_the_gap").parse_options(load_config(ROOT / "configs" / name)).mix_target == "prior"
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "adam-model_lr"])
+def test_weight_decay_leaves_the_p_mix_weights_alone(optimizer):
+    """With weight_decay > 0 the weights' update equals the update without decay; the other models decay."""
+    name, _, model_lr = optimizer.partition("-")
+    extra = [f"stages.teacher.optimizers.teacher.name='{name}'"]
+    if model_lr:
+        extra.append("stages.teacher.optimizers.teacher.model_lr={mix=5e-2}")
+    params = {"mix": nnx.state(MixWeights(4), nnx.Param), "predictor": {"w": jnp.full((3,), 2.0)}}
+    params["mix"]["raw"][...] = jnp.asarray([0.5, 1.5, -0.5, -1.0])
+    grads = jax.tree.map(lambda a: jnp.full_like(a, 0.01), params)
+
+    def update(decay):
+        method = mtg("method.anchor='mix'", f"stages.teacher.optimizers.teacher.weight_decay={decay}", *extra)
+        opt = engine.stage_optimizers(method, "teacher", 10)["teacher"]
+        return opt.update(grads, opt.init(params), params)[0]
+
+    with_decay, without = update(0.5), update(0.0)
+    np.testing.assert_array_equal(with_decay["mix"]["raw"][...], without["mix"]["raw"][...])
+    assert float(jnp.abs(with_decay["predictor"]["w"] - without["predictor"]["w"]).max()) > 0  # the rest decays
+    assert mtg("method.anchor='modality'").undecayed("teacher", "teacher") == ()
+
+
+def _simulate(config, **kw):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from mix_weights_sim import simulate
+    finally:
+        sys.path.pop(0)
+    return simulate(config, 8, (1.3, 0.7, 1.1, 1.0), **kw)
+
+
+def test_the_papers_weights_are_in_reach_on_the_phantom_schedule():
+    """tools/mix_weights_sim.py (the method's alignment + the configured optimiser on fixed latents):
+    with the phantom config's own rate for the weights the T1ce share passes the paper's 2.2055 of
+    4.1846 within the 400 steps (at the teacher group's rate it does not); under the prior target
+    the anchor's weight only grows."""
+    t1ce = MODALITIES.index("t1ce")
+    paper_share = PAPER_WEIGHTS["t1ce"] / sum(PAPER_WEIGHTS.values())
+    config = load_config(ROOT / "configs" / "mind_the_gap_phantom.toml")
+    assert config.stages["teacher"].optimizers["teacher"].model_lr == {"mix": 5e-3}
+    out = _simulate(config)
+    w = out["weights"]
+    assert out["steps"] == 400 and w.shape == (401, 4)
+    np.testing.assert_allclose(w.sum(axis=1), 4.1846, rtol=1e-5)
+    assert (np.diff(w[:, t1ce]) >= -1e-6).all()
+    assert w[-1, t1ce] / w[-1].sum() > paper_share
+    group_rate = _simulate(load_config(ROOT / "configs" / "mind_the_gap_phantom.toml",
+                                       ["stages.teacher.optimizers.teacher.model_lr={}"]))["weights"]
+    assert group_rate[-1, t1ce] / group_rate[-1].sum() < paper_share
+    mixture = _simulate(load_config(ROOT / "configs" / "mind_the_gap_phantom.toml", ["method.mix_target='mixture'"]),
+                        steps=20)["weights"]
+    np.testing.assert_allclose(mixture.sum(axis=1), 4.1846, rtol=1e-5)  # both targets run
 
 
 # --- the students ---------------------------------------------------------------------------------------
@@ -151,6 +250,33 @@ def test_a_student_sees_only_its_subset_and_the_teacher_gets_no_gradient():
 
     grads = jax.jit(jax.grad(loss))(predictor)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("view", ["full", "subset"])
+def test_smunet_discriminator_reads_the_teacher_view_of_the_kd_term(view):
+    method = mtg("method.kd='smunet'", f"method.teacher_view='{view}'")
+    models = method.init_models("students", nnx.Rngs(0))
+    batch = jax.tree.map(jnp.asarray, synthetic_batch(7))
+
+    @jax.jit
+    def run(batch):
+        _, _, shared = method.students_loss(models, batch, jax.random.PRNGKey(0), {"step": jnp.asarray(0)})
+        basis = method.teacher_basis(models, batch["image"])
+        views = [style_features(method.teacher_view_output(models, basis, jnp.asarray(SUBSET_MASKS[s])))
+                 for s in method.subsets]
+        full = style_features(method.teacher_view_output(models, basis, jnp.ones(4, bool)))
+        loss = method.discriminator_loss(models, batch, None, shared)[0]
+        return shared["teacher_style"], views, full, loss
+
+    real, views, full, loss = run(batch)
+    if view == "subset":  # one "real" per student: its own subset teacher's, as its KD term
+        assert real.shape == (len(method.subsets), *full.shape)
+        for k, expected in enumerate(views):
+            np.testing.assert_allclose(real[k], expected, rtol=1e-5, atol=1e-6)
+        assert float(jnp.abs(real[0] - full).max()) > 1e-4
+    else:
+        np.testing.assert_allclose(real, full, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(float(loss))
 
 
 @pytest.mark.parametrize("kd", ["none", "protokd", "smunet"])  # pmkl: the end-to-end run below (the config's)
@@ -224,6 +350,78 @@ def test_cli_eval_of_the_teacher(mtg_run, phantom_cache, tmp_path, capsys):
     assert [row["name"] for row in summary["subsets"]] == list(SUBSET_NAMES)
 
 
+# --- Table I's "Original Method": students of another run's plain U-Net (teacher_from) ---------------
+
+#: `train --config configs/mind_the_gap_phantom.toml --stage students` made tiny, to match `trained_run`'s U-Net.
+TINY_STUDENTS = ["model.widths=[8,8,8,8]", "model.blocks=[1,1,1,1]", "data.crop_size=[16,16,16]",
+                 "data.split_ratios=[0.67,0.0,0.33]", "data.workers=0", "stages.students.steps=2",
+                 "method.students=['t1ce']", "train.log_every=1", "train.checkpoint_every=2", "train.progress=false",
+                 "eval.window=[16,16,16]", "eval.bucket_multiple=8"]
+
+
+def test_students_of_a_baseline_run_train_in_a_fresh_workdir(trained_run, phantom_cache, tmp_path):
+    """The contract: `jaxbrats train --config configs/mind_the_gap_phantom.toml --stage students
+    --set method.teacher_from='"RUN_DIR"'`, RUN_DIR a baseline run's work directory, in a fresh work
+    directory (no teacher stage); the baseline's U-Net is the frozen teacher, its sigmoid region head
+    read in the students' label convention; the students then evaluate."""
+    from jaxbrats.cli import main
+
+    workdir = tmp_path / "original"
+    args = ["train", "--config", str(ROOT / "configs" / "mind_the_gap_phantom.toml"), "--workdir", str(workdir),
+            "--data", str(phantom_cache), "--stage", "students", "--set", f'method.teacher_from="{trained_run}"']
+    assert main(args + [a for s in TINY_STUDENTS for a in ("--set", s)]) == 0
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["students"]
+    students = _checkpoint(workdir, "students")
+    assert set(students["models"]) == {"teacher", "students"} and set(students["opt"]) == {"students"}
+    baseline = _checkpoint(trained_run, "train")["models"]["unet"]
+    for a, b in zip(jax.tree.leaves(baseline), jax.tree.leaves(students["models"]["teacher"]), strict=True):
+        np.testing.assert_array_equal(a, b)  # the baseline's U-Net, frozen
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    kd = [r["t1ce/kd"] for r in rows if "t1ce/kd" in r]
+    assert len(kd) == 2 and all(np.isfinite(v) and v > 0 for v in kd)
+
+    method, graphdefs, models, config = engine.load_trained(workdir)
+    assert method.stages == ("students",) and method.teacher_run().output == "regions"
+    test = CacheDataset(phantom_cache, engine.load_splits(workdir, CacheDataset(phantom_cache))["test"])
+    summary = evaluate(method, graphdefs, models, test, config.eval, tmp_path / "e", predictions="none", progress=False)
+    assert [i for i, row in enumerate(summary["subsets"]) if row["served"]] == [subset_index("t1ce")]
+
+
+def test_a_teacher_from_run_is_read_in_the_students_convention(trained_run, tmp_path):
+    config = mtg_config(*TINY_STUDENTS, f"method.teacher_from='{trained_run}'")
+    method = get_method("mind_the_gap")(config)
+    run = method.teacher_run()
+    assert (run.checkpoints, run.model, run.output) == (trained_run / "checkpoints" / "train", "unet", "regions")
+    same = get_method("mind_the_gap")(mtg_config(*TINY_STUDENTS, f"method.teacher_from='{trained_run}/checkpoints/train'"))
+    assert same.teacher_run() == run  # a checkpoints/<stage> folder names the same run
+    models = method.init_models("students", nnx.Rngs(0))
+    assert set(models) == {"teacher", "students"} and "encoders" not in method.families("students")
+    image = jnp.asarray(synthetic_batch(8)["image"])
+    mask = jnp.asarray([False, True, False, False])
+    out = method.teacher_view_output(models, {"image": image}, mask)  # the teacher on T1ce alone, zero-filled
+    regions = models["teacher"](image.at[..., jnp.asarray([0, 2, 3])].set(0.0))["logits"]
+    np.testing.assert_allclose(out["logits"], label_logits_from_region_logits(regions), rtol=1e-5, atol=1e-5)
+    method._teacher_run = dataclasses.replace(run, output="labels")  # a "labels" baseline: used as it is
+    plain = method.teacher_view_output(models, {"image": image}, mask)["logits"]
+    np.testing.assert_allclose(plain, regions, rtol=1e-6)  # (the head's values, whatever their width)
+
+
+def test_a_bad_teacher_from_is_one_line(trained_run, tmp_path):
+    def refusal(path, *extra):
+        method = get_method("mind_the_gap")(mtg_config(*TINY_STUDENTS, *extra, f"method.teacher_from='{path}'"))
+        with pytest.raises(ConfigError) as e:
+            method.teacher_run()
+        assert "\n" not in str(e.value) and str(e.value).startswith("method.teacher_from: ")
+        return str(e.value)
+
+    assert "neither a run's work directory" in refusal(tmp_path / "nowhere")
+    assert "model.widths = (8, 8, 8, 8), this run's (8, 16, 8, 8)" in refusal(trained_run, "model.widths=[8,16,8,8]")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"method": {"name": "acdis"}, "model": {"widths": [8, 8, 8, 8]}}))
+    assert "is a run of method acdis; the teacher must be the plain U-Net of a baseline or rirn run" in refusal(other)
+
+
 # --- settings ------------------------------------------------------------------------------------------
 
 def test_settings_are_checked():
@@ -235,8 +433,16 @@ def test_settings_are_checked():
         mtg_config("method.students=['t5']")
     with pytest.raises(ConfigError, match="latent_channels .12. must be divisible by model.groups"):
         mtg_config("method.latent_channels=12")
+    with pytest.raises(ConfigError, match=r"method.mix_sum must exceed 4 x method.mix_floor = 0.4, got 0.4"):
+        mtg_config("method.mix_sum=0.4")
+    with pytest.raises(ConfigError, match="method.teacher_inference must be one of"):
+        mtg_config("method.teacher_inference='vote'")
+    with pytest.raises(ConfigError, match="method.mix_target must be one of"):
+        mtg_config("method.mix_target='mean'")
     with pytest.raises(ConfigError, match="clip_norm must be 0"):
         mtg_config("stages.students.optimizers.students.clip_norm=1.0")
+    with pytest.raises(ConfigError, match="discriminator.clip_norm must be 0: .*stacked discriminators"):
+        mtg_config("stages.students.optimizers.discriminator.clip_norm=1.0")
     with pytest.raises(ConfigError, match=r"unknown stage\(s\) \['train'\]"):
         mtg_config("stages.train.steps=3")
     assert mtg("method.students='all'").subsets == tuple(range(15))

@@ -1,6 +1,7 @@
 """Knowledge-distillation (KD) losses of the four prior methods Mind the Gap plugs its aligned teacher into.
 
-Mind the Gap (papers/mind-the-gap.txt, Sec. III-A) trains each student with
+Mind the Gap ("Mind the Gap: Promoting Missing Modality Brain Tumor Segmentation with
+Alignment", arXiv:2409.19366, Sec. III-A) trains each student with
 L = L_seg + L_KD, where L_KD is "the loss that receives supervision from the
 teacher used in the previous works": KD-Net, PMKL, ProtoKD and SMU-Net. The
 paper gives none of their equations or constants; they come from each
@@ -15,7 +16,9 @@ Conventions: channels last; outputs are dicts like `UNet.__call__`'s:
 "logits" (N, D, H, W, 4) softmax over the internal labels (0 background,
 1 NCR, 2 ED, 3 ET), "encoder" (fine to coarse; [-1] = bottleneck, 1/8
 resolution), "decoder" (coarse to fine; [-1] = full-resolution features).
-`labels` (N, D, H, W) int, `valid` (N, D, H, W) bool. Everything is computed
+`labels` (N, D, H, W) int, `valid` (N, D, H, W) bool. A teacher with sigmoid WT/TC/ET
+outputs (a region baseline U-Net) enters as `label_logits_from_region_logits` of its
+logits (label log-probabilities; ours). Everything is computed
 in float32, is pure jnp (jit/vmap friendly, no branching on values) and
 returns scalars; one student at a time (the method maps over its students).
 
@@ -460,6 +463,28 @@ def smunet_loss(teacher, student, valid, constants: KDConstants):
         "consistency_mse": consistency_loss(teacher["logits"], student["logits"], valid,
                                             c.smunet_consistency_background),
     }
+
+
+# --- a teacher of the other output convention -----------------------------------------
+
+def label_logits_from_region_logits(region_logits):
+    """Log-probabilities of the 4 internal labels (usable as softmax logits) from a region network's
+    WT, TC, ET sigmoid logits (..., 3): the nesting read as a chain of conditionals (ours),
+
+        P(background) = 1 - p_WT,      P(ED)  = p_WT (1 - p_TC),
+        P(NCR) = p_WT p_TC (1 - p_ET), P(ET)  = p_WT p_TC p_ET,
+
+    with p_TC read as P(TC | WT) and p_ET as P(ET | TC). The four sum to 1 for any sigmoid
+    outputs (independent sigmoids need not nest, so `labels.label_probs_from_region_probs`'
+    differences can be negative), so softmax(result) is that distribution and softmax(result / T)
+    its tempered form. Computed with log-sigmoids (finite for any logits). Returns float32
+    (..., 4) in internal label order (background, NCR, ED, ET).
+    """
+    z = jnp.asarray(region_logits).astype(jnp.float32)
+    on, off = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
+    wt, tc, et = (on[..., i] for i in range(3))
+    not_wt, not_tc, not_et = (off[..., i] for i in range(3))
+    return jnp.stack([not_wt, wt + tc + not_et, wt + not_tc, wt + tc + et], axis=-1)
 
 
 # --- dispatcher -------------------------------------------------------------------------

@@ -126,6 +126,10 @@ class Method:
             raise ConfigError(f"stages.{stage}.optimizers.{group}.clip_norm must be 0{why}: one global norm over the "
                               f"stacked {members} would couple them (each must train as if alone)")
 
+    def undecayed(self, stage: str, group: str) -> tuple[str, ...]:
+        """Models of an optimiser group that weight decay leaves alone (Mind the Gap's P_mix weights)."""
+        return ()
+
     def optimizer(self, stage: str, group: str) -> OptimizerConfig:
         stage_config = self.config.stages.get(stage)
         if stage_config and group in stage_config.optimizers:
