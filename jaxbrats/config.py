@@ -292,7 +292,8 @@ class TrainConfig:
     progress: bool = True
     #: Loss terms (the names a method logs, e.g. RIRN's "seg", "crr", "car", "adv_s") whose
     #: gradient norm over the update's trainable variables is logged as grad_norm/<term>
-    #: (a diagnostic: one more backward pass per term and step).
+    #: (a diagnostic: one more forward pass and one backward pass per term, vmapped, each step:
+    #: about K x the backward memory for K terms; meant for small crops).
     grad_norms: tuple[str, ...] = ()
 
     def validate(self, where: str) -> None:

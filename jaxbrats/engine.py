@@ -115,14 +115,18 @@ def _update_rules(cfg: OptimizerConfig, total_steps: int, decay_mask=None) -> li
     return [rule]
 
 
+def _decayed(undecayed: tuple[str, ...]):
+    """optax's weight-decay mask: True on every variable but those of the models in `undecayed`."""
+    def mask(params):
+        return {n: jax.tree.map(lambda _, keep=n not in undecayed: keep, sub) for n, sub in params.items()}
+    return mask
+
+
 def make_optimizer(cfg: OptimizerConfig, total_steps: int, undecayed: tuple[str, ...] = ()) -> optax.GradientTransformation:
     """The optimiser of one update group; its parameters are a dict {model name: state}. Weight
     decay leaves the models named in `undecayed` alone (Mind the Gap's P_mix weights)."""
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    decay_mask = None
-    if undecayed:
-        def decay_mask(params):
-            return {n: jax.tree.map(lambda _, keep=n not in undecayed: keep, sub) for n, sub in params.items()}
+    decay_mask = _decayed(undecayed) if undecayed else None
     if not cfg.model_lr:
         return optax.chain(*parts, *_update_rules(cfg, total_steps, decay_mask))
     # One rule per learning rate, chosen by the top-level model name.

@@ -5,8 +5,10 @@ maps over the 15 subset masks of `modalities.SUBSET_MASKS` with `lax.map`
 (the mask is data, so the 15 subsets share one trace): the method's
 `fill` and `predict` fill the missing modalities its own way (`fill` sees
 the whole case and its unpadded extent, data too), sliding-window
-inference gives region probabilities, thresholds give nested labels
-(`labels.labels_from_regions`, optional ET post-processing), and Dice
+inference gives region probabilities (blended as probabilities or as
+logits: `eval.average`), `decode` gives labels (nested thresholds or the
+argmax of the label probabilities: `eval.decoding`, by default the method's
+own; optional ET post-processing), and Dice
 counts per region are computed on the device. Every case is padded to one
 bucket shape, so the program compiles once for the whole evaluation. The
 label maps come back to the host for HD95 (scipy) and, for the chosen
@@ -14,7 +16,7 @@ subsets, NIfTI predictions in the source geometry and label convention.
 
 One segmentation, `segment`, serves the evaluation and `jaxbrats predict`
 (`predict.predict_case`): the case padded at the end, `method.fill` on the
-whole padded image, sliding windows, thresholds. The window grid is that of
+whole padded image, sliding windows, decoding. The window grid is that of
 the case's own extent (data, `inferers.sliding_window`'s `extent`), not of
 the bucket, so a case's labels do not depend on the other cases of the
 evaluation (whose largest sets the bucket), and `predict` of a case (padded
@@ -117,7 +119,7 @@ def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None, c
     to at least the window, `method.fill` on the whole padded image (the one
     call of it: M3AE reads x_sub into the padding too), sliding windows
     tiling [0, max(case_shape, window)) only (`inferers.sliding_window`'s
-    `extent`), thresholds, labels zero outside the case (and outside
+    `extent`), `decode`, labels zero outside the case (and outside
     `valid`, if given), optional ET post-processing. The labels inside the
     case do not depend on how far `image` was padded, so a case scores the
     same whatever bucket the other cases of an evaluation need.

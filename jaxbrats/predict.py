@@ -4,7 +4,7 @@ The case is read and validated like a training case (`data.loading`),
 cropped and normalised with the run's preprocessing settings, segmented with
 the modalities present (the method fills the missing ones its own way) by
 the evaluation's own segmentation (`evaluation.segment`: same padding rule,
-fill, window grid and thresholds, see `segment_one_case`), and written back
+fill, window grid, average and decoding, see `segment_one_case`), and written back
 in the source geometry (the crop undone, the source orientation and affine,
 the header of the first image) and label convention. Predict of a case
 gives the labels `jaxbrats eval` gives it for the subset of the modalities

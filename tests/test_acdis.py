@@ -144,6 +144,11 @@ def test_without_mfsb_a_convolution_fills_the_missing_slots():
     for n, m in np.ndindex(2, M):
         want = np.asarray(f[m, n]) if mask[n, m] else conv[n]
         np.testing.assert_allclose(comp[n, ..., m, :], want, rtol=1e-6, atol=1e-6)
+    # Before the schedule's synthesis start the missing slots stay zero, as with the MFSB.
+    early = np.asarray(fill([f], jnp.asarray(mask), synthesise=jnp.asarray(False))[0][0]).reshape(2, 4, 4, 2, M, c)
+    for n, m in np.ndindex(2, M):
+        want = np.asarray(f[m, n]) if mask[n, m] else np.zeros_like(conv[n])
+        np.testing.assert_allclose(early[n, ..., m, :], want, rtol=1e-6, atol=1e-6)
     full = FeatureCompletion((c,), M, False, cfg, nnx.Rngs(0), conv="full")
     assert full.blocks[0].kernel.shape == (3, 3, 3, M * c, M * c)
     np.testing.assert_allclose(full([f], jnp.asarray(mask))[0][0], full.blocks[0](jnp.asarray(f_ava)), rtol=1e-6)

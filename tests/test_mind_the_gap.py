@@ -447,3 +447,28 @@ def test_settings_are_checked():
         mtg_config("stages.train.steps=3")
     assert mtg("method.students='all'").subsets == tuple(range(15))
     assert [u.group for u in mtg("method.kd='smunet'").updates("students")] == ["students", "discriminator"]
+
+
+def test_the_phantom_configs_weight_rate_serves_every_table_iv_anchor():
+    """configs/mind_the_gap_phantom.toml gives the P_mix weights their own rate; the other anchors
+    have no weights, and their rows run from the same file."""
+    from pathlib import Path
+
+    from jaxbrats import engine
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "mind_the_gap_phantom.toml"
+    for anchor in ("mix", "none", "normal", "modality"):
+        method = get_method("mind_the_gap")(load_config(path, [f"method.anchor='{anchor}'"]))
+        assert ("mix" in method.optimizer("teacher", "teacher").model_lr) == (anchor == "mix")
+        engine.stage_optimizers(method, "teacher", 10)  # refused before: model_lr names an untrained model
+
+
+def test_a_student_run_refuses_a_subset_no_student_serves():
+    method = mtg("method.students=['t1ce']")
+    models = method.init_models("students", nnx.Rngs(0))
+    image, mask = jnp.zeros((1, 16, 16, 16, 4)), jnp.ones((1, 4), bool)
+    with pytest.raises(JaxbratsError, match="mind_the_gap has no student for flair .*its students: t1ce"):
+        method.predict(models, image, mask, subset_index("flair"))
+    traced = jax.jit(lambda s: method.predict(models, image, mask, s))
+    assert np.isnan(np.asarray(traced(jnp.int32(subset_index("flair"))))).all()  # never student 0's output
+    assert np.isfinite(np.asarray(traced(jnp.int32(subset_index("t1ce"))))).all()

@@ -316,7 +316,7 @@ def test_predict_refuses_a_subset_no_student_serves():
     models = method.init_models("train", nnx.Rngs(0))
     image = jnp.zeros((1, 16, 16, 16, 4))
     mask = jnp.ones((1, 4), bool)
-    with pytest.raises(JaxbratsError, match="no student for flair .*its students: t1ce"):
+    with pytest.raises(JaxbratsError, match="rirn has no student for flair .*its students: t1ce"):
         method.predict(models, image, mask, subset_index("flair"))
     with pytest.raises(JaxbratsError, match="no student for flair\\+t1ce\\+t1\\+t2"):
         method.predict(models, image, mask)  # None: the full set

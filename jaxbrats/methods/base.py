@@ -53,13 +53,28 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxbrats.config import Config, OptimizerConfig, build
-from jaxbrats.errors import ConfigError
-from jaxbrats.modalities import SUBSETS
+from jaxbrats.errors import ConfigError, JaxbratsError
+from jaxbrats.modalities import SUBSET_NAMES, SUBSETS
 
 Models = dict[str, nnx.Module]
+
+
+def student_slot(slots, subset, students, method: str):
+    """(slot, served) of a dedicated method's student for the subset index `subset` (None: the full
+    set): `slots` maps each of the 15 subsets to its student (-1: none). A subset no student
+    serves is refused in one line when `subset` is known here (a Python or numpy int); inside a
+    compiled program, where it is data, `served` is False and the caller returns NaN rather than
+    another student's output."""
+    subset = len(SUBSETS) - 1 if subset is None else subset
+    if not isinstance(subset, jax.core.Tracer) and slots[int(subset)] < 0:
+        raise JaxbratsError(f"{method} has no student for {SUBSET_NAMES[int(subset)]} "
+                            f"(its students: {', '.join(SUBSET_NAMES[s] for s in students)})")
+    slot = jnp.asarray(slots)[subset]
+    return jnp.maximum(slot, 0), slot >= 0
 #: (models, batch, key, step context) -> (loss, parts) or (loss, parts, shared context)
 Loss = Callable[[Models, dict, jax.Array, dict], tuple]
 

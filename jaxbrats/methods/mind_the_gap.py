@@ -110,7 +110,7 @@ from flax import nnx
 from jaxbrats.checkpoints import restore_model
 from jaxbrats.config import check_choice, check_entries, check_range
 from jaxbrats.errors import ConfigError
-from jaxbrats.labels import NUM_LABELS, REGIONS, region_probs_from_label_probs
+from jaxbrats.labels import NUM_LABELS, REGIONS
 from jaxbrats.losses import label_loss
 from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
 from jaxbrats.losses.alignment import ANCHORS, MIX_TARGETS, mix_alignment, mix_weights, modality_alignment, normal_kl
@@ -122,7 +122,7 @@ from jaxbrats.losses.distillation import (
     sigmoid_rampup,
     style_features,
 )
-from jaxbrats.methods.base import Method, Update
+from jaxbrats.methods.base import Method, Update, student_slot
 from jaxbrats.modalities import MODALITIES, SUBSET_MASKS, SUBSET_NAMES, drop_modalities, student_subsets
 from jaxbrats.networks import family
 from jaxbrats.networks.discriminator import Discriminator, DiscriminatorConfig
@@ -229,7 +229,7 @@ class MindTheGap(Method):
         if o.teacher_from:  # Table I's "Original Method": students of another run's U-Net, no teacher stage
             self.stages = ("students",)
         self.subsets = student_subsets(list(o.students) if isinstance(o.students, tuple) else o.students)
-        self.slots = np.zeros(len(SUBSET_NAMES), np.int32)  # subset index -> the student serving it
+        self.slots = np.full(len(SUBSET_NAMES), -1, np.int32)  # subset index -> the student serving it (-1: none)
         self.slots[list(self.subsets)] = np.arange(len(self.subsets))
         self.anchor_index = MODALITIES.index(o.anchor_modality)
         self.latent_channels = o.latent_channels or config.model.widths[0]
@@ -368,6 +368,14 @@ class MindTheGap(Method):
 
     def known_groups(self, stage):
         return ("teacher",) if stage == "teacher" else ("students", "discriminator")
+
+    def optimizer(self, stage, group):
+        """The configured optimiser; the P_mix weights' own rate (`model_lr.mix`) is kept only while
+        they exist, so one config serves every anchor of Table IV (`anchor = "none"` has no weights)."""
+        cfg = super().optimizer(stage, group)
+        if "mix" in cfg.model_lr and not (stage == "teacher" and self.options.anchor == "mix"):
+            cfg = dataclasses.replace(cfg, model_lr={k: v for k, v in cfg.model_lr.items() if k != "mix"})
+        return cfg
 
     # --- the teacher -------------------------------------------------------------------
     def encode(self, models, image, key=None) -> dict:
@@ -544,12 +552,9 @@ class MindTheGap(Method):
 
     def predict(self, models, image, modality_mask, subset=None):
         """The teacher on the present modalities (`inference_rule`), or the student serving `subset`."""
-        if "students" not in models:
+        if "students" not in models:  # "each": the logits are log(mean_j softmax C*(Z_j))
             latents = self.encode(models, image)["mean"]
-            if self.inference_rule == "each":
-                probs = jax.nn.softmax(self.teacher_output(models, latents, modality_mask)["logits"], axis=-1)
-                return region_probs_from_label_probs(probs, xp=jnp)
             return probabilities("labels", self.teacher_output(models, latents, modality_mask)["logits"])
-        slot = jnp.asarray(self.slots)[subset if subset is not None else len(SUBSET_NAMES) - 1]
+        slot, served = student_slot(self.slots, subset, self.subsets, self.name)
         student = family.member(models["students"], slot)
-        return probabilities("labels", student(drop_modalities(image, modality_mask))["logits"])
+        return jnp.where(served, probabilities("labels", student(drop_modalities(image, modality_mask))["logits"]), jnp.nan)

@@ -79,12 +79,11 @@ from jaxbrats.checkpoints import restore_model
 from jaxbrats.config import check_choice, check_range
 from jaxbrats.errors import ConfigError
 from jaxbrats.labels import REGIONS, regions_of
-from jaxbrats.errors import JaxbratsError
 from jaxbrats.losses import region_loss
-from jaxbrats.losses.segmentation import DICE_CHANNELS
 from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
+from jaxbrats.losses.segmentation import DICE_CHANNELS
 from jaxbrats.losses.relation import car_loss, crr_loss, region_masks, resize_to_features
-from jaxbrats.methods.base import Method, Update
+from jaxbrats.methods.base import Method, Update, student_slot
 from jaxbrats.modalities import SUBSET_MASKS, SUBSET_NAMES, drop_modalities, student_subsets
 from jaxbrats.networks import family
 from jaxbrats.networks.discriminator import Discriminator, DiscriminatorConfig
@@ -321,12 +320,7 @@ class RIRN(Method):
         A subset no student serves is refused: in one line when `subset` is known here (a Python or
         numpy int, or None for the full set); inside a compiled program, where it is data, the
         probabilities come out NaN rather than another student's."""
-        subset = len(SUBSET_NAMES) - 1 if subset is None else subset
-        if not isinstance(subset, jax.core.Tracer):
-            if self.slots[int(subset)] < 0:
-                raise JaxbratsError(f"RIRN has no student for {SUBSET_NAMES[int(subset)]} "
-                                    f"(its students: {', '.join(SUBSET_NAMES[s] for s in self.subsets)})")
-        slot = jnp.asarray(self.slots)[subset]
-        student = family.member(models["students"], jnp.maximum(slot, 0))
+        slot, served = student_slot(self.slots, subset, self.subsets, self.name)
+        student = family.member(models["students"], slot)
         logits = student(drop_modalities(image, modality_mask))["logits"]
-        return jnp.where(slot >= 0, probabilities("regions", logits), jnp.nan)
+        return jnp.where(served, probabilities("regions", logits), jnp.nan)

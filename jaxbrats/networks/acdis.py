@@ -246,8 +246,8 @@ class FeatureCompletion(nnx.Module):
             if not self.mfsb:
                 if self.conv == "full":
                     comp.append(block(available))
-                else:  # one convolved feature fills every missing slot
-                    fill = block(available)[None].astype(jnp.float32)
+                else:  # one convolved feature fills every missing slot, on the MFSB's schedule
+                    fill = jnp.where(synthesise, block(available)[None].astype(jnp.float32), 0.0)
                     comp.append(concat_modalities(jnp.where(keep, f.astype(jnp.float32), fill)).astype(f.dtype))
                 continue
             if grad_to_features:
