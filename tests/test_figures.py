@@ -131,6 +131,8 @@ def _events(folder):
 class _Method:
     """Serves every subset but t1 alone."""
 
+    decoding = "threshold"
+
     def served_subsets(self):
         return tuple(s for s in range(15) if SUBSET_NAMES[s] != "t1")
 

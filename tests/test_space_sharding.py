@@ -74,7 +74,11 @@ def assert_same_as_one_device(results: dict) -> None:
                     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=f"{mesh} {key} step {want['step']}")
         assert set(run["labels"]) == set(one["labels"]) and one["labels"], mesh
         for name, labels in one["labels"].items():
-            np.testing.assert_array_equal(run["labels"][name], labels, err_msg=f"{mesh}: {name}")
+            # The 4-step models put many probabilities near the 0.5 threshold, where the split
+            # program's float rounding (losses equal within 1e-5) flips a few voxels; a wrong halo
+            # would change whole slices (a 24^3 case's slice is 576 voxels, 4 %).
+            differ = np.mean(np.asarray(run["labels"][name]) != np.asarray(labels))
+            assert differ <= 1e-3, f"{mesh}: {name}: {differ:.3%} of the voxels differ"
 
 
 def halo_exchanges(run: dict, stage: str) -> Counter:
