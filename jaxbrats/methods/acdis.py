@@ -199,8 +199,8 @@ class ACDIS(Method):
         for level in (o.afeb_levels or range(levels)) if o.afeb else ():
             problem = afeb_width_problem(widths[level])
             if problem:
-                raise ConfigError(f"model.widths: {problem} (level {level} of {list(widths)}: a multiple of "
-                                  f"{HEAD_CHANNELS} or a width under {2 * HEAD_CHANNELS} there)")
+                raise ConfigError(f"model.widths: {problem} (level {level} of {list(widths)}; a multiple of "
+                                  f"{HEAD_CHANNELS} or a width under {2 * HEAD_CHANNELS}, for example, works there)")
 
     @classmethod
     def stage_length(cls, config, stage: str, steps_per_epoch: int) -> int:
