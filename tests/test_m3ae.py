@@ -376,3 +376,18 @@ def test_stages_one_at_a_time_in_one_workdir(phantom_cache, tmp_path):
     shutil.rmtree(tmp_path / "checkpoints" / "finetune")
     with pytest.raises(JaxbratsError, match="no checkpoint of a stage that segments"):
         engine.load_trained(tmp_path)
+
+
+def test_grad_norms_of_a_term_of_another_stage_are_noted_not_refused():
+    """`train.grad_norms = ["consistency"]`: fine-tuning's term; pretraining logs no such term, and
+    is not refused for it (a one-stage method's unknown term is: tests/test_rirn.py)."""
+    from jaxbrats import engine
+
+    m = get_method("m3ae")(tiny("train.grad_norms=['consistency']"))
+    for stage, batch in (("pretrain", batch_of((24, 24, 24))), ("finetune", batch_of((24, 24, 24), b=1, k=2))):
+        optimizers = engine.stage_optimizers(m, stage, 10)
+        graphdefs, state = engine.abstract_state(m, stage, optimizers)
+        step = engine.make_train_step(m, stage, graphdefs, optimizers)
+        _, metrics = jax.eval_shape(step, state, batch)
+        assert ("grad_norm/consistency" in metrics) == (stage == "finetune")
+        assert ("not a loss term of stage pretrain" in step.unlogged) == (stage == "pretrain")
