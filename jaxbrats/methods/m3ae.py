@@ -1,4 +1,5 @@
-"""M3AE (Liu et al., AAAI 2023; METHODS.md section 3): one U-Net, two stages.
+"""M3AE ("M3AE: Multimodal Representation Learning for Brain Tumor Segmentation with Missing
+Modalities", Liu et al., AAAI 2023, arXiv:2303.05302): one U-Net, two stages.
 
 ``pretrain``: multimodal masked autoencoding with model inversion. The
 pipeline drops k ~ U{0..3} whole modalities (``drop_k``); inside the step,
