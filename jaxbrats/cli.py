@@ -60,9 +60,9 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
-    from jaxbrats.engine import train
+    from jaxbrats.engine.trainer import train
     from jaxbrats.methods import load_config
-    from jaxbrats.processes import distributed_settings, lead, start_distributed, stop_process
+    from jaxbrats.runtime.processes import distributed_settings, lead, start_distributed, stop_process
 
     settings = distributed_settings(args)
     config = load_config(args.config, args.set)
@@ -103,8 +103,10 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from jaxbrats.data.cache import CacheDataset
-    from jaxbrats.engine import load_splits, load_trained
-    from jaxbrats.evaluation import evaluate, markdown_table
+    from jaxbrats.engine.rundir import load_splits
+    from jaxbrats.inference.trained import load_trained
+    from jaxbrats.evaluation.program import evaluate
+    from jaxbrats.evaluation.reports import markdown_table
 
     if args.figures < 0:
         raise JaxbratsError(f"--figures must be 0 or more, got {args.figures}")
@@ -119,7 +121,7 @@ def _eval(args) -> int:
         ids = splits[args.split]
     step = 0
     if args.figures:  # TensorBoard's step of the figures: the newest checkpoint of the stage served (what load_trained restores)
-        from jaxbrats.checkpoints import existing_manager
+        from jaxbrats.runtime.checkpoints import existing_manager
 
         step = existing_manager(Path(args.workdir), method.serving).latest_step() or 0
     summary = evaluate(method, graphdefs, models, CacheDataset(args.data, ids), config.eval, args.out, predictions=args.predictions,
@@ -135,14 +137,14 @@ def _listed(text: str | None) -> list[str] | None:
 
 
 def _plot(args) -> int:
-    from jaxbrats.plots import plot_runs
+    from jaxbrats.evaluation.plots import plot_runs
 
     print(f"wrote {plot_runs(args.workdirs, args.out, names=_listed(args.names), keys=_listed(args.keys), smooth=args.smooth)}")
     return 0
 
 
 def _predict(args) -> int:
-    from jaxbrats.predict import predict_case, predict_folder
+    from jaxbrats.inference.predict import predict_case, predict_folder
 
     if args.input:
         return _predict_folder(predict_folder(args.workdir, args.input, args.out, convention=args.convention,
@@ -170,8 +172,8 @@ def _predict_folder(summary: dict) -> int:
 
 
 def _compare(args) -> int:
-    from jaxbrats.compare import compare
-    from jaxbrats.compare_report import markdown
+    from jaxbrats.evaluation.compare import compare
+    from jaxbrats.evaluation.compare_report import markdown
 
     result = compare(args.eval_dirs, args.out, names=_listed(args.names), reference=args.reference)
     print(markdown(result["tables"]["dice"]))
@@ -180,7 +182,7 @@ def _compare(args) -> int:
 
 
 def _import_m3ae(args) -> int:
-    from jaxbrats.m3ae_import import import_m3ae
+    from jaxbrats.interop.m3ae_import import import_m3ae
 
     summary = import_m3ae(args.checkpoint, args.out, source_axcodes=tuple(args.source_axes), margin=args.margin)
     print(f"imported {summary['unet_parameters']:,} U-Net parameters and x_sub {tuple(summary['x_sub_shape'])} "
@@ -198,7 +200,7 @@ def _demo(args) -> int:
 
 
 def _bench(args) -> int:
-    from jaxbrats import benchmark
+    from jaxbrats.interop import benchmark
 
     return benchmark.main(args)
 
@@ -324,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the phantom and of training")
     p.set_defaults(func=_demo)
 
-    from jaxbrats.benchmark import add_arguments
+    from jaxbrats.interop.benchmark import add_arguments
 
     p = sub.add_parser("bench", help="time the train step, forward pass and 15-subset evaluation (JAX vs PyTorch)")
     add_arguments(p)

@@ -26,6 +26,10 @@ from jaxbrats.errors import ConfigError  # noqa: F401  (re-exported: config and 
 
 UPSAMPLES = ("nearest", "trilinear")  # networks.unet.UNetConfig
 DTYPES = ("float32", "bfloat16")
+CONV_IMPLS = ("auto", "native", "depth2d")  # networks.layers.conv3d
+FAMILY_MAPS = ("auto", "vmap", "unroll")  # networks.family
+BLENDS = ("gaussian", "uniform")  # inference.sliding_window
+HD95_CONVENTIONS = ("brats", "zero", "nan")  # evaluation.metrics.HD95_EMPTY
 SPLITS = ("auto", "files", "ratio")  # DataConfig.split
 AVERAGES = ("probabilities", "logits")  # EvalConfig.average: what the sliding window blends
 DECODINGS = ("auto", "threshold", "argmax")  # EvalConfig.decoding: region probabilities -> labels
@@ -137,8 +141,6 @@ class ModelConfig:
     family_map: str = "auto"
 
     def validate(self, where: str) -> None:
-        from jaxbrats.networks.layers import CONV_IMPLS
-
         for name in ("widths", "blocks"):
             values = getattr(self, name)
             if not values:
@@ -154,7 +156,7 @@ class ModelConfig:
         check_choice(_key(where, "upsample"), self.upsample, UPSAMPLES)
         check_choice(_key(where, "dtype"), self.dtype, DTYPES)
         check_choice(_key(where, "conv_impl"), self.conv_impl, CONV_IMPLS)
-        check_choice(_key(where, "family_map"), self.family_map, ("auto", "vmap", "unroll"))
+        check_choice(_key(where, "family_map"), self.family_map, FAMILY_MAPS)
         check_range(_key(where, "dropout"), self.dropout, 0, 1, high_open=True)
         check_range(_key(where, "stem_dropout"), self.stem_dropout, 0, 1, high_open=True)
 
@@ -239,9 +241,6 @@ class EvalConfig:
     mesh: "MeshConfig" = dataclasses.field(default_factory=lambda: MeshConfig(data=1))
 
     def validate(self, where: str) -> None:
-        from jaxbrats.inferers import BLENDS
-        from jaxbrats.metrics import HD95_EMPTY
-
         check_entries(_key(where, "window"), self.window, 1)
         check_range(_key(where, "overlap"), self.overlap, 0, 1, high_open=True)
         check_choice(_key(where, "blend"), self.blend, BLENDS)
@@ -253,7 +252,7 @@ class EvalConfig:
             if len(self.center_crop) != 3:
                 raise ConfigError(f"{_key(where, 'center_crop')} needs 3 values (or none), got {_show(self.center_crop)}")
             check_entries(_key(where, "center_crop"), self.center_crop, 1)
-        check_choice(_key(where, "hd95_empty"), self.hd95_empty, tuple(HD95_EMPTY))
+        check_choice(_key(where, "hd95_empty"), self.hd95_empty, HD95_CONVENTIONS)
         check_range(_key(where, "et_min_voxels"), self.et_min_voxels, 0)
         if self.bucket:
             bucket = _key(where, "bucket")
@@ -270,7 +269,7 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """The device mesh of a run (`jaxbrats.sharding`): data x space x model devices."""
+    """The device mesh of a run (`jaxbrats.runtime.sharding`): data x space x model devices."""
 
     data: int = 0  # devices splitting the batch; 0: all the devices left after `space` and `model`
     space: int = 1  # devices splitting each volume's depth (first spatial axis), halos exchanged

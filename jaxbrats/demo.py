@@ -16,8 +16,11 @@ from jaxbrats.methods import config_from_data
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.phantom import write_phantom
 from jaxbrats.data.preprocess import prepare_dataset
-from jaxbrats.engine import Trainer, load_splits, load_trained
-from jaxbrats.evaluation import evaluate, markdown_table
+from jaxbrats.engine.trainer import Trainer
+from jaxbrats.engine.rundir import load_splits
+from jaxbrats.inference.trained import load_trained
+from jaxbrats.evaluation.program import evaluate
+from jaxbrats.evaluation.reports import markdown_table
 
 CASES, SHAPE = 16, (64, 64, 64)
 

@@ -67,7 +67,7 @@ def tiny_config(*extra):
 @pytest.fixture(scope="session")
 def trained_run(phantom_cache, tmp_path_factory) -> Path:
     """A work directory holding a 4-step tiny baseline run on `phantom_cache`."""
-    from jaxbrats.engine import train
+    from jaxbrats.engine.trainer import train
 
     workdir = tmp_path_factory.mktemp("run")
     train(tiny_config(), workdir, phantom_cache)

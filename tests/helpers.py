@@ -166,8 +166,8 @@ def assert_resume_is_bit_for_bit(method, stage: str, batches: list, checkpoint_d
     import orbax.checkpoint as ocp
 
     from jaxbrats import engine
-    from jaxbrats.checkpoints import restore, save
-    from jaxbrats.sharding import make_mesh, shard_state
+    from jaxbrats.runtime.checkpoints import restore, save
+    from jaxbrats.runtime.sharding import make_mesh, shard_state
 
     optimizers = engine.stage_optimizers(method, stage, 10)
     graphdefs, fresh = engine.init_state(method, stage, 0, optimizers)

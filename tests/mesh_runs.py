@@ -47,9 +47,11 @@ METHODS = {
 
 
 def run(cache: Path, out: Path, method: str, mesh: str) -> dict:
-    from jaxbrats import compilation, engine
+    from jaxbrats.runtime import compilation
+    from jaxbrats import engine
+    from jaxbrats.inference.trained import load_trained
     from jaxbrats.data.cache import CacheDataset
-    from jaxbrats.evaluation import evaluate
+    from jaxbrats.evaluation.program import evaluate
     from jaxbrats.methods import load_config
 
     data, space, model = (int(v) for v in mesh.split(","))
@@ -72,7 +74,7 @@ def run(cache: Path, out: Path, method: str, mesh: str) -> dict:
         engine.Trainer.compile_step = compile_step
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = [{k: v for k, v in r.items() if k == "step" or k == "stage" or k.endswith("loss")} for r in rows if any(k.endswith("loss") for k in r)]
-    method_obj, graphdefs, models, config = engine.load_trained(workdir)
+    method_obj, graphdefs, models, config = load_trained(workdir)
     splits = engine.load_splits(workdir, CacheDataset(cache))
     eval_dir = out / f"eval-{workdir.name}"
     evaluate(method_obj, graphdefs, models, CacheDataset(cache, splits["test"][:1]), config.eval, eval_dir, predictions="all", progress=False)
@@ -88,7 +90,7 @@ def gradient(method, graphdefs, models, config) -> np.ndarray:
     import jax
     from flax import nnx
 
-    from jaxbrats.sharding import make_mesh, place_batch, replicated
+    from jaxbrats.runtime.sharding import make_mesh, place_batch, replicated
 
     mesh = make_mesh(config.train.mesh)
     rng = np.random.default_rng(0)

@@ -20,11 +20,12 @@ from conftest import TINY
 from flax import nnx
 from helpers import assert_resume_is_bit_for_bit, synthetic_batch
 
+from jaxbrats.inference.trained import load_trained
 from jaxbrats import engine
 from jaxbrats.config import ConfigError
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.cli import main
-from jaxbrats.evaluation import evaluate
+from jaxbrats.evaluation.program import evaluate
 from jaxbrats.losses.segmentation import rfnet_loss
 from jaxbrats.methods import get_method, load_config
 from jaxbrats.methods.acdis import INFERENCE_MODELS
@@ -454,7 +455,7 @@ def test_trains_and_evaluates_with_one_compilation_each(phantom_cache, tmp_path)
     synthesis = [r["synthesis_on"] for r in rows if "synthesis_on" in r]
     assert synthesis[0] == 0.0 and synthesis[-1] == 1.0  # 4 cases / batch 2: epoch 1 starts at step 2
     test = CacheDataset(phantom_cache, engine.load_splits(workdir, CacheDataset(phantom_cache))["test"])
-    method, graphdefs, models, config = engine.load_trained(workdir)
+    method, graphdefs, models, config = load_trained(workdir)
     assert set(models) == set(INFERENCE_MODELS)  # E_aux, D_aux are not loaded
     summary = evaluate(method, graphdefs, models, test, config.eval, tmp_path / "eval", predictions="none", progress=False)
     assert all(row["served"] for row in summary["subsets"]) and summary["mean"]["rows"] == 15

@@ -9,8 +9,9 @@ import pytest
 from jaxbrats.config import EvalConfig
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.preprocess import prepare_dataset
-from jaxbrats.engine import load_trained
-from jaxbrats.evaluation import applicability, csv_table, evaluate, heatmap, markdown_table, summarize
+from jaxbrats.inference.trained import load_trained
+from jaxbrats.evaluation.program import applicability, evaluate
+from jaxbrats.evaluation.reports import csv_table, heatmap, markdown_table, summarize
 from jaxbrats.modalities import SUBSET_NAMES, SUBSETS
 from helpers import write_case
 

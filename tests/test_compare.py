@@ -9,9 +9,10 @@ import pytest
 from scipy import stats
 
 from jaxbrats import cli
-from jaxbrats.compare import compare, load_run
+from jaxbrats.evaluation.compare import compare, load_run
 from jaxbrats.config import EvalConfig
-from jaxbrats.evaluation import _write_case, summarize, write_reports
+from jaxbrats.evaluation.program import _write_case
+from jaxbrats.evaluation.reports import summarize, write_reports
 from jaxbrats.modalities import MODALITIES, SUBSET_NAMES, SUBSETS
 
 CASES = [f"case_{i:02d}" for i in range(8)]

@@ -1,7 +1,7 @@
 """One XLA compilation per train step and per evaluation, counted from JAX's own events, not from Python traces.
 
 The counts come from `jax.monitoring`'s backend-compile events (named ``jit(<function>)``),
-registered here, independently of the engine's own counter (`jaxbrats.compilation`).
+registered here, independently of the engine's own counter (`jaxbrats.runtime.compilation`).
 """
 
 import json
@@ -17,10 +17,12 @@ from jax import monitoring
 
 from conftest import TINY, tiny_config
 from helpers import TOKENS_2023, write_case
+from jaxbrats.inference.trained import load_trained
 from jaxbrats import engine
+from jaxbrats.engine import trainer as trainer_module
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.preprocess import prepare_dataset
-from jaxbrats.evaluation import evaluate
+from jaxbrats.evaluation.program import evaluate
 
 COMPILES = Counter()
 
@@ -35,13 +37,13 @@ monitoring.register_event_duration_secs_listener(_count)
 
 def test_the_train_step_compiles_once_over_changing_pipeline_batches(phantom_cache, tmp_path, monkeypatch):
     seen = []
-    place = engine.place_batch
+    place = trainer_module.place_batch
 
     def spy(batch, mesh):
         seen.append({k: np.array(v) for k, v in batch.items() if k in ("image", "crop_start", "modality_mask")})
         return place(batch, mesh)
 
-    monkeypatch.setattr(engine, "place_batch", spy)
+    monkeypatch.setattr(trainer_module, "place_batch", spy)
     before = COMPILES["jit(train_step_train)"]
     trainer = engine.train(tiny_config("stages.train.steps=6", "model.dropout=0.2"), tmp_path, phantom_cache)
     assert COMPILES["jit(train_step_train)"] - before == 1
@@ -58,7 +60,7 @@ def test_the_evaluation_compiles_once_over_cases_of_different_shapes(trained_run
     assert not prepare_dataset(data, tmp_path / "cache", workers=1, progress=False)["errors"]
     dataset = CacheDataset(tmp_path / "cache")
     assert len({tuple(m["cropped_shape"]) for m in dataset.manifests}) == 3
-    method, graphdefs, models, config = engine.load_trained(trained_run)
+    method, graphdefs, models, config = load_trained(trained_run)
     before = COMPILES["jit(eval_15_subsets)"]
     evaluate(method, graphdefs, models, dataset, config.eval, tmp_path / "eval", predictions="none", progress=False)
     assert COMPILES["jit(eval_15_subsets)"] - before == 1

@@ -17,16 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbrats.losses.consistency import (
-    DISTILLATION_LOSSES,
-    SYNTHESIS_NORMS,
-    acct_loss,
-    consistency_distillation,
-    feature_kl,
-    feature_mse,
-    synthesis_loss,
-    window_moments,
-)
+from jaxbrats.losses.consistency import DISTILLATION_LOSSES, SYNTHESIS_NORMS, acct_loss, consistency_distillation, feature_kl, feature_mse, synthesis_loss, window_moments
 
 M, N, SHAPE, C = 2, 2, (8, 8, 6), 3
 EPS = 1e-6

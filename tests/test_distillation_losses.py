@@ -15,28 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbrats.losses.distillation import (
-    KD_LOSSES,
-    KDConstants,
-    classes_in_every_sample,
-    consistency_loss,
-    content_loss,
-    distillation_loss,
-    gram_matrix,
-    label_logits_from_region_logits,
-    latent_kl,
-    part_weights,
-    pmkl_contrastive_loss,
-    pmkl_kd_loss,
-    pmkl_voxel_weights,
-    pooled_embedding,
-    prototype_loss,
-    prototype_maps,
-    sigmoid_rampup,
-    softened_kl,
-    style_loss,
-    valid_at,
-)
+from jaxbrats.losses.distillation import KD_LOSSES, KDConstants, classes_in_every_sample, consistency_loss, content_loss, distillation_loss, gram_matrix, label_logits_from_region_logits, latent_kl, part_weights, pmkl_contrastive_loss, pmkl_kd_loss, pmkl_voxel_weights, pooled_embedding, prototype_loss, prototype_maps, sigmoid_rampup, softened_kl, style_loss, valid_at
 
 N, SHAPE, C, K = 2, (4, 6, 8), 8, 4
 COARSE = tuple(s // 2 for s in SHAPE)

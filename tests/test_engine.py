@@ -15,11 +15,14 @@ import pytest
 from pathlib import Path
 
 from conftest import tiny_config, with_xla_flags
-from jaxbrats import checkpoints, engine
+from jaxbrats.inference.trained import load_trained
+from jaxbrats.runtime import checkpoints
+from jaxbrats import engine
+from jaxbrats.engine import trainer as trainer_module
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.pipeline import PipelineConfig, make_loader
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.evaluation import evaluate
+from jaxbrats.evaluation.program import evaluate
 from jaxbrats.methods import get_method
 
 
@@ -50,7 +53,7 @@ def test_baseline_learns_on_the_phantom(phantom_cache, tmp_path):
     """A demo-like run (16^3 crops, 300 steps, ~30 s on 2 cores) segments held-out cases well."""
     config = tiny_config("stages.train.steps=300", "train.log_every=50", "train.checkpoint_every=300", "eval.hd95=false")
     trainer = engine.train(config, tmp_path / "run", phantom_cache)
-    method, graphdefs, models, config = engine.load_trained(tmp_path / "run")
+    method, graphdefs, models, config = load_trained(tmp_path / "run")
     test_ids = engine.load_splits(tmp_path / "run", CacheDataset(phantom_cache))["test"]
     summary = evaluate(method, graphdefs, models, CacheDataset(phantom_cache, test_ids), config.eval, tmp_path / "eval",
                        predictions="none", progress=False)
@@ -151,11 +154,11 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(phantom_cache, tmp_p
 
         return step
 
-    monkeypatch.setattr(engine, "make_train_step", poisoned)
+    monkeypatch.setattr(trainer_module, "make_train_step", poisoned)
     config = tiny_config("stages.train.steps=6")
     with pytest.raises(engine.TrainingDiverged, match=r"loss became nan at step 4.*Last good checkpoint: step 2"):
         engine.train(config, tmp_path / "run", phantom_cache)
-    manager = engine.checkpoint_manager(tmp_path / "run", "train", create=False)
+    manager = checkpoints.checkpoint_manager(tmp_path / "run", "train", create=False)
     assert manager.all_steps() == [2]
 
 
@@ -286,7 +289,7 @@ def test_one_writer_per_work_directory(phantom_cache, tmp_path, capsys):
     """A second `jaxbrats train` stops in one line naming the run that holds the work directory."""
     import socket
 
-    from jaxbrats import locks
+    from jaxbrats.runtime import locks
 
     workdir = tmp_path / "run"
     config_file = tmp_path / "baseline.toml"

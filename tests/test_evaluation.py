@@ -11,19 +11,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxbrats import evaluation
+from jaxbrats.evaluation import program
+from jaxbrats.inference import segment as segmentation
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.preprocess import prepare_dataset
-from jaxbrats.engine import load_splits, load_trained
+from jaxbrats.engine.rundir import load_splits
+from jaxbrats.inference.trained import load_trained
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.evaluation import (
-    _pad, bucket_shape, canonical_spacing, evaluate, hd95_table, make_case_program, postprocess_et, subset_evaluator,
-    write_prediction,
-)
+from jaxbrats.inference.segment import pad_to, postprocess_et
+from jaxbrats.evaluation.program import bucket_shape, evaluate, make_case_program, subset_evaluator
+from jaxbrats.evaluation.metrics import canonical_spacing, hd95_table
+from jaxbrats.inference.nifti import write_prediction
 from jaxbrats.labels import ENHANCING, NECROSIS
-from jaxbrats.metrics import dice_from_counts
+from jaxbrats.evaluation.metrics import dice_from_counts
 from jaxbrats.modalities import SUBSET_MASKS, SUBSET_NAMES
-from jaxbrats.predict import predict_case
+from jaxbrats.inference.predict import predict_case
 from helpers import save
 
 
@@ -31,7 +33,7 @@ def _case_inputs(cache, cfg, i=0):
     dataset = CacheDataset(cache)
     arrays, shape = dataset.arrays(i), tuple(dataset.manifests[i]["cropped_shape"])
     bucket = bucket_shape([shape], cfg)
-    return (_pad(np.asarray(arrays["image"]), bucket), _pad(np.asarray(arrays["label"]), bucket), _pad(np.ones(shape, bool), bucket))
+    return (pad_to(np.asarray(arrays["image"]), bucket), pad_to(np.asarray(arrays["label"]), bucket), pad_to(np.ones(shape, bool), bucket))
 
 
 def test_the_15_subset_program_equals_a_python_loop(trained_run, phantom_cache):
@@ -216,8 +218,8 @@ def test_dice_and_hd95_recomputed_in_numpy_equal_the_program_and_the_case_json(t
     shape = tuple(dataset.manifests[0]["cropped_shape"])
     cfg = dataclasses.replace(config.eval, bucket=(shape[0] + 8, shape[1], shape[2]))  # padding the program must ignore
     assert cfg.hd95_empty == "brats"
-    recorded, make = [], evaluation.make_case_program
-    monkeypatch.setattr(evaluation, "make_case_program", lambda *a: recorded.append(_Recording(make(*a))) or recorded[-1])
+    recorded, make = [], program.make_case_program
+    monkeypatch.setattr(program, "make_case_program", lambda *a: recorded.append(_Recording(make(*a))) or recorded[-1])
     evaluate(method, graphdefs, models, dataset, cfg, tmp_path, predictions="none", progress=False)
     [program] = recorded
     [call] = program.calls
@@ -327,10 +329,10 @@ def test_argmax_decoding_differs_from_thresholds_where_rfnet_says():
 
     regions = region_probs_from_label_probs(jnp.asarray([[0.40, 0.35, 0.0, 0.25]]), xp=jnp)
     np.testing.assert_allclose(regions, [[0.60, 0.60, 0.25]], rtol=1e-6)
-    assert int(evaluation.decode(regions, "threshold")[0]) == NECROSIS
-    assert int(evaluation.decode(regions, "argmax")[0]) == BACKGROUND
+    assert int(segmentation.decode(regions, "threshold")[0]) == NECROSIS
+    assert int(segmentation.decode(regions, "argmax")[0]) == BACKGROUND
     softmax = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (500, 4)), axis=-1)
-    np.testing.assert_array_equal(evaluation.decode(region_probs_from_label_probs(softmax, xp=jnp), "argmax"),
+    np.testing.assert_array_equal(segmentation.decode(region_probs_from_label_probs(softmax, xp=jnp), "argmax"),
                                   np.argmax(softmax, axis=-1))  # exact for a softmax network
 
 
@@ -351,7 +353,7 @@ class _WindowDependent:
 
 def test_logit_averaging_blends_the_windows_logits():
     from jaxbrats.config import EvalConfig
-    from jaxbrats.inferers import window_starts
+    from jaxbrats.inference.windows import window_starts
     from jaxbrats.labels import labels_from_regions
 
     rng = np.random.default_rng(3)  # blocks of 4^3 with strong offsets: window means differ a lot
@@ -366,8 +368,8 @@ def test_logit_averaging_blends_the_windows_logits():
         count[box] += 1
     expected = labels_from_regions(total / count > 0)
     method, mask = _WindowDependent(), jnp.ones((4,), bool)
-    by_logits = evaluation.segment(method, {}, jnp.asarray(image), mask, dataclasses.replace(cfg, average="logits"))
-    by_probs = evaluation.segment(method, {}, jnp.asarray(image), mask, cfg)
+    by_logits = segmentation.segment(method, {}, jnp.asarray(image), mask, dataclasses.replace(cfg, average="logits"))
+    by_probs = segmentation.segment(method, {}, jnp.asarray(image), mask, cfg)
     np.testing.assert_array_equal(by_logits, expected)
     assert (np.asarray(by_probs) != expected).any()  # the two averages do differ here
 
@@ -375,14 +377,14 @@ def test_logit_averaging_blends_the_windows_logits():
 def test_center_crop_view_cuts_the_source_grid_centre_out_of_the_brain_box():
     manifest = {"case_id": "c", "original_shape": [240, 240, 155], "original_affine": np.eye(4).tolist(),
                 "crop_box": [[30, 200], [10, 230], [0, 150]], "cropped_shape": [170, 220, 150]}
-    narrowed, view = evaluation.center_crop_view(manifest, (160, 192, 128))
+    narrowed, view = program.center_crop_view(manifest, (160, 192, 128))
     # centre crop [40, 200) x [24, 216) x [13, 141) of the volume, within the box
     assert narrowed["crop_box"] == [[40, 200], [24, 216], [13, 141]]
     assert narrowed["cropped_shape"] == [160, 192, 128]
     assert view == (slice(10, 170), slice(14, 206), slice(13, 141))
-    assert evaluation.center_crop_view(manifest, ()) == (manifest, (slice(None),) * 3)
+    assert program.center_crop_view(manifest, ()) == (manifest, (slice(None),) * 3)
     with pytest.raises(JaxbratsError, match="case c: its brain box .* lies outside eval.center_crop"):
-        evaluation.center_crop_view({**manifest, "crop_box": [[0, 20], [0, 240], [0, 155]]}, (160, 192, 128))
+        program.center_crop_view({**manifest, "crop_box": [[0, 20], [0, 240], [0, 155]]}, (160, 192, 128))
 
 
 def test_evaluate_with_a_center_crop_scores_and_writes_only_the_crop(trained_run, phantom_cache, tmp_path):
@@ -410,9 +412,9 @@ def test_auto_decoding_is_each_methods_own_and_a_setting_overrides_it():
     regions = get_method("baseline")(load_config(None, []))
     labels = get_method("baseline")(load_config(None, ["method.output='labels'"]))
     acdis = get_method("acdis")(load_config(None, ["method.name='acdis'"]))
-    assert evaluation.decoding_of(regions, EvalConfig()) == "threshold"
-    assert evaluation.decoding_of(labels, EvalConfig()) == "argmax"  # a softmax network's own
-    assert evaluation.decoding_of(acdis, EvalConfig()) == "argmax"  # RFNet's evaluation, which ACDIS follows
-    assert evaluation.decoding_of(acdis, EvalConfig(decoding="threshold")) == "threshold"
+    assert segmentation.decoding_of(regions, EvalConfig()) == "threshold"
+    assert segmentation.decoding_of(labels, EvalConfig()) == "argmax"  # a softmax network's own
+    assert segmentation.decoding_of(acdis, EvalConfig()) == "argmax"  # RFNet's evaluation, which ACDIS follows
+    assert segmentation.decoding_of(acdis, EvalConfig(decoding="threshold")) == "threshold"
     mind_the_gap = get_method("mind_the_gap")(load_config(None, ["method.name='mind_the_gap'"]))
-    assert evaluation.decoding_of(mind_the_gap, EvalConfig()) == "argmax"  # softmax teacher and students
+    assert segmentation.decoding_of(mind_the_gap, EvalConfig()) == "argmax"  # softmax teacher and students

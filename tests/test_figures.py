@@ -10,7 +10,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from jaxbrats import evaluation, figures
+from jaxbrats.evaluation import program, reports
+from jaxbrats.inference import trained
+from jaxbrats.evaluation import figures
 from jaxbrats.cli import main
 from jaxbrats.config import EvalConfig
 from jaxbrats.data.cache import CacheDataset
@@ -150,10 +152,10 @@ def _fake_program(*_):
 
 
 def test_evaluate_writes_figures_of_the_first_cases_and_to_tensorboard(phantom_cache, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluation, "make_case_program", _fake_program)
+    monkeypatch.setattr(program, "make_case_program", _fake_program)
     dataset = CacheDataset(phantom_cache)
     cfg = EvalConfig(window=(16, 16, 16), bucket_multiple=8)
-    evaluation.evaluate(_Method(), {}, {}, dataset, cfg, tmp_path, predictions="none", progress=False, figures=2, step=37)
+    program.evaluate(_Method(), {}, {}, dataset, cfg, tmp_path, predictions="none", progress=False, figures=2, step=37)
     first = dataset.case_ids[:2]
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(f"{c}.png" for c in first)
     assert len(list((tmp_path / "cases").iterdir())) == len(dataset) > 2  # every case scored, two drawn
@@ -164,15 +166,14 @@ def test_evaluate_writes_figures_of_the_first_cases_and_to_tensorboard(phantom_c
 
 
 def test_evaluate_without_figures_writes_none(phantom_cache, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluation, "make_case_program", _fake_program)
+    monkeypatch.setattr(program, "make_case_program", _fake_program)
     cfg = EvalConfig(window=(16, 16, 16), bucket_multiple=8)
-    evaluation.evaluate(_Method(), {}, {}, CacheDataset(phantom_cache), cfg, tmp_path, predictions="none", progress=False)
+    program.evaluate(_Method(), {}, {}, CacheDataset(phantom_cache), cfg, tmp_path, predictions="none", progress=False)
     assert not (tmp_path / "figures").exists() and not (tmp_path / "tensorboard").exists()
 
 
 def test_eval_command_passes_figures_and_the_checkpoint_step(phantom_cache, tmp_path, monkeypatch, capsys):
-    import jaxbrats.checkpoints
-    import jaxbrats.engine
+    import jaxbrats.runtime.checkpoints
 
     class Manager:
         def latest_step(self):
@@ -182,10 +183,10 @@ def test_eval_command_passes_figures_and_the_checkpoint_step(phantom_cache, tmp_
     method.serving = "train"
     config = type("Config", (), {"eval": EvalConfig()})()
     seen = {}
-    monkeypatch.setattr(jaxbrats.engine, "load_trained", lambda *a, **k: (method, {}, {}, config))
-    monkeypatch.setattr(jaxbrats.checkpoints, "existing_manager", lambda workdir, stage: seen.update(stage=stage) or Manager())
-    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: seen.update(k) or {"stop": True})
-    monkeypatch.setattr(evaluation, "markdown_table", lambda *a: "")
+    monkeypatch.setattr(trained, "load_trained", lambda *a, **k: (method, {}, {}, config))
+    monkeypatch.setattr(jaxbrats.runtime.checkpoints, "existing_manager", lambda workdir, stage: seen.update(stage=stage) or Manager())
+    monkeypatch.setattr(program, "evaluate", lambda *a, **k: seen.update(k) or {"stop": True})
+    monkeypatch.setattr(reports, "markdown_table", lambda *a: "")
     args = ["eval", "--workdir", tmp_path, "--data", phantom_cache, "--split", "all", "--out", tmp_path / "out"]
     assert main(args + ["--figures", "3"]) == 0
     assert seen["figures"] == 3 and seen["step"] == 12 and seen["stage"] == "train"
@@ -213,7 +214,7 @@ def _write_run(workdir, scale):
 
 
 def test_plot_two_runs_of_two_stages(tmp_path, capsys):
-    from jaxbrats.plots import loss_keys, read_metrics
+    from jaxbrats.evaluation.plots import loss_keys, read_metrics
 
     a, b = _write_run(tmp_path / "run_a", 1.0), _write_run(tmp_path / "run_b", 2.0)
     rows = read_metrics(a)
@@ -232,7 +233,7 @@ def test_plot_two_runs_of_two_stages(tmp_path, capsys):
 
 
 def test_smoothing_is_tensorboards_debiased_moving_average():
-    from jaxbrats.plots import ema
+    from jaxbrats.evaluation.plots import ema
 
     values = np.random.default_rng(0).normal(size=50)
     want, biased = [], 0.0

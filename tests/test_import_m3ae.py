@@ -13,14 +13,15 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 
 from jaxbrats import cli  # noqa: E402
-from jaxbrats.engine import Trainer, load_trained  # noqa: E402
+from jaxbrats.engine.trainer import Trainer  # noqa: E402
+from jaxbrats.inference.trained import load_trained
 from jaxbrats.errors import JaxbratsError  # noqa: E402
 from jaxbrats.labels import REGIONS, labels_from_regions  # noqa: E402
-from jaxbrats.m3ae_import import import_m3ae  # noqa: E402
+from jaxbrats.interop.m3ae_import import import_m3ae  # noqa: E402
 from jaxbrats.methods import config_from_data  # noqa: E402
 from jaxbrats.modalities import MODALITIES  # noqa: E402
-from jaxbrats.networks.torch_m3ae import build, public_checkpoint  # noqa: E402
-from jaxbrats.predict import predict_case, segment_one_case  # noqa: E402
+from jaxbrats.interop.torch_m3ae import build, public_checkpoint  # noqa: E402
+from jaxbrats.inference.predict import predict_case, segment_one_case  # noqa: E402
 from helpers import write_case  # noqa: E402
 
 # Written here from the public code, not taken from the module under test.
@@ -226,7 +227,7 @@ def test_out_dir_must_be_new_or_empty_and_nothing_half_written_stays(public, tmp
     _one_line(excinfo)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
-    import jaxbrats.m3ae_import as m3ae_import
+    import jaxbrats.interop.m3ae_import as m3ae_import
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
@@ -258,7 +259,7 @@ def test_permuted_source_axes():
     import jax
     import torch.nn.functional as F
 
-    from jaxbrats.m3ae_import import convert, orientation
+    from jaxbrats.interop.m3ae_import import convert, orientation
 
     transform = orientation("SLP")
     n0, n1, n2 = 6, 5, 7  # voxel shape (i: S, j: L, k: P)

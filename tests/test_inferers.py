@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbrats.inferers import SlidingWindowConfig, axis_starts, sliding_window, window_starts
+from jaxbrats.inference.windows import SlidingWindowConfig, axis_starts, sliding_window, window_starts
 
 
 def test_starts_cover_the_axis_and_end_flush():

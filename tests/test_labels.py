@@ -2,18 +2,7 @@ import numpy as np
 import pytest
 
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.labels import (
-    CONVENTIONS,
-    REGIONS,
-    convention_map,
-    detect_convention,
-    from_internal,
-    internal_label_of_name,
-    mapped_convention,
-    region_voxel_counts,
-    regions_of,
-    to_internal,
-)
+from jaxbrats.labels import CONVENTIONS, REGIONS, convention_map, detect_convention, from_internal, internal_label_of_name, mapped_convention, region_voxel_counts, regions_of, to_internal
 
 
 @pytest.mark.parametrize("convention", ["brats2018", "brats2023"])

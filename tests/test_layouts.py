@@ -159,7 +159,7 @@ def test_nnunetv2_bad_files_are_named(tmp_path):
 
 @pytest.mark.parametrize("writer", [write_msd, write_nnunetv2])
 def test_prepare_into_the_cache_and_write_predictions_back(tmp_path, writer):
-    from jaxbrats.evaluation import write_prediction
+    from jaxbrats.inference.nifti import write_prediction
 
     writer(tmp_path / "data", cases=2)
     report = prepare_dataset(tmp_path / "data", tmp_path / "cache", workers=1, progress=False)
@@ -222,7 +222,7 @@ def test_dataset_json_of_neither_kind_or_not_json(tmp_path):
 
 
 def test_brats2013_detected_in_the_plain_layout_and_written_back(tmp_path):
-    from jaxbrats.evaluation import write_prediction
+    from jaxbrats.inference.nifti import write_prediction
 
     _, labels = phantom_arrays(0)
     seg = brats2013_seg(labels)

@@ -17,19 +17,20 @@ import jax
 import pytest
 from conftest import tiny_config
 
-from jaxbrats import engine, locks, processes
+from jaxbrats import engine
+from jaxbrats.runtime import locks, processes
 from jaxbrats.cli import main
 from jaxbrats.data.cache import LOCK as PREPARE_LOCK
 from jaxbrats.data.phantom import write_phantom
 from jaxbrats.data.preprocess import prepare_dataset
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.workdir import LOCK as TRAIN_LOCK
+from jaxbrats.engine.rundir import LOCK as TRAIN_LOCK
 
 HOST = socket.gethostname()
 
 HOLD = """
 import sys
-from jaxbrats import locks
+from jaxbrats.runtime import locks
 with locks.hold(sys.argv[1], "jaxbrats train"):
     print("held", flush=True)
     sys.stdin.read()

@@ -12,17 +12,19 @@ import optax
 import pytest
 from flax import nnx
 
+from jaxbrats.inference.trained import load_trained
 from jaxbrats import engine
 from jaxbrats.config import ConfigError
 from jaxbrats.methods import load_config
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.evaluation import case_locator, evaluate
+from jaxbrats.inference.segment import case_locator
+from jaxbrats.evaluation.program import evaluate
 from jaxbrats.losses import masked_mse
 from jaxbrats.methods import get_method
 from jaxbrats.methods.m3ae import mean_image, substitute_penalty
 from jaxbrats.modalities import SUBSETS
-from jaxbrats.transforms import place_centred
+from jaxbrats.data.transforms import place_centred
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "m3ae_phantom.toml"
 
@@ -274,7 +276,7 @@ def m3ae_run(phantom_cache, tmp_path_factory):
 
 
 def restored_models(workdir, stage):
-    _, _, models, _ = engine.load_trained(workdir, stage=stage)
+    _, _, models, _ = load_trained(workdir, stage=stage)
     return models
 
 
@@ -311,7 +313,7 @@ def test_x_sub_is_saved_as_nifti_and_png(m3ae_run):
 
 def test_the_15_subset_table_comes_from_the_finetuned_model(m3ae_run, phantom_cache, tmp_path):
     workdir, _ = m3ae_run
-    method, graphdefs, models, config = engine.load_trained(workdir)
+    method, graphdefs, models, config = load_trained(workdir)
     assert models["unet"]["decoder"]["head"]["kernel"][...].shape[-1] == 3
     summary = evaluate(method, graphdefs, models, CacheDataset(phantom_cache), config.eval, tmp_path, predictions="none", progress=False)
     assert len(summary["subsets"]) == len(SUBSETS) == 15
@@ -375,7 +377,7 @@ def test_stages_one_at_a_time_in_one_workdir(phantom_cache, tmp_path):
     assert [s for s, _, _ in second.losses] == ["finetune"] * 4
     shutil.rmtree(tmp_path / "checkpoints" / "finetune")
     with pytest.raises(JaxbratsError, match="no checkpoint of a stage that segments"):
-        engine.load_trained(tmp_path)
+        load_trained(tmp_path)
 
 
 def test_grad_norms_of_a_term_of_another_stage_are_noted_not_refused():

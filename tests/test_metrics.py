@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbrats.metrics import dice_counts, dice_from_counts, hd95
+from jaxbrats.evaluation.metrics import dice_counts, dice_from_counts, hd95
 
 
 def test_dice_hand_computed_and_both_empty_is_one():

@@ -23,11 +23,12 @@ from conftest import TINY
 from flax import nnx
 from helpers import assert_resume_is_bit_for_bit, synthetic_batch
 
+from jaxbrats.inference.trained import load_trained
 from jaxbrats import engine
 from jaxbrats.config import ConfigError
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.evaluation import evaluate
+from jaxbrats.evaluation.program import evaluate
 from jaxbrats.labels import region_probs_from_label_probs
 from jaxbrats.losses import label_loss
 from jaxbrats.losses.distillation import label_logits_from_region_logits, style_features
@@ -324,19 +325,19 @@ def test_the_teacher_hands_over_and_stays_frozen(mtg_run):
 
 def test_teacher_and_students_evaluate_with_one_compilation_each(mtg_run, phantom_cache, tmp_path):
     test = CacheDataset(phantom_cache, engine.load_splits(mtg_run, CacheDataset(phantom_cache))["test"])
-    method, graphdefs, models, config = engine.load_trained(mtg_run, stage="teacher")
+    method, graphdefs, models, config = load_trained(mtg_run, stage="teacher")
     assert set(models) == {"encoders", "predictor"}
     summary = evaluate(method, graphdefs, models, test, config.eval, tmp_path / "t", predictions="none", progress=False)
     assert all(row["served"] for row in summary["subsets"]) and summary["mean"]["rows"] == 15
     assert json.loads((tmp_path / "t" / "eval_settings.json").read_text())["compilations"] == 1
-    method, graphdefs, models, config = engine.load_trained(mtg_run)  # the last stage: the students
+    method, graphdefs, models, config = load_trained(mtg_run)  # the last stage: the students
     assert set(models) == {"students"}
     summary = evaluate(method, graphdefs, models, test, config.eval, tmp_path / "s", predictions="none", progress=False)
     served = {subset_index(s) for s in ("t1ce", "flair")}
     assert {i for i, row in enumerate(summary["subsets"]) if row["served"]} == served
     assert json.loads((tmp_path / "s" / "eval_settings.json").read_text())["compilations"] == 1
     with pytest.raises(JaxbratsError, match="--stage train: method mind_the_gap has the stages teacher, students"):
-        engine.load_trained(mtg_run, stage="train")
+        load_trained(mtg_run, stage="train")
 
 
 def test_cli_eval_of_the_teacher(mtg_run, phantom_cache, tmp_path, capsys):
@@ -380,7 +381,7 @@ def test_students_of_a_baseline_run_train_in_a_fresh_workdir(trained_run, phanto
     kd = [r["t1ce/kd"] for r in rows if "t1ce/kd" in r]
     assert len(kd) == 2 and all(np.isfinite(v) and v > 0 for v in kd)
 
-    method, graphdefs, models, config = engine.load_trained(workdir)
+    method, graphdefs, models, config = load_trained(workdir)
     assert method.stages == ("students",) and method.teacher_run().output == "regions"
     test = CacheDataset(phantom_cache, engine.load_splits(workdir, CacheDataset(phantom_cache))["test"])
     summary = evaluate(method, graphdefs, models, test, config.eval, tmp_path / "e", predictions="none", progress=False)

@@ -3,16 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbrats.modalities import (
-    FULL_SUBSET_INDEX,
-    MODALITIES,
-    SUBSET_MASKS,
-    SUBSET_NAMES,
-    SUBSETS,
-    drop_modalities,
-    modality_of_token,
-    subset_index,
-)
+from jaxbrats.modalities import FULL_SUBSET_INDEX, MODALITIES, SUBSET_MASKS, SUBSET_NAMES, SUBSETS, drop_modalities, modality_of_token, subset_index
 
 
 def test_modality_order_is_canonical():

@@ -14,10 +14,12 @@ from flax import nnx
 
 from conftest import tiny_config
 from jaxbrats.data.cache import CacheDataset
-from jaxbrats.engine import load_splits, load_trained, train
-from jaxbrats.evaluation import evaluate
+from jaxbrats.engine.rundir import load_splits
+from jaxbrats.inference.trained import load_trained
+from jaxbrats.engine.trainer import train
+from jaxbrats.evaluation.program import evaluate
 from jaxbrats.modalities import SUBSETS
-from jaxbrats.predict import predict_case
+from jaxbrats.inference.predict import predict_case
 
 SETTINGS = [
     pytest.param({"remat": True, "dtype": "bfloat16", "upsample": "trilinear", "conv_impl": "native", "deep_supervision": False},

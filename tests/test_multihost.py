@@ -155,7 +155,7 @@ def test_bad_distributed_settings_are_one_line(args, fragment, tmp_path, capsys,
 
 def test_settings_come_from_the_environment_when_no_flag_gives_them():
     from jaxbrats.cli import build_parser
-    from jaxbrats.processes import distributed_settings
+    from jaxbrats.runtime.processes import distributed_settings
 
     args = build_parser().parse_args(["train", "--config", "c", "--workdir", "w", "--distributed", "--process-id", "1"])
     env = {"JAXBRATS_COORDINATOR": "h:99", "JAXBRATS_NUM_PROCESSES": "2", "JAXBRATS_PROCESS_ID": "0", "JAXBRATS_TIMEOUT": "7"}
@@ -169,7 +169,8 @@ def test_a_checkpoint_of_an_earlier_version_keeps_its_iterator_state_in_extra(ph
     """Before one file per process, the (single-process) iterator state was the JSON item's "iterator"."""
     from conftest import tiny_config
 
-    from jaxbrats import checkpoints, engine
+    from jaxbrats.runtime import checkpoints
+    from jaxbrats import engine
     from jaxbrats.data.cache import CacheDataset
     from jaxbrats.data.pipeline import PipelineConfig, make_loader
     from jaxbrats.methods import get_method

@@ -47,7 +47,7 @@ def test_umask_helpers(tmp_path, umask):
 @pytest.mark.parametrize("umask", [0o022], indirect=True, ids=["umask022"])
 def test_everything_the_cli_writes_follows_the_umask(tmp_path, umask):
     """phantom -> prepare -> train (2 steps) -> eval -> predict, and an M3AE x_sub, under umask 022."""
-    from jaxbrats.engine import train
+    from jaxbrats.engine.trainer import train
     from jaxbrats.methods.m3ae import save_substitute
 
     raw, cache, run, out = tmp_path / "raw", tmp_path / "cache", tmp_path / "run", tmp_path / "out"
@@ -70,7 +70,7 @@ def test_everything_the_cli_writes_follows_the_umask(tmp_path, umask):
 @pytest.mark.parametrize("umask", [0o027], indirect=True, ids=["umask027"])
 def test_cache_and_predictions_follow_a_group_umask(tmp_path, umask):
     """Under umask 027 (group may read, others nothing): 0640 files, 0750 folders."""
-    from jaxbrats.evaluation import write_nifti
+    from jaxbrats.inference.nifti import write_nifti
     from jaxbrats.methods.m3ae import save_substitute
 
     raw, cache, out = tmp_path / "raw", tmp_path / "cache", tmp_path / "out"

@@ -3,18 +3,7 @@ import pytest
 import scipy.ndimage as ndi
 
 from jaxbrats.data.cache import CacheDataset
-from jaxbrats.data.pipeline import (
-    ROTATION_PLANES,
-    PipelineConfig,
-    RandomCropAugmentDropout,
-    crop_slices,
-    crop_start,
-    make_loader,
-    rotated_crop,
-    rotation_margin,
-    sample_modality_masks,
-    subset_indices,
-)
+from jaxbrats.data.pipeline import ROTATION_PLANES, PipelineConfig, RandomCropAugmentDropout, crop_slices, crop_start, make_loader, rotated_crop, rotation_margin, sample_modality_masks, subset_indices
 from jaxbrats.modalities import SUBSET_MASKS
 
 CROP = (16, 16, 16)

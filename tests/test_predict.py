@@ -16,13 +16,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxbrats import cli, compilation, engine
+from jaxbrats import cli, engine
+from jaxbrats.runtime import compilation
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.preprocess import prepare_dataset
-from jaxbrats.engine import load_trained
-from jaxbrats.evaluation import bucket_shape, evaluate, pad_shape
-from jaxbrats.inferers import SlidingWindowConfig, sliding_window, window_starts
-from jaxbrats.predict import predict_case
+from jaxbrats.inference.trained import load_trained
+from jaxbrats.evaluation.program import bucket_shape, evaluate
+from jaxbrats.inference.segment import pad_shape
+from jaxbrats.inference.windows import SlidingWindowConfig, sliding_window, window_starts
+from jaxbrats.inference.predict import predict_case
 from helpers import write_case
 
 #: case id -> (shape, modalities left out). A is shorter than the 16^3 window along W; B makes the
@@ -126,7 +128,7 @@ def _window_model(x):
 
 def _numpy_reference(volume: np.ndarray, cfg: SlidingWindowConfig) -> np.ndarray:
     """The static grid of `window_starts`, blended by hand."""
-    from jaxbrats.inferers import blend_weights
+    from jaxbrats.inference.windows import blend_weights
 
     w = blend_weights(cfg.window, cfg.blend, cfg.sigma_scale)[..., None]
     total, norm = np.zeros(volume.shape[:3] + (2,)), np.zeros(volume.shape[:3] + (1,))

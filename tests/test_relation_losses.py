@@ -14,15 +14,7 @@ import numpy as np
 import pytest
 
 from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
-from jaxbrats.losses.relation import (
-    car_loss,
-    car_matrix,
-    car_memory_bytes,
-    crr_loss,
-    region_centres,
-    region_masks,
-    resize_to_features,
-)
+from jaxbrats.losses.relation import car_loss, car_matrix, car_memory_bytes, crr_loss, region_centres, region_masks, resize_to_features
 
 N, S, C, R, C_EMBED = 2, 4, 5, 3, 3
 RTOL, ATOL = 1e-5, 1e-7

@@ -20,14 +20,15 @@ from conftest import TINY, with_xla_flags
 from flax import nnx
 from helpers import synthetic_batch
 
+from jaxbrats.inference.trained import load_trained
 from jaxbrats import engine
-from jaxbrats.checkpoints import restore, save
+from jaxbrats.runtime.checkpoints import restore, save
 from jaxbrats.config import ConfigError
-from jaxbrats.evaluation import evaluate
+from jaxbrats.evaluation.program import evaluate
 from jaxbrats.methods import get_method, load_config
 from jaxbrats.modalities import SUBSET_NAMES, subset_index
 from jaxbrats.networks import family
-from jaxbrats.sharding import make_mesh, shard_state
+from jaxbrats.runtime.sharding import make_mesh, shard_state
 
 #: A 3-level narrow U-Net (bottleneck 4^3 for CAR), two students, the paper's stem dropout.
 RIRN = TINY + ["method.name='rirn'", "model.widths=[8,8,8]", "model.blocks=[1,1,1]", "model.stem_dropout=0.2"]
@@ -159,7 +160,7 @@ def rirn_run(phantom_cache, tmp_path_factory):
 def test_each_row_comes_from_its_own_student(rirn_run, phantom_cache, tmp_path):
     from jaxbrats.data.cache import CacheDataset
 
-    method, graphdefs, models, config = engine.load_trained(rirn_run)
+    method, graphdefs, models, config = load_trained(rirn_run)
     assert set(models) == {"students"}  # eval loads neither the teacher nor the discriminators
     test = CacheDataset(phantom_cache, engine.load_splits(rirn_run, CacheDataset(phantom_cache))["test"])
     summary = evaluate(method, graphdefs, models, test, config.eval, tmp_path / "a", predictions="none", progress=False)
@@ -184,7 +185,7 @@ def test_each_row_comes_from_its_own_student(rirn_run, phantom_cache, tmp_path):
 
 def test_predict_refuses_a_case_no_student_serves(rirn_run, phantom_dir, tmp_path):
     from jaxbrats.errors import JaxbratsError
-    from jaxbrats.predict import predict_case
+    from jaxbrats.inference.predict import predict_case
 
     case = next(p for p in sorted(phantom_dir.iterdir()) if p.is_dir())
     only_t1 = tmp_path / case.name
@@ -245,7 +246,7 @@ def test_students_split_over_four_devices_give_the_losses_of_one(together):
         import jax
         from test_rirn import _steps, rirn, synthetic_batch
         from jaxbrats.config import MeshConfig
-        from jaxbrats.sharding import make_mesh
+        from jaxbrats.runtime.sharding import make_mesh
         assert jax.device_count() == 4
         method = rirn(["t1ce", "flair"], "model.family_map='vmap'")
         state, metrics, _ = _steps(method, [synthetic_batch(s) for s in range(2)], mesh=make_mesh(MeshConfig(data=2, model=2)))

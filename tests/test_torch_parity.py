@@ -8,7 +8,7 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
-from jaxbrats.networks.torch_unet import TorchUNet, load_torch_weights, torch_state_dict
+from jaxbrats.interop.torch_unet import TorchUNet, load_torch_weights, torch_state_dict
 from jaxbrats.networks.unet import UNet, UNetConfig
 
 SMALL = {"widths": (8, 16, 16, 16), "blocks": (1, 2, 1, 2), "deep_supervision": True}

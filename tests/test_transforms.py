@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxbrats.data.pipeline import crop_slices, crop_start
-from jaxbrats.transforms import case_origin, patch_grid, patch_mask_to_voxels, read_window, visible_patches
+from jaxbrats.data.transforms import case_origin, patch_grid, patch_mask_to_voxels, read_window, visible_patches
 
 
 @pytest.mark.parametrize("kept", [(1, 1, 1, 1), (1, 0, 1, 0), (0, 0, 0, 1)])

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbrats import benchmark
+from jaxbrats.interop import benchmark
 
 
 def machine() -> str:
@@ -77,7 +77,8 @@ def make_method(name: str, overrides: list[str]):
 
 def bench_train_step(method_name: str, stage: str, size: int, batch: int, dtype: str, repeats: int, conv_impl: str,
                      overrides: tuple[str, ...] = ()) -> dict:
-    from jaxbrats.engine import init_state, make_train_step
+    from jaxbrats.engine.state import init_state
+    from jaxbrats.engine.step import make_train_step
 
     method = make_method(method_name, [f"model.dtype='{dtype}'", f"model.conv_impl='{conv_impl}'", f"data.crop_size=[{size},{size},{size}]",
                                        *overrides])
@@ -109,8 +110,8 @@ def bench_train_step(method_name: str, stage: str, size: int, batch: int, dtype:
 
 
 def bench_eval(method_name: str, shape, window: int, repeats: int, dtype: str, overrides: tuple[str, ...] = ()) -> dict:
-    from jaxbrats.engine import init_state
-    from jaxbrats.evaluation import make_case_program
+    from jaxbrats.engine.state import init_state
+    from jaxbrats.evaluation.program import make_case_program
 
     method = make_method(method_name, [f"model.dtype='{dtype}'", f"eval.window=[{window},{window},{window}]", f"data.crop_size=[{window},{window},{window}]", *overrides])
     stage = [s for s in method.stages if method.can_predict(s)][-1]

@@ -63,7 +63,9 @@ from collections import defaultdict
 import jax
 import numpy as np
 
-from jaxbrats import benchmark, compilation, engine, sharding
+from jaxbrats.interop import benchmark
+from jaxbrats.runtime import compilation, sharding
+from jaxbrats import engine
 from jaxbrats.errors import ConfigError
 from jaxbrats.methods import get_method, load_config
 

@@ -36,7 +36,9 @@ from jaxbrats.modalities import SUBSET_NAMES
 
 
 def bench(k: int, size: int, batch: int, dtype: str, repeats: int) -> dict:
-    from jaxbrats.engine import init_state, make_train_step, stage_optimizers
+    from jaxbrats.engine.state import init_state
+    from jaxbrats.engine.step import make_train_step
+    from jaxbrats.engine.optim import stage_optimizers
 
     students = json.dumps(list(SUBSET_NAMES[:k]))
     method = make_method("rirn", [f"method.students={students}", f"model.dtype='{dtype}'", f"data.crop_size=[{size},{size},{size}]"])

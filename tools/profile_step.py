@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-from jaxbrats.benchmark import JaxSide, _inputs, add_arguments
+from jaxbrats.interop.benchmark import JaxSide, _inputs, add_arguments
 
 KERNEL_SIZED = 100_000  # elements: every weight of the U-Net is smaller, every activation larger
 

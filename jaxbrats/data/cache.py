@@ -3,7 +3,7 @@
 Layout of a cache directory::
 
     index.json                    dataset index: layout, settings, case ids
-    .prepare.lock                 one `prepare` at a time (`jaxbrats.locks`): names the
+    .prepare.lock                 one `prepare` at a time (`jaxbrats.runtime.locks`): names the
                                   run writing the cache, empty when none is
     cases/<case_id>/image.npy     float32 (D, H, W, 4), channels in MODALITIES order,
                                   zeros for a modality the case lacks

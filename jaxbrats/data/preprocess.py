@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from jaxbrats import locks
+from jaxbrats.runtime import locks
 from jaxbrats.data import cache
 from jaxbrats.data.discovery import CaseRecord, discover
 from jaxbrats.data.loading import LoadedCase, load_case
@@ -251,7 +251,7 @@ def prepare_dataset(
     when no case is bad, or with `skip_bad`, for the good cases; never when
     no case is good (`report["prepared"]` is then empty). A second `prepare`
     into the same cache meanwhile is refused in one line naming this one
-    (`cache.LOCK`, `jaxbrats.locks`).
+    (`cache.LOCK`, `jaxbrats.runtime.locks`).
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")

@@ -15,14 +15,7 @@ e.g. ``from jaxbrats.losses.relation import crr_loss``.
 """
 
 from jaxbrats.losses import adversarial, relation, segmentation
-from jaxbrats.losses.segmentation import (
-    SMOOTH,
-    label_loss,
-    masked_mse,
-    region_loss,
-    segmentation_loss,
-    soft_dice_loss,
-)
+from jaxbrats.losses.segmentation import SMOOTH, label_loss, masked_mse, region_loss, segmentation_loss, soft_dice_loss
 
 __all__ = [
     "SMOOTH",

@@ -85,25 +85,12 @@ from jaxbrats.errors import ConfigError, JaxbratsError
 from jaxbrats.labels import NUM_LABELS
 from jaxbrats.losses import label_loss
 from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
-from jaxbrats.losses.consistency import (
-    DISTILLATION_LOSSES,
-    SYNTHESIS_NORMS,
-    acct_loss,
-    consistency_distillation,
-    synthesis_loss,
-)
+from jaxbrats.losses.consistency import DISTILLATION_LOSSES, SYNTHESIS_NORMS, acct_loss, consistency_distillation, synthesis_loss
 from jaxbrats.losses.segmentation import rfnet_loss
 from jaxbrats.methods.base import Method, Update
 from jaxbrats.modalities import MODALITIES
 from jaxbrats.networks import family
-from jaxbrats.networks.acdis import (
-    COMPLETION_CONVS,
-    HEAD_CHANNELS,
-    FeatureCompletion,
-    FusionDecoder,
-    MonoEncoder,
-    afeb_width_problem,
-)
+from jaxbrats.networks.acdis import COMPLETION_CONVS, HEAD_CHANNELS, FeatureCompletion, FusionDecoder, MonoEncoder, afeb_width_problem
 from jaxbrats.networks.discriminator import Discriminator, DiscriminatorConfig
 from jaxbrats.networks.factory import probabilities, unet_config
 from jaxbrats.networks.latent_encoder import modality_stack

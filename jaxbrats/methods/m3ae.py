@@ -125,16 +125,7 @@ from jaxbrats.methods.base import Method, Update
 from jaxbrats.modalities import MODALITIES, NUM_MODALITIES, drop_modalities
 from jaxbrats.networks.factory import check_deep_supervision, probabilities, unet_config
 from jaxbrats.networks.unet import UNet
-from jaxbrats.transforms import (
-    FRAMES,
-    case_corner,
-    patch_grid,
-    patch_mask_to_voxels,
-    place_case,
-    read_window,
-    read_windows,
-    visible_patches,
-)
+from jaxbrats.data.transforms import FRAMES, case_corner, patch_grid, patch_mask_to_voxels, place_case, read_window, read_windows, visible_patches
 
 FILLS = ("x_sub", "zero", "mean")
 PENALTIES = ("centered_norm", "sum_square_per_batch_value", "mean_square")  # R(x_sub): module docstring

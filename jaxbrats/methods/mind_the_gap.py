@@ -107,21 +107,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxbrats.checkpoints import restore_model
+from jaxbrats.runtime.checkpoints import restore_model
 from jaxbrats.config import check_choice, check_entries, check_range
 from jaxbrats.errors import ConfigError
 from jaxbrats.labels import NUM_LABELS, REGIONS
 from jaxbrats.losses import label_loss
 from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
 from jaxbrats.losses.alignment import ANCHORS, MIX_TARGETS, mix_alignment, mix_weights, modality_alignment, normal_kl
-from jaxbrats.losses.distillation import (
-    KD_LOSSES,
-    KDConstants,
-    distillation_loss,
-    label_logits_from_region_logits,
-    sigmoid_rampup,
-    style_features,
-)
+from jaxbrats.losses.distillation import KD_LOSSES, KDConstants, distillation_loss, label_logits_from_region_logits, sigmoid_rampup, style_features
 from jaxbrats.methods.base import Method, Update, student_slot
 from jaxbrats.modalities import MODALITIES, SUBSET_MASKS, SUBSET_NAMES, drop_modalities, student_subsets
 from jaxbrats.networks import family

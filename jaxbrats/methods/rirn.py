@@ -79,7 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxbrats.checkpoints import restore_model
+from jaxbrats.runtime.checkpoints import restore_model
 from jaxbrats.config import check_choice, check_range
 from jaxbrats.errors import ConfigError
 from jaxbrats.labels import REGIONS, regions_of

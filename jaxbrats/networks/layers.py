@@ -39,9 +39,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from jaxbrats.sharding import SPACE_AXIS, space_shards
+from jaxbrats.config import CONV_IMPLS
+from jaxbrats.runtime.sharding import SPACE_AXIS, space_shards
 
-CONV_IMPLS = ("auto", "native", "depth2d")
 
 
 def conv3d_native(x, kernel, stride: int = 1, depth_padding=None):

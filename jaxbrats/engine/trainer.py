@@ -4,7 +4,7 @@ How a run goes (`train`):
 
 1. The work directory is locked (one writer), and the resolved config, the
    train/val/test split and the cache's preprocessing settings are written to
-   it (`jaxbrats.workdir`); a resumed run reuses the split and may change only
+   it (`jaxbrats.engine.rundir`); a resumed run reuses the split and may change only
    settings that leave the checkpoints valid (`workdir.RESUMABLE`), recorded in
    ``config_history.jsonl``.
 2. For each of the method's stages, in order: if its newest readable
@@ -26,7 +26,7 @@ How a run goes (`train`):
    compilation cache, is reported). The step's rng is ``fold_in(key, step)``,
    so a resumed run draws the same numbers. Nothing in the step talks to the host.
 4. Batches are placed on the ("data", "model", "space") mesh of
-   `jaxbrats.sharding`, split along "data"; the state is placed by the same
+   `jaxbrats.runtime.sharding`, split along "data"; the state is placed by the same
    module's rules (family members split along "model", x_sub along
    "space", the rest replicated), and the step keeps those shardings. With
    "space" > 1 each crop's depth is split and the U-Net's convolutions
@@ -44,36 +44,34 @@ How a run goes (`train`):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
-from flax import nnx
 from tqdm import tqdm
 
-from jaxbrats import compilation, processes
-from jaxbrats import workdir as workdir_files
-from jaxbrats.checkpoints import (
+from jaxbrats.config import Config, to_dict
+from jaxbrats.data.cache import CacheDataset
+from jaxbrats.data.pipeline import PipelineConfig, make_loader
+from jaxbrats.engine import rundir as workdir_files
+from jaxbrats.engine.metrics_log import MetricsLog
+from jaxbrats.engine.optim import make_schedule, stage_optimizers
+from jaxbrats.engine.state import abstract_models, abstract_state, init_state
+from jaxbrats.engine.step import loss_keys, make_train_step
+from jaxbrats.errors import JaxbratsError
+from jaxbrats.methods import get_method
+from jaxbrats.runtime import compilation, processes
+from jaxbrats.runtime.checkpoints import (
     checkpoint_manager,
     existing_manager,
     iterator_state,
-    on_first_device,
     restore_newest_readable,
     save,
 )
-from jaxbrats.config import Config, OptimizerConfig, to_dict
-from jaxbrats.data.cache import CacheDataset
-from jaxbrats.data.pipeline import PipelineConfig, make_loader
-from jaxbrats.errors import ConfigError, JaxbratsError
-from jaxbrats.methods import Method, get_method
-from jaxbrats.processes import lead
-from jaxbrats.sharding import (
+from jaxbrats.runtime.processes import lead
+from jaxbrats.runtime.sharding import (
     check_families,
     make_mesh,
     place_batch,
@@ -82,258 +80,11 @@ from jaxbrats.sharding import (
     state_shardings,
     with_shardings,
 )
-from jaxbrats.workdir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
 
 
 class TrainingDiverged(JaxbratsError):
     pass
 
-
-# --- optimisers ------------------------------------------------------------------------
-
-def make_schedule(cfg: OptimizerConfig, total_steps: int):
-    decay_steps = max(total_steps - cfg.warmup_steps, 1)
-    if cfg.schedule == "cosine":
-        main = optax.cosine_decay_schedule(cfg.lr, decay_steps)
-    elif cfg.schedule == "poly":
-        main = optax.polynomial_schedule(cfg.lr, 0.0, cfg.poly_power, decay_steps)
-    else:
-        main = optax.constant_schedule(cfg.lr)
-    if not cfg.warmup_steps:
-        return main
-    warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
-    return optax.join_schedules([warmup, main], [cfg.warmup_steps])
-
-
-def _update_rules(cfg: OptimizerConfig, total_steps: int, decay_mask=None) -> list[optax.GradientTransformation]:
-    schedule = make_schedule(cfg, total_steps)
-    if cfg.name == "adamw":
-        return [optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)]
-    rule = optax.adam(schedule) if cfg.name == "adam" else optax.sgd(schedule, momentum=cfg.momentum)
-    if cfg.weight_decay:  # PyTorch Adam/SGD weight decay: L2 added to the gradient
-        return [optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask), rule]
-    return [rule]
-
-
-def _decayed(undecayed: tuple[str, ...]):
-    """optax's weight-decay mask: True on every variable but those of the models in `undecayed`."""
-    def mask(params):
-        return {n: jax.tree.map(lambda _, keep=n not in undecayed: keep, sub) for n, sub in params.items()}
-    return mask
-
-
-def make_optimizer(cfg: OptimizerConfig, total_steps: int, undecayed: tuple[str, ...] = ()) -> optax.GradientTransformation:
-    """The optimiser of one update group; its parameters are a dict {model name: state}. Weight
-    decay leaves the models named in `undecayed` alone (Mind the Gap's P_mix weights)."""
-    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    decay_mask = _decayed(undecayed) if undecayed else None
-    if not cfg.model_lr:
-        return optax.chain(*parts, *_update_rules(cfg, total_steps, decay_mask))
-    # One rule per learning rate, chosen by the top-level model name.
-    rates = {"": cfg.lr, **cfg.model_lr}
-    rules = {n: optax.chain(*_update_rules(dataclasses.replace(cfg, lr=lr), total_steps, decay_mask))
-             for n, lr in rates.items()}
-
-    def labels(params):
-        return {n: jax.tree.map(lambda _, n=n: n if n in cfg.model_lr else "", sub) for n, sub in params.items()}
-
-    return optax.chain(*parts, optax.multi_transform(rules, labels))
-
-
-def stage_optimizers(method: Method, stage: str, total_steps: int) -> dict:
-    """One optax optimiser per update group of a stage."""
-    out = {}
-    for update in method.updates(stage):
-        cfg = method.optimizer(stage, update.group)
-        unknown = sorted(set(cfg.model_lr) - set(update.trainable))
-        if unknown:
-            raise ConfigError(f"stages.{stage}.optimizers.{update.group}.model_lr: {', '.join(unknown)} "
-                              f"not trained in this group (trained: {', '.join(update.trainable)})")
-        out[update.group] = make_optimizer(cfg, total_steps, tuple(method.undecayed(stage, update.group)))
-    return out
-
-
-# --- state and step ----------------------------------------------------------------------
-
-def trainable_part(state: nnx.State, trainable_filter):
-    return nnx.split_state(state, trainable_filter, ...)
-
-
-def _optimizer_states(method: Method, stage: str, optimizers: dict, models: dict, init=None) -> dict:
-    """One optax state per update group, over the variables that group trains."""
-    init = init or (lambda opt, params: opt.init(params))
-    opt = {}
-    for update in method.updates(stage):
-        trainable = {n: trainable_part(models[n], f)[0] for n, f in update.trainable.items()}
-        opt[update.group] = init(optimizers[update.group], trainable)
-    return opt
-
-
-def init_state(method: Method, stage: str, seed: int, optimizers: dict, previous: dict | None = None):
-    """(graph definitions, train state) of a stage; `previous` models are carried over."""
-    models = method.init_models(stage, nnx.Rngs(seed))
-    graphdefs, states = {}, {}
-    for name, model in models.items():
-        graphdefs[name], states[name] = nnx.split(model)
-    if previous:
-        states = method.carry(stage, states, previous)
-    opt = _optimizer_states(method, stage, optimizers, states)
-    state = {"models": states, "opt": opt, "step": jnp.zeros((), jnp.int32), "key": jax.random.PRNGKey(seed)}
-    return graphdefs, state
-
-
-def abstract_models(method: Method, stage: str, names: tuple[str, ...] | None = None):
-    """(graph definitions, model states of ShapeDtypeStructs) of a stage's models (`names`: only
-    those), nothing initialised."""
-    abstract = nnx.eval_shape(lambda: method.init_models(stage, nnx.Rngs(0)))
-    graphdefs, states = {}, {}
-    for name, model in abstract.items():
-        if names is None or name in names:
-            graphdefs[name], states[name] = nnx.split(model)
-    return graphdefs, states
-
-
-def abstract_state(method: Method, stage: str, optimizers: dict):
-    """(graph definitions, train state of ShapeDtypeStructs): a restore template, nothing initialised."""
-    graphdefs, states = abstract_models(method, stage)
-    opt = _optimizer_states(method, stage, optimizers, states, lambda o, p: jax.eval_shape(o.init, p))
-    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-    return graphdefs, {"models": states, "opt": opt, "step": jax.ShapeDtypeStruct((), jnp.int32), "key": key}
-
-
-def _loss_output(out):
-    """A loss returns (loss, parts) or (loss, parts, shared step context)."""
-    loss, parts, *shared = out
-    return loss, (parts, shared[0] if shared else {})
-
-
-def make_train_step(method: Method, stage: str, graphdefs: dict, optimizers: dict):
-    """The pure train step ``(state, batch) -> (state, metrics)``, to be jitted once.
-
-    The updates run in order; each sees the models as the updates before it left
-    them and the *step context*: the step number ("step", counted from 0 in the
-    stage) and what earlier updates shared (their third output), with gradients
-    stopped. Metrics are named ``<group>/<part>`` when a stage has
-    several updates (no group name is special to the engine). With
-    `train.grad_norms`, each named loss term an update logs also gets
-    ``grad_norm/<term>``: the norm of that term's own gradient over the update's
-    trainable variables (`term_grad_norms`).
-    """
-    updates = method.updates(stage)
-    wanted = tuple(method.config.train.grad_norms)
-
-    def step(state, batch):
-        step.traces += 1  # runs at trace time only (XLA compilations: `jaxbrats.compilation`)
-        models = dict(state["models"])
-        opt = dict(state["opt"])
-        key = jax.random.fold_in(state["key"], state["step"])
-        metrics, context = {}, {"step": state["step"]}  # a ramp (SMU-Net's consistency) reads the step
-        found = set()
-        for i, update in enumerate(updates):
-            split = {n: trainable_part(models[n], f) for n, f in update.trainable.items()}
-            frozen = {n: s[1] for n, s in split.items()}
-
-            def loss_fn(trainable, models=models, context=context, update=update, i=i):
-                live = {
-                    n: nnx.merge(g, trainable[n], frozen[n]) if n in trainable else nnx.merge(g, models[n])
-                    for n, g in graphdefs.items()
-                }
-                return _loss_output(update.loss(live, batch, jax.random.fold_in(key, i), context))
-
-            trainable = {n: s[0] for n, s in split.items()}
-            (loss, (parts, shared)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-            prefix = "" if len(updates) == 1 else f"{update.group}/"
-            terms = [t for t in wanted if t in parts]
-            if terms:  # before this update changes the models: the gradients `grads` was taken with
-                norms = term_grad_norms(lambda t, loss_fn=loss_fn: loss_fn(t)[1][0], trainable, terms)
-                metrics.update({f"{prefix}grad_norm/{t}": v for t, v in norms.items()})
-                found.update(terms)
-            context = {**context, **jax.lax.stop_gradient(shared)}
-            changes, opt[update.group] = optimizers[update.group].update(grads, opt[update.group], trainable)
-            trainable = optax.apply_updates(trainable, changes)
-            for n in trainable:
-                models[n] = nnx.merge_state(trainable[n], frozen[n])
-            metrics[prefix + "loss"] = loss
-            metrics.update({prefix + k: v for k, v in parts.items()})
-            metrics[prefix + "grad_norm"] = optax.tree.norm(grads)
-        missing = [t for t in wanted if t not in found]
-        if missing:  # a typo for a one-stage method; another stage's term (M3AE's consistency) otherwise
-            logged = sorted({k.split("/")[-1] for k in metrics if "grad_norm" not in k})
-            step.unlogged = (f"train.grad_norms: {', '.join(missing)} is not a loss term of stage {stage} "
-                             f"(its logged terms: {', '.join(logged)})")
-            if len(method.stages) == 1:
-                raise ConfigError(step.unlogged)
-        new_state = {"models": models, "opt": opt, "step": state["step"] + 1, "key": state["key"]}
-        return new_state, metrics
-
-    step.traces = 0
-    step.unlogged = ""  # set at trace time: requested gradient norms this stage does not have
-    step.__name__ = step.__qualname__ = step_name(stage)  # JAX reports its compilations as jit(<name>)
-    return step
-
-
-def term_grad_norms(parts_fn, trainable, terms: list[str]) -> dict:
-    """{term: the global norm of d part[term] / d trainable}: one reverse pass per term over one
-    shared forward pass (`jax.jacrev` of the terms as a vector). A term is taken as the loss logs it,
-    before its weight in the total (RIRN's CRR before `crr_weight`)."""
-    jac = jax.jacrev(lambda t: jnp.stack([jnp.asarray(parts_fn(t)[name], jnp.float32) for name in terms]))(trainable)
-    squares = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=tuple(range(1, leaf.ndim)))
-                  for leaf in jax.tree.leaves(jac))
-    return {name: jnp.sqrt(squares[k]) for k, name in enumerate(terms)}
-
-
-def loss_keys(method: Method, stage: str) -> list[str]:
-    """The metric names of each update group's loss (``loss``, or ``<group>/loss`` for several)."""
-    groups = [u.group for u in method.updates(stage)]
-    return ["loss"] if len(groups) == 1 else [f"{g}/loss" for g in groups]
-
-
-def step_name(stage: str) -> str:
-    return f"train_step_{stage}"
-
-
-# --- logging -----------------------------------------------------------------------------
-
-class MetricsLog:
-    """JSON lines plus TensorBoard event files in the work directory.
-
-    Only one process of a multi-process run writes them (`write` False elsewhere: every
-    call does nothing), so each row is written once.
-    """
-
-    def __init__(self, workdir: Path, write: bool = True):
-        self.path = workdir / "metrics.jsonl"
-        self.enabled = write
-        self.writer = None
-        if write:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(workdir / "tensorboard"))
-
-    def truncate(self, resume_step: dict[str, int]) -> None:
-        """Drop the rows of these stages past the step each resumes from: they are about to be redone."""
-        if not self.enabled or not self.path.exists():
-            return
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        keep = [r for r in rows if r["step"] <= resume_step.get(r["stage"], r["step"])]
-        if len(keep) < len(rows):
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        for key, value in row.items():
-            if isinstance(value, float):
-                self.writer.add_scalar(f"{row['stage']}/{key}", value, row["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-# --- the loop ----------------------------------------------------------------------------
 
 class Trainer:
     """Runs a method's stages for one work directory (see the module docstring)."""
@@ -567,39 +318,3 @@ def train(config: Config, workdir, data_dir=None, stop_after: int | None = None,
     trainer.run(stop_after)
     return trainer
 
-
-def load_trained(workdir, stage: str | None = None, overrides=(), segmenting: bool = False):
-    """(method, graph definitions, model states, config) of a trained run, from its latest checkpoint
-    of `stage` (default: the last stage whose models segment; `segmenting`: refuse a named stage whose
-    models do not segment, as eval and predict need); the method is told which (`Method.serve`).
-
-    Only the models that predict are read (`Method.inference_models`: a teacher,
-    discriminators and optimiser states stay on disk), onto the first device.
-    `overrides` (``key=value``) change the saved config, e.g. the eval settings.
-    """
-    from jaxbrats.methods import load_config
-
-    workdir = Path(workdir)
-    if not (workdir / "config.json").exists():
-        raise JaxbratsError(f"{workdir}: not a jaxbrats run (no config.json); train with `jaxbrats train --workdir {workdir}`")
-    config = load_config(workdir / "config.json", overrides)
-    method = get_method(config.method_name)(config)
-    if stage and stage not in method.stages:
-        raise JaxbratsError(f"--stage {stage}: method {method.name} has the stages {', '.join(method.stages)}")
-    if stage and segmenting and not method.can_predict(stage):
-        raise JaxbratsError(f"--stage {stage}: the models of stage {stage} of {method.name} do not segment")
-    stages = [stage] if stage else [s for s in reversed(method.stages) if method.can_predict(s)]
-    for name in stages:
-        manager = existing_manager(workdir, name)
-        if manager is None or manager.latest_step() is None:
-            continue
-        graphdefs, abstract = abstract_models(method, name, method.inference_models(name))
-        state, _, _ = restore_newest_readable(manager, {"models": on_first_device(abstract)}, partial=True)
-        method.serve(name)
-        return method, graphdefs, state["models"], config
-    if stage:
-        raise JaxbratsError(f"{workdir}: no checkpoint of stage {stage} (train it with `jaxbrats train --workdir {workdir}`)")
-    if any((workdir / "checkpoints" / s).exists() for s in method.stages):
-        raise JaxbratsError(f"{workdir}: no checkpoint of a stage that segments ({', '.join(stages)}); "
-                            f"train it with `jaxbrats train --workdir {workdir}`")
-    raise JaxbratsError(f"{workdir}: no checkpoint found (train first with `jaxbrats train --workdir {workdir}`)")

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-BLENDS = ("gaussian", "uniform")
+from jaxbrats.config import BLENDS
+
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ import math
 from pathlib import Path
 
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.figures import save_figure
+from jaxbrats.evaluation.figures import save_figure
 
 FORMATS = (".png", ".pdf", ".svg")
 DPI = 100

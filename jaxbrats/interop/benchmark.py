@@ -45,7 +45,7 @@ import numpy as np
 import optax
 
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.inferers import blend_weights, window_starts
+from jaxbrats.inference.windows import blend_weights, window_starts
 from jaxbrats.labels import regions_of
 from jaxbrats.modalities import SUBSET_MASKS
 
@@ -112,7 +112,7 @@ class JaxSide:
 
     def __init__(self, args, remat: bool):
         from jaxbrats.methods import load_config
-        from jaxbrats.engine import init_state
+        from jaxbrats.engine.state import init_state
         from jaxbrats.methods import get_method
 
         eval_window, window_batch = args.eval_window, args.window_batch
@@ -135,7 +135,7 @@ class JaxSide:
         return unet_config(self.config, self.method.out_channels(), self.method.options.deep_supervision)
 
     def train_step(self, image, labels):
-        from jaxbrats.engine import make_train_step
+        from jaxbrats.engine.step import make_train_step
 
         n, d, h, w, _ = image.shape
         batch = {
@@ -164,7 +164,7 @@ class JaxSide:
         return (lambda: compiled(self.model_state(), x).block_until_ready()), _flops(compiled)
 
     def evaluation(self, image, labels):
-        from jaxbrats.evaluation import make_case_program
+        from jaxbrats.evaluation.program import make_case_program
 
         program = make_case_program(self.method, self.graphdefs, self.config.eval)
         args = (self.state["models"], jnp.asarray(image), jnp.asarray(labels), jnp.ones(labels.shape, bool))
@@ -190,7 +190,7 @@ class TorchSide:
     def __init__(self, jax_side: JaxSide, dtype: str, compiled: bool):
         import torch
 
-        from jaxbrats.networks.torch_unet import TorchUNet, torch_state_dict
+        from jaxbrats.interop.torch_unet import TorchUNet, torch_state_dict
 
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,14 +20,21 @@ Conventions (METHODS.md section 1):
 from __future__ import annotations
 
 import jax.numpy as jnp
+import nibabel as nib
 import numpy as np
+from nibabel import orientations as ornt
 from scipy import ndimage
+
+from jaxbrats.config import HD95_CONVENTIONS
+from jaxbrats.labels import REGIONS, regions_of
+from jaxbrats.modalities import SUBSETS
 
 HD95_EMPTY: dict[str, tuple[float, float]] = {
     "brats": (0.0, 373.13),
     "zero": (0.0, 0.0),
     "nan": (float("nan"), float("nan")),
 }
+assert tuple(HD95_EMPTY) == HD95_CONVENTIONS  # config checks the names; the values live here
 
 
 def dice_counts(pred, truth):
@@ -64,3 +71,40 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0, 1.0), empty: st
     to_truth = ndimage.distance_transform_edt(~st, sampling=spacing)[sp]
     to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)[st]
     return float(np.percentile(np.concatenate([to_truth, to_pred]), 95))
+
+
+def canonical_spacing(affine) -> tuple[float, ...]:
+    """Voxel size along each RAS+ axis of a volume stored with `affine`."""
+    sizes = nib.affines.voxel_sizes(np.asarray(affine))
+    orientation = ornt.io_orientation(np.asarray(affine))
+    spacing = [0.0] * 3
+    for source_axis, (target_axis, _) in enumerate(orientation):
+        spacing[int(target_axis)] = float(sizes[source_axis])
+    return tuple(spacing)
+
+
+def _bbox(mask, margin=1):
+    """Slices around the True voxels, with a margin (HD95 is exact on such a crop)."""
+    coords = np.argwhere(mask)
+    lo = np.maximum(coords.min(0) - margin, 0)
+    hi = np.minimum(coords.max(0) + margin + 1, mask.shape)
+    return tuple(slice(a, b) for a, b in zip(lo, hi))
+
+
+def hd95_table(predicted, truth, spacing, empty: str, applicable=None) -> np.ndarray:
+    """(15, 3) HD95 of each subset's label map against the truth; NaN (not computed) where not `applicable` (15,)."""
+    out = np.full((len(SUBSETS), len(REGIONS)), np.nan)
+    truth_regions = regions_of(truth)
+    for s in range(len(SUBSETS)):
+        if applicable is not None and not applicable[s]:
+            continue
+        pred_regions = regions_of(predicted[s])
+        for r in range(len(REGIONS)):
+            p, t = pred_regions[..., r], truth_regions[..., r]
+            union = p | t
+            if union.any():
+                box = _bbox(union)
+                p, t = p[box], t[box]
+            out[s, r] = hd95(p, t, spacing, empty)
+    return out
+

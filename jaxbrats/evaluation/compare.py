@@ -43,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxbrats.compare_report import MetricTable, write_report
 from jaxbrats.errors import JaxbratsError
+from jaxbrats.evaluation.compare_report import MetricTable, write_report
+from jaxbrats.evaluation.metrics import HD95_EMPTY
 from jaxbrats.labels import REGIONS
-from jaxbrats.metrics import HD95_EMPTY
 from jaxbrats.modalities import MODALITIES, SUBSET_NAMES, SUBSETS
 
 ALPHA = 0.05

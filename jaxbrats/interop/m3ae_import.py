@@ -25,7 +25,7 @@ stays): ``config.json`` (an M3AE run with the public code's settings:
 percentile normalisation, a 1-voxel brain margin), ``import.json`` (what was
 imported, from where) and the Orbax checkpoint ``checkpoints/finetune/0``
 of the fine-tuning stage's models (``unet``, ``x_sub``) with fresh
-optimiser states, through `jaxbrats.checkpoints`, so ``jaxbrats eval`` and
+optimiser states, through `jaxbrats.runtime.checkpoints`, so ``jaxbrats eval`` and
 ``jaxbrats predict`` load it (`engine.load_trained`).
 
 How tensors map (public -> jaxbrats):
@@ -72,7 +72,7 @@ from flax import nnx
 from nibabel import orientations as ornt
 
 from jaxbrats import engine
-from jaxbrats.checkpoints import checkpoint_manager, save
+from jaxbrats.runtime.checkpoints import checkpoint_manager, save
 from jaxbrats.config import save_config, to_dict
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.files import mkdtemp
@@ -80,7 +80,7 @@ from jaxbrats.labels import REGIONS
 from jaxbrats.methods import config_from_data
 from jaxbrats.methods.m3ae import M3AE
 from jaxbrats.modalities import MODALITIES
-from jaxbrats.workdir import IMPORT_RECORD, write_data_record
+from jaxbrats.engine.rundir import IMPORT_RECORD, write_data_record
 
 STAGE = "finetune"
 PREFIX = "module."  # nn.DataParallel's, in every key the public scripts save
@@ -137,7 +137,7 @@ def _first_line(error: Exception) -> str:
 def public():
     """`networks.torch_m3ae`: the public network's names, channel orders and shapes (needs PyTorch)."""
     try:
-        from jaxbrats.networks import torch_m3ae
+        from jaxbrats.interop import torch_m3ae
     except ImportError:
         raise JaxbratsError("importing an M3AE checkpoint needs PyTorch: pip install 'jaxbrats[torch]'") from None
     return torch_m3ae
@@ -320,7 +320,7 @@ def train_state(method: M3AE, models: dict) -> dict:
     """A complete finetune train state (fresh optimiser states, step 0): `init_from` can start from it too."""
     optimizers = engine.stage_optimizers(method, STAGE, 1)
     # The engine's own builder, so the layout is the one a restore template of this stage has.
-    opt = engine._optimizer_states(method, STAGE, optimizers, models)
+    opt = engine.optimizer_states(method, STAGE, optimizers, models)
     key = jax.random.PRNGKey(method.config.train.seed + method.stages.index(STAGE))
     return {"models": models, "opt": opt, "step": jnp.zeros((), jnp.int32), "key": key}
 

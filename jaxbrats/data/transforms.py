@@ -25,7 +25,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jaxbrats.modalities import NUM_MODALITIES
-from jaxbrats.sharding import SPACE_AXIS, space_shards
+from jaxbrats.runtime.sharding import SPACE_AXIS, space_shards
 
 
 def patch_grid(crop, patch: int) -> tuple[int, int, int]:

@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.processes import lead
+from jaxbrats.runtime.processes import lead
 
 ITERATOR = "iterator"  # the item holding one Grain iterator state per process
 

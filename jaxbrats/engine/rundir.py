@@ -23,12 +23,12 @@ import fnmatch
 import json
 from pathlib import Path
 
-from jaxbrats import locks, processes
 from jaxbrats.config import Config, ConfigError, OptimizerConfig, StageConfig, save_config, to_dict
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.splits import ratio_split, read_split_file
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.methods import config_from_data, get_method
+from jaxbrats.runtime import locks, processes
 
 #: The record of weights imported from another framework (`jaxbrats import-m3ae`): such a folder
 #: is evaluated and predicted with, never trained in (`refuse_imported`).
@@ -51,7 +51,7 @@ LOCK = ".train.lock"
 
 
 def single_writer(workdir: Path):
-    """Hold the work directory's lock while a run writes to it (`jaxbrats.locks.hold`).
+    """Hold the work directory's lock while a run writes to it (`jaxbrats.runtime.locks.hold`).
 
     Two runs in one work directory would interleave checkpoints, metrics and
     the saved config without an error, so a second `train` stops at once, in

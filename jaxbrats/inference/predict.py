@@ -29,13 +29,14 @@ from jaxbrats import files
 from jaxbrats.data.discovery import discover, read_case_dir
 from jaxbrats.data.loading import canonical_shape, from_canonical, load_case
 from jaxbrats.data.preprocess import preprocess_case
-from jaxbrats.engine import load_trained
+from jaxbrats.engine.rundir import read_preprocessing
 from jaxbrats.errors import CaseError, JaxbratsError
-from jaxbrats.evaluation import _pad, case_locator, pad_shape, segment, write_nifti
+from jaxbrats.inference.nifti import write_nifti
+from jaxbrats.inference.segment import case_locator, pad_shape, pad_to, segment
+from jaxbrats.inference.trained import load_trained
 from jaxbrats.labels import CONVENTIONS, from_internal, region_voxel_counts
 from jaxbrats.modalities import MODALITIES, SUBSET_NAMES, subset_index
-from jaxbrats.sharding import OnMesh, eval_mesh
-from jaxbrats.workdir import read_preprocessing
+from jaxbrats.runtime.sharding import OnMesh, eval_mesh
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -181,7 +182,7 @@ def segment_one_case(method, graphdefs, models_state, image, modality_mask, cfg,
         raise JaxbratsError(f"case of shape {shape} does not fit the padded shape {tuple(bucket)}")
     program = segment_program(method, graphdefs, cfg) if program is None else program
     mask = np.asarray(modality_mask, bool)
-    labels = program(models_state, _pad(image, bucket), mask, np.int32(subset_index(mask)), case_locator(shape, box_start))
+    labels = program(models_state, pad_to(image, bucket), mask, np.int32(subset_index(mask)), case_locator(shape, box_start))
     return np.asarray(labels)[: shape[0], : shape[1], : shape[2]]
 
 

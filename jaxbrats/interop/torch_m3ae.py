@@ -1,7 +1,7 @@
 """The public M3AE fine-tuned segmentation network in PyTorch, with the public parameter names.
 
 Optional: needs the ``torch`` extra. It exists to import the official M3AE
-checkpoint (`jaxbrats.m3ae_import`): this module fixes which keys and shapes
+checkpoint (`jaxbrats.interop.m3ae_import`): this module fixes which keys and shapes
 that checkpoint holds, and the tests build a checkpoint of this layout with
 random weights and check that the imported JAX model computes what this one
 computes.

@@ -1,0 +1,29 @@
+"""The training engine: a run's stages, each one jitted step over sharded batches.
+
+`trainer` runs the stages (`train`), `step` builds the jitted train step, `state` the train state,
+`optim` the optimisers, `metrics_log` writes metrics.jsonl and TensorBoard, and `rundir` alone
+knows the run folder's layout and what a resume may change.
+"""
+
+from jaxbrats.faces import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "train": "trainer",
+        "Trainer": "trainer",
+        "TrainingDiverged": "trainer",
+        "make_train_step": "step",
+        "loss_keys": "step",
+        "term_grad_norms": "step",
+        "init_state": "state",
+        "abstract_state": "state",
+        "abstract_models": "state",
+        "make_optimizer": "optim",
+        "make_schedule": "optim",
+        "stage_optimizers": "optim",
+        "MetricsLog": "metrics_log",
+        "load_splits": "rundir",
+        "read_preprocessing": "rundir",
+    },
+)

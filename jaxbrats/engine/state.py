@@ -1,0 +1,57 @@
+"""The train state: models split from their NNX graphs, optimiser states, step and key; abstract templates for restores."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxbrats.engine.rundir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
+from jaxbrats.methods import Method
+
+
+def trainable_part(state: nnx.State, trainable_filter):
+    return nnx.split_state(state, trainable_filter, ...)
+
+
+def optimizer_states(method: Method, stage: str, optimizers: dict, models: dict, init=None) -> dict:
+    """One optax state per update group, over the variables that group trains."""
+    init = init or (lambda opt, params: opt.init(params))
+    opt = {}
+    for update in method.updates(stage):
+        trainable = {n: trainable_part(models[n], f)[0] for n, f in update.trainable.items()}
+        opt[update.group] = init(optimizers[update.group], trainable)
+    return opt
+
+
+def init_state(method: Method, stage: str, seed: int, optimizers: dict, previous: dict | None = None):
+    """(graph definitions, train state) of a stage; `previous` models are carried over."""
+    models = method.init_models(stage, nnx.Rngs(seed))
+    graphdefs, states = {}, {}
+    for name, model in models.items():
+        graphdefs[name], states[name] = nnx.split(model)
+    if previous:
+        states = method.carry(stage, states, previous)
+    opt = optimizer_states(method, stage, optimizers, states)
+    state = {"models": states, "opt": opt, "step": jnp.zeros((), jnp.int32), "key": jax.random.PRNGKey(seed)}
+    return graphdefs, state
+
+
+def abstract_models(method: Method, stage: str, names: tuple[str, ...] | None = None):
+    """(graph definitions, model states of ShapeDtypeStructs) of a stage's models (`names`: only
+    those), nothing initialised."""
+    abstract = nnx.eval_shape(lambda: method.init_models(stage, nnx.Rngs(0)))
+    graphdefs, states = {}, {}
+    for name, model in abstract.items():
+        if names is None or name in names:
+            graphdefs[name], states[name] = nnx.split(model)
+    return graphdefs, states
+
+
+def abstract_state(method: Method, stage: str, optimizers: dict):
+    """(graph definitions, train state of ShapeDtypeStructs): a restore template, nothing initialised."""
+    graphdefs, states = abstract_models(method, stage)
+    opt = optimizer_states(method, stage, optimizers, states, lambda o, p: jax.eval_shape(o.init, p))
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    return graphdefs, {"models": states, "opt": opt, "step": jax.ShapeDtypeStruct((), jnp.int32), "key": key}
+

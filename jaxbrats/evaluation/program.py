@@ -1,0 +1,258 @@
+"""Evaluation of all 15 modality subsets, one compiled program per run.
+
+For each case the program takes the padded image, labels and valid mask and
+maps over the 15 subset masks of `modalities.SUBSET_MASKS` with `lax.map`
+(the mask is data, so the 15 subsets share one trace): the method's
+`fill` and `predict` fill the missing modalities its own way (`fill` sees
+the whole case and its unpadded extent, data too), sliding-window
+inference gives region probabilities (blended as probabilities or as
+logits: `eval.average`), `decode` gives labels (nested thresholds or the
+argmax of the label probabilities: `eval.decoding`, by default the method's
+own; optional ET post-processing), and Dice
+counts per region are computed on the device. Every case is padded to one
+bucket shape, so the program compiles once for the whole evaluation. The
+label maps come back to the host for HD95 (scipy) and, for the chosen
+subsets, NIfTI predictions in the source geometry and label convention.
+
+One segmentation, `segment`, serves the evaluation and `jaxbrats predict`
+(`predict.predict_case`): the case padded at the end, `method.fill` on the
+whole padded image, sliding windows, decoding. The window grid is that of
+the case's own extent (data, `inferers.sliding_window`'s `extent`), not of
+the bucket, so a case's labels do not depend on the other cases of the
+evaluation (whose largest sets the bucket), and `predict` of a case (padded
+by `pad_shape`, a program of its own) equals its evaluation's labels for
+the subset of the modalities it has, still with one compilation per
+evaluation.
+
+The program runs the subsets the method serves (`Method.served_subsets`:
+all 15 for a catch-all method; those with a student for a dedicated one),
+each with its index passed to `predict` as data, so a dedicated method picks
+that subset's student inside the one compiled program. A subset not served
+has null Dice and HD95 (``"served": false`` in summary.json, dashes in the
+tables and the heatmap). A row scores only the cases that have all of its
+modalities (the manifest's ``present``; `applicability`, a general (case,
+subset) mask that callers may narrow with ``evaluate(..., applicable=...)``);
+the host leaves the others out of the statistics and of HD95. Per case, ``cases/<id>.json`` holds ``{"case", "present":
+[modalities], "subsets": [{"name", "applicable", "dice", "hd95"}, ... 15]}``
+with null Dice and HD95 where ``"applicable": false``.
+
+Outputs in the output directory: ``cases/<id>.json``; ``summary.json``
+(shape below); ``summary.md`` and ``summary.csv`` (the papers' layout plus
+the number of cases of each row, Dice in percent, ``-`` for a row without
+an applicable case); ``dice_heatmap.png`` (rows named with their case
+count, such a row grey with dashes); ``predictions/<id>[_<subset>].nii.gz``
+(``full``: each case with every modality it has); with ``figures=N``,
+``figures/<id>.png`` of the first N cases and the same images in
+``tensorboard/`` (`jaxbrats.evaluation.figures`).
+
+``summary.json``::
+
+    {"regions": ["WT", "TC", "ET"],
+     "subsets": [{"name": "flair", "modalities": ["flair"], "cases": n, "served": true,
+                  "dice": {"WT": .., "TC": .., "ET": ..}, "hd95": {...}}, ... 15 rows],
+     "mean": {"rows": k, "dice": {...}, "hd95": {...}}, "cases": N}
+
+``cases``: the cases a row scores (those with all its modalities; 0: its
+values are null); ``mean``: over the ``k`` rows with at least one case;
+``cases`` at the top: all cases evaluated.
+
+``eval_settings.json`` records the settings the numbers used (HD95 empty-mask
+convention, ET post-processing, window), how often XLA compiled the program
+and how often it was loaded from the persistent compilation cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from tqdm import tqdm
+
+from jaxbrats.config import EvalConfig, to_dict
+from jaxbrats.data.cache import CacheDataset
+from jaxbrats.data.loading import canonical_shape
+from jaxbrats.data.pipeline import box_start
+from jaxbrats.errors import JaxbratsError
+from jaxbrats.evaluation.figures import CaseFigures
+from jaxbrats.evaluation.metrics import canonical_spacing, dice_counts, dice_from_counts, hd95_table
+from jaxbrats.evaluation.reports import region_row, summarize, write_reports
+from jaxbrats.inference.nifti import write_prediction
+from jaxbrats.inference.segment import case_locator, decoding_of, pad_shape, pad_to, segment
+from jaxbrats.labels import REGIONS, regions_of
+from jaxbrats.modalities import FULL_SUBSET_INDEX, MODALITIES, SUBSET_MASKS, SUBSET_NAMES, SUBSETS, subset_index
+from jaxbrats.runtime import compilation
+from jaxbrats.runtime.sharding import OnMesh, eval_mesh
+
+
+def subset_evaluator(method, graphdefs: dict, cfg: EvalConfig):
+    """``(models_state, image, labels, valid, mask, subset, case) -> (Dice counts (3, 3), labels)`` for one subset."""
+
+    def evaluate_subset(models_state, image, labels, valid, mask, subset, case=None):
+        models = {n: nnx.merge(g, models_state[n]) for n, g in graphdefs.items()}
+        predicted = segment(method, models, image, mask, cfg, valid, case, subset)
+        return dice_counts(regions_of(predicted, xp=jnp), regions_of(labels, xp=jnp)), predicted
+
+    return evaluate_subset
+
+
+PROGRAM_NAME = "eval_15_subsets"
+
+
+def make_case_program(method, graphdefs: dict, cfg: EvalConfig):
+    """The jitted program over the subsets the method serves (`Method.served_subsets`, K of the
+    15; all 15 for a catch-all method): (Dice counts (K, 3, 3), labels (K, D, H, W) uint8), in
+    the order of `served_subsets`. The subset's mask and index are data (`lax.map`), so every
+    subset, and a dedicated method's choice of student, shares one trace."""
+    evaluate_subset = subset_evaluator(method, graphdefs, cfg)
+    served = np.asarray(method.served_subsets(), np.int32)
+    masks, indices = jnp.asarray(SUBSET_MASKS[served]), jnp.asarray(served)
+
+    def eval_15_subsets(models_state, image, labels, valid, case=None):
+        program.traces += 1
+        return lax.map(lambda m: evaluate_subset(models_state, image, labels, valid, m[0], m[1], case), (masks, indices))
+
+    # JAX reports its compilations as jit(eval_15_subsets). Under `eval.mesh` each window's depth
+    # is split over "space" (the U-Net exchanges halos) and a window batch over "data".
+    program = OnMesh(jax.jit(eval_15_subsets), eval_mesh(cfg))
+    program.traces = 0
+    return program
+
+
+def bucket_shape(shapes, cfg: EvalConfig) -> tuple[int, int, int]:
+    """The one padded shape of an evaluation: `eval.bucket`, else `pad_shape` of the largest extent."""
+    if cfg.bucket:
+        return tuple(cfg.bucket)
+    return pad_shape(np.max(np.asarray(shapes), axis=0), cfg)
+
+
+def served_mask(method) -> np.ndarray:
+    """(15,) bool: the subsets the method segments (the others' rows are null)."""
+    mask = np.zeros(len(SUBSETS), bool)
+    mask[list(method.served_subsets())] = True
+    return mask
+
+
+def applicability(manifests, applicable=None) -> np.ndarray:
+    """(cases, 15) bool: whether each subset row scores each case.
+
+    A case counts in a row only if it has every modality of the subset (the
+    manifest's `present`): a case without a T2 file is not scored with a
+    zero T2 channel. `applicable` ((15,) or (cases, 15) bool) removes more,
+    e.g. subsets a method cannot segment.
+    """
+    present = np.asarray([m.get("present", [True] * len(MODALITIES)) for m in manifests], bool).reshape(-1, len(MODALITIES))
+    mask = ~(SUBSET_MASKS[None, :, :] & ~present[:, None, :]).any(axis=-1)
+    if applicable is not None:
+        mask = mask & np.broadcast_to(np.asarray(applicable, bool), mask.shape)
+    return mask
+
+
+def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalConfig, out_dir,
+             predictions: str = "full", progress: bool = True, applicable=None, figures: int = 0, step: int = 0) -> dict:
+    """Score every case of `dataset` on all 15 subsets; write the results to `out_dir`.
+
+    Each case is padded to the one bucket and segmented by `segment` (the
+    function `jaxbrats predict` runs too); a row scores only the cases
+    `applicability` allows (the modalities a case has; `applicable`, (15,)
+    or (cases, 15) bool, removes more). `predictions`: "full" writes each
+    case segmented with every modality it has (the full subset when it has
+    all four), "all" every applicable subset, "none" nothing. `figures`: the first
+    that many cases get a figure (`jaxbrats.evaluation.figures`: ``figures/<id>.png``, and
+    the same image in ``tensorboard/`` at `step`, the evaluated run's step).
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "cases").mkdir(parents=True, exist_ok=True)
+    if any(not m.get("has_label") for m in dataset.manifests):
+        raise JaxbratsError(f"{dataset.cache_dir}: evaluation needs labelled cases (prepared without --no-labels)")
+    views = [center_crop_view(m, cfg.center_crop) for m in dataset.manifests]  # (manifest, slices) of each case
+    bucket = bucket_shape([m["cropped_shape"] for m, _ in views], cfg)
+    program = make_case_program(method, graphdefs, cfg)
+    compilation.watch()
+    before = compilation.counts(PROGRAM_NAME)
+    dice_all, hd_all = [], []
+    served = np.asarray(method.served_subsets())
+    allowed = applicability(dataset.manifests, served_mask(method) if applicable is None else served_mask(method) & np.asarray(applicable, bool))
+    shown = CaseFigures(out_dir, figures, step)  # the first `figures` cases: PNG + TensorBoard image
+    for i in tqdm(range(len(dataset)), desc="eval", unit="case", disable=not progress, dynamic_ncols=True):
+        manifest, view = views[i]
+        arrays = {k: np.asarray(v[view]) for k, v in dataset.arrays(i).items() if k in ("image", "label")}
+        shape = tuple(manifest["cropped_shape"])
+        if any(s > b for s, b in zip(shape, bucket)):
+            raise JaxbratsError(f"case {manifest['case_id']}: shape {shape} exceeds eval.bucket {bucket}")
+        image = pad_to(np.asarray(arrays["image"]), bucket)
+        labels = pad_to(np.asarray(arrays["label"]), bucket)
+        valid = pad_to(np.ones(shape, bool), bucket)
+        case = case_locator(shape, box_start(manifest))
+        served_counts, served_labels = jax.device_get(program(models_state, image, labels, valid, case))
+        counts = np.zeros((len(SUBSETS),) + served_counts.shape[1:], served_counts.dtype)
+        predicted = np.zeros((len(SUBSETS),) + shape, np.uint8)  # rows of subsets not served stay empty
+        counts[served] = served_counts
+        predicted[served] = served_labels[:, : shape[0], : shape[1], : shape[2]]
+        dice = np.where(allowed[i][:, None], dice_from_counts(counts), np.nan)
+        spacing = canonical_spacing(manifest["original_affine"])
+        hd = hd95_table(predicted, np.asarray(arrays["label"]), spacing, cfg.hd95_empty, allowed[i]) if cfg.hd95 else np.full(dice.shape, np.nan)
+        dice_all.append(dice)
+        hd_all.append(hd)
+        _write_case(out_dir, manifest["case_id"], dice, hd, allowed[i], manifest)
+        shown.add(i, manifest["case_id"], arrays["image"], arrays["label"], predicted, dice, allowed[i], spacing)
+        for s in _prediction_subsets(predictions, manifest, allowed[i]):
+            suffix = "" if predictions == "full" else f"_{SUBSET_NAMES[s]}"
+            write_prediction(predicted[s], manifest, out_dir / "predictions" / f"{manifest['case_id']}{suffix}.nii.gz")
+    shown.close()
+    summary = summarize(np.asarray(dice_all).reshape(-1, len(SUBSETS), len(REGIONS)),
+                        np.asarray(hd_all).reshape(-1, len(SUBSETS), len(REGIONS)), allowed)
+    for row, is_served in zip(summary["subsets"], served_mask(method)):
+        row["served"] = bool(is_served)  # False: the method has no model for this subset (a dedicated method's rows)
+    write_reports(summary, out_dir, cfg)
+    after = compilation.counts(PROGRAM_NAME)
+    settings = {"eval": to_dict(cfg), "decoding": decoding_of(method, cfg), "bucket": list(bucket),
+                "compilations": after["compiled"] - before["compiled"],
+                "loaded_from_cache": after["loaded"] - before["loaded"]}
+    (out_dir / "eval_settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+    return summary
+
+
+def center_crop_view(manifest: dict, crop) -> tuple[dict, tuple[slice, ...]]:
+    """(manifest, slices of the cached arrays) of a case cut to `eval.center_crop`.
+
+    The crop is centred in the source volume's RAS+ grid (start (size - crop) // 2, the whole axis
+    where the volume is smaller) and intersected with the cached brain box; the manifest's box and
+    shape are narrowed to match, so predictions are written in place. Without a crop: the case."""
+    whole = tuple(slice(None) for _ in range(3))
+    if not crop:
+        return manifest, whole
+    full = np.asarray(canonical_shape(manifest["original_shape"], manifest["original_affine"]))
+    start = np.maximum((full - np.asarray(crop)) // 2, 0)
+    stop = start + np.minimum(np.asarray(crop), full)
+    box = np.asarray(manifest["crop_box"])
+    lo, hi = np.maximum(box[:, 0], start), np.minimum(box[:, 1], stop)
+    if np.any(hi <= lo):
+        raise JaxbratsError(f"case {manifest['case_id']}: its brain box {box.tolist()} lies outside eval.center_crop "
+                            f"{list(crop)} of its {full.tolist()} volume")
+    narrowed = {**manifest, "crop_box": np.stack([lo, hi], 1).tolist(), "cropped_shape": (hi - lo).tolist()}
+    return narrowed, tuple(slice(int(a), int(b)) for a, b in zip(lo - box[:, 0], hi - box[:, 0]))
+
+
+def _prediction_subsets(predictions: str, manifest: dict, allowed) -> list[int]:
+    """"full": the subset of the modalities the case has (what `jaxbrats predict` uses); "all": the applicable ones."""
+    if predictions == "full":
+        present = np.asarray(manifest.get("present", [True] * len(MODALITIES)), bool)
+        own = FULL_SUBSET_INDEX if present.all() else subset_index(present)
+        return [own] if allowed[own] else []
+    return {"none": [], "all": [s for s in range(len(SUBSETS)) if allowed[s]]}[predictions]
+
+
+
+def _write_case(out_dir: Path, case_id: str, dice, hd, allowed, manifest: dict) -> None:
+    """Per case: every subset with "applicable" (false: null Dice and HD95, not in the summary)."""
+    rows = [{"name": SUBSET_NAMES[s], "applicable": bool(allowed[s]), "dice": region_row(dice[s]), "hd95": region_row(hd[s])}
+            for s in range(len(SUBSETS))]
+    present = [m for m, p in zip(MODALITIES, manifest.get("present", [True] * len(MODALITIES))) if p]
+    case = {"case": case_id, "present": present, "subsets": rows}
+    (out_dir / "cases" / f"{case_id}.json").write_text(json.dumps(case, indent=1) + "\n")
+

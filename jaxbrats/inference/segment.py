@@ -1,0 +1,108 @@
+"""One case segmented through a modality mask: the segmentation `evaluate` runs for each subset and
+`jaxbrats predict` runs for one case (padding, `Method.fill`, sliding windows, decoding)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxbrats.config import EvalConfig
+from jaxbrats.inference.windows import SlidingWindowConfig, sliding_window
+from jaxbrats.labels import ENHANCING, NECROSIS, REGIONS, labels_by_argmax, labels_from_regions
+from jaxbrats.modalities import FULL_SUBSET_INDEX
+from jaxbrats.runtime.sharding import split_windows
+
+
+def sliding_config(cfg: EvalConfig) -> SlidingWindowConfig:
+    return SlidingWindowConfig(window=cfg.window, overlap=cfg.overlap, blend=cfg.blend, batch=cfg.window_batch)
+
+
+def postprocess_et(labels, min_voxels: int, xp=jnp):
+    """Relabel ET to necrosis when the predicted ET has fewer than `min_voxels` voxels (nnU-Net)."""
+    small = xp.sum(labels == ENHANCING) < min_voxels
+    return xp.where(small & (labels == ENHANCING), NECROSIS, labels).astype(labels.dtype)
+
+
+def case_locator(shape, box_start) -> dict:
+    """Where a (padded) case is, as data for `Method.fill`: its extent, and its corner in the source grid."""
+    return {"shape": np.asarray(shape, np.int32), "box_start": np.asarray(box_start, np.int32)}
+
+
+def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None, case=None, subset=None):
+    """Internal labels (D, H, W) of one case (D, H, W, 4) seen through `modality_mask`: the one
+    segmentation both `evaluate` (each subset) and `predict.predict_case` run. `subset` is the
+    index of the subset served (data; default: the full set), passed to `method.predict`.
+
+    `image` holds the case at its start, padded at the end with zeros to any
+    shape (the evaluation's bucket; `pad_shape` for one case); `case` locates
+    it (data, `case_locator`): ``{"shape": its extent in image, "box_start":
+    its corner in the source grid}`` (default: all of `image`, at 0). Steps: pad
+    to at least the window, `method.fill` on the whole padded image (the one
+    call of it: M3AE reads x_sub into the padding too), sliding windows
+    tiling [0, max(case_shape, window)) only (`inferers.sliding_window`'s
+    `extent`), `decode`, labels zero outside the case (and outside
+    `valid`, if given), optional ET post-processing. The labels inside the
+    case do not depend on how far `image` was padded, so a case scores the
+    same whatever bucket the other cases of an evaluation need.
+    """
+    shape = image.shape[:3]
+    case = case_locator(shape, (0, 0, 0)) if case is None else case
+    subset = jnp.int32(FULL_SUBSET_INDEX) if subset is None else subset
+    case_shape = jnp.asarray(case["shape"], jnp.int32)
+    padded = tuple(max(s, w) for s, w in zip(shape, cfg.window))
+    if padded != shape:  # fill sees the padding the windows read
+        image = jnp.pad(image, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
+    image = method.fill(models, image, modality_mask, case)
+
+    def window_scores(x):
+        probs = method.predict(models, split_windows(x), modality_mask, subset)
+        return to_logits(probs) if cfg.average == "logits" else probs
+
+    scores = sliding_window(window_scores, image, sliding_config(cfg), len(REGIONS), extent=case_shape)
+    scores = scores[: shape[0], : shape[1], : shape[2]]
+    probs = jax.nn.sigmoid(scores) if cfg.average == "logits" else scores
+    inside = jnp.ones(shape, bool)
+    for axis in range(3):
+        inside = inside & (lax.broadcasted_iota(jnp.int32, shape, axis) < case_shape[axis])
+    if valid is not None:
+        inside = inside & valid
+    labels = decode(probs, decoding_of(method, cfg), cfg.threshold)
+    labels = jnp.where(inside, labels, 0).astype(jnp.uint8)
+    return postprocess_et(labels, cfg.et_min_voxels) if cfg.et_postprocess else labels
+
+
+LOGIT_CLIP = 1e-6  # probabilities are clipped this far from 0 and 1 before their logit (+-13.8)
+
+
+def to_logits(probs):
+    """The logit of each region probability (`eval.average = "logits"`)."""
+    p = jnp.clip(probs.astype(jnp.float32), LOGIT_CLIP, 1.0 - LOGIT_CLIP)
+    return jnp.log(p) - jnp.log1p(-p)
+
+
+def decoding_of(method, cfg: EvalConfig) -> str:
+    """The decoding an evaluation uses: `eval.decoding`, or the method's own for "auto"."""
+    return method.decoding if cfg.decoding == "auto" else cfg.decoding
+
+
+def decode(probs, decoding: str, threshold: float = 0.5):
+    """Internal labels from region probabilities (..., 3): each region thresholded and nested
+    (`labels.labels_from_regions`), or the argmax of the label probabilities they imply."""
+    if decoding == "argmax":
+        return labels_by_argmax(probs, xp=jnp)
+    return labels_from_regions(probs > threshold, xp=jnp)
+
+
+def pad_shape(shape, cfg: EvalConfig) -> tuple[int, int, int]:
+    """Each axis rounded up to `eval.bucket_multiple`, at least the window (predict pads one case so)."""
+    m = cfg.bucket_multiple
+    return tuple(int(max(-(-int(s) // m) * m, w)) for s, w in zip(shape, cfg.window))
+
+
+def pad_to(array, shape):
+    """`array` padded with zeros at the end of its first three axes to `shape`."""
+    pad = [(0, t - s) for s, t in zip(array.shape[:3], shape)] + [(0, 0)] * (array.ndim - 3)
+    return np.pad(array, pad)
+
