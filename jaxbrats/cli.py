@@ -103,7 +103,7 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from jaxbrats.data.cache import CacheDataset
-    from jaxbrats.engine.rundir import load_splits
+    from jaxbrats.engine.workdir import load_splits
     from jaxbrats.inference.trained import load_trained
     from jaxbrats.evaluation.program import evaluate
     from jaxbrats.evaluation.reports import markdown_table

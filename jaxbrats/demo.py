@@ -17,7 +17,7 @@ from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.phantom import write_phantom
 from jaxbrats.data.preprocess import prepare_dataset
 from jaxbrats.engine.trainer import Trainer
-from jaxbrats.engine.rundir import load_splits
+from jaxbrats.engine.workdir import load_splits
 from jaxbrats.inference.trained import load_trained
 from jaxbrats.evaluation.program import evaluate
 from jaxbrats.evaluation.reports import markdown_table

@@ -15,7 +15,7 @@ from jaxbrats.evaluation import program
 from jaxbrats.inference import segment as segmentation
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.preprocess import prepare_dataset
-from jaxbrats.engine.rundir import load_splits
+from jaxbrats.engine.workdir import load_splits
 from jaxbrats.inference.trained import load_trained
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.inference.segment import pad_to, postprocess_et

@@ -24,7 +24,7 @@ from jaxbrats.data.cache import LOCK as PREPARE_LOCK
 from jaxbrats.data.phantom import write_phantom
 from jaxbrats.data.preprocess import prepare_dataset
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.engine.rundir import LOCK as TRAIN_LOCK
+from jaxbrats.engine.workdir import LOCK as TRAIN_LOCK
 
 HOST = socket.gethostname()
 

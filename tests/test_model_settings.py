@@ -14,7 +14,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from jaxbrats.data.cache import CacheDataset
-from jaxbrats.engine.rundir import load_splits
+from jaxbrats.engine.workdir import load_splits
 from jaxbrats.inference.trained import load_trained
 from jaxbrats.engine.trainer import train
 from jaxbrats.evaluation.program import evaluate

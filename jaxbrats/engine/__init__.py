@@ -1,8 +1,8 @@
 """The training engine: a run's stages, each one jitted step over sharded batches.
 
 `trainer` runs the stages (`train`), `step` builds the jitted train step, `state` the train state,
-`optim` the optimisers, `metrics_log` writes metrics.jsonl and TensorBoard, and `rundir` alone
-knows the run folder's layout and what a resume may change.
+`optim` the optimisers, `metrics_log` writes metrics.jsonl and TensorBoard, and `workdir` prepares
+a run's folder (lock, config record, splits) and decides what a resume may change.
 """
 
 from jaxbrats.faces import lazy_exports
@@ -23,7 +23,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "make_schedule": "optim",
         "stage_optimizers": "optim",
         "MetricsLog": "metrics_log",
-        "load_splits": "rundir",
-        "read_preprocessing": "rundir",
+        "load_splits": "workdir",
+        "read_preprocessing": "workdir",
     },
 )

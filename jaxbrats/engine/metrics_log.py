@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jaxbrats.engine.rundir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
+from jaxbrats.engine.workdir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
 
 
 class MetricsLog:

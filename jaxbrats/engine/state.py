@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxbrats.engine.rundir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
+from jaxbrats.engine.workdir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
 from jaxbrats.methods import Method
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxbrats.engine.rundir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
+from jaxbrats.engine.workdir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
 from jaxbrats.engine.state import trainable_part
 from jaxbrats.errors import ConfigError
 from jaxbrats.methods import Method

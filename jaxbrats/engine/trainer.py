@@ -4,7 +4,7 @@ How a run goes (`train`):
 
 1. The work directory is locked (one writer), and the resolved config, the
    train/val/test split and the cache's preprocessing settings are written to
-   it (`jaxbrats.engine.rundir`); a resumed run reuses the split and may change only
+   it (`jaxbrats.engine.workdir`); a resumed run reuses the split and may change only
    settings that leave the checkpoints valid (`workdir.RESUMABLE`), recorded in
    ``config_history.jsonl``.
 2. For each of the method's stages, in order: if its newest readable
@@ -55,7 +55,7 @@ from tqdm import tqdm
 from jaxbrats.config import Config, to_dict
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.pipeline import PipelineConfig, make_loader
-from jaxbrats.engine import rundir as workdir_files
+from jaxbrats.engine import workdir as workdir_files
 from jaxbrats.engine.metrics_log import MetricsLog
 from jaxbrats.engine.optim import make_schedule, stage_optimizers
 from jaxbrats.engine.state import abstract_models, abstract_state, init_state

@@ -29,7 +29,7 @@ from jaxbrats import files
 from jaxbrats.data.discovery import discover, read_case_dir
 from jaxbrats.data.loading import canonical_shape, from_canonical, load_case
 from jaxbrats.data.preprocess import preprocess_case
-from jaxbrats.engine.rundir import read_preprocessing
+from jaxbrats.engine.workdir import read_preprocessing
 from jaxbrats.errors import CaseError, JaxbratsError
 from jaxbrats.inference.nifti import write_nifti
 from jaxbrats.inference.segment import case_locator, pad_shape, pad_to, segment

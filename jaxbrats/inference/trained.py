@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxbrats.engine.rundir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
+from jaxbrats.engine.workdir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
 from jaxbrats.engine.state import abstract_models
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.methods import get_method

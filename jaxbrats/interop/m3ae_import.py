@@ -80,7 +80,7 @@ from jaxbrats.labels import REGIONS
 from jaxbrats.methods import config_from_data
 from jaxbrats.methods.m3ae import M3AE
 from jaxbrats.modalities import MODALITIES
-from jaxbrats.engine.rundir import IMPORT_RECORD, write_data_record
+from jaxbrats.engine.workdir import IMPORT_RECORD, write_data_record
 
 STAGE = "finetune"
 PREFIX = "module."  # nn.DataParallel's, in every key the public scripts save

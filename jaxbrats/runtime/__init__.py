@@ -4,6 +4,7 @@
 - `processes`: multi-host start and stop, process 0's writes, broadcasts;
 - `locks`: one writer per work directory or cache;
 - `compilation`: the persistent XLA cache and counts of compiles and cache loads;
+- `rundir`: the run folder's layout (`RunDir`), the one place its file names are spelled;
 - `checkpoints`: Orbax managers, saves and restores (newest readable, partial, on one device).
 """
 
@@ -24,6 +25,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "start_distributed": "processes",
         "stop_process": "processes",
         "distributed_settings": "processes",
+        "RunDir": "rundir",
         "hold": "locks",
         "watch": "compilation",
         "counts": "compilation",
