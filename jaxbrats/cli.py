@@ -43,15 +43,23 @@ def _prepare(args) -> int:
         bad = _print_report(report, "checked")
     else:
         report = prepare_dataset(
-            args.data_dir, args.cache_dir, normalization=args.normalize, margin=args.margin,
-            need_labels=need_labels, skip_bad=args.skip_bad, workers=args.workers, convention=args.convention,
+            args.data_dir,
+            args.cache_dir,
+            normalization=args.normalize,
+            margin=args.margin,
+            need_labels=need_labels,
+            skip_bad=args.skip_bad,
+            workers=args.workers,
+            convention=args.convention,
         )
         bad = _print_report(report, "prepared")
     if bad and not args.skip_bad:
         raise JaxbratsError(f"{args.data_dir}: {bad} bad case(s); fix them or rerun with --skip-bad")
     if bad and not report["prepared"]:  # --skip-bad would leave nothing: no index was written
-        raise JaxbratsError(f"{args.data_dir}: every case is bad ({bad} of {bad}), none usable"
-                            + ("" if args.check_only else f"; no index written to {args.cache_dir}"))
+        raise JaxbratsError(
+            f"{args.data_dir}: every case is bad ({bad} of {bad}), none usable"
+            + ("" if args.check_only else f"; no index written to {args.cache_dir}")
+        )
     if bad:
         print(f"skipped {bad} bad case(s)")
     if not args.check_only:
@@ -85,7 +93,9 @@ def _train(args) -> int:
         stop_process(1)
     except jax.errors.JaxRuntimeError as e:  # a collective failed: most often another process stopped
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        print(f"jaxbrats: error: {where} stopped: {first} (has another process failed? see its output)", file=sys.stderr)
+        print(
+            f"jaxbrats: error: {where} stopped: {first} (has another process failed? see its output)", file=sys.stderr
+        )
         stop_process(1)
     except KeyboardInterrupt:
         print(f"jaxbrats: interrupted ({where})", file=sys.stderr)
@@ -96,21 +106,25 @@ def _train(args) -> int:
         traceback.print_exc()
         stop_process(1)
     if lead():
-        print(f"{'stopped' if args.stop_after else 'trained'} {config.method_name} in {args.workdir} "
-              f"({jax.process_count()} processes)")
+        print(
+            f"{'stopped' if args.stop_after else 'trained'} {config.method_name} in {args.workdir} "
+            f"({jax.process_count()} processes)"
+        )
     return 0
 
 
 def _eval(args) -> int:
     from jaxbrats.data.cache import CacheDataset
     from jaxbrats.engine.workdir import load_splits
-    from jaxbrats.inference.trained import load_trained
     from jaxbrats.evaluation.program import evaluate
     from jaxbrats.evaluation.reports import markdown_table
+    from jaxbrats.inference.trained import load_trained
 
     if args.figures < 0:
         raise JaxbratsError(f"--figures must be 0 or more, got {args.figures}")
-    method, graphdefs, models, config = load_trained(args.workdir, stage=args.stage, overrides=args.set, segmenting=True)
+    method, graphdefs, models, config = load_trained(
+        args.workdir, stage=args.stage, overrides=args.set, segmenting=True
+    )
     cache = CacheDataset(args.data)
     if args.split == "all":
         ids = cache.case_ids
@@ -120,12 +134,23 @@ def _eval(args) -> int:
             raise JaxbratsError(f"{Path(args.workdir) / 'splits.json'}: no cases in split {args.split!r}")
         ids = splits[args.split]
     step = 0
-    if args.figures:  # TensorBoard's step of the figures: the newest checkpoint of the stage served (what load_trained restores)
+    if (
+        args.figures
+    ):  # TensorBoard's step of the figures: the newest checkpoint of the stage served (what load_trained restores)
         from jaxbrats.runtime.checkpoints import existing_manager
 
         step = existing_manager(Path(args.workdir), method.serving).latest_step() or 0
-    summary = evaluate(method, graphdefs, models, CacheDataset(args.data, ids), config.eval, args.out, predictions=args.predictions,
-                       figures=args.figures, step=step)
+    summary = evaluate(
+        method,
+        graphdefs,
+        models,
+        CacheDataset(args.data, ids),
+        config.eval,
+        args.out,
+        predictions=args.predictions,
+        figures=args.figures,
+        step=step,
+    )
     print(markdown_table(summary, config.eval))
     print(f"results: {args.out}")
     return 0
@@ -139,7 +164,9 @@ def _listed(text: str | None) -> list[str] | None:
 def _plot(args) -> int:
     from jaxbrats.evaluation.plots import plot_runs
 
-    print(f"wrote {plot_runs(args.workdirs, args.out, names=_listed(args.names), keys=_listed(args.keys), smooth=args.smooth)}")
+    print(
+        f"wrote {plot_runs(args.workdirs, args.out, names=_listed(args.names), keys=_listed(args.keys), smooth=args.smooth)}"
+    )
     return 0
 
 
@@ -147,11 +174,20 @@ def _predict(args) -> int:
     from jaxbrats.inference.predict import predict_case, predict_folder
 
     if args.input:
-        return _predict_folder(predict_folder(args.workdir, args.input, args.out, convention=args.convention,
-                                              overrides=args.set, stage=args.stage))
-    info = predict_case(args.workdir, args.case, args.out, convention=args.convention, overrides=args.set, stage=args.stage)
+        return _predict_folder(
+            predict_folder(
+                args.workdir, args.input, args.out, convention=args.convention, overrides=args.set, stage=args.stage
+            )
+        )
+    info = predict_case(
+        args.workdir, args.case, args.out, convention=args.convention, overrides=args.set, stage=args.stage
+    )
     print(f"modalities used: {', '.join(info['present'])}; missing: {', '.join(info['missing']) or 'none'}")
-    print("predicted voxels: " + ", ".join(f"{r} {n}" for r, n in info["voxels"].items()) + f" (labels in the {info['convention']} convention)")
+    print(
+        "predicted voxels: "
+        + ", ".join(f"{r} {n}" for r, n in info["voxels"].items())
+        + f" (labels in the {info['convention']} convention)"
+    )
     print(f"wrote {info['out']}")
     return 0
 
@@ -167,7 +203,9 @@ def _predict_folder(summary: dict) -> int:
     total = len(summary["predicted"]) + len(summary["failed"])
     print(f"wrote {len(summary['predicted'])} of {total} segmentations to {summary['out']} (predict_summary.json)")
     if summary["failed"]:
-        raise JaxbratsError(f"{len(summary['failed'])} of {total} case(s) failed (listed above and in predict_summary.json)")
+        raise JaxbratsError(
+            f"{len(summary['failed'])} of {total} case(s) failed (listed above and in predict_summary.json)"
+        )
     return 0
 
 
@@ -185,10 +223,14 @@ def _import_m3ae(args) -> int:
     from jaxbrats.interop.m3ae_import import import_m3ae
 
     summary = import_m3ae(args.checkpoint, args.out, source_axcodes=tuple(args.source_axes), margin=args.margin)
-    print(f"imported {summary['unet_parameters']:,} U-Net parameters and x_sub {tuple(summary['x_sub_shape'])} "
-          f"(deep-supervision heads: {summary['deep_supervision_heads']}) into {args.out}")
-    print(f"prepare the cases to score with: jaxbrats prepare DATA CACHE --normalize percentile --margin {args.margin}; "
-          f"then jaxbrats eval --workdir {args.out} --data CACHE --split all --out EVAL")
+    print(
+        f"imported {summary['unet_parameters']:,} U-Net parameters and x_sub {tuple(summary['x_sub_shape'])} "
+        f"(deep-supervision heads: {summary['deep_supervision_heads']}) into {args.out}"
+    )
+    print(
+        f"prepare the cases to score with: jaxbrats prepare DATA CACHE --normalize percentile --margin {args.margin}; "
+        f"then jaxbrats eval --workdir {args.out} --data CACHE --split all --out EVAL"
+    )
     return 0
 
 
@@ -233,15 +275,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="check a BraTS dataset and preprocess it into a cache")
     p.add_argument("data_dir")
     p.add_argument("cache_dir", nargs="?", help="required unless --check-only")
-    p.add_argument("--normalize", choices=["zscore", "percentile", "minmax"], default="zscore",
-                   help="per modality over brain voxels, outside the brain 0: zscore (mean 0, std 1), "
-                        "percentile (M3AE: [1, 99] percentiles -> [0, 1]), minmax (Mind the Gap: min/max -> [-1, 1])")
+    p.add_argument(
+        "--normalize",
+        choices=["zscore", "percentile", "minmax"],
+        default="zscore",
+        help="per modality over brain voxels, outside the brain 0: zscore (mean 0, std 1), "
+        "percentile (M3AE: [1, 99] percentiles -> [0, 1]), minmax (Mind the Gap: min/max -> [-1, 1])",
+    )
     p.add_argument("--margin", type=int, default=4, help="voxels kept around the brain's bounding box")
     p.add_argument("--check-only", action="store_true", help="validate every case, write nothing")
     p.add_argument("--skip-bad", action="store_true", help="skip bad cases (listed) instead of failing")
     p.add_argument("--no-labels", action="store_true", help="cases need no seg file (inference-only data)")
-    p.add_argument("--convention", choices=sorted(CONVENTIONS),
-                   help="label convention of every case (default: the layout's, or detected per case from its labels)")
+    p.add_argument(
+        "--convention",
+        choices=sorted(CONVENTIONS),
+        help="label convention of every case (default: the layout's, or detected per case from its labels)",
+    )
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=_prepare)
 
@@ -250,24 +299,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (TOML value)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--data", help="prepared cache directory (overrides data.cache)")
-    p.add_argument("--stop-after", type=int, metavar="STEPS", help="checkpoint and stop after this many steps (resume later)")
-    p.add_argument("--stage", action="append", default=[], metavar="NAME",
-                   help="run only this stage (repeatable); earlier stages come from their checkpoints or stages.NAME.init_from")
+    p.add_argument(
+        "--stop-after", type=int, metavar="STEPS", help="checkpoint and stop after this many steps (resume later)"
+    )
+    p.add_argument(
+        "--stage",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only this stage (repeatable); earlier stages come from their checkpoints or stages.NAME.init_from",
+    )
     g = p.add_argument_group(
         "multi-process training",
         "One `jaxbrats train` per host (or per GPU), all with the same arguments but the process id. Each flag "
         "falls back to an environment variable; with none given, jax.distributed.initialize() detects them "
-        "(SLURM, Open MPI, Cloud TPU). The work directory must be on a file system every process sees.")
-    g.add_argument("--distributed", action="store_true",
-                   help="start JAX's distributed runtime first (multi-host / multi-process)")
-    g.add_argument("--coordinator", metavar="HOST:PORT",
-                   help="process 0's address and a free port [env JAXBRATS_COORDINATOR]")
+        "(SLURM, Open MPI, Cloud TPU). The work directory must be on a file system every process sees.",
+    )
+    g.add_argument(
+        "--distributed", action="store_true", help="start JAX's distributed runtime first (multi-host / multi-process)"
+    )
+    g.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="process 0's address and a free port [env JAXBRATS_COORDINATOR]"
+    )
     g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run [env JAXBRATS_NUM_PROCESSES]")
     g.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1 [env JAXBRATS_PROCESS_ID]")
-    g.add_argument("--timeout", type=int, metavar="SECONDS",
-                   help="bounds the start (all processes must join), the heartbeat (a process silent that long "
-                        "counts as dead: the run stops) and the wait at shutdown (default: JAX's 300/100/300 s) "
-                        "[env JAXBRATS_TIMEOUT]")
+    g.add_argument(
+        "--timeout",
+        type=int,
+        metavar="SECONDS",
+        help="bounds the start (all processes must join), the heartbeat (a process silent that long "
+        "counts as dead: the run stops) and the wait at shutdown (default: JAX's 300/100/300 s) "
+        "[env JAXBRATS_TIMEOUT]",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="score all 15 modality subsets of a split")
@@ -275,32 +338,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepared cache directory")
     p.add_argument("--split", default="test", help="split of the run (train, val, test) or 'all'")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--predictions", choices=["none", "full", "all"], default="full", help="NIfTI predictions to write: none, the full-modality one, or all 15 subsets")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a saved config key, e.g. eval.hd95_empty='\"zero\"'")
-    p.add_argument("--stage", help="score the models of this stage (default: the last stage whose models segment; "
-                   "e.g. Mind the Gap's teacher)")
-    p.add_argument("--figures", type=int, default=0, metavar="N",
-                   help="figures of the first N cases: OUT/figures/<case>.png (axial, coronal, sagittal slices; images, "
-                        "truth, full and single-modality predictions) and the same in OUT/tensorboard")
+    p.add_argument(
+        "--predictions",
+        choices=["none", "full", "all"],
+        default="full",
+        help="NIfTI predictions to write: none, the full-modality one, or all 15 subsets",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a saved config key, e.g. eval.hd95_empty='\"zero\"'",
+    )
+    p.add_argument(
+        "--stage",
+        help="score the models of this stage (default: the last stage whose models segment; "
+        "e.g. Mind the Gap's teacher)",
+    )
+    p.add_argument(
+        "--figures",
+        type=int,
+        default=0,
+        metavar="N",
+        help="figures of the first N cases: OUT/figures/<case>.png (axial, coronal, sagittal slices; images, "
+        "truth, full and single-modality predictions) and the same in OUT/tensorboard",
+    )
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("plot", help="training curves (losses, learning rates) of runs from their metrics.jsonl")
     p.add_argument("workdirs", nargs="+", metavar="WORKDIR")
     p.add_argument("--out", required=True, help="output figure; the format follows the suffix: .png, .pdf, .svg")
     p.add_argument("--names", help="comma-separated label per run (default: each work directory's name)")
-    p.add_argument("--keys", help="comma-separated metrics to draw per stage, e.g. loss,grad_norm (default: the losses)")
-    p.add_argument("--smooth", type=float, default=0.0, metavar="W",
-                   help="also draw each metric as a moving average of weight W in [0, 1) (TensorBoard's; e.g. 0.9)")
+    p.add_argument(
+        "--keys", help="comma-separated metrics to draw per stage, e.g. loss,grad_norm (default: the losses)"
+    )
+    p.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="also draw each metric as a moving average of weight W in [0, 1) (TensorBoard's; e.g. 0.9)",
+    )
     p.set_defaults(func=_plot)
 
-    p = sub.add_parser("predict", help="segment a case folder, or every case of a folder, with the modality files each has")
+    p = sub.add_parser(
+        "predict", help="segment a case folder, or every case of a folder, with the modality files each has"
+    )
     p.add_argument("--workdir", required=True)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--case", help="one case folder (never written to); --out is the segmentation, e.g. seg.nii.gz")
-    where.add_argument("--input", metavar="DIR", help="a folder of case folders or a dataset in any layout `prepare` "
-                       "reads; --out is a folder that gets <case>.nii.gz each and predict_summary.json")
+    where.add_argument(
+        "--input",
+        metavar="DIR",
+        help="a folder of case folders or a dataset in any layout `prepare` "
+        "reads; --out is a folder that gets <case>.nii.gz each and predict_summary.json",
+    )
     p.add_argument("--out", required=True, help="the segmentation (--case) or the output folder (--input)")
-    p.add_argument("--convention", choices=sorted(CONVENTIONS), help="label values to write (default: the case's release)")
+    p.add_argument(
+        "--convention", choices=sorted(CONVENTIONS), help="label values to write (default: the case's release)"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a saved config key")
     p.add_argument("--stage", help="segment with the models of this stage (default: the last that segments)")
     p.set_defaults(func=_predict)
@@ -308,17 +405,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="several evaluations side by side: 15-subset tables, Wilcoxon tests, charts")
     p.add_argument("eval_dirs", nargs="+", metavar="EVAL_DIR", help="outputs of `jaxbrats eval` on the same cases")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--names", help="comma-separated run names (default: each folder's name, its parent's for <run>/eval)")
+    p.add_argument(
+        "--names", help="comma-separated run names (default: each folder's name, its parent's for <run>/eval)"
+    )
     p.add_argument("--reference", metavar="NAME", help="the run the others are tested against (default: the first)")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("import-m3ae", help="the official M3AE PyTorch checkpoint as a jaxbrats run (for eval, predict)")
-    p.add_argument("checkpoint", metavar="CHECKPOINT.pth", help="the public code's fine-tuned model_best_<epoch>.pth.tar "
-                   "({'epoch', 'state_dict', 'optimizer'}) or a bare state dict")
+    p.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT.pth",
+        help="the public code's fine-tuned model_best_<epoch>.pth.tar "
+        "({'epoch', 'state_dict', 'optimizer'}) or a bare state dict",
+    )
     p.add_argument("--out", required=True, help="the new work directory (must not exist, or be empty)")
-    p.add_argument("--source-axes", default="LPS", metavar="AXES",
-                   help="voxel axes of the NIfTI files it was trained on (BraTS: LPS); they place x_sub in RAS+")
-    p.add_argument("--margin", type=int, default=1, help="brain-box margin of the preprocessing it expects (public code: 1)")
+    p.add_argument(
+        "--source-axes",
+        default="LPS",
+        metavar="AXES",
+        help="voxel axes of the NIfTI files it was trained on (BraTS: LPS); they place x_sub in RAS+",
+    )
+    p.add_argument(
+        "--margin", type=int, default=1, help="brain-box margin of the preprocessing it expects (public code: 1)"
+    )
     p.set_defaults(func=_import_m3ae)
 
     p = sub.add_parser("demo", help="phantom -> prepare -> train the baseline -> evaluate all 15 subsets")

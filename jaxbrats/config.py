@@ -21,7 +21,6 @@ from pathlib import Path
 
 from jaxbrats.errors import ConfigError  # noqa: F401  (re-exported: config and methods both raise it)
 
-
 # --- value checks: each raises ConfigError naming the key and the bad value -------------------
 
 UPSAMPLES = ("nearest", "trilinear")  # networks.unet.UNetConfig
@@ -147,12 +146,16 @@ class ModelConfig:
                 raise ConfigError(f"{_key(where, name)} must not be empty, got []")
             check_entries(_key(where, name), values, 1)
         if len(self.blocks) != len(self.widths):
-            raise ConfigError(f"{_key(where, 'blocks')} needs one entry per entry of {_key(where, 'widths')} "
-                              f"({len(self.widths)}), got {_show(self.blocks)}")
+            raise ConfigError(
+                f"{_key(where, 'blocks')} needs one entry per entry of {_key(where, 'widths')} "
+                f"({len(self.widths)}), got {_show(self.blocks)}"
+            )
         check_range(_key(where, "groups"), self.groups, 1)
         if any(w % self.groups for w in self.widths):
-            raise ConfigError(f"{_key(where, 'widths')} entries must be divisible by {_key(where, 'groups')} = {self.groups} "
-                              f"(GroupNorm), got {_show(self.widths)}")
+            raise ConfigError(
+                f"{_key(where, 'widths')} entries must be divisible by {_key(where, 'groups')} = {self.groups} "
+                f"(GroupNorm), got {_show(self.widths)}"
+            )
         check_choice(_key(where, "upsample"), self.upsample, UPSAMPLES)
         check_choice(_key(where, "dtype"), self.dtype, DTYPES)
         check_choice(_key(where, "conv_impl"), self.conv_impl, CONV_IMPLS)
@@ -200,8 +203,10 @@ class DataConfig:
         check_range(_key(where, "prefetch"), self.prefetch, 1)  # Grain's worker buffer needs >= 1
         check_choice(_key(where, "split"), self.split, SPLITS)
         if self.split == "ratio" and self.train_split:
-            raise ConfigError(f"{_key(where, 'split')} = 'ratio' but {_key(where, 'train_split')} is set "
-                              f"({self.train_split!r}): set one of the two")
+            raise ConfigError(
+                f"{_key(where, 'split')} = 'ratio' but {_key(where, 'train_split')} is set "
+                f"({self.train_split!r}): set one of the two"
+            )
         ratios = _key(where, "split_ratios")
         check_entries(ratios, self.split_ratios, 0)
         if abs(sum(self.split_ratios) - 1.0) > 1e-6:
@@ -250,7 +255,9 @@ class EvalConfig:
         check_range(_key(where, "threshold"), self.threshold, 0, 1, low_open=True, high_open=True)
         if self.center_crop:
             if len(self.center_crop) != 3:
-                raise ConfigError(f"{_key(where, 'center_crop')} needs 3 values (or none), got {_show(self.center_crop)}")
+                raise ConfigError(
+                    f"{_key(where, 'center_crop')} needs 3 values (or none), got {_show(self.center_crop)}"
+                )
             check_entries(_key(where, "center_crop"), self.center_crop, 1)
         check_choice(_key(where, "hd95_empty"), self.hd95_empty, HD95_CONVENTIONS)
         check_range(_key(where, "et_min_voxels"), self.et_min_voxels, 0)
@@ -260,11 +267,15 @@ class EvalConfig:
                 raise ConfigError(f"{bucket} needs 3 values (or none), got {_show(self.bucket)}")
             check_entries(bucket, self.bucket, 1)
             if any(b < w for b, w in zip(self.bucket, self.window)):
-                raise ConfigError(f"{bucket} entries must be >= {_key(where, 'window')} {_show(self.window)}, got {_show(self.bucket)}")
+                raise ConfigError(
+                    f"{bucket} entries must be >= {_key(where, 'window')} {_show(self.window)}, got {_show(self.bucket)}"
+                )
         check_range(_key(where, "bucket_multiple"), self.bucket_multiple, 1)
         self.mesh.validate(_key(where, "mesh"))
         if self.mesh.data and self.window_batch % self.mesh.data:
-            raise ConfigError(f"{_key(where, 'mesh.data')} = {self.mesh.data} must divide {_key(where, 'window_batch')} = {self.window_batch}")
+            raise ConfigError(
+                f"{_key(where, 'mesh.data')} = {self.mesh.data} must divide {_key(where, 'window_batch')} = {self.window_batch}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,15 +332,22 @@ class Config:
         factor = 2 ** (len(self.model.widths) - 1)
         for name, size in (("data.crop_size", self.data.crop_size), ("eval.window", self.eval.window)):
             if any(s % factor for s in size):
-                raise ConfigError(f"{_key(where, name)} entries must be divisible by {factor} (the U-Net halves them "
-                                  f"{len(self.model.widths) - 1} times: model.widths has {len(self.model.widths)} levels), got {_show(size)}")
+                raise ConfigError(
+                    f"{_key(where, name)} entries must be divisible by {factor} (the U-Net halves them "
+                    f"{len(self.model.widths) - 1} times: model.widths has {len(self.model.widths)} levels), got {_show(size)}"
+                )
         # Volume sharding: every level's depth splits into whole slabs of the "space" devices.
-        for mesh, name, size in (("train.mesh", "data.crop_size", self.data.crop_size), ("eval.mesh", "eval.window", self.eval.window)):
+        for mesh, name, size in (
+            ("train.mesh", "data.crop_size", self.data.crop_size),
+            ("eval.mesh", "eval.window", self.eval.window),
+        ):
             space = getattr(self, mesh.split(".")[0]).mesh.space
             if size[0] % (factor * space):
-                raise ConfigError(f"{_key(where, name)}[0] = {size[0]} must be divisible by {factor * space}: {_key(where, mesh)}.space = "
-                                  f"{space} devices split the depth of each of the U-Net's {len(self.model.widths)} levels "
-                                  f"(the coarsest is {factor}x smaller)")
+                raise ConfigError(
+                    f"{_key(where, name)}[0] = {size[0]} must be divisible by {factor * space}: {_key(where, mesh)}.space = "
+                    f"{space} devices split the depth of each of the U-Net's {len(self.model.widths)} levels "
+                    f"(the coarsest is {factor}x smaller)"
+                )
 
 
 def _typed(tp, value, where: str):
@@ -372,7 +390,9 @@ def build(cls, data: dict, where: str = ""):
     unknown = sorted(set(data) - set(names))
     prefix = where + "." if where else ""
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} (known in {where or 'the top level'}: {', '.join(names)})")
+        raise ConfigError(
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)} (known in {where or 'the top level'}: {', '.join(names)})"
+        )
     values = {k: _typed(hints[k], v, prefix + k) for k, v in data.items()}
     obj = cls(**values)
     if hasattr(obj, "validate"):

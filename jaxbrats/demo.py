@@ -12,15 +12,15 @@ import time
 import tomllib
 from pathlib import Path
 
-from jaxbrats.methods import config_from_data
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.phantom import write_phantom
 from jaxbrats.data.preprocess import prepare_dataset
 from jaxbrats.engine.trainer import Trainer
 from jaxbrats.engine.workdir import load_splits
-from jaxbrats.inference.trained import load_trained
 from jaxbrats.evaluation.program import evaluate
 from jaxbrats.evaluation.reports import markdown_table
+from jaxbrats.inference.trained import load_trained
+from jaxbrats.methods import config_from_data
 
 CASES, SHAPE = 16, (64, 64, 64)
 
@@ -79,7 +79,9 @@ def run(workdir: Path, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     trainer = Trainer(config, run_dir, cache_dir)
     trainer.run()
-    print(f"trained the baseline for {config.stages['train'].steps} steps ({time.perf_counter() - t0:.0f} s); logs in {run_dir}")
+    print(
+        f"trained the baseline for {config.stages['train'].steps} steps ({time.perf_counter() - t0:.0f} s); logs in {run_dir}"
+    )
 
     t0 = time.perf_counter()
     method, graphdefs, models, config = load_trained(run_dir)

@@ -45,7 +45,12 @@ LABEL_NAME_KEYWORDS: dict[int, frozenset[str]] = {
     EDEMA: frozenset({"edema", "oedema", "snfh", "ed"}),
     ENHANCING: frozenset({"enhancing", "et"}),
 }
-INTERNAL_NAMES: dict[int, str] = {BACKGROUND: "background", NECROSIS: "necrosis / non-enhancing core", EDEMA: "edema", ENHANCING: "enhancing tumour"}
+INTERNAL_NAMES: dict[int, str] = {
+    BACKGROUND: "background",
+    NECROSIS: "necrosis / non-enhancing core",
+    EDEMA: "edema",
+    ENHANCING: "enhancing tumour",
+}
 
 #: Regions scored by every paper, as sets of internal labels (nested).
 REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
@@ -65,7 +70,9 @@ def mapped_convention(mapping: dict[int, int], name: str = "custom") -> str:
     mapping = {int(k): int(v) for k, v in mapping.items()}
     missing = [INTERNAL_NAMES[i] for i in INTERNAL_LABELS if i not in mapping.values()]
     if missing or any(v not in INTERNAL_LABELS for v in mapping.values()) or any(k < 0 for k in mapping):
-        raise JaxbratsError(f"label mapping {mapping} of {name!r} must map values >= 0 onto every internal label; missing: {missing}")
+        raise JaxbratsError(
+            f"label mapping {mapping} of {name!r} must map values >= 0 onto every internal label; missing: {missing}"
+        )
     if not re.fullmatch(r"[A-Za-z0-9_.]+", name):
         raise ValueError(f"convention name {name!r}: letters, digits, '_' and '.' only")
     return f"{name}:" + ",".join(f"{k}={v}" for k, v in sorted(mapping.items()))

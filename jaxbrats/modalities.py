@@ -106,8 +106,10 @@ def student_subsets(students, where: str = "method.students") -> tuple[int, ...]
         try:
             index = subset_index(str(name))
         except ValueError:
-            raise ConfigError(f"{where}: {name!r} is not a subset (names like 't1ce' or 'flair+t2'; "
-                              f"the 15: {', '.join(SUBSET_NAMES)})") from None
+            raise ConfigError(
+                f"{where}: {name!r} is not a subset (names like 't1ce' or 'flair+t2'; "
+                f"the 15: {', '.join(SUBSET_NAMES)})"
+            ) from None
         if index in out:
             raise ConfigError(f"{where}: {name!r} is listed twice")
         out.append(index)

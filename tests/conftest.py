@@ -16,6 +16,7 @@ def with_xla_flags(*flags: str) -> dict:
     """The environment for a subprocess: this one's, with more XLA flags (e.g. fake CPU devices)."""
     return dict(os.environ, XLA_FLAGS=" ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip(), JAX_PLATFORMS="cpu")
 
+
 import pytest
 
 from jaxbrats.data.phantom import write_phantom
@@ -50,11 +51,18 @@ def fixture_case() -> Path:
 
 #: A tiny baseline: 8-channel U-Net, 16^3 crops, a few steps; settings as `--set` overrides.
 TINY = [
-    "model.widths=[8,8,8,8]", "model.blocks=[1,1,1,1]",
-    "data.crop_size=[16,16,16]", "data.batch_size=2", "data.split_ratios=[0.67,0.0,0.33]",
-    "stages.train.steps=4", "stages.train.optimizers.model.lr=3e-3",
-    "train.log_every=1", "train.checkpoint_every=2", "train.progress=false",
-    "eval.window=[16,16,16]", "eval.bucket_multiple=8",
+    "model.widths=[8,8,8,8]",
+    "model.blocks=[1,1,1,1]",
+    "data.crop_size=[16,16,16]",
+    "data.batch_size=2",
+    "data.split_ratios=[0.67,0.0,0.33]",
+    "stages.train.steps=4",
+    "stages.train.optimizers.model.lr=3e-3",
+    "train.log_every=1",
+    "train.checkpoint_every=2",
+    "train.progress=false",
+    "eval.window=[16,16,16]",
+    "eval.bucket_multiple=8",
 ]
 
 

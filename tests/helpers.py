@@ -62,7 +62,16 @@ NNUNET_LABELS = {"background": 0, "edema": 1, "non-enhancing": 2, "enhancing": 3
 #: Internal label (0 bg, 1 necrosis/non-enhancing, 2 edema, 3 enhancing) -> value in both datasets above.
 EDEMA_FIRST_VALUES = {0: 0, 1: 2, 2: 1, 3: 3}
 #: The channel names used in these tests -> the phantom's modality.
-CHANNEL_MODALITY = {"flair": "flair", "t1w": "t1", "t1gd": "t1ce", "t1-gd": "t1ce", "t2w": "t2", "t1": "t1", "t1c": "t1ce", "t2": "t2"}
+CHANNEL_MODALITY = {
+    "flair": "flair",
+    "t1w": "t1",
+    "t1gd": "t1ce",
+    "t1-gd": "t1ce",
+    "t2w": "t2",
+    "t1": "t1",
+    "t1c": "t1ce",
+    "t2": "t2",
+}
 
 
 def relabel(labels: np.ndarray, values: dict[int, int]) -> np.ndarray:
@@ -85,8 +94,16 @@ def _channel_arrays(images: dict, channel_names: dict) -> list[np.ndarray]:
     return [images[CHANNEL_MODALITY[channel_names[k].lower()]] for k in sorted(channel_names, key=int)]
 
 
-def write_msd(root: Path, cases: int = 2, modality=None, labels=None, values=None, shape=SHAPE,
-              test_cases: int = 0, lists: bool = True) -> Path:
+def write_msd(
+    root: Path,
+    cases: int = 2,
+    modality=None,
+    labels=None,
+    values=None,
+    shape=SHAPE,
+    test_cases: int = 0,
+    lists: bool = True,
+) -> Path:
     """A Decathlon Task01-style dataset: imagesTr/BRATS_XXX.nii.gz 4D, labelsTr/, imagesTs/, dataset.json.
 
     Case i uses the phantom of seed i (test cases follow the training ones).
@@ -98,7 +115,12 @@ def write_msd(root: Path, cases: int = 2, modality=None, labels=None, values=Non
         images, internal = phantom_arrays(i, shape)
         name = f"BRATS_{i + 1:03d}.nii.gz"
         folder = "imagesTr" if i < cases else "imagesTs"
-        save(root / folder / name, np.stack(_channel_arrays(images, modality), axis=-1), affine=brats_affine(shape), dtype=np.float32)
+        save(
+            root / folder / name,
+            np.stack(_channel_arrays(images, modality), axis=-1),
+            affine=brats_affine(shape),
+            dtype=np.float32,
+        )
         if i < cases:
             save(root / "labelsTr" / name, relabel(internal, values), dtype=np.uint8)
             training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
@@ -111,8 +133,16 @@ def write_msd(root: Path, cases: int = 2, modality=None, labels=None, values=Non
     return root
 
 
-def write_nnunetv2(root: Path, cases: int = 2, channel_names=None, labels=None, values=None, shape=SHAPE,
-                   test_cases: int = 0, file_ending: str = ".nii.gz") -> Path:
+def write_nnunetv2(
+    root: Path,
+    cases: int = 2,
+    channel_names=None,
+    labels=None,
+    values=None,
+    shape=SHAPE,
+    test_cases: int = 0,
+    file_ending: str = ".nii.gz",
+) -> Path:
     """An nnU-Net v2 raw dataset: imagesTr/BRATS_XXX_000C<ending> per channel, labelsTr/, imagesTs/, dataset.json."""
     channel_names, labels = channel_names or NNUNET_CHANNELS, labels or NNUNET_LABELS
     values = values or EDEMA_FIRST_VALUES
@@ -150,9 +180,9 @@ def synthetic_batch(seed: int, n: int = 2, size: int = 16) -> dict:
     label = np.zeros((n, size, size, size), np.uint8)
     for i in range(n):
         c = rng.integers(5, size - 5, 3)
-        label[i, c[0] - 4:c[0] + 4, c[1] - 4:c[1] + 4, c[2] - 4:c[2] + 4] = 2
-        label[i, c[0] - 2:c[0] + 2, c[1] - 2:c[1] + 2, c[2] - 2:c[2] + 2] = 1
-        label[i, c[0] - 1:c[0] + 1, c[1] - 1:c[1] + 1, c[2]:c[2] + 2] = 3
+        label[i, c[0] - 4 : c[0] + 4, c[1] - 4 : c[1] + 4, c[2] - 4 : c[2] + 4] = 2
+        label[i, c[0] - 2 : c[0] + 2, c[1] - 2 : c[1] + 2, c[2] - 2 : c[2] + 2] = 1
+        label[i, c[0] - 1 : c[0] + 1, c[1] - 1 : c[1] + 1, c[2] : c[2] + 2] = 3
         image[i, label[i] > 0] += 2.0
     valid = np.ones((n, size, size, size), bool)
     valid[:, -2:] = False
@@ -181,7 +211,9 @@ def assert_resume_is_bit_for_bit(method, stage: str, batches: list, checkpoint_d
 
     half = len(batches) // 2
     uninterrupted = run(fresh, batches)
-    manager = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+    manager = ocp.CheckpointManager(
+        checkpoint_dir, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+    )
     save(manager, run(fresh, batches[:half]), {"stage": stage})
     manager.wait_until_finished()
     _, abstract = engine.abstract_state(method, stage, optimizers)

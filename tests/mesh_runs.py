@@ -23,41 +23,73 @@ ROOT = Path(__file__).resolve().parents[1]
 #: noise of gradients that are exactly 0 in exact arithmetic (a convolution bias followed by
 #: GroupNorm) becomes a full-size step whose sign depends on the reduction order.
 COMMON = [
-    "model.widths=[8,8,8]", "model.blocks=[1,1,1]", "data.crop_size=[32,32,32]", "data.batch_size=2",
-    "data.split_ratios=[0.67,0.0,0.33]", "train.log_every=1", "train.checkpoint_every=100", "train.progress=false",
-    "eval.window=[32,32,32]", "eval.bucket_multiple=32", "eval.hd95=false",
+    "model.widths=[8,8,8]",
+    "model.blocks=[1,1,1]",
+    "data.crop_size=[32,32,32]",
+    "data.batch_size=2",
+    "data.split_ratios=[0.67,0.0,0.33]",
+    "train.log_every=1",
+    "train.checkpoint_every=100",
+    "train.progress=false",
+    "eval.window=[32,32,32]",
+    "eval.bucket_multiple=32",
+    "eval.hd95=false",
 ]
 SGD = "{name = 'sgd', lr = 0.01, momentum = 0.9}"
 METHODS = {
     "baseline": (None, ["stages.train.steps=4", f"stages.train.optimizers.model={SGD}"]),
-    "m3ae": (ROOT / "configs" / "m3ae_phantom.toml", [
-        "method.substitute_shape=[32,32,32]", "stages.pretrain.steps=4", "stages.finetune.steps=4",
-        "stages.finetune.batch_size=2", f"stages.pretrain.optimizers.model={SGD}", f"stages.finetune.optimizers.model={SGD}",
-    ]),
-    "rirn": (None, [
-        "method.name='rirn'", "method.students=['t1ce','flair']", "model.stem_dropout=0.2", "stages.train.steps=4",
-        f"stages.train.optimizers.model={SGD}", f"stages.train.optimizers.discriminator={SGD}",
-    ]),
-    "mind_the_gap": (None, [
-        "method.name='mind_the_gap'", "method.students=['t1ce','flair']", "method.kd='smunet'",
-        "stages.teacher.steps=4", "stages.students.steps=4", f"stages.teacher.optimizers.teacher={SGD}",
-        f"stages.students.optimizers.students={SGD}", f"stages.students.optimizers.discriminator={SGD}",
-    ]),
+    "m3ae": (
+        ROOT / "configs" / "m3ae_phantom.toml",
+        [
+            "method.substitute_shape=[32,32,32]",
+            "stages.pretrain.steps=4",
+            "stages.finetune.steps=4",
+            "stages.finetune.batch_size=2",
+            f"stages.pretrain.optimizers.model={SGD}",
+            f"stages.finetune.optimizers.model={SGD}",
+        ],
+    ),
+    "rirn": (
+        None,
+        [
+            "method.name='rirn'",
+            "method.students=['t1ce','flair']",
+            "model.stem_dropout=0.2",
+            "stages.train.steps=4",
+            f"stages.train.optimizers.model={SGD}",
+            f"stages.train.optimizers.discriminator={SGD}",
+        ],
+    ),
+    "mind_the_gap": (
+        None,
+        [
+            "method.name='mind_the_gap'",
+            "method.students=['t1ce','flair']",
+            "method.kd='smunet'",
+            "stages.teacher.steps=4",
+            "stages.students.steps=4",
+            f"stages.teacher.optimizers.teacher={SGD}",
+            f"stages.students.optimizers.students={SGD}",
+            f"stages.students.optimizers.discriminator={SGD}",
+        ],
+    ),
 }
 
 
 def run(cache: Path, out: Path, method: str, mesh: str) -> dict:
-    from jaxbrats.runtime import compilation
     from jaxbrats import engine
-    from jaxbrats.inference.trained import load_trained
     from jaxbrats.data.cache import CacheDataset
     from jaxbrats.evaluation.program import evaluate
+    from jaxbrats.inference.trained import load_trained
     from jaxbrats.methods import load_config
+    from jaxbrats.runtime import compilation
 
     data, space, model = (int(v) for v in mesh.split(","))
     path, extra = METHODS[method]
     mesh_set = f"{{data = {data}, space = {space}, model = {model}}}"
-    config = load_config(path, COMMON + extra + [f"train.mesh={mesh_set}", f"eval.mesh={{data = 1, space = {data * space}}}"])
+    config = load_config(
+        path, COMMON + extra + [f"train.mesh={mesh_set}", f"eval.mesh={{data = 1, space = {data * space}}}"]
+    )
     workdir = out / f"{method}-{mesh.replace(',', 'x')}"
     collectives = {}
     compile_step = engine.Trainer.compile_step
@@ -73,12 +105,28 @@ def run(cache: Path, out: Path, method: str, mesh: str) -> dict:
     finally:
         engine.Trainer.compile_step = compile_step
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    losses = [{k: v for k, v in r.items() if k == "step" or k == "stage" or k.endswith("loss")} for r in rows if any(k.endswith("loss") for k in r)]
+    losses = [
+        {k: v for k, v in r.items() if k == "step" or k == "stage" or k.endswith("loss")}
+        for r in rows
+        if any(k.endswith("loss") for k in r)
+    ]
     method_obj, graphdefs, models, config = load_trained(workdir)
     splits = engine.load_splits(workdir, CacheDataset(cache))
     eval_dir = out / f"eval-{workdir.name}"
-    evaluate(method_obj, graphdefs, models, CacheDataset(cache, splits["test"][:1]), config.eval, eval_dir, predictions="all", progress=False)
-    labels = {p.relative_to(eval_dir).as_posix(): np.asarray(nib.load(p).dataobj).tolist() for p in sorted(eval_dir.rglob("*.nii.gz"))}
+    evaluate(
+        method_obj,
+        graphdefs,
+        models,
+        CacheDataset(cache, splits["test"][:1]),
+        config.eval,
+        eval_dir,
+        predictions="all",
+        progress=False,
+    )
+    labels = {
+        p.relative_to(eval_dir).as_posix(): np.asarray(nib.load(p).dataobj).tolist()
+        for p in sorted(eval_dir.rglob("*.nii.gz"))
+    }
     out = {"losses": losses, "labels": labels, "collectives": collectives}
     if method == "baseline":
         out["gradient"] = gradient(method_obj, graphdefs, models, config).tolist()
@@ -95,8 +143,13 @@ def gradient(method, graphdefs, models, config) -> np.ndarray:
     mesh = make_mesh(config.train.mesh)
     rng = np.random.default_rng(0)
     shape = (2, *config.data.crop_size)
-    batch = {"image": rng.normal(size=(*shape, 4)).astype(np.float32), "label": rng.integers(0, 4, shape).astype(np.uint8),
-             "valid": np.ones(shape, bool), "modality_mask": np.ones((2, 1, 4), bool), "subset": np.full((2, 1), 14, np.int32)}
+    batch = {
+        "image": rng.normal(size=(*shape, 4)).astype(np.float32),
+        "label": rng.integers(0, 4, shape).astype(np.uint8),
+        "valid": np.ones(shape, bool),
+        "modality_mask": np.ones((2, 1, 4), bool),
+        "subset": np.full((2, 1), 14, np.int32),
+    }
     update = method.updates("train")[0]
 
     def loss(params, batch):

@@ -20,12 +20,12 @@ from conftest import TINY
 from flax import nnx
 from helpers import assert_resume_is_bit_for_bit, synthetic_batch
 
-from jaxbrats.inference.trained import load_trained
 from jaxbrats import engine
+from jaxbrats.cli import main
 from jaxbrats.config import ConfigError
 from jaxbrats.data.cache import CacheDataset
-from jaxbrats.cli import main
 from jaxbrats.evaluation.program import evaluate
+from jaxbrats.inference.trained import load_trained
 from jaxbrats.losses.segmentation import rfnet_loss
 from jaxbrats.methods import get_method, load_config
 from jaxbrats.methods.acdis import INFERENCE_MODELS
@@ -38,9 +38,16 @@ M = len(MODALITIES)
 #: A 2-level 8-channel backbone for every encoder and decoder, the mono encoders vmapped (one copy
 #: of their program to compile); the schedule starts at step 2 (an epoch: one pass over the
 #: training split, 2 steps).
-ACDIS = TINY + ["method.name='acdis'", "model.widths=[8,8]", "model.blocks=[1,1]", "model.family_map='vmap'",
-                "method.acct_start_epoch=0", "method.synthesis_start_epoch=1", "method.iterations_per_epoch=0",
-                "stages.train.steps=4"]
+ACDIS = TINY + [
+    "method.name='acdis'",
+    "model.widths=[8,8]",
+    "model.blocks=[1,1]",
+    "model.family_map='vmap'",
+    "method.acct_start_epoch=0",
+    "method.synthesis_start_epoch=1",
+    "method.iterations_per_epoch=0",
+    "stages.train.steps=4",
+]
 BRATS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "acdis_brats2020.toml"
 STEPS_PER_EPOCH = 2
 
@@ -65,6 +72,7 @@ def context(step):
 
 
 # --- MFSB: eqs. 5-9 ---------------------------------------------------------------------------------
+
 
 def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
@@ -122,7 +130,9 @@ def test_completion_fills_missing_slots_from_the_present_features_only():
             want = f[m, n] if mask[n, m] else expected[m]
             np.testing.assert_allclose(comp[n, ..., m, :], want, rtol=2e-5, atol=2e-5)
     # the schedule's switch off: the missing slots stay zero, the present ones unchanged
-    off = np.asarray(completion([jnp.asarray(f, jnp.float32)], jnp.asarray(mask), synthesise=False)[0][0]).reshape(comp.shape)
+    off = np.asarray(completion([jnp.asarray(f, jnp.float32)], jnp.asarray(mask), synthesise=False)[0][0]).reshape(
+        comp.shape
+    )
     np.testing.assert_allclose(off[0, ..., 1, :], 0.0)
     np.testing.assert_allclose(off[0, ..., 0, :], f[0, 0], rtol=1e-6)
 
@@ -184,6 +194,7 @@ def test_one_mfsb_pass_gives_the_gradient_of_a_second_pass_on_stopped_features()
 
 # --- the mono encoders -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("how", ["vmap", "unroll"])
 def test_stacked_mono_encoders_equal_four_separate_encoders(how):
     method = acdis(f"model.family_map='{how}'")
@@ -192,17 +203,20 @@ def test_stacked_mono_encoders_equal_four_separate_encoders(how):
     image = jnp.asarray(synthetic_batch(0)["image"])
     stacked = jax.jit(lambda x: method.encode(models, x))(image)
     for m in range(M):
-        alone = family.member(models["mono"], m)(image[..., m:m + 1])
+        alone = family.member(models["mono"], m)(image[..., m : m + 1])
         for key in ("raw", "enhanced"):
             for level in range(2):
                 np.testing.assert_allclose(stacked[key][level][m], alone[key][level], rtol=1e-5, atol=1e-5)
     # member m is the encoder made from its own key
     root = jax.random.split(nnx.Rngs(0).params(), 6)[0]
-    own = MonoEncoder(unet_config(method.config, 4, in_channels=1), method.afeb_levels, True, nnx.Rngs(jax.random.fold_in(root, 2)))
+    own = MonoEncoder(
+        unet_config(method.config, 4, in_channels=1), method.afeb_levels, True, nnx.Rngs(jax.random.fold_in(root, 2))
+    )
     np.testing.assert_array_equal(own.encoder.stem.kernel[...], models["mono"].encoder.stem.kernel[...][2])
 
 
 # --- the objective ------------------------------------------------------------------------------------------
+
 
 def test_the_loss_is_eq12_with_six_segmentation_outputs():
     method = acdis()
@@ -214,7 +228,9 @@ def test_the_loss_is_eq12_with_six_segmentation_outputs():
         loss, parts, _ = method.loss(models, batch, jax.random.PRNGKey(0), context(3))
         image, label, valid = batch["image"], batch["label"], batch["valid"]
         mono = method.encode(models, image)
-        seg_mono = sum(rfnet_loss(models["aux_decoder"]([f[m] for f in mono["raw"]])[0], label, valid)[0] for m in range(M))
+        seg_mono = sum(
+            rfnet_loss(models["aux_decoder"]([f[m] for f in mono["raw"]])[0], label, valid)[0] for m in range(M)
+        )
         aux = models["aux_encoder"](image)
         seg_aux = rfnet_loss(models["fuse_decoder"]([jnp.concatenate([a] * M, axis=-1) for a in aux]), label, valid)[0]
         return loss, parts, seg_mono, seg_aux
@@ -235,13 +251,21 @@ def test_the_start_epochs_switch_the_terms_on_without_recompiling():
     graphdef, completion = nnx.split(models["completion"])
 
     def loss(state, step):
-        return method.loss({**models, "completion": nnx.merge(graphdef, state)}, batch, jax.random.PRNGKey(0), context(step))[:2]
+        return method.loss(
+            {**models, "completion": nnx.merge(graphdef, state)}, batch, jax.random.PRNGKey(0), context(step)
+        )[:2]
 
     run = jax.jit(jax.value_and_grad(loss, has_aux=True))
     seen = []
     for step in (0, 2, 4):  # epochs 0, 1, 2
         (value, parts), grads = run(completion, step)
-        seen.append((float(parts["acct_on"]), float(parts["synthesis_on"]), max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))))
+        seen.append(
+            (
+                float(parts["acct_on"]),
+                float(parts["synthesis_on"]),
+                max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)),
+            )
+        )
         expected = parts["seg_mono"] + parts["seg_aux"] + parts["seg_fuse"]
         expected = expected + parts["distill"] * parts["acct_on"] + parts["syn"] * parts["synthesis_on"]
         np.testing.assert_allclose(float(value), float(expected), rtol=1e-5)
@@ -266,10 +290,13 @@ def test_no_gradient_reaches_the_auxiliary_encoder_through_acct():
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(to_mono)) > 0.0
 
 
-@pytest.mark.parametrize("settings, to_mono", [
-    ([], True),  # the defaults
-    (["method.syn_grad_encoders=false", "method.syn_grad_target=false"], False),
-])
+@pytest.mark.parametrize(
+    "settings, to_mono",
+    [
+        ([], True),  # the defaults
+        (["method.syn_grad_encoders=false", "method.syn_grad_target=false"], False),
+    ],
+)
 def test_the_synthesis_losses_gradient_reaches_the_encoders_unless_switched_off(settings, to_mono):
     """Eq. 12's plain sum (the defaults): the synthesis losses' gradient reaches the mono encoders
     (through f_ava and the target f_m); with both options off they train the MFSB only."""
@@ -337,11 +364,25 @@ def test_inference_uses_no_auxiliary_part_and_ignores_missing_modalities():
 
 # --- ablation switches ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("settings", [
-    ["method.afeb=false", "method.distill='kl'", "method.mfsb=false", "method.synthesis=[]"],  # Tables 2 and 3, w/o blocks
-    ["method.synthesis=['adv','syn','var','covar']", "method.syn_norm='l2'", "method.acct_pooled=true",
-     "method.afeb_levels=[1]", "method.distill='mse'"],  # Table 3's losses together
-])
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        [
+            "method.afeb=false",
+            "method.distill='kl'",
+            "method.mfsb=false",
+            "method.synthesis=[]",
+        ],  # Tables 2 and 3, w/o blocks
+        [
+            "method.synthesis=['adv','syn','var','covar']",
+            "method.syn_norm='l2'",
+            "method.acct_pooled=true",
+            "method.afeb_levels=[1]",
+            "method.distill='mse'",
+        ],  # Table 3's losses together
+    ],
+)
 def test_every_ablation_trains_one_step(settings):
     method = acdis("method.synthesis_start_epoch=0", *settings)
     optimizers = engine.stage_optimizers(method, "train", 10)
@@ -363,8 +404,10 @@ def parameter_counts(*settings) -> dict:
     """Parameters per model of the BraTS config with `settings`, from shapes alone (nnx.eval_shape)."""
     method = get_method("acdis")(load_config(BRATS_CONFIG, list(settings)))
     models = nnx.eval_shape(lambda: method.init_models("train", nnx.Rngs(0)))
-    return {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-            for name, model in models.items()}
+    return {
+        name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        for name, model in models.items()
+    }
 
 
 def test_each_ablation_keeps_the_parameter_count_within_5_percent():
@@ -378,8 +421,11 @@ def test_each_ablation_keeps_the_parameter_count_within_5_percent():
     def totals(counts):
         return sum(counts.values()), sum(counts[name] for name in INFERENCE_MODELS)
 
-    for settings in (["method.afeb=false"], ["method.mfsb=false", "method.synthesis=[]"],
-                     ["method.afeb=false", "method.mfsb=false", "method.synthesis=[]"]):
+    for settings in (
+        ["method.afeb=false"],
+        ["method.mfsb=false", "method.synthesis=[]"],
+        ["method.afeb=false", "method.mfsb=false", "method.synthesis=[]"],
+    ):
         for got, want in zip(totals(parameter_counts(*settings)), totals(full)):
             assert abs(got / want - 1) < 0.05, (settings, got, want)
     # the other reading of the MFSB's place, a 4C -> 4C convolution: +27 %
@@ -397,8 +443,19 @@ def test_an_afeb_width_its_heads_do_not_divide_is_a_config_error(tmp_path, capsy
     load_config(BRATS_CONFIG, ["model.widths=[16,32,56,128]", "method.afeb=false"])
     with pytest.raises(ValueError, match="3 attention heads"):  # the block itself, outside a config
         AFEB(56, 1, unet_config(acdis_config(), 4), nnx.Rngs(0))
-    code = main(["train", "--config", BRATS_CONFIG, "--workdir", tmp_path / "run", "--data", tmp_path / "cache",
-                 "--set", "model.widths=[16,32,56,128]"])
+    code = main(
+        [
+            "train",
+            "--config",
+            BRATS_CONFIG,
+            "--workdir",
+            tmp_path / "run",
+            "--data",
+            tmp_path / "cache",
+            "--set",
+            "model.widths=[16,32,56,128]",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and "model.widths: AFEB" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
@@ -442,6 +499,7 @@ def test_settings_are_checked():
 
 # --- resume, compilation, evaluation --------------------------------------------------------------------
 
+
 def test_resume_mid_stage_is_bit_for_bit(tmp_path):
     batches = [batch_with_masks(s) for s in range(4)]  # the synthesis switches on at step 2, after the resume
     assert_resume_is_bit_for_bit(acdis(), "train", batches, tmp_path)
@@ -457,7 +515,9 @@ def test_trains_and_evaluates_with_one_compilation_each(phantom_cache, tmp_path)
     test = CacheDataset(phantom_cache, engine.load_splits(workdir, CacheDataset(phantom_cache))["test"])
     method, graphdefs, models, config = load_trained(workdir)
     assert set(models) == set(INFERENCE_MODELS)  # E_aux, D_aux are not loaded
-    summary = evaluate(method, graphdefs, models, test, config.eval, tmp_path / "eval", predictions="none", progress=False)
+    summary = evaluate(
+        method, graphdefs, models, test, config.eval, tmp_path / "eval", predictions="none", progress=False
+    )
     assert all(row["served"] for row in summary["subsets"]) and summary["mean"]["rows"] == 15
     settings = json.loads((tmp_path / "eval" / "eval_settings.json").read_text())
     assert settings["compilations"] == 1

@@ -65,17 +65,20 @@ def test_every_term_counts_the_valid_voxels_only(latents, valid):
     z = latents.astype(np.float64)
     w = np.array([0.31, 2.21, 0.78, 0.90], np.float32)
     expected = {
-        "normal": per_modality_mean(0.5 * (z ** 2 + np.exp(log_var.astype(np.float64)) - log_var - 1), valid),
+        "normal": per_modality_mean(0.5 * (z**2 + np.exp(log_var.astype(np.float64)) - log_var - 1), valid),
         "modality": per_modality_mean((z - z[1]) ** 2, valid),
         "prior": w * per_modality_mean((z[1][None] - z) ** 2, valid),
-        "mixture": w * per_modality_mean(((w[:, None] * z.reshape(J, -1)).sum(0).reshape(z.shape[1:]) / w.sum() - z) ** 2,
-                                         valid),
+        "mixture": w
+        * per_modality_mean(((w[:, None] * z.reshape(J, -1)).sum(0).reshape(z.shape[1:]) / w.sum() - z) ** 2, valid),
     }
 
     def terms(z, lv):
-        return {"normal": normal_kl(z, lv, valid), "modality": modality_alignment(z, 1, valid=valid),
-                "prior": mix_alignment(z, jnp.asarray(w), "prior", 1, valid=valid),
-                "mixture": mix_alignment(z, jnp.asarray(w), "mixture", 1, valid=valid)}
+        return {
+            "normal": normal_kl(z, lv, valid),
+            "modality": modality_alignment(z, 1, valid=valid),
+            "prior": mix_alignment(z, jnp.asarray(w), "prior", 1, valid=valid),
+            "mixture": mix_alignment(z, jnp.asarray(w), "mixture", 1, valid=valid),
+        }
 
     got = terms(latents, log_var)
     for name, value in expected.items():
@@ -85,8 +88,9 @@ def test_every_term_counts_the_valid_voxels_only(latents, valid):
     for name in expected:
         np.testing.assert_allclose(moved[name], got[name], rtol=1e-5, err_msg=name)
     # no padding: the plain mean
-    np.testing.assert_allclose(modality_alignment(latents, 1, valid=np.ones_like(valid)), modality_alignment(latents, 1),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        modality_alignment(latents, 1, valid=np.ones_like(valid)), modality_alignment(latents, 1), rtol=1e-6
+    )
 
 
 def test_mix_weights_sum_to_j_within_bounds_whatever_the_parameters():
@@ -100,7 +104,9 @@ def test_mix_weights_sum_to_j_within_bounds_whatever_the_parameters():
     # the numpy formula: floor + (J - J floor) softmax
     raw = rng.normal(size=J)
     soft = np.exp(raw) / np.exp(raw).sum()
-    np.testing.assert_allclose(mix_weights(jnp.asarray(raw, jnp.float32), floor), floor + (J - J * floor) * soft, rtol=1e-5)
+    np.testing.assert_allclose(
+        mix_weights(jnp.asarray(raw, jnp.float32), floor), floor + (J - J * floor) * soft, rtol=1e-5
+    )
 
 
 def test_mix_weights_sum_to_the_set_total_and_reach_the_papers_weights():

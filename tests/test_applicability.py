@@ -5,15 +5,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_case
 
 from jaxbrats.config import EvalConfig
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.preprocess import prepare_dataset
-from jaxbrats.inference.trained import load_trained
 from jaxbrats.evaluation.program import applicability, evaluate
 from jaxbrats.evaluation.reports import csv_table, heatmap, markdown_table, summarize
+from jaxbrats.inference.trained import load_trained
 from jaxbrats.modalities import SUBSET_NAMES, SUBSETS
-from helpers import write_case
 
 REGIONS = ("WT", "TC", "ET")
 NO_T2 = "BraTS20_Training_003"
@@ -60,7 +60,9 @@ def test_t2_rows_leave_out_the_case_without_t2(trained_run, no_t2_cache, tmp_pat
     assert all(r["applicable"] for r in _case_rows(tmp_path, "BraTS20_Training_001"))
     # the mean row: over the 15 rows' means
     for r in REGIONS:
-        assert summary["mean"]["dice"][r] == pytest.approx(np.mean([row["dice"][r] for row in summary["subsets"]]), rel=1e-12)
+        assert summary["mean"]["dice"][r] == pytest.approx(
+            np.mean([row["dice"][r] for row in summary["subsets"]]), rel=1e-12
+        )
     md = (tmp_path / "summary.md").read_text().splitlines()
     t2_row = next(line for line in md if line.startswith("| ○ | ○ | ○ | ● |"))
     assert t2_row.split(" | ")[4] == "2" and md[2].split(" | ")[4] == "3"  # the cases column
@@ -69,12 +71,16 @@ def test_t2_rows_leave_out_the_case_without_t2(trained_run, no_t2_cache, tmp_pat
     assert csv[-1].startswith("mean of 15/15 rows,")
     assert (tmp_path / "dice_heatmap.png").stat().st_size > 0
     # "full" predictions: the case without T2 segmented with the three it has
-    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == sorted(f"{m['case_id']}.nii.gz" for m in dataset.manifests)
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == sorted(
+        f"{m['case_id']}.nii.gz" for m in dataset.manifests
+    )
 
 
 def test_rows_without_an_applicable_case_are_null_and_dashes(trained_run, no_t2_cache, tmp_path):
     method, graphdefs, models, config = load_trained(trained_run)
-    summary = evaluate(method, graphdefs, models, CacheDataset(no_t2_cache, [NO_T2]), config.eval, tmp_path, progress=False)
+    summary = evaluate(
+        method, graphdefs, models, CacheDataset(no_t2_cache, [NO_T2]), config.eval, tmp_path, progress=False
+    )
     stored = json.loads((tmp_path / "summary.json").read_text())
     assert stored == json.loads(json.dumps(summary))
     for s, row in enumerate(stored["subsets"]):
@@ -84,7 +90,9 @@ def test_rows_without_an_applicable_case_are_null_and_dashes(trained_run, no_t2_
             assert row["cases"] == 1 and None not in row["dice"].values(), row["name"]
     assert stored["mean"]["rows"] == 7
     for r in REGIONS:
-        assert stored["mean"]["dice"][r] == pytest.approx(np.mean([stored["subsets"][s]["dice"][r] for s in range(15) if s not in WITH_T2]))
+        assert stored["mean"]["dice"][r] == pytest.approx(
+            np.mean([stored["subsets"][s]["dice"][r] for s in range(15) if s not in WITH_T2])
+        )
     md = (tmp_path / "summary.md").read_text()
     t2_line = next(line for line in md.splitlines() if line.startswith("| ○ | ○ | ○ | ● |"))
     assert t2_line == "| ○ | ○ | ○ | ● | 0 | - | - | - | - | - | - |"
@@ -113,8 +121,11 @@ def test_a_general_mask_narrows_the_rows():
         np.testing.assert_allclose([rows[s]["dice"][r] for r in REGIONS], dice[keep, s].mean(0), rtol=1e-12)
     assert SUBSET_NAMES[3] == "t2" and mask[:, 3].all() and rows[3]["hd95"]["TC"] == pytest.approx(hd[1, 3, 1])
     assert summary["mean"]["rows"] == 14
-    np.testing.assert_allclose([summary["mean"]["dice"][r] for r in REGIONS],
-                               np.mean([[rows[s]["dice"][r] for r in REGIONS] for s in range(1, 15)], axis=0), rtol=1e-12)
+    np.testing.assert_allclose(
+        [summary["mean"]["dice"][r] for r in REGIONS],
+        np.mean([[rows[s]["dice"][r] for r in REGIONS] for s in range(1, 15)], axis=0),
+        rtol=1e-12,
+    )
     assert "| ● | ○ | ○ | ○ | 0 | - | - | - |" in markdown_table(summary, EvalConfig())
     assert csv_table(summary).splitlines()[1] == "flair,1,0,0,0,0,-,-,-,-,-,-"
 

@@ -44,4 +44,6 @@ def test_each_face_says_what_it_holds_and_its_names_resolve(package):
     for name in getattr(module, "__all__", []):
         value = getattr(module, name)
         if name in submodules:  # a face may export a submodule itself, never another object of its name
-            assert value is importlib.import_module(f"jaxbrats.{package.name}.{name}"), f"jaxbrats.{package.name}.{name}"
+            assert value is importlib.import_module(f"jaxbrats.{package.name}.{name}"), (
+                f"jaxbrats.{package.name}.{name}"
+            )

@@ -88,8 +88,17 @@ def test_constant_nonzero_background_is_not_brain(tmp_path, normalization):
         everything |= image != 0
     assert everything.all()  # the rule `x != 0` took every voxel for brain: no crop
 
-    prepare_dataset(tmp_path / "source", tmp_path / "cache_source", normalization=normalization, margin=1, workers=1, progress=False)
-    prepare_dataset(tmp_path / "derived", tmp_path / "cache_derived", normalization=normalization, margin=1, workers=1, progress=False)
+    prepare_dataset(
+        tmp_path / "source", tmp_path / "cache_source", normalization=normalization, margin=1, workers=1, progress=False
+    )
+    prepare_dataset(
+        tmp_path / "derived",
+        tmp_path / "cache_derived",
+        normalization=normalization,
+        margin=1,
+        workers=1,
+        progress=False,
+    )
     want, want_manifest = _only_case(tmp_path / "cache_source")
     got, manifest = _only_case(tmp_path / "cache_derived")
     assert manifest["background"] == pytest.approx({**backgrounds, "t1": 0.0, "t2": 0.0}, rel=1e-6)
@@ -108,7 +117,9 @@ def test_constant_nonzero_background_is_not_brain(tmp_path, normalization):
         if normalization == "zscore":
             assert stats[modality]["mean"] == pytest.approx(voxels.mean(), rel=1e-5, abs=1e-5)
             assert stats[modality]["std"] == pytest.approx(voxels.std(), rel=1e-5)
-            assert abs(got[..., c][brain[crop]].mean()) < 1e-4 and got[..., c][brain[crop]].std() == pytest.approx(1, rel=1e-4)
+            assert abs(got[..., c][brain[crop]].mean()) < 1e-4 and got[..., c][brain[crop]].std() == pytest.approx(
+                1, rel=1e-4
+            )
         else:
             lo, hi = np.percentile(voxels, [1, 99])
             assert (stats[modality]["p1"], stats[modality]["p99"]) == pytest.approx((lo, hi), rel=1e-5, abs=1e-5)
@@ -123,10 +134,12 @@ def test_negative_ringing_at_the_brain_edge_keeps_a_zero_background(tmp_path):
     for image in source.images.values():
         brain |= image != 0
     for modality in ("flair", "t2"):
+
         def ring(x):
             inside = x != 0
             shell = ndimage.binary_dilation(inside) & ~inside
             return np.where(shell, -0.08 * x.max(), x)  # undershoot of the brain edge
+
         _rewrite(case_dir, modality, ring)
     case = _loaded(tmp_path / "data")[CASE]
     ringing = np.zeros(case.shape, bool)
@@ -143,7 +156,9 @@ def test_negative_ringing_at_the_brain_edge_keeps_a_zero_background(tmp_path):
     for c, modality in enumerate(MODALITIES):
         voxels = case.images[modality][expected]
         stats = manifest["normalization"]["stats"][modality]
-        assert stats["mean"] == pytest.approx(voxels.mean(), rel=1e-5) and stats["std"] == pytest.approx(voxels.std(), rel=1e-5)
+        assert stats["mean"] == pytest.approx(voxels.mean(), rel=1e-5) and stats["std"] == pytest.approx(
+            voxels.std(), rel=1e-5
+        )
         assert not got[..., c][~expected[crop]].any()
 
 
@@ -151,5 +166,8 @@ def test_constant_image_is_a_bad_case(tmp_path):
     case_dir = write_case(tmp_path / "data" / CASE)
     _rewrite(case_dir, "t1ce", lambda x: np.full_like(x, -3.62))
     report = prepare_dataset(tmp_path / "data", tmp_path / "cache", workers=1, progress=False)
-    assert len(report["errors"]) == 1 and f"{CASE}_t1ce.nii.gz: image is constant (-3.62 everywhere)" in report["errors"][0]
+    assert (
+        len(report["errors"]) == 1
+        and f"{CASE}_t1ce.nii.gz: image is constant (-3.62 everywhere)" in report["errors"][0]
+    )
     assert not (tmp_path / "cache" / "index.json").exists()

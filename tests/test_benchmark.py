@@ -12,8 +12,31 @@ TINY_MODEL = ["--widths", "8", "8", "8", "8", "--blocks", "1", "1", "1", "1"]
 def test_bench_times_jax_and_torch_side_by_side(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--size", "16", "--batch", "1", *TINY_MODEL, "--eval-shape", "24", "16", "16",
-               "--eval-window", "16", "--repeats", "2", "--warmup", "1", "--vs", "torch", "--no-compile", "--json", out])
+    rc = main(
+        [
+            "bench",
+            "--size",
+            "16",
+            "--batch",
+            "1",
+            *TINY_MODEL,
+            "--eval-shape",
+            "24",
+            "16",
+            "16",
+            "--eval-window",
+            "16",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--vs",
+            "torch",
+            "--no-compile",
+            "--json",
+            out,
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["device"]["cpu"] and result["device"]["torch"] == torch.__version__
@@ -32,8 +55,26 @@ def test_bench_times_jax_and_torch_side_by_side(tmp_path, capsys):
 
 def test_bench_without_torch_rows_times_jax_only(tmp_path):
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--size", "16", "--batch", "1", *TINY_MODEL, "--what", "forward",
-               "--repeats", "1", "--warmup", "1", "--dtype", "bfloat16", "--json", out])
+    rc = main(
+        [
+            "bench",
+            "--size",
+            "16",
+            "--batch",
+            "1",
+            *TINY_MODEL,
+            "--what",
+            "forward",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--dtype",
+            "bfloat16",
+            "--json",
+            out,
+        ]
+    )
     assert rc == 0
     (row,) = json.loads(out.read_text())["runs"]
     assert row["what"] == "forward" and row["dtype"] == "bfloat16" and "torch_s" not in row

@@ -7,14 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import write_case
+
 from jaxbrats.cli import main
 
 
 def _run(*args, cwd=None):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "jaxbrats.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxbrats.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env
+    )
 
 
 def _one_line_error(result, *fragments):
@@ -26,7 +28,27 @@ def _one_line_error(result, *fragments):
 
 
 def test_phantom_then_prepare(tmp_path, capsys):
-    assert main(["phantom", tmp_path / "raw", "--cases", "3", "--shape", "24", "20", "16", "--layout", "brats2020", "--seed", "1", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "phantom",
+                tmp_path / "raw",
+                "--cases",
+                "3",
+                "--shape",
+                "24",
+                "20",
+                "16",
+                "--layout",
+                "brats2020",
+                "--seed",
+                "1",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert main(["prepare", tmp_path / "raw", tmp_path / "cache", "--normalize", "percentile", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "layout: brats2020" in out and "cases: 3 (flair 3, t1ce 3, t1 3, t2 3; seg 3)" in out and "3 written" in out
@@ -86,11 +108,35 @@ def test_train_eval_predict_from_the_command_line(phantom_cache, tmp_path, capsy
     config.write_text('[method]\nname = "baseline"\n')
     sets = [a for s in TINY + ["stages.train.steps=2"] for a in ("--set", s)]
     assert main(["train", "--config", config, "--workdir", tmp_path / "run", "--data", phantom_cache, *sets]) == 0
-    assert main(["eval", "--workdir", tmp_path / "run", "--data", phantom_cache, "--out", tmp_path / "eval", "--predictions", "none", "--set", "eval.hd95_empty='zero'"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--workdir",
+                tmp_path / "run",
+                "--data",
+                phantom_cache,
+                "--out",
+                tmp_path / "eval",
+                "--predictions",
+                "none",
+                "--set",
+                "eval.hd95_empty='zero'",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| ● | ● | ● | ● |" in out and "empty-mask convention 'zero'" in out
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["cases"] == 2
-    raw_case = json.loads((phantom_cache / "cases" / json.loads((phantom_cache / "index.json").read_text())["cases"][0] / "manifest.json").read_text())["sources"]["flair"]
+    raw_case = json.loads(
+        (
+            phantom_cache
+            / "cases"
+            / json.loads((phantom_cache / "index.json").read_text())["cases"][0]
+            / "manifest.json"
+        ).read_text()
+    )["sources"]["flair"]
     case_dir = os.path.dirname(raw_case)
     assert main(["predict", "--workdir", tmp_path / "run", "--case", case_dir, "--out", tmp_path / "seg.nii.gz"]) == 0
     assert "missing: none" in capsys.readouterr().out and (tmp_path / "seg.nii.gz").exists()
@@ -99,15 +145,31 @@ def test_train_eval_predict_from_the_command_line(phantom_cache, tmp_path, capsy
 def test_run_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nsead = 1\n")
-    _one_line_error(_run("train", "--config", bad, "--workdir", tmp_path / "w"), "bad.toml", "unknown key(s) train.sead")
+    _one_line_error(
+        _run("train", "--config", bad, "--workdir", tmp_path / "w"), "bad.toml", "unknown key(s) train.sead"
+    )
     m3ae = Path(__file__).resolve().parents[1] / "configs" / "m3ae_phantom.toml"
-    _one_line_error(_run("train", "--config", m3ae, "--workdir", tmp_path / "w", "--set", "method.fill='paint'"), "m3ae_phantom.toml", "method.fill must be one of")
-    _one_line_error(_run("train", "--config", m3ae, "--workdir", tmp_path / "w", "--stage", "warmup"), "--stage warmup: not a stage of m3ae")
-    _one_line_error(_run("eval", "--workdir", tmp_path / "nothing", "--data", tmp_path, "--out", tmp_path / "o"), "no config.json")
+    _one_line_error(
+        _run("train", "--config", m3ae, "--workdir", tmp_path / "w", "--set", "method.fill='paint'"),
+        "m3ae_phantom.toml",
+        "method.fill must be one of",
+    )
+    _one_line_error(
+        _run("train", "--config", m3ae, "--workdir", tmp_path / "w", "--stage", "warmup"),
+        "--stage warmup: not a stage of m3ae",
+    )
+    _one_line_error(
+        _run("eval", "--workdir", tmp_path / "nothing", "--data", tmp_path, "--out", tmp_path / "o"), "no config.json"
+    )
     (tmp_path / "empty_run").mkdir()
     (tmp_path / "empty_run" / "config.json").write_text("{}")
     (tmp_path / "case").mkdir()
-    _one_line_error(_run("predict", "--workdir", tmp_path / "empty_run", "--case", tmp_path / "case", "--out", tmp_path / "s.nii.gz"), "no checkpoint found")
+    _one_line_error(
+        _run(
+            "predict", "--workdir", tmp_path / "empty_run", "--case", tmp_path / "case", "--out", tmp_path / "s.nii.gz"
+        ),
+        "no checkpoint found",
+    )
 
 
 def test_version_is_the_installed_distributions(capsys):

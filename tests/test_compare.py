@@ -9,8 +9,8 @@ import pytest
 from scipy import stats
 
 from jaxbrats import cli
-from jaxbrats.evaluation.compare import compare, load_run
 from jaxbrats.config import EvalConfig
+from jaxbrats.evaluation.compare import compare, load_run
 from jaxbrats.evaluation.program import _write_case
 from jaxbrats.evaluation.reports import summarize, write_reports
 from jaxbrats.modalities import MODALITIES, SUBSET_NAMES, SUBSETS
@@ -34,8 +34,9 @@ def write_eval(out, dice, hd, served=None, present=None, hd95_empty="brats"):
         row["served"] = bool(s)
     cfg = EvalConfig(hd95_empty=hd95_empty)
     write_reports(summary, out, cfg)
-    (out / "eval_settings.json").write_text(json.dumps({"eval": {"hd95_empty": hd95_empty, "et_postprocess": False,
-                                                                  "et_min_voxels": 500}}))
+    (out / "eval_settings.json").write_text(
+        json.dumps({"eval": {"hd95_empty": hd95_empty, "et_postprocess": False, "et_min_voxels": 500}})
+    )
     return summary
 
 
@@ -64,7 +65,10 @@ def test_tables_bold_the_best_and_mark_p_from_scipy(three_runs, tmp_path):
     for i, name in enumerate(t.names):  # the means are each run's own summary.json
         summary = json.loads((paths[i] / "summary.json").read_text())
         for s, row in enumerate(summary["subsets"]):
-            want = [np.nan if row["dice"][r] is None or not row["served"] else 100 * row["dice"][r] for r in ("WT", "TC", "ET")]
+            want = [
+                np.nan if row["dice"][r] is None or not row["served"] else 100 * row["dice"][r]
+                for r in ("WT", "TC", "ET")
+            ]
             np.testing.assert_allclose(t.values[i, s], want, rtol=1e-12)
     assert t.best[1, :15].all() and not t.best[0].any()  # "better" wins every row it is compared on
     for s, r in [(0, 0), (3, 2), (FULL, 1)]:
@@ -132,11 +136,14 @@ def test_mixed_hd95_conventions_are_refused(three_runs, tmp_path, capsys):
     assert "HD95 empty-mask convention 'zero'" in out.err and "'brats'" in out.err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--names", "a"], "--names has 1 names for 2"),
-    (["--reference", "nope"], "--reference 'nope' is none of the runs"),
-    (["--names", "a,a"], "two runs have one name"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--names", "a"], "--names has 1 names for 2"),
+        (["--reference", "nope"], "--reference 'nope' is none of the runs"),
+        (["--names", "a,a"], "two runs have one name"),
+    ],
+)
 def test_bad_arguments_are_one_line(three_runs, tmp_path, capsys, argv, message):
     _, paths, _ = three_runs
     code, out = run_cli(capsys, paths[0], paths[1], "--out", tmp_path / "out", *argv)

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from jax import monitoring
-
 from conftest import TINY, tiny_config
 from helpers import TOKENS_2023, write_case
-from jaxbrats.inference.trained import load_trained
+from jax import monitoring
+
 from jaxbrats import engine
-from jaxbrats.engine import trainer as trainer_module
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.preprocess import prepare_dataset
+from jaxbrats.engine import trainer as trainer_module
 from jaxbrats.evaluation.program import evaluate
+from jaxbrats.inference.trained import load_trained
 
 COMPILES = Counter()
 
@@ -56,7 +56,9 @@ def test_the_train_step_compiles_once_over_changing_pipeline_batches(phantom_cac
 def test_the_evaluation_compiles_once_over_cases_of_different_shapes(trained_run, tmp_path):
     data = tmp_path / "data"
     for i, shape in enumerate([(24, 24, 24), (20, 24, 16), (16, 18, 24)]):
-        write_case(data / f"BraTS-GLI-0000{i}-000", sep="-", tokens=TOKENS_2023, convention="brats2023", seed=i, shape=shape)
+        write_case(
+            data / f"BraTS-GLI-0000{i}-000", sep="-", tokens=TOKENS_2023, convention="brats2023", seed=i, shape=shape
+        )
     assert not prepare_dataset(data, tmp_path / "cache", workers=1, progress=False)["errors"]
     dataset = CacheDataset(tmp_path / "cache")
     assert len({tuple(m["cropped_shape"]) for m in dataset.manifests}) == 3
@@ -68,14 +70,35 @@ def test_the_evaluation_compiles_once_over_cases_of_different_shapes(trained_run
 
 
 def _train_in_a_new_process(phantom_cache, workdir, cache_dir):
-    env = dict(os.environ, JAXBRATS_COMPILE_CACHE=str(cache_dir), PYTHONWARNINGS="ignore",
-               # JAX stores only programs that took >= 1 s to compile; the tiny test model may compile faster.
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = dict(
+        os.environ,
+        JAXBRATS_COMPILE_CACHE=str(cache_dir),
+        PYTHONWARNINGS="ignore",
+        # JAX stores only programs that took >= 1 s to compile; the tiny test model may compile faster.
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
     config = workdir.parent / "tiny.toml"
     config.write_text('[method]\nname = "baseline"\n')
     sets = [a for s in TINY + ["stages.train.steps=1"] for a in ("--set", s)]
-    result = subprocess.run([sys.executable, "-m", "jaxbrats.cli", "train", "--config", str(config), "--workdir", str(workdir),
-                             "--data", str(phantom_cache), *sets], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxbrats.cli",
+            "train",
+            "--config",
+            str(config),
+            "--workdir",
+            str(workdir),
+            "--data",
+            str(phantom_cache),
+            *sets,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return [line for line in result.stdout.splitlines() if "train step" in line]
 

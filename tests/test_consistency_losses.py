@@ -17,7 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbrats.losses.consistency import DISTILLATION_LOSSES, SYNTHESIS_NORMS, acct_loss, consistency_distillation, feature_kl, feature_mse, synthesis_loss, window_moments
+from jaxbrats.losses.consistency import (
+    DISTILLATION_LOSSES,
+    SYNTHESIS_NORMS,
+    acct_loss,
+    consistency_distillation,
+    feature_kl,
+    feature_mse,
+    synthesis_loss,
+    window_moments,
+)
 
 M, N, SHAPE, C = 2, 2, (8, 8, 6), 3
 EPS = 1e-6
@@ -34,6 +43,7 @@ def pair():
 
 
 # --- numpy references (float64) --------------------------------------------------------
+
 
 def sigmoid_np(x):
     return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
@@ -59,7 +69,10 @@ def moments_np(x, y, window, stride, pooled):
                 n = u.size
                 du, dv = u - u.mean(), v - v.mean()
                 out[(slice(None), *lead, a, b, c, ch)] = [
-                    (du * du).sum() / (n - 1), (dv * dv).sum() / (n - 1), (du * dv).sum() / (n - 1)]
+                    (du * du).sum() / (n - 1),
+                    (dv * dv).sum() / (n - 1),
+                    (du * dv).sum() / (n - 1),
+                ]
     return out
 
 
@@ -81,14 +94,18 @@ def close(got, expected, rtol=RTOL, atol=ATOL):
 
 # --- window moments ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("window, stride, pooled", [
-    (4, 4, False),  # tiling along D, H; the last axis: windows at 0 and 2 (voxels 4-5 covered)
-    (4, 4, True),
-    (4, 2, False),  # overlapping windows
-    (3, 2, True),  # 8 voxels: starts 0, 2, 4 and the edge window at 5
-    (3, 3, False),  # 8 voxels: starts 0, 3 and the edge window at 5; 6 voxels: 0, 3 (tiled)
-    (8, 8, False),  # shrinks to 6 along the last axis: one window per sample
-])
+
+@pytest.mark.parametrize(
+    "window, stride, pooled",
+    [
+        (4, 4, False),  # tiling along D, H; the last axis: windows at 0 and 2 (voxels 4-5 covered)
+        (4, 4, True),
+        (4, 2, False),  # overlapping windows
+        (3, 2, True),  # 8 voxels: starts 0, 2, 4 and the edge window at 5
+        (3, 3, False),  # 8 voxels: starts 0, 3 and the edge window at 5; 6 voxels: 0, 3 (tiled)
+        (8, 8, False),  # shrinks to 6 along the last axis: one window per sample
+    ],
+)
 def test_window_moments_against_numpy(pair, window, stride, pooled):
     features, target = pair
     x, y = sigmoid_np(features).astype(np.float32), sigmoid_np(target).astype(np.float32)
@@ -119,6 +136,7 @@ def test_every_voxel_is_in_a_window():
     features = rng.normal(size=(1, 10, 10, 10, 2)).astype(np.float32)
     target = rng.normal(size=(1, 10, 10, 10, 2)).astype(np.float32)
     for window, stride, pooled in ((4, 4, False), (3, 2, True)):  # windows at 0, 4, 6; at 0, 2, 4, 6, 7
+
         def total(f):
             return sum(jnp.sum(v) for v in acct_loss(f, target, window, stride, pooled).values())
 
@@ -136,6 +154,7 @@ def test_every_voxel_is_in_a_window():
 
 
 # --- ACCT --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("window, stride, pooled", [(4, None, False), (4, None, True), (4, 2, False), (3, 2, True)])
 def test_acct_against_numpy(pair, window, stride, pooled):
@@ -173,7 +192,9 @@ def test_acct_is_zero_for_the_target_itself_and_for_its_reversal(pair):
     reversed_ = acct_loss(-target, target, 4)
     close(reversed_["var"], 0.0, atol=1e-6)
     close(reversed_["covar"], 0.0, atol=1e-6)
-    _, _, cov = window_moments(sigmoid_np(-target).astype(np.float32), sigmoid_np(target).astype(np.float32), 4, 4, False)
+    _, _, cov = window_moments(
+        sigmoid_np(-target).astype(np.float32), sigmoid_np(target).astype(np.float32), 4, 4, False
+    )
     assert (np.asarray(cov) < 0).all()
 
 
@@ -197,6 +218,7 @@ def test_a_constant_window_has_finite_losses_and_gradients(pair):
     features[:, 0, :4, :4, :4] = 0.3  # one window per modality constant (crop padding)
     target[:, 0, :4, :4, :4] = -1.0  # ... in the target too
     features[:, 1, :4, :4, :4] = 0.3  # and one constant in the features only
+
     def total(f, pooled):
         return sum(jnp.sum(v) for v in acct_loss(f, target, 4, pooled=pooled).values())
 
@@ -216,6 +238,7 @@ def test_a_constant_window_has_finite_losses_and_gradients(pair):
 
 
 # --- Table 2's alternatives ------------------------------------------------------------
+
 
 def test_feature_mse_against_numpy(pair):
     features, target = pair
@@ -240,6 +263,7 @@ def test_feature_kl_against_numpy(pair):
 
 
 # --- synthesis (eq. 10) ---------------------------------------------------------------------
+
 
 @pytest.fixture
 def synthesis():
@@ -317,6 +341,7 @@ def test_acct_target_can_learn_for_the_synthesis_terms(pair):
 
 
 # --- the dispatcher --------------------------------------------------------------------
+
 
 def test_the_dispatcher(pair):
     features, target = pair

@@ -1,6 +1,6 @@
 import pytest
-
 from helpers import TOKENS_2018, TOKENS_2023, write_case
+
 from jaxbrats.data.discovery import discover
 from jaxbrats.data.loading import load_case
 from jaxbrats.errors import JaxbratsError

@@ -15,7 +15,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbrats.losses.distillation import KD_LOSSES, KDConstants, classes_in_every_sample, consistency_loss, content_loss, distillation_loss, gram_matrix, label_logits_from_region_logits, latent_kl, part_weights, pmkl_contrastive_loss, pmkl_kd_loss, pmkl_voxel_weights, pooled_embedding, prototype_loss, prototype_maps, sigmoid_rampup, softened_kl, style_loss, valid_at
+from jaxbrats.losses.distillation import (
+    KD_LOSSES,
+    KDConstants,
+    classes_in_every_sample,
+    consistency_loss,
+    content_loss,
+    distillation_loss,
+    gram_matrix,
+    label_logits_from_region_logits,
+    latent_kl,
+    part_weights,
+    pmkl_contrastive_loss,
+    pmkl_kd_loss,
+    pmkl_voxel_weights,
+    pooled_embedding,
+    prototype_loss,
+    prototype_maps,
+    sigmoid_rampup,
+    softened_kl,
+    style_loss,
+    valid_at,
+)
 
 N, SHAPE, C, K = 2, (4, 6, 8), 8, 4
 COARSE = tuple(s // 2 for s in SHAPE)
@@ -23,6 +44,7 @@ RTOL, ATOL = 1e-5, 1e-9
 
 
 # --- data ------------------------------------------------------------------------------
+
 
 def padding_mask():
     """Whole coarse blocks of padding (x >= 2 everywhere, y >= 4 in sample 1) plus lone padding voxels."""
@@ -67,6 +89,7 @@ def close(got, expected, rtol=RTOL, atol=ATOL):
 
 # --- numpy references (float64) --------------------------------------------------------
 
+
 def log_softmax_np(x):
     x = np.asarray(x, np.float64)
     m = x.max(axis=-1, keepdims=True)
@@ -82,8 +105,12 @@ def valid_at_np(valid, coarse):
     factors = [s // c for s, c in zip(valid.shape[1:], coarse)]
     out = np.zeros((valid.shape[0], *coarse), bool)
     for n, i, j, k in itertools.product(range(valid.shape[0]), *(range(c) for c in coarse)):
-        block = valid[n, i * factors[0]:(i + 1) * factors[0], j * factors[1]:(j + 1) * factors[1],
-                      k * factors[2]:(k + 1) * factors[2]]
+        block = valid[
+            n,
+            i * factors[0] : (i + 1) * factors[0],
+            j * factors[1] : (j + 1) * factors[1],
+            k * factors[2] : (k + 1) * factors[2],
+        ]
         out[n, i, j, k] = block.any()
     return out
 
@@ -146,8 +173,9 @@ def proto_loss_np(ft, fs, labels, valid):
     maps_s, counts = proto_maps_np(fs, labels, valid)
     maps_t, _ = proto_maps_np(ft, labels, valid)
     kept = [k for k in range(K) if all(counts[n, k] > 0 for n in range(fs.shape[0]))]
-    total = sum(((maps_s[n, ..., k] - maps_t[n, ..., k])[valid[n]] ** 2).sum()
-                for n in range(fs.shape[0]) for k in kept)
+    total = sum(
+        ((maps_s[n, ..., k] - maps_t[n, ..., k])[valid[n]] ** 2).sum() for n in range(fs.shape[0]) for k in kept
+    )
     return total / (len(kept) * valid.sum())
 
 
@@ -178,6 +206,7 @@ def consistency_np(t, s, valid, background=False):
 
 # --- ramp and masks ----------------------------------------------------------------------
 
+
 def test_sigmoid_rampup_values():
     close(sigmoid_rampup(0, 20), math.exp(-5.0))
     close(sigmoid_rampup(10, 20), math.exp(-5.0 * 0.25))
@@ -199,6 +228,7 @@ def test_valid_at_is_a_strided_any(data):
 
 
 # --- output KL ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5, 10.0])
 def test_softened_kl_matches_the_formula(data, temperature):
@@ -228,6 +258,7 @@ def test_latent_kl_over_counted_bottleneck_voxels(data):
 
 
 # --- PMKL --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("temperature, floor", [(10.0, 0.005), (1.0, 0.005), (1.0, 0.0), (4.0, 0.05)])
 def test_pmkl_kd_matches_the_public_code(data, temperature, floor):
@@ -292,8 +323,10 @@ def test_pmkl_contrastive_pairs(data):
     ft, fs, valid = data["teacher"]["decoder"][-1], data["student"]["decoder"][-1], data["valid"]
     pooled = jax.jit(pooled_embedding)
     np.testing.assert_allclose(np.asarray(pooled(f32(fs), valid)), pooled_np(fs, valid), rtol=1e-5, atol=1e-6)
-    close(contrastive(pooled(f32(ft), valid), pooled(f32(fs), valid), 1.0),
-          contrastive_np(pooled_np(ft, valid), pooled_np(fs, valid), 1.0))
+    close(
+        contrastive(pooled(f32(ft), valid), pooled(f32(fs), valid), 1.0),
+        contrastive_np(pooled_np(ft, valid), pooled_np(fs, valid), 1.0),
+    )
     # identical embeddings, far-apart samples: zero, with a finite gradient at d = 0
     far = f32(np.array([[1.0, 0.0], [-1.0, 0.0]]))
     value, grad = jax.jit(jax.value_and_grad(lambda e: pmkl_contrastive_loss(far, e)))(far)
@@ -301,6 +334,7 @@ def test_pmkl_contrastive_pairs(data):
 
 
 # --- ProtoKD -----------------------------------------------------------------------------
+
 
 def test_prototype_maps(data):
     f, labels, valid = data["student"]["decoder"][-1], data["labels"], data["valid"]
@@ -336,13 +370,15 @@ def test_prototype_loss_uses_each_networks_own_prototypes(data):
 
 # --- SMU-Net -----------------------------------------------------------------------------
 
+
 def test_gram_matrix_views(data):
     f = data["student"]["encoder"][-1]
     np.testing.assert_allclose(np.asarray(gram_matrix(f32(f))), gram_np(f, True), rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(np.asarray(gram_matrix(f32(f), False)), gram_np(f, False), rtol=1e-5, atol=1e-9)
     assert gram_matrix(f32(f)).shape == (N * C, N * C)  # cross-sample blocks, as the code's (B*C, DHW) view
-    np.testing.assert_allclose(np.asarray(gram_matrix(f32(f[:1]))), np.asarray(gram_matrix(f32(f[:1]), False))[0],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(gram_matrix(f32(f[:1]))), np.asarray(gram_matrix(f32(f[:1]), False))[0], rtol=1e-6
+    )
 
 
 def test_style_loss_normalisation(data):
@@ -364,29 +400,39 @@ def test_content_and_consistency(data):
     diff = (t["encoder"][-1] - s["encoder"][-1]) ** 2
     close(content_loss(f32(t["encoder"][-1]), f32(s["encoder"][-1]), valid), diff[coarse].mean())
     for background in (False, True):
-        close(consistency_loss(f32(t["logits"]), f32(s["logits"]), valid, background),
-              consistency_np(t["logits"], s["logits"], valid, background))
+        close(
+            consistency_loss(f32(t["logits"]), f32(s["logits"]), valid, background),
+            consistency_np(t["logits"], s["logits"], valid, background),
+        )
 
 
 # --- dispatcher --------------------------------------------------------------------------
+
 
 def expected_parts(kind, data):
     """Every part from the references above, with the public code's constants."""
     t, s, labels, valid = data["teacher"], data["student"], data["labels"], data["valid"]
     coarse = valid_at_np(valid, COARSE)
     if kind == "kdnet":
-        return {"kl_output": kl_np(t["logits"], s["logits"], valid, 10.0, t_squared=True),
-                "kl_latent": kl_np(t["encoder"][-1], s["encoder"][-1], coarse, 1.0)}
+        return {
+            "kl_output": kl_np(t["logits"], s["logits"], valid, 10.0, t_squared=True),
+            "kl_latent": kl_np(t["encoder"][-1], s["encoder"][-1], coarse, 1.0),
+        }
     if kind == "pmkl":
-        return {"kd_ce": pmkl_kd_np(t["logits"], s["logits"], labels, valid, 10.0, 0.005),
-                "contrastive": contrastive_np(pooled_np(t["decoder"][-1], valid), pooled_np(s["decoder"][-1], valid),
-                                              1.0)}
+        return {
+            "kd_ce": pmkl_kd_np(t["logits"], s["logits"], labels, valid, 10.0, 0.005),
+            "contrastive": contrastive_np(pooled_np(t["decoder"][-1], valid), pooled_np(s["decoder"][-1], valid), 1.0),
+        }
     if kind == "protokd":
-        return {"kl_output": kl_np(t["logits"], s["logits"], valid, 10.0, "element"),
-                "prototype": proto_loss_np(t["decoder"][-1], s["decoder"][-1], labels, valid)}
-    return {"content_mse": ((t["encoder"][-1] - s["encoder"][-1]) ** 2)[coarse].mean(),
-            "style_gram": style_np(t["encoder"][-1], s["encoder"][-1], coarse),
-            "consistency_mse": consistency_np(t["logits"], s["logits"], valid)}
+        return {
+            "kl_output": kl_np(t["logits"], s["logits"], valid, 10.0, "element"),
+            "prototype": proto_loss_np(t["decoder"][-1], s["decoder"][-1], labels, valid),
+        }
+    return {
+        "content_mse": ((t["encoder"][-1] - s["encoder"][-1]) ** 2)[coarse].mean(),
+        "style_gram": style_np(t["encoder"][-1], s["encoder"][-1], coarse),
+        "consistency_mse": consistency_np(t["logits"], s["logits"], valid),
+    }
 
 
 WEIGHTS = {  # the public code's weights, written out
@@ -400,8 +446,9 @@ WEIGHTS = {  # the public code's weights, written out
 @pytest.mark.parametrize("kind", ["kdnet", "pmkl", "protokd", "smunet"])
 def test_dispatcher_totals_are_weighted_sums_of_parts(data, kind):
     ramp = 0.3
-    total, parts = distillation_loss(kind, f32(data["teacher"]), f32(data["student"]), data["labels"], data["valid"],
-                                     KDConstants(), ramp)
+    total, parts = distillation_loss(
+        kind, f32(data["teacher"]), f32(data["student"]), data["labels"], data["valid"], KDConstants(), ramp
+    )
     reference = expected_parts(kind, data)
     assert set(parts) == set(reference) == set(WEIGHTS[kind])
     for name, value in reference.items():
@@ -414,8 +461,9 @@ def test_dispatcher_totals_are_weighted_sums_of_parts(data, kind):
 
 
 def test_dispatcher_none_and_unknown(data):
-    total, parts = distillation_loss("none", f32(data["teacher"]), f32(data["student"]), data["labels"],
-                                     data["valid"], KDConstants())
+    total, parts = distillation_loss(
+        "none", f32(data["teacher"]), f32(data["student"]), data["labels"], data["valid"], KDConstants()
+    )
     assert float(total) == 0.0 and parts == {}
     with pytest.raises(ValueError):
         distillation_loss("hinton", data["teacher"], data["student"], data["labels"], data["valid"], KDConstants())
@@ -426,12 +474,24 @@ def test_optional_embedding_and_style_keys(data):
     teacher, student = f32(data["teacher"]), f32(data["student"])
     rng = np.random.default_rng(8)
     t_emb, s_emb = rng.normal(size=(N, 6)), rng.normal(size=(N, 6))
-    _, parts = distillation_loss("pmkl", {**teacher, "embedding": f32(t_emb)}, {**student, "embedding": f32(s_emb)},
-                                 data["labels"], data["valid"], KDConstants())
+    _, parts = distillation_loss(
+        "pmkl",
+        {**teacher, "embedding": f32(t_emb)},
+        {**student, "embedding": f32(s_emb)},
+        data["labels"],
+        data["valid"],
+        KDConstants(),
+    )
     close(parts["contrastive"], contrastive_np(t_emb, s_emb, 1.0))
     t_style, s_style = rng.normal(size=(N, *COARSE, 5)), rng.normal(size=(N, *COARSE, 5))
-    _, parts = distillation_loss("smunet", {**teacher, "style": f32(t_style)}, {**student, "style": f32(s_style)},
-                                 data["labels"], data["valid"], KDConstants())
+    _, parts = distillation_loss(
+        "smunet",
+        {**teacher, "style": f32(t_style)},
+        {**student, "style": f32(s_style)},
+        data["labels"],
+        data["valid"],
+        KDConstants(),
+    )
     close(parts["style_gram"], style_np(t_style, s_style, valid_at_np(data["valid"], COARSE)))
 
 
@@ -446,12 +506,14 @@ def test_padding_changes_nothing(data, kind):
         def one(x):
             mask = valid if x.shape[1:4] == SHAPE else coarse
             return np.where(mask[..., None], x, rng.normal(size=x.shape) * 5)
+
         return {k: [one(x) for x in v] if isinstance(v, list) else one(v) for k, v in output.items()}
 
     labels = np.where(valid, data["labels"], rng.integers(0, K, size=valid.shape))
     base = distillation_loss(kind, f32(data["teacher"]), f32(data["student"]), data["labels"], valid, KDConstants())
-    moved = distillation_loss(kind, f32(scramble(data["teacher"])), f32(scramble(data["student"])), labels, valid,
-                              KDConstants())
+    moved = distillation_loss(
+        kind, f32(scramble(data["teacher"])), f32(scramble(data["student"])), labels, valid, KDConstants()
+    )
     close(moved[0], base[0], rtol=1e-6)
     for name in base[1]:
         close(moved[1][name], base[1][name], rtol=1e-6)
@@ -474,11 +536,13 @@ def test_jit_grad_and_vmap(data, kind):
     stacked = jax.tree.map(lambda x: jnp.stack([x, 0.5 * x]), student)
     mapped = jax.jit(jax.vmap(loss, in_axes=(0, None, None)))(stacked, teacher, 0.5)
     half = jax.tree.map(lambda x: 0.5 * x, student)
-    np.testing.assert_allclose(np.asarray(mapped), [float(value), float(loss(half, teacher, 0.5))], rtol=1e-5,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(mapped), [float(value), float(loss(half, teacher, 0.5))], rtol=1e-5, atol=1e-7
+    )
 
 
 # --- a region teacher read in the students' label convention --------------------------------------
+
 
 def test_region_logits_become_nested_label_probabilities():
     """numpy: P(bg) = 1 - wt, P(NCR) = wt tc (1 - et), P(ED) = wt (1 - tc), P(ET) = wt tc et, in the

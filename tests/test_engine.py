@@ -3,27 +3,24 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from pathlib import Path
+from conftest import tiny_config
 
-from conftest import tiny_config, with_xla_flags
-from jaxbrats.inference.trained import load_trained
-from jaxbrats.runtime import checkpoints
 from jaxbrats import engine
-from jaxbrats.engine import trainer as trainer_module
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.pipeline import PipelineConfig, make_loader
+from jaxbrats.engine import trainer as trainer_module
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.evaluation.program import evaluate
+from jaxbrats.inference.trained import load_trained
 from jaxbrats.methods import get_method
+from jaxbrats.runtime import checkpoints
 
 
 def test_a_few_steps_lower_the_loss_on_one_batch_and_compile_once(phantom_cache):
@@ -31,7 +28,9 @@ def test_a_few_steps_lower_the_loss_on_one_batch_and_compile_once(phantom_cache)
     method = get_method("baseline")(config)
     optimizers = {"model": optax.adam(3e-3)}
     graphdefs, state = engine.init_state(method, "train", 0, optimizers)
-    loader = make_loader(CacheDataset(phantom_cache), PipelineConfig(crop_size=(16, 16, 16), batch_size=2, foreground_oversample=1.0))
+    loader = make_loader(
+        CacheDataset(phantom_cache), PipelineConfig(crop_size=(16, 16, 16), batch_size=2, foreground_oversample=1.0)
+    )
     batch = {k: jnp.asarray(v) for k, v in next(iter(loader)).items()}
     step_fn = engine.make_train_step(method, "train", graphdefs, optimizers)
     jitted = jax.jit(step_fn, donate_argnums=0)
@@ -51,13 +50,25 @@ LEARNS_WT_FLOOR = 0.70
 
 def test_baseline_learns_on_the_phantom(phantom_cache, tmp_path):
     """A demo-like run (16^3 crops, 300 steps, ~30 s on 2 cores) segments held-out cases well."""
-    config = tiny_config("stages.train.steps=300", "train.log_every=50", "train.checkpoint_every=300", "eval.hd95=false")
+    config = tiny_config(
+        "stages.train.steps=300", "train.log_every=50", "train.checkpoint_every=300", "eval.hd95=false"
+    )
     trainer = engine.train(config, tmp_path / "run", phantom_cache)
     method, graphdefs, models, config = load_trained(tmp_path / "run")
     test_ids = engine.load_splits(tmp_path / "run", CacheDataset(phantom_cache))["test"]
-    summary = evaluate(method, graphdefs, models, CacheDataset(phantom_cache, test_ids), config.eval, tmp_path / "eval",
-                       predictions="none", progress=False)
-    assert summary["cases"] == 2 and not set(test_ids) & set(engine.load_splits(tmp_path / "run", CacheDataset(phantom_cache))["train"])
+    summary = evaluate(
+        method,
+        graphdefs,
+        models,
+        CacheDataset(phantom_cache, test_ids),
+        config.eval,
+        tmp_path / "eval",
+        predictions="none",
+        progress=False,
+    )
+    assert summary["cases"] == 2 and not set(test_ids) & set(
+        engine.load_splits(tmp_path / "run", CacheDataset(phantom_cache))["train"]
+    )
     assert summary["subsets"][-1]["dice"]["WT"] >= LEARNS_WT_FLOOR, summary["subsets"][-1]
     assert np.mean([l for *_, l in trainer.losses[-50:]]) < 0.5 * np.mean([l for *_, l in trainer.losses[:10]])
 
@@ -166,7 +177,11 @@ def test_schedules():
     from jaxbrats.config import OptimizerConfig
 
     cosine = engine.make_schedule(OptimizerConfig(lr=1.0, schedule="cosine", warmup_steps=10), 110)
-    assert float(cosine(0)) == 0.0 and float(cosine(10)) == pytest.approx(1.0) and float(cosine(110)) == pytest.approx(0.0, abs=1e-6)
+    assert (
+        float(cosine(0)) == 0.0
+        and float(cosine(10)) == pytest.approx(1.0)
+        and float(cosine(110)) == pytest.approx(0.0, abs=1e-6)
+    )
     poly = engine.make_schedule(OptimizerConfig(lr=1.0, schedule="poly"), 100)
     assert float(poly(50)) == pytest.approx(0.5**0.9, rel=1e-5)
 
@@ -198,19 +213,25 @@ def test_model_lr_must_name_a_trained_model():
 
 # --- resuming what does not fit -----------------------------------------------------------
 
+
 def _cli(*args):
     from jaxbrats.cli import main
 
     return main([str(a) for a in args])
 
 
-@pytest.mark.parametrize("change, keys", [
-    ("model.widths=[16,16,16,16]", "model.widths"),
-    ("method.output='labels'", "method.output"),
-    ("stages.train.optimizers.model.name='sgd'", "stages.train.optimizers.model.name"),
-    ("data.crop_size=[32,32,32]", "data.crop_size"),
-])
-def test_a_resume_that_changes_what_the_checkpoint_holds_is_refused_in_one_line(stopped_run, phantom_cache, change, keys, capsys):
+@pytest.mark.parametrize(
+    "change, keys",
+    [
+        ("model.widths=[16,16,16,16]", "model.widths"),
+        ("method.output='labels'", "method.output"),
+        ("stages.train.optimizers.model.name='sgd'", "stages.train.optimizers.model.name"),
+        ("data.crop_size=[32,32,32]", "data.crop_size"),
+    ],
+)
+def test_a_resume_that_changes_what_the_checkpoint_holds_is_refused_in_one_line(
+    stopped_run, phantom_cache, change, keys, capsys
+):
     workdir, config_file = stopped_run
     before = sorted(p.name for p in (workdir / "checkpoints" / "train").iterdir())
     rc = _cli("train", "--config", config_file, "--workdir", workdir, "--data", phantom_cache, *_sets(*RESUME, change))
@@ -233,7 +254,21 @@ def stopped_run(phantom_cache, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("stopped")
     config_file = workdir.parent / "baseline.toml"
     config_file.write_text('[method]\nname = "baseline"\n')
-    assert _cli("train", "--config", config_file, "--workdir", workdir, "--data", phantom_cache, *_sets(*RESUME), "--stop-after", "2") == 0
+    assert (
+        _cli(
+            "train",
+            "--config",
+            config_file,
+            "--workdir",
+            workdir,
+            "--data",
+            phantom_cache,
+            *_sets(*RESUME),
+            "--stop-after",
+            "2",
+        )
+        == 0
+    )
     return workdir, config_file
 
 
@@ -244,7 +279,10 @@ def test_safe_changes_resume_and_are_recorded(stopped_run, phantom_cache, tmp_pa
     trainer = engine.train(config, workdir, phantom_cache)
     assert [s for _, s, _ in trainer.losses] == [3, 4, 5]
     history = [json.loads(line) for line in (workdir / "config_history.jsonl").read_text().splitlines()]
-    assert [sorted(row["changed"]) for row in history] == [[], ["data.batch_size", "eval.overlap", "stages.train.steps", "train.log_every"]]
+    assert [sorted(row["changed"]) for row in history] == [
+        [],
+        ["data.batch_size", "eval.overlap", "stages.train.steps", "train.log_every"],
+    ]
     assert history[1]["changed"]["data.batch_size"] == [2, 4]
     assert json.loads((workdir / "config.json").read_text())["data"]["batch_size"] == 4
 
@@ -254,11 +292,16 @@ def _truncate(path: Path) -> None:
 
 
 def _largest_array_file(checkpoint: Path) -> Path:
-    return max((p for p in (checkpoint / "state").rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    return max(
+        (p for p in (checkpoint / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+        key=lambda p: p.stat().st_size,
+    )
 
 
 @pytest.mark.parametrize("damaged", [pytest.param("extra/metadata", marks=pytest.mark.slow), "largest array file"])
-def test_an_unreadable_checkpoint_is_named_and_the_one_before_is_used(uninterrupted, phantom_cache, tmp_path, damaged, capsys):
+def test_an_unreadable_checkpoint_is_named_and_the_one_before_is_used(
+    uninterrupted, phantom_cache, tmp_path, damaged, capsys
+):
     config = tiny_config(*RESUME)
     engine.train(config, tmp_path, phantom_cache, stop_after=4)  # checkpoints at 2 and 4
     latest = tmp_path / "checkpoints" / "train" / "4"
@@ -266,7 +309,12 @@ def test_an_unreadable_checkpoint_is_named_and_the_one_before_is_used(uninterrup
     capsys.readouterr()
     trainer = engine.train(config, tmp_path, phantom_cache)
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and str(latest) in warnings[0] and "cannot be read" in warnings[0] and "using step 2" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and str(latest) in warnings[0]
+        and "cannot be read" in warnings[0]
+        and "using step 2" in warnings[0]
+    )
     assert (tmp_path / "checkpoints" / "train" / "unreadable-4").is_dir()  # kept for a look, out of the way
     assert [s for _, s, _ in trainer.losses] == [3, 4, 5, 6]
     assert logged_steps(tmp_path) == {"train": [1, 2, 3, 4, 5, 6]}
@@ -298,8 +346,12 @@ def test_one_writer_per_work_directory(phantom_cache, tmp_path, capsys):
         rc = _cli("train", "--config", config_file, "--workdir", workdir, "--data", phantom_cache, *_sets())
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 1 and len(err) == 1 and "Traceback" not in err[0], err
-        for fragment in (".train.lock: locked by jaxbrats train", f"pid {os.getpid()} on host {socket.gethostname()}",
-                         f"started {holder.started}", "another --workdir"):
+        for fragment in (
+            ".train.lock: locked by jaxbrats train",
+            f"pid {os.getpid()} on host {socket.gethostname()}",
+            f"started {holder.started}",
+            "another --workdir",
+        ):
             assert fragment in err[0], err[0]
         with pytest.raises(JaxbratsError, match="locked by jaxbrats train"):
             engine.train(tiny_config(), workdir, phantom_cache)
@@ -308,7 +360,9 @@ def test_one_writer_per_work_directory(phantom_cache, tmp_path, capsys):
 
 def test_a_config_whose_paper_names_a_split_needs_split_files(phantom_cache, tmp_path):
     config = tiny_config("data.split='files'")
-    with pytest.raises(JaxbratsError, match=r"data.split = 'files'.*set data.train_split, data.val_split and data.test_split"):
+    with pytest.raises(
+        JaxbratsError, match=r"data.split = 'files'.*set data.train_split, data.val_split and data.test_split"
+    ):
         engine.train(config, tmp_path / "run", phantom_cache)
     assert not (tmp_path / "run" / "splits.json").exists()
     ids = CacheDataset(phantom_cache).case_ids

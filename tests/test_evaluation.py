@@ -10,30 +10,33 @@ import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import save
 
-from jaxbrats.evaluation import program
-from jaxbrats.inference import segment as segmentation
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.preprocess import prepare_dataset
 from jaxbrats.engine.workdir import load_splits
-from jaxbrats.inference.trained import load_trained
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.inference.segment import pad_to, postprocess_et
+from jaxbrats.evaluation import program as program_module
+from jaxbrats.evaluation.metrics import canonical_spacing, dice_from_counts, hd95_table
 from jaxbrats.evaluation.program import bucket_shape, evaluate, make_case_program, subset_evaluator
-from jaxbrats.evaluation.metrics import canonical_spacing, hd95_table
+from jaxbrats.inference import segment as segmentation
 from jaxbrats.inference.nifti import write_prediction
-from jaxbrats.labels import ENHANCING, NECROSIS
-from jaxbrats.evaluation.metrics import dice_from_counts
-from jaxbrats.modalities import SUBSET_MASKS, SUBSET_NAMES
 from jaxbrats.inference.predict import predict_case
-from helpers import save
+from jaxbrats.inference.segment import pad_to, postprocess_et
+from jaxbrats.inference.trained import load_trained
+from jaxbrats.labels import ENHANCING, NECROSIS
+from jaxbrats.modalities import SUBSET_MASKS, SUBSET_NAMES
 
 
 def _case_inputs(cache, cfg, i=0):
     dataset = CacheDataset(cache)
     arrays, shape = dataset.arrays(i), tuple(dataset.manifests[i]["cropped_shape"])
     bucket = bucket_shape([shape], cfg)
-    return (pad_to(np.asarray(arrays["image"]), bucket), pad_to(np.asarray(arrays["label"]), bucket), pad_to(np.ones(shape, bool), bucket))
+    return (
+        pad_to(np.asarray(arrays["image"]), bucket),
+        pad_to(np.asarray(arrays["label"]), bucket),
+        pad_to(np.ones(shape, bool), bucket),
+    )
 
 
 def test_the_15_subset_program_equals_a_python_loop(trained_run, phantom_cache):
@@ -51,11 +54,18 @@ def test_the_15_subset_program_equals_a_python_loop(trained_run, phantom_cache):
 def test_evaluate_writes_the_summary_compiled_once(trained_run, phantom_cache, tmp_path):
     method, graphdefs, models, config = load_trained(trained_run)
     ids = load_splits(trained_run, CacheDataset(phantom_cache))["test"]
-    summary = evaluate(method, graphdefs, models, CacheDataset(phantom_cache, ids), config.eval, tmp_path, progress=False)
+    summary = evaluate(
+        method, graphdefs, models, CacheDataset(phantom_cache, ids), config.eval, tmp_path, progress=False
+    )
     assert set(summary) == {"regions", "subsets", "mean", "cases"}
     assert summary["regions"] == ["WT", "TC", "ET"] and summary["cases"] == len(ids) == 2
     assert [row["name"] for row in summary["subsets"]] == list(SUBSET_NAMES)
-    assert summary["subsets"][0]["modalities"] == ["flair"] and summary["subsets"][-1]["modalities"] == ["flair", "t1ce", "t1", "t2"]
+    assert summary["subsets"][0]["modalities"] == ["flair"] and summary["subsets"][-1]["modalities"] == [
+        "flair",
+        "t1ce",
+        "t1",
+        "t2",
+    ]
     for row in summary["subsets"]:
         assert set(row) == {"name", "modalities", "cases", "served", "dice", "hd95"}
         assert row["cases"] == 2 and row["served"]  # every phantom case has the four modalities
@@ -130,7 +140,9 @@ def _input_case(tmp_path) -> Path:
     return next((tmp_path / "raw").iterdir())
 
 
-@pytest.mark.parametrize("where", ["file", "nested", "the folder itself", "dotdot", "symlink to the folder", "case via symlink"])
+@pytest.mark.parametrize(
+    "where", ["file", "nested", "the folder itself", "dotdot", "symlink to the folder", "case via symlink"]
+)
 def test_predict_refuses_an_output_inside_the_case_folder_and_writes_nothing(trained_run, tmp_path, where):
     case = _input_case(tmp_path)
     given_case = case
@@ -207,19 +219,23 @@ class _Recording:
 
     def __call__(self, models_state, image, labels, valid, case=None):
         out = self.program(models_state, image, labels, valid, case)
-        self.calls.append({"labels": np.asarray(labels), "case_shape": np.asarray(case["shape"]), "out": jax.device_get(out)})
+        self.calls.append(
+            {"labels": np.asarray(labels), "case_shape": np.asarray(case["shape"]), "out": jax.device_get(out)}
+        )
         return out
 
 
-def test_dice_and_hd95_recomputed_in_numpy_equal_the_program_and_the_case_json(trained_run, phantom_cache, tmp_path, monkeypatch):
+def test_dice_and_hd95_recomputed_in_numpy_equal_the_program_and_the_case_json(
+    trained_run, phantom_cache, tmp_path, monkeypatch
+):
     method, graphdefs, models, config = load_trained(trained_run)
     case_id = load_splits(trained_run, CacheDataset(phantom_cache))["test"][0]
     dataset = CacheDataset(phantom_cache, [case_id])
     shape = tuple(dataset.manifests[0]["cropped_shape"])
     cfg = dataclasses.replace(config.eval, bucket=(shape[0] + 8, shape[1], shape[2]))  # padding the program must ignore
     assert cfg.hd95_empty == "brats"
-    recorded, make = [], program.make_case_program
-    monkeypatch.setattr(program, "make_case_program", lambda *a: recorded.append(_Recording(make(*a))) or recorded[-1])
+    recorded, make = [], program_module.make_case_program
+    monkeypatch.setattr(program_module, "make_case_program", lambda *a: recorded.append(_Recording(make(*a))) or recorded[-1])
     evaluate(method, graphdefs, models, dataset, cfg, tmp_path, predictions="none", progress=False)
     [program] = recorded
     [call] = program.calls
@@ -227,7 +243,7 @@ def test_dice_and_hd95_recomputed_in_numpy_equal_the_program_and_the_case_json(t
     assert maps.shape == (15, *cfg.bucket) and tuple(call["case_shape"]) == shape
     truth = np.asarray(dataset.arrays(0)["label"])
     np.testing.assert_array_equal(call["labels"][: shape[0]], truth)
-    assert not maps[:, shape[0]:].any()  # nothing predicted in the padding
+    assert not maps[:, shape[0] :].any()  # nothing predicted in the padding
     rows = json.loads((tmp_path / "cases" / f"{case_id}.json").read_text())["subsets"]
     assert [row["name"] for row in rows] == list(SUBSET_NAMES)
     program_dice = dice_from_counts(counts)
@@ -241,7 +257,10 @@ def test_dice_and_hd95_recomputed_in_numpy_equal_the_program_and_the_case_json(t
             assert program_dice[s, r] == pytest.approx(want[region], rel=1e-12, abs=1e-12), (SUBSET_NAMES[s], region)
             assert row["dice"][region] == pytest.approx(want[region], rel=1e-12, abs=1e-12), (SUBSET_NAMES[s], region)
             p, t = np.isin(pred, REGION_VALUES[region]), np.isin(truth, REGION_VALUES[region])
-            assert row["hd95"][region] == pytest.approx(_brute_force_hd95(p, t, spacing), rel=1e-9), (SUBSET_NAMES[s], region)
+            assert row["hd95"][region] == pytest.approx(_brute_force_hd95(p, t, spacing), rel=1e-9), (
+                SUBSET_NAMES[s],
+                region,
+            )
             partial += 0.0 < want[region] < 1.0
     assert partial >= 3 and len({m.tobytes() for m in maps}) > 1  # not vacuous: partial overlaps, subsets differ
 
@@ -282,7 +301,9 @@ def _to_source(canonical: np.ndarray, storage: dict) -> np.ndarray:
 def test_canonical_spacing_of_permuted_flipped_affines(name, rotation):
     storage = STORAGES[name]
     assert canonical_spacing(_affine(storage, rotation)) == pytest.approx(storage["spacing"], rel=1e-12)
-    assert canonical_spacing(_affine(storage, rotation).tolist()) == pytest.approx(storage["spacing"], rel=1e-12)  # a manifest's list
+    assert canonical_spacing(_affine(storage, rotation).tolist()) == pytest.approx(
+        storage["spacing"], rel=1e-12
+    )  # a manifest's list
 
 
 @pytest.mark.parametrize("name", ["zxy", "yzx"])
@@ -312,15 +333,20 @@ def test_hd95_of_a_shift_along_each_physical_axis_uses_that_axis_spacing(name, t
         table = hd95_table(np.repeat(shifted[None], 15, axis=0), label, spacing, "brats")
         np.testing.assert_allclose(table, 2 * storage["spacing"][axis], rtol=1e-12, err_msg=f"axis {axis}")
         # the pooled brute force on surface positions in mm agrees
-        assert _brute_force_hd95(shifted > 0, truth > 0, storage["spacing"]) == pytest.approx(2 * storage["spacing"][axis])
+        assert _brute_force_hd95(shifted > 0, truth > 0, storage["spacing"]) == pytest.approx(
+            2 * storage["spacing"][axis]
+        )
     # and the prediction writer puts a RAS+ label map back in the source storage, affine and convention
     write_prediction(label, manifest, tmp_path / "pred.nii.gz")
     written = nib.load(tmp_path / "pred.nii.gz")
     np.testing.assert_allclose(written.affine, affine, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(written.dataobj), np.asarray(nib.load(case / f"{case.name}_seg.nii.gz").dataobj))
+    np.testing.assert_array_equal(
+        np.asarray(written.dataobj), np.asarray(nib.load(case / f"{case.name}_seg.nii.gz").dataobj)
+    )
 
 
 # --- decoding, logit averaging and the centre crop (issue 25) ------------------------------------------
+
 
 def test_argmax_decoding_differs_from_thresholds_where_rfnet_says():
     """A softmax voxel [0.40, 0.35, 0, 0.25] (background, NCR, ED, ET): WT = TC = 0.60 pass the
@@ -332,8 +358,9 @@ def test_argmax_decoding_differs_from_thresholds_where_rfnet_says():
     assert int(segmentation.decode(regions, "threshold")[0]) == NECROSIS
     assert int(segmentation.decode(regions, "argmax")[0]) == BACKGROUND
     softmax = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (500, 4)), axis=-1)
-    np.testing.assert_array_equal(segmentation.decode(region_probs_from_label_probs(softmax, xp=jnp), "argmax"),
-                                  np.argmax(softmax, axis=-1))  # exact for a softmax network
+    np.testing.assert_array_equal(
+        segmentation.decode(region_probs_from_label_probs(softmax, xp=jnp), "argmax"), np.argmax(softmax, axis=-1)
+    )  # exact for a softmax network
 
 
 class _WindowDependent:
@@ -375,16 +402,21 @@ def test_logit_averaging_blends_the_windows_logits():
 
 
 def test_center_crop_view_cuts_the_source_grid_centre_out_of_the_brain_box():
-    manifest = {"case_id": "c", "original_shape": [240, 240, 155], "original_affine": np.eye(4).tolist(),
-                "crop_box": [[30, 200], [10, 230], [0, 150]], "cropped_shape": [170, 220, 150]}
-    narrowed, view = program.center_crop_view(manifest, (160, 192, 128))
+    manifest = {
+        "case_id": "c",
+        "original_shape": [240, 240, 155],
+        "original_affine": np.eye(4).tolist(),
+        "crop_box": [[30, 200], [10, 230], [0, 150]],
+        "cropped_shape": [170, 220, 150],
+    }
+    narrowed, view = program_module.center_crop_view(manifest, (160, 192, 128))
     # centre crop [40, 200) x [24, 216) x [13, 141) of the volume, within the box
     assert narrowed["crop_box"] == [[40, 200], [24, 216], [13, 141]]
     assert narrowed["cropped_shape"] == [160, 192, 128]
     assert view == (slice(10, 170), slice(14, 206), slice(13, 141))
-    assert program.center_crop_view(manifest, ()) == (manifest, (slice(None),) * 3)
+    assert program_module.center_crop_view(manifest, ()) == (manifest, (slice(None),) * 3)
     with pytest.raises(JaxbratsError, match="case c: its brain box .* lies outside eval.center_crop"):
-        program.center_crop_view({**manifest, "crop_box": [[0, 20], [0, 240], [0, 155]]}, (160, 192, 128))
+        program_module.center_crop_view({**manifest, "crop_box": [[0, 20], [0, 240], [0, 155]]}, (160, 192, 128))
 
 
 def test_evaluate_with_a_center_crop_scores_and_writes_only_the_crop(trained_run, phantom_cache, tmp_path):

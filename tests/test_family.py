@@ -80,8 +80,9 @@ def test_map_members_equals_a_loop_over_members():
     each = _inputs(1, (K, 2, SIDE, SIDE, SIDE, 4))  # one batch per member
     shared = _inputs(2, (2, SIDE, SIDE, SIDE, 4))  # the same batch for all
     for xs, in_axes in ((each, 0), (shared, None)):
-        run = jax.jit(lambda s, x: family.map_members(lambda m, y: m(y)["logits"], nnx.merge(graphdef, s), x,
-                                                      in_axes=in_axes))
+        run = jax.jit(
+            lambda s, x: family.map_members(lambda m, y: m(y)["logits"], nnx.merge(graphdef, s), x, in_axes=in_axes)
+        )
         got = run(state, xs)
         assert got.shape == (K, 2, SIDE, SIDE, SIDE, 3)
         for i in range(K):
@@ -149,6 +150,7 @@ def test_stack_refuses_bad_keys():
 
 
 # -- the discriminator ------------------------------------------------------------------------------
+
 
 def _disc_parameters(in_channels, width):
     return 27 * in_channels * width + width + 27 * width * 1 + 1  # two k3 convs: weights + biases

@@ -10,12 +10,11 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from jaxbrats.evaluation import program, reports
-from jaxbrats.inference import trained
-from jaxbrats.evaluation import figures
 from jaxbrats.cli import main
 from jaxbrats.config import EvalConfig
 from jaxbrats.data.cache import CacheDataset
+from jaxbrats.evaluation import figures, program, reports
+from jaxbrats.inference import trained
 from jaxbrats.labels import EDEMA, ENHANCING, NECROSIS, regions_of
 from jaxbrats.modalities import SUBSET_NAMES, subset_index
 
@@ -38,7 +37,11 @@ def _colour_masks(pixels):
     rgb = np.asarray(pixels, float)[..., :3]
     rgb = rgb / 255.0 if rgb.max() > 1 else rgb
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    return {EDEMA: g - np.maximum(r, b) > 0.4, NECROSIS: r - np.maximum(g, b) > 0.4, ENHANCING: np.minimum(r, g) - b > 0.4}
+    return {
+        EDEMA: g - np.maximum(r, b) > 0.4,
+        NECROSIS: r - np.maximum(g, b) > 0.4,
+        ENHANCING: np.minimum(r, g) - b > 0.4,
+    }
 
 
 def _voxel_pixel(row, column, display_rc):
@@ -87,7 +90,9 @@ def test_case_figure_size_colours_and_orientation(tmp_path):
     assert figures.figure_size(columns) == (24 + 200 * columns, 700)
     read = matplotlib.image.imread(path)
     assert read.shape[:2] == (700, 24 + 200 * columns) == pixels.shape[:2]
-    np.testing.assert_array_equal((read[..., :3] * 255).round().astype(np.uint8), pixels)  # the PNG is what TensorBoard gets
+    np.testing.assert_array_equal(
+        (read[..., :3] * 255).round().astype(np.uint8), pixels
+    )  # the PNG is what TensorBoard gets
     assert [p.name for p in path.parent.iterdir()] == ["case-7.png"]  # no temporary file left
     colours = _colour_masks(pixels)
 
@@ -121,8 +126,8 @@ def _events(folder):
     for path in sorted(folder.glob("events.out.tfevents.*")):
         data, at = path.read_bytes(), 0
         while at < len(data):  # TFRecord: length (8), its CRC (4), the record, its CRC (4)
-            (length,) = struct.unpack("<Q", data[at: at + 8])
-            event = event_pb2.Event.FromString(data[at + 12: at + 12 + length])
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
             at += 12 + length + 4
             for value in event.summary.value:
                 if value.HasField("image"):
@@ -184,7 +189,9 @@ def test_eval_command_passes_figures_and_the_checkpoint_step(phantom_cache, tmp_
     config = type("Config", (), {"eval": EvalConfig()})()
     seen = {}
     monkeypatch.setattr(trained, "load_trained", lambda *a, **k: (method, {}, {}, config))
-    monkeypatch.setattr(jaxbrats.runtime.checkpoints, "existing_manager", lambda workdir, stage: seen.update(stage=stage) or Manager())
+    monkeypatch.setattr(
+        jaxbrats.runtime.checkpoints, "existing_manager", lambda workdir, stage: seen.update(stage=stage) or Manager()
+    )
     monkeypatch.setattr(program, "evaluate", lambda *a, **k: seen.update(k) or {"stop": True})
     monkeypatch.setattr(reports, "markdown_table", lambda *a: "")
     args = ["eval", "--workdir", tmp_path, "--data", phantom_cache, "--split", "all", "--out", tmp_path / "out"]
@@ -197,16 +204,36 @@ def test_eval_command_passes_figures_and_the_checkpoint_step(phantom_cache, tmp_
 
 # --- jaxbrats plot --------------------------------------------------------------------------
 
+
 def _write_run(workdir, scale):
     """Two stages as `Trainer._flush` logs them: one update group, then two; throughput rows after each flush."""
     rows = []
     for step in range(1, 6):
-        rows.append({"stage": "pretrain", "step": step, "loss": scale / step, "mse": 0.5 / step, "grad_norm": 1.0, "lr/model": 1e-3 * step})
+        rows.append(
+            {
+                "stage": "pretrain",
+                "step": step,
+                "loss": scale / step,
+                "mse": 0.5 / step,
+                "grad_norm": 1.0,
+                "lr/model": 1e-3 * step,
+            }
+        )
     rows.append({"stage": "pretrain", "step": 5, "steps_per_s": 2.0, "voxels_per_s": 1e5})
     for step in range(1, 4):
-        rows.append({"stage": "finetune", "step": step, "students/loss": scale * (1 - step / 10), "students/dice": 0.3,
-                     "students/grad_norm": 2.0, "discriminators/loss": 0.7 - 0.8 * step / 3 * scale,
-                     "discriminators/grad_norm": 0.1, "lr/students": 1e-4, "lr/discriminators": 2e-4})
+        rows.append(
+            {
+                "stage": "finetune",
+                "step": step,
+                "students/loss": scale * (1 - step / 10),
+                "students/dice": 0.3,
+                "students/grad_norm": 2.0,
+                "discriminators/loss": 0.7 - 0.8 * step / 3 * scale,
+                "discriminators/grad_norm": 0.1,
+                "lr/students": 1e-4,
+                "lr/discriminators": 2e-4,
+            }
+        )
     rows.append({"stage": "finetune", "step": 3, "steps_per_s": 1.5, "voxels_per_s": 8e4})
     workdir.mkdir(parents=True)
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -223,12 +250,18 @@ def test_plot_two_runs_of_two_stages(tmp_path, capsys):
     assert main(["plot", a, b, "--out", out, "--names", "baseline, m3ae"]) == 0
     assert str(out) in capsys.readouterr().out
     pixels = matplotlib.image.imread(out)
-    assert pixels.shape[:2] == (280 * 2 + 40, 400 * 3) and pixels[..., :3].std() > 0  # 2 stages; 2 losses + lr (finetune)
+    assert (
+        pixels.shape[:2] == (280 * 2 + 40, 400 * 3) and pixels[..., :3].std() > 0
+    )  # 2 stages; 2 losses + lr (finetune)
     for suffix in (".pdf", ".svg"):  # for papers: the format follows the suffix
         assert main(["plot", a, b, "--out", tmp_path / "plots" / f"curves{suffix}", "--keys", "loss,grad_norm"]) == 0
     assert (tmp_path / "plots" / "curves.pdf").read_bytes().startswith(b"%PDF")
     assert "<svg" in (tmp_path / "plots" / "curves.svg").read_text()
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["curves.pdf", "curves.png", "curves.svg"]  # no temporary file
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "curves.pdf",
+        "curves.png",
+        "curves.svg",
+    ]  # no temporary file
     assert main(["plot", a, "--out", tmp_path / "smooth.png", "--smooth", "0.9"]) == 0
 
 
@@ -251,13 +284,16 @@ def _error_line(capsys, argv) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("content,fragment", [
-    (None, "no metrics.jsonl"),
-    ("", "empty"),
-    ('{"stage": "train", "step": 1, "loss": 0.5}\n{"stage": "train", "st\n', ":2: not JSON"),
-    ('{"stage": "train", "step": 1, "loss": 0.5}\n\n[1, 2]\n', ":3: not a metrics row"),
-    ('{"stage": "train", "step": 1, "loss": "high"}\n', ":1: 'loss' is not a number"),
-])
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        (None, "no metrics.jsonl"),
+        ("", "empty"),
+        ('{"stage": "train", "step": 1, "loss": 0.5}\n{"stage": "train", "st\n', ":2: not JSON"),
+        ('{"stage": "train", "step": 1, "loss": 0.5}\n\n[1, 2]\n', ":3: not a metrics row"),
+        ('{"stage": "train", "step": 1, "loss": "high"}\n', ":1: 'loss' is not a number"),
+    ],
+)
 def test_plot_names_a_missing_empty_or_corrupt_metrics_file_and_line(tmp_path, capsys, content, fragment):
     good = _write_run(tmp_path / "good", 1.0)
     bad = tmp_path / "bad"
@@ -272,4 +308,6 @@ def test_plot_names_a_missing_empty_or_corrupt_metrics_file_and_line(tmp_path, c
 def test_plot_refuses_an_unknown_format_and_a_wrong_number_of_names(tmp_path, capsys):
     run = _write_run(tmp_path / "run", 1.0)
     assert ".png, .pdf, .svg" in _error_line(capsys, ["plot", run, "--out", tmp_path / "curves.jpg"])
-    assert "2 name(s) for 1 work directory" in _error_line(capsys, ["plot", run, "--out", tmp_path / "c.png", "--names", "a,b"])
+    assert "2 name(s) for 1 work directory" in _error_line(
+        capsys, ["plot", run, "--out", tmp_path / "c.png", "--names", "a,b"]
+    )

@@ -12,17 +12,18 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
+from helpers import write_case  # noqa: E402
+
 from jaxbrats import cli  # noqa: E402
 from jaxbrats.engine.trainer import Trainer  # noqa: E402
-from jaxbrats.inference.trained import load_trained
 from jaxbrats.errors import JaxbratsError  # noqa: E402
-from jaxbrats.labels import REGIONS, labels_from_regions  # noqa: E402
+from jaxbrats.inference.predict import predict_case, segment_one_case  # noqa: E402
+from jaxbrats.inference.trained import load_trained
 from jaxbrats.interop.m3ae_import import import_m3ae  # noqa: E402
+from jaxbrats.interop.torch_m3ae import build, public_checkpoint  # noqa: E402
+from jaxbrats.labels import REGIONS, labels_from_regions  # noqa: E402
 from jaxbrats.methods import config_from_data  # noqa: E402
 from jaxbrats.modalities import MODALITIES  # noqa: E402
-from jaxbrats.interop.torch_m3ae import build, public_checkpoint  # noqa: E402
-from jaxbrats.inference.predict import predict_case, segment_one_case  # noqa: E402
-from helpers import write_case  # noqa: E402
 
 # Written here from the public code, not taken from the module under test.
 PUBLIC_CHANNELS = ("t1", "t1ce", "t2", "flair")
@@ -31,7 +32,10 @@ VOLUME = (36, 44, 40)  # x_sub as the public code holds it: (z, y, x) = NIfTI vo
 Z, Y, X = VOLUME
 N = 32  # the test case / window edge
 BOX = (3, 5, 2)  # the case's corner in the RAS+ grid (x, y, z)
-MARKS = {("t1ce", (10, 12, 9)): 7.5, ("flair", (20, 30, 15)): -3.25}  # public (channel, (z, y, x)) -> value, inside the case
+MARKS = {
+    ("t1ce", (10, 12, 9)): 7.5,
+    ("flair", (20, 30, 15)): -3.25,
+}  # public (channel, (z, y, x)) -> value, inside the case
 
 
 def _public_model(deep=True):
@@ -90,10 +94,18 @@ def test_summary_and_run_directory(public):
     _, path, run, summary = public
     assert summary["unet_parameters"] == 4_704_505 and summary["epoch"] == 299
     assert summary["x_sub_shape"] == [X, Y, Z, 4] and summary["x_sub_public_shape"] == [1, 4, Z, Y, X]
-    assert summary["frame"] == "template" and summary["source_axcodes"] == "LPS" and summary["deep_supervision_heads"] == "imported"
+    assert (
+        summary["frame"] == "template"
+        and summary["source_axcodes"] == "LPS"
+        and summary["deep_supervision_heads"] == "imported"
+    )
     config = json.loads((run / "config.json").read_text())
     assert config["method"]["name"] == "m3ae" and config["method"]["substitute_shape"] == [X, Y, Z]
-    assert config["model"]["upsample"] == "nearest" and config["eval"]["blend"] == "uniform" and config["eval"]["average"] == "logits"
+    assert (
+        config["model"]["upsample"] == "nearest"
+        and config["eval"]["blend"] == "uniform"
+        and config["eval"]["average"] == "logits"
+    )
     assert json.loads((run / "data.json").read_text())["preprocessing"] == {"normalization": "percentile", "margin": 1}
     assert sorted(p.name for p in run.parent.iterdir() if p.name.startswith(".")) == []  # no partial folder left
 
@@ -105,8 +117,10 @@ def test_forward_and_deep_heads_match_public(public, restored):
     x = np.random.default_rng(1).normal(size=(1, N, N, N, 4)).astype(np.float32)
     out = nnx.jit(lambda m, x: m(x))(unet, jnp.asarray(x))
     decoded = {}
-    hooks = [getattr(model.unet, n).register_forward_hook(lambda _m, _i, o, n=n: decoded.__setitem__(n, o))
-             for n in ("up4convb", "up3convb")]
+    hooks = [
+        getattr(model.unet, n).register_forward_hook(lambda _m, _i, o, n=n: decoded.__setitem__(n, o))
+        for n in ("up4convb", "up3convb")
+    ]
     with torch.no_grad():
         want = model.unet(_to_public(x))
         heads = [model.unet.ds_out[i](decoded[n]) for i, n in enumerate(("up4convb", "up3convb"))]
@@ -148,7 +162,7 @@ def test_missing_modalities_filled_as_public_training(public, restored):
     probs = np.asarray(nnx.jit(lambda m, x: method.predict(m, x, None))(models, filled[None]))[0]
     # The public side: the raw-order window of limage (x and y reversed against RAS+), then mirrored like the case.
     x0, y0, z0 = BOX
-    window = model.limage[:, :, z0:z0 + N, Y - y0 - N:Y - y0, X - x0 - N:X - x0].flip(3, 4)
+    window = model.limage[:, :, z0 : z0 + N, Y - y0 - N : Y - y0, X - x0 - N : X - x0].flip(3, 4)
     missing = [PUBLIC_CHANNELS.index(m) for m, p in zip(MODALITIES, present) if not p]
     with torch.no_grad():
         x = _to_public(image[None])
@@ -183,15 +197,26 @@ def _one_line(excinfo):
     return str(excinfo.value)
 
 
-@pytest.mark.parametrize("change,match", [
-    (lambda s: s.pop("module.unet.conv4d.conv2.weight"), r"key module\.unet\.conv4d\.conv2\.weight is missing"),
-    (lambda s: s.pop("module.unet.ds_out.1.bias"), r"module\.unet\.ds_out\.1\.bias is missing .*deep-supervision"),
-    (lambda s: s.pop("module.limage"), r"key module\.limage .* is missing"),
-    (lambda s: s.__setitem__("module.unet.conv1a.weight", torch.zeros(16, 4, 3, 3, 2)),
-     r"key module\.unet\.conv1a\.weight has shape \(16, 4, 3, 3, 2\), M3AE's network has \(16, 4, 3, 3, 3\)"),
-    (lambda s: s.__setitem__("module.unet.up1conv.weight", torch.zeros(4, 16, 1, 1, 1)), r"a pretraining checkpoint"),
-    (lambda s: s.__setitem__("module.unet.extra.weight", torch.zeros(3)), r"key module\.unet\.extra\.weight is not part"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda s: s.pop("module.unet.conv4d.conv2.weight"), r"key module\.unet\.conv4d\.conv2\.weight is missing"),
+        (lambda s: s.pop("module.unet.ds_out.1.bias"), r"module\.unet\.ds_out\.1\.bias is missing .*deep-supervision"),
+        (lambda s: s.pop("module.limage"), r"key module\.limage .* is missing"),
+        (
+            lambda s: s.__setitem__("module.unet.conv1a.weight", torch.zeros(16, 4, 3, 3, 2)),
+            r"key module\.unet\.conv1a\.weight has shape \(16, 4, 3, 3, 2\), M3AE's network has \(16, 4, 3, 3, 3\)",
+        ),
+        (
+            lambda s: s.__setitem__("module.unet.up1conv.weight", torch.zeros(4, 16, 1, 1, 1)),
+            r"a pretraining checkpoint",
+        ),
+        (
+            lambda s: s.__setitem__("module.unet.extra.weight", torch.zeros(3)),
+            r"key module\.unet\.extra\.weight is not part",
+        ),
+    ],
+)
 def test_bad_keys_are_one_line(public, tmp_path, change, match):
     state = _state(public)
     change(state)
@@ -250,7 +275,9 @@ def test_bare_state_dict_without_prefix_or_deep_heads(tmp_path):
     assert all(not np.any(np.asarray(heads[i]["kernel"][...])) for i in (0, 1))
     x_sub = np.asarray(states["x_sub"]["image"][...])
     limage = model.limage.detach().numpy()[0]
-    np.testing.assert_array_equal(x_sub[..., MODALITIES.index("flair")], limage[PUBLIC_CHANNELS.index("flair")].transpose(2, 1, 0))
+    np.testing.assert_array_equal(
+        x_sub[..., MODALITIES.index("flair")], limage[PUBLIC_CHANNELS.index("flair")].transpose(2, 1, 0)
+    )
 
 
 def test_permuted_source_axes():
@@ -272,7 +299,9 @@ def test_permuted_source_axes():
     weight = np.random.default_rng(3).normal(size=(5, 3, 3, 3, 3)).astype(np.float32)
     kernel = convert("unet.ds1.weight", weight, transform)
     r = np.random.default_rng(4).normal(size=(1, 8, 10, 12, 3)).astype(np.float32)  # RAS+ (x, y, z), channels last
-    got = jax.lax.conv_general_dilated(r, kernel, (2, 2, 2), [(1, 1)] * 3, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    got = jax.lax.conv_general_dilated(
+        r, kernel, (2, 2, 2), [(1, 1)] * 3, dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+    )
     # The public network's axes are the voxel axes reversed (k, j, i) = (P: RAS y, L: RAS x, S: RAS z), unflipped.
     public_order = torch.from_numpy(np.ascontiguousarray(r.transpose(0, 4, 2, 1, 3)))
     want = F.conv3d(public_order, torch.from_numpy(weight), stride=2, padding=1).numpy().transpose(0, 3, 2, 4, 1)
@@ -284,5 +313,7 @@ def test_the_command_and_no_training_in_an_imported_run(public, tmp_path, capsys
     assert cli.main(["import-m3ae", public[1], "--out", tmp_path / "run"]) == 0
     assert "imported 4,704,505 U-Net parameters" in capsys.readouterr().out
     config = config_from_data(json.loads((tmp_path / "run" / "config.json").read_text()), "config.json")
-    with pytest.raises(JaxbratsError, match=r"holds imported weights \(import.json\), not a run to train in; .*init_from"):
+    with pytest.raises(
+        JaxbratsError, match=r"holds imported weights \(import.json\), not a run to train in; .*init_from"
+    ):
         Trainer(config, tmp_path / "run")

@@ -2,7 +2,18 @@ import numpy as np
 import pytest
 
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.labels import CONVENTIONS, REGIONS, convention_map, detect_convention, from_internal, internal_label_of_name, mapped_convention, region_voxel_counts, regions_of, to_internal
+from jaxbrats.labels import (
+    CONVENTIONS,
+    REGIONS,
+    convention_map,
+    detect_convention,
+    from_internal,
+    internal_label_of_name,
+    mapped_convention,
+    region_voxel_counts,
+    regions_of,
+    to_internal,
+)
 
 
 @pytest.mark.parametrize("convention", ["brats2018", "brats2023"])
@@ -34,13 +45,22 @@ def test_brats2013_regions_come_out_right_and_write_back_valid():
     np.testing.assert_array_equal(regions_of(internal), expected)
     written = from_internal(internal, "brats2013")
     np.testing.assert_array_equal(written, [0, 1, 2, 1, 4, 4, 1, 2])  # non-enhancing written as necrosis (1)
-    np.testing.assert_array_equal(np.stack([np.isin(written, list(_REGIONS_2013[r])) for r in REGIONS], axis=-1), expected)
+    np.testing.assert_array_equal(
+        np.stack([np.isin(written, list(_REGIONS_2013[r])) for r in REGIONS], axis=-1), expected
+    )
 
 
 @pytest.mark.parametrize(
     "values, expected",
-    [({0}, "brats2023"), ({0, 1, 2, 3}, "brats2023"), ({0, 1, 2, 4}, "brats2018"), ({0, 2, 3, 4}, "brats2013"),
-     ({0, 1, 2, 3, 4}, "brats2013"), ({0, 1, 5}, None), ({-1, 0}, None)],
+    [
+        ({0}, "brats2023"),
+        ({0, 1, 2, 3}, "brats2023"),
+        ({0, 1, 2, 4}, "brats2018"),
+        ({0, 2, 3, 4}, "brats2013"),
+        ({0, 1, 2, 3, 4}, "brats2013"),
+        ({0, 1, 5}, None),
+        ({-1, 0}, None),
+    ],
 )
 def test_detect_convention(values, expected):
     assert detect_convention(values) == expected
@@ -48,10 +68,25 @@ def test_detect_convention(values, expected):
 
 @pytest.mark.parametrize(
     "name, label",
-    [("background", 0), ("Background", 0), ("edema", 2), ("peritumoral oedema", 2), ("SNFH", 2),
-     ("non-enhancing tumor", 1), ("Non_Enhancing", 1), ("necrotic", 1), ("NCR/NET", 1),
-     ("necrotic and non-enhancing tumor core", 1), ("enhancing tumour", 3), ("GD-enhancing tumor", 3), ("ET", 3),
-     ("tumor", None), ("whole tumor", None), ("enhancing core", None), ("ignore", None)],
+    [
+        ("background", 0),
+        ("Background", 0),
+        ("edema", 2),
+        ("peritumoral oedema", 2),
+        ("SNFH", 2),
+        ("non-enhancing tumor", 1),
+        ("Non_Enhancing", 1),
+        ("necrotic", 1),
+        ("NCR/NET", 1),
+        ("necrotic and non-enhancing tumor core", 1),
+        ("enhancing tumour", 3),
+        ("GD-enhancing tumor", 3),
+        ("ET", 3),
+        ("tumor", None),
+        ("whole tumor", None),
+        ("enhancing core", None),
+        ("ignore", None),
+    ],
 )
 def test_label_names_by_keyword(name, label):
     assert internal_label_of_name(name) == label

@@ -10,10 +10,17 @@ from jaxbrats.networks.layers import Conv3D, conv3d_depth2d, conv3d_native, reso
 
 
 # The last two fold into 40 and 18 2D slices: the weight gradient is summed over several pieces of 16.
-@pytest.mark.parametrize("kernel,stride,shape", [
-    (3, 1, (2, 8, 6, 7, 3)), (3, 2, (1, 8, 8, 6, 2)), (3, 2, (1, 7, 5, 9, 2)), (1, 1, (2, 4, 4, 4, 5)),
-    (3, 1, (2, 20, 6, 5, 3)), (3, 2, (1, 36, 6, 4, 2)),
-])
+@pytest.mark.parametrize(
+    "kernel,stride,shape",
+    [
+        (3, 1, (2, 8, 6, 7, 3)),
+        (3, 2, (1, 8, 8, 6, 2)),
+        (3, 2, (1, 7, 5, 9, 2)),
+        (1, 1, (2, 4, 4, 4, 5)),
+        (3, 1, (2, 20, 6, 5, 3)),
+        (3, 2, (1, 36, 6, 4, 2)),
+    ],
+)
 def test_depth2d_equals_native(kernel, stride, shape):
     kx, kk = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, shape)

@@ -111,10 +111,16 @@ def test_msd_4d_image_is_checked_per_channel(tmp_path):
 
 def test_nnunet_v1_msd_json_with_one_file_per_channel(tmp_path):
     write_nnunetv2(tmp_path, cases=1, channel_names=MSD_MODALITY)  # v1 raw data: channel files, MSD's dataset.json
-    (tmp_path / "dataset.json").write_text(json.dumps({
-        "modality": MSD_MODALITY, "labels": MSD_LABELS,
-        "training": [{"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}], "test": [],
-    }))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps(
+            {
+                "modality": MSD_MODALITY,
+                "labels": MSD_LABELS,
+                "training": [{"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}],
+                "test": [],
+            }
+        )
+    )
     layout, cases, bad = discover(tmp_path)
     assert layout == "msd" and not bad and not cases[0].channels
     assert cases[0].images["t1ce"].name == "BRATS_001_0002.nii.gz"
@@ -126,7 +132,10 @@ def test_nnunetv2_detected_channels_and_labels_mapped(tmp_path):
     layout, cases, bad = discover(tmp_path)
     assert layout == "nnunetv2" and not bad and [c.case_id for c in cases] == ["BRATS_001", "BRATS_002"]
     assert {m: p.name for m, p in cases[0].images.items()} == {
-        "flair": "BRATS_001_0000.nii.gz", "t1": "BRATS_001_0001.nii.gz", "t1ce": "BRATS_001_0002.nii.gz", "t2": "BRATS_001_0003.nii.gz",
+        "flair": "BRATS_001_0000.nii.gz",
+        "t1": "BRATS_001_0001.nii.gz",
+        "t1ce": "BRATS_001_0002.nii.gz",
+        "t2": "BRATS_001_0003.nii.gz",
     }
     assert cases[0].convention == "nnunetv2:0=0,1=2,2=1,3=3" and not cases[0].channels
     for seed, record in enumerate(cases):
@@ -137,7 +146,9 @@ def test_nnunetv2_detected_channels_and_labels_mapped(tmp_path):
 def test_nnunetv2_three_channels_other_names_and_label_values(tmp_path):
     channels = {"0": "T2W", "1": "t1-gd", "2": "Flair"}
     labels = {"background": 0, "necrotic tumour core": 3, "peritumoral oedema": 1, "GD-enhancing tumor": 2}
-    write_nnunetv2(tmp_path, cases=1, channel_names=channels, labels=labels, values={0: 0, 1: 3, 2: 1, 3: 2}, file_ending=".nii")
+    write_nnunetv2(
+        tmp_path, cases=1, channel_names=channels, labels=labels, values={0: 0, 1: 3, 2: 1, 3: 2}, file_ending=".nii"
+    )
     _, cases, bad = discover(tmp_path)
     assert not bad and cases[0].present == (True, True, False, True) and cases[0].seg.name == "BRATS_001.nii"
     _check_loaded(load_case(cases[0]), 0, ["t2", "t1ce", "flair"], ({1, 2, 3}, {2, 3}, {2}))
@@ -190,14 +201,43 @@ def _dataset_json_error(root, fragments):
 @pytest.mark.parametrize(
     "writer, key, value, fragments",
     [
-        (write_msd, "modality", {"0": "FLAIR", "1": "ADC", "2": "t1gd", "3": "DWI"}, ["names ['ADC', 'DWI'] map to no modality"]),
+        (
+            write_msd,
+            "modality",
+            {"0": "FLAIR", "1": "ADC", "2": "t1gd", "3": "DWI"},
+            ["names ['ADC', 'DWI'] map to no modality"],
+        ),
         (write_nnunetv2, "channel_names", {"0": "FLAIR", "1": "T1", "2": "seg"}, ["names ['seg'] map to no modality"]),
-        (write_nnunetv2, "channel_names", {"0": "FLAIR", "1": "T1", "2": "T1w"}, ["channels 1 and 2 ('T1w') both map to t1"]),
-        (write_msd, "labels", {"0": "background", "1": "edema", "2": "tumour", "3": "enhancing tumour"}, ["label names ['tumour'] map to no tumour label"]),
-        (write_nnunetv2, "labels", {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3},
-         ["label 'whole tumor' has a list of values [1, 2, 3]", "region-based"]),
-        (write_nnunetv2, "labels", {"background": 0, "edema": 1, "necrosis": 2}, ["no label name maps to ['enhancing tumour']"]),
-        (write_nnunetv2, "labels", {"background": 0, "edema": 1, "necrosis": 2, "enhancing": 2}, ["'necrosis' and 'enhancing' both have value 2"]),
+        (
+            write_nnunetv2,
+            "channel_names",
+            {"0": "FLAIR", "1": "T1", "2": "T1w"},
+            ["channels 1 and 2 ('T1w') both map to t1"],
+        ),
+        (
+            write_msd,
+            "labels",
+            {"0": "background", "1": "edema", "2": "tumour", "3": "enhancing tumour"},
+            ["label names ['tumour'] map to no tumour label"],
+        ),
+        (
+            write_nnunetv2,
+            "labels",
+            {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3},
+            ["label 'whole tumor' has a list of values [1, 2, 3]", "region-based"],
+        ),
+        (
+            write_nnunetv2,
+            "labels",
+            {"background": 0, "edema": 1, "necrosis": 2},
+            ["no label name maps to ['enhancing tumour']"],
+        ),
+        (
+            write_nnunetv2,
+            "labels",
+            {"background": 0, "edema": 1, "necrosis": 2, "enhancing": 2},
+            ["'necrosis' and 'enhancing' both have value 2"],
+        ),
     ],
 )
 def test_unusable_dataset_json_is_one_line_naming_it(tmp_path, writer, key, value, fragments):
@@ -214,7 +254,9 @@ def test_dataset_json_of_neither_kind_or_not_json(tmp_path):
     _dataset_json_error(tmp_path, ["neither 'modality'", "nor 'channel_names'"])
     (tmp_path / "dataset.json").write_text("{'modality': ")
     _dataset_json_error(tmp_path, ["not valid JSON"])
-    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": NNUNET_CHANNELS, "labels": NNUNET_LABELS, "file_ending": ".png"}))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"channel_names": NNUNET_CHANNELS, "labels": NNUNET_LABELS, "file_ending": ".png"})
+    )
     _dataset_json_error(tmp_path, ["file_ending '.png': only NIfTI"])
 
 
@@ -280,8 +322,10 @@ def test_labels_fitting_no_convention(tmp_path):
         load_case(cases[0])
     message = str(info.value)
     assert message.startswith("case patient_a: ") and "seg.nii.gz" in message and "\n" not in message
-    assert ("labels [0, 1, 2, 3, 4, 5] fit no label convention "
-            "(tried brats2023 [0, 1, 2, 3]; brats2018 [0, 1, 2, 4]; brats2013 [0, 1, 2, 3, 4])") in message
+    assert (
+        "labels [0, 1, 2, 3, 4, 5] fit no label convention "
+        "(tried brats2023 [0, 1, 2, 3]; brats2018 [0, 1, 2, 4]; brats2013 [0, 1, 2, 3, 4])"
+    ) in message
 
 
 def test_cli_prepare_convention(tmp_path):

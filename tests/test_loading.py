@@ -5,8 +5,8 @@ import gzip
 import nibabel as nib
 import numpy as np
 import pytest
-
 from helpers import SHAPE, TOKENS_2023, phantom_arrays, save, write_case
+
 from jaxbrats.data.discovery import discover
 from jaxbrats.data.loading import from_canonical, load_case, to_canonical
 from jaxbrats.data.phantom import brats_affine

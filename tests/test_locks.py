@@ -18,13 +18,13 @@ import pytest
 from conftest import tiny_config
 
 from jaxbrats import engine
-from jaxbrats.runtime import locks, processes
 from jaxbrats.cli import main
 from jaxbrats.data.cache import LOCK as PREPARE_LOCK
 from jaxbrats.data.phantom import write_phantom
 from jaxbrats.data.preprocess import prepare_dataset
-from jaxbrats.errors import JaxbratsError
 from jaxbrats.engine.workdir import LOCK as TRAIN_LOCK
+from jaxbrats.errors import JaxbratsError
+from jaxbrats.runtime import locks, processes
 
 HOST = socket.gethostname()
 
@@ -53,6 +53,7 @@ def _record(path, pid: int, host: str = HOST) -> dict:
 @pytest.fixture
 def no_flock(monkeypatch):
     """A file system without flock (NFS without a lock daemon): ENOLCK."""
+
     def flock(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
@@ -61,7 +62,9 @@ def no_flock(monkeypatch):
 
 def test_a_second_holder_is_refused_naming_host_pid_and_start(tmp_path):
     path = tmp_path / "run" / TRAIN_LOCK
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         record = json.loads(path.read_text())
@@ -69,7 +72,9 @@ def test_a_second_holder_is_refused_naming_host_pid_and_start(tmp_path):
             pass
         line = str(refused.value)
         assert "\n" not in line and line.startswith(f"{path}: locked by jaxbrats train"), line
-        assert f"pid {holder.pid} on host {HOST}, started {record['started']}" in line and line.endswith("use another --workdir")
+        assert f"pid {holder.pid} on host {HOST}, started {record['started']}" in line and line.endswith(
+            "use another --workdir"
+        )
         assert json.loads(path.read_text()) == record  # the refused run leaves the holder's record alone
     finally:
         holder.communicate("")
@@ -79,10 +84,20 @@ def test_a_second_holder_is_refused_naming_host_pid_and_start(tmp_path):
 def test_the_record_names_this_run_and_release_empties_the_file(tmp_path):
     path = tmp_path / "lock"
     with locks.hold(path, "jaxbrats prepare", run_id="r1") as me:
-        assert json.loads(path.read_text()) == {"host": HOST, "pid": os.getpid(), "started": me.started,
-                                                "what": "jaxbrats prepare", "run_id": "r1"}
-        refused = pytest.raises(JaxbratsError, match=rf"locked by jaxbrats prepare \(pid {os.getpid()} on host .*, run r1\)")
-        with refused, locks.hold(path, "jaxbrats prepare"):  # another open file description: flock conflicts in one process
+        assert json.loads(path.read_text()) == {
+            "host": HOST,
+            "pid": os.getpid(),
+            "started": me.started,
+            "what": "jaxbrats prepare",
+            "run_id": "r1",
+        }
+        refused = pytest.raises(
+            JaxbratsError, match=rf"locked by jaxbrats prepare \(pid {os.getpid()} on host .*, run r1\)"
+        )
+        with (
+            refused,
+            locks.hold(path, "jaxbrats prepare"),
+        ):  # another open file description: flock conflicts in one process
             pass
     assert path.exists() and path.read_text() == ""
     with locks.hold(path, "again"):  # and it can be taken again
@@ -98,7 +113,9 @@ def test_a_killed_runs_lock_is_taken_over_with_a_note(tmp_path, capsys, host):
     with locks.hold(path, "jaxbrats train"):
         assert json.loads(path.read_text())["pid"] == os.getpid()
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"note: {path}: taking over the stale lock of pid {pid} on host {host} (started 2024-01-02T03:04:05+00:00)"]
+    assert err == [
+        f"note: {path}: taking over the stale lock of pid {pid} on host {host} (started 2024-01-02T03:04:05+00:00)"
+    ]
     assert path.read_text() == ""
 
 
@@ -148,7 +165,9 @@ def raw(tmp_path_factory):
 def test_prepare_is_refused_on_a_locked_cache(raw, tmp_path, capsys):
     cache = tmp_path / "cache"
     with locks.hold(cache / PREPARE_LOCK, "jaxbrats prepare"):
-        with pytest.raises(JaxbratsError, match=rf"{PREPARE_LOCK}: locked by jaxbrats prepare \(pid {os.getpid()} on host "):
+        with pytest.raises(
+            JaxbratsError, match=rf"{PREPARE_LOCK}: locked by jaxbrats prepare \(pid {os.getpid()} on host "
+        ):
             prepare_dataset(raw, cache, workers=1, progress=False)
         assert main(["prepare", raw, cache, "--workers", "1"]) == 1
         err = capsys.readouterr().err.strip().splitlines()
@@ -158,7 +177,10 @@ def test_prepare_is_refused_on_a_locked_cache(raw, tmp_path, capsys):
     report = prepare_dataset(raw, cache, workers=1, progress=False)
     assert sorted(report["prepared"].values()) == ["written", "written"] and not report["errors"]
     assert (cache / PREPARE_LOCK).read_text() == "" and sorted(p.name for p in cache.iterdir()) == [
-        PREPARE_LOCK, "cases", "index.json"]
+        PREPARE_LOCK,
+        "cases",
+        "index.json",
+    ]
 
 
 def test_the_other_processes_stop_when_process_0_is_refused(raw, tmp_path, monkeypatch):
@@ -176,7 +198,10 @@ def test_the_other_processes_stop_when_process_0_is_refused(raw, tmp_path, monke
     assert not workdir.exists() and sent == [None]  # process 1 never touches the lock (what it sends is not used)
     monkeypatch.setattr(jax, "process_index", lambda: 0)
     monkeypatch.setattr(processes, "broadcast_json", lambda payload: sent.append(payload) or payload)
-    with locks.hold(workdir / TRAIN_LOCK, "jaxbrats train"), pytest.raises(JaxbratsError, match="locked by jaxbrats train"):
+    with (
+        locks.hold(workdir / TRAIN_LOCK, "jaxbrats train"),
+        pytest.raises(JaxbratsError, match="locked by jaxbrats train"),
+    ):
         trainer.run()
     assert "locked by jaxbrats train" in sent[1]["error"] and sorted(p.name for p in workdir.iterdir()) == [TRAIN_LOCK]
     taken = []

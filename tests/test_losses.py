@@ -19,6 +19,7 @@ SMOOTH = 1e-5  # the soft Dice smoothing of the equation (not imported: the refe
 
 # --- numpy references ----------------------------------------------------------------------
 
+
 def sigmoid_reference(z):
     """s(z) = 1 / (1 + exp(-z)), float64."""
     return 1 / (1 + np.exp(-np.asarray(z, np.float64)))
@@ -113,6 +114,7 @@ def _differs(a, b, rtol=1e-3):
 
 # --- tests ---------------------------------------------------------------------------------------
 
+
 def test_region_loss_matches_numpy():
     rng, labels, valid = _case()
     logits = rng.normal(size=labels.shape + (3,)).astype(np.float32)
@@ -188,7 +190,9 @@ def test_label_branch_of_segmentation_loss_is_plain_ce_plus_foreground_dice():
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     # the batch exercises the padding, and the Dice really is over the foreground labels only
     assert _differs(parts["ce"], ce_reference(logits, labels, np.ones_like(valid)))
-    assert _differs(parts["dice_loss"], dice_reference(softmax_reference(logits), onehot_reference(labels), np.ones_like(valid)))
+    assert _differs(
+        parts["dice_loss"], dice_reference(softmax_reference(logits), onehot_reference(labels), np.ones_like(valid))
+    )
     assert _differs(parts["dice_loss"], dice_reference(softmax_reference(logits), onehot_reference(labels), valid))
     # the "regions" branch is the region loss
     loss, parts = segmentation_loss("regions", jnp.asarray(logits[..., :3]), jnp.asarray(labels), jnp.asarray(valid))
@@ -200,12 +204,17 @@ def test_loss_weights_give_the_weighted_sum_of_unweighted_parts():
     z3 = rng.normal(size=labels.shape + (3,)).astype(np.float32)
     loss, parts = region_loss(jnp.asarray(z3), jnp.asarray(labels), jnp.asarray(valid), dice_weight=0.3, bce_weight=2.5)
     want, want_dice, want_bce = region_reference(z3, labels, valid, dice_weight=0.3, bce_weight=2.5)
-    np.testing.assert_allclose([parts["dice_loss"], parts["bce"]], [want_dice, want_bce], rtol=1e-5)  # parts stay unweighted
+    np.testing.assert_allclose(
+        [parts["dice_loss"], parts["bce"]], [want_dice, want_bce], rtol=1e-5
+    )  # parts stay unweighted
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     assert _differs(loss, want_dice + want_bce)
     z4 = rng.normal(size=labels.shape + (4,)).astype(np.float32)
     weights = (1.0, 3.0, 0.5, 2.0)
-    for opts in ({"dice_weight": 0.7, "ce_weight": 1.5}, {"dice_weight": 2.0, "ce_weight": 0.0, "class_weights": weights}):
+    for opts in (
+        {"dice_weight": 0.7, "ce_weight": 1.5},
+        {"dice_weight": 2.0, "ce_weight": 0.0, "class_weights": weights},
+    ):
         loss, parts = label_loss(jnp.asarray(z4), jnp.asarray(labels), jnp.asarray(valid), **opts)
         want, want_dice, want_ce = label_reference(z4, labels, valid, **opts)
         np.testing.assert_allclose([parts["dice_loss"], parts["ce"]], [want_dice, want_ce], rtol=1e-5)
@@ -218,7 +227,9 @@ def test_batch_dice_pools_over_the_batch_before_the_channel_mean(output):
     rng, labels, valid = _case(5)
     channels = 3 if output == "regions" else 4
     logits = rng.normal(size=labels.shape + (channels,)).astype(np.float32)
-    loss, parts = segmentation_loss(output, jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(valid), batch_dice=True)
+    loss, parts = segmentation_loss(
+        output, jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(valid), batch_dice=True
+    )
     reference = region_reference if output == "regions" else label_reference
     want, want_dice, want_other = reference(logits, labels, valid, batch_dice=True)
     np.testing.assert_allclose(parts["dice_loss"], want_dice, rtol=1e-5)

@@ -12,29 +12,37 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxbrats.inference.trained import load_trained
 from jaxbrats import engine
 from jaxbrats.config import ConfigError
-from jaxbrats.methods import load_config
 from jaxbrats.data.cache import CacheDataset
+from jaxbrats.data.transforms import place_centred
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.inference.segment import case_locator
 from jaxbrats.evaluation.program import evaluate
+from jaxbrats.inference.segment import case_locator
+from jaxbrats.inference.trained import load_trained
 from jaxbrats.losses import masked_mse
-from jaxbrats.methods import get_method
+from jaxbrats.methods import get_method, load_config
 from jaxbrats.methods.m3ae import mean_image, substitute_penalty
 from jaxbrats.modalities import SUBSETS
-from jaxbrats.data.transforms import place_centred
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "m3ae_phantom.toml"
 
 #: The phantom config shrunk to the test phantom (24^3 cases): 16^3 crops, 8^3 patches, a few steps.
 TINY = [
-    "model.widths=[8,8,8,8]", "data.crop_size=[16,16,16]", "data.split_ratios=[0.67,0.0,0.33]",
-    "method.substitute_shape=[24,24,24]", "stages.pretrain.steps=3", "stages.finetune.steps=4",
-    "stages.pretrain.optimizers.model.warmup_steps=0", "stages.finetune.optimizers.model.warmup_steps=0",
-    "train.log_every=1", "train.checkpoint_every=2", "train.progress=false",
-    "eval.window=[16,16,16]", "eval.bucket_multiple=8", "eval.hd95=false",
+    "model.widths=[8,8,8,8]",
+    "data.crop_size=[16,16,16]",
+    "data.split_ratios=[0.67,0.0,0.33]",
+    "method.substitute_shape=[24,24,24]",
+    "stages.pretrain.steps=3",
+    "stages.finetune.steps=4",
+    "stages.pretrain.optimizers.model.warmup_steps=0",
+    "stages.finetune.optimizers.model.warmup_steps=0",
+    "train.log_every=1",
+    "train.checkpoint_every=2",
+    "train.progress=false",
+    "eval.window=[16,16,16]",
+    "eval.bucket_multiple=8",
+    "eval.hd95=false",
 ]
 
 
@@ -69,6 +77,7 @@ def method():
 
 
 # --- masking and the substitute image's frame --------------------------------------------
+
 
 def test_exactly_the_mask_ratio_of_patches_is_hidden_on_the_patch_grid(method):
     masks = jnp.asarray([[1, 1, 1, 1], [1, 0, 0, 0], [0, 1, 0, 1]], bool)
@@ -120,8 +129,14 @@ def test_training_fill_reads_x_sub_where_the_crop_came_from(frame):
     read = np.asarray(method.substitute(models, batch))
     for b in range(2):
         # template: the case's corner in its source grid; centred: the case centred in x_sub
-        origin = np.asarray(batch["box_start"][b]) if frame == "template" else (np.asarray(x_sub.shape[:3]) - case_shape) // 2
-        expected = numpy_window(x_sub, np.asarray(batch["crop_start"][b]) + origin, np.asarray(batch["flipped"][b]), (16, 16, 16))
+        origin = (
+            np.asarray(batch["box_start"][b])
+            if frame == "template"
+            else (np.asarray(x_sub.shape[:3]) - case_shape) // 2
+        )
+        expected = numpy_window(
+            x_sub, np.asarray(batch["crop_start"][b]) + origin, np.asarray(batch["flipped"][b]), (16, 16, 16)
+        )
         np.testing.assert_array_equal(read[b], expected)
 
 
@@ -176,8 +191,10 @@ class TwoCases:
     """A dataset stand-in: a 2^3 case with every modality and a 4x2x2 case without T1."""
 
     def __init__(self):
-        self.manifests = [{"present": [True, True, True, True], "crop_box": [[2, 4], [0, 2], [1, 3]]},
-                          {"present": [True, True, False, True], "crop_box": [[0, 4], [1, 3], [1, 3]]}]
+        self.manifests = [
+            {"present": [True, True, True, True], "crop_box": [[2, 4], [0, 2], [1, 3]]},
+            {"present": [True, True, False, True], "crop_box": [[0, 4], [1, 3], [1, 3]]},
+        ]
         self.images = [np.full((2, 2, 2, 4), 2.0, np.float32), np.full((4, 2, 2, 4), 4.0, np.float32)]
 
     def __len__(self):
@@ -218,16 +235,21 @@ def test_place_centred_pads_or_crops_each_axis():
 
 # --- losses against numpy ------------------------------------------------------------------
 
+
 def test_losses_against_numpy():
     rng = np.random.default_rng(0)
     p, t = rng.normal(size=(2, 4, 4, 4, 4)), rng.normal(size=(2, 4, 4, 4, 4))
     w = rng.random((2, 4, 4, 4, 1)) < 0.5
     wb = np.broadcast_to(w, p.shape)
-    np.testing.assert_allclose(masked_mse(jnp.asarray(p), jnp.asarray(t), jnp.asarray(w)), ((p - t) ** 2)[wb].mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        masked_mse(jnp.asarray(p), jnp.asarray(t), jnp.asarray(w)), ((p - t) ** 2)[wb].mean(), rtol=1e-5
+    )
     x = rng.normal(size=(5, 6, 7, 4)) + np.arange(4)
-    np.testing.assert_allclose(substitute_penalty(jnp.asarray(x), "mean_square"), (x ** 2).mean(), rtol=1e-5)
+    np.testing.assert_allclose(substitute_penalty(jnp.asarray(x), "mean_square"), (x**2).mean(), rtol=1e-5)
     centred = x - x.reshape(-1, 4).mean(0)
-    np.testing.assert_allclose(substitute_penalty(jnp.asarray(x), "centered_norm"), np.sqrt((centred ** 2).sum()), rtol=1e-5)
+    np.testing.assert_allclose(
+        substitute_penalty(jnp.asarray(x), "centered_norm"), np.sqrt((centred**2).sum()), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("feature", ["bottleneck", "deep_quarter"])
@@ -244,6 +266,7 @@ def test_consistency_is_zero_for_identical_instantiations_only(feature):
 
 
 # --- gradients -------------------------------------------------------------------------------
+
 
 def one_step(method, stage, batch):
     optimizers = {"model": optax.adam(1e-2)}
@@ -268,6 +291,7 @@ def test_x_sub_learns_in_pretraining_and_is_frozen_in_finetuning():
 
 # --- both stages through the engine ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def m3ae_run(phantom_cache, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("m3ae")
@@ -282,7 +306,9 @@ def restored_models(workdir, stage):
 
 def test_both_stages_run_and_hand_over(m3ae_run):
     workdir, trainer = m3ae_run
-    assert [(s, n) for s, n, _ in trainer.losses] == [("pretrain", 1), ("pretrain", 2), ("pretrain", 3)] + [("finetune", n) for n in range(1, 5)]
+    assert [(s, n) for s, n, _ in trainer.losses] == [("pretrain", 1), ("pretrain", 2), ("pretrain", 3)] + [
+        ("finetune", n) for n in range(1, 5)
+    ]
     assert trainer.compilations == {"pretrain": {"compiled": 1, "loaded": 0}, "finetune": {"compiled": 1, "loaded": 0}}
     pretrain, finetune = restored_models(workdir, "pretrain"), restored_models(workdir, "finetune")
     np.testing.assert_array_equal(pretrain["x_sub"]["image"][...], finetune["x_sub"]["image"][...])  # carried, frozen
@@ -297,10 +323,25 @@ def test_eval_refuses_the_pretraining_stage_in_one_line(m3ae_run, phantom_cache,
     from jaxbrats.cli import main
 
     workdir, _ = m3ae_run
-    assert main(["eval", "--workdir", str(workdir), "--data", str(phantom_cache), "--out", str(tmp_path / "e"),
-                 "--stage", "pretrain"]) == 1
+    assert (
+        main(
+            [
+                "eval",
+                "--workdir",
+                str(workdir),
+                "--data",
+                str(phantom_cache),
+                "--out",
+                str(tmp_path / "e"),
+                "--stage",
+                "pretrain",
+            ]
+        )
+        == 1
+    )
     assert capsys.readouterr().err.strip().splitlines() == [
-        "jaxbrats: error: --stage pretrain: the models of stage pretrain of m3ae do not segment"]
+        "jaxbrats: error: --stage pretrain: the models of stage pretrain of m3ae do not segment"
+    ]
     assert not (tmp_path / "e").exists()
 
 
@@ -315,7 +356,16 @@ def test_the_15_subset_table_comes_from_the_finetuned_model(m3ae_run, phantom_ca
     workdir, _ = m3ae_run
     method, graphdefs, models, config = load_trained(workdir)
     assert models["unet"]["decoder"]["head"]["kernel"][...].shape[-1] == 3
-    summary = evaluate(method, graphdefs, models, CacheDataset(phantom_cache), config.eval, tmp_path, predictions="none", progress=False)
+    summary = evaluate(
+        method,
+        graphdefs,
+        models,
+        CacheDataset(phantom_cache),
+        config.eval,
+        tmp_path,
+        predictions="none",
+        progress=False,
+    )
     assert len(summary["subsets"]) == len(SUBSETS) == 15
     assert json.loads((tmp_path / "eval_settings.json").read_text())["compilations"] == 1
     assert (tmp_path / "summary.md").read_text().count("\n|") >= 16
@@ -343,7 +393,9 @@ def test_ablation_a_finetunes_a_fresh_unet_with_the_pretrained_x_sub(m3ae_run, p
     pretrained = restored_models(workdir, "pretrain")
     fresh = engine.init_state(method, "finetune", 7, {"model": optax.adam(1e-3)})[1]["models"]
     started = method.carry("finetune", fresh, pretrained)
-    np.testing.assert_array_equal(started["x_sub"]["image"][...], pretrained["x_sub"]["image"][...])  # always the learned x_sub
+    np.testing.assert_array_equal(
+        started["x_sub"]["image"][...], pretrained["x_sub"]["image"][...]
+    )  # always the learned x_sub
     stem = ("encoder", "stem", "kernel")
     kernel = lambda models: np.asarray(models["unet"][stem[0]][stem[1]][stem[2]][...])  # noqa: E731
     want = pretrained if pretrained_unet else fresh
@@ -359,8 +411,10 @@ def test_one_stage_from_a_given_checkpoint(m3ae_run, phantom_cache, tmp_path):
     trainer = engine.train(config, tmp_path / "from", phantom_cache, only=("finetune",))
     assert [s for s, _, _ in trainer.losses] == ["finetune"] * 4
     assert not (tmp_path / "from" / "checkpoints" / "pretrain").exists()
-    np.testing.assert_array_equal(restored_models(tmp_path / "from", "finetune")["x_sub"]["image"][...],
-                                  restored_models(source, "pretrain")["x_sub"]["image"][...])
+    np.testing.assert_array_equal(
+        restored_models(tmp_path / "from", "finetune")["x_sub"]["image"][...],
+        restored_models(source, "pretrain")["x_sub"]["image"][...],
+    )
     with pytest.raises(JaxbratsError, match="--stage warmup: not a stage of m3ae"):
         engine.train(tiny(), tmp_path / "bad", phantom_cache, only=("warmup",))
 
@@ -371,7 +425,9 @@ def test_stages_one_at_a_time_in_one_workdir(phantom_cache, tmp_path):
     with pytest.raises(JaxbratsError, match="stage pretrain stopped at step 2 of 3"):
         engine.train(tiny(), tmp_path, phantom_cache, only=("finetune",))
     first = engine.train(tiny(), tmp_path, phantom_cache, only=("pretrain",))
-    assert [(s, n) for s, n, _ in first.losses] == [("pretrain", 3)] and not (tmp_path / "checkpoints" / "finetune").exists()
+    assert [(s, n) for s, n, _ in first.losses] == [("pretrain", 3)] and not (
+        tmp_path / "checkpoints" / "finetune"
+    ).exists()
     assert (tmp_path / "substitute" / "x_sub.png").exists()
     second = engine.train(tiny(), tmp_path, phantom_cache, only=("finetune",))
     assert [s for s, _, _ in second.losses] == ["finetune"] * 4

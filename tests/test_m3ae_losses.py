@@ -70,13 +70,13 @@ def mse_reference(reconstruction, image, valid, present):
 def mean_square_reference(x_sub, image):
     """R(x_sub) = (1 / (S0 S1 S2 4)) sum_{v,m} x_sub[v, m]^2: the mean over x_sub (the previous default)."""
     x = np.asarray(x_sub, np.float64)
-    return float(np.mean(x ** 2))
+    return float(np.mean(x**2))
 
 
 def sum_square_per_batch_value_reference(x_sub, image):
     """R(x_sub) = sum_{v,m} x_sub[v, m]^2 / (B D H W 4): the sum over x_sub per value of the training batch."""
     x = np.asarray(x_sub, np.float64)
-    return float(np.sum(x ** 2) / np.asarray(image).size)
+    return float(np.sum(x**2) / np.asarray(image).size)
 
 
 def centered_norm_reference(x_sub, image):
@@ -86,8 +86,11 @@ def centered_norm_reference(x_sub, image):
 
 
 #: every `substitute_penalty` form; R of eq. (3): the paper gives no form (m3ae.py's docstring)
-PENALTY_REFERENCES = {"centered_norm": centered_norm_reference, "sum_square_per_batch_value": sum_square_per_batch_value_reference,
-                      "mean_square": mean_square_reference}
+PENALTY_REFERENCES = {
+    "centered_norm": centered_norm_reference,
+    "sum_square_per_batch_value": sum_square_per_batch_value_reference,
+    "mean_square": mean_square_reference,
+}
 
 
 def seg_reference(logits, labels, valid):
@@ -108,10 +111,15 @@ def _differs(a, b, rtol=1e-3):
 
 # --- pretraining ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("penalty,patch_masking", [("centered_norm", True), ("sum_square_per_batch_value", True),
-                                                   ("mean_square", True), ("centered_norm", False)])
+
+@pytest.mark.parametrize(
+    "penalty,patch_masking",
+    [("centered_norm", True), ("sum_square_per_batch_value", True), ("mean_square", True), ("centered_norm", False)],
+)
 def test_pretrain_loss_is_mse_over_real_voxels_plus_gamma_r(penalty, patch_masking):
-    method = get_method("m3ae")(tiny(f"method.substitute_penalty='{penalty}'", f"method.patch_masking={str(patch_masking).lower()}"))
+    method = get_method("m3ae")(
+        tiny(f"method.substitute_penalty='{penalty}'", f"method.patch_masking={str(patch_masking).lower()}")
+    )
     assert method.options.substitute_weight == GAMMA and method.config.model.dropout == 0.0
     models = models_of(method, "pretrain")
     batch = ragged_batch(PRETRAIN_MASKS, PRESENT_4)
@@ -143,7 +151,9 @@ def test_pretrain_loss_is_mse_over_real_voxels_plus_gamma_r(penalty, patch_maski
     # The batch exercises every exclusion and the target is the whole image, not only what was visible.
     assert _differs(parts["mse"], mse_reference(reconstruction, image, np.ones_like(valid), present))
     assert _differs(parts["mse"], mse_reference(reconstruction, image, valid, np.ones_like(present)))
-    visible_only = np.sum(keep * valid[..., None] * (reconstruction - image.astype(np.float64)) ** 2) / np.sum(keep * valid[..., None])
+    visible_only = np.sum(keep * valid[..., None] * (reconstruction - image.astype(np.float64)) ** 2) / np.sum(
+        keep * valid[..., None]
+    )
     assert _differs(parts["mse"], visible_only)
     unmasked = np.asarray(unet(jnp.asarray(image), dropout_key=dropout_key)["logits"])
     assert _differs(parts["mse"], mse_reference(unmasked, image, valid, present))  # the input really was masked
@@ -152,6 +162,7 @@ def test_pretrain_loss_is_mse_over_real_voxels_plus_gamma_r(penalty, patch_maski
 
 
 # --- fine-tuning ---------------------------------------------------------------------------------
+
 
 def finetune_reference(models, batch, feature, fill="x_sub", scales=3):
     """Eq. (4): sum_{i=0,1} sum_{3 scales} (Dice + BCE) + lambda L_mse(f_0, f_1), from the network's outputs on the
@@ -163,7 +174,9 @@ def finetune_reference(models, batch, feature, fill="x_sub", scales=3):
     image, masks = np.asarray(batch["image"]), np.asarray(batch["modality_mask"])
     labels, valid = np.asarray(batch["label"]), np.asarray(batch["valid"])
     n = image.shape[0]
-    fillers = substitute_reference(np.asarray(models["x_sub"].image[...]), batch) if fill == "x_sub" else np.zeros_like(image)
+    fillers = (
+        substitute_reference(np.asarray(models["x_sub"].image[...]), batch) if fill == "x_sub" else np.zeros_like(image)
+    )
     views = [np.where(masks[:, i, None, None, None, :], image, fillers) for i in range(2)]
     out = models["unet"](jnp.asarray(np.concatenate([views[1], views[0]]), jnp.float32))
     rows = {0: slice(n, 2 * n), 1: slice(0, n)}
@@ -193,7 +206,9 @@ def test_finetune_loss_is_dice_plus_bce_over_views_and_scales_plus_lambda_consis
     else:
         quarter = models["unet"].decoder.ds_heads[0](out["decoder"][0])
         assert quarter.shape == (4, 4, 4, 4, 3)
-        np.testing.assert_allclose(out["deep"][0], jax.image.resize(quarter, (4, *CROP, 3), "trilinear"), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            out["deep"][0], jax.image.resize(quarter, (4, *CROP, 3), "trilinear"), rtol=1e-5, atol=1e-6
+        )
 
     np.testing.assert_allclose(parts["dice_loss"], dice, rtol=1e-5)
     np.testing.assert_allclose(parts["bce"], bce, rtol=1e-5)

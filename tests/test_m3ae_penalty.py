@@ -17,14 +17,13 @@ import numpy as np
 import optax
 import pytest
 
-from jaxbrats.methods import load_config
-from jaxbrats.methods import get_method
+from jaxbrats.methods import get_method, load_config
 from jaxbrats.methods.m3ae import PENALTIES, M3AEOptions, substitute_penalty
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "m3ae_phantom.toml"
 GAMMA = 0.005
 EPS = 1e-8  # optax.adam's (and PyTorch's) default
-BATCH_VALUES = 2 * 32 ** 3 * 4  # the phantom config's batch: 2 crops of 32^3, 4 modalities
+BATCH_VALUES = 2 * 32**3 * 4  # the phantom config's batch: 2 crops of 32^3, 4 modalities
 
 
 def reference(x, kind, batch_values):
@@ -33,9 +32,9 @@ def reference(x, kind, batch_values):
     if kind == "centered_norm":  # sqrt(sum_{v,m} (x[v, m] - mean_v x[:, m])^2)
         return np.sqrt(np.sum((x - x.reshape(-1, x.shape[-1]).mean(axis=0)) ** 2))
     if kind == "sum_square_per_batch_value":  # sum_{v,m} x[v, m]^2 / (B D H W 4)
-        return np.sum(x ** 2) / batch_values
+        return np.sum(x**2) / batch_values
     assert kind == "mean_square"  # sum_{v,m} x[v, m]^2 / (S0 S1 S2 4)
-    return np.mean(x ** 2)
+    return np.mean(x**2)
 
 
 def noise(shape, seed=0):

@@ -34,7 +34,7 @@ def squared_dice_reference(p, g, valid, smooth=1.0, batch_dice=False, channels="
         for c in range(p.shape[-1]):
             pv = np.concatenate([p[n][..., c][valid[n]] for n in samples])
             gv = np.concatenate([g[n][..., c][valid[n]] for n in samples])
-            table[row, c] = 1 - (2 * np.sum(pv * gv) + smooth) / (np.sum(pv ** power) + np.sum(gv ** power) + smooth)
+            table[row, c] = 1 - (2 * np.sum(pv * gv) + smooth) / (np.sum(pv**power) + np.sum(gv**power) + smooth)
     per_channel = table.mean(axis=0)
     return float(per_channel.sum() if channels == "sum" else per_channel.mean())
 
@@ -53,7 +53,7 @@ def code_seg_reference(heads, labels, valid):
         dice = ce = 0.0
         for c in range(3):
             pc, gc = p[..., c][v], g[..., c][v]
-            dice += 1 - (2 * np.sum(pc * gc) + 1.0) / (np.sum(pc ** 2) + np.sum(gc ** 2) + 1.0)
+            dice += 1 - (2 * np.sum(pc * gc) + 1.0) / (np.sum(pc**2) + np.sum(gc**2) + 1.0)
             ce += np.mean(-(gc * np.log(pc) + (1 - gc) * np.log(1 - pc)))
         total += (0.7 * dice + 0.3 * ce) / 3
     return total
@@ -65,17 +65,21 @@ def _differs(a, b, rtol=1e-3):
 
 # --- the Dice --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("batch_dice", [False, True])
 @pytest.mark.parametrize("channels", ["mean", "sum"])
 def test_squared_soft_dice_matches_numpy(batch_dice, channels):
     rng, labels, valid = _case(6)
     p = jax.nn.sigmoid(jnp.asarray(rng.normal(size=labels.shape + (3,)) * 2, jnp.float32))
     g = regions_reference(labels)
-    got = squared_soft_dice_loss(p, jnp.asarray(g, jnp.float32), jnp.asarray(valid), batch_dice=batch_dice,
-                                 channels=channels)
+    got = squared_soft_dice_loss(
+        p, jnp.asarray(g, jnp.float32), jnp.asarray(valid), batch_dice=batch_dice, channels=channels
+    )
 
     def reference(valid=valid, **changes):
-        return squared_dice_reference(np.asarray(p), g, valid, **{"batch_dice": batch_dice, "channels": channels, **changes})
+        return squared_dice_reference(
+            np.asarray(p), g, valid, **{"batch_dice": batch_dice, "channels": channels, **changes}
+        )
 
     np.testing.assert_allclose(got, reference(), rtol=1e-5)
     # the batch exercises the padding, the squares, the smoothing and the pooling
@@ -98,6 +102,7 @@ def test_region_loss_with_the_squared_dice_is_its_weighted_sum():
 
 # --- the fine-tuning loss --------------------------------------------------------------------------
 
+
 def test_seg_balance_defaults_to_the_paper_and_is_checked():
     assert get_method("m3ae")(tiny()).options.seg_balance == "paper"
     with pytest.raises(ConfigError, match=r"method.seg_balance must be one of \['paper', 'code'\], got 'pooled'"):
@@ -108,8 +113,10 @@ def test_seg_balance_defaults_to_the_paper_and_is_checked():
 def test_code_balance_is_the_public_codes_loss_on_the_pooled_views(feature):
     """The public code's form equals its formula on a batch of 2 subjects x 2 views with padding; the paper form
     (default) is unchanged on the same batch and models, and the two differ."""
-    methods = {form: get_method("m3ae")(tiny(f"method.consistency_feature='{feature}'", f"method.seg_balance='{form}'"))
-               for form in ("paper", "code")}
+    methods = {
+        form: get_method("m3ae")(tiny(f"method.consistency_feature='{feature}'", f"method.seg_balance='{form}'"))
+        for form in ("paper", "code")
+    }
     default = get_method("m3ae")(tiny(f"method.consistency_feature='{feature}'"))
     models = models_of(methods["code"], "finetune")
     batch = ragged_batch(FINETUNE_MASKS, PRESENT_2, seed=2)

@@ -26,7 +26,7 @@ def test_dice_hand_computed_and_both_empty_is_one():
 
 def _cube(shape, lo, hi):
     m = np.zeros(shape, bool)
-    m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+    m[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
     return m
 
 
@@ -48,11 +48,17 @@ def test_hd95_single_voxels_is_their_distance():
     assert hd95(a, b) == pytest.approx(5.0)
 
 
-@pytest.mark.parametrize("convention,both,one", [("brats", 0.0, 373.13), ("zero", 0.0, 0.0), ("nan", math.nan, math.nan)])
+@pytest.mark.parametrize(
+    "convention,both,one", [("brats", 0.0, 373.13), ("zero", 0.0, 0.0), ("nan", math.nan, math.nan)]
+)
 def test_hd95_empty_conventions(convention, both, one):
     empty = np.zeros((5, 5, 5), bool)
     full = _cube((5, 5, 5), (1, 1, 1), (3, 3, 3))
-    for got, want in ((hd95(empty, empty, empty=convention), both), (hd95(full, empty, empty=convention), one), (hd95(empty, full, empty=convention), one)):
+    for got, want in (
+        (hd95(empty, empty, empty=convention), both),
+        (hd95(full, empty, empty=convention), one),
+        (hd95(empty, full, empty=convention), one),
+    ):
         assert (math.isnan(got) and math.isnan(want)) or got == want
 
 

@@ -23,12 +23,12 @@ from conftest import TINY
 from flax import nnx
 from helpers import assert_resume_is_bit_for_bit, synthetic_batch
 
-from jaxbrats.inference.trained import load_trained
 from jaxbrats import engine
 from jaxbrats.config import ConfigError
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.evaluation.program import evaluate
+from jaxbrats.inference.trained import load_trained
 from jaxbrats.labels import region_probs_from_label_probs
 from jaxbrats.losses import label_loss
 from jaxbrats.losses.distillation import label_logits_from_region_logits, style_features
@@ -40,9 +40,14 @@ from jaxbrats.networks.latent_encoder import LatentEncoder, encode_modalities
 
 #: A 3-level 8-channel U-Net, 8-channel latents, two students, a few steps per stage.
 MTG = [s for s in TINY if not s.startswith("stages.train")] + [
-    "method.name='mind_the_gap'", "model.widths=[8,8,8]", "model.blocks=[1,1,1]", "method.students=['t1ce','flair']",
-    "stages.teacher.steps=2", "stages.students.steps=2",
-    "stages.teacher.optimizers.teacher.lr=3e-3", "stages.students.optimizers.students.lr=3e-3",
+    "method.name='mind_the_gap'",
+    "model.widths=[8,8,8]",
+    "model.blocks=[1,1,1]",
+    "method.students=['t1ce','flair']",
+    "stages.teacher.steps=2",
+    "stages.students.steps=2",
+    "stages.teacher.optimizers.teacher.lr=3e-3",
+    "stages.students.optimizers.students.lr=3e-3",
 ]
 
 
@@ -60,6 +65,7 @@ PAPER_WEIGHTS = {"t1": 0.7759, "t2": 0.8977, "t1ce": 2.2055, "flair": 0.3055}  #
 
 # --- encoders ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("how", ["vmap", "unroll"])
 def test_per_modality_encoders_equal_separate_encoders(how):
     method = mtg()
@@ -68,7 +74,7 @@ def test_per_modality_encoders_equal_separate_encoders(how):
     image = jnp.asarray(synthetic_batch(0)["image"])
     stacked = jax.jit(lambda img: encode_modalities(encoders, img, shared=False, how=how)["latent"])(image)
     for j in range(len(MODALITIES)):
-        alone = family.member(encoders, j)(image[..., j:j + 1])["latent"]
+        alone = family.member(encoders, j)(image[..., j : j + 1])["latent"]
         np.testing.assert_allclose(stacked[j], alone, rtol=1e-5, atol=1e-5)
     # member j is the encoder made from its own key: equal to one built alone
     root = jax.random.split(nnx.Rngs(0).params(), 4)[0]
@@ -83,10 +89,11 @@ def test_a_shared_encoder_folds_the_modalities_into_the_batch():
     image = jnp.asarray(synthetic_batch(1)["image"])
     latents = encode_modalities(encoder, image, shared=True)["latent"]
     for j in range(len(MODALITIES)):
-        np.testing.assert_allclose(latents[j], encoder(image[..., j:j + 1])["latent"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(latents[j], encoder(image[..., j : j + 1])["latent"], rtol=1e-5, atol=1e-5)
 
 
 # --- the teacher -------------------------------------------------------------------------------------
+
 
 def test_the_teacher_loss_is_eq7_summed_over_modalities():
     method = mtg("method.anchor='modality'")
@@ -96,11 +103,15 @@ def test_the_teacher_loss_is_eq7_summed_over_modalities():
     @jax.jit
     def both(batch):  # the method's loss, and eq. 7 written out modality by modality
         latents = method.encode(models, batch["image"])["latent"]
-        seg = [label_loss(models["predictor"](latents[j])["logits"], batch["label"], batch["valid"])[0]
-               for j in range(len(MODALITIES))]
+        seg = [
+            label_loss(models["predictor"](latents[j])["logits"], batch["label"], batch["valid"])[0]
+            for j in range(len(MODALITIES))
+        ]
         v = batch["valid"][..., None].astype(jnp.float32)  # padding voxels count in no term
-        align = [jnp.sum(jnp.square(latents[j] - latents[1]) * v) / (jnp.sum(v) * latents.shape[-1])
-                 for j in range(len(MODALITIES))]  # T1ce is k
+        align = [
+            jnp.sum(jnp.square(latents[j] - latents[1]) * v) / (jnp.sum(v) * latents.shape[-1])
+            for j in range(len(MODALITIES))
+        ]  # T1ce is k
         return method.teacher_loss(models, batch, jax.random.PRNGKey(0)), sum(seg), sum(align)
 
     (loss, parts), seg, align = both(batch)
@@ -113,7 +124,7 @@ def test_the_teacher_loss_is_eq7_summed_over_modalities():
 
 @pytest.mark.parametrize("rule", ["each", "mean_latent"])
 def test_the_teacher_predicts_from_the_present_latents_only(rule):
-    """"each": the present C*(Z_j)'s softmax averaged; "mean_latent": C* on the present latents' mean.
+    """ "each": the present C*(Z_j)'s softmax averaged; "mean_latent": C* on the present latents' mean.
     The students distil from the same teacher output (`teacher_view_output`) that eval scores."""
     method = mtg(f"method.teacher_inference='{rule}'")
     method.serve("teacher")
@@ -129,7 +140,9 @@ def test_the_teacher_predicts_from_the_present_latents_only(rule):
     def reference(image):  # written out, and what the students distil from (`teacher_view_output`)
         latents = method.encode(models, image)["mean"]
         if rule == "each":
-            probs = jnp.mean(jnp.stack([jax.nn.softmax(models["predictor"](latents[j])["logits"], -1) for j in (0, 1)]), 0)
+            probs = jnp.mean(
+                jnp.stack([jax.nn.softmax(models["predictor"](latents[j])["logits"], -1) for j in (0, 1)]), 0
+            )
         else:
             probs = jax.nn.softmax(models["predictor"](jnp.mean(latents[:2], axis=0))["logits"], -1)
         teacher = method.teacher_view_output(models, method.teacher_basis(models, image), mask)
@@ -223,15 +236,18 @@ def test_the_papers_weights_are_in_reach_on_the_phantom_schedule():
     np.testing.assert_allclose(w.sum(axis=1), 4.1846, rtol=1e-5)
     assert (np.diff(w[:, t1ce]) >= -1e-6).all()
     assert w[-1, t1ce] / w[-1].sum() > paper_share
-    group_rate = _simulate(load_config(ROOT / "configs" / "mind_the_gap_phantom.toml",
-                                       ["stages.teacher.optimizers.teacher.model_lr={}"]))["weights"]
+    group_rate = _simulate(
+        load_config(ROOT / "configs" / "mind_the_gap_phantom.toml", ["stages.teacher.optimizers.teacher.model_lr={}"])
+    )["weights"]
     assert group_rate[-1, t1ce] / group_rate[-1].sum() < paper_share
-    mixture = _simulate(load_config(ROOT / "configs" / "mind_the_gap_phantom.toml", ["method.mix_target='mixture'"]),
-                        steps=20)["weights"]
+    mixture = _simulate(
+        load_config(ROOT / "configs" / "mind_the_gap_phantom.toml", ["method.mix_target='mixture'"]), steps=20
+    )["weights"]
     np.testing.assert_allclose(mixture.sum(axis=1), 4.1846, rtol=1e-5)  # both targets run
 
 
 # --- the students ---------------------------------------------------------------------------------------
+
 
 def test_a_student_sees_only_its_subset_and_the_teacher_gets_no_gradient():
     method = mtg("method.kd='kdnet'")
@@ -247,7 +263,9 @@ def test_a_student_sees_only_its_subset_and_the_teacher_gets_no_gradient():
     graphdef, predictor = nnx.split(models["predictor"])
 
     def loss(state):
-        return method.students_loss({**models, "predictor": nnx.merge(graphdef, state)}, batch, jax.random.PRNGKey(0), context)[0]
+        return method.students_loss(
+            {**models, "predictor": nnx.merge(graphdef, state)}, batch, jax.random.PRNGKey(0), context
+        )[0]
 
     grads = jax.jit(jax.grad(loss))(predictor)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
@@ -263,8 +281,10 @@ def test_smunet_discriminator_reads_the_teacher_view_of_the_kd_term(view):
     def run(batch):
         _, _, shared = method.students_loss(models, batch, jax.random.PRNGKey(0), {"step": jnp.asarray(0)})
         basis = method.teacher_basis(models, batch["image"])
-        views = [style_features(method.teacher_view_output(models, basis, jnp.asarray(SUBSET_MASKS[s])))
-                 for s in method.subsets]
+        views = [
+            style_features(method.teacher_view_output(models, basis, jnp.asarray(SUBSET_MASKS[s])))
+            for s in method.subsets
+        ]
         full = style_features(method.teacher_view_output(models, basis, jnp.ones(4, bool)))
         loss = method.discriminator_loss(models, batch, None, shared)[0]
         return shared["teacher_style"], views, full, loss
@@ -298,6 +318,7 @@ def test_resume_mid_stage_is_bit_for_bit(stage, tmp_path):
 
 
 # --- both stages end to end: handover, frozen teacher, one compilation, evaluation ---------------------
+
 
 @pytest.fixture(scope="module")
 def mtg_run(phantom_cache, tmp_path_factory):
@@ -343,8 +364,24 @@ def test_teacher_and_students_evaluate_with_one_compilation_each(mtg_run, phanto
 def test_cli_eval_of_the_teacher(mtg_run, phantom_cache, tmp_path, capsys):
     from jaxbrats.cli import main
 
-    assert main(["eval", "--workdir", str(mtg_run), "--data", str(phantom_cache), "--out", str(tmp_path / "e"),
-                 "--stage", "teacher", "--predictions", "none"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--workdir",
+                str(mtg_run),
+                "--data",
+                str(phantom_cache),
+                "--out",
+                str(tmp_path / "e"),
+                "--stage",
+                "teacher",
+                "--predictions",
+                "none",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "15/15 rows" in table  # the teacher serves every subset
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
@@ -354,10 +391,20 @@ def test_cli_eval_of_the_teacher(mtg_run, phantom_cache, tmp_path, capsys):
 # --- Table I's "Original Method": students of another run's plain U-Net (teacher_from) ---------------
 
 #: `train --config configs/mind_the_gap_phantom.toml --stage students` made tiny, to match `trained_run`'s U-Net.
-TINY_STUDENTS = ["model.widths=[8,8,8,8]", "model.blocks=[1,1,1,1]", "data.crop_size=[16,16,16]",
-                 "data.split_ratios=[0.67,0.0,0.33]", "data.workers=0", "stages.students.steps=2",
-                 "method.students=['t1ce']", "train.log_every=1", "train.checkpoint_every=2", "train.progress=false",
-                 "eval.window=[16,16,16]", "eval.bucket_multiple=8"]
+TINY_STUDENTS = [
+    "model.widths=[8,8,8,8]",
+    "model.blocks=[1,1,1,1]",
+    "data.crop_size=[16,16,16]",
+    "data.split_ratios=[0.67,0.0,0.33]",
+    "data.workers=0",
+    "stages.students.steps=2",
+    "method.students=['t1ce']",
+    "train.log_every=1",
+    "train.checkpoint_every=2",
+    "train.progress=false",
+    "eval.window=[16,16,16]",
+    "eval.bucket_multiple=8",
+]
 
 
 def test_students_of_a_baseline_run_train_in_a_fresh_workdir(trained_run, phantom_cache, tmp_path):
@@ -368,8 +415,19 @@ def test_students_of_a_baseline_run_train_in_a_fresh_workdir(trained_run, phanto
     from jaxbrats.cli import main
 
     workdir = tmp_path / "original"
-    args = ["train", "--config", str(ROOT / "configs" / "mind_the_gap_phantom.toml"), "--workdir", str(workdir),
-            "--data", str(phantom_cache), "--stage", "students", "--set", f'method.teacher_from="{trained_run}"']
+    args = [
+        "train",
+        "--config",
+        str(ROOT / "configs" / "mind_the_gap_phantom.toml"),
+        "--workdir",
+        str(workdir),
+        "--data",
+        str(phantom_cache),
+        "--stage",
+        "students",
+        "--set",
+        f'method.teacher_from="{trained_run}"',
+    ]
     assert main(args + [a for s in TINY_STUDENTS for a in ("--set", s)]) == 0
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["students"]
     students = _checkpoint(workdir, "students")
@@ -393,7 +451,9 @@ def test_a_teacher_from_run_is_read_in_the_students_convention(trained_run, tmp_
     method = get_method("mind_the_gap")(config)
     run = method.teacher_run()
     assert (run.checkpoints, run.model, run.output) == (trained_run / "checkpoints" / "train", "unet", "regions")
-    same = get_method("mind_the_gap")(mtg_config(*TINY_STUDENTS, f"method.teacher_from='{trained_run}/checkpoints/train'"))
+    same = get_method("mind_the_gap")(
+        mtg_config(*TINY_STUDENTS, f"method.teacher_from='{trained_run}/checkpoints/train'")
+    )
     assert same.teacher_run() == run  # a checkpoints/<stage> folder names the same run
     models = method.init_models("students", nnx.Rngs(0))
     assert set(models) == {"teacher", "students"} and "encoders" not in method.families("students")
@@ -424,6 +484,7 @@ def test_a_bad_teacher_from_is_one_line(trained_run, tmp_path):
 
 
 # --- settings ------------------------------------------------------------------------------------------
+
 
 def test_settings_are_checked():
     with pytest.raises(ConfigError, match="method.anchor must be one of"):

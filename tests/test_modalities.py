@@ -3,7 +3,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbrats.modalities import FULL_SUBSET_INDEX, MODALITIES, SUBSET_MASKS, SUBSET_NAMES, SUBSETS, drop_modalities, modality_of_token, subset_index
+from jaxbrats.modalities import (
+    FULL_SUBSET_INDEX,
+    MODALITIES,
+    SUBSET_MASKS,
+    SUBSET_NAMES,
+    SUBSETS,
+    drop_modalities,
+    modality_of_token,
+    subset_index,
+)
 
 
 def test_modality_order_is_canonical():
@@ -36,7 +45,17 @@ def test_subset_index_accepts_names_strings_and_masks():
 
 @pytest.mark.parametrize(
     "token, modality",
-    [("t2f", "flair"), ("FLAIR", "flair"), ("t1c", "t1ce"), ("t1ce", "t1ce"), ("t1n", "t1"), ("t2w", "t2"), ("seg", "seg"), ("Segm", "seg"), ("dwi", None)],
+    [
+        ("t2f", "flair"),
+        ("FLAIR", "flair"),
+        ("t1c", "t1ce"),
+        ("t1ce", "t1ce"),
+        ("t1n", "t1"),
+        ("t2w", "t2"),
+        ("seg", "seg"),
+        ("Segm", "seg"),
+        ("dwi", None),
+    ],
 )
 def test_file_name_aliases(token, modality):
     assert modality_of_token(token) == modality

@@ -10,24 +10,31 @@ riskiest pairs meet: remat with both convolution lowerings (the custom VJP of de
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import tiny_config
 from flax import nnx
 
-from conftest import tiny_config
 from jaxbrats.data.cache import CacheDataset
-from jaxbrats.engine.workdir import load_splits
-from jaxbrats.inference.trained import load_trained
 from jaxbrats.engine.trainer import train
+from jaxbrats.engine.workdir import load_splits
 from jaxbrats.evaluation.program import evaluate
-from jaxbrats.modalities import SUBSETS
 from jaxbrats.inference.predict import predict_case
+from jaxbrats.inference.trained import load_trained
+from jaxbrats.modalities import SUBSETS
 
 SETTINGS = [
-    pytest.param({"remat": True, "dtype": "bfloat16", "upsample": "trilinear", "conv_impl": "native", "deep_supervision": False},
-                 id="remat-bf16-trilinear-native"),
-    pytest.param({"remat": False, "dtype": "float32", "upsample": "nearest", "conv_impl": "depth2d", "deep_supervision": True},
-                 id="f32-nearest-depth2d-deep", marks=pytest.mark.slow),  # float32 and depth2d: what the other tests run
-    pytest.param({"remat": True, "dtype": "bfloat16", "upsample": "nearest", "conv_impl": "depth2d", "deep_supervision": True},
-                 id="remat-bf16-nearest-depth2d-deep"),
+    pytest.param(
+        {"remat": True, "dtype": "bfloat16", "upsample": "trilinear", "conv_impl": "native", "deep_supervision": False},
+        id="remat-bf16-trilinear-native",
+    ),
+    pytest.param(
+        {"remat": False, "dtype": "float32", "upsample": "nearest", "conv_impl": "depth2d", "deep_supervision": True},
+        id="f32-nearest-depth2d-deep",
+        marks=pytest.mark.slow,
+    ),  # float32 and depth2d: what the other tests run
+    pytest.param(
+        {"remat": True, "dtype": "bfloat16", "upsample": "nearest", "conv_impl": "depth2d", "deep_supervision": True},
+        id="remat-bf16-nearest-depth2d-deep",
+    ),
 ]
 
 
@@ -47,7 +54,11 @@ def raw_case(tmp_path_factory):
 
 @pytest.mark.parametrize("settings", SETTINGS)
 def test_train_evaluate_and_predict_with_every_model_setting(settings, phantom_cache, raw_case, tmp_path):
-    overrides = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items() if k != "deep_supervision"]
+    overrides = [
+        f"model.{k}={str(v).lower() if isinstance(v, bool) else v}"
+        for k, v in settings.items()
+        if k != "deep_supervision"
+    ]
     overrides.append(f"method.deep_supervision={str(settings['deep_supervision']).lower()}")
     workdir = tmp_path / "run"
     trainer = train(tiny_config("stages.train.steps=2", *overrides), workdir, phantom_cache)
@@ -58,8 +69,16 @@ def test_train_evaluate_and_predict_with_every_model_setting(settings, phantom_c
     assert {k: getattr(unet, k) for k in settings} == settings
 
     ids = load_splits(workdir, CacheDataset(phantom_cache))["test"][:1]
-    summary = evaluate(method, graphdefs, models, CacheDataset(phantom_cache, ids), config.eval, tmp_path / "eval",
-                       predictions="none", progress=False)
+    summary = evaluate(
+        method,
+        graphdefs,
+        models,
+        CacheDataset(phantom_cache, ids),
+        config.eval,
+        tmp_path / "eval",
+        predictions="none",
+        progress=False,
+    )
     assert len(summary["subsets"]) == len(SUBSETS) == 15
     assert all(np.isfinite(row["dice"][r]) for row in summary["subsets"] for r in ("WT", "TC", "ET"))
 

@@ -47,11 +47,37 @@ def launch(workdir: Path, cache: Path, compile_cache: Path, *extra, processes=(0
     runs = []
     for i in processes:
         out = workdir.parent / f"{workdir.name}.{len(list(workdir.parent.glob(f'{workdir.name}.*.out')))}.p{i}"
-        command = [sys.executable, "-m", "jaxbrats", "train", "--config", str(config), *_sets(), "--workdir", str(workdir),
-                   "--data", str(cache), "--distributed", "--coordinator", f"localhost:{port}", "--num-processes", "2",
-                   "--process-id", str(i), "--timeout", str(timeout), *map(str, extra)]
+        command = [
+            sys.executable,
+            "-m",
+            "jaxbrats",
+            "train",
+            "--config",
+            str(config),
+            *_sets(),
+            "--workdir",
+            str(workdir),
+            "--data",
+            str(cache),
+            "--distributed",
+            "--coordinator",
+            f"localhost:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+            "--timeout",
+            str(timeout),
+            *map(str, extra),
+        ]
         stdout, stderr = open(f"{out}.out", "w"), open(f"{out}.err", "w")  # noqa: SIM115  files: a full pipe cannot stall a process
-        runs.append({"process": subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env), "out": out, "files": (stdout, stderr)})
+        runs.append(
+            {
+                "process": subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env),
+                "out": out,
+                "files": (stdout, stderr),
+            }
+        )
     deadline = time.monotonic() + RUN_TIMEOUT
     try:
         for run in runs:
@@ -63,7 +89,10 @@ def launch(workdir: Path, cache: Path, compile_cache: Path, *extra, processes=(0
                 run["process"].wait()
             for f in run["files"]:
                 f.close()
-    return [{"rc": r["rc"], "stdout": Path(f"{r['out']}.out").read_text(), "stderr": Path(f"{r['out']}.err").read_text()} for r in runs]
+    return [
+        {"rc": r["rc"], "stdout": Path(f"{r['out']}.out").read_text(), "stderr": Path(f"{r['out']}.err").read_text()}
+        for r in runs
+    ]
 
 
 def _ok(results):
@@ -122,7 +151,9 @@ def test_a_resume_with_another_process_count_is_refused_in_one_line(runs, phanto
     shutil.copytree(runs["split"], workdir)
     config = tmp_path / "baseline.toml"
     config.write_text('[method]\nname = "baseline"\n')
-    rc = main(["train", "--config", config, *_sets("stages.train.steps=9"), "--workdir", workdir, "--data", phantom_cache])
+    rc = main(
+        ["train", "--config", config, *_sets("stages.train.steps=9"), "--workdir", workdir, "--data", phantom_cache]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1, err
     assert "holds the data iterators of 2 process(es) and this run has 1" in err[0] and "--num-processes 2" in err[0]
@@ -134,17 +165,28 @@ def test_a_process_whose_peer_never_comes_stops_within_the_timeout(phantom_cache
     took = time.monotonic() - start
     lines = alone["stderr"].strip().splitlines()
     assert alone["rc"] == 1 and len(lines) == 1 and "Traceback" not in alone["stderr"], alone["stderr"]
-    assert lines[0].startswith("jaxbrats: error: process 0 of 2") and "within 5 s" in lines[0] and "localhost:" in lines[0]
+    assert (
+        lines[0].startswith("jaxbrats: error: process 0 of 2") and "within 5 s" in lines[0] and "localhost:" in lines[0]
+    )
     assert took < 30, took
     assert not (tmp_path / "run").exists()  # nothing written
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--process-id", "1"], "--process-id 1 needs --num-processes"),
-    (["--num-processes", "2", "--process-id", "2", "--coordinator", "localhost:1234"], "--process-id 2: out of range for 2 processes"),
-    (["--num-processes", "2", "--process-id", "1"], "needs --coordinator HOST:PORT"),
-    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "give the coordinator as HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--process-id", "1"], "--process-id 1 needs --num-processes"),
+        (
+            ["--num-processes", "2", "--process-id", "2", "--coordinator", "localhost:1234"],
+            "--process-id 2: out of range for 2 processes",
+        ),
+        (["--num-processes", "2", "--process-id", "1"], "needs --coordinator HOST:PORT"),
+        (
+            ["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+            "give the coordinator as HOST:PORT",
+        ),
+    ],
+)
 def test_bad_distributed_settings_are_one_line(args, fragment, tmp_path, capsys, monkeypatch):
     for variable in ("JAXBRATS_COORDINATOR", "JAXBRATS_NUM_PROCESSES", "JAXBRATS_PROCESS_ID", "JAXBRATS_TIMEOUT"):
         monkeypatch.delenv(variable, raising=False)
@@ -158,10 +200,20 @@ def test_settings_come_from_the_environment_when_no_flag_gives_them():
     from jaxbrats.runtime.processes import distributed_settings
 
     args = build_parser().parse_args(["train", "--config", "c", "--workdir", "w", "--distributed", "--process-id", "1"])
-    env = {"JAXBRATS_COORDINATOR": "h:99", "JAXBRATS_NUM_PROCESSES": "2", "JAXBRATS_PROCESS_ID": "0", "JAXBRATS_TIMEOUT": "7"}
+    env = {
+        "JAXBRATS_COORDINATOR": "h:99",
+        "JAXBRATS_NUM_PROCESSES": "2",
+        "JAXBRATS_PROCESS_ID": "0",
+        "JAXBRATS_TIMEOUT": "7",
+    }
     assert distributed_settings(args, env) == {"coordinator": "h:99", "num_processes": 2, "process_id": 1, "timeout": 7}
     args = build_parser().parse_args(["train", "--config", "c", "--workdir", "w", "--distributed"])
-    assert distributed_settings(args, {}) == {"coordinator": None, "num_processes": None, "process_id": None, "timeout": None}
+    assert distributed_settings(args, {}) == {
+        "coordinator": None,
+        "num_processes": None,
+        "process_id": None,
+        "timeout": None,
+    }
 
 
 @pytest.mark.slow
@@ -169,11 +221,11 @@ def test_a_checkpoint_of_an_earlier_version_keeps_its_iterator_state_in_extra(ph
     """Before one file per process, the (single-process) iterator state was the JSON item's "iterator"."""
     from conftest import tiny_config
 
-    from jaxbrats.runtime import checkpoints
     from jaxbrats import engine
     from jaxbrats.data.cache import CacheDataset
     from jaxbrats.data.pipeline import PipelineConfig, make_loader
     from jaxbrats.methods import get_method
+    from jaxbrats.runtime import checkpoints
 
     method = get_method("baseline")(tiny_config())
     optimizers = engine.stage_optimizers(method, "train", 4)
@@ -182,10 +234,16 @@ def test_a_checkpoint_of_an_earlier_version_keeps_its_iterator_state_in_extra(ph
     next(iterator)
     manager = checkpoints.checkpoint_manager(tmp_path, "train")
     checkpoints.save(manager, state, {"iterator": iterator.get_state().decode(), "stage": "train"})  # the old layout
-    _, extra, step = checkpoints.restore_newest_readable(manager, engine.abstract_state(method, "train", optimizers)[1], iterator=True)
+    _, extra, step = checkpoints.restore_newest_readable(
+        manager, engine.abstract_state(method, "train", optimizers)[1], iterator=True
+    )
     assert step == 0 and checkpoints.iterator_state(extra, manager, step) == iterator.get_state().decode()
     next(iterator)
     checkpoints.save(manager, dict(state, step=state["step"] + 1), {"stage": "train"}, iterator)  # the new layout
-    assert [p.name for p in (tmp_path / "checkpoints" / "train" / "1" / "iterator").glob("*.json")] == ["process_0-of-1.json"]
-    _, extra, step = checkpoints.restore_newest_readable(manager, engine.abstract_state(method, "train", optimizers)[1], iterator=True)
+    assert [p.name for p in (tmp_path / "checkpoints" / "train" / "1" / "iterator").glob("*.json")] == [
+        "process_0-of-1.json"
+    ]
+    _, extra, step = checkpoints.restore_newest_readable(
+        manager, engine.abstract_state(method, "train", optimizers)[1], iterator=True
+    )
     assert step == 1 and extra["iterator"] == iterator.get_state().decode()

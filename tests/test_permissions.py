@@ -53,9 +53,18 @@ def test_everything_the_cli_writes_follows_the_umask(tmp_path, umask):
     raw, cache, run, out = tmp_path / "raw", tmp_path / "cache", tmp_path / "run", tmp_path / "out"
     write_phantom(raw, 3, (16, 16, 16), layout="brats2023", seed=1, workers=1)
     assert main(["prepare", str(raw), str(cache), "--workers", "1"]) == 0
-    assert main(["prepare", str(raw), str(cache), "--workers", "1", "--normalize", "percentile"]) == 0  # entries replaced
-    train(tiny_config("stages.train.steps=2", "data.workers=0", "model.widths=[8,8,8]", "model.blocks=[1,1,1]"), run, cache)
-    assert main(["eval", "--workdir", str(run), "--data", str(cache), "--out", str(out / "eval"), "--predictions", "full"]) == 0
+    assert (
+        main(["prepare", str(raw), str(cache), "--workers", "1", "--normalize", "percentile"]) == 0
+    )  # entries replaced
+    train(
+        tiny_config("stages.train.steps=2", "data.workers=0", "model.widths=[8,8,8]", "model.blocks=[1,1,1]"),
+        run,
+        cache,
+    )
+    assert (
+        main(["eval", "--workdir", str(run), "--data", str(cache), "--out", str(out / "eval"), "--predictions", "full"])
+        == 0
+    )
     case = min(p for p in raw.iterdir() if p.is_dir())
     assert main(["predict", "--workdir", str(run), "--case", str(case), "--out", str(out / "pred" / "seg.nii.gz")]) == 0
     save_substitute(np.random.default_rng(0).normal(size=(8, 8, 8, 4)).astype(np.float32), out / "x_sub")

@@ -1,9 +1,9 @@
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import phantom_arrays
 from scipy import ndimage
 
-from helpers import phantom_arrays
 from jaxbrats.data.discovery import discover
 from jaxbrats.data.phantom import write_phantom
 from jaxbrats.labels import EDEMA, ENHANCING, NECROSIS
@@ -46,12 +46,16 @@ def test_contrasts_follow_mri_physics(seed):
 def test_csf_is_bright_in_t2_and_dark_in_flair():
     images, labels = phantom_arrays(seed=2, shape=(48, 48, 48))
     normal = (images["t2"] > 0) & (labels == 0)
-    ratio = images["t2"][normal] / images["t2"][normal].mean() - images["flair"][normal] / images["flair"][normal].mean()
+    ratio = (
+        images["t2"][normal] / images["t2"][normal].mean() - images["flair"][normal] / images["flair"][normal].mean()
+    )
     csf_like = ratio > 1.0  # far brighter in T2 than in FLAIR
     assert csf_like.mean() > 0.02
 
 
-@pytest.mark.parametrize("layout, values, dtype", [("brats2020", {0, 1, 2, 4}, np.uint8), ("brats2023", {0, 1, 2, 3}, np.float32)])
+@pytest.mark.parametrize(
+    "layout, values, dtype", [("brats2020", {0, 1, 2, 4}, np.uint8), ("brats2023", {0, 1, 2, 3}, np.float32)]
+)
 def test_written_files_follow_the_release(tmp_path, layout, values, dtype):
     ids = write_phantom(tmp_path, 2, (24, 20, 16), layout=layout, seed=0, workers=1)
     found_layout, cases, bad = discover(tmp_path)

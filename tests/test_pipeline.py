@@ -3,7 +3,18 @@ import pytest
 import scipy.ndimage as ndi
 
 from jaxbrats.data.cache import CacheDataset
-from jaxbrats.data.pipeline import ROTATION_PLANES, PipelineConfig, RandomCropAugmentDropout, crop_slices, crop_start, make_loader, rotated_crop, rotation_margin, sample_modality_masks, subset_indices
+from jaxbrats.data.pipeline import (
+    ROTATION_PLANES,
+    PipelineConfig,
+    RandomCropAugmentDropout,
+    crop_slices,
+    crop_start,
+    make_loader,
+    rotated_crop,
+    rotation_margin,
+    sample_modality_masks,
+    subset_indices,
+)
 from jaxbrats.modalities import SUBSET_MASKS
 
 CROP = (16, 16, 16)
@@ -113,14 +124,21 @@ def test_padding_is_marked_invalid(phantom_cache):
 def test_intensity_augmentation_is_per_channel_affine_and_padding_stays_zero():
     rng = np.random.default_rng(0)
     image = rng.normal(size=(16, 16, 16, 4)).astype(np.float32)
-    element = {"image": image, "present": np.ones(4, bool), "case_index": np.int32(0), "box_start": np.zeros(3, np.int32)}
+    element = {
+        "image": image,
+        "present": np.ones(4, bool),
+        "case_index": np.int32(0),
+        "box_start": np.zeros(3, np.int32),
+    }
     config = PipelineConfig(crop_size=(16, 16, 16), flip_probability=0.0, foreground_oversample=0.0)
     out = RandomCropAugmentDropout(config).random_map(element, np.random.default_rng(1))
     for c in range(4):
         scale, shift = np.polyfit(image[..., c].ravel(), out["image"][..., c].ravel(), 1)
         assert 0.9 <= scale <= 1.1 and -0.1 <= shift <= 0.1
         np.testing.assert_allclose(out["image"][..., c], image[..., c] * scale + shift, atol=1e-5)
-    padded = RandomCropAugmentDropout(PipelineConfig(crop_size=(20, 16, 16))).random_map(element, np.random.default_rng(2))
+    padded = RandomCropAugmentDropout(PipelineConfig(crop_size=(20, 16, 16))).random_map(
+        element, np.random.default_rng(2)
+    )
     assert padded["valid"].sum() == 16**3 and not padded["image"][~padded["valid"]].any()
 
 
@@ -132,7 +150,9 @@ def test_batch_locates_each_crop_in_its_case(phantom_cache):
             label = dataset.arrays(int(batch["case_index"][b]))["label"]
             np.testing.assert_array_equal(batch["case_shape"][b], label.shape)
             manifest = dataset.manifests[int(batch["case_index"][b])]
-            np.testing.assert_array_equal(batch["box_start"][b], [lo for lo, _ in manifest["crop_box"]])  # in the source grid
+            np.testing.assert_array_equal(
+                batch["box_start"][b], [lo for lo, _ in manifest["crop_box"]]
+            )  # in the source grid
             src, dst = crop_slices(batch["crop_start"][b], label.shape, CROP, batch["flipped"][b])
             want = np.zeros(CROP, np.uint8)
             want[dst] = label[src]
@@ -146,14 +166,21 @@ def test_distinct_instantiations_differ_unless_the_case_cannot():
     independent = [sample_modality_masks(rng, np.ones(4, bool), "drop_k", 2) for _ in range(500)]
     assert sum((a == b).all() for a, b in independent) > 10  # equal views happen without the option
     only_flair = np.array([True, False, False, False])
-    np.testing.assert_array_equal(sample_modality_masks(rng, only_flair, "drop_k", 2, distinct=True), [only_flair, only_flair])
+    np.testing.assert_array_equal(
+        sample_modality_masks(rng, only_flair, "drop_k", 2, distinct=True), [only_flair, only_flair]
+    )
 
 
 # --- rotation --------------------------------------------------------------------------------
 
 
 def _element(image, label=None):
-    element = {"image": image, "present": np.ones(4, bool), "case_index": np.int32(0), "box_start": np.zeros(3, np.int32)}
+    element = {
+        "image": image,
+        "present": np.ones(4, bool),
+        "case_index": np.int32(0),
+        "box_start": np.zeros(3, np.int32),
+    }
     if label is not None:
         element["label"] = label
     return element
@@ -165,7 +192,9 @@ def _blobs(shape, seed=0):
     label = np.zeros(shape, np.uint8)
     for value, inset in ((1, 3), (2, 6), (3, 8)):
         label[tuple(slice(inset + int(rng.integers(3)), n - inset) for n in shape)] = value
-    image = np.concatenate([label[..., None].astype(np.float32), 1 + rng.random(shape + (3,), dtype=np.float32)], axis=-1)
+    image = np.concatenate(
+        [label[..., None].astype(np.float32), 1 + rng.random(shape + (3,), dtype=np.float32)], axis=-1
+    )
     return label, image
 
 
@@ -177,8 +206,11 @@ def test_rotated_crop_matches_ndimage_rotate_of_the_padded_case(axes):
     image = 1 + rng.random(shape + (4,), dtype=np.float32)
     label = rng.integers(0, 4, shape).astype(np.uint8)
     pad, extra = 40, 20
-    padded = {"image": np.pad(image, [(pad, pad)] * 3 + [(0, 0)]), "label": np.pad(label, pad),
-              "valid": np.pad(np.ones(shape, np.uint8), pad)}
+    padded = {
+        "image": np.pad(image, [(pad, pad)] * 3 + [(0, 0)]),
+        "label": np.pad(label, pad),
+        "valid": np.pad(np.ones(shape, np.uint8), pad),
+    }
     for degrees in (17.0, -73.0, 150.0):
         start = np.array([rng.integers(-6, n - c + 7) for n, c in zip(shape, crop)])  # partly outside the case
         flips = rng.random(3) < 0.5
@@ -203,7 +235,11 @@ def test_rotation_by_zero_degrees_is_the_plain_crop():
     image, label = rng.random(shape + (4,), dtype=np.float32), rng.integers(0, 4, shape).astype(np.uint8)
     start, flips = np.array([3, -2, 1]), np.array([True, False, True])
     src, dst = crop_slices(start, shape, crop, flips)
-    want = {"image": np.zeros(crop + (4,), np.float32), "label": np.zeros(crop, np.uint8), "valid": np.zeros(crop, bool)}
+    want = {
+        "image": np.zeros(crop + (4,), np.float32),
+        "label": np.zeros(crop, np.uint8),
+        "valid": np.zeros(crop, bool),
+    }
     want["image"][dst], want["label"][dst], want["valid"][dst] = image[src], label[src], True
     for axes in ROTATION_PLANES:
         got = rotated_crop(image, label, start, crop, flips, axes, 0.0)
@@ -227,8 +263,14 @@ def test_labels_rotate_with_the_image():
     the rounded channel (linear) away from label boundaries, where the channel takes intermediate values."""
     shape = (24, 24, 24)
     label, image = _blobs(shape)
-    config = PipelineConfig(crop_size=(16, 16, 16), rotation_degrees=40.0, flip_probability=0.5, foreground_oversample=0.0,
-                            intensity_scale=0.0, intensity_shift=0.0)
+    config = PipelineConfig(
+        crop_size=(16, 16, 16),
+        rotation_degrees=40.0,
+        flip_probability=0.5,
+        foreground_oversample=0.0,
+        intensity_scale=0.0,
+        intensity_shift=0.0,
+    )
     transform = RandomCropAugmentDropout(config)
     checked = 0
     for seed in range(6):
@@ -236,7 +278,9 @@ def test_labels_rotate_with_the_image():
         assert set(np.unique(out["label"])) <= {0, 1, 2, 3}
         channel = out["image"][..., 0]
         # Interior: the label is the same over the voxel's 3^3 neighbourhood (and it is in the case).
-        interior = (ndi.maximum_filter(out["label"], 3) == ndi.minimum_filter(out["label"], 3)) & ndi.binary_erosion(out["valid"], border_value=1)
+        interior = (ndi.maximum_filter(out["label"], 3) == ndi.minimum_filter(out["label"], 3)) & ndi.binary_erosion(
+            out["valid"], border_value=1
+        )
         np.testing.assert_array_equal(np.rint(channel[interior]), out["label"][interior])
         checked += interior.sum()
         fractional = np.abs(channel - np.rint(channel)) > 0.05
@@ -255,7 +299,9 @@ def test_rotated_crop_is_filled_with_the_case():
     # Through the transform: a 10-degree rotation of a 16^3 crop needs 3 more voxels a side.
     config = PipelineConfig(crop_size=(16, 16, 16), rotation_degrees=10.0, foreground_oversample=0.0)
     for seed in range(10):
-        out = RandomCropAugmentDropout(config).random_map(_element(np.pad(image, [(8, 8)] * 3 + [(0, 0)], constant_values=1)), np.random.default_rng(seed))
+        out = RandomCropAugmentDropout(config).random_map(
+            _element(np.pad(image, [(8, 8)] * 3 + [(0, 0)], constant_values=1)), np.random.default_rng(seed)
+        )
         assert out["valid"].all() and (out["image"] > 0.5).all()
 
 
@@ -269,7 +315,9 @@ def test_rotation_keeps_padding_zero_and_invalid():
     for seed in range(6):
         out = RandomCropAugmentDropout(config).random_map(_element(image, label), np.random.default_rng(seed))
         valid = out["valid"]
-        assert not valid.all() and abs(int(valid.sum()) - int(np.prod(shape))) < 0.2 * np.prod(shape)  # rotation keeps volume
+        assert not valid.all() and abs(int(valid.sum()) - int(np.prod(shape))) < 0.2 * np.prod(
+            shape
+        )  # rotation keeps volume
         assert not out["image"][~valid].any() and not out["label"][~valid].any()
         assert (out["label"][valid] > 0).all()  # a label is rotated with its voxel, never taken from padding
 

@@ -15,17 +15,17 @@ import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import write_case
 
 from jaxbrats import cli, engine
-from jaxbrats.runtime import compilation
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.preprocess import prepare_dataset
-from jaxbrats.inference.trained import load_trained
 from jaxbrats.evaluation.program import bucket_shape, evaluate
-from jaxbrats.inference.segment import pad_shape
-from jaxbrats.inference.windows import SlidingWindowConfig, sliding_window, window_starts
 from jaxbrats.inference.predict import predict_case
-from helpers import write_case
+from jaxbrats.inference.segment import pad_shape
+from jaxbrats.inference.trained import load_trained
+from jaxbrats.inference.windows import SlidingWindowConfig, sliding_window, window_starts
+from jaxbrats.runtime import compilation
 
 #: case id -> (shape, modalities left out). A is shorter than the 16^3 window along W; B makes the
 #: bucket larger than A's own; C has no T2 file (segmented with flair, t1ce, t1).
@@ -60,7 +60,9 @@ def _predict_equals_evaluate(workdir: Path, tmp_path: Path, cases) -> dict:
     assert shapes[SHORT][2] < config.eval.window[2]  # an axis shorter than the window
     assert bucket_shape(list(shapes.values()), config.eval) != pad_shape(shapes[SHORT], config.eval)  # another bucket
     evaluate(method, graphdefs, models, dataset, config.eval, tmp_path / "eval_all", progress=False)
-    evaluate(method, graphdefs, models, CacheDataset(cache, [SHORT]), config.eval, tmp_path / "eval_one", progress=False)
+    evaluate(
+        method, graphdefs, models, CacheDataset(cache, [SHORT]), config.eval, tmp_path / "eval_one", progress=False
+    )
     tumour = {}
     for case_id in cases:
         info = predict_case(workdir, raw / case_id, tmp_path / "pred" / f"{case_id}.nii.gz", convention="brats2018")
@@ -69,7 +71,9 @@ def _predict_equals_evaluate(workdir: Path, tmp_path: Path, cases) -> dict:
         evaluated = _nifti(tmp_path / "eval_all" / "predictions" / f"{case_id}.nii.gz")
         np.testing.assert_array_equal(predicted, evaluated, err_msg=case_id)
         if case_id == SHORT:
-            np.testing.assert_array_equal(predicted, _nifti(tmp_path / "eval_one" / "predictions" / f"{case_id}.nii.gz"))
+            np.testing.assert_array_equal(
+                predicted, _nifti(tmp_path / "eval_one" / "predictions" / f"{case_id}.nii.gz")
+            )
         tumour[case_id] = int((predicted > 0).sum())
     return tumour
 
@@ -88,8 +92,19 @@ def _predict_a_folder(workdir: Path, tmp_path: Path, capsys):
     flair.write_bytes(flair.read_bytes()[:200])  # a truncated gzip stream
     compilation.watch()
     before = compilation.counts("segment_case")
-    code = cli.main(["predict", "--workdir", workdir, "--input", tmp_path / "raw", "--out", tmp_path / "folder",
-                     "--convention", "brats2018"])
+    code = cli.main(
+        [
+            "predict",
+            "--workdir",
+            workdir,
+            "--input",
+            tmp_path / "raw",
+            "--out",
+            tmp_path / "folder",
+            "--convention",
+            "brats2018",
+        ]
+    )
     out = capsys.readouterr()
     after = compilation.counts("segment_case")
     assert code == 1 and out.err.strip().splitlines()[-1].startswith("jaxbrats: error: 1 of 4 case(s) failed")
@@ -97,8 +112,11 @@ def _predict_a_folder(workdir: Path, tmp_path: Path, capsys):
     assert "missing nothing: 2 case(s)" in out.out and "missing t2: 1 case(s) (BraTS20_Training_003)" in out.out
     assert after["compiled"] + after["loaded"] - before["compiled"] - before["loaded"] == 1  # three shapes, one program
     for case_id in CASES:
-        np.testing.assert_array_equal(_nifti(tmp_path / "folder" / f"{case_id}.nii.gz"),
-                                      _nifti(tmp_path / "pred" / f"{case_id}.nii.gz"), err_msg=case_id)
+        np.testing.assert_array_equal(
+            _nifti(tmp_path / "folder" / f"{case_id}.nii.gz"),
+            _nifti(tmp_path / "pred" / f"{case_id}.nii.gz"),
+            err_msg=case_id,
+        )
     summary = json.loads((tmp_path / "folder" / "predict_summary.json").read_text())
     assert [c["case"] for c in summary["failed"]] == ["BraTS20_Training_004"] and len(summary["predicted"]) == 3
 

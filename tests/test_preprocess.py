@@ -6,9 +6,9 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import write_case
 
 import jaxbrats.data.cache as cache_module
-from helpers import write_case
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.preprocess import NORMALIZATIONS, brain_bbox, normalize, prepare_dataset
 from jaxbrats.errors import JaxbratsError
@@ -93,9 +93,15 @@ def test_prepare_minmax_from_the_cli(tmp_path, capsys):
             assert set(stats[modality]) == {"min", "max"} and stats[modality]["min"] < stats[modality]["max"]
             assert image[..., c].min() == -1 and image[..., c].max() == 1
     # Another normalisation is another setting: the entries are rebuilt, and rebuilt again on the way back.
-    assert set(prepare_dataset(data, cache, normalization="zscore", workers=1, progress=False)["prepared"].values()) == {"written"}
-    assert set(prepare_dataset(data, cache, normalization="minmax", workers=1, progress=False)["prepared"].values()) == {"written"}
-    assert set(prepare_dataset(data, cache, normalization="minmax", workers=1, progress=False)["prepared"].values()) == {"cached"}
+    assert set(
+        prepare_dataset(data, cache, normalization="zscore", workers=1, progress=False)["prepared"].values()
+    ) == {"written"}
+    assert set(
+        prepare_dataset(data, cache, normalization="minmax", workers=1, progress=False)["prepared"].values()
+    ) == {"written"}
+    assert set(
+        prepare_dataset(data, cache, normalization="minmax", workers=1, progress=False)["prepared"].values()
+    ) == {"cached"}
 
 
 def test_cache_entries_describe_the_case(phantom_dir, phantom_cache):
@@ -163,7 +169,11 @@ def test_recovery_after_a_kill_mid_write(tmp_path, monkeypatch):
         CacheDataset(cache)
 
     report = prepare_dataset(data, cache, workers=1, progress=False)
-    assert report["prepared"] == {"BraTS2021_00000": "cached", "BraTS2021_00001": "written", "BraTS2021_00002": "written"}
+    assert report["prepared"] == {
+        "BraTS2021_00000": "cached",
+        "BraTS2021_00001": "written",
+        "BraTS2021_00002": "written",
+    }
     assert not list((cache / "cases").glob(".partial-*"))
     got, want = CacheDataset(cache), CacheDataset(reference)
     for i in range(3):

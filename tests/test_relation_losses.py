@@ -14,13 +14,22 @@ import numpy as np
 import pytest
 
 from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
-from jaxbrats.losses.relation import car_loss, car_matrix, car_memory_bytes, crr_loss, region_centres, region_masks, resize_to_features
+from jaxbrats.losses.relation import (
+    car_loss,
+    car_matrix,
+    car_memory_bytes,
+    crr_loss,
+    region_centres,
+    region_masks,
+    resize_to_features,
+)
 
 N, S, C, R, C_EMBED = 2, 4, 5, 3, 3
 RTOL, ATOL = 1e-5, 1e-7
 
 
 # --- data ------------------------------------------------------------------------------
+
 
 def gt_regions_of(labels):
     """WT = {1, 2, 3}, TC = {1, 3}, ET = {3}, stacked last; float64."""
@@ -52,6 +61,7 @@ def params32(p):
 
 # --- numpy references (float64, from the equations) ------------------------------------
 
+
 def masks_reference(probs, gt, filtered, lam=0.5):
     """Eq. 3: M = 1(P > lambda) AND GT; without manual filtering M = GT."""
     inside = gt > 0.5
@@ -69,10 +79,12 @@ def crr_reference(teacher, student, masks):
                 m = masks[n, ..., r]
                 if m.sum() > 0:  # an empty region has no centre
                     centres[r] = (f * m[..., None]).sum(axis=(0, 1, 2)) / m.sum()
-            graphs.append({
-                (i, j): centres[i] @ centres[j] / (np.linalg.norm(centres[i]) * np.linalg.norm(centres[j]))
-                for i, j in itertools.permutations(centres, 2)
-            })
+            graphs.append(
+                {
+                    (i, j): centres[i] @ centres[j] / (np.linalg.norm(centres[i]) * np.linalg.norm(centres[j]))
+                    for i, j in itertools.permutations(centres, 2)
+                }
+            )
         losses.append(sum(abs(graphs[0][pair] - graphs[1][pair]) for pair in graphs[0]))
     return float(np.mean(losses))
 
@@ -113,6 +125,7 @@ def eq8_reference(z_teacher, z_student):
 
 # --- masks and resizing ----------------------------------------------------------------
 
+
 def test_region_masks_with_and_without_filtering(data):
     for filtered in (True, False):
         got = region_masks(f32(data["probs"]), f32(data["gt"]), filtered=filtered)
@@ -139,6 +152,7 @@ def test_resize_to_features_samples_a_coarser_grid():
 
 
 # --- CRR --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("filtered", [True, False])
 def test_crr_loss_matches_reference(data, filtered):
@@ -188,6 +202,7 @@ def test_crr_loss_is_zero_without_regions(data):
 
 # --- CAR --------------------------------------------------------------------------------
 
+
 def test_car_matrix_is_normalised_along_the_chosen_axis(data):
     theta, phi = params32(data["theta"]), params32(data["phi"])
     keys = np.asarray(car_matrix(f32(data["teacher"]), theta, phi, axis="keys"))
@@ -196,8 +211,9 @@ def test_car_matrix_is_normalised_along_the_chosen_axis(data):
     np.testing.assert_allclose(keys.sum(axis=2), 1.0, rtol=1e-5)
     np.testing.assert_allclose(queries.sum(axis=1), 1.0, rtol=1e-5)
     assert np.max(np.abs(keys.sum(axis=1) - 1.0)) > 1e-2  # the other axis is not normalised
-    np.testing.assert_allclose(keys[0], car_reference_matrix(data["teacher"][0], data["theta"], data["phi"], "keys"),
-                               rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        keys[0], car_reference_matrix(data["teacher"][0], data["theta"], data["phi"], "keys"), rtol=1e-4, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("axis", ["keys", "queries"])
@@ -207,8 +223,9 @@ def test_car_loss_matches_reference(data, axis):
     expected = car_reference(data["teacher"], data["student"], data["theta"], data["phi"], axis)
     np.testing.assert_allclose(float(loss), expected, rtol=RTOL)
     assert float(parts["car"]) == float(loss)
-    other = car_reference(data["teacher"], data["student"], data["theta"], data["phi"],
-                          "queries" if axis == "keys" else "keys")
+    other = car_reference(
+        data["teacher"], data["student"], data["theta"], data["phi"], "queries" if axis == "keys" else "keys"
+    )
     assert abs(other - expected) > 1e-3 * expected
 
 
@@ -226,6 +243,7 @@ def test_car_memory_bytes():
 
 # --- the teacher learns from Dice only --------------------------------------------------
 
+
 def test_teacher_gets_no_gradient(data):
     teacher, student = f32(data["teacher"]), f32(data["student"])
     masks = f32(masks_reference(data["probs"], data["gt"], True))
@@ -241,6 +259,7 @@ def test_teacher_gets_no_gradient(data):
 
 
 # --- adversarial ------------------------------------------------------------------------
+
 
 def test_discriminator_loss_matches_reference():
     rng = np.random.default_rng(2)
@@ -274,7 +293,8 @@ def test_adversarial_losses_stay_finite_at_large_logits(sign):
     s_loss, _ = student_adversarial_loss(f32(z_student))
     np.testing.assert_allclose(float(s_loss), -np.mean(log_sigmoid_reference(z_student)), rtol=RTOL, atol=1e-20)
     grads = jax.grad(lambda t, s: discriminator_loss(t, s)[0] + student_adversarial_loss(s)[0], argnums=(0, 1))(
-        f32(z_teacher), f32(z_student))
+        f32(z_teacher), f32(z_student)
+    )
     assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
 
 

@@ -20,14 +20,14 @@ from conftest import TINY, with_xla_flags
 from flax import nnx
 from helpers import synthetic_batch
 
-from jaxbrats.inference.trained import load_trained
 from jaxbrats import engine
-from jaxbrats.runtime.checkpoints import restore, save
 from jaxbrats.config import ConfigError
 from jaxbrats.evaluation.program import evaluate
+from jaxbrats.inference.trained import load_trained
 from jaxbrats.methods import get_method, load_config
 from jaxbrats.modalities import SUBSET_NAMES, subset_index
 from jaxbrats.networks import family
+from jaxbrats.runtime.checkpoints import restore, save
 from jaxbrats.runtime.sharding import make_mesh, shard_state
 
 #: A 3-level narrow U-Net (bottleneck 4^3 for CAR), two students, the paper's stem dropout.
@@ -43,6 +43,7 @@ def rirn(students, *extra):
 
 
 # --- the teacher learns from its Dice only; a student sees only its subset -------------------------
+
 
 def test_no_student_loss_reaches_the_teacher():
     method = rirn(["t1ce", "flair"])
@@ -90,6 +91,7 @@ def test_a_student_sees_only_its_subset():
 
 # --- stacked = separate; exact resume ------------------------------------------------------------------
 
+
 def _steps(method, batches, mesh=None, state=None, step=None):
     optimizers = engine.stage_optimizers(method, "train", 10)
     graphdefs, fresh = engine.init_state(method, "train", 0, optimizers)
@@ -124,7 +126,9 @@ def test_students_trained_together_give_the_losses_of_each_trained_alone(togethe
             for part in ("model/{}/seg", "model/{}/crr", "model/{}/car", "model/{}/adv_s", "discriminator/{}/adv_d"):
                 key = part.format(name)
                 np.testing.assert_allclose(metrics[step][key], alone[step][key], rtol=1e-5, err_msg=key)
-            np.testing.assert_allclose(metrics[step]["model/teacher_dice"], alone[step]["model/teacher_dice"], rtol=1e-6)
+            np.testing.assert_allclose(
+                metrics[step]["model/teacher_dice"], alone[step]["model/teacher_dice"], rtol=1e-6
+            )
     # The students differ (their subsets), so equal losses are not trivially equal numbers.
     assert metrics[1]["model/t1ce/seg"] != metrics[1]["model/flair/seg"]
 
@@ -146,6 +150,7 @@ def test_resume_mid_run_is_bit_for_bit(together, batches, tmp_path):
 
 
 # --- evaluation: each row from its own student ---------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def rirn_run(phantom_cache, tmp_path_factory):
@@ -173,7 +178,8 @@ def test_each_row_comes_from_its_own_student(rirn_run, phantom_cache, tmp_path):
     assert "| - | - | - |" in (tmp_path / "a" / "summary.md").read_text()
     # Flip the sign of the FLAIR student's head (slot 1): only the FLAIR row changes.
     flipped = jax.tree_util.tree_map_with_path(
-        lambda path, a: a.at[1].multiply(-1.0) if "head" in jax.tree_util.keystr(path) else a, models)
+        lambda path, a: a.at[1].multiply(-1.0) if "head" in jax.tree_util.keystr(path) else a, models
+    )
     evaluate(method, graphdefs, flipped, test, config.eval, tmp_path / "b", predictions="none", progress=False)
     changed = set()
     for case in sorted((tmp_path / "a" / "cases").iterdir()):
@@ -193,12 +199,15 @@ def test_predict_refuses_a_case_no_student_serves(rirn_run, phantom_dir, tmp_pat
     for f in case.iterdir():
         if "t1n" in f.name:
             (only_t1 / f.name).symlink_to(f)
-    with pytest.raises(JaxbratsError, match=r"no model for the modalities the case has \(t1\); it segments: t1ce, flair, t1\+t2"):
+    with pytest.raises(
+        JaxbratsError, match=r"no model for the modalities the case has \(t1\); it segments: t1ce, flair, t1\+t2"
+    ):
         predict_case(rirn_run, only_t1, tmp_path / "seg.nii.gz")
     assert not (tmp_path / "seg.nii.gz").exists()
 
 
 # --- settings ------------------------------------------------------------------------------------------
+
 
 def test_students_option():
     assert rirn("all").served_subsets() == tuple(range(15))
@@ -220,11 +229,17 @@ def test_table4_switches_change_the_models_and_terms():
     assert [u.group for u in method.updates("train")] == ["model"] and method.families("train") == {"students": 1}
     models = method.init_models("train", nnx.Rngs(0))
     assert set(models) == {"teacher", "students"}
-    terms = method.student_terms(models, jax.tree.map(jnp.asarray, synthetic_batch(2)),
-                                 models["teacher"](jnp.asarray(synthetic_batch(2)["image"])), jax.random.PRNGKey(0))
+    terms = method.student_terms(
+        models,
+        jax.tree.map(jnp.asarray, synthetic_batch(2)),
+        models["teacher"](jnp.asarray(synthetic_batch(2)["image"])),
+        jax.random.PRNGKey(0),
+    )
     assert set(terms) == {"loss", "seg", "crr", "crr_pairs", "adversary_input"}
     # The shipped phantom config sets the discriminator's optimiser: still valid with adv = false.
-    shipped = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "rirn_phantom.toml"), ["method.adv=false"])
+    shipped = load_config(
+        os.path.join(os.path.dirname(__file__), "..", "configs", "rirn_phantom.toml"), ["method.adv=false"]
+    )
     assert get_method("rirn")(shipped).groups("train") == ("model",)
     with pytest.raises(ConfigError, match=r"unknown group\(s\) \['critic'\]"):
         rirn_config("stages.train.optimizers.critic.lr=1e-3")
@@ -234,6 +249,7 @@ def test_table4_switches_change_the_models_and_terms():
 
 
 # --- the student axis over 4 devices -------------------------------------------------------------------
+
 
 def test_students_split_over_four_devices_give_the_losses_of_one(together):
     """The two students of `together` and its batches of 2 on a 2 (data) x 2 (model) mesh of 4 fake
@@ -256,8 +272,14 @@ def test_students_split_over_four_devices_give_the_losses_of_one(together):
                           "student_shape": list(kernel.addressable_shards[0].data.shape),
                           "spec": str(kernel.sharding.spec), "teacher_spec": str(teacher.sharding.spec)}}))
     """)
-    out = subprocess.run([sys.executable, "-c", script], env=with_xla_flags("--xla_force_host_platform_device_count=4"),
-                         capture_output=True, text=True, timeout=600, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env=with_xla_flags("--xla_force_host_platform_device_count=4"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["student_shape"][0] == 1 and "model" in result["spec"]  # one student per device
@@ -272,7 +294,9 @@ def test_a_frozen_teacher_from_another_run(rirn_run, trained_run):
     method = rirn(["t1ce"], f"method.teacher_from='{rirn_run / 'checkpoints' / 'train'}'")
     assert "teacher" not in method.updates("train")[0].trainable  # frozen: no optimiser state, no update
     optimizers = engine.stage_optimizers(method, "train", 10)
-    teacher = method.start_from("train", lambda: engine.abstract_state(method, "train", optimizers)[1]["models"])["teacher"]
+    teacher = method.start_from("train", lambda: engine.abstract_state(method, "train", optimizers)[1]["models"])[
+        "teacher"
+    ]
     saved = ocp.CheckpointManager((rirn_run / "checkpoints" / "train").absolute())
     full = saved.restore(saved.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(full["models"]["teacher"])):
@@ -284,6 +308,7 @@ def test_a_frozen_teacher_from_another_run(rirn_run, trained_run):
 
 
 # --- issue 25: L_SEG's Dice over regions, refusals, per-term gradient norms ---------------------------
+
 
 def _numpy_region_dice(logits, label, valid):
     """1 - (2 sum(p g) + s) / (sum p + sum g + s) per sample and region (WT, TC, ET), s = 1e-5."""
@@ -306,7 +331,9 @@ def test_l_seg_sums_the_three_regions_dice_by_default_as_acn():
 
 
 def test_a_global_norm_clip_on_the_discriminators_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"stages.train.optimizers.discriminator.clip_norm must be 0 .*discriminators"):
+    with pytest.raises(
+        ConfigError, match=r"stages.train.optimizers.discriminator.clip_norm must be 0 .*discriminators"
+    ):
         rirn_config("stages.train.optimizers.discriminator.clip_norm=1.0")
 
 
@@ -347,7 +374,11 @@ def test_grad_norms_log_each_terms_own_gradient_norm(batches):
 
     trainable = {n: graphs[n][1] for n in graphs}
     for name in terms:
-        expected = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(jax.jit(jax.grad(part), static_argnums=1)(trainable, name)))))
+        expected = float(
+            jnp.sqrt(
+                sum(jnp.sum(g**2) for g in jax.tree.leaves(jax.jit(jax.grad(part), static_argnums=1)(trainable, name)))
+            )
+        )
         got = float(metrics[f"model/grad_norm/{name}"])
         assert expected > 0, name
         np.testing.assert_allclose(got, expected, rtol=1e-4, err_msg=name)

@@ -33,7 +33,9 @@ QUICK = sorted(m for m, (quick, _) in RUNS.items() if quick)
 def start(cache: Path, out: Path, method: str, meshes: list[str]):
     env = with_xla_flags("--xla_force_host_platform_device_count=8")
     args = [sys.executable, str(HERE / "mesh_runs.py"), str(cache), str(out), method, ONE, *meshes]
-    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out / f"{method}.json"
+    return subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    ), out / f"{method}.json"
 
 
 def finish(process, result: Path) -> dict:
@@ -71,7 +73,9 @@ def assert_same_as_one_device(results: dict) -> None:
             assert set(got) == set(want), mesh
             for key in want:
                 if key.endswith("loss"):  # every group's loss, e.g. model/loss and discriminator/loss
-                    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=f"{mesh} {key} step {want['step']}")
+                    np.testing.assert_allclose(
+                        got[key], want[key], rtol=1e-5, err_msg=f"{mesh} {key} step {want['step']}"
+                    )
         assert set(run["labels"]) == set(one["labels"]) and one["labels"], mesh
         for name, labels in one["labels"].items():
             # The 4-step models put many probabilities near the 0.5 threshold, where the split
@@ -115,7 +119,7 @@ def test_gradients_under_a_split_volume_equal_one_devices(runs):
 def test_the_split_step_moves_halos_and_never_gathers_an_activation(runs):
     """Under (data 2, space 4): neighbours exchange boundary slices; nothing activation-sized is
     all-gathered. An activation of this U-Net is at least one sample's 8^3 bottleneck x 8 channels."""
-    smallest_activation = 8 ** 3 * 8 * 4  # bytes
+    smallest_activation = 8**3 * 8 * 4  # bytes
     for method in ("baseline", "m3ae"):
         run = runs(method)["2,4,1"]
         for stage, ops in run["collectives"].items():
@@ -127,10 +131,11 @@ def test_the_split_step_moves_halos_and_never_gathers_an_activation(runs):
     # backward: 4 of them, which XLA may merge into one), nothing of finer levels.
     run = runs("rirn")["2,2,2"]
     gathers = [size for op, size in run["collectives"]["train"] if op == "all-gather"]
-    assert sum(gathers) <= 4 * 8 ** 3 * 4 * 4, gathers
+    assert sum(gathers) <= 4 * 8**3 * 4 * 4, gathers
 
 
 # --- the command-line contract and the pieces, on this process's one device -----------------------
+
 
 def test_an_impossible_mesh_is_one_line_naming_the_numbers(phantom_cache, tmp_path, capsys):
     from conftest import TINY
@@ -138,7 +143,12 @@ def test_an_impossible_mesh_is_one_line_naming_the_numbers(phantom_cache, tmp_pa
     from jaxbrats.cli import main
 
     sets = [a for s in TINY + ["train.mesh={data = 2, space = 4}", "data.crop_size=[64,16,16]"] for a in ("--set", s)]
-    assert main(["train", "--config", "/dev/null", "--workdir", str(tmp_path / "run"), "--data", str(phantom_cache), *sets]) == 1
+    assert (
+        main(
+            ["train", "--config", "/dev/null", "--workdir", str(tmp_path / "run"), "--data", str(phantom_cache), *sets]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data 2 x space 4 x model 1 needs 8 devices, but 1 are visible" in err[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -158,7 +168,6 @@ def test_a_depth_that_does_not_split_at_every_level_is_refused():
 
 def test_shifted_trilinear_upsampling_equals_jax_image_resize():
     import jax
-    import jax.numpy as jnp
 
     from jaxbrats.networks.unet import upsample_linear
 

@@ -35,13 +35,16 @@ def _channels_last(t):
 FULL = {"deep_supervision": True}
 
 
-@pytest.mark.parametrize("upsample,conv_impl,size,batch", [
-    pytest.param("nearest", "native", SMALL, 2, id="nearest-native"),
-    pytest.param("nearest", "depth2d", SMALL, 2, id="nearest-depth2d"),
-    pytest.param("trilinear", "native", SMALL, 2, id="trilinear-native"),
-    pytest.param("trilinear", "depth2d", SMALL, 2, id="trilinear-depth2d"),
-    pytest.param("trilinear", "depth2d", FULL, 1, id="full-width-trilinear-depth2d"),
-])
+@pytest.mark.parametrize(
+    "upsample,conv_impl,size,batch",
+    [
+        pytest.param("nearest", "native", SMALL, 2, id="nearest-native"),
+        pytest.param("nearest", "depth2d", SMALL, 2, id="nearest-depth2d"),
+        pytest.param("trilinear", "native", SMALL, 2, id="trilinear-native"),
+        pytest.param("trilinear", "depth2d", SMALL, 2, id="trilinear-depth2d"),
+        pytest.param("trilinear", "depth2d", FULL, 1, id="full-width-trilinear-depth2d"),
+    ],
+)
 def test_forward_matches_pytorch(upsample, conv_impl, size, batch):
     """Logits, every encoder and decoder feature map and the deep heads within 1e-4 (max abs) of float64 PyTorch."""
     cfg = UNetConfig(upsample=upsample, conv_impl=conv_impl, **size)
@@ -78,17 +81,26 @@ def test_loss_gradients_match_pytorch():
 
     def jax_loss(params, rest):
         out = nnx.merge(graphdef, params, rest)(jnp.asarray(x))
-        return numpy_free_loss([out["logits"], *out["deep"]], jnp.asarray(target), jax.nn.sigmoid,
-                               lambda z, t: jnp.logaddexp(0, z) - z * t, jnp.mean)
+        return numpy_free_loss(
+            [out["logits"], *out["deep"]],
+            jnp.asarray(target),
+            jax.nn.sigmoid,
+            lambda z, t: jnp.logaddexp(0, z) - z * t,
+            jnp.mean,
+        )
 
     params, rest = nnx.split_state(state, nnx.Param, ...)
     grads = jax.jit(jax.grad(jax_loss))(params, rest)
 
     out = reference(xt)
     tt = torch.from_numpy(target.transpose(0, 4, 1, 2, 3)).double()
-    loss = numpy_free_loss([out["logits"], *out["deep"]], tt, torch.sigmoid,
-                           lambda z, t: torch.nn.functional.binary_cross_entropy_with_logits(z, t, reduction="none"),
-                           torch.mean)
+    loss = numpy_free_loss(
+        [out["logits"], *out["deep"]],
+        tt,
+        torch.sigmoid,
+        lambda z, t: torch.nn.functional.binary_cross_entropy_with_logits(z, t, reduction="none"),
+        torch.mean,
+    )
     loss.backward()
     want = {name: p.grad for name, p in reference.named_parameters()}
     got = torch_state_dict(grads)  # the converter maps a gradient tree like a parameter tree

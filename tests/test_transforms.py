@@ -49,5 +49,7 @@ def test_window_reads_the_substitute_where_the_crop_came_from(case_shape):
         src, dst = crop_slices(start, case_shape, crop, flips)
         image_crop = np.zeros(crop + (4,), np.float32)
         image_crop[dst] = case[src]
-        window = np.asarray(read(jnp.asarray(x_sub), jnp.asarray(start) + case_origin(case_shape, volume_shape), jnp.asarray(flips)))
+        window = np.asarray(
+            read(jnp.asarray(x_sub), jnp.asarray(start) + case_origin(case_shape, volume_shape), jnp.asarray(flips))
+        )
         np.testing.assert_array_equal(window[dst], image_crop[dst])

@@ -50,15 +50,24 @@ def test_shapes_of_every_level_and_the_deep_heads():
     model = UNet(UNetConfig(deep_supervision=True, widths=(8, 16, 16, 32), blocks=(1, 1, 1, 1)), nnx.Rngs(0))
     out = nnx.jit(lambda m, x: m(x))(model, jnp.zeros((2, 16, 16, 16, 4)))
     assert out["logits"].shape == (2, 16, 16, 16, 3)
-    assert [f.shape for f in out["encoder"]] == [(2, 16, 16, 16, 8), (2, 8, 8, 8, 16), (2, 4, 4, 4, 16), (2, 2, 2, 2, 32)]
+    assert [f.shape for f in out["encoder"]] == [
+        (2, 16, 16, 16, 8),
+        (2, 8, 8, 8, 16),
+        (2, 4, 4, 4, 16),
+        (2, 2, 2, 2, 32),
+    ]
     assert [f.shape[1] for f in out["decoder"]] == [4, 8, 16]
     assert [d.shape for d in out["deep"]] == [(2, 16, 16, 16, 3)] * 2
-    decoded = nnx.jit(lambda m, x: m.decoder(m.encoder(x))[0])(model, jnp.zeros((2, 16, 16, 16, 4)))  # usable separately
+    decoded = nnx.jit(lambda m, x: m.decoder(m.encoder(x))[0])(
+        model, jnp.zeros((2, 16, 16, 16, 4))
+    )  # usable separately
     np.testing.assert_allclose(decoded, out["logits"], atol=1e-6)
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
-    model = UNet(UNetConfig(dtype="bfloat16", upsample="trilinear", widths=(8, 8, 16, 16), blocks=(1, 1, 1, 1)), nnx.Rngs(0))
+    model = UNet(
+        UNetConfig(dtype="bfloat16", upsample="trilinear", widths=(8, 8, 16, 16), blocks=(1, 1, 1, 1)), nnx.Rngs(0)
+    )
     out = nnx.jit(lambda m, x: m(x))(model, jnp.ones((1, 16, 16, 16, 4)))
     assert out["logits"].dtype == jnp.bfloat16
     assert {p.dtype for p in _params(model)} == {jnp.dtype(jnp.float32)}
@@ -215,14 +224,18 @@ def test_group_norm_of_a_bfloat16_model_computes_in_float32():
     x = jnp.asarray(10 + rng.normal(size=(1, 16, 16, 16, 16)), jnp.bfloat16)
     got = nnx.jit(lambda m, x: m(x))(norm, x)
     assert got.dtype == jnp.bfloat16
-    want = _group_norm_reference(np.asarray(x.astype(jnp.float32)), np.asarray(norm.norm.scale[...]),
-                                 np.asarray(norm.norm.bias[...]), 8)
+    want = _group_norm_reference(
+        np.asarray(x.astype(jnp.float32)), np.asarray(norm.norm.scale[...]), np.asarray(norm.norm.bias[...]), 8
+    )
     error = np.abs(np.asarray(got.astype(jnp.float32), np.float64) - want)
     excess = error - (2.0**-8 * np.abs(want) + 0.01)
     assert excess.max() <= 0, f"max error {error.max():.3g}, over the tolerance by {excess.max():.3g}"
 
     jaxpr = jax.make_jaxpr(lambda x: norm(x))(x).jaxpr
-    touching = {eqn.primitive.name for eqn in _walk(jaxpr)
-                if any(getattr(v.aval, "dtype", None) == jnp.bfloat16 for v in eqn.invars if hasattr(v, "aval"))}
+    touching = {
+        eqn.primitive.name
+        for eqn in _walk(jaxpr)
+        if any(getattr(v.aval, "dtype", None) == jnp.bfloat16 for v in eqn.invars if hasattr(v, "aval"))
+    }
     assert touching == {"convert_element_type"}, touching
     assert any(eqn.primitive.name == "reduce_sum" and eqn.invars[0].aval.dtype == jnp.float32 for eqn in _walk(jaxpr))

@@ -47,18 +47,27 @@ class Ablation:
 ABLATIONS = {
     "m3ae_table3": Ablation(
         "m3ae_phantom.toml",
-        {"full": (), "no_self_distillation": ("method.consistency_weight=0",),
-         "deep_quarter": ("method.consistency_feature='deep_quarter'",)},
+        {
+            "full": (),
+            "no_self_distillation": ("method.consistency_weight=0",),
+            "deep_quarter": ("method.consistency_feature='deep_quarter'",),
+        },
         "M3AE Table 3: row (e), no self-distillation (lambda = 0), against the full method; "
         "`deep_quarter`: the public code's consistency feature (issue item 2)",
-        shares="pretrain"),
+        shares="pretrain",
+    ),
     "rirn_table4": Ablation(
         "rirn_phantom.toml",
-        {"rirn": (), "student_alone": ("method.crr=false", "method.car=false", "method.adv=false"),
-         "crr_0.33": ("method.crr_weight=0.33",), "crr_0.03": ("method.crr_weight=0.03",)},
+        {
+            "rirn": (),
+            "student_alone": ("method.crr=false", "method.car=false", "method.adv=false"),
+            "crr_0.33": ("method.crr_weight=0.33",),
+            "crr_0.03": ("method.crr_weight=0.03",),
+        },
         "RIRN Table 4 (T1ce student): the student alone (L_SEG only) against RIRN (CRR + CAR + ADV, unit "
         "weights); `crr_*`: CRR's weight lowered",
-        common=("method.students=['t1ce']",)),
+        common=("method.students=['t1ce']",),
+    ),
     "mind_the_gap_table4": Ablation(
         "mind_the_gap_phantom.toml",
         {"mix": (), "none": ("method.anchor='none'",), "mix_mixture": ("method.mix_target='mixture'",)},
@@ -68,14 +77,19 @@ ABLATIONS = {
         stage="teacher",
         # The teacher under eq. 7 runs C* once per present latent, for each of the 15 subsets:
         # windows that tile the case without overlap (8, not 27, per 64^3 case) keep it to minutes.
-        evaluation=("eval.overlap=0",)),
+        evaluation=("eval.overlap=0",),
+    ),
     "acdis_table3": Ablation(
         "acdis_phantom.toml",
-        {"acdis": (), "no_mfsb": ("method.mfsb=false", "method.synthesis=[]"),
-         "plain_sum": ("method.syn_grad_encoders=true", "method.syn_grad_target=true")},
+        {
+            "acdis": (),
+            "no_mfsb": ("method.mfsb=false", "method.synthesis=[]"),
+            "plain_sum": ("method.syn_grad_encoders=true", "method.syn_grad_target=true"),
+        },
         "ACDIS Table 3: without MFSB (a 3x3x3 conv fills the missing modalities' features, no L_syn) "
         "against the full method; `plain_sum`: eq. 12's plain sum (L_syn's gradient into the encoders and "
-        "its target; the phantom config trains the MFSB only with it)"),
+        "its target; the phantom config trains the MFSB only with it)",
+    ),
 }
 
 
@@ -92,34 +106,78 @@ def phantom(work: Path, seed: int) -> Path:
     cache = work / f"seed{seed}" / "cache"
     if not (cache / "index.json").exists():
         raw = work / f"seed{seed}" / "phantom"
-        run("phantom", str(raw), "--cases", "16", "--shape", "64", "64", "64", "--layout", "brats2023", "--seed", str(seed))
+        run(
+            "phantom",
+            str(raw),
+            "--cases",
+            "16",
+            "--shape",
+            "64",
+            "64",
+            "64",
+            "--layout",
+            "brats2023",
+            "--seed",
+            str(seed),
+        )
         run("prepare", str(raw), str(cache))
     return cache
 
 
-def train_and_eval(ablation: Ablation, arm: str, folder: Path, cache: Path, seed: int, first: Path | None, steps: int | None):
+def train_and_eval(
+    ablation: Ablation, arm: str, folder: Path, cache: Path, seed: int, first: Path | None, steps: int | None
+):
     if (folder / "eval" / "summary.json").exists():
         return
     overrides = [*ablation.common, *ablation.arms[arm], f"train.seed={seed}", "train.progress=false"]
     if steps:
         stages = [ablation.stage] if ablation.stage else ["train", "pretrain", "finetune", "teacher", "students"]
-        overrides += [f"stages.{s}.steps={steps}" for s in stages if f"[stages.{s}]" in (REPO / "configs" / ablation.config).read_text()]
+        overrides += [
+            f"stages.{s}.steps={steps}"
+            for s in stages
+            if f"[stages.{s}]" in (REPO / "configs" / ablation.config).read_text()
+        ]
     stage = ["--stage", ablation.stage] if ablation.stage else []
     if first is not None and ablation.shares:
         later = _stages_after(ablation.config, ablation.shares)
         overrides.append(f"stages.{later[0]}.init_from='{first / 'checkpoints' / ablation.shares}'")
         stage = [x for s in later for x in ("--stage", s)]
-    run("train", "--config", str(REPO / "configs" / ablation.config), "--workdir", str(folder), "--data", str(cache),
-        *stage, *sets(overrides))
-    run("eval", "--workdir", str(folder), "--data", str(cache), "--split", "test", "--out", str(folder / "eval"),
-        "--predictions", "none", *(["--stage", ablation.stage] if ablation.stage else []), *sets(ablation.evaluation))
+    run(
+        "train",
+        "--config",
+        str(REPO / "configs" / ablation.config),
+        "--workdir",
+        str(folder),
+        "--data",
+        str(cache),
+        *stage,
+        *sets(overrides),
+    )
+    run(
+        "eval",
+        "--workdir",
+        str(folder),
+        "--data",
+        str(cache),
+        "--split",
+        "test",
+        "--out",
+        str(folder / "eval"),
+        "--predictions",
+        "none",
+        *(["--stage", ablation.stage] if ablation.stage else []),
+        *sets(ablation.evaluation),
+    )
 
 
 def _stages_after(config: str, shared: str) -> list[str]:
     text = (REPO / "configs" / config).read_text()
-    order = [line.strip()[len("[stages."):-1] for line in text.splitlines()
-             if line.startswith("[stages.") and line.count(".") == 1]
-    return order[order.index(shared) + 1:]
+    order = [
+        line.strip()[len("[stages.") : -1]
+        for line in text.splitlines()
+        if line.startswith("[stages.") and line.count(".") == 1
+    ]
+    return order[order.index(shared) + 1 :]
 
 
 def dice_of(summary: dict, rows: list[str]) -> dict:
@@ -128,7 +186,11 @@ def dice_of(summary: dict, rows: list[str]) -> dict:
 
 
 def summarise(work: Path, name: str, arms: list[str], seeds: list[int]) -> dict:
-    evals = {s: {a: json.loads((work / f"seed{s}" / name / a / "eval" / "summary.json").read_text()) for a in arms} for s in seeds}
+    evals = {
+        s: {a: json.loads((work / f"seed{s}" / name / a / "eval" / "summary.json").read_text()) for a in arms}
+        for s in seeds
+    }
+
     def scored(summary):  # the rows a run serves and scores (a dedicated method's students' rows)
         return {r["name"] for r in summary["subsets"] if r["cases"] and r.get("served", True)}
 
@@ -142,9 +204,10 @@ def summarise(work: Path, name: str, arms: list[str], seeds: list[int]) -> dict:
     for view in views:
         for arm in arms[1:]:
             diffs = {r: [table[view][s][arm][r] - table[view][s][arms[0]][r] for s in seeds] for r in REGIONS}
-            out["difference"][f"{view}/{arm}"] = {r: {"per_seed": d, "mean": statistics.fmean(d),
-                                                       "sd": statistics.stdev(d) if len(d) > 1 else 0.0}
-                                                   for r, d in diffs.items()}
+            out["difference"][f"{view}/{arm}"] = {
+                r: {"per_seed": d, "mean": statistics.fmean(d), "sd": statistics.stdev(d) if len(d) > 1 else 0.0}
+                for r, d in diffs.items()
+            }
     return out
 
 
@@ -153,16 +216,22 @@ def markdown(result: dict, about: str) -> str:
     lines = [f"# {result['ablation']}", "", about, ""]
     for view, rows in result["rows"].items():
         label = f"{rows[0]} row" if view == "full" else f"mean of {len(rows)} served rows"
-        lines += [f"## Dice (%), {label}", "", "| seed | " + " | ".join(f"{a} {r}" for a in arms for r in REGIONS) + " |",
-                  "|---|" + "---|" * (len(arms) * len(REGIONS))]
+        lines += [
+            f"## Dice (%), {label}",
+            "",
+            "| seed | " + " | ".join(f"{a} {r}" for a in arms for r in REGIONS) + " |",
+            "|---|" + "---|" * (len(arms) * len(REGIONS)),
+        ]
         for s in seeds:
             cells = [f"{100 * result['dice'][view][s][a][r]:.2f}" for a in arms for r in REGIONS]
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines += ["", f"Paired difference (arm - {arms[0]}) over the seeds, mean ± sd (per seed):", ""]
         for arm in arms[1:]:
             d = result["difference"][f"{view}/{arm}"]
-            parts = [f"{r} {100 * d[r]['mean']:+.2f} ± {100 * d[r]['sd']:.2f} ({', '.join(f'{100 * x:+.1f}' for x in d[r]['per_seed'])})"
-                     for r in REGIONS]
+            parts = [
+                f"{r} {100 * d[r]['mean']:+.2f} ± {100 * d[r]['sd']:.2f} ({', '.join(f'{100 * x:+.1f}' for x in d[r]['per_seed'])})"
+                for r in REGIONS
+            ]
             lines.append(f"- {arm}: " + "; ".join(parts))
         lines.append("")
     return "\n".join(lines)
@@ -191,10 +260,19 @@ def main(argv=None) -> int:
         cache = phantom(args.workdir, seed)
         base = args.workdir / f"seed{seed}" / args.ablation
         for arm in arms:
-            train_and_eval(ablation, arm, base / arm, cache, seed, None if arm == first_arm else base / first_arm, args.steps)
+            train_and_eval(
+                ablation, arm, base / arm, cache, seed, None if arm == first_arm else base / first_arm, args.steps
+            )
         done = base / "compare" / "compare.json"
         if not done.exists() or json.loads(done.read_text())["names"] != arms:
-            run("compare", *(str(base / a / "eval") for a in arms), "--names", ",".join(arms), "--out", str(base / "compare"))
+            run(
+                "compare",
+                *(str(base / a / "eval") for a in arms),
+                "--names",
+                ",".join(arms),
+                "--out",
+                str(base / "compare"),
+            )
     result = summarise(args.workdir, args.ablation, arms, args.seeds)
     (args.workdir / f"{args.ablation}.json").write_text(json.dumps(result, indent=1) + "\n")
     text = markdown(result, ablation.about)

@@ -68,20 +68,34 @@ def random_batch(rng, batch: int, size: int, views: int) -> dict:
 
 
 def make_method(name: str, overrides: list[str]):
-    from jaxbrats.methods import load_config
-    from jaxbrats.methods import get_method
+    from jaxbrats.methods import get_method, load_config
 
     config = load_config(None, [f"method.name='{name}'", *overrides])
     return get_method(name)(config)
 
 
-def bench_train_step(method_name: str, stage: str, size: int, batch: int, dtype: str, repeats: int, conv_impl: str,
-                     overrides: tuple[str, ...] = ()) -> dict:
+def bench_train_step(
+    method_name: str,
+    stage: str,
+    size: int,
+    batch: int,
+    dtype: str,
+    repeats: int,
+    conv_impl: str,
+    overrides: tuple[str, ...] = (),
+) -> dict:
     from jaxbrats.engine.state import init_state
     from jaxbrats.engine.step import make_train_step
 
-    method = make_method(method_name, [f"model.dtype='{dtype}'", f"model.conv_impl='{conv_impl}'", f"data.crop_size=[{size},{size},{size}]",
-                                       *overrides])
+    method = make_method(
+        method_name,
+        [
+            f"model.dtype='{dtype}'",
+            f"model.conv_impl='{conv_impl}'",
+            f"data.crop_size=[{size},{size},{size}]",
+            *overrides,
+        ],
+    )
     optimizers = {group: optax.adam(3e-4) for group in method.groups(stage)}
     graphdefs, state = init_state(method, stage, 0, optimizers)
     views = method.pipeline(stage)["instantiations"]
@@ -102,10 +116,21 @@ def bench_train_step(method_name: str, stage: str, size: int, batch: int, dtype:
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(holder["state"]["models"]))
     _, step_s = _timed(call, repeats)
     return {
-        "what": "train_step", "method": method_name, "stage": stage, "size": [size] * 3, "batch": batch, "views": views,
-        "dtype": dtype, "conv_impl": conv_impl, "compile_s": round(compile_s, 3), "step_s": round(step_s, 4),
-        "voxels_per_s": round(batch * views * size**3 / step_s), "traces": step_fn.traces, "parameters": params,
-        "arguments_mib": round(memory.argument_size_in_bytes / 2**20, 1), "temporaries_mib": round(memory.temp_size_in_bytes / 2**20, 1),
+        "what": "train_step",
+        "method": method_name,
+        "stage": stage,
+        "size": [size] * 3,
+        "batch": batch,
+        "views": views,
+        "dtype": dtype,
+        "conv_impl": conv_impl,
+        "compile_s": round(compile_s, 3),
+        "step_s": round(step_s, 4),
+        "voxels_per_s": round(batch * views * size**3 / step_s),
+        "traces": step_fn.traces,
+        "parameters": params,
+        "arguments_mib": round(memory.argument_size_in_bytes / 2**20, 1),
+        "temporaries_mib": round(memory.temp_size_in_bytes / 2**20, 1),
     }
 
 
@@ -113,7 +138,15 @@ def bench_eval(method_name: str, shape, window: int, repeats: int, dtype: str, o
     from jaxbrats.engine.state import init_state
     from jaxbrats.evaluation.program import make_case_program
 
-    method = make_method(method_name, [f"model.dtype='{dtype}'", f"eval.window=[{window},{window},{window}]", f"data.crop_size=[{window},{window},{window}]", *overrides])
+    method = make_method(
+        method_name,
+        [
+            f"model.dtype='{dtype}'",
+            f"eval.window=[{window},{window},{window}]",
+            f"data.crop_size=[{window},{window},{window}]",
+            *overrides,
+        ],
+    )
     stage = [s for s in method.stages if method.can_predict(s)][-1]
     graphdefs, state = init_state(method, stage, 0, {g: optax.adam(1e-3) for g in method.groups(stage)})
     program = make_case_program(method, graphdefs, method.config.eval)
@@ -124,8 +157,15 @@ def bench_eval(method_name: str, shape, window: int, repeats: int, dtype: str, o
     case_shape = jnp.asarray(shape, jnp.int32)
     first, per_case = _timed(lambda: program(state["models"], image, labels, valid, case_shape), repeats)
     return {
-        "what": "eval_15_subsets", "method": method_name, "size": list(shape), "window": [window] * 3, "overlap": method.config.eval.overlap,
-        "dtype": dtype, "first_call_s": round(first, 2), "per_case_s": round(per_case, 3), "traces": program.traces,
+        "what": "eval_15_subsets",
+        "method": method_name,
+        "size": list(shape),
+        "window": [window] * 3,
+        "overlap": method.config.eval.overlap,
+        "dtype": dtype,
+        "first_call_s": round(first, 2),
+        "per_case_s": round(per_case, 3),
+        "traces": program.traces,
     }
 
 
@@ -137,7 +177,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--conv-impl", choices=["auto", "native", "depth2d"], default="auto")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--eval-shape", type=int, nargs=3, default=[128, 128, 128], help="padded case shape for the 15-subset evaluation")
+    parser.add_argument(
+        "--eval-shape",
+        type=int,
+        nargs=3,
+        default=[128, 128, 128],
+        help="padded case shape for the 15-subset evaluation",
+    )
     parser.add_argument("--eval-window", type=int, default=128)
     parser.add_argument("--no-eval", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
@@ -150,17 +196,25 @@ def main(argv=None) -> int:
 
     for size in args.sizes:
         for stage in get_method(args.method).stages:
-            row = bench_train_step(args.method, stage, size, args.batch, args.dtype, args.repeats, args.conv_impl, tuple(args.set))
+            row = bench_train_step(
+                args.method, stage, size, args.batch, args.dtype, args.repeats, args.conv_impl, tuple(args.set)
+            )
             result["runs"].append(row)
-            print(f"{args.method} {stage} step {size}^3 x{args.batch} (x{row['views']} views) {args.dtype} ({row['conv_impl']}): "
-                  f"{row['step_s'] * 1e3:.0f} ms, {row['voxels_per_s'] / 1e6:.2f} Mvoxel/s, compile {row['compile_s']:.1f} s, "
-                  f"{row['parameters'] / 1e6:.2f} M parameters, memory {row['arguments_mib']:.0f} MiB arguments + "
-                  f"{row['temporaries_mib']:.0f} MiB temporaries")
+            print(
+                f"{args.method} {stage} step {size}^3 x{args.batch} (x{row['views']} views) {args.dtype} ({row['conv_impl']}): "
+                f"{row['step_s'] * 1e3:.0f} ms, {row['voxels_per_s'] / 1e6:.2f} Mvoxel/s, compile {row['compile_s']:.1f} s, "
+                f"{row['parameters'] / 1e6:.2f} M parameters, memory {row['arguments_mib']:.0f} MiB arguments + "
+                f"{row['temporaries_mib']:.0f} MiB temporaries"
+            )
     if not args.no_eval:
-        row = bench_eval(args.method, args.eval_shape, args.eval_window, max(args.repeats - 1, 1), args.dtype, tuple(args.set))
+        row = bench_eval(
+            args.method, args.eval_shape, args.eval_window, max(args.repeats - 1, 1), args.dtype, tuple(args.set)
+        )
         result["runs"].append(row)
-        print(f"evaluation of 15 subsets, case {tuple(args.eval_shape)}, window {args.eval_window}^3: "
-              f"{row['per_case_s']:.1f} s per case (first call with compilation {row['first_call_s']:.1f} s)")
+        print(
+            f"evaluation of 15 subsets, case {tuple(args.eval_shape)}, window {args.eval_window}^3: "
+            f"{row['per_case_s']:.1f} s per case (first call with compilation {row['first_call_s']:.1f} s)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

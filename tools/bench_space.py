@@ -63,11 +63,11 @@ from collections import defaultdict
 import jax
 import numpy as np
 
-from jaxbrats.interop import benchmark
-from jaxbrats.runtime import compilation, sharding
 from jaxbrats import engine
 from jaxbrats.errors import ConfigError
+from jaxbrats.interop import benchmark
 from jaxbrats.methods import get_method, load_config
+from jaxbrats.runtime import compilation, sharding
 
 MIB = 2**20
 
@@ -78,16 +78,37 @@ def host_batch(size, views: int, rng) -> dict:
     masks[..., 1] = True  # never an empty subset
     shape = (1, *size)
     return {
-        "image": rng.normal(size=shape + (4,)).astype(np.float32), "label": rng.integers(0, 4, shape, dtype=np.uint8),
-        "valid": np.ones(shape, bool), "modality_mask": masks, "subset": np.full((1, views), 14, np.int32),
-        "present": np.ones((1, 4), bool), "case_index": np.zeros(1, np.int32), "crop_start": np.zeros((1, 3), np.int32),
-        "flipped": np.zeros((1, 3), bool), "case_shape": np.asarray([size], np.int32), "box_start": np.zeros((1, 3), np.int32),
+        "image": rng.normal(size=shape + (4,)).astype(np.float32),
+        "label": rng.integers(0, 4, shape, dtype=np.uint8),
+        "valid": np.ones(shape, bool),
+        "modality_mask": masks,
+        "subset": np.full((1, views), 14, np.int32),
+        "present": np.ones((1, 4), bool),
+        "case_index": np.zeros(1, np.int32),
+        "crop_start": np.zeros((1, 3), np.int32),
+        "flipped": np.zeros((1, 3), bool),
+        "case_shape": np.asarray([size], np.int32),
+        "box_start": np.zeros((1, 3), np.int32),
     }
 
 
 _COMBINED = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(all-reduce|all-gather|all-to-all|reduce-scatter)\(")
 _SHAPE = re.compile(r"\b(pred|[su]8|[su]16|[su]32|[su]64|bf16|f16|f32|f64)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+}
 
 
 def exchanges(hlo: str) -> dict:
@@ -104,7 +125,10 @@ def exchanges(hlo: str) -> dict:
             out[f"{op}_bytes"] += size
     for match in map(_COMBINED.search, hlo.splitlines()):
         if match:
-            sizes = [_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _SHAPE.findall(match.group(1))]
+            sizes = [
+                _BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
+                for t, dims in _SHAPE.findall(match.group(1))
+            ]
             out[f"{match.group(2)}_n"] += 1
             out[f"{match.group(2)}_bytes"] += sum(sizes)
             if match.group(2) == "all-gather":
@@ -113,11 +137,25 @@ def exchanges(hlo: str) -> dict:
 
 
 def bench(args, size, space: int) -> dict:
-    row = {"method": args.method, "size": list(size), "space": space, "slab": size[0] // space, "dtype": args.dtype,
-           "remat": args.remat, "conv_impl": args.conv_impl}
-    overrides = [f"method.name='{args.method}'", f"model.dtype='{args.dtype}'", f"model.remat={str(args.remat).lower()}",
-                 f"model.conv_impl='{args.conv_impl}'", f"data.crop_size=[{size[0]},{size[1]},{size[2]}]",
-                 "data.batch_size=1", f"train.mesh={{data = 1, space = {space}, model = 1}}", *args.set]
+    row = {
+        "method": args.method,
+        "size": list(size),
+        "space": space,
+        "slab": size[0] // space,
+        "dtype": args.dtype,
+        "remat": args.remat,
+        "conv_impl": args.conv_impl,
+    }
+    overrides = [
+        f"method.name='{args.method}'",
+        f"model.dtype='{args.dtype}'",
+        f"model.remat={str(args.remat).lower()}",
+        f"model.conv_impl='{args.conv_impl}'",
+        f"data.crop_size=[{size[0]},{size[1]},{size[2]}]",
+        "data.batch_size=1",
+        f"train.mesh={{data = 1, space = {space}, model = 1}}",
+        *args.set,
+    ]
     try:
         method = get_method(args.method)(load_config(None, overrides))
         mesh = sharding.make_mesh(method.config.train.mesh)
@@ -131,19 +169,30 @@ def bench(args, size, space: int) -> dict:
     families = method.families(stage)
     state = sharding.shard_state(state, mesh, families)
     data = host_batch(size, method.pipeline(stage).get("instantiations", 1), np.random.default_rng(0))
-    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, v.ndim)) for k, v in data.items()}
+    abstract = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, v.ndim))
+        for k, v in data.items()
+    }
     step_fn = engine.make_train_step(method, stage, graphdefs, optimizers)
-    jitted = jax.jit(step_fn, donate_argnums=0, out_shardings=(sharding.state_shardings(state, mesh, families), sharding.replicated(mesh)))
+    jitted = jax.jit(
+        step_fn,
+        donate_argnums=0,
+        out_shardings=(sharding.state_shardings(state, mesh, families), sharding.replicated(mesh)),
+    )
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):  # the layers see the split depth (networks.layers.space_shards)
         compiled = jitted.lower(state, abstract).compile()
     row["compile_s"] = round(time.perf_counter() - t0, 1)
     m = compiled.memory_analysis()
     if m is not None:
-        row["memory"] = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
-                         "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
-                         "peak": m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes,
-                         "xla_peak": getattr(m, "peak_memory_in_bytes", 0)}
+        row["memory"] = {
+            "argument": m.argument_size_in_bytes,
+            "output": m.output_size_in_bytes,
+            "alias": m.alias_size_in_bytes,
+            "temp": m.temp_size_in_bytes,
+            "peak": m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes,
+            "xla_peak": getattr(m, "peak_memory_in_bytes", 0),
+        }
     row["collectives"] = exchanges(compiled.as_text())
     timing = args.time if args.time is not None else math.prod(size) <= 128**3
     if timing:
@@ -166,37 +215,58 @@ def table_line(row: dict) -> str:
         return f"| {size} | {row['space']} | - | refused: {row['refused']} |"
     mem, c = row.get("memory", {}), row["collectives"]
     mib = {k: f"{v / MIB:.0f}" for k, v in mem.items()}
-    gathers = f"{c.get('all-gather_n', 0)} ({c.get('all-gather_max_bytes', 0) / MIB:.2f} MiB)" if c.get("all-gather_n") else "0"
+    gathers = (
+        f"{c.get('all-gather_n', 0)} ({c.get('all-gather_max_bytes', 0) / MIB:.2f} MiB)"
+        if c.get("all-gather_n")
+        else "0"
+    )
     step = f"{row['step_s']:.1f}" if "step_s" in row else "-"
-    return (f"| {size} | {row['space']} | {row['slab']} | {mib.get('argument', '-')} | {mib.get('output', '-')} | "
-            f"{mib.get('alias', '-')} | {mib.get('temp', '-')} | **{mib.get('peak', '-')}** | "
-            f"{c.get('collective-permute_bytes', 0) / MIB:.1f} ({c.get('collective-permute_n', 0)}) | "
-            f"{c.get('all-reduce_bytes', 0) / MIB:.1f} ({c.get('all-reduce_n', 0)}) | {gathers} | {row['compile_s']:.0f} | {step} |")
+    return (
+        f"| {size} | {row['space']} | {row['slab']} | {mib.get('argument', '-')} | {mib.get('output', '-')} | "
+        f"{mib.get('alias', '-')} | {mib.get('temp', '-')} | **{mib.get('peak', '-')}** | "
+        f"{c.get('collective-permute_bytes', 0) / MIB:.1f} ({c.get('collective-permute_n', 0)}) | "
+        f"{c.get('all-reduce_bytes', 0) / MIB:.1f} ({c.get('all-reduce_n', 0)}) | {gathers} | {row['compile_s']:.0f} | {step} |"
+    )
 
 
-HEADER = ("| crop DxHxW | space | slab D | args MiB | out MiB | aliased MiB | temp MiB | peak MiB | halo MiB (ops) | "
-          "all-reduce MiB (ops) | all-gathers (largest) | compile s | step s |\n" + "|---" * 3 + "|---:" * 10 + "|")
+HEADER = (
+    "| crop DxHxW | space | slab D | args MiB | out MiB | aliased MiB | temp MiB | peak MiB | halo MiB (ops) | "
+    "all-reduce MiB (ops) | all-gathers (largest) | compile s | step s |\n" + "|---" * 3 + "|---:" * 10 + "|"
+)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="baseline")
     parser.add_argument("--stage", help="the method's stage (default: its last)")
-    parser.add_argument("--sizes", nargs="+", default=["128,128,128", "240,240,160", "160,240,240"], help="crops D,H,W (D is split)")
+    parser.add_argument(
+        "--sizes", nargs="+", default=["128,128,128", "240,240,160", "160,240,240"], help="crops D,H,W (D is split)"
+    )
     parser.add_argument("--spaces", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--remat", action="store_true", help="model.remat: recompute each residual block in the backward pass")
+    parser.add_argument(
+        "--remat", action="store_true", help="model.remat: recompute each residual block in the backward pass"
+    )
     parser.add_argument("--conv-impl", choices=["auto", "native", "depth2d"], default="auto")
-    parser.add_argument("--time", action=argparse.BooleanOptionalAction, default=None,
-                        help="run the step (default: only crops up to 128^3)")
+    parser.add_argument(
+        "--time",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the step (default: only crops up to 128^3)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override, repeatable")
     parser.add_argument("--out", help="write the JSON rows here")
     args = parser.parse_args(argv)
 
     info = benchmark.machine()
-    result = {"machine": info, "devices": f"{jax.device_count()} x {info['accelerator']} ({info['backend']})",
-              "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:] if argv is None else argv, "rows": []}
+    result = {
+        "machine": info,
+        "devices": f"{jax.device_count()} x {info['accelerator']} ({info['backend']})",
+        "date": time.strftime("%Y-%m-%d"),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "rows": [],
+    }
     print(f"{info['cpu']} ({info['cpu_cores']} cores); {result['devices']}; jax {info['jax']}")
     if info["backend"] == "cpu":
         print("fake CPU devices share the host's cores: step times are not a speed-up figure")

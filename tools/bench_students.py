@@ -36,12 +36,14 @@ from jaxbrats.modalities import SUBSET_NAMES
 
 
 def bench(k: int, size: int, batch: int, dtype: str, repeats: int) -> dict:
+    from jaxbrats.engine.optim import stage_optimizers
     from jaxbrats.engine.state import init_state
     from jaxbrats.engine.step import make_train_step
-    from jaxbrats.engine.optim import stage_optimizers
 
     students = json.dumps(list(SUBSET_NAMES[:k]))
-    method = make_method("rirn", [f"method.students={students}", f"model.dtype='{dtype}'", f"data.crop_size=[{size},{size},{size}]"])
+    method = make_method(
+        "rirn", [f"method.students={students}", f"model.dtype='{dtype}'", f"data.crop_size=[{size},{size},{size}]"]
+    )
     optimizers = stage_optimizers(method, "train", 1000)
     graphdefs, state = init_state(method, "train", 0, optimizers)
     data = random_batch(np.random.default_rng(0), batch, size, 1)
@@ -58,9 +60,17 @@ def bench(k: int, size: int, batch: int, dtype: str, repeats: int) -> dict:
 
     _, step_s = _timed(call, repeats)
     total = (memory.argument_size_in_bytes + memory.temp_size_in_bytes) if memory is not None else None
-    return {"students": k, "size": [size] * 3, "batch": batch, "dtype": dtype, "compile_s": round(compile_s, 1),
-            "step_s": round(step_s, 3), "step_per_student_s": round(step_s / k, 3),
-            "memory_bytes": total, "memory_per_student_bytes": None if total is None else total // k}
+    return {
+        "students": k,
+        "size": [size] * 3,
+        "batch": batch,
+        "dtype": dtype,
+        "compile_s": round(compile_s, 1),
+        "step_s": round(step_s, 3),
+        "step_per_student_s": round(step_s / k, 3),
+        "memory_bytes": total,
+        "memory_per_student_bytes": None if total is None else total // k,
+    }
 
 
 def main(argv=None) -> int:
@@ -79,15 +89,24 @@ def main(argv=None) -> int:
     for k in sorted(args.students):
         row = bench(k, args.size, args.batch, args.dtype, args.repeats)
         result["runs"].append(row)
-        mem = f", memory {row['memory_bytes'] / 2**30:.2f} GiB ({row['memory_per_student_bytes'] / 2**20:.0f} MiB per student)" if row["memory_bytes"] else ""
-        print(f"{k:2d} students, {args.size}^3 x{args.batch} {args.dtype}: step {row['step_s']:.2f} s "
-              f"({row['step_per_student_s']:.2f} s per student), compile {row['compile_s']:.0f} s{mem}", flush=True)
+        mem = (
+            f", memory {row['memory_bytes'] / 2**30:.2f} GiB ({row['memory_per_student_bytes'] / 2**20:.0f} MiB per student)"
+            if row["memory_bytes"]
+            else ""
+        )
+        print(
+            f"{k:2d} students, {args.size}^3 x{args.batch} {args.dtype}: step {row['step_s']:.2f} s "
+            f"({row['step_per_student_s']:.2f} s per student), compile {row['compile_s']:.0f} s{mem}",
+            flush=True,
+        )
     one = next((r for r in result["runs"] if r["students"] == 1), None)
     if one:
         for row in result["runs"]:
             row["vs_one_per_run"] = round(row["step_s"] / (row["students"] * one["step_s"]), 3)
-            print(f"{row['students']:2d} together: {row['step_s']:.2f} s vs one per run {row['students'] * one['step_s']:.2f} s "
-                  f"(x{row['vs_one_per_run']:.2f}); vs 1 student x{row['step_s'] / one['step_s']:.2f}")
+            print(
+                f"{row['students']:2d} together: {row['step_s']:.2f} s vs one per run {row['students'] * one['step_s']:.2f} s "
+                f"(x{row['vs_one_per_run']:.2f}); vs 1 student x{row['step_s'] / one['step_s']:.2f}"
+            )
         fifteen = next((r for r in result["runs"] if r["students"] == 15), None)
         if fifteen:
             result["bound_ok"] = fifteen["step_s"] <= args.bound * one["step_s"]

@@ -1,6 +1,6 @@
 """JAX vs PyTorch step times: the same as `jaxbrats bench` (see jaxbrats/benchmark.py and BENCHMARKS.md).
 
-    python3 tools/bench_vs_torch.py --size 64 128 --batch 1 2 --vs torch --json bench.json
+python3 tools/bench_vs_torch.py --size 64 128 --batch 1 2 --vs torch --json bench.json
 """
 
 import sys

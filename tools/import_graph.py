@@ -17,8 +17,15 @@ from pathlib import Path
 #: Layers, low to high: a module imports from its own layer or a lower one. The ground modules sit
 #: at the package root beside the entry points.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("jaxbrats", "jaxbrats.errors", "jaxbrats.config", "jaxbrats.files", "jaxbrats.modalities", "jaxbrats.labels",
-     "jaxbrats.faces"),
+    (
+        "jaxbrats",
+        "jaxbrats.errors",
+        "jaxbrats.config",
+        "jaxbrats.files",
+        "jaxbrats.modalities",
+        "jaxbrats.labels",
+        "jaxbrats.faces",
+    ),
     ("jaxbrats.runtime",),
     ("jaxbrats.data",),
     ("jaxbrats.networks", "jaxbrats.losses"),
@@ -46,7 +53,9 @@ def imports_of(path: Path, name: str, modules: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             for alias in node.names:
                 if f"{base}.{alias.name}" in modules:
                     found.add(f"{base}.{alias.name}")
@@ -117,8 +126,10 @@ def report(root: Path) -> tuple[dict, list[list[str]], list[tuple[str, str]]]:
 def main(argv: list[str]) -> int:
     root = Path(argv[0]) if argv else Path(__file__).resolve().parent.parent / "jaxbrats"
     graph, found_circles, upward = report(root)
-    print(f"{len(graph)} modules, {sum(map(len, graph.values()))} imports between them, "
-          f"{len(found_circles)} circles, {len(upward)} upward imports")
+    print(
+        f"{len(graph)} modules, {sum(map(len, graph.values()))} imports between them, "
+        f"{len(found_circles)} circles, {len(upward)} upward imports"
+    )
     for component in found_circles:
         print("circle:", " <-> ".join(component))
     for module, dep in upward:

@@ -40,8 +40,9 @@ PAPER = {"t1": 0.7759, "t2": 0.8977, "t1ce": 2.2055, "flair": 0.3055}  # Sec. IV
 ORDER = ("t1", "t2", "t1ce", "flair")  # the paper's order
 
 
-def simulate(config, train_cases: int, scales, steps: int = 0, decay_weights: bool = False, seed: int = 0,
-             shape=(1, 8, 8, 8, 8)) -> dict:
+def simulate(
+    config, train_cases: int, scales, steps: int = 0, decay_weights: bool = False, seed: int = 0, shape=(1, 8, 8, 8, 8)
+) -> dict:
     """{"steps", "lr": (steps,), "weights": (steps + 1, J) in MODALITIES order, "optimizer": OptimizerConfig}."""
     from jaxbrats import engine
     from jaxbrats.losses.alignment import mix_weights
@@ -67,7 +68,9 @@ def simulate(config, train_cases: int, scales, steps: int = 0, decay_weights: bo
     j = len(MODALITIES)
     base = rng.normal(size=shape)
     noise = rng.normal(size=(j, *shape))
-    latents = jnp.asarray(base[None] + np.asarray(scales, np.float64).reshape(j, *[1] * len(shape)) * noise, jnp.float32)
+    latents = jnp.asarray(
+        base[None] + np.asarray(scales, np.float64).reshape(j, *[1] * len(shape)) * noise, jnp.float32
+    )
     graphdef, state = nnx.split(MixWeights(j))
     params = {"mix": state}
 
@@ -89,8 +92,12 @@ def simulate(config, train_cases: int, scales, steps: int = 0, decay_weights: bo
         _, trajectory = jax.lax.scan(step, (params, optimizer.init(params)), None, length=total)
         return jnp.concatenate([weights_of(params)[None], trajectory])
 
-    return {"steps": total, "weights": np.asarray(run(params)), "lr": np.asarray(jax.vmap(schedule)(jnp.arange(total))),
-            "optimizer": cfg}
+    return {
+        "steps": total,
+        "weights": np.asarray(run(params)),
+        "lr": np.asarray(jax.vmap(schedule)(jnp.arange(total))),
+        "optimizer": cfg,
+    }
 
 
 def main(argv=None) -> int:
@@ -100,11 +107,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "mind_the_gap_brats2018.toml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (TOML value)")
-    p.add_argument("--train-cases", type=int, default=200, help="training cases, for a stage length in epochs (200: "
-                   "BraTS 2018 in ProtoKD's split)")
+    p.add_argument(
+        "--train-cases",
+        type=int,
+        default=200,
+        help="training cases, for a stage length in epochs (200: BraTS 2018 in ProtoKD's split)",
+    )
     p.add_argument("--steps", type=int, default=0, help="steps instead of the config's stage length")
-    p.add_argument("--scales", type=float, nargs=len(MODALITIES), default=(1.3, 0.7, 1.1, 1.0),
-                   metavar="S", help=f"per-modality latent spread, in the order {' '.join(MODALITIES)}")
+    p.add_argument(
+        "--scales",
+        type=float,
+        nargs=len(MODALITIES),
+        default=(1.3, 0.7, 1.1, 1.0),
+        metavar="S",
+        help=f"per-modality latent spread, in the order {' '.join(MODALITIES)}",
+    )
     p.add_argument("--points", type=int, default=14, help="rows of the trajectory (geometrically spaced steps)")
     p.add_argument("--decay-weights", action="store_true", help="let weight decay act on the weights (no exemption)")
     p.add_argument("--seed", type=int, default=0)
@@ -117,10 +134,12 @@ def main(argv=None) -> int:
     w, total = out["weights"], out["steps"]
     index = {m: MODALITIES.index(m) for m in ORDER}
     print(f"{os.path.relpath(args.config)}{''.join(' --set ' + s for s in args.set)}")
-    print(f"  target {o.mix_target} (anchor {o.anchor_modality}), floor {o.mix_floor}, sum {o.mix_sum}; "
-          f"{cfg.name} lr {cfg.model_lr.get('mix', cfg.lr):g} for the weights ({cfg.schedule}), "
-          f"weight decay {cfg.weight_decay:g} {'ON the weights' if args.decay_weights else 'not on the weights'}; "
-          f"{total} steps; scales " + " ".join(f"{m} {s:g}" for m, s in zip(MODALITIES, args.scales)))
+    print(
+        f"  target {o.mix_target} (anchor {o.anchor_modality}), floor {o.mix_floor}, sum {o.mix_sum}; "
+        f"{cfg.name} lr {cfg.model_lr.get('mix', cfg.lr):g} for the weights ({cfg.schedule}), "
+        f"weight decay {cfg.weight_decay:g} {'ON the weights' if args.decay_weights else 'not on the weights'}; "
+        f"{total} steps; scales " + " ".join(f"{m} {s:g}" for m, s in zip(MODALITIES, args.scales))
+    )
     print(f"  {'step':>6} {'lr':>9}  " + " ".join(f"{m:>6}" for m in ORDER) + "  T1ce share")
     rows = sorted({0, total, *np.geomspace(1, total, max(args.points - 1, 2)).round().astype(int).tolist()})
     for s in rows:
@@ -131,9 +150,11 @@ def main(argv=None) -> int:
     print(f"  {'paper':>6} {'':>9}  " + " ".join(f"{PAPER[m]:6.3f}" for m in ORDER) + f"  {paper_share:.3f}")
     shares = w[:, index["t1ce"]] / w.sum(axis=1)
     reached = np.flatnonzero(shares >= paper_share)
-    print(f"  T1ce share reaches the paper's {paper_share:.3f} " +
-          (f"at step {reached[0]} of {total}" if reached.size else f"never (largest {shares.max():.3f})") +
-          f"; range of a weight [{o.mix_floor:g}, {o.mix_sum - (len(MODALITIES) - 1) * o.mix_floor:g}]")
+    print(
+        f"  T1ce share reaches the paper's {paper_share:.3f} "
+        + (f"at step {reached[0]} of {total}" if reached.size else f"never (largest {shares.max():.3f})")
+        + f"; range of a weight [{o.mix_floor:g}, {o.mix_sum - (len(MODALITIES) - 1) * o.mix_floor:g}]"
+    )
     return 0
 
 

@@ -34,8 +34,12 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
     kinds = {}
     for name, shape, body in re.findall(r"%([\w.\-]+) = (\w+\[[\d,]*\])\S* (\w+)", hlo_text):
         size = math.prod(int(v) for v in re.findall(r"\d+", shape.split("[", 1)[1])) if "[" in shape else 1
-        is_conv = "ynn_fusion" in name or "onednn" in name or body in ("convolution", "dot", "custom-call") \
+        is_conv = (
+            "ynn_fusion" in name
+            or "onednn" in name
+            or body in ("convolution", "dot", "custom-call")
             or name.startswith(("convolution", "conv_general_dilated", "dot"))
+        )
         if is_conv:
             kinds[name] = "conv/dot -> weight gradient" if size < KERNEL_SIZED else "conv/dot -> activation"
         elif "transpose" in name or body == "transpose":

@@ -77,7 +77,9 @@ def entry_is_current(cache_dir, case_id: str, fingerprint: dict, settings: dict)
         return False
     # An entry from before the background was detected (no "background" in its manifest) is redone
     # once: a constant non-zero background was then taken for brain.
-    return manifest["source_fingerprint"] == fingerprint and manifest["settings"] == settings and "background" in manifest
+    return (
+        manifest["source_fingerprint"] == fingerprint and manifest["settings"] == settings and "background" in manifest
+    )
 
 
 def _write_json(path: Path, obj) -> None:
@@ -148,7 +150,9 @@ class CacheDataset:
         try:
             self.index = json.loads(index_path.read_text())
         except FileNotFoundError:
-            raise JaxbratsError(f"{index_path}: missing; prepare the data with `jaxbrats prepare DATA_DIR {cache_dir}`") from None
+            raise JaxbratsError(
+                f"{index_path}: missing; prepare the data with `jaxbrats prepare DATA_DIR {cache_dir}`"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise JaxbratsError(f"{index_path}: corrupt index ({e})") from None
         if self.index.get("format_version") != FORMAT_VERSION:

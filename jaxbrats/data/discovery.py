@@ -225,11 +225,15 @@ def _channel_modalities(path: Path, key: str, names) -> dict[str, int]:
         if modality in (None, "seg"):
             unmapped.append(name)
         elif modality in out:
-            raise JaxbratsError(f"{path}: '{key}' channels {out[modality]} and {index} ({name!r}) both map to {modality}")
+            raise JaxbratsError(
+                f"{path}: '{key}' channels {out[modality]} and {index} ({name!r}) both map to {modality}"
+            )
         else:
             out[modality] = int(index)
     if unmapped:
-        raise JaxbratsError(f"{path}: '{key}' names {unmapped} map to no modality (known names: {_known_channel_names()})")
+        raise JaxbratsError(
+            f"{path}: '{key}' names {unmapped} map to no modality (known names: {_known_channel_names()})"
+        )
     if sorted(out.values()) != list(range(len(out))):
         raise JaxbratsError(f"{path}: '{key}' indices {sorted(out.values())} are not 0..{len(out) - 1}")
     return out
@@ -294,7 +298,9 @@ def dataset_json_layout(path) -> DatasetJson:
     elif "modality" in meta:
         layout, key = "msd", "modality"
     else:
-        raise JaxbratsError(f"{path}: neither 'modality' (Medical Segmentation Decathlon) nor 'channel_names' (nnU-Net v2)")
+        raise JaxbratsError(
+            f"{path}: neither 'modality' (Medical Segmentation Decathlon) nor 'channel_names' (nnU-Net v2)"
+        )
     if "labels" not in meta:
         raise JaxbratsError(f"{path}: 'labels' missing")
     channels = _channel_modalities(path, key, meta[key])
@@ -333,8 +339,14 @@ def _msd_entries(ds: DatasetJson, root: Path, key: str, folder: str) -> list[tup
 
 
 def _msd_record(ds: DatasetJson, case_id: str, image: Path, seg: Path | None) -> CaseRecord:
-    common = {"case_id": case_id, "directory": image.parent, "seg": seg, "layout": ds.layout,
-              "convention": ds.convention, "dataset_json": ds.path}
+    common = {
+        "case_id": case_id,
+        "directory": image.parent,
+        "seg": seg,
+        "layout": ds.layout,
+        "convention": ds.convention,
+        "dataset_json": ds.path,
+    }
     if image.is_file():  # one 4D image, a channel per modality
         images = dict.fromkeys(ds.channels, image)
         return CaseRecord(images=images, channels=dict(ds.channels), num_channels=len(ds.channels), **common)
@@ -364,7 +376,9 @@ def _nnunet_cases(ds: DatasetJson, root: Path, folder: str, bad: list) -> list[t
             continue
         case_id, index = match[1], int(match[2])
         if index not in by_index:
-            bad.append(CaseError(case_id, f, f"channel {index:04d} is not in {ds.path.name} channel_names {sorted(by_index)}"))
+            bad.append(
+                CaseError(case_id, f, f"channel {index:04d} is not in {ds.path.name} channel_names {sorted(by_index)}")
+            )
             failed.add(case_id)
             continue
         groups.setdefault(case_id, {})[by_index[index]] = f
@@ -397,7 +411,9 @@ def _discover_dataset_json(root: Path, need_labels: bool) -> tuple[str, list[Cas
                 if ds.layout == "msd":
                     record = _msd_record(ds, case_id, images, seg)
                 else:
-                    record = CaseRecord(case_id, root / folder, images, seg, ds.layout, ds.convention, dataset_json=ds.path)
+                    record = CaseRecord(
+                        case_id, root / folder, images, seg, ds.layout, ds.convention, dataset_json=ds.path
+                    )
                 cases.append(record)
             except CaseError as e:
                 bad.append(e)
@@ -405,7 +421,11 @@ def _discover_dataset_json(root: Path, need_labels: bool) -> tuple[str, list[Cas
     unique = []
     for record in cases:
         if record.case_id in seen:
-            bad.append(CaseError(record.case_id, record.directory, f"duplicate case id (also in {seen[record.case_id].directory})"))
+            bad.append(
+                CaseError(
+                    record.case_id, record.directory, f"duplicate case id (also in {seen[record.case_id].directory})"
+                )
+            )
         else:
             seen[record.case_id] = record
             unique.append(record)

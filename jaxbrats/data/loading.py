@@ -102,7 +102,9 @@ def _read(case_id: str, path: Path, channels: int | None = None):
         if channels == 1 and data.ndim == 3:
             data = data[..., None]
         if data.ndim != 4 or data.shape[-1] != channels:
-            raise CaseError(case_id, path, f"expected a 4D image of {channels} channels (dataset.json), got shape {data.shape}")
+            raise CaseError(
+                case_id, path, f"expected a 4D image of {channels} channels (dataset.json), got shape {data.shape}"
+            )
         return image.affine, data
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -120,7 +122,9 @@ def _check_geometry(case_id, path, shape, affine, ref_path, ref_shape, ref_affin
         raise CaseError(case_id, path, f"shape {shape} differs from {ref_path.name} {ref_shape}")
     diff = np.abs(affine - ref_affine).max()
     if diff > AFFINE_TOLERANCE:
-        raise CaseError(case_id, path, f"affine differs from {ref_path.name} by {diff:.4g} (tolerance {AFFINE_TOLERANCE})")
+        raise CaseError(
+            case_id, path, f"affine differs from {ref_path.name} by {diff:.4g} (tolerance {AFFINE_TOLERANCE})"
+        )
 
 
 def _check_labels(case_id: str, path: Path, data: np.ndarray, convention: str | None) -> tuple[np.ndarray, str]:
@@ -139,7 +143,8 @@ def _check_labels(case_id: str, path: Path, data: np.ndarray, convention: str | 
     outside = sorted(set(values) - set(allowed))
     if outside:
         raise CaseError(
-            case_id, path,
+            case_id,
+            path,
             f"labels {outside} outside the {convention} convention {allowed} (labels found {values}; "
             f"`jaxbrats prepare --convention` states another: {', '.join(sorted(CONVENTIONS))})",
         )

@@ -56,8 +56,20 @@ CONTRAST = {
 }
 PHANTOM_LAYOUTS = {
     # layout: (case folder pattern, file token per modality, label convention, seg dtype)
-    "brats2020": ("BraTS20_Training_{i:03d}", "_", {"flair": "flair", "t1ce": "t1ce", "t1": "t1", "t2": "t2"}, "brats2018", np.uint8),
-    "brats2023": ("BraTS-GLI-{i:05d}-000", "-", {"flair": "t2f", "t1ce": "t1c", "t1": "t1n", "t2": "t2w"}, "brats2023", np.float32),
+    "brats2020": (
+        "BraTS20_Training_{i:03d}",
+        "_",
+        {"flair": "flair", "t1ce": "t1ce", "t1": "t1", "t2": "t2"},
+        "brats2018",
+        np.uint8,
+    ),
+    "brats2023": (
+        "BraTS-GLI-{i:05d}-000",
+        "-",
+        {"flair": "t2f", "t1ce": "t1c", "t1": "t1n", "t2": "t2w"},
+        "brats2023",
+        np.float32,
+    ),
 }
 
 
@@ -158,7 +170,9 @@ def _write_case(out_dir: Path, index: int, shape, layout: str, seed: int) -> str
     partial = Path(files.mkdtemp(prefix=f".partial-{case_id}-", dir=out_dir))
     try:
         for modality, image in images.items():
-            nib.save(nib.Nifti1Image(image.astype(np.int16), affine), partial / f"{case_id}{sep}{tokens[modality]}.nii.gz")
+            nib.save(
+                nib.Nifti1Image(image.astype(np.int16), affine), partial / f"{case_id}{sep}{tokens[modality]}.nii.gz"
+            )
         seg = from_internal(labels, convention).astype(seg_dtype)
         nib.save(nib.Nifti1Image(seg, affine), partial / f"{case_id}{sep}seg.nii.gz")
         final = out_dir / case_id
@@ -170,12 +184,16 @@ def _write_case(out_dir: Path, index: int, shape, layout: str, seed: int) -> str
     return case_id
 
 
-def write_phantom(out_dir, cases: int, shape=(96, 96, 96), layout: str = "brats2023", seed: int = 0, workers: int | None = None) -> list[str]:
+def write_phantom(
+    out_dir, cases: int, shape=(96, 96, 96), layout: str = "brats2023", seed: int = 0, workers: int | None = None
+) -> list[str]:
     """Write `cases` phantom cases as NIfTI files under `out_dir`; returns the case ids."""
     if layout not in PHANTOM_LAYOUTS:
         raise JaxbratsError(f"unknown phantom layout {layout!r}; expected one of {sorted(PHANTOM_LAYOUTS)}")
     if cases < 1 or len(shape) != 3 or min(shape) < 16:
-        raise JaxbratsError(f"phantom needs at least 1 case and a 3D shape of at least 16 per axis, got {cases} cases, shape {tuple(shape)}")
+        raise JaxbratsError(
+            f"phantom needs at least 1 case and a 3D shape of at least 16 per axis, got {cases} cases, shape {tuple(shape)}"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = min(workers or os.cpu_count() or 1, cases)

@@ -108,8 +108,10 @@ class PipelineConfig:
         if self.instantiations < 1 or self.batch_size < 1:
             raise ValueError("batch_size and instantiations must be at least 1")
         if not 0 <= self.rotation_degrees <= 180 or not 0 <= self.rotation_probability <= 1:
-            raise ValueError(f"rotation_degrees must be in [0, 180] and rotation_probability in [0, 1], "
-                             f"got {self.rotation_degrees} and {self.rotation_probability}")
+            raise ValueError(
+                f"rotation_degrees must be in [0, 180] and rotation_probability in [0, 1], "
+                f"got {self.rotation_degrees} and {self.rotation_probability}"
+            )
 
 
 class CacheSource(grain.sources.RandomAccessDataSource):
@@ -227,7 +229,9 @@ def rotated_crop(image, label, start, crop, flips, axes, degrees: float) -> dict
         rows = buffer.reshape(size[0] * size[1], -1)
         ia = np.clip(np.floor(pa + 0.5), 0, size[0] - 1).astype(np.intp)  # ndimage's order-0 rounding
         ib = np.clip(np.floor(pb + 0.5), 0, size[1] - 1).astype(np.intp)
-        return rows[ia * size[1] + ib].reshape(out_size + buffer.shape[3:]).transpose(back + tuple(range(3, buffer.ndim)))
+        return (
+            rows[ia * size[1] + ib].reshape(out_size + buffer.shape[3:]).transpose(back + tuple(range(3, buffer.ndim)))
+        )
 
     out = {}
     valid = np.zeros(size, bool)
@@ -244,8 +248,15 @@ def rotated_crop(image, label, start, crop, flips, axes, degrees: float) -> dict
     ia = np.clip(np.floor(pa), 0, size[0] - 2).astype(np.intp)
     ib = np.clip(np.floor(pb), 0, size[1] - 2).astype(np.intp)
     wa, wb = (pa - ia).astype(np.float32)[:, None], (pb - ib).astype(np.float32)[:, None]
-    corners = [(ia * size[1] + ib + step, weight) for step, weight in (
-        (0, (1 - wa) * (1 - wb)), (1, (1 - wa) * wb), (size[1], wa * (1 - wb)), (size[1] + 1, wa * wb))]
+    corners = [
+        (ia * size[1] + ib + step, weight)
+        for step, weight in (
+            (0, (1 - wa) * (1 - wb)),
+            (1, (1 - wa) * wb),
+            (size[1], wa * (1 - wb)),
+            (size[1] + 1, wa * wb),
+        )
+    ]
     out["image"] = np.empty(tuple(crop) + (NUM_MODALITIES,), np.float32)
     target = out["image"].transpose(perm + (3,))  # the output in the buffers' layout
     invalid = ~out["valid"].transpose(perm)
@@ -267,7 +278,9 @@ def rotated_crop(image, label, start, crop, flips, axes, degrees: float) -> dict
     return out
 
 
-def sample_modality_masks(rng: np.random.Generator, present: np.ndarray, mode: str, k: int, distinct: bool = False) -> np.ndarray:
+def sample_modality_masks(
+    rng: np.random.Generator, present: np.ndarray, mode: str, k: int, distinct: bool = False
+) -> np.ndarray:
     """(k, 4) boolean masks, each a non-empty subset of the present modalities; pairwise different if `distinct`."""
     if distinct and mode != "none" and 2 ** int(present.sum()) - 1 >= k:
         masks = [_draw_masks(rng, present, mode, 1)[0]]
@@ -327,9 +340,16 @@ class RandomCropAugmentDropout(grain.transforms.RandomMap):
         self._augment_intensity(out, rng)
         present = element["present"]
         masks = sample_modality_masks(rng, present, cfg.dropout, cfg.instantiations, cfg.distinct)
-        out.update(modality_mask=masks, subset=subset_indices(masks), present=present, case_index=element["case_index"],
-                   crop_start=start.astype(np.int32), flipped=flips, case_shape=np.asarray(shape, np.int32),
-                   box_start=element["box_start"])
+        out.update(
+            modality_mask=masks,
+            subset=subset_indices(masks),
+            present=present,
+            case_index=element["case_index"],
+            crop_start=start.astype(np.int32),
+            flipped=flips,
+            case_shape=np.asarray(shape, np.int32),
+            box_start=element["box_start"],
+        )
         return out
 
     def _draw_rotation(self, rng: np.random.Generator):

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from jaxbrats.runtime import locks
 from jaxbrats.data import cache
 from jaxbrats.data.discovery import CaseRecord, discover
 from jaxbrats.data.loading import LoadedCase, load_case
 from jaxbrats.errors import CaseError
 from jaxbrats.labels import convention_map, region_voxel_counts
 from jaxbrats.modalities import MODALITIES
+from jaxbrats.runtime import locks
 
 NORMALIZATIONS = ("zscore", "percentile", "minmax")
 #: Foreground voxel coordinates kept per label for oversampled crops.
@@ -136,9 +136,15 @@ def preprocess_case(case: LoadedCase, normalization: str, margin: int) -> tuple[
     brain_full, backgrounds = brain_mask(case.images)
     for modality, image in case.images.items():
         if image.min() == image.max():  # ("all zero" is refused when loading)
-            raise CaseError(case.record.case_id, case.record.images[modality], f"image is constant ({backgrounds[modality]:g} everywhere)")
+            raise CaseError(
+                case.record.case_id,
+                case.record.images[modality],
+                f"image is constant ({backgrounds[modality]:g} everywhere)",
+            )
     if not brain_full.any():
-        raise CaseError(case.record.case_id, case.record.directory, "no brain voxels: every modality equals its background")
+        raise CaseError(
+            case.record.case_id, case.record.directory, "no brain voxels: every modality equals its background"
+        )
     box = brain_bbox(brain_full, margin)
     crop = tuple(slice(lo, hi) for lo, hi in box)
     brain = brain_full[crop]
@@ -166,7 +172,12 @@ def preprocess_case(case: LoadedCase, normalization: str, margin: int) -> tuple[
 
 
 def prepare_case(
-    record: CaseRecord, cache_dir: Path, normalization: str, margin: int, need_labels: bool, convention: str | None = None
+    record: CaseRecord,
+    cache_dir: Path,
+    normalization: str,
+    margin: int,
+    need_labels: bool,
+    convention: str | None = None,
 ) -> str:
     """Load, validate, preprocess and store one case unless its entry is current.
 
@@ -222,7 +233,9 @@ def _over_cases(func, jobs, workers, progress, desc) -> tuple[dict, list[str]]:
     pool = cf.ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         results = pool.map(func, jobs) if pool else map(func, jobs)
-        for case_id, state, error in tqdm(results, total=len(jobs), desc=desc, unit="case", disable=None if progress else True):
+        for case_id, state, error in tqdm(
+            results, total=len(jobs), desc=desc, unit="case", disable=None if progress else True
+        ):
             if error:
                 errors.append(error)
             else:
@@ -261,7 +274,9 @@ def prepare_dataset(
     cache_dir = Path(cache_dir)
     # One writer per cache, from the first write to the index: two runs would delete each other's
     # partial entries and race for index.json. (Taken after discovery: a bad DATA_DIR creates no cache.)
-    with locks.hold(cache_dir / cache.LOCK, "jaxbrats prepare", hint="wait for it to finish or use another cache directory"):
+    with locks.hold(
+        cache_dir / cache.LOCK, "jaxbrats prepare", hint="wait for it to finish or use another cache directory"
+    ):
         cache.remove_partial_entries(cache_dir)
         jobs = [(r, cache_dir, normalization, margin, need_labels, convention) for r in records]
         status, errors = _over_cases(_prepare_one, jobs, workers, progress, "prepare")
@@ -281,5 +296,7 @@ def check_dataset(
     if convention is not None:
         convention_map(convention)
     layout, records, bad = discover(data_dir, need_labels=need_labels)
-    status, errors = _over_cases(_check_one, [(r, need_labels, convention) for r in records], workers, progress, "check")
+    status, errors = _over_cases(
+        _check_one, [(r, need_labels, convention) for r in records], workers, progress, "check"
+    )
     return {"layout": layout, "records": records, "prepared": status, "errors": [str(e) for e in bad] + errors}

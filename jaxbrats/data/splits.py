@@ -9,7 +9,9 @@ import numpy as np
 from jaxbrats.errors import JaxbratsError
 
 
-def ratio_split(case_ids, ratios=(0.7, 0.1, 0.2), seed: int = 0, names=("train", "val", "test")) -> dict[str, list[str]]:
+def ratio_split(
+    case_ids, ratios=(0.7, 0.1, 0.2), seed: int = 0, names=("train", "val", "test")
+) -> dict[str, list[str]]:
     """Shuffle the (sorted) ids with `seed` and cut them by `ratios` (normalised to sum 1)."""
     if len(ratios) != len(names) or min(ratios) < 0 or sum(ratios) <= 0:
         raise JaxbratsError(f"bad split ratios {ratios} for {names}")
@@ -45,7 +47,9 @@ def read_split_file(path, known_ids) -> list[str]:
     known = set(known_ids)
     unknown = [i for i in ids if i not in known]
     if unknown:
-        raise JaxbratsError(f"{path}: unknown case id {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+        raise JaxbratsError(
+            f"{path}: unknown case id {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+        )
     duplicated = sorted({i for i in ids if ids.count(i) > 1})
     if duplicated:
         raise JaxbratsError(f"{path}: case id {duplicated[0]!r} listed twice")

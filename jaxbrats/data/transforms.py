@@ -84,7 +84,12 @@ def read_windows(volume, starts, flips, size):
     """
     shards = space_shards()
     mesh = jax.sharding.get_abstract_mesh()
-    if shards > 1 and volume.shape[0] % shards == 0 and size[0] % shards == 0 and starts.shape[0] % mesh.shape["data"] == 0:
+    if (
+        shards > 1
+        and volume.shape[0] % shards == 0
+        and size[0] % shards == 0
+        and starts.shape[0] % mesh.shape["data"] == 0
+    ):
         return read_windows_split(volume, starts, flips, size, shards)
     return jax.vmap(lambda start, flipped: read_window(volume, start, flipped, size))(starts, flips)
 
@@ -103,10 +108,18 @@ def read_windows_split(volume, starts, flips, size, shards: int):
 
     def one(slab, start, flipped):
         rows = slab.shape[0]
-        index = start[0] + jnp.where(flipped[0], jnp.arange(n - 1, -1, -1), jnp.arange(n)) - lax.axis_index(SPACE_AXIS) * rows
+        index = (
+            start[0]
+            + jnp.where(flipped[0], jnp.arange(n - 1, -1, -1), jnp.arange(n))
+            - lax.axis_index(SPACE_AXIS) * rows
+        )
         mine = (index >= 0) & (index < rows)
-        window = read_window(jnp.take(slab, jnp.clip(index, 0, rows - 1), axis=0),
-                             jnp.stack([jnp.int32(0), start[1], start[2]]), flipped.at[0].set(False), size)
+        window = read_window(
+            jnp.take(slab, jnp.clip(index, 0, rows - 1), axis=0),
+            jnp.stack([jnp.int32(0), start[1], start[2]]),
+            flipped.at[0].set(False),
+            size,
+        )
         return jnp.where(mine[:, None, None, None], window, jnp.zeros((), window.dtype))
 
     def local(slab, starts, flips):
@@ -114,8 +127,12 @@ def read_windows_split(volume, starts, flips, size, shards: int):
         pieces = windows.reshape(windows.shape[0], shards, n // shards, *windows.shape[2:])
         return lax.all_to_all(pieces, SPACE_AXIS, 1, 1, tiled=False).sum(axis=1)
 
-    return jax.shard_map(local, in_specs=(P(SPACE_AXIS), P("data"), P("data")), out_specs=P("data", SPACE_AXIS),
-                         axis_names={SPACE_AXIS, "data"})(volume, jnp.asarray(starts, jnp.int32), jnp.asarray(flips, bool))
+    return jax.shard_map(
+        local,
+        in_specs=(P(SPACE_AXIS), P("data"), P("data")),
+        out_specs=P("data", SPACE_AXIS),
+        axis_names={SPACE_AXIS, "data"},
+    )(volume, jnp.asarray(starts, jnp.int32), jnp.asarray(flips, bool))
 
 
 def read_window(volume, start, flipped, size):
@@ -149,5 +166,7 @@ def place_case(case, origin, volume_shape):
     hi = [min(int(o) + c, v) for o, c, v in zip(origin, case.shape, volume_shape)]
     if any(b <= a for a, b in zip(lo, hi)):
         return out  # the case lies outside the volume
-    out[tuple(slice(a, b) for a, b in zip(lo, hi))] = case[tuple(slice(a - int(o), b - int(o)) for a, b, o in zip(lo, hi, origin))]
+    out[tuple(slice(a, b) for a, b in zip(lo, hi))] = case[
+        tuple(slice(a - int(o), b - int(o)) for a, b, o in zip(lo, hi, origin))
+    ]
     return out

@@ -39,12 +39,16 @@ def _update_rules(cfg: OptimizerConfig, total_steps: int, decay_mask=None) -> li
 
 def _decayed(undecayed: tuple[str, ...]):
     """optax's weight-decay mask: True on every variable but those of the models in `undecayed`."""
+
     def mask(params):
         return {n: jax.tree.map(lambda _, keep=n not in undecayed: keep, sub) for n, sub in params.items()}
+
     return mask
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int, undecayed: tuple[str, ...] = ()) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimizerConfig, total_steps: int, undecayed: tuple[str, ...] = ()
+) -> optax.GradientTransformation:
     """The optimiser of one update group; its parameters are a dict {model name: state}. Weight
     decay leaves the models named in `undecayed` alone (Mind the Gap's P_mix weights)."""
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
@@ -53,8 +57,10 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, undecayed: tuple[str,
         return optax.chain(*parts, *_update_rules(cfg, total_steps, decay_mask))
     # One rule per learning rate, chosen by the top-level model name.
     rates = {"": cfg.lr, **cfg.model_lr}
-    rules = {n: optax.chain(*_update_rules(dataclasses.replace(cfg, lr=lr), total_steps, decay_mask))
-             for n, lr in rates.items()}
+    rules = {
+        n: optax.chain(*_update_rules(dataclasses.replace(cfg, lr=lr), total_steps, decay_mask))
+        for n, lr in rates.items()
+    }
 
     def labels(params):
         return {n: jax.tree.map(lambda _, n=n: n if n in cfg.model_lr else "", sub) for n, sub in params.items()}
@@ -69,8 +75,9 @@ def stage_optimizers(method: Method, stage: str, total_steps: int) -> dict:
         cfg = method.optimizer(stage, update.group)
         unknown = sorted(set(cfg.model_lr) - set(update.trainable))
         if unknown:
-            raise ConfigError(f"stages.{stage}.optimizers.{update.group}.model_lr: {', '.join(unknown)} "
-                              f"not trained in this group (trained: {', '.join(update.trainable)})")
+            raise ConfigError(
+                f"stages.{stage}.optimizers.{update.group}.model_lr: {', '.join(unknown)} "
+                f"not trained in this group (trained: {', '.join(update.trainable)})"
+            )
         out[update.group] = make_optimizer(cfg, total_steps, tuple(method.undecayed(stage, update.group)))
     return out
-

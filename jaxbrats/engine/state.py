@@ -54,4 +54,3 @@ def abstract_state(method: Method, stage: str, optimizers: dict):
     opt = optimizer_states(method, stage, optimizers, states, lambda o, p: jax.eval_shape(o.init, p))
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     return graphdefs, {"models": states, "opt": opt, "step": jax.ShapeDtypeStruct((), jnp.int32), "key": key}
-

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxbrats.engine.workdir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
 from jaxbrats.engine.state import trainable_part
+from jaxbrats.engine.workdir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
 from jaxbrats.errors import ConfigError
 from jaxbrats.methods import Method
 
@@ -71,8 +71,10 @@ def make_train_step(method: Method, stage: str, graphdefs: dict, optimizers: dic
         missing = [t for t in wanted if t not in found]
         if missing:  # a typo for a one-stage method; another stage's term (M3AE's consistency) otherwise
             logged = sorted({k.split("/")[-1] for k in metrics if "grad_norm" not in k})
-            step.unlogged = (f"train.grad_norms: {', '.join(missing)} is not a loss term of stage {stage} "
-                             f"(its logged terms: {', '.join(logged)})")
+            step.unlogged = (
+                f"train.grad_norms: {', '.join(missing)} is not a loss term of stage {stage} "
+                f"(its logged terms: {', '.join(logged)})"
+            )
             if len(method.stages) == 1:
                 raise ConfigError(step.unlogged)
         new_state = {"models": models, "opt": opt, "step": state["step"] + 1, "key": state["key"]}
@@ -89,8 +91,9 @@ def term_grad_norms(parts_fn, trainable, terms: list[str]) -> dict:
     shared forward pass (`jax.jacrev` of the terms as a vector). A term is taken as the loss logs it,
     before its weight in the total (RIRN's CRR before `crr_weight`)."""
     jac = jax.jacrev(lambda t: jnp.stack([jnp.asarray(parts_fn(t)[name], jnp.float32) for name in terms]))(trainable)
-    squares = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=tuple(range(1, leaf.ndim)))
-                  for leaf in jax.tree.leaves(jac))
+    squares = sum(
+        jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=tuple(range(1, leaf.ndim))) for leaf in jax.tree.leaves(jac)
+    )
     return {name: jnp.sqrt(squares[k]) for k, name in enumerate(terms)}
 
 
@@ -102,4 +105,3 @@ def loss_keys(method: Method, stage: str) -> list[str]:
 
 def step_name(stage: str) -> str:
     return f"train_step_{stage}"
-

@@ -95,7 +95,9 @@ class Trainer:
         self.method = get_method(config.method_name)(config)
         unknown = sorted(set(only) - set(self.method.stages))
         if unknown:
-            raise JaxbratsError(f"--stage {unknown[0]}: not a stage of {config.method_name} (its stages: {', '.join(self.method.stages)})")
+            raise JaxbratsError(
+                f"--stage {unknown[0]}: not a stage of {config.method_name} (its stages: {', '.join(self.method.stages)})"
+            )
         self.only = tuple(only)  # run just these stages; earlier ones are loaded from their checkpoints
         workdir_files.refuse_imported(self.workdir, self.method.stages)
         self.cache = CacheDataset(data_dir or config.data.cache)
@@ -146,8 +148,10 @@ class Trainer:
         stage_config = self.config.stages.get(stage)
         batch = stage_config.batch_size if stage_config and stage_config.batch_size else self.config.data.batch_size
         if batch % self.mesh.shape["data"]:
-            raise JaxbratsError(f"stage {stage}: batch size {batch} is not divisible by the {self.mesh.shape['data']} devices "
-                                f"of the mesh's data axis (train.mesh.data)")
+            raise JaxbratsError(
+                f"stage {stage}: batch size {batch} is not divisible by the {self.mesh.shape['data']} devices "
+                f"of the mesh's data axis (train.mesh.data)"
+            )
         return batch
 
     def load_stage(self, stage: str, total: int, previous):
@@ -157,8 +161,10 @@ class Trainer:
             return previous
         state, _, step = restore_newest_readable(manager, self.template(stage, total)[1])
         if step < total:
-            raise JaxbratsError(f"stage {stage} stopped at step {step} of {total} in {self.workdir}: "
-                                f"finish it first (train without --stage, or with --stage {stage})")
+            raise JaxbratsError(
+                f"stage {stage} stopped at step {step} of {total} in {self.workdir}: "
+                f"finish it first (train without --stage, or with --stage {stage})"
+            )
         if lead():
             print(f"stage {stage}: not run now; its models come from its final checkpoint")
         return state["models"]
@@ -185,8 +191,10 @@ class Trainer:
             previous = self._models_from(Path(init_from), stage, index)
         if previous is None and index > 0:
             before = self.method.stages[index - 1]
-            raise JaxbratsError(f"stage {stage} starts from stage {before}, which has no checkpoint in {self.workdir}: "
-                                f"train {before} first or set stages.{stage}.init_from to a checkpoint directory")
+            raise JaxbratsError(
+                f"stage {stage} starts from stage {before}, which has no checkpoint in {self.workdir}: "
+                f"train {before} first or set stages.{stage}.init_from to a checkpoint directory"
+            )
         outside = self.method.start_from(stage, lambda: abstract_models(self.method, stage)[1])
         if outside:
             previous = {**(previous or {}), **outside}
@@ -205,11 +213,17 @@ class Trainer:
     def pipeline_config(self, stage: str, index: int) -> PipelineConfig:
         d = self.config.data
         return PipelineConfig(
-            crop_size=d.crop_size, batch_size=self.batch_size(stage) // jax.process_count(),
-            foreground_oversample=d.foreground_oversample, flip_probability=d.flip_probability,
-            intensity_scale=d.intensity_scale, intensity_shift=d.intensity_shift,
-            rotation_degrees=d.rotation_degrees, rotation_probability=d.rotation_probability,
-            seed=self.config.train.seed + index, workers=d.workers, prefetch=d.prefetch,
+            crop_size=d.crop_size,
+            batch_size=self.batch_size(stage) // jax.process_count(),
+            foreground_oversample=d.foreground_oversample,
+            flip_probability=d.flip_probability,
+            intensity_scale=d.intensity_scale,
+            intensity_shift=d.intensity_shift,
+            rotation_degrees=d.rotation_degrees,
+            rotation_probability=d.rotation_probability,
+            seed=self.config.train.seed + index,
+            workers=d.workers,
+            prefetch=d.prefetch,
             **self.method.pipeline(stage),
         )
 
@@ -246,7 +260,9 @@ class Trainer:
         if start >= total:
             if lead():
                 print(f"stage {stage}: complete ({start} steps), skipped")
-                self.method.on_stage_end(stage, state["models"], self.workdir)  # idempotent: redone if a crash came before it
+                self.method.on_stage_end(
+                    stage, state["models"], self.workdir
+                )  # idempotent: redone if a crash came before it
             return state["models"]
         state = shard_state(state, self.mesh, families)
         step_fn = make_train_step(self.method, stage, graphdefs, optimizers)
@@ -256,10 +272,19 @@ class Trainer:
         iterator = iter(make_loader(train_set, pipeline))
         if iterator_state is not None:  # this process's own state (each reads its shard of the cases)
             iterator.set_state(iterator_state.encode())
-        schedules = {u.group: make_schedule(self.method.optimizer(stage, u.group), total) for u in self.method.updates(stage)}
+        schedules = {
+            u.group: make_schedule(self.method.optimizer(stage, u.group), total) for u in self.method.updates(stage)
+        }
         voxels = pipeline.batch_size * jax.process_count() * pipeline.instantiations * int(np.prod(cfg.data.crop_size))
         pending, last_time, last_step = [], time.perf_counter(), start
-        bar = tqdm(total=total, initial=start, desc=f"{stage}", unit="step", disable=not (cfg.train.progress and lead()), dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=start,
+            desc=f"{stage}",
+            unit="step",
+            disable=not (cfg.train.progress and lead()),
+            dynamic_ncols=True,
+        )
         if start and lead():
             print(f"stage {stage}: resuming at step {start} of {total}")
         jitted = None
@@ -283,8 +308,17 @@ class Trainer:
                     bar.update(step + 1 - last_step)
                     pending, last_time, last_step = [], now, step + 1
                 if save_now:
-                    save(manager, state, {"config": to_dict(cfg), "stage": stage, "total_steps": total,
-                                          "processes": jax.process_count()}, iterator)
+                    save(
+                        manager,
+                        state,
+                        {
+                            "config": to_dict(cfg),
+                            "stage": stage,
+                            "total_steps": total,
+                            "processes": jax.process_count(),
+                        },
+                        iterator,
+                    )
                 if self.budget == 0:
                     break
         finally:
@@ -304,12 +338,16 @@ class Trainer:
             if bad:
                 good = manager.latest_step()
                 where = f"step {good} in {manager.directory}" if good is not None else "none (no checkpoint yet)"
-                raise TrainingDiverged(f"stage {stage}: {', '.join(bad)} became {values[bad[0]]} at step {step}; training stopped. Last good checkpoint: {where}")
+                raise TrainingDiverged(
+                    f"stage {stage}: {', '.join(bad)} became {values[bad[0]]} at step {step}; training stopped. Last good checkpoint: {where}"
+                )
             self.losses.append((stage, step, values[keys[0]]))
             row = {"stage": stage, "step": step, **values}
             row.update({f"lr/{group}": float(schedule(step - 1)) for group, schedule in schedules.items()})
             self.log.write(row)
-        self.log.write({"stage": stage, "step": pending[-1][0], "steps_per_s": float(rate), "voxels_per_s": float(voxel_rate)})
+        self.log.write(
+            {"stage": stage, "step": pending[-1][0], "steps_per_s": float(rate), "voxels_per_s": float(voxel_rate)}
+        )
         return {k.replace("/", "_"): f"{values[k]:.4f}" for k in keys}
 
 
@@ -317,4 +355,3 @@ def train(config: Config, workdir, data_dir=None, stop_after: int | None = None,
     trainer = Trainer(config, workdir, data_dir, only)
     trainer.run(stop_after)
     return trainer
-

@@ -37,12 +37,28 @@ DATA_RECORD = "data.json"  # the run's cache and preprocessing (`write_data_reco
 
 #: Config keys (fnmatch patterns) a resumed run may change. Everything else is refused.
 RESUMABLE = (
-    "data.cache", "data.batch_size", "data.workers", "data.prefetch",
-    "stages.*.epochs", "stages.*.steps", "stages.*.batch_size", "stages.*.init_from",
-    "stages.*.optimizers.*.lr", "stages.*.optimizers.*.schedule", "stages.*.optimizers.*.poly_power",
-    "stages.*.optimizers.*.warmup_steps", "stages.*.optimizers.*.momentum",
-    "model.dtype", "model.remat", "model.conv_impl",
-    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.mesh.*", "train.grad_norms",
+    "data.cache",
+    "data.batch_size",
+    "data.workers",
+    "data.prefetch",
+    "stages.*.epochs",
+    "stages.*.steps",
+    "stages.*.batch_size",
+    "stages.*.init_from",
+    "stages.*.optimizers.*.lr",
+    "stages.*.optimizers.*.schedule",
+    "stages.*.optimizers.*.poly_power",
+    "stages.*.optimizers.*.warmup_steps",
+    "stages.*.optimizers.*.momentum",
+    "model.dtype",
+    "model.remat",
+    "model.conv_impl",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.progress",
+    "train.mesh.*",
+    "train.grad_norms",
     "eval.*",
 )
 
@@ -64,9 +80,11 @@ def single_writer(workdir: Path):
 def resolve_splits(config: Config, cache_ids: list[str]) -> dict[str, list[str]]:
     d = config.data
     if d.split == "files" and not (d.train_split and d.test_split):
-        raise ConfigError("data.split = 'files' (this config's paper publishes its split): set data.train_split, "
-                          "data.val_split and data.test_split to files of case ids, or --set data.split='\"ratio\"' "
-                          "for a seeded ratio split (data.split_ratios, data.split_seed) that is not the paper's")
+        raise ConfigError(
+            "data.split = 'files' (this config's paper publishes its split): set data.train_split, "
+            "data.val_split and data.test_split to files of case ids, or --set data.split='\"ratio\"' "
+            "for a seeded ratio split (data.split_ratios, data.split_seed) that is not the paper's"
+        )
     if d.train_split:
         splits = {"train": read_split_file(d.train_split, cache_ids)}
         for name, path in (("val", d.val_split), ("test", d.test_split)):
@@ -78,9 +96,11 @@ def resolve_splits(config: Config, cache_ids: list[str]) -> dict[str, list[str]]
 def refuse_imported(workdir: Path, stages) -> None:
     """Imported weights are not a run to resume: training there would start its stages from scratch."""
     if (Path(workdir) / IMPORT_RECORD).exists():
-        raise JaxbratsError(f"{workdir}: holds imported weights ({IMPORT_RECORD}), not a run to train in; train in a new "
-                            f"--workdir with --set stages.{stages[-1]}.init_from='\"{Path(workdir) / 'checkpoints' / stages[-1]}\"' "
-                            f"--stage {stages[-1]}")
+        raise JaxbratsError(
+            f"{workdir}: holds imported weights ({IMPORT_RECORD}), not a run to train in; train in a new "
+            f"--workdir with --set stages.{stages[-1]}.init_from='\"{Path(workdir) / 'checkpoints' / stages[-1]}\"' "
+            f"--stage {stages[-1]}"
+        )
 
 
 def load_splits(workdir: Path, cache: CacheDataset) -> dict[str, list[str]]:
@@ -88,8 +108,10 @@ def load_splits(workdir: Path, cache: CacheDataset) -> dict[str, list[str]]:
     try:
         splits = json.loads(path.read_text())
     except FileNotFoundError:
-        raise JaxbratsError(f"{path}: missing, the run has no splits (imported weights?); evaluate --split all "
-                            f"on a cache of the cases to score") from None
+        raise JaxbratsError(
+            f"{path}: missing, the run has no splits (imported weights?); evaluate --split all "
+            f"on a cache of the cases to score"
+        ) from None
     missing = sorted({i for ids in splits.values() for i in ids} - set(cache.case_ids))
     if missing:
         raise JaxbratsError(f"{path}: case {missing[0]!r} of the run's split is not in the cache {cache.cache_dir}")
@@ -113,7 +135,11 @@ def effective(config: Config) -> dict:
 def changed_keys(old, new, prefix: str = "") -> list[str]:
     if isinstance(old, dict) or isinstance(new, dict):
         old, new = old if isinstance(old, dict) else {}, new if isinstance(new, dict) else {}
-        return [k for key in sorted(set(old) | set(new)) for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+        return [
+            k
+            for key in sorted(set(old) | set(new))
+            for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        ]
     return [] if old == new else [prefix.rstrip(".")]
 
 
@@ -144,11 +170,14 @@ def record_config(workdir: Path, config: Config) -> list[str]:
                 f"{workdir}: its checkpoints were trained with other values of {', '.join(fixed)} "
                 f"(saved: {', '.join(f'{k}={_lookup(old, k)!r}' for k in fixed)}); a resume may change only "
                 f"run lengths, batch size, learning-rate schedule, logging and eval settings. "
-                f"Use another --workdir (stages.<stage>.init_from starts from a checkpoint's models)")
+                f"Use another --workdir (stages.<stage>.init_from starts from a checkpoint's models)"
+            )
         if changed:
             print(f"note: resuming with changed {', '.join(changed)} (recorded in config_history.jsonl)")
-    row = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-           "changed": {k: [_lookup(old, k), _lookup(new, k)] for k in changed} if changed else {}}
+    row = {
+        "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "changed": {k: [_lookup(old, k), _lookup(new, k)] for k in changed} if changed else {},
+    }
     with (workdir / "config_history.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
     save_config(config, saved)
@@ -187,7 +216,9 @@ def _prepare(workdir: Path, config: Config, cache: CacheDataset) -> dict[str, li
 
 def write_data_record(workdir: Path, cache: str, preprocessing: dict) -> None:
     """data.json: the cache a run trained on and its preprocessing, which predicting a new case needs."""
-    (Path(workdir) / DATA_RECORD).write_text(json.dumps({"cache": cache, "preprocessing": preprocessing}, indent=1) + "\n")
+    (Path(workdir) / DATA_RECORD).write_text(
+        json.dumps({"cache": cache, "preprocessing": preprocessing}, indent=1) + "\n"
+    )
 
 
 def read_preprocessing(workdir: Path) -> dict:

@@ -56,8 +56,11 @@ METRICS = {  # name: (case-file key, scale to print, higher is better, unit)
     "hd95": ("hd95", 1.0, False, "mm"),
 }
 # The settings two evaluations must share for their numbers to be comparable.
-SHARED_SETTINGS = {"hd95_empty": "HD95 empty-mask convention", "et_postprocess": "ET post-processing",
-                   "et_min_voxels": "ET post-processing threshold"}
+SHARED_SETTINGS = {
+    "hd95_empty": "HD95 empty-mask convention",
+    "et_postprocess": "ET post-processing",
+    "et_min_voxels": "ET post-processing threshold",
+}
 
 
 @dataclasses.dataclass
@@ -86,8 +89,9 @@ def _read_json(path: Path):
 def _case_values(case: dict, path: Path, key: str) -> np.ndarray:
     try:
         rows = {row["name"]: row for row in case["subsets"]}
-        return np.asarray([[np.nan if rows[s][key][r] is None else rows[s][key][r] for r in REGIONS]
-                           for s in SUBSET_NAMES], float)
+        return np.asarray(
+            [[np.nan if rows[s][key][r] is None else rows[s][key][r] for r in REGIONS] for s in SUBSET_NAMES], float
+        )
     except (KeyError, TypeError) as e:
         raise JaxbratsError(f"{path}: not a jaxbrats case result (no {e})") from None
 
@@ -111,8 +115,16 @@ def load_run(path, name: str) -> Run:
         for metric, (key, *_) in METRICS.items():
             values[metric].append(_case_values(case, case_file, key))
     served = np.asarray([row.get("served", True) for row in summary.get("subsets", [{}] * len(SUBSETS))], bool)
-    return Run(name, path, cases, present, np.asarray(applicable, bool), served,
-               {m: np.asarray(v) for m, v in values.items()}, settings)
+    return Run(
+        name,
+        path,
+        cases,
+        present,
+        np.asarray(applicable, bool),
+        served,
+        {m: np.asarray(v) for m, v in values.items()},
+        settings,
+    )
 
 
 def default_names(paths) -> list[str]:
@@ -131,17 +143,23 @@ def check_comparable(runs: list[Run]) -> dict:
     for run in runs[1:]:
         missing, extra = set(first.cases) - set(run.cases), set(run.cases) - set(first.cases)
         if missing or extra:
-            raise JaxbratsError(f"{run.path}: scored other cases than {first.path}"
-                                + (f"; missing {_listing(missing)}" if missing else "")
-                                + (f"; extra {_listing(extra)}" if extra else ""))
+            raise JaxbratsError(
+                f"{run.path}: scored other cases than {first.path}"
+                + (f"; missing {_listing(missing)}" if missing else "")
+                + (f"; extra {_listing(extra)}" if extra else "")
+            )
         changed = [c for c in first.cases if sorted(first.present[c]) != sorted(run.present[c])]
         if changed:
-            raise JaxbratsError(f"{run.path}: case {changed[0]} has modalities {run.present[changed[0]]} there "
-                                f"but {first.present[changed[0]]} in {first.path}")
+            raise JaxbratsError(
+                f"{run.path}: case {changed[0]} has modalities {run.present[changed[0]]} there "
+                f"but {first.present[changed[0]]} in {first.path}"
+            )
         for key, what in SHARED_SETTINGS.items():
             if first.settings.get(key) != run.settings.get(key):
-                raise JaxbratsError(f"{run.path}: evaluated with {what} {run.settings.get(key)!r}, {first.path} with "
-                                    f"{first.settings.get(key)!r}; re-evaluate one with --set eval.{key}=...")
+                raise JaxbratsError(
+                    f"{run.path}: evaluated with {what} {run.settings.get(key)!r}, {first.path} with "
+                    f"{first.settings.get(key)!r}; re-evaluate one with --set eval.{key}=..."
+                )
     return {key: first.settings.get(key) for key in SHARED_SETTINGS}
 
 
@@ -206,13 +224,29 @@ def compare_metric(runs: list[Run], reference: int, metric: str, note: str) -> M
     ref_values, cases = aligned[reference][1][metric], aligned[reference][0].sum(axis=0)
     mean_rows = np.logical_and.reduce([run.served for run in runs]) & (cases > 0)  # rows every run has
     means = np.stack([row_means(values[metric], run.served, mean_rows) for run, (_, values) in zip(runs, aligned)])
-    p = np.stack([np.full((len(ROWS), len(REGIONS)), np.nan) if i == reference else
-                  paired_p_values(values[metric], ref_values, run.served & runs[reference].served, mean_rows)
-                  for i, (run, (_, values)) in enumerate(zip(runs, aligned))])
+    p = np.stack(
+        [
+            np.full((len(ROWS), len(REGIONS)), np.nan)
+            if i == reference
+            else paired_p_values(values[metric], ref_values, run.served & runs[reference].served, mean_rows)
+            for i, (run, (_, values)) in enumerate(zip(runs, aligned))
+        ]
+    )
     _, scale, higher, unit = METRICS[metric]
-    return MetricTable(metric=metric, names=[run.name for run in runs], reference=reference, values=means * scale,
-                       p=p, best=_best(means, scale, higher), marked=p < ALPHA, cases=cases, mean_rows=mean_rows,
-                       higher_is_better=higher, unit=unit, note=note)
+    return MetricTable(
+        metric=metric,
+        names=[run.name for run in runs],
+        reference=reference,
+        values=means * scale,
+        p=p,
+        best=_best(means, scale, higher),
+        marked=p < ALPHA,
+        cases=cases,
+        mean_rows=mean_rows,
+        higher_is_better=higher,
+        unit=unit,
+        note=note,
+    )
 
 
 def compare(paths, out_dir, names=None, reference: str | None = None) -> dict:
@@ -231,8 +265,10 @@ def compare(paths, out_dir, names=None, reference: str | None = None) -> dict:
     settings = check_comparable(runs)
     ref = names.index(reference)
     cases = len(runs[ref].cases)
-    notes = {"dice": f"Dice in percent, mean over the cases each row scores ({cases} cases)",
-             "hd95": empty_convention_note(settings)}
+    notes = {
+        "dice": f"Dice in percent, mean over the cases each row scores ({cases} cases)",
+        "hd95": empty_convention_note(settings),
+    }
     post = "on" if settings.get("et_postprocess") else "off"
     tables = {m: compare_metric(runs, ref, m, f"{notes[m]}; ET post-processing {post}.") for m in METRICS}
     written = write_report(Path(out_dir), tables, settings, [str(Path(p)) for p in paths])
@@ -242,5 +278,6 @@ def compare(paths, out_dir, names=None, reference: str | None = None) -> dict:
 def empty_convention_note(settings: dict) -> str:
     name = settings.get("hd95_empty") or "brats"
     both, one = HD95_EMPTY.get(name, (float("nan"),) * 2)
-    return (f"HD95 in mm, empty-mask convention '{name}': both masks empty -> {both:g}, exactly one empty -> {one:g}"
-            + (" (NaNs left out of the means)" if name == "nan" else ""))
+    return f"HD95 in mm, empty-mask convention '{name}': both masks empty -> {both:g}, exactly one empty -> {one:g}" + (
+        " (NaNs left out of the means)" if name == "nan" else ""
+    )

@@ -77,9 +77,11 @@ def _marks(row: int, present="●", absent="○") -> list[str]:
 
 def _legend(t: MetricTable) -> str:
     best = "highest" if t.higher_is_better else "lowest"
-    return (f"Bold: the {best} of the row and region; {MARK}: p < 0.05 against {t.names[t.reference]} (Wilcoxon "
-            f"signed-rank over the cases, two-sided); {MISSING}: not served or no case; the mean is over the "
-            f"{int(t.mean_rows.sum())} rows every run serves. {t.note}")
+    return (
+        f"Bold: the {best} of the row and region; {MARK}: p < 0.05 against {t.names[t.reference]} (Wilcoxon "
+        f"signed-rank over the cases, two-sided); {MISSING}: not served or no case; the mean is over the "
+        f"{int(t.mean_rows.sum())} rows every run serves. {t.note}"
+    )
 
 
 def markdown(t: MetricTable) -> str:
@@ -95,14 +97,21 @@ def markdown(t: MetricTable) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in range(len(SUBSETS) + 1):
         label = "+".join(MODALITY_TITLES[m] for m in SUBSETS[row]) if row < len(SUBSETS) else f"**{t.mean_label}**"
-        lines.append("| " + " | ".join([label] + [_p(t.p[i, row, r]) for i in t.others for r in range(len(REGIONS))]) + " |")
+        lines.append(
+            "| " + " | ".join([label] + [_p(t.p[i, row, r]) for i in t.others for r in range(len(REGIONS))]) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def csv(t: MetricTable) -> str:
     """One line per row: modality flags, cases, each run's values, each other run's p-values."""
-    head = ["subset", *MODALITIES, "cases", *(f"{n} {r}" for n in t.names for r in REGIONS),
-            *(f"p {t.names[i]} {r}" for i in t.others for r in REGIONS)]
+    head = [
+        "subset",
+        *MODALITIES,
+        "cases",
+        *(f"{n} {r}" for n in t.names for r in REGIONS),
+        *(f"p {t.names[i]} {r}" for i in t.others for r in REGIONS),
+    ]
     lines = [",".join(head)]
     for row in range(len(SUBSETS) + 1):
         label = "+".join(SUBSETS[row]) if row < len(SUBSETS) else t.mean_label
@@ -115,7 +124,14 @@ def csv(t: MetricTable) -> str:
 
 
 def _latex_escape(text: str) -> str:
-    for char, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"), ("$", r"\$")):
+    for char, escaped in (
+        ("\\", r"\textbackslash{}"),
+        ("_", r"\_"),
+        ("%", r"\%"),
+        ("&", r"\&"),
+        ("#", r"\#"),
+        ("$", r"\$"),
+    ):
         text = text.replace(char, escaped)
     return text
 
@@ -126,15 +142,26 @@ def latex(t: MetricTable) -> str:
     spec = "c" * n_mod + "".join("|" + "c" * n_reg for _ in t.names)
     blocks = " & ".join(rf"\multicolumn{{{n_reg}}}{{c}}{{{_latex_escape(n)}}}" for n in t.names)
     rules = "".join(rf"\cmidrule(lr){{{n_mod + 1 + i * n_reg}-{n_mod + (i + 1) * n_reg}}}" for i in range(len(t.names)))
-    lines = [f"% jaxbrats compare: {t.title} ({t.unit}). " + _legend(t).replace(MARK, "dagger"),
-             rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
-             " & ".join(MODALITY_TITLES[m] for m in MODALITIES) + f" & {blocks} \\\\", rules,
-             " & " * (n_mod - 1) + " & " + " & ".join(REGIONS * len(t.names)) + r" \\", r"\midrule"]
+    lines = [
+        f"% jaxbrats compare: {t.title} ({t.unit}). " + _legend(t).replace(MARK, "dagger"),
+        rf"\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        " & ".join(MODALITY_TITLES[m] for m in MODALITIES) + f" & {blocks} \\\\",
+        rules,
+        " & " * (n_mod - 1) + " & " + " & ".join(REGIONS * len(t.names)) + r" \\",
+        r"\midrule",
+    ]
     for row in range(len(SUBSETS) + 1):
         if row == len(SUBSETS):
             lines.append(r"\midrule")
-        marks = _marks(row, r"$\bullet$", r"$\circ$") if row < len(SUBSETS) else [rf"\multicolumn{{{n_mod}}}{{c}}{{Mean ({int(t.mean_rows.sum())} rows)}}"]
-        cells = [_cell(t, i, row, r, (r"\textbf{", "}"), r"$^\dagger$") for i in range(len(t.names)) for r in range(n_reg)]
+        marks = (
+            _marks(row, r"$\bullet$", r"$\circ$")
+            if row < len(SUBSETS)
+            else [rf"\multicolumn{{{n_mod}}}{{c}}{{Mean ({int(t.mean_rows.sum())} rows)}}"]
+        )
+        cells = [
+            _cell(t, i, row, r, (r"\textbf{", "}"), r"$^\dagger$") for i in range(len(t.names)) for r in range(n_reg)
+        ]
         lines.append(" & ".join(marks + cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
@@ -201,10 +228,14 @@ def _json_rows(t: MetricTable) -> list[dict]:
 
     rows = []
     for row in range(len(SUBSETS) + 1):
-        rows.append({"name": "+".join(SUBSETS[row]) if row < len(SUBSETS) else t.mean_label,
-                     "cases": int(t.cases[row]) if row < len(SUBSETS) else None,
-                     "values": {n: region_dict(t.values[i, row]) for i, n in enumerate(t.names)},
-                     "p": {t.names[i]: region_dict(t.p[i, row]) for i in t.others}})
+        rows.append(
+            {
+                "name": "+".join(SUBSETS[row]) if row < len(SUBSETS) else t.mean_label,
+                "cases": int(t.cases[row]) if row < len(SUBSETS) else None,
+                "values": {n: region_dict(t.values[i, row]) for i, n in enumerate(t.names)},
+                "p": {t.names[i]: region_dict(t.p[i, row]) for i in t.others},
+            }
+        )
     return rows
 
 
@@ -220,9 +251,13 @@ def write_report(out_dir: Path, tables: dict[str, MetricTable], settings: dict, 
             written.append(out_dir / f"{metric}_{name}.png")
             draw(t, written[-1])
     first = next(iter(tables.values()))
-    summary = {"names": first.names, "reference": first.names[first.reference], "sources": sources,
-               "settings": settings, "tables": {m: {"unit": t.unit, "note": t.note, "rows": _json_rows(t)}
-                                                for m, t in tables.items()}}
+    summary = {
+        "names": first.names,
+        "reference": first.names[first.reference],
+        "sources": sources,
+        "settings": settings,
+        "tables": {m: {"unit": t.unit, "note": t.note, "rows": _json_rows(t)} for m, t in tables.items()},
+    }
     written.append(out_dir / "compare.json")
     files.write_text_atomic(written[-1], json.dumps(summary, indent=1) + "\n")
     return written

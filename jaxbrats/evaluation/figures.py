@@ -47,8 +47,16 @@ from jaxbrats.modalities import FULL_SUBSET_INDEX, MODALITIES, SUBSET_NAMES, sub
 #: The prediction columns, in order: the full subset, then each modality alone.
 FIGURE_SUBSETS: tuple[int, ...] = (FULL_SUBSET_INDEX, *(subset_index(m) for m in MODALITIES))
 #: Overlay colours (RGB in [0, 1]) and legend names per internal label.
-LABEL_COLOURS: dict[int, tuple[float, float, float]] = {EDEMA: (0.0, 1.0, 0.0), NECROSIS: (1.0, 0.0, 0.0), ENHANCING: (1.0, 1.0, 0.0)}
-LABEL_NAMES: dict[int, str] = {EDEMA: "ED (edema)", NECROSIS: "NCR/NET (necrotic / non-enhancing core)", ENHANCING: "ET (enhancing tumour)"}
+LABEL_COLOURS: dict[int, tuple[float, float, float]] = {
+    EDEMA: (0.0, 1.0, 0.0),
+    NECROSIS: (1.0, 0.0, 0.0),
+    ENHANCING: (1.0, 1.0, 0.0),
+}
+LABEL_NAMES: dict[int, str] = {
+    EDEMA: "ED (edema)",
+    NECROSIS: "NCR/NET (necrotic / non-enhancing core)",
+    ENHANCING: "ET (enhancing tumour)",
+}
 ALPHA = 0.6  # the colour's weight where a label is; the grey image's is 1 - ALPHA
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
 _VIEW_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}  # the RAS+ array axis each view cuts across
@@ -141,7 +149,8 @@ def case_figure(case_id: str, image, truth, predicted, dice, allowed, spacing=(1
     image, truth = np.asarray(image), np.asarray(truth)
     subsets = figure_columns(allowed)
     columns = [("FLAIR", None), ("T1ce", None), ("ground truth", truth)] + [
-        (f"{SUBSET_NAMES[s]}\n{_dice_text(dice[s])}", np.asarray(predicted[s])) for s in subsets]
+        (f"{SUBSET_NAMES[s]}\n{_dice_text(dice[s])}", np.asarray(predicted[s])) for s in subsets
+    ]
     width, height = figure_size(len(columns))
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
@@ -154,7 +163,14 @@ def case_figure(case_id: str, image, truth, predicted, dice, allowed, spacing=(1
         base = grey(cut(flair, view, centre), windows["FLAIR"]) * inside
         for column, (title, labels) in enumerate(columns):
             left, top, right, bottom = panel_box(row, column)
-            ax = fig.add_axes(((left + PAD) / width, 1 - (bottom - PAD) / height, (PANEL - 2 * PAD) / width, (PANEL - 2 * PAD) / height))
+            ax = fig.add_axes(
+                (
+                    (left + PAD) / width,
+                    1 - (bottom - PAD) / height,
+                    (PANEL - 2 * PAD) / width,
+                    (PANEL - 2 * PAD) / height,
+                )
+            )
             if labels is not None:
                 shown = overlay(base, cut(labels, view, centre))
             elif title == "FLAIR":
@@ -168,13 +184,28 @@ def case_figure(case_id: str, image, truth, predicted, dice, allowed, spacing=(1
             if row == 0:
                 ax.set_title(title, fontsize=8, pad=3)
         axis = _VIEW_AXIS[view]
-        fig.text(LEFT / 2 / width, 1 - (TOP + PANEL * (row + 0.5)) / height, f"{view} {_AXIS_NAME[axis]}={centre[axis]}",
-                 rotation=90, ha="center", va="center", fontsize=8)
+        fig.text(
+            LEFT / 2 / width,
+            1 - (TOP + PANEL * (row + 0.5)) / height,
+            f"{view} {_AXIS_NAME[axis]}={centre[axis]}",
+            rotation=90,
+            ha="center",
+            va="center",
+            fontsize=8,
+        )
     where = "tumour box centre" if has_tumour else "volume centre (no tumour)"
-    fig.text(0.5, 1 - 12 / height, f"{case_id}: slices through {where} {centre}; radiological (subject's right on the left)",
-             ha="center", va="center", fontsize=9)
+    fig.text(
+        0.5,
+        1 - 12 / height,
+        f"{case_id}: slices through {where} {centre}; radiological (subject's right on the left)",
+        ha="center",
+        va="center",
+        fontsize=9,
+    )
     handles = [Patch(color=LABEL_COLOURS[label], label=LABEL_NAMES[label]) for label in (NECROSIS, EDEMA, ENHANCING)]
-    fig.legend(handles=handles, loc="center", bbox_to_anchor=(0.5, BOTTOM / 2 / height), ncol=3, frameon=False, fontsize=8)
+    fig.legend(
+        handles=handles, loc="center", bbox_to_anchor=(0.5, BOTTOM / 2 / height), ncol=3, frameon=False, fontsize=8
+    )
     return fig
 
 
@@ -203,7 +234,9 @@ def save_figure(fig, path, dpi: int = DPI) -> Path:
     return path
 
 
-def write_case_figure(path, case_id: str, image, truth, predicted, dice, allowed, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+def write_case_figure(
+    path, case_id: str, image, truth, predicted, dice, allowed, spacing=(1.0, 1.0, 1.0)
+) -> np.ndarray:
     """Draw a case's figure (`case_figure`), write it as a PNG at `path`; its pixels (H, W, 3) uint8."""
     pixels = render(case_figure(case_id, image, truth, predicted, dice, allowed, spacing))
     save_pixels(pixels, path)
@@ -230,7 +263,9 @@ class CaseFigures:
         """The figure of the `index`-th case evaluated, if it is one of the first `count`."""
         if index >= self.count:
             return
-        pixels = write_case_figure(self.out_dir / "figures" / f"{case_id}.png", case_id, image, truth, predicted, dice, allowed, spacing)
+        pixels = write_case_figure(
+            self.out_dir / "figures" / f"{case_id}.png", case_id, image, truth, predicted, dice, allowed, spacing
+        )
         if self.writer is None:
             from tensorboardX import SummaryWriter
 

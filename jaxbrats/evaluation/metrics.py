@@ -107,4 +107,3 @@ def hd95_table(predicted, truth, spacing, empty: str, applicable=None) -> np.nda
                 p, t = p[box], t[box]
             out[s, r] = hd95(p, t, spacing, empty)
     return out
-

@@ -56,7 +56,9 @@ def read_metrics(workdir) -> list[dict]:
         except json.JSONDecodeError as e:
             raise JaxbratsError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict) or not isinstance(row.get("stage"), str) or not isinstance(row.get("step"), int):
-            raise JaxbratsError(f"{path}:{number}: not a metrics row (a JSON object with a 'stage' and an integer 'step')")
+            raise JaxbratsError(
+                f"{path}:{number}: not a metrics row (a JSON object with a 'stage' and an integer 'step')"
+            )
         bad = [k for k, v in row.items() if k not in ("stage", "step") and not isinstance(v, (int, float))]
         if bad:
             raise JaxbratsError(f"{path}:{number}: {bad[0]!r} is not a number ({row[bad[0]]!r})")
@@ -132,7 +134,9 @@ def plot_runs(workdirs, out, names=None, keys=None, smooth: float = 0.0) -> Path
         raise JaxbratsError("plot: give at least one work directory")
     names = list(names) if names else [w.resolve().name for w in workdirs]
     if len(names) != len(workdirs):
-        raise JaxbratsError(f"--names: {len(names)} name(s) for {len(workdirs)} work director{'y' if len(workdirs) == 1 else 'ies'}")
+        raise JaxbratsError(
+            f"--names: {len(names)} name(s) for {len(workdirs)} work director{'y' if len(workdirs) == 1 else 'ies'}"
+        )
     runs = [read_metrics(w) for w in workdirs]
     stages = list(dict.fromkeys(r["stage"] for rows in runs for r in rows))
     panels = {}  # stage -> [metric keys..., "lr"]
@@ -141,7 +145,9 @@ def plot_runs(workdirs, out, names=None, keys=None, smooth: float = 0.0) -> Path
         wanted = loss_keys(in_stage) if keys is None else [k for k in keys if any(k in r for r in in_stage)]
         panels[stage] = wanted + (["lr"] if lr_keys(in_stage) else [])
     columns = max(1, max(len(p) for p in panels.values()))
-    fig = Figure(figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1] * len(stages) + 0.4), dpi=DPI, layout="constrained")
+    fig = Figure(
+        figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1] * len(stages) + 0.4), dpi=DPI, layout="constrained"
+    )
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(len(stages), columns)
     colours = [f"C{i % 10}" for i in range(len(runs))]
@@ -154,8 +160,15 @@ def plot_runs(workdirs, out, names=None, keys=None, smooth: float = 0.0) -> Path
                 for g, metric in enumerate(groups):
                     steps, ys = _series(rows, stage, metric)
                     if steps:
-                        _draw(ax, steps, ys, colour, _STYLES[g % len(_STYLES)], metric[len(LR_PREFIX):] if key == "lr" else name,
-                              0.0 if key == "lr" else smooth)
+                        _draw(
+                            ax,
+                            steps,
+                            ys,
+                            colour,
+                            _STYLES[g % len(_STYLES)],
+                            metric[len(LR_PREFIX) :] if key == "lr" else name,
+                            0.0 if key == "lr" else smooth,
+                        )
                         values += ys
             _log_scale_if_positive(ax, values)
             ax.set_title(f"{stage}: {'learning rate' if key == 'lr' else key}", fontsize=9)
@@ -166,8 +179,15 @@ def plot_runs(workdirs, out, names=None, keys=None, smooth: float = 0.0) -> Path
             if key == "lr":  # which line style is which optimiser group
                 groups = lr_keys([r for rows in runs for r in rows if r["stage"] == stage])
                 if len(groups) > 1:
-                    ax.legend(handles=[Line2D([], [], color="grey", linestyle=_STYLES[g % len(_STYLES)], label=k[len(LR_PREFIX):])
-                                       for g, k in enumerate(groups)], fontsize=7, title="group", title_fontsize=7)
+                    ax.legend(
+                        handles=[
+                            Line2D([], [], color="grey", linestyle=_STYLES[g % len(_STYLES)], label=k[len(LR_PREFIX) :])
+                            for g, k in enumerate(groups)
+                        ],
+                        fontsize=7,
+                        title="group",
+                        title_fontsize=7,
+                    )
     handles = [Line2D([], [], color=c, linewidth=2, label=n) for n, c in zip(names, colours)]
     fig.legend(handles=handles, loc="outside upper center", ncol=min(len(names), 6), frameon=False, fontsize=9)
     return save_figure(fig, out, dpi=DPI)

@@ -114,7 +114,9 @@ def make_case_program(method, graphdefs: dict, cfg: EvalConfig):
 
     def eval_15_subsets(models_state, image, labels, valid, case=None):
         program.traces += 1
-        return lax.map(lambda m: evaluate_subset(models_state, image, labels, valid, m[0], m[1], case), (masks, indices))
+        return lax.map(
+            lambda m: evaluate_subset(models_state, image, labels, valid, m[0], m[1], case), (masks, indices)
+        )
 
     # JAX reports its compilations as jit(eval_15_subsets). Under `eval.mesh` each window's depth
     # is split over "space" (the U-Net exchanges halos) and a window batch over "data".
@@ -145,15 +147,28 @@ def applicability(manifests, applicable=None) -> np.ndarray:
     zero T2 channel. `applicable` ((15,) or (cases, 15) bool) removes more,
     e.g. subsets a method cannot segment.
     """
-    present = np.asarray([m.get("present", [True] * len(MODALITIES)) for m in manifests], bool).reshape(-1, len(MODALITIES))
+    present = np.asarray([m.get("present", [True] * len(MODALITIES)) for m in manifests], bool).reshape(
+        -1, len(MODALITIES)
+    )
     mask = ~(SUBSET_MASKS[None, :, :] & ~present[:, None, :]).any(axis=-1)
     if applicable is not None:
         mask = mask & np.broadcast_to(np.asarray(applicable, bool), mask.shape)
     return mask
 
 
-def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalConfig, out_dir,
-             predictions: str = "full", progress: bool = True, applicable=None, figures: int = 0, step: int = 0) -> dict:
+def evaluate(
+    method,
+    graphdefs,
+    models_state,
+    dataset: CacheDataset,
+    cfg: EvalConfig,
+    out_dir,
+    predictions: str = "full",
+    progress: bool = True,
+    applicable=None,
+    figures: int = 0,
+    step: int = 0,
+) -> dict:
     """Score every case of `dataset` on all 15 subsets; write the results to `out_dir`.
 
     Each case is padded to the one bucket and segmented by `segment` (the
@@ -176,7 +191,10 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
     before = compilation.counts(PROGRAM_NAME)
     dice_all, hd_all = [], []
     served = np.asarray(method.served_subsets())
-    allowed = applicability(dataset.manifests, served_mask(method) if applicable is None else served_mask(method) & np.asarray(applicable, bool))
+    allowed = applicability(
+        dataset.manifests,
+        served_mask(method) if applicable is None else served_mask(method) & np.asarray(applicable, bool),
+    )
     shown = CaseFigures(out_dir, figures, step)  # the first `figures` cases: PNG + TensorBoard image
     for i in tqdm(range(len(dataset)), desc="eval", unit="case", disable=not progress, dynamic_ncols=True):
         manifest, view = views[i]
@@ -195,7 +213,11 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
         predicted[served] = served_labels[:, : shape[0], : shape[1], : shape[2]]
         dice = np.where(allowed[i][:, None], dice_from_counts(counts), np.nan)
         spacing = canonical_spacing(manifest["original_affine"])
-        hd = hd95_table(predicted, np.asarray(arrays["label"]), spacing, cfg.hd95_empty, allowed[i]) if cfg.hd95 else np.full(dice.shape, np.nan)
+        hd = (
+            hd95_table(predicted, np.asarray(arrays["label"]), spacing, cfg.hd95_empty, allowed[i])
+            if cfg.hd95
+            else np.full(dice.shape, np.nan)
+        )
         dice_all.append(dice)
         hd_all.append(hd)
         _write_case(out_dir, manifest["case_id"], dice, hd, allowed[i], manifest)
@@ -204,15 +226,22 @@ def evaluate(method, graphdefs, models_state, dataset: CacheDataset, cfg: EvalCo
             suffix = "" if predictions == "full" else f"_{SUBSET_NAMES[s]}"
             write_prediction(predicted[s], manifest, out_dir / "predictions" / f"{manifest['case_id']}{suffix}.nii.gz")
     shown.close()
-    summary = summarize(np.asarray(dice_all).reshape(-1, len(SUBSETS), len(REGIONS)),
-                        np.asarray(hd_all).reshape(-1, len(SUBSETS), len(REGIONS)), allowed)
+    summary = summarize(
+        np.asarray(dice_all).reshape(-1, len(SUBSETS), len(REGIONS)),
+        np.asarray(hd_all).reshape(-1, len(SUBSETS), len(REGIONS)),
+        allowed,
+    )
     for row, is_served in zip(summary["subsets"], served_mask(method)):
         row["served"] = bool(is_served)  # False: the method has no model for this subset (a dedicated method's rows)
     write_reports(summary, out_dir, cfg)
     after = compilation.counts(PROGRAM_NAME)
-    settings = {"eval": to_dict(cfg), "decoding": decoding_of(method, cfg), "bucket": list(bucket),
-                "compilations": after["compiled"] - before["compiled"],
-                "loaded_from_cache": after["loaded"] - before["loaded"]}
+    settings = {
+        "eval": to_dict(cfg),
+        "decoding": decoding_of(method, cfg),
+        "bucket": list(bucket),
+        "compilations": after["compiled"] - before["compiled"],
+        "loaded_from_cache": after["loaded"] - before["loaded"],
+    }
     (out_dir / "eval_settings.json").write_text(json.dumps(settings, indent=1) + "\n")
     return summary
 
@@ -232,14 +261,16 @@ def center_crop_view(manifest: dict, crop) -> tuple[dict, tuple[slice, ...]]:
     box = np.asarray(manifest["crop_box"])
     lo, hi = np.maximum(box[:, 0], start), np.minimum(box[:, 1], stop)
     if np.any(hi <= lo):
-        raise JaxbratsError(f"case {manifest['case_id']}: its brain box {box.tolist()} lies outside eval.center_crop "
-                            f"{list(crop)} of its {full.tolist()} volume")
+        raise JaxbratsError(
+            f"case {manifest['case_id']}: its brain box {box.tolist()} lies outside eval.center_crop "
+            f"{list(crop)} of its {full.tolist()} volume"
+        )
     narrowed = {**manifest, "crop_box": np.stack([lo, hi], 1).tolist(), "cropped_shape": (hi - lo).tolist()}
     return narrowed, tuple(slice(int(a), int(b)) for a, b in zip(lo - box[:, 0], hi - box[:, 0]))
 
 
 def _prediction_subsets(predictions: str, manifest: dict, allowed) -> list[int]:
-    """"full": the subset of the modalities the case has (what `jaxbrats predict` uses); "all": the applicable ones."""
+    """ "full": the subset of the modalities the case has (what `jaxbrats predict` uses); "all": the applicable ones."""
     if predictions == "full":
         present = np.asarray(manifest.get("present", [True] * len(MODALITIES)), bool)
         own = FULL_SUBSET_INDEX if present.all() else subset_index(present)
@@ -247,12 +278,17 @@ def _prediction_subsets(predictions: str, manifest: dict, allowed) -> list[int]:
     return {"none": [], "all": [s for s in range(len(SUBSETS)) if allowed[s]]}[predictions]
 
 
-
 def _write_case(out_dir: Path, case_id: str, dice, hd, allowed, manifest: dict) -> None:
     """Per case: every subset with "applicable" (false: null Dice and HD95, not in the summary)."""
-    rows = [{"name": SUBSET_NAMES[s], "applicable": bool(allowed[s]), "dice": region_row(dice[s]), "hd95": region_row(hd[s])}
-            for s in range(len(SUBSETS))]
+    rows = [
+        {
+            "name": SUBSET_NAMES[s],
+            "applicable": bool(allowed[s]),
+            "dice": region_row(dice[s]),
+            "hd95": region_row(hd[s]),
+        }
+        for s in range(len(SUBSETS))
+    ]
     present = [m for m, p in zip(MODALITIES, manifest.get("present", [True] * len(MODALITIES))) if p]
     case = {"case": case_id, "present": present, "subsets": rows}
     (out_dir / "cases" / f"{case_id}.json").write_text(json.dumps(case, indent=1) + "\n")
-

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -28,19 +28,34 @@ def summarize(dice: np.ndarray, hd: np.ndarray, applicable=None) -> dict:
     counts = allowed.sum(axis=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)  # all-NaN columns, rows without cases
-        dice_mean = np.stack([dice[allowed[:, s], s].mean(axis=0) if counts[s] else np.full(len(REGIONS), np.nan)
-                              for s in range(len(SUBSETS))])
-        hd_mean = np.stack([np.nanmean(hd[allowed[:, s], s], axis=0) if counts[s] else np.full(len(REGIONS), np.nan)
-                            for s in range(len(SUBSETS))])
+        dice_mean = np.stack(
+            [
+                dice[allowed[:, s], s].mean(axis=0) if counts[s] else np.full(len(REGIONS), np.nan)
+                for s in range(len(SUBSETS))
+            ]
+        )
+        hd_mean = np.stack(
+            [
+                np.nanmean(hd[allowed[:, s], s], axis=0) if counts[s] else np.full(len(REGIONS), np.nan)
+                for s in range(len(SUBSETS))
+            ]
+        )
         subsets = [
-            {"name": SUBSET_NAMES[s], "modalities": list(SUBSETS[s]), "cases": int(counts[s]),
-             "dice": region_row(dice_mean[s]), "hd95": region_row(hd_mean[s])}
+            {
+                "name": SUBSET_NAMES[s],
+                "modalities": list(SUBSETS[s]),
+                "cases": int(counts[s]),
+                "dice": region_row(dice_mean[s]),
+                "hd95": region_row(hd_mean[s]),
+            }
             for s in range(len(SUBSETS))
         ]
         rows = counts > 0
-        mean = {"rows": int(rows.sum()),
-                "dice": region_row(dice_mean[rows].mean(axis=0) if rows.any() else np.full(len(REGIONS), np.nan)),
-                "hd95": region_row(np.nanmean(hd_mean[rows], axis=0) if rows.any() else np.full(len(REGIONS), np.nan))}
+        mean = {
+            "rows": int(rows.sum()),
+            "dice": region_row(dice_mean[rows].mean(axis=0) if rows.any() else np.full(len(REGIONS), np.nan)),
+            "hd95": region_row(np.nanmean(hd_mean[rows], axis=0) if rows.any() else np.full(len(REGIONS), np.nan)),
+        }
     return {
         "regions": list(REGIONS),
         "subsets": subsets,
@@ -69,15 +84,37 @@ def _mean_label(summary: dict) -> str:
 def markdown_table(summary: dict, cfg: EvalConfig) -> str:
     """The papers' layout: one row per subset, a mark per modality present, the number of cases the
     row scores, Dice in percent; a row without an applicable case shows dashes."""
-    head = "| " + " | ".join(m for m in MODALITIES) + " | cases | " + " | ".join(f"Dice {r}" for r in REGIONS) + " | " + " | ".join(f"HD95 {r}" for r in REGIONS) + " |"
+    head = (
+        "| "
+        + " | ".join(m for m in MODALITIES)
+        + " | cases | "
+        + " | ".join(f"Dice {r}" for r in REGIONS)
+        + " | "
+        + " | ".join(f"HD95 {r}" for r in REGIONS)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (len(MODALITIES) + 1 + 2 * len(REGIONS))]
     for row in summary["subsets"]:
         marks = ["●" if m in row["modalities"] else "○" for m in MODALITIES]
         n = str(row.get("cases", summary["cases"]))
-        lines.append("| " + " | ".join(marks) + f" | {n} | " + " | ".join(_cells(row, "dice", 100)) + " | " + " | ".join(_cells(row, "hd95")) + " |")
+        lines.append(
+            "| "
+            + " | ".join(marks)
+            + f" | {n} | "
+            + " | ".join(_cells(row, "dice", 100))
+            + " | "
+            + " | ".join(_cells(row, "hd95"))
+            + " |"
+        )
     mean = summary["mean"]
     rows = mean.get("rows", len(SUBSETS))
-    lines.append(f"| **mean** | | | | {rows}/{len(SUBSETS)} rows | " + " | ".join(_fmt(mean["dice"][r], 100) for r in REGIONS) + " | " + " | ".join(_fmt(mean["hd95"][r]) for r in REGIONS) + " |")
+    lines.append(
+        f"| **mean** | | | | {rows}/{len(SUBSETS)} rows | "
+        + " | ".join(_fmt(mean["dice"][r], 100) for r in REGIONS)
+        + " | "
+        + " | ".join(_fmt(mean["hd95"][r]) for r in REGIONS)
+        + " |"
+    )
     note = (
         f"\n{summary['cases']} case(s); a row scores the cases that have all its modalities"
         f" ({NOT_APPLICABLE}: none), the mean is over the {rows} of {len(SUBSETS)} rows that have a case."
@@ -98,8 +135,17 @@ def csv_table(summary: dict) -> str:
         n = str(row.get("cases", summary["cases"]))
         lines.append(",".join([row["name"], *present, n, *_cells(row, "dice", 100), *_cells(row, "hd95")]))
     mean = summary["mean"]
-    lines.append(",".join([_mean_label(summary), *[""] * len(MODALITIES), "",
-                           *(_fmt(mean["dice"][r], 100) for r in REGIONS), *(_fmt(mean["hd95"][r]) for r in REGIONS)]))
+    lines.append(
+        ",".join(
+            [
+                _mean_label(summary),
+                *[""] * len(MODALITIES),
+                "",
+                *(_fmt(mean["dice"][r], 100) for r in REGIONS),
+                *(_fmt(mean["hd95"][r]) for r in REGIONS),
+            ]
+        )
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -110,8 +156,12 @@ def heatmap(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     # Each row named with the number of cases it scores; a row without one is grey with dashes.
-    names = [f"{row['name']} (n={row.get('cases', summary['cases'])})" for row in summary["subsets"]] + [_mean_label(summary)]
-    rows = [[row["dice"][r] for r in REGIONS] for row in summary["subsets"]] + [[summary["mean"]["dice"][r] for r in REGIONS]]
+    names = [f"{row['name']} (n={row.get('cases', summary['cases'])})" for row in summary["subsets"]] + [
+        _mean_label(summary)
+    ]
+    rows = [[row["dice"][r] for r in REGIONS] for row in summary["subsets"]] + [
+        [summary["mean"]["dice"][r] for r in REGIONS]
+    ]
     values = np.asarray([[np.nan if v is None else v for v in row] for row in rows], float)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
     fig, ax = plt.subplots(figsize=(5.2, 7.2))
@@ -132,4 +182,3 @@ def write_reports(summary: dict, out_dir: Path, cfg: EvalConfig) -> None:
     (out_dir / "summary.md").write_text(markdown_table(summary, cfg))
     (out_dir / "summary.csv").write_text(csv_table(summary))
     heatmap(summary, out_dir / "dice_heatmap.png")
-

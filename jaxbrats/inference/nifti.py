@@ -39,4 +39,3 @@ def write_nifti(data: np.ndarray, affine, path: Path, header=None) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-

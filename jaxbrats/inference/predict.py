@@ -53,7 +53,9 @@ class Predictor:
 
     def __init__(self, workdir, overrides=(), stage: str | None = None):
         workdir = Path(workdir)
-        self.method, self.graphdefs, self.models_state, self.config = load_trained(workdir, stage=stage, overrides=overrides, segmenting=True)
+        self.method, self.graphdefs, self.models_state, self.config = load_trained(
+            workdir, stage=stage, overrides=overrides, segmenting=True
+        )
         self.preprocessing = read_preprocessing(workdir)
         self.program = segment_program(self.method, self.graphdefs, self.config.eval)
 
@@ -68,12 +70,23 @@ class Predictor:
         self._check_served(present, record.directory)
         arrays, fields = preprocess_case(case, self.preprocessing["normalization"], self.preprocessing["margin"])
         box = [lo for lo, _ in fields["crop_box"]]
-        labels = segment_one_case(self.method, self.graphdefs, self.models_state, arrays["image"], present,
-                                  self.config.eval, box, bucket=bucket, program=self.program)
+        labels = segment_one_case(
+            self.method,
+            self.graphdefs,
+            self.models_state,
+            arrays["image"],
+            present,
+            self.config.eval,
+            box,
+            bucket=bucket,
+            program=self.program,
+        )
         full = np.zeros(next(iter(case.images.values())).shape, np.uint8)
         full[tuple(slice(lo, hi) for lo, hi in fields["crop_box"])] = labels
         convention = convention or case.convention or "brats2023"
-        write_nifti(from_internal(from_canonical(full, case.affine), convention), case.affine, out_path, _first_header(record))
+        write_nifti(
+            from_internal(from_canonical(full, case.affine), convention), case.affine, out_path, _first_header(record)
+        )
         return {
             "case": record.case_id,
             "present": [m for m, p in zip(MODALITIES, present) if p],
@@ -87,8 +100,10 @@ class Predictor:
         served = self.method.served_subsets()
         if subset_index(present) not in served:
             have = "+".join(m for m, p in zip(MODALITIES, present) if p)
-            raise JaxbratsError(f"{where}: this {self.config.method_name} run has no model for the modalities the case has "
-                                f"({have}); it segments: {', '.join(SUBSET_NAMES[s] for s in served)}")
+            raise JaxbratsError(
+                f"{where}: this {self.config.method_name} run has no model for the modalities the case has "
+                f"({have}); it segments: {', '.join(SUBSET_NAMES[s] for s in served)}"
+            )
 
 
 def _check_convention(convention) -> None:
@@ -96,7 +111,9 @@ def _check_convention(convention) -> None:
         raise JaxbratsError(f"--convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
 
 
-def predict_case(workdir, case_dir, out_path, convention: str | None = None, overrides=(), stage: str | None = None) -> dict:
+def predict_case(
+    workdir, case_dir, out_path, convention: str | None = None, overrides=(), stage: str | None = None
+) -> dict:
     """Write the segmentation of `case_dir` to `out_path` (the models of `stage`, default the last that
     segments); returns what was done."""
     case_dir, out_path = Path(case_dir), Path(out_path)
@@ -121,8 +138,15 @@ def header_bucket(records, cfg) -> tuple[tuple[int, int, int], list[CaseError]]:
     return (pad_shape(np.max(shapes, axis=0), cfg) if shapes else tuple(cfg.window)), bad
 
 
-def predict_folder(workdir, input_dir, out_dir, convention: str | None = None, overrides=(), stage: str | None = None,
-                   progress: bool = True) -> dict:
+def predict_folder(
+    workdir,
+    input_dir,
+    out_dir,
+    convention: str | None = None,
+    overrides=(),
+    stage: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Segment every case of `input_dir` (a folder of case folders, or any layout `prepare` reads) into
     ``out_dir/<case id>.nii.gz``, like nnU-Net's predict: the run loaded and the program compiled once
     (every case padded to `header_bucket`; the labels are those of each case alone, see
@@ -140,14 +164,27 @@ def predict_folder(workdir, input_dir, out_dir, convention: str | None = None, o
         print(f"failed: {error}", file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = []
-    for record in tqdm([r for r in records if r.case_id not in failed], desc="predict", unit="case", disable=not progress, dynamic_ncols=True):
+    for record in tqdm(
+        [r for r in records if r.case_id not in failed],
+        desc="predict",
+        unit="case",
+        disable=not progress,
+        dynamic_ncols=True,
+    ):
         try:
             done.append(predictor.predict(record, out_dir / f"{record.case_id}.nii.gz", convention, bucket))
         except (JaxbratsError, OSError) as e:
-            failed[record.case_id] = str(e) if isinstance(e, JaxbratsError) else f"{e.filename or record.directory}: {e.strerror or e}"
+            failed[record.case_id] = (
+                str(e) if isinstance(e, JaxbratsError) else f"{e.filename or record.directory}: {e.strerror or e}"
+            )
             tqdm.write(f"failed: {failed[record.case_id]}", file=sys.stderr)
-    summary = {"input": str(input_dir), "out": str(out_dir), "bucket": list(bucket), "predicted": done,
-               "failed": [{"case": c, "error": e} for c, e in sorted(failed.items())]}
+    summary = {
+        "input": str(input_dir),
+        "out": str(out_dir),
+        "bucket": list(bucket),
+        "predicted": done,
+        "failed": [{"case": c, "error": e} for c, e in sorted(failed.items())],
+    }
     files.write_text_atomic(out_dir / "predict_summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -162,8 +199,9 @@ def segment_program(method, graphdefs, cfg):
     return OnMesh(jax.jit(segment_case), eval_mesh(cfg))
 
 
-def segment_one_case(method, graphdefs, models_state, image, modality_mask, cfg, box_start=(0, 0, 0), bucket=None,
-                     program=None) -> np.ndarray:
+def segment_one_case(
+    method, graphdefs, models_state, image, modality_mask, cfg, box_start=(0, 0, 0), bucket=None, program=None
+) -> np.ndarray:
     """Internal labels of one preprocessed case (D, H, W, 4): `evaluation.segment`, as `evaluate` runs it.
 
     The case is padded at the end to `bucket` (default `evaluation.pad_shape`:
@@ -182,7 +220,9 @@ def segment_one_case(method, graphdefs, models_state, image, modality_mask, cfg,
         raise JaxbratsError(f"case of shape {shape} does not fit the padded shape {tuple(bucket)}")
     program = segment_program(method, graphdefs, cfg) if program is None else program
     mask = np.asarray(modality_mask, bool)
-    labels = program(models_state, pad_to(image, bucket), mask, np.int32(subset_index(mask)), case_locator(shape, box_start))
+    labels = program(
+        models_state, pad_to(image, bucket), mask, np.int32(subset_index(mask)), case_locator(shape, box_start)
+    )
     return np.asarray(labels)[: shape[0], : shape[1], : shape[2]]
 
 

@@ -105,4 +105,3 @@ def pad_to(array, shape):
     """`array` padded with zeros at the end of its first three axes to `shape`."""
     pad = [(0, t - s) for s, t in zip(array.shape[:3], shape)] + [(0, 0)] * (array.ndim - 3)
     return np.pad(array, pad)
-

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxbrats.engine.workdir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
 from jaxbrats.engine.state import abstract_models
+from jaxbrats.engine.workdir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.methods import get_method
 from jaxbrats.runtime.checkpoints import existing_manager, on_first_device, restore_newest_readable
@@ -24,7 +24,9 @@ def load_trained(workdir, stage: str | None = None, overrides=(), segmenting: bo
 
     workdir = Path(workdir)
     if not (workdir / "config.json").exists():
-        raise JaxbratsError(f"{workdir}: not a jaxbrats run (no config.json); train with `jaxbrats train --workdir {workdir}`")
+        raise JaxbratsError(
+            f"{workdir}: not a jaxbrats run (no config.json); train with `jaxbrats train --workdir {workdir}`"
+        )
     config = load_config(workdir / "config.json", overrides)
     method = get_method(config.method_name)(config)
     if stage and stage not in method.stages:
@@ -41,9 +43,12 @@ def load_trained(workdir, stage: str | None = None, overrides=(), segmenting: bo
         method.serve(name)
         return method, graphdefs, state["models"], config
     if stage:
-        raise JaxbratsError(f"{workdir}: no checkpoint of stage {stage} (train it with `jaxbrats train --workdir {workdir}`)")
+        raise JaxbratsError(
+            f"{workdir}: no checkpoint of stage {stage} (train it with `jaxbrats train --workdir {workdir}`)"
+        )
     if any((workdir / "checkpoints" / s).exists() for s in method.stages):
-        raise JaxbratsError(f"{workdir}: no checkpoint of a stage that segments ({', '.join(stages)}); "
-                            f"train it with `jaxbrats train --workdir {workdir}`")
+        raise JaxbratsError(
+            f"{workdir}: no checkpoint of a stage that segments ({', '.join(stages)}); "
+            f"train it with `jaxbrats train --workdir {workdir}`"
+        )
     raise JaxbratsError(f"{workdir}: no checkpoint found (train first with `jaxbrats train --workdir {workdir}`)")
-

@@ -26,7 +26,6 @@ from jax import lax
 from jaxbrats.config import BLENDS
 
 
-
 @dataclasses.dataclass(frozen=True)
 class SlidingWindowConfig:
     window: tuple[int, int, int] = (128, 128, 128)
@@ -87,7 +86,11 @@ def sliding_window(predict, volume, cfg: SlidingWindowConfig, out_channels: int,
         volume = jnp.pad(volume, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
     strides = [max(int(w * (1 - cfg.overlap)), 1) for w in window]
     xp = np if extent is None else jnp
-    box = np.asarray(padded) if extent is None else jnp.clip(jnp.asarray(extent, jnp.int32), np.asarray(window), np.asarray(padded))
+    box = (
+        np.asarray(padded)
+        if extent is None
+        else jnp.clip(jnp.asarray(extent, jnp.int32), np.asarray(window), np.asarray(padded))
+    )
     counts = (box - np.asarray(window) + np.asarray(strides) - 1) // np.asarray(strides) + 1  # as `axis_starts`
     last = box - np.asarray(window)  # the last start on each axis
     total = xp.prod(counts)

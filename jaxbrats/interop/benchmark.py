@@ -51,9 +51,12 @@ from jaxbrats.modalities import SUBSET_MASKS
 
 #: Dense peak TFLOP/s by (device kind substring, dtype), for the MFU column.
 PEAK_TFLOPS = {
-    ("H100", "bfloat16"): 989.0, ("H100", "float32"): 67.0,
-    ("H200", "bfloat16"): 989.0, ("H200", "float32"): 67.0,
-    ("A100", "bfloat16"): 312.0, ("A100", "float32"): 19.5,
+    ("H100", "bfloat16"): 989.0,
+    ("H100", "float32"): 67.0,
+    ("H200", "bfloat16"): 989.0,
+    ("H200", "float32"): 67.0,
+    ("A100", "bfloat16"): 312.0,
+    ("A100", "float32"): 19.5,
 }
 LR = 3e-4
 
@@ -66,7 +69,9 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     info = {
-        "cpu": cpu, "cpu_cores": os.cpu_count(), "backend": jax.default_backend(),
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "backend": jax.default_backend(),
         "accelerator": ", ".join(sorted({d.device_kind for d in jax.devices()})),
         "jax": jax.__version__,
     }
@@ -107,21 +112,28 @@ def alternating_medians(calls: dict, repeats: int, warmup: int) -> tuple[dict[st
 
 # --- JAX side ------------------------------------------------------------------
 
+
 class JaxSide:
     """The baseline method's model, train step, forward and 15-subset evaluation, jitted once each."""
 
     def __init__(self, args, remat: bool):
-        from jaxbrats.methods import load_config
         from jaxbrats.engine.state import init_state
-        from jaxbrats.methods import get_method
+        from jaxbrats.methods import get_method, load_config
 
         eval_window, window_batch = args.eval_window, args.window_batch
-        self.config = load_config(None, [
-            f"model.dtype='{args.dtype}'", f"model.conv_impl='{args.conv_impl}'", f"model.remat={str(remat).lower()}",
-            f"model.widths={list(args.widths)}", f"model.blocks={list(args.blocks)}",
-            f"eval.window=[{eval_window},{eval_window},{eval_window}]", f"eval.window_batch={window_batch}",
-            "eval.hd95=false",
-        ])
+        self.config = load_config(
+            None,
+            [
+                f"model.dtype='{args.dtype}'",
+                f"model.conv_impl='{args.conv_impl}'",
+                f"model.remat={str(remat).lower()}",
+                f"model.widths={list(args.widths)}",
+                f"model.blocks={list(args.blocks)}",
+                f"eval.window=[{eval_window},{eval_window},{eval_window}]",
+                f"eval.window_batch={window_batch}",
+                "eval.hd95=false",
+            ],
+        )
         self.method = get_method("baseline")(self.config)
         self.optimizers = {"model": optax.adam(LR)}
         self.graphdefs, self.state = init_state(self.method, "train", 0, self.optimizers)
@@ -139,8 +151,10 @@ class JaxSide:
 
         n, d, h, w, _ = image.shape
         batch = {
-            "image": jnp.asarray(image), "label": jnp.asarray(labels),
-            "valid": jnp.ones((n, d, h, w), bool), "modality_mask": jnp.ones((n, 1, 4), bool),
+            "image": jnp.asarray(image),
+            "label": jnp.asarray(labels),
+            "valid": jnp.ones((n, d, h, w), bool),
+            "modality_mask": jnp.ones((n, 1, 4), bool),
         }
         step = jax.jit(make_train_step(self.method, "train", self.graphdefs, self.optimizers), donate_argnums=0)
         holder = {"state": jax.tree.map(jnp.copy, self.state)}  # the step donates its state: keep ours intact
@@ -183,6 +197,7 @@ def _flops(compiled) -> float | None:
 
 
 # --- PyTorch side ----------------------------------------------------------------
+
 
 class TorchSide:
     """The PyTorch reference with the JAX side's weights; eager, or compiled with torch.compile."""
@@ -271,7 +286,7 @@ class TorchSide:
                     total = torch.zeros((3,) + shape, device=self.device)
                     norm = torch.zeros(shape, device=self.device)
                     for i in range(0, len(starts), window_batch):
-                        group = starts[i:i + window_batch]
+                        group = starts[i : i + window_batch]
                         boxes = [tuple(slice(int(s), int(s) + window) for s in corner) for corner in group]
                         patches = torch.stack([seen[(slice(None),) + box] for box in boxes])
                         probs = torch.sigmoid(self.run(patches)["logits"].float())
@@ -288,6 +303,7 @@ class TorchSide:
 
 
 # --- the runs -------------------------------------------------------------------------
+
 
 def _inputs(shape, batch: int | None, seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -336,7 +352,9 @@ def run(args) -> dict:
         try:
             import torch  # noqa: F401
         except ImportError:
-            raise JaxbratsError("--vs torch needs PyTorch: pip install torch==2.13.0, then pip install 'jaxbrats[torch]'")
+            raise JaxbratsError(
+                "--vs torch needs PyTorch: pip install torch==2.13.0, then pip install 'jaxbrats[torch]'"
+            )
     result = {"device": machine(), "date": time.strftime("%Y-%m-%d"), "command": args.command_line, "runs": []}
     print(json.dumps(result["device"]))
     peak = _peak(args.dtype, args.peak_tflops)
@@ -345,8 +363,9 @@ def run(args) -> dict:
         times, errors = alternating_medians({"jax": jax_call, **torch_calls}, args.repeats, args.warmup)
         if "jax" in errors:
             raise JaxbratsError(f"the JAX {what} failed: {errors['jax']}")
-        rows = [_row(what, size, batch, args.dtype, times, flops, peak, kind, errors.get(kind)) for kind in torch_calls] or [
-            _row(what, size, batch, args.dtype, times, flops, peak)]
+        rows = [
+            _row(what, size, batch, args.dtype, times, flops, peak, kind, errors.get(kind)) for kind in torch_calls
+        ] or [_row(what, size, batch, args.dtype, times, flops, peak)]
         for row in rows:
             row.update(extra)
             result["runs"].append(row)
@@ -361,7 +380,14 @@ def run(args) -> dict:
             image, labels = _inputs((size,) * 3, batch)
             if "train" in args.what:
                 call, flops = jax_side.train_step(image, labels)
-                record("train_step", (size,) * 3, batch, call, flops, {k: s.train_step(image, labels) for k, s in sides.items()})
+                record(
+                    "train_step",
+                    (size,) * 3,
+                    batch,
+                    call,
+                    flops,
+                    {k: s.train_step(image, labels) for k, s in sides.items()},
+                )
             if "forward" in args.what:
                 call, flops = jax_side.forward(image)
                 record("forward", (size,) * 3, batch, call, flops, {k: s.forward(image) for k, s in sides.items()})
@@ -370,8 +396,10 @@ def run(args) -> dict:
         sides = _torch_sides(jax_side, args.dtype, args.vs_torch, not args.no_compile)
         image, labels = _inputs(args.eval_shape, None, seed=1)
         call, flops = jax_side.evaluation(image, labels)
-        torch_calls = {k: s.evaluation(image, labels, args.eval_window, jax_side.config.eval.overlap, args.window_batch)
-                       for k, s in sides.items()}
+        torch_calls = {
+            k: s.evaluation(image, labels, args.eval_window, jax_side.config.eval.overlap, args.window_batch)
+            for k, s in sides.items()
+        }
         record("eval_15_subsets", args.eval_shape, 1, call, flops, torch_calls, window=[args.eval_window] * 3)
     print()
     print(markdown_table(result))
@@ -382,15 +410,19 @@ def run(args) -> dict:
 
 def markdown_table(result: dict) -> str:
     """The runs as a Markdown table (times in ms), for BENCHMARKS.md and papers' supplements."""
-    lines = ["| what | size | batch | dtype | JAX ms | PyTorch | PyTorch ms | torch / jax | JAX TFLOP/s |",
-             "|---|---|---|---|---:|---|---:|---:|---:|"]
+    lines = [
+        "| what | size | batch | dtype | JAX ms | PyTorch | PyTorch ms | torch / jax | JAX TFLOP/s |",
+        "|---|---|---|---|---:|---|---:|---:|---:|",
+    ]
     for row in result["runs"]:
         size = "x".join(map(str, row["size"])) + (f" (window {row['window'][0]}^3)" if "window" in row else "")
         torch_ms = f"{row['torch_s'] * 1e3:.1f}" if "torch_s" in row else ("failed" if "torch_error" in row else "")
         ratio = f"{row['ratio_torch_over_jax']:.2f}" if "torch_s" in row else ""
         tflops = f"{row['jax_tflops']:.3f}" if "jax_tflops" in row else ""
-        lines.append(f"| {row['what']} | {size} | {row['batch']} | {row['dtype']} | {row['jax_s'] * 1e3:.1f} | "
-                     f"{row.get('torch', '')} | {torch_ms} | {ratio} | {tflops} |")
+        lines.append(
+            f"| {row['what']} | {size} | {row['batch']} | {row['dtype']} | {row['jax_s'] * 1e3:.1f} | "
+            f"{row.get('torch', '')} | {torch_ms} | {ratio} | {tflops} |"
+        )
     return "\n".join(lines)
 
 
@@ -413,17 +445,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vs", choices=["torch"], help="also time the PyTorch reference (eager and torch.compile)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     parser.add_argument("--what", nargs="+", choices=["train", "forward", "eval"], default=["train", "forward", "eval"])
-    parser.add_argument("--eval-shape", type=int, nargs=3, default=[240, 240, 155],
-                        help="case shape of the 15-subset evaluation (default: a full BraTS volume)")
+    parser.add_argument(
+        "--eval-shape",
+        type=int,
+        nargs=3,
+        default=[240, 240, 155],
+        help="case shape of the 15-subset evaluation (default: a full BraTS volume)",
+    )
     parser.add_argument("--eval-window", type=int, default=128)
     parser.add_argument("--window-batch", type=int, default=1, help="windows per forward pass in the evaluation")
     parser.add_argument("--conv-impl", choices=["auto", "native", "depth2d"], default="auto")
     parser.add_argument("--remat", action="store_true", help="activation checkpointing of each residual block (JAX)")
-    parser.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64, 128], help="U-Net widths (default: the paper's)")
+    parser.add_argument(
+        "--widths", type=int, nargs="+", default=[16, 32, 64, 128], help="U-Net widths (default: the paper's)"
+    )
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 2, 4], help="residual blocks per level")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--peak-tflops", type=float, help="device peak for the MFU column, when not in the built-in table")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="device peak for the MFU column, when not in the built-in table"
+    )
     parser.add_argument("--json", help="write the results here")
 
 

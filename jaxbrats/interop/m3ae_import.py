@@ -72,15 +72,15 @@ from flax import nnx
 from nibabel import orientations as ornt
 
 from jaxbrats import engine
-from jaxbrats.runtime.checkpoints import checkpoint_manager, save
 from jaxbrats.config import save_config, to_dict
+from jaxbrats.engine.workdir import IMPORT_RECORD, write_data_record
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.files import mkdtemp
 from jaxbrats.labels import REGIONS
 from jaxbrats.methods import config_from_data
 from jaxbrats.methods.m3ae import M3AE
 from jaxbrats.modalities import MODALITIES
-from jaxbrats.engine.workdir import IMPORT_RECORD, write_data_record
+from jaxbrats.runtime.checkpoints import checkpoint_manager, save
 
 STAGE = "finetune"
 PREFIX = "module."  # nn.DataParallel's, in every key the public scripts save
@@ -93,27 +93,69 @@ PUBLIC_CODE = "github.com/ccarliu/m3ae at fdb280034b7c52f3942efc6b11568e25ae2c5c
 
 # --- the run's settings --------------------------------------------------------------------
 
+
 def run_config(substitute_shape) -> dict:
     """An M3AE run's config with the public code's settings (where they differ from the paper,
     the code's: nearest upsampling, the deep-supervision consistency, independent views), and
     its evaluation: 128^3 windows, overlap 0.5, equal window weights (MONAI's "constant"),
     threshold 0.5, HD95 0 when a region is empty in either map."""
     return {
-        "method": {"name": "m3ae", "mask_ratio": 0.875, "patch_size": 16, "fill": "x_sub",
-                   "substitute_shape": list(substitute_shape), "substitute_frame": "template",
-                   "substitute_penalty": "centered_norm", "substitute_weight": 0.005, "consistency_weight": 0.1,
-                   "consistency_feature": "deep_quarter", "distinct_views": False, "seg_balance": "code"},
-        "model": {"widths": [16, 32, 64, 128], "blocks": [1, 2, 2, 4], "groups": 8, "upsample": "nearest",
-                  "dtype": "float32"},
-        "data": {"crop_size": [128, 128, 128], "batch_size": 2, "foreground_oversample": 0.0, "flip_probability": 0.5,
-                 "intensity_scale": 0.1, "intensity_shift": 0.1},
-        "stages": {
-            "pretrain": {"epochs": 600, "optimizers": {"model": {
-                "name": "adam", "lr": 3e-4, "weight_decay": 0.0, "schedule": "cosine", "model_lr": {"x_sub": 5e-3}}}},
-            STAGE: {"epochs": 300, "batch_size": 1, "optimizers": {"model": {
-                "name": "adam", "lr": 3e-4, "weight_decay": 1e-4, "schedule": "cosine"}}},
+        "method": {
+            "name": "m3ae",
+            "mask_ratio": 0.875,
+            "patch_size": 16,
+            "fill": "x_sub",
+            "substitute_shape": list(substitute_shape),
+            "substitute_frame": "template",
+            "substitute_penalty": "centered_norm",
+            "substitute_weight": 0.005,
+            "consistency_weight": 0.1,
+            "consistency_feature": "deep_quarter",
+            "distinct_views": False,
+            "seg_balance": "code",
         },
-        "eval": {"window": [128, 128, 128], "overlap": 0.5, "blend": "uniform", "average": "logits", "threshold": 0.5, "hd95_empty": "zero"},
+        "model": {
+            "widths": [16, 32, 64, 128],
+            "blocks": [1, 2, 2, 4],
+            "groups": 8,
+            "upsample": "nearest",
+            "dtype": "float32",
+        },
+        "data": {
+            "crop_size": [128, 128, 128],
+            "batch_size": 2,
+            "foreground_oversample": 0.0,
+            "flip_probability": 0.5,
+            "intensity_scale": 0.1,
+            "intensity_shift": 0.1,
+        },
+        "stages": {
+            "pretrain": {
+                "epochs": 600,
+                "optimizers": {
+                    "model": {
+                        "name": "adam",
+                        "lr": 3e-4,
+                        "weight_decay": 0.0,
+                        "schedule": "cosine",
+                        "model_lr": {"x_sub": 5e-3},
+                    }
+                },
+            },
+            STAGE: {
+                "epochs": 300,
+                "batch_size": 1,
+                "optimizers": {"model": {"name": "adam", "lr": 3e-4, "weight_decay": 1e-4, "schedule": "cosine"}},
+            },
+        },
+        "eval": {
+            "window": [128, 128, 128],
+            "overlap": 0.5,
+            "blend": "uniform",
+            "average": "logits",
+            "threshold": 0.5,
+            "hd95_empty": "zero",
+        },
     }
 
 
@@ -127,6 +169,7 @@ def orientation(axcodes) -> np.ndarray:
 
 
 # --- reading the checkpoint ----------------------------------------------------------------
+
 
 def _first_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -160,9 +203,11 @@ def load_checkpoint(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):  # a real pickle naming a class weights_only does not allow
-            raise JaxbratsError(f"{path}: holds more than tensors, torch.load(weights_only=True) refuses it "
-                                f"({_first_line(e)}); if you trust the file, re-save its state dict alone: "
-                                f"torch.save(torch.load(f, weights_only=False)['state_dict'], 'm3ae.pth')") from None
+            raise JaxbratsError(
+                f"{path}: holds more than tensors, torch.load(weights_only=True) refuses it "
+                f"({_first_line(e)}); if you trust the file, re-save its state dict alone: "
+                f"torch.save(torch.load(f, weights_only=False)['state_dict'], 'm3ae.pth')"
+            ) from None
         raise JaxbratsError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
     except Exception as e:  # noqa: BLE001  zip, pickle and EOF errors all mean "not a torch file"
         raise JaxbratsError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
@@ -184,7 +229,7 @@ def state_dict_of(loaded, path: Path) -> tuple[dict, str, object]:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise JaxbratsError(f"{path}: key {key!r} holds a {type(value).__name__}, not a tensor")
-        out[str(key)[len(prefix):]] = value
+        out[str(key)[len(prefix) :]] = value
     return out, prefix, epoch
 
 
@@ -202,19 +247,24 @@ def check_keys(state: dict, prefix: str, path: Path) -> tuple[tuple[int, int, in
     channels = len(public().PUBLIC_MODALITIES)
     limage = state.get("limage")
     if limage is None:
-        raise JaxbratsError(f"{path}: key {prefix}limage (the substitute image x_sub) is missing: "
-                            f"not a checkpoint of M3AE's Unet_missing")
+        raise JaxbratsError(
+            f"{path}: key {prefix}limage (the substitute image x_sub) is missing: "
+            f"not a checkpoint of M3AE's Unet_missing"
+        )
     if limage.ndim != 5 or tuple(limage.shape[:2]) != (1, channels):
         raise JaxbratsError(f"{path}: key {prefix}limage has shape {tuple(limage.shape)}, M3AE's is (1, 4, Z, Y, X)")
     deep = [k for k in DEEP_KEYS if k in state]
     if deep and len(deep) < len(DEEP_KEYS):
         missing = next(k for k in DEEP_KEYS if k not in state)
-        raise JaxbratsError(f"{path}: key {prefix}{missing} is missing "
-                            f"(the checkpoint has only part of the deep-supervision heads)")
+        raise JaxbratsError(
+            f"{path}: key {prefix}{missing} is missing (the checkpoint has only part of the deep-supervision heads)"
+        )
     head = state.get("unet.up1conv.weight")
     if head is not None and head.ndim and head.shape[0] == channels:
-        raise JaxbratsError(f"{path}: key {prefix}unet.up1conv.weight has shape {tuple(head.shape)}: a pretraining "
-                            f"checkpoint (4 reconstruction outputs); import the fine-tuned one (3 region outputs)")
+        raise JaxbratsError(
+            f"{path}: key {prefix}unet.up1conv.weight has shape {tuple(head.shape)}: a pretraining "
+            f"checkpoint (4 reconstruction outputs); import the fine-tuned one (3 region outputs)"
+        )
     volume = tuple(int(s) for s in limage.shape[2:])
     want = expected_shapes(volume, bool(deep))
     for key in sorted(want):
@@ -222,8 +272,9 @@ def check_keys(state: dict, prefix: str, path: Path) -> tuple[tuple[int, int, in
             raise JaxbratsError(f"{path}: key {prefix}{key} is missing: not a checkpoint of M3AE's fine-tuned network")
     for key in sorted(state):
         if key not in want:
-            raise JaxbratsError(f"{path}: key {prefix}{key} is not part of M3AE's fine-tuned network "
-                                f"(16-channel U-Net + limage)")
+            raise JaxbratsError(
+                f"{path}: key {prefix}{key} is not part of M3AE's fine-tuned network (16-channel U-Net + limage)"
+            )
         have = tuple(state[key].shape)
         if have != want[key]:
             raise JaxbratsError(f"{path}: key {prefix}{key} has shape {have}, M3AE's network has {want[key]}")
@@ -231,6 +282,7 @@ def check_keys(state: dict, prefix: str, path: Path) -> tuple[tuple[int, int, in
 
 
 # --- conversion ----------------------------------------------------------------------------
+
 
 def public_key(model: str, path: tuple) -> str:
     """The public state-dict key (no prefix) of a jaxbrats variable of the finetune stage's models."""
@@ -245,8 +297,12 @@ def public_key(model: str, path: tuple) -> str:
     elif kind == "levels":
         name, rest = names.ENCODER_BLOCKS[int(rest[0])][int(rest[1])], rest[2:]
     else:
-        table = {"downs": names.DOWNSAMPLINGS, "reduce": names.DECODER_REDUCE, "blocks": names.DECODER_BLOCKS,
-                 "ds_heads": names.DEEP_HEADS}[kind]
+        table = {
+            "downs": names.DOWNSAMPLINGS,
+            "reduce": names.DECODER_REDUCE,
+            "blocks": names.DECODER_BLOCKS,
+            "ds_heads": names.DEEP_HEADS,
+        }[kind]
         name, rest = table[int(rest[0])], rest[1:]
     leaf = {"kernel": "weight", "bias": "bias", "scale": "weight"}[rest[-1]]
     if rest[0].startswith("norm"):  # normK.norm.{scale,bias} -> gnK.{weight,bias}
@@ -310,6 +366,7 @@ def parameter_count(models: dict, name: str) -> int:
 
 # --- the run directory ---------------------------------------------------------------------
 
+
 def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         what = "is not empty" if out_dir.is_dir() else "is not a folder"
@@ -353,8 +410,9 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def import_m3ae(checkpoint, out_dir, *, source_axcodes=BRATS_AXCODES, margin: int = 1,
-                splits: Mapping | None = None) -> dict:
+def import_m3ae(
+    checkpoint, out_dir, *, source_axcodes=BRATS_AXCODES, margin: int = 1, splits: Mapping | None = None
+) -> dict:
     """Write a jaxbrats M3AE run in `out_dir` from the official fine-tuned checkpoint; returns a summary.
 
     `source_axcodes`: the voxel axes of the NIfTI files the checkpoint was trained on (BraTS: L, P,
@@ -374,14 +432,20 @@ def import_m3ae(checkpoint, out_dir, *, source_axcodes=BRATS_AXCODES, margin: in
     models = jax_models(method, state, transform, checkpoint)
     preprocessing = {"normalization": "percentile", "margin": int(margin)}
     summary = {
-        "checkpoint": str(checkpoint.absolute()), "sha256": sha256(checkpoint),
+        "checkpoint": str(checkpoint.absolute()),
+        "sha256": sha256(checkpoint),
         "epoch": epoch if epoch is None or isinstance(epoch, (int, float)) else str(epoch),
-        "stage": STAGE, "unet_parameters": parameter_count(models, "unet"),
-        "x_sub_shape": [*substitute_shape, len(MODALITIES)], "x_sub_public_shape": [1, len(MODALITIES), *volume],
-        "frame": "template", "source_axcodes": "".join(c.upper() for c in source_axcodes),
+        "stage": STAGE,
+        "unet_parameters": parameter_count(models, "unet"),
+        "x_sub_shape": [*substitute_shape, len(MODALITIES)],
+        "x_sub_public_shape": [1, len(MODALITIES), *volume],
+        "frame": "template",
+        "source_axcodes": "".join(c.upper() for c in source_axcodes),
         "deep_supervision_heads": "imported" if deep else "zeros (absent from the checkpoint; used in training only)",
-        "preprocessing": preprocessing, "public_code": PUBLIC_CODE,
-        "workdir": str(out_dir.absolute()), "config": str((out_dir / "config.json").absolute()),
+        "preprocessing": preprocessing,
+        "public_code": PUBLIC_CODE,
+        "workdir": str(out_dir.absolute()),
+        "config": str((out_dir / "config.json").absolute()),
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     folder = mkdtemp(prefix=f".{out_dir.name}.import-", dir=out_dir.parent)

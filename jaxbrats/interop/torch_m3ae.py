@@ -48,8 +48,12 @@ PUBLIC_REGIONS: tuple[str, ...] = ("ET", "TC", "WT")
 #: x_sub's spatial shape in the public code: a whole BraTS volume as (z, y, x).
 PUBLIC_VOLUME: tuple[int, int, int] = (155, 240, 240)
 #: Residual blocks per encoder level, by public name (the decoder has one per level).
-ENCODER_BLOCKS: tuple[tuple[str, ...], ...] = (("conv1b",), ("conv2a", "conv2b"), ("conv3a", "conv3b"),
-                                               ("conv4a", "conv4b", "conv4c", "conv4d"))
+ENCODER_BLOCKS: tuple[tuple[str, ...], ...] = (
+    ("conv1b",),
+    ("conv2a", "conv2b"),
+    ("conv3a", "conv3b"),
+    ("conv4a", "conv4b", "conv4c", "conv4d"),
+)
 DOWNSAMPLINGS: tuple[str, ...] = ("ds1", "ds2", "ds3")
 DECODER_REDUCE: tuple[str, ...] = ("up4conva", "up3conva", "up2conva")  # coarse to fine
 DECODER_BLOCKS: tuple[str, ...] = ("up4convb", "up3convb", "up2convb")
@@ -75,8 +79,13 @@ class BasicBlock(nn.Module):
 class SegmentationUNet(nn.Module):
     """The public ``UNet3D_g`` as fine-tuning builds it (the ``unet.`` part of the checkpoint)."""
 
-    def __init__(self, in_channels: int = 4, out_channels: int = 3, init_channels: int = INIT_CHANNELS,
-                 deep_supervised: bool = False):
+    def __init__(
+        self,
+        in_channels: int = 4,
+        out_channels: int = 3,
+        init_channels: int = INIT_CHANNELS,
+        deep_supervised: bool = False,
+    ):
         super().__init__()
         widths = [init_channels * f for f in (1, 2, 4, 8)]
         self.conv1a = nn.Conv3d(in_channels, widths[0], 3, padding=1)
@@ -110,8 +119,10 @@ class SegmentationUNet(nn.Module):
         logits = self.up1conv(x)
         if not (self.deep_supervised and self.training):
             return logits
-        deep = [F.interpolate(head(feature), scale_factor=factor, mode="trilinear", align_corners=True)
-                for head, feature, factor in zip(self.ds_out, decoded[:2], (4, 2))]
+        deep = [
+            F.interpolate(head(feature), scale_factor=factor, mode="trilinear", align_corners=True)
+            for head, feature, factor in zip(self.ds_out, decoded[:2], (4, 2))
+        ]
         return [*deep, logits]
 
 
@@ -127,7 +138,7 @@ class M3AENet(nn.Module):
         """`x` (1, 4, d, h, w) with the channels `missing` (public channel indices) replaced by
         limage at `start` (z, y, x): fine-tuning's training frame, the uncropped volume's voxels."""
         z, y, w = start
-        window = self.limage[:, :, z:z + x.shape[2], y:y + x.shape[3], w:w + x.shape[4]].to(x.dtype)
+        window = self.limage[:, :, z : z + x.shape[2], y : y + x.shape[3], w : w + x.shape[4]].to(x.dtype)
         keep = torch.ones(len(PUBLIC_MODALITIES), dtype=x.dtype, device=x.device)
         keep[list(missing)] = 0
         keep = keep.view(1, -1, 1, 1, 1)

@@ -71,7 +71,9 @@ class Decoder(nn.Module):
         self.reduce = nn.ModuleList([_conv(w[i], w[i - 1], 1) for i in levels])
         self.blocks = nn.ModuleList([ResBlock(w[i - 1], cfg.groups) for i in levels])
         self.head = _conv(w[0], cfg.out_channels, 1)
-        self.ds_heads = nn.ModuleList([_conv(w[i], cfg.out_channels, 1) for i in (2, 1)]) if cfg.deep_supervision else None
+        self.ds_heads = (
+            nn.ModuleList([_conv(w[i], cfg.out_channels, 1) for i in (2, 1)]) if cfg.deep_supervision else None
+        )
         self.mode = cfg.upsample
 
     def forward(self, features):
@@ -106,6 +108,7 @@ class TorchUNet(nn.Module):
 
 
 # --- weight conversion -------------------------------------------------------
+
 
 def _torch_name(jax_path: tuple) -> str:
     parts = [str(p) for p in jax_path]

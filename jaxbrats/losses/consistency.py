@@ -152,8 +152,16 @@ def _per_leading(values):
     return jnp.mean(values, axis=_PER_SAMPLE)
 
 
-def acct_loss(features, target, window: int = 4, stride: int | None = None, pooled: bool = False,
-              eps: float = EPS, normalise: bool = True, stop_target: bool = True):
+def acct_loss(
+    features,
+    target,
+    window: int = 4,
+    stride: int | None = None,
+    pooled: bool = False,
+    eps: float = EPS,
+    normalise: bool = True,
+    stop_target: bool = True,
+):
     """ACCT's {"var": L_var (eq. 1), "covar": L_covar (eq. 3)}, each of shape features.shape[:-5].
 
     `target` (f_Aux) is the fixed label (gradient stopped; `stop_target =

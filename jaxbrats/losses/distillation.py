@@ -117,6 +117,7 @@ class KDConstants:
 
 # --- shared helpers ----------------------------------------------------------------------
 
+
 def sigmoid_rampup(current, length):
     """ACN's / SMU-Net's consistency ramp (Laine & Aila): exp(-5 (1 - t)^2), t = clip(current / length, 0, 1).
 
@@ -179,6 +180,7 @@ def style_features(output):
 
 # --- output-level KL (KD-Net, ProtoKD) ---------------------------------------------------
 
+
 def softened_kl(teacher_logits, student_logits, valid, temperature, reduction: str = "voxel", t_squared: bool = False):
     """KL(softmax(t/T) || softmax(s/T)) per voxel (summed over the last axis), averaged over the valid voxels.
 
@@ -224,13 +226,15 @@ def kdnet_loss(teacher, student, valid, constants: KDConstants):
     """KD-Net: the softened-output KL plus the bottleneck KL; returns (unweighted) parts."""
     c = constants
     return {
-        "kl_output": softened_kl(teacher["logits"], student["logits"], valid, c.kdnet_temperature,
-                                 t_squared=c.kdnet_t_squared),
+        "kl_output": softened_kl(
+            teacher["logits"], student["logits"], valid, c.kdnet_temperature, t_squared=c.kdnet_t_squared
+        ),
         "kl_latent": latent_kl(teacher["encoder"][-1], student["encoder"][-1], valid, c.kdnet_latent_temperature),
     }
 
 
 # --- PMKL -------------------------------------------------------------------------------
+
 
 def pmkl_voxel_weights(teacher_logits, student_logits, labels, valid):
     """PMKL's KD weight per voxel (main.py kd_mask): relu(CE_s - CE_t) * [argmax teacher = label], gradient-stopped.
@@ -318,14 +322,15 @@ def embedding_of(output, valid):
 def pmkl_loss(teacher, student, labels, valid, constants: KDConstants):
     c = constants
     return {
-        "kd_ce": pmkl_kd_loss(teacher["logits"], student["logits"], labels, valid, c.pmkl_temperature,
-                              c.pmkl_prob_floor),
-        "contrastive": pmkl_contrastive_loss(embedding_of(teacher, valid), embedding_of(student, valid),
-                                             c.pmkl_margin),
+        "kd_ce": pmkl_kd_loss(
+            teacher["logits"], student["logits"], labels, valid, c.pmkl_temperature, c.pmkl_prob_floor
+        ),
+        "contrastive": pmkl_contrastive_loss(embedding_of(teacher, valid), embedding_of(student, valid), c.pmkl_margin),
     }
 
 
 # --- ProtoKD ----------------------------------------------------------------------------
+
 
 def prototype_maps(features, labels, valid, num_classes: int = NUM_LABELS, eps: float = 1e-5):
     """One network's prototype similarity maps (loss.py prototype_loss); returns maps (N, D, H, W, K), counts (N, K).
@@ -355,8 +360,7 @@ def classes_in_every_sample(counts):
     return jnp.all(counts > 0, axis=0)
 
 
-def prototype_loss(teacher_features, student_features, labels, valid, num_classes: int = NUM_LABELS,
-                   eps: float = 1e-5):
+def prototype_loss(teacher_features, student_features, labels, valid, num_classes: int = NUM_LABELS, eps: float = 1e-5):
     """ProtoKD's prototype term: mean (map_s - map_t)^2 over the counted classes and the valid voxels.
 
     Each network's map uses ITS OWN prototypes (loss.py: proto_s from the
@@ -379,14 +383,15 @@ def prototype_loss(teacher_features, student_features, labels, valid, num_classe
 def protokd_loss(teacher, student, labels, valid, constants: KDConstants):
     c = constants
     return {
-        "kl_output": softened_kl(teacher["logits"], student["logits"], valid, c.protokd_temperature,
-                                 reduction="element"),
-        "prototype": prototype_loss(teacher["decoder"][-1], student["decoder"][-1], labels, valid,
-                                    eps=c.protokd_eps),
+        "kl_output": softened_kl(
+            teacher["logits"], student["logits"], valid, c.protokd_temperature, reduction="element"
+        ),
+        "prototype": prototype_loss(teacher["decoder"][-1], student["decoder"][-1], labels, valid, eps=c.protokd_eps),
     }
 
 
 # --- SMU-Net ----------------------------------------------------------------------------
+
 
 def content_loss(teacher_features, student_features, valid):
     """SMU-Net's content term: the mean squared difference (F.mse_loss, mean), over counted coarse voxels x channels."""
@@ -460,12 +465,14 @@ def smunet_loss(teacher, student, valid, constants: KDConstants):
     return {
         "content_mse": content_loss(teacher["encoder"][-1], student["encoder"][-1], valid),
         "style_gram": style_loss(style_features(teacher), style_features(student), valid, c.smunet_batch_gram),
-        "consistency_mse": consistency_loss(teacher["logits"], student["logits"], valid,
-                                            c.smunet_consistency_background),
+        "consistency_mse": consistency_loss(
+            teacher["logits"], student["logits"], valid, c.smunet_consistency_background
+        ),
     }
 
 
 # --- a teacher of the other output convention -----------------------------------------
+
 
 def label_logits_from_region_logits(region_logits):
     """Log-probabilities of the 4 internal labels (usable as softmax logits) from a region network's
@@ -489,6 +496,7 @@ def label_logits_from_region_logits(region_logits):
 
 # --- dispatcher -------------------------------------------------------------------------
 
+
 def part_weights(kind: str, constants: KDConstants = KDConstants(), ramp=1.0) -> dict:
     """The weight of each part of `kind`'s loss: total = sum(weight * part). `ramp` scales SMU-Net's consistency."""
     c = constants
@@ -499,8 +507,11 @@ def part_weights(kind: str, constants: KDConstants = KDConstants(), ramp=1.0) ->
         "kdnet": {"kl_output": c.kdnet_output_weight, "kl_latent": c.kdnet_latent_weight},
         "pmkl": {"kd_ce": c.pmkl_kd_weight, "contrastive": c.pmkl_contrastive_weight},
         "protokd": {"kl_output": c.protokd_kd_weight, "prototype": c.protokd_proto_weight},
-        "smunet": {"content_mse": c.smunet_content_weight, "style_gram": c.smunet_style_weight,
-                   "consistency_mse": c.smunet_consistency_weight * jnp.asarray(ramp, jnp.float32)},
+        "smunet": {
+            "content_mse": c.smunet_content_weight,
+            "style_gram": c.smunet_style_weight,
+            "consistency_mse": c.smunet_consistency_weight * jnp.asarray(ramp, jnp.float32),
+        },
     }[kind]
 
 

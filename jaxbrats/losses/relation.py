@@ -63,7 +63,8 @@ def resize_to_features(regions, shape):
     for size, target in zip(spatial, shape):
         if target > size or size % target:
             raise ValueError(
-                f"cannot sample a {spatial} map onto features of {shape}: each factor must be an integer >= 1")
+                f"cannot sample a {spatial} map onto features of {shape}: each factor must be an integer >= 1"
+            )
         strides.append(size // target)
     return regions[:, :: strides[0], :: strides[1], :: strides[2]]
 
@@ -176,7 +177,8 @@ def car_loss(teacher_features, student_features, theta, phi, axis: str = "keys")
     """
     if teacher_features.shape != student_features.shape:
         raise ValueError(
-            f"teacher features {teacher_features.shape} and student features {student_features.shape} differ")
+            f"teacher features {teacher_features.shape} and student features {student_features.shape} differ"
+        )
     teacher = car_matrix(jax.lax.stop_gradient(teacher_features), theta, phi, axis)
     student = car_matrix(student_features, theta, phi, axis)
     channels, positions = student_features.shape[-1], math.prod(student_features.shape[1:4])

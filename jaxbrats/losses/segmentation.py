@@ -36,20 +36,31 @@ SMOOTH = 1e-5
 DICE_CHANNELS = ("mean", "sum")
 
 
-def soft_dice_loss(probs, targets, valid, smooth: float = SMOOTH, batch_dice: bool = False, channels: str = "mean",
-                   squared: bool = False):
+def soft_dice_loss(
+    probs,
+    targets,
+    valid,
+    smooth: float = SMOOTH,
+    batch_dice: bool = False,
+    channels: str = "mean",
+    squared: bool = False,
+):
     """Soft Dice loss, mean over samples, mean or sum over channels; probs and targets (N, ..., C).
     `squared`: V-Net's denominator sum(p^2) + sum(g^2) instead of sum(p) + sum(g)."""
     w = valid[..., None].astype(probs.dtype)
     axes = tuple(range(0 if batch_dice else 1, probs.ndim - 1))
     intersection = jnp.sum(probs * targets * w, axis=axes)
     power = 2 if squared else 1
-    total = jnp.sum(probs ** power * w, axis=axes) + jnp.sum(targets ** power * w, axis=axes)
-    per_channel = jnp.mean(jnp.reshape(1.0 - (2.0 * intersection + smooth) / (total + smooth), (-1, probs.shape[-1])), axis=0)
+    total = jnp.sum(probs**power * w, axis=axes) + jnp.sum(targets**power * w, axis=axes)
+    per_channel = jnp.mean(
+        jnp.reshape(1.0 - (2.0 * intersection + smooth) / (total + smooth), (-1, probs.shape[-1])), axis=0
+    )
     return jnp.sum(per_channel) if channels == "sum" else jnp.mean(per_channel)
 
 
-def squared_soft_dice_loss(probs, targets, valid, smooth: float = 1.0, batch_dice: bool = False, channels: str = "mean"):
+def squared_soft_dice_loss(
+    probs, targets, valid, smooth: float = 1.0, batch_dice: bool = False, channels: str = "mean"
+):
     """`soft_dice_loss` with V-Net's squared denominator, 1 - (2 sum(p g) + smooth) / (sum(p^2) + sum(g^2) + smooth);
     default smooth 1 (the public M3AE code's)."""
     return soft_dice_loss(probs, targets, valid, smooth, batch_dice, channels, squared=True)
@@ -60,21 +71,45 @@ def _masked_mean(values, valid):
     return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def region_loss(logits, labels, valid, dice_weight: float = 1.0, bce_weight: float = 1.0, batch_dice: bool = False,
-                dice_channels: str = "mean", squared_dice: bool = False, smooth: float = SMOOTH):
+def region_loss(
+    logits,
+    labels,
+    valid,
+    dice_weight: float = 1.0,
+    bce_weight: float = 1.0,
+    batch_dice: bool = False,
+    dice_channels: str = "mean",
+    squared_dice: bool = False,
+    smooth: float = SMOOTH,
+):
     """Soft Dice + BCE on sigmoid region outputs; logits (N, D, H, W, 3), labels internal.
     `dice_channels`: the Dice of the three regions averaged ("mean") or summed ("sum");
     `squared_dice`: the squared denominator (`squared_soft_dice_loss`) instead of the linear one;
     `smooth`: the Dice's smoothing term (the public M3AE code's is 1)."""
     logits = logits.astype(jnp.float32)
     targets = regions_of(labels, xp=jnp).astype(jnp.float32)
-    dice = soft_dice_loss(jax.nn.sigmoid(logits), targets, valid, smooth=smooth, batch_dice=batch_dice, channels=dice_channels,
-                          squared=squared_dice)
+    dice = soft_dice_loss(
+        jax.nn.sigmoid(logits),
+        targets,
+        valid,
+        smooth=smooth,
+        batch_dice=batch_dice,
+        channels=dice_channels,
+        squared=squared_dice,
+    )
     bce = _masked_mean(optax.sigmoid_binary_cross_entropy(logits, targets).mean(axis=-1), valid)
     return dice_weight * dice + bce_weight * bce, {"dice_loss": dice, "bce": bce}
 
 
-def label_loss(logits, labels, valid, class_weights=None, dice_weight: float = 1.0, ce_weight: float = 1.0, batch_dice: bool = False):
+def label_loss(
+    logits,
+    labels,
+    valid,
+    class_weights=None,
+    dice_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    batch_dice: bool = False,
+):
     """Weighted CE + soft Dice (foreground labels) on softmax outputs; logits (N, D, H, W, 4)."""
     logits = logits.astype(jnp.float32)
     labels = labels.astype(jnp.int32)

@@ -85,12 +85,25 @@ from jaxbrats.errors import ConfigError, JaxbratsError
 from jaxbrats.labels import NUM_LABELS
 from jaxbrats.losses import label_loss
 from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
-from jaxbrats.losses.consistency import DISTILLATION_LOSSES, SYNTHESIS_NORMS, acct_loss, consistency_distillation, synthesis_loss
+from jaxbrats.losses.consistency import (
+    DISTILLATION_LOSSES,
+    SYNTHESIS_NORMS,
+    acct_loss,
+    consistency_distillation,
+    synthesis_loss,
+)
 from jaxbrats.losses.segmentation import rfnet_loss
 from jaxbrats.methods.base import Method, Update
 from jaxbrats.modalities import MODALITIES
 from jaxbrats.networks import family
-from jaxbrats.networks.acdis import COMPLETION_CONVS, HEAD_CHANNELS, FeatureCompletion, FusionDecoder, MonoEncoder, afeb_width_problem
+from jaxbrats.networks.acdis import (
+    COMPLETION_CONVS,
+    HEAD_CHANNELS,
+    FeatureCompletion,
+    FusionDecoder,
+    MonoEncoder,
+    afeb_width_problem,
+)
 from jaxbrats.networks.discriminator import Discriminator, DiscriminatorConfig
 from jaxbrats.networks.factory import probabilities, unet_config
 from jaxbrats.networks.latent_encoder import modality_stack
@@ -137,14 +150,18 @@ class ACDISOptions:
         check_range(f"{where}.acct_window", self.acct_window, 2)
         check_range(f"{where}.acct_stride", self.acct_stride, 0)
         if self.acct_stride > self.acct_window:
-            raise ConfigError(f"{where}.acct_stride must be 0 (the window) or at most {where}.acct_window "
-                              f"({self.acct_window}) so that every voxel is in a window, got {self.acct_stride}")
+            raise ConfigError(
+                f"{where}.acct_stride must be 0 (the window) or at most {where}.acct_window "
+                f"({self.acct_window}) so that every voxel is in a window, got {self.acct_stride}"
+            )
         check_choice(f"{where}.mfsb_conv", self.mfsb_conv, COMPLETION_CONVS)
         for name in self.synthesis:
             check_choice(f"{where}.synthesis", name, SYNTHESIS_LOSSES)
         if not self.mfsb and self.synthesis:
-            raise ConfigError(f"{where}.synthesis must be [] with {where}.mfsb = false (nothing is synthesised), "
-                              f"got {list(self.synthesis)}")
+            raise ConfigError(
+                f"{where}.synthesis must be [] with {where}.mfsb = false (nothing is synthesised), "
+                f"got {list(self.synthesis)}"
+            )
         check_choice(f"{where}.syn_norm", self.syn_norm, SYNTHESIS_NORMS)
         check_choice(f"{where}.term_reduce", self.term_reduce, TERM_REDUCTIONS)
         check_range(f"{where}.acct_start_epoch", self.acct_start_epoch, 0)
@@ -152,8 +169,10 @@ class ACDISOptions:
         check_range(f"{where}.iterations_per_epoch", self.iterations_per_epoch, 0)
         check_choice(f"{where}.seg_loss", self.seg_loss, SEG_LOSSES)
         if self.class_weights and (self.seg_loss != "label" or len(self.class_weights) != NUM_LABELS):
-            raise ConfigError(f"{where}.class_weights needs seg_loss = 'label' and {NUM_LABELS} values, "
-                              f"got {list(self.class_weights)}")
+            raise ConfigError(
+                f"{where}.class_weights needs seg_loss = 'label' and {NUM_LABELS} values, "
+                f"got {list(self.class_weights)}"
+            )
         check_entries(f"{where}.class_weights", self.class_weights, 0)
         check_range(f"{where}.adv_weight", self.adv_weight, 0)
         check_range(f"{where}.disc_width", self.disc_width, 1)
@@ -182,12 +201,16 @@ class ACDIS(Method):
         levels = len(widths)
         bad = [l for l in o.afeb_levels if not 0 <= l < levels]
         if bad:
-            raise ConfigError(f"method.afeb_levels: no encoder level {bad} (model.widths has {levels} levels: 0..{levels - 1})")
+            raise ConfigError(
+                f"method.afeb_levels: no encoder level {bad} (model.widths has {levels} levels: 0..{levels - 1})"
+            )
         for level in (o.afeb_levels or range(levels)) if o.afeb else ():
             problem = afeb_width_problem(widths[level])
             if problem:
-                raise ConfigError(f"model.widths: {problem} (level {level} of {list(widths)}; a multiple of "
-                                  f"{HEAD_CHANNELS} or a width under {2 * HEAD_CHANNELS}, for example, works there)")
+                raise ConfigError(
+                    f"model.widths: {problem} (level {level} of {list(widths)}; a multiple of "
+                    f"{HEAD_CHANNELS} or a width under {2 * HEAD_CHANNELS}, for example, works there)"
+                )
 
     @classmethod
     def stage_length(cls, config, stage: str, steps_per_epoch: int) -> int:
@@ -204,9 +227,11 @@ class ACDIS(Method):
 
     def start_step(self, epoch: int) -> int:
         if epoch and self.steps_per_epoch is None:
-            raise JaxbratsError("acdis: the schedule's start epochs need the steps per epoch (`setup(train_set)`, "
-                                "which `train` calls, or method.iterations_per_epoch); outside a run set "
-                                "method.acct_start_epoch and method.synthesis_start_epoch to 0")
+            raise JaxbratsError(
+                "acdis: the schedule's start epochs need the steps per epoch (`setup(train_set)`, "
+                "which `train` calls, or method.iterations_per_epoch); outside a run set "
+                "method.acct_start_epoch and method.synthesis_start_epoch to 0"
+            )
         return epoch * (self.steps_per_epoch or 0)
 
     # --- models ------------------------------------------------------------------------
@@ -219,16 +244,21 @@ class ACDIS(Method):
         mono_cfg = unet_config(self.config, NUM_LABELS, in_channels=1)
         cfg = unet_config(self.config, NUM_LABELS)
         models = {
-            "mono": family.stack(lambda r: MonoEncoder(mono_cfg, self.afeb_levels, o.afeb, r),
-                                 family.member_keys(roots[0], range(len(MODALITIES)))),
-            "completion": FeatureCompletion(cfg.widths, len(MODALITIES), o.mfsb, cfg, nnx.Rngs(roots[1]),
-                                            conv=o.mfsb_conv),
+            "mono": family.stack(
+                lambda r: MonoEncoder(mono_cfg, self.afeb_levels, o.afeb, r),
+                family.member_keys(roots[0], range(len(MODALITIES))),
+            ),
+            "completion": FeatureCompletion(
+                cfg.widths, len(MODALITIES), o.mfsb, cfg, nnx.Rngs(roots[1]), conv=o.mfsb_conv
+            ),
             "fuse_decoder": FusionDecoder(cfg, len(MODALITIES), nnx.Rngs(roots[2])),
             "aux_encoder": Encoder(cfg, nnx.Rngs(roots[3])),
             "aux_decoder": Decoder(cfg, nnx.Rngs(roots[4])),
         }
         if "adv" in o.synthesis:
-            disc = DiscriminatorConfig(in_channels=cfg.widths[-1], width=o.disc_width, dtype=cfg.dtype, conv_impl=cfg.conv_impl)
+            disc = DiscriminatorConfig(
+                in_channels=cfg.widths[-1], width=o.disc_width, dtype=cfg.dtype, conv_impl=cfg.conv_impl
+            )
             models["discriminator"] = Discriminator(disc, nnx.Rngs(roots[5]))
         return models
 
@@ -239,7 +269,9 @@ class ACDIS(Method):
         trainable = {name: nnx.Param for name in (*INFERENCE_MODELS, "aux_encoder", "aux_decoder")}
         updates = [Update(group="model", trainable=trainable, loss=self.loss)]
         if "adv" in self.options.synthesis:
-            updates.append(Update(group="discriminator", trainable={"discriminator": nnx.Param}, loss=self.discriminator_loss))
+            updates.append(
+                Update(group="discriminator", trainable={"discriminator": nnx.Param}, loss=self.discriminator_loss)
+            )
         return updates
 
     def known_groups(self, stage):
@@ -248,8 +280,9 @@ class ACDIS(Method):
     # --- training ------------------------------------------------------------------------
     def encode(self, models, image) -> dict:
         """Every modality through its encoder and AFEBs: {"raw", "enhanced"}: per level (M, N, ..., C)."""
-        return family.map_members(lambda encoder, x: encoder(x), models["mono"], modality_stack(image),
-                                  how=self.config.model.family_map)
+        return family.map_members(
+            lambda encoder, x: encoder(x), models["mono"], modality_stack(image), how=self.config.model.family_map
+        )
 
     def seg_loss(self, logits, labels, valid):
         if self.options.seg_loss == "rfnet":
@@ -275,8 +308,14 @@ class ACDIS(Method):
         scale = 1.0 if o.term_reduce == "sum" else 1.0 / (len(self.afeb_levels) * len(MODALITIES))
         total, parts = jnp.zeros((), jnp.float32), {}
         for level in self.afeb_levels:
-            loss, terms = consistency_distillation(o.distill, mono["enhanced"][level], aux[level], o.acct_window,
-                                                   o.acct_stride or o.acct_window, o.acct_pooled)
+            loss, terms = consistency_distillation(
+                o.distill,
+                mono["enhanced"][level],
+                aux[level],
+                o.acct_window,
+                o.acct_stride or o.acct_window,
+                o.acct_pooled,
+            )
             total = total + scale * jnp.sum(loss)
             for k, v in terms.items():
                 parts[k] = parts.get(k, 0.0) + scale * jnp.sum(v)
@@ -290,8 +329,9 @@ class ACDIS(Method):
         mono = self.encode(models, image)
         aux = models["aux_encoder"](image)
         # One MFSB pass: f_comp for L_seg, f_hat for the synthesis losses (`syn_grad_encoders`).
-        comp, synthesised = models["completion"](mono["enhanced"], mask, synthesise=synthesis_on,
-                                                 grad_to_features=o.syn_grad_encoders)
+        comp, synthesised = models["completion"](
+            mono["enhanced"], mask, synthesise=synthesis_on, grad_to_features=o.syn_grad_encoders
+        )
         parts = self.segmentation_terms(models, batch, mono, aux, comp)
         loss = parts["seg_mono"] + parts["seg_aux"] + parts["seg_fuse"]
         if o.distill != "none":

@@ -71,10 +71,14 @@ def student_slot(slots, subset, students, method: str):
     another student's output."""
     subset = len(SUBSETS) - 1 if subset is None else subset
     if not isinstance(subset, jax.core.Tracer) and slots[int(subset)] < 0:
-        raise JaxbratsError(f"{method} has no student for {SUBSET_NAMES[int(subset)]} "
-                            f"(its students: {', '.join(SUBSET_NAMES[s] for s in students)})")
+        raise JaxbratsError(
+            f"{method} has no student for {SUBSET_NAMES[int(subset)]} "
+            f"(its students: {', '.join(SUBSET_NAMES[s] for s in students)})"
+        )
     slot = jnp.asarray(slots)[subset]
     return jnp.maximum(slot, 0), slot >= 0
+
+
 #: (models, batch, key, step context) -> (loss, parts) or (loss, parts, shared context)
 Loss = Callable[[Models, dict, jax.Array, dict], tuple]
 
@@ -132,14 +136,18 @@ class Method:
                 raise ConfigError(f"stages.{stage}.optimizers: unknown group(s) {extra} (groups: {list(groups)})")
 
     @staticmethod
-    def refuse_coupled_clipping(config: Config, stage: str, group: str, why: str = "", members: str = "students") -> None:
+    def refuse_coupled_clipping(
+        config: Config, stage: str, group: str, why: str = "", members: str = "students"
+    ) -> None:
         """Stacked members (students, their discriminators) must each train as if alone: one
         global-norm clip over the family would couple them."""
         stage_config = config.stages.get(stage)
         opt = stage_config.optimizers.get(group) if stage_config else None
         if opt is not None and opt.clip_norm > 0:
-            raise ConfigError(f"stages.{stage}.optimizers.{group}.clip_norm must be 0{why}: one global norm over the "
-                              f"stacked {members} would couple them (each must train as if alone)")
+            raise ConfigError(
+                f"stages.{stage}.optimizers.{group}.clip_norm must be 0{why}: one global norm over the "
+                f"stacked {members} would couple them (each must train as if alone)"
+            )
 
     def undecayed(self, stage: str, group: str) -> tuple[str, ...]:
         """Models of an optimiser group that weight decay leaves alone (Mind the Gap's P_mix weights)."""
@@ -213,6 +221,9 @@ class Method:
                 out[name] = state
                 continue
             old = dict(nnx.to_flat_state(previous[name]))
-            flat = [(path, old[path] if path in old and old[path].shape == v.shape else v) for path, v in nnx.to_flat_state(state)]
+            flat = [
+                (path, old[path] if path in old and old[path].shape == v.shape else v)
+                for path, v in nnx.to_flat_state(state)
+            ]
             out[name] = nnx.from_flat_state(flat)
         return out

@@ -119,13 +119,22 @@ from flax import nnx
 
 from jaxbrats.config import ConfigError, check_entries, check_range
 from jaxbrats.data.pipeline import box_start
+from jaxbrats.data.transforms import (
+    FRAMES,
+    case_corner,
+    patch_grid,
+    patch_mask_to_voxels,
+    place_case,
+    read_window,
+    read_windows,
+    visible_patches,
+)
 from jaxbrats.labels import REGIONS
 from jaxbrats.losses import masked_mse, region_loss, segmentation_loss
 from jaxbrats.methods.base import Method, Update
 from jaxbrats.modalities import MODALITIES, NUM_MODALITIES, drop_modalities
 from jaxbrats.networks.factory import check_deep_supervision, probabilities, unet_config
 from jaxbrats.networks.unet import UNet
-from jaxbrats.data.transforms import FRAMES, case_corner, patch_grid, patch_mask_to_voxels, place_case, read_window, read_windows, visible_patches
 
 FILLS = ("x_sub", "zero", "mean")
 PENALTIES = ("centered_norm", "sum_square_per_batch_value", "mean_square")  # R(x_sub): module docstring
@@ -162,10 +171,13 @@ class M3AEOptions:
     pretrained_unet: bool = True
 
     def validate(self, where: str) -> None:
-        for name, value, allowed in (("fill", self.fill, FILLS), ("substitute_penalty", self.substitute_penalty, PENALTIES),
-                                     ("consistency_feature", self.consistency_feature, FEATURES),
-                                     ("seg_balance", self.seg_balance, SEG_BALANCES),
-                                     ("substitute_frame", self.substitute_frame, FRAMES)):
+        for name, value, allowed in (
+            ("fill", self.fill, FILLS),
+            ("substitute_penalty", self.substitute_penalty, PENALTIES),
+            ("consistency_feature", self.consistency_feature, FEATURES),
+            ("seg_balance", self.seg_balance, SEG_BALANCES),
+            ("substitute_frame", self.substitute_frame, FRAMES),
+        ):
             if value not in allowed:
                 raise ConfigError(f"{where}.{name} must be one of {list(allowed)}, got {value!r}")
         check_range(f"{where}.mask_ratio", self.mask_ratio, 0, 1, high_open=True)
@@ -198,7 +210,9 @@ def substitute_penalty(x_sub, kind: str, batch_values: int | None = None):
         return jnp.sqrt(jnp.sum(jnp.square(centred)))
     if kind == "sum_square_per_batch_value":
         if not batch_values:
-            raise ValueError("sum_square_per_batch_value needs batch_values, the number of values in one training batch")
+            raise ValueError(
+                "sum_square_per_batch_value needs batch_values, the number of values in one training batch"
+            )
         return jnp.sum(jnp.square(x_sub)) / batch_values
     if kind == "mean_square":
         return jnp.mean(jnp.square(x_sub))
@@ -236,9 +250,11 @@ class M3AE(Method):
         options = cls.parse_options(config)
         check_deep_supervision(config, "M3AE fine-tuning")
         if config.data.rotation_degrees > 0 and options.fill != "zero":
-            raise ConfigError(f"data.rotation_degrees must be 0 for M3AE with method.fill = {options.fill!r}, got "
-                              f"{config.data.rotation_degrees}: the fill is read where the unrotated crop lies "
-                              "(crop_start, flipped), not under a rotated crop")
+            raise ConfigError(
+                f"data.rotation_degrees must be 0 for M3AE with method.fill = {options.fill!r}, got "
+                f"{config.data.rotation_degrees}: the fill is read where the unrotated crop lies "
+                "(crop_start, flipped), not under a rotated crop"
+            )
         if options.patch_masking:
             try:
                 patch_grid(config.data.crop_size, options.patch_size)
@@ -248,11 +264,15 @@ class M3AE(Method):
     # --- models -----------------------------------------------------------------------
     def init_models(self, stage, rngs):
         pretrain = stage == "pretrain"
-        unet = UNet(unet_config(self.config, NUM_MODALITIES if pretrain else len(REGIONS), deep_supervision=not pretrain), rngs)
+        unet = UNet(
+            unet_config(self.config, NUM_MODALITIES if pretrain else len(REGIONS), deep_supervision=not pretrain), rngs
+        )
         models = {"unet": unet}
         if self.options.fill != "zero":
             value = self.mean() if self.options.fill == "mean" else None
-            models["x_sub"] = SubstituteImage(self.options.substitute_shape, self.options.substitute_init_std, rngs, value)
+            models["x_sub"] = SubstituteImage(
+                self.options.substitute_shape, self.options.substitute_init_std, rngs, value
+            )
         return models
 
     def setup(self, train_set) -> None:
@@ -300,7 +320,9 @@ class M3AE(Method):
     def visible(self, key, modality_mask, crop):
         """(B, *crop, 4) bool: voxels kept in pretraining (kept modalities, visible patches)."""
         if not self.options.patch_masking:
-            return jnp.broadcast_to(modality_mask[:, None, None, None, :], (modality_mask.shape[0], *crop, NUM_MODALITIES))
+            return jnp.broadcast_to(
+                modality_mask[:, None, None, None, :], (modality_mask.shape[0], *crop, NUM_MODALITIES)
+            )
         grid = patch_grid(crop, self.options.patch_size)
         keys = jax.random.split(key, modality_mask.shape[0])
         patches = jax.vmap(lambda k, m: visible_patches(k, m, grid, 1.0 - self.options.mask_ratio))(keys, modality_mask)
@@ -354,15 +376,23 @@ class M3AE(Method):
             labels = jnp.concatenate([batch["label"]] * self.VIEWS, axis=0)
             valid = jnp.concatenate([batch["valid"]] * self.VIEWS, axis=0)
             for logits in heads:
-                loss, terms = region_loss(logits, labels, valid, dice_weight=CODE_DICE_WEIGHT, bce_weight=CODE_BCE_WEIGHT,
-                                          batch_dice=True, squared_dice=True, smooth=CODE_SMOOTH)
+                loss, terms = region_loss(
+                    logits,
+                    labels,
+                    valid,
+                    dice_weight=CODE_DICE_WEIGHT,
+                    bce_weight=CODE_BCE_WEIGHT,
+                    batch_dice=True,
+                    squared_dice=True,
+                    smooth=CODE_SMOOTH,
+                )
                 seg = seg + loss
                 parts = {k: parts[k] + terms[k] for k in parts}
             return seg, parts
         n = batch["label"].shape[0]
         for i in range(self.VIEWS):  # eq. 4: summed over the views and the 3 scales
             for logits in heads:
-                loss, terms = segmentation_loss("regions", logits[i * n:(i + 1) * n], batch["label"], batch["valid"])
+                loss, terms = segmentation_loss("regions", logits[i * n : (i + 1) * n], batch["label"], batch["valid"])
                 seg = seg + loss
                 parts = {k: parts[k] + terms[k] for k in parts}
         return seg, parts
@@ -391,7 +421,11 @@ def save_substitute(x_sub: np.ndarray, out_dir: Path) -> list[Path]:
     nib.save(nib.Nifti1Image(x_sub.astype(np.float32), np.eye(4)), str(partial))
     os.replace(partial, nifti)
     centre = [s // 2 for s in x_sub.shape[:3]]
-    views = (("sagittal", lambda v: v[centre[0]]), ("coronal", lambda v: v[:, centre[1]]), ("axial", lambda v: v[:, :, centre[2]]))
+    views = (
+        ("sagittal", lambda v: v[centre[0]]),
+        ("coronal", lambda v: v[:, centre[1]]),
+        ("axial", lambda v: v[:, :, centre[2]]),
+    )
     fig, axes = plt.subplots(NUM_MODALITIES, 3, figsize=(7.5, 2.4 * NUM_MODALITIES), squeeze=False)
     for row, modality in enumerate(MODALITIES):
         channel = x_sub[..., row]

@@ -107,14 +107,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxbrats.runtime.checkpoints import restore_model
 from jaxbrats.config import check_choice, check_entries, check_range
 from jaxbrats.errors import ConfigError
 from jaxbrats.labels import NUM_LABELS, REGIONS
 from jaxbrats.losses import label_loss
 from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
 from jaxbrats.losses.alignment import ANCHORS, MIX_TARGETS, mix_alignment, mix_weights, modality_alignment, normal_kl
-from jaxbrats.losses.distillation import KD_LOSSES, KDConstants, distillation_loss, label_logits_from_region_logits, sigmoid_rampup, style_features
+from jaxbrats.losses.distillation import (
+    KD_LOSSES,
+    KDConstants,
+    distillation_loss,
+    label_logits_from_region_logits,
+    sigmoid_rampup,
+    style_features,
+)
 from jaxbrats.methods.base import Method, Update, student_slot
 from jaxbrats.modalities import MODALITIES, SUBSET_MASKS, SUBSET_NAMES, drop_modalities, student_subsets
 from jaxbrats.networks import family
@@ -122,6 +128,7 @@ from jaxbrats.networks.discriminator import Discriminator, DiscriminatorConfig
 from jaxbrats.networks.factory import probabilities, unet_config
 from jaxbrats.networks.latent_encoder import LatentEncoder, LatentEncoderConfig, encode_modalities
 from jaxbrats.networks.unet import UNet
+from jaxbrats.runtime.checkpoints import restore_model
 
 TEACHER_SEG = ("each", "combined", "both")
 TEACHER_INFERENCE = ("auto", "each", "mean_latent")
@@ -170,8 +177,10 @@ class MindTheGapOptions:
         check_choice(f"{where}.mix_target", self.mix_target, MIX_TARGETS)
         check_range(f"{where}.mix_floor", self.mix_floor, 0, 1, high_open=True)
         if not self.mix_sum > len(MODALITIES) * self.mix_floor:
-            raise ConfigError(f"{where}.mix_sum must exceed {len(MODALITIES)} x {where}.mix_floor = "
-                              f"{len(MODALITIES) * self.mix_floor:g}, got {self.mix_sum}")
+            raise ConfigError(
+                f"{where}.mix_sum must exceed {len(MODALITIES)} x {where}.mix_floor = "
+                f"{len(MODALITIES) * self.mix_floor:g}, got {self.mix_sum}"
+            )
         check_range(f"{where}.align_weight", self.align_weight, 0)
         check_range(f"{where}.encoder_blocks", self.encoder_blocks, 0)
         check_range(f"{where}.latent_channels", self.latent_channels, 0)
@@ -235,8 +244,10 @@ class MindTheGap(Method):
         o = cls.parse_options(config)
         channels = o.latent_channels or config.model.widths[0]
         if channels % config.model.groups:
-            raise ConfigError(f"method.latent_channels ({channels}) must be divisible by model.groups = "
-                              f"{config.model.groups} (GroupNorm in the encoders)")
+            raise ConfigError(
+                f"method.latent_channels ({channels}) must be divisible by model.groups = "
+                f"{config.model.groups} (GroupNorm in the encoders)"
+            )
         cls.refuse_coupled_clipping(config, "students", "students")
         cls.refuse_coupled_clipping(config, "students", "discriminator", members="discriminators")
 
@@ -265,15 +276,18 @@ class MindTheGap(Method):
         elif path.parent.name == "checkpoints" and (path.parent.parent / "config.json").is_file():
             run, stage = path.parent.parent, path.name
         else:
-            raise ConfigError(f"{key}: {path} is neither a run's work directory (with config.json) nor its "
-                              "checkpoints/<stage> folder")
+            raise ConfigError(
+                f"{key}: {path} is neither a run's work directory (with config.json) nor its checkpoints/<stage> folder"
+            )
         try:
             other = load_config(run / "config.json")
         except ConfigError as e:
             raise ConfigError(f"{key}: {run}/config.json cannot be read: {e}") from None
         if other.method_name not in TEACHER_RUNS:
-            raise ConfigError(f"{key}: {run} is a run of method {other.method_name}; the teacher must be the plain U-Net of a "
-                              f"{' or '.join(TEACHER_RUNS)} run")
+            raise ConfigError(
+                f"{key}: {run} is a run of method {other.method_name}; the teacher must be the plain U-Net of a "
+                f"{' or '.join(TEACHER_RUNS)} run"
+            )
         model, output = TEACHER_RUNS[other.method_name]
         options = get_method(other.method_name).parse_options(other)
         output = output or options.output
@@ -281,8 +295,10 @@ class MindTheGap(Method):
         differs = [k for k in ARCHITECTURE_KEYS if getattr(other.model, k) != getattr(self.config.model, k)]
         if differs:
             k = differs[0]
-            raise ConfigError(f"{key}: {run}'s U-Net has model.{k} = {getattr(other.model, k)!r}, this run's "
-                              f"{getattr(self.config.model, k)!r} (the KD terms compare the two networks' features)")
+            raise ConfigError(
+                f"{key}: {run}'s U-Net has model.{k} = {getattr(other.model, k)!r}, this run's "
+                f"{getattr(self.config.model, k)!r} (the KD terms compare the two networks' features)"
+            )
         if stage is None:
             stages = [s for s in reversed(get_method(other.method_name).stages) if (run / "checkpoints" / s).is_dir()]
             if not stages:
@@ -300,9 +316,15 @@ class MindTheGap(Method):
     # --- models ------------------------------------------------------------------------
     def encoder_config(self) -> LatentEncoderConfig:
         m = self.config.model
-        return LatentEncoderConfig(channels=self.latent_channels, blocks=self.options.encoder_blocks,
-                                   variational=self.options.anchor == "normal", groups=m.groups, dtype=m.dtype,
-                                   conv_impl=m.conv_impl, remat=m.remat)
+        return LatentEncoderConfig(
+            channels=self.latent_channels,
+            blocks=self.options.encoder_blocks,
+            variational=self.options.anchor == "normal",
+            groups=m.groups,
+            dtype=m.dtype,
+            conv_impl=m.conv_impl,
+            remat=m.remat,
+        )
 
     def outside_teacher(self, stage) -> bool:
         return stage == "students" and bool(self.options.teacher_from)
@@ -326,18 +348,30 @@ class MindTheGap(Method):
             if self.options.shared_encoder:
                 encoders = LatentEncoder(enc, nnx.Rngs(roots[0]))
             else:
-                encoders = family.stack(lambda r: LatentEncoder(enc, r), family.member_keys(roots[0], range(len(MODALITIES))))
-            models = {"encoders": encoders,
-                      "predictor": UNet(unet_config(self.config, NUM_LABELS, in_channels=self.latent_channels), nnx.Rngs(roots[1]))}
+                encoders = family.stack(
+                    lambda r: LatentEncoder(enc, r), family.member_keys(roots[0], range(len(MODALITIES)))
+                )
+            models = {
+                "encoders": encoders,
+                "predictor": UNet(
+                    unet_config(self.config, NUM_LABELS, in_channels=self.latent_channels), nnx.Rngs(roots[1])
+                ),
+            }
             if self.options.anchor == "mix":
                 models["mix"] = MixWeights(len(MODALITIES))
         if stage == "students":
             cfg = unet_config(self.config, NUM_LABELS)
             models["students"] = family.stack(lambda r: UNet(cfg, r), family.member_keys(roots[2], self.subsets))
             if self.options.kd == "smunet":
-                disc = DiscriminatorConfig(in_channels=self.config.model.widths[-1], width=self.options.disc_width,
-                                           dtype=self.config.model.dtype, conv_impl=self.config.model.conv_impl)
-                models["discriminators"] = family.stack(lambda r: Discriminator(disc, r), family.member_keys(roots[3], self.subsets))
+                disc = DiscriminatorConfig(
+                    in_channels=self.config.model.widths[-1],
+                    width=self.options.disc_width,
+                    dtype=self.config.model.dtype,
+                    conv_impl=self.config.model.conv_impl,
+                )
+                models["discriminators"] = family.stack(
+                    lambda r: Discriminator(disc, r), family.member_keys(roots[3], self.subsets)
+                )
         return models
 
     def pipeline(self, stage):
@@ -351,7 +385,9 @@ class MindTheGap(Method):
             return [Update(group="teacher", trainable=trainable, loss=self.teacher_loss)]
         updates = [Update(group="students", trainable={"students": nnx.Param}, loss=self.students_loss)]
         if self.options.kd == "smunet":
-            updates.append(Update(group="discriminator", trainable={"discriminators": nnx.Param}, loss=self.discriminator_loss))
+            updates.append(
+                Update(group="discriminator", trainable={"discriminators": nnx.Param}, loss=self.discriminator_loss)
+            )
         return updates
 
     def undecayed(self, stage, group):
@@ -420,11 +456,15 @@ class MindTheGap(Method):
         if o.teacher_seg in ("each", "both"):  # the J latents in one predictor pass, the loss summed over j
             folded = latents.reshape(j * n, *latents.shape[2:])
             tile = lambda a: jnp.tile(a, (j,) + (1,) * (a.ndim - 1))
-            each = j * self.seg_loss(models["predictor"](folded)["logits"], tile(batch["label"]), tile(batch["valid"]))[0]
+            each = (
+                j * self.seg_loss(models["predictor"](folded)["logits"], tile(batch["label"]), tile(batch["valid"]))[0]
+            )
             parts["seg_each"] = each
             seg = seg + each
         if o.teacher_seg in ("combined", "both"):
-            combined = self.seg_loss(models["predictor"](jnp.mean(latents, axis=0))["logits"], batch["label"], batch["valid"])[0]
+            combined = self.seg_loss(
+                models["predictor"](jnp.mean(latents, axis=0))["logits"], batch["label"], batch["valid"]
+            )[0]
             parts["seg_combined"] = combined
             seg = seg + combined
         align = jnp.sum(terms)
@@ -439,8 +479,11 @@ class MindTheGap(Method):
         j, n = latents.shape[:2]
         out = models["predictor"](latents.reshape(j * n, *latents.shape[2:]))
         unfold = lambda a: a.reshape(j, n, *a.shape[1:])
-        return {"logits": unfold(out["logits"]), "encoder": [unfold(f) for f in out["encoder"]],
-                "decoder": [unfold(f) for f in out["decoder"]]}
+        return {
+            "logits": unfold(out["logits"]),
+            "encoder": [unfold(f) for f in out["encoder"]],
+            "decoder": [unfold(f) for f in out["decoder"]],
+        }
 
     def average_outputs(self, per, modality_mask) -> dict:
         """The "each" rule: the present modalities' C*(Z_j) softmax averaged (returned as its log, usable as
@@ -449,8 +492,11 @@ class MindTheGap(Method):
         share = self.shares(modality_mask, j, n)
         mean = lambda a: jnp.einsum("jn,jn...->n...", share, a.astype(jnp.float32))
         probs = mean(jax.nn.softmax(per["logits"].astype(jnp.float32), axis=-1))
-        return {"logits": jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny)),
-                "encoder": [mean(f) for f in per["encoder"]], "decoder": [mean(f) for f in per["decoder"]]}
+        return {
+            "logits": jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny)),
+            "encoder": [mean(f) for f in per["encoder"]],
+            "decoder": [mean(f) for f in per["decoder"]],
+        }
 
     def teacher_output(self, models, latents, modality_mask):
         """The teacher's output for the present modalities (`inference_rule`): logits over the labels + features."""
@@ -484,8 +530,11 @@ class MindTheGap(Method):
         o = self.options
         distil = o.kd != "none"
         basis = self.teacher_basis(models, batch["image"]) if distil else None
-        full = self.teacher_view_output(models, basis, jnp.ones(len(MODALITIES), bool)) \
-            if distil and o.teacher_view == "full" else None
+        full = (
+            self.teacher_view_output(models, basis, jnp.ones(len(MODALITIES), bool))
+            if distil and o.teacher_view == "full"
+            else None
+        )
         ramp = sigmoid_rampup(context["step"], o.ramp_steps) if o.ramp_steps else 1.0
         names = [n for n in ("students", "discriminators") if n in models and n in self.families("students")]
         graphs = {n: nnx.split(models[n]) for n in names}
@@ -499,7 +548,9 @@ class MindTheGap(Method):
             teacher = None
             if distil:
                 teacher = full if full is not None else self.teacher_view_output(models, basis, mask)
-                kd, kd_parts = distillation_loss(o.kd, teacher, out, batch["label"], batch["valid"], self.constants, ramp)
+                kd, kd_parts = distillation_loss(
+                    o.kd, teacher, out, batch["label"], batch["valid"], self.constants, ramp
+                )
                 terms.update(kd_parts)
                 terms["kd"] = kd
                 loss = loss + o.kd_weight * kd
@@ -526,13 +577,19 @@ class MindTheGap(Method):
     def discriminator_loss(self, models, batch, key, context=None):
         """SMU-Net's style discriminators: the teacher view's bottleneck features real (the full teacher's,
         shared, or each student's subset teacher's), each student's fake."""
+
         def one(disc, teacher, student):
             return discriminator_loss(disc(teacher), disc(student))
 
         per_student = self.options.teacher_view == "subset"
-        losses, parts = family.map_members(one, models["discriminators"], context["teacher_style"],
-                                           context["student_style"], in_axes=(0 if per_student else None, 0),
-                                           how=self.config.model.family_map)
+        losses, parts = family.map_members(
+            one,
+            models["discriminators"],
+            context["teacher_style"],
+            context["student_style"],
+            in_axes=(0 if per_student else None, 0),
+            how=self.config.model.family_map,
+        )
         out = {k: jnp.mean(v) for k, v in parts.items()}
         return jnp.sum(losses), out
 
@@ -550,4 +607,6 @@ class MindTheGap(Method):
             return probabilities("labels", self.teacher_output(models, latents, modality_mask)["logits"])
         slot, served = student_slot(self.slots, subset, self.subsets, self.name)
         student = family.member(models["students"], slot)
-        return jnp.where(served, probabilities("labels", student(drop_modalities(image, modality_mask))["logits"]), jnp.nan)
+        return jnp.where(
+            served, probabilities("labels", student(drop_modalities(image, modality_mask))["logits"]), jnp.nan
+        )

@@ -79,20 +79,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxbrats.runtime.checkpoints import restore_model
 from jaxbrats.config import check_choice, check_range
 from jaxbrats.errors import ConfigError
 from jaxbrats.labels import REGIONS, regions_of
 from jaxbrats.losses import region_loss
 from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
-from jaxbrats.losses.segmentation import DICE_CHANNELS
 from jaxbrats.losses.relation import car_loss, crr_loss, region_masks, resize_to_features
+from jaxbrats.losses.segmentation import DICE_CHANNELS
 from jaxbrats.methods.base import Method, Update, student_slot
 from jaxbrats.modalities import SUBSET_MASKS, SUBSET_NAMES, drop_modalities, student_subsets
 from jaxbrats.networks import family
 from jaxbrats.networks.discriminator import Discriminator, DiscriminatorConfig
 from jaxbrats.networks.factory import probabilities, unet_config
 from jaxbrats.networks.unet import UNet
+from jaxbrats.runtime.checkpoints import restore_model
 
 ADV_INPUTS = ("probabilities", "logits")
 CAR_EMBEDDINGS = ("fixed", "trained")
@@ -149,8 +149,10 @@ class RelationEmbeddings(nnx.Module):
         self.phi_bias = nnx.Param(jnp.zeros((inner,), jnp.float32))
 
     def pair(self):
-        return ({"kernel": self.theta[...], "bias": self.theta_bias[...]},
-                {"kernel": self.phi[...], "bias": self.phi_bias[...]})
+        return (
+            {"kernel": self.theta[...], "bias": self.theta_bias[...]},
+            {"kernel": self.phi[...], "bias": self.phi_bias[...]},
+        )
 
 
 class RIRN(Method):
@@ -170,8 +172,10 @@ class RIRN(Method):
         options = cls.parse_options(config)
         levels = len(config.model.widths)
         if not -levels <= options.car_level < levels:
-            raise ConfigError(f"method.car_level must be in [{-levels}, {levels - 1}] (model.widths has {levels} levels), "
-                              f"got {options.car_level}")
+            raise ConfigError(
+                f"method.car_level must be in [{-levels}, {levels - 1}] (model.widths has {levels} levels), "
+                f"got {options.car_level}"
+            )
         cls.refuse_coupled_clipping(config, "train", "model", " for RIRN")
         cls.refuse_coupled_clipping(config, "train", "discriminator", " for RIRN", "discriminators")
 
@@ -197,13 +201,19 @@ class RIRN(Method):
             "students": family.stack(lambda r: UNet(cfg, r), self.member_keys(roots[0])),
         }
         if self.options.adv:
-            disc = DiscriminatorConfig(in_channels=len(REGIONS), width=self.options.disc_width,
-                                       dtype=self.config.model.dtype, conv_impl=self.config.model.conv_impl)
+            disc = DiscriminatorConfig(
+                in_channels=len(REGIONS),
+                width=self.options.disc_width,
+                dtype=self.config.model.dtype,
+                conv_impl=self.config.model.conv_impl,
+            )
             models["discriminators"] = family.stack(lambda r: Discriminator(disc, r), self.member_keys(roots[1]))
         if self.options.car:
             channels = self.config.model.widths[self.options.car_level]
             if self.options.car_embeddings == "trained":
-                models["embeddings"] = family.stack(lambda r: RelationEmbeddings(channels, r), self.member_keys(roots[2]))
+                models["embeddings"] = family.stack(
+                    lambda r: RelationEmbeddings(channels, r), self.member_keys(roots[2])
+                )
             else:
                 models["embeddings"] = RelationEmbeddings(channels, nnx.Rngs(roots[2]))
         return models
@@ -213,8 +223,11 @@ class RIRN(Method):
         baseline run), restored with the shapes of this run's teacher (or one line saying why not)."""
         if not self.options.teacher_from:
             return {}
-        return {"teacher": restore_model(self.options.teacher_from, ("teacher", "unet"), abstract()["teacher"],
-                                        "method.teacher_from")}
+        return {
+            "teacher": restore_model(
+                self.options.teacher_from, ("teacher", "unet"), abstract()["teacher"], "method.teacher_from"
+            )
+        }
 
     def pipeline(self, stage):
         return {"dropout": "none", "instantiations": 1}  # every student applies its own subset on device
@@ -227,7 +240,9 @@ class RIRN(Method):
             trainable["embeddings"] = nnx.Param
         updates = [Update(group="model", trainable=trainable, loss=self.model_loss)]
         if self.options.adv:
-            updates.append(Update(group="discriminator", trainable={"discriminators": nnx.Param}, loss=self.discriminator_loss))
+            updates.append(
+                Update(group="discriminator", trainable={"discriminators": nnx.Param}, loss=self.discriminator_loss)
+            )
         return updates
 
     def known_groups(self, stage):
@@ -236,7 +251,9 @@ class RIRN(Method):
     # --- losses ------------------------------------------------------------------------
     def seg_loss(self, logits, batch):
         bce = 1.0 if self.options.seg_loss == "dice_bce" else 0.0
-        return region_loss(logits, batch["label"], batch["valid"], bce_weight=bce, dice_channels=self.options.dice_regions)[0]
+        return region_loss(
+            logits, batch["label"], batch["valid"], bce_weight=bce, dice_channels=self.options.dice_regions
+        )[0]
 
     def adversary_input(self, out):
         logits = out["logits"].astype(jnp.float32)
@@ -256,7 +273,10 @@ class RIRN(Method):
         parts.update({k: jnp.mean(v) for k, v in terms.items() if k not in ("loss", "adversary_input")})
         for slot, s in enumerate(self.subsets):
             parts.update({f"{SUBSET_NAMES[s]}/{k}": v[slot] for k, v in terms.items() if k != "adversary_input"})
-        shared = {"teacher_adversary_input": self.adversary_input(teacher), "student_adversary_input": terms["adversary_input"]}
+        shared = {
+            "teacher_adversary_input": self.adversary_input(teacher),
+            "student_adversary_input": terms["adversary_input"],
+        }
         return total, parts, shared
 
     def student_terms(self, models, batch, teacher, key):
@@ -278,8 +298,12 @@ class RIRN(Method):
             loss = seg
             if o.crr:
                 penultimate = out["decoder"][-1]
-                masks_r = region_masks(resize_to_features(teacher_probs, penultimate.shape[1:4]),
-                                       resize_to_features(gt, penultimate.shape[1:4]), o.crr_threshold, filtered=o.mf)
+                masks_r = region_masks(
+                    resize_to_features(teacher_probs, penultimate.shape[1:4]),
+                    resize_to_features(gt, penultimate.shape[1:4]),
+                    o.crr_threshold,
+                    filtered=o.mf,
+                )
                 terms["crr"], crr_parts = crr_loss(teacher["decoder"][-1], penultimate, masks_r)
                 terms["crr_pairs"] = crr_parts["crr_pairs"]
                 loss = loss + o.crr_weight * terms["crr"]
@@ -295,7 +319,9 @@ class RIRN(Method):
                 loss = loss + o.adv_weight * terms["adv_s"]
             return {"loss": loss, **terms, "adversary_input": adversary_input}
 
-        return family.map_states(one, {n: s for n, (_, s) in graphs.items()}, masks, subsets, how=self.config.model.family_map)
+        return family.map_states(
+            one, {n: s for n, (_, s) in graphs.items()}, masks, subsets, how=self.config.model.family_map
+        )
 
     def discriminator_loss(self, models, batch, key, context=None):
         """Eq. 8 for each student's discriminator, on the outputs the model update shared."""
@@ -304,8 +330,9 @@ class RIRN(Method):
         def one(disc, student_in):
             return discriminator_loss(disc(teacher_in), disc(student_in))
 
-        losses, parts = family.map_members(one, models["discriminators"], context["student_adversary_input"],
-                                           how=self.config.model.family_map)
+        losses, parts = family.map_members(
+            one, models["discriminators"], context["student_adversary_input"], how=self.config.model.family_map
+        )
         out = {k: jnp.mean(v) for k, v in parts.items()}
         for slot, s in enumerate(self.subsets):
             out[f"{SUBSET_NAMES[s]}/adv_d"] = losses[slot]

@@ -64,8 +64,10 @@ def afeb_width_problem(channels: int) -> str:
     """Why a level `channels` wide cannot have an AFEB ('' when it can): its heads must split it evenly."""
     heads = afeb_heads(channels)
     if channels % heads:
-        return (f"AFEB splits a level's {channels} channels into {channels} // {HEAD_CHANNELS} = {heads} attention "
-                f"heads, which must divide them")
+        return (
+            f"AFEB splits a level's {channels} channels into {channels} // {HEAD_CHANNELS} = {heads} attention "
+            f"heads, which must divide them"
+        )
     return ""
 
 
@@ -122,10 +124,14 @@ class MonoEncoder(nnx.Module):
         levels = len(cfg.widths)
         self.encoder = Encoder(cfg, rngs)
         self.afeb_levels = tuple(afeb_levels)
-        self.enhance = nnx.List([
-            AFEB(cfg.widths[l], 2 ** (levels - 1 - l), cfg, rngs) if afeb else _conv(cfg.widths[l], cfg.widths[l], 3, cfg, rngs)
-            for l in self.afeb_levels
-        ])
+        self.enhance = nnx.List(
+            [
+                AFEB(cfg.widths[l], 2 ** (levels - 1 - l), cfg, rngs)
+                if afeb
+                else _conv(cfg.widths[l], cfg.widths[l], 3, cfg, rngs)
+                for l in self.afeb_levels
+            ]
+        )
 
     def __call__(self, x) -> dict:
         raw = self.encoder(x)
@@ -216,21 +222,25 @@ class FeatureCompletion(nnx.Module):
     ablation without MFSB, Sec. 4.4) a 3x3x3 convolution of f_ava in the block's place (`conv`:
     "fill", 4C -> C into the missing slots; "full", 4C -> 4C, all of f_comp)."""
 
-    def __init__(self, widths: tuple[int, ...], modalities: int, mfsb: bool, cfg: UNetConfig, rngs: nnx.Rngs,
-                 conv: str = "fill"):
+    def __init__(
+        self, widths: tuple[int, ...], modalities: int, mfsb: bool, cfg: UNetConfig, rngs: nnx.Rngs, conv: str = "fill"
+    ):
         if conv not in COMPLETION_CONVS:
             raise ValueError(f"conv must be one of {COMPLETION_CONVS}, not {conv!r}")
         self.mfsb = mfsb
         self.conv = conv
         self.modalities = modalities
         out = 1 if conv == "fill" else modalities
-        self.blocks = nnx.List([
-            MFSB(w, modalities, cfg.dtype, rngs) if mfsb else _conv(modalities * w, out * w, 3, cfg, rngs)
-            for w in widths
-        ])
+        self.blocks = nnx.List(
+            [
+                MFSB(w, modalities, cfg.dtype, rngs) if mfsb else _conv(modalities * w, out * w, 3, cfg, rngs)
+                for w in widths
+            ]
+        )
 
-    def __call__(self, features: list, mask, synthesise=True,
-                 grad_to_features: bool = True) -> tuple[list, list | None]:
+    def __call__(
+        self, features: list, mask, synthesise=True, grad_to_features: bool = True
+    ) -> tuple[list, list | None]:
         """`features`: per level (M, N, ..., C), every modality's enhanced feature; `mask` (N, M).
 
         Returns (f_comp per level (N, ..., M*C), f_hat per level (M, N, ..., C) or None without

@@ -21,17 +21,28 @@ def unet_config(config, out_channels: int, deep_supervision: bool = False, in_ch
     """The shared backbone as set in `[model]`."""
     m = config.model
     return UNetConfig(
-        in_channels=in_channels, out_channels=out_channels, widths=m.widths, blocks=m.blocks, groups=m.groups,
-        upsample=m.upsample, deep_supervision=deep_supervision, dropout=m.dropout, stem_dropout=m.stem_dropout,
-        dtype=m.dtype, conv_impl=m.conv_impl, remat=m.remat,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        widths=m.widths,
+        blocks=m.blocks,
+        groups=m.groups,
+        upsample=m.upsample,
+        deep_supervision=deep_supervision,
+        dropout=m.dropout,
+        stem_dropout=m.stem_dropout,
+        dtype=m.dtype,
+        conv_impl=m.conv_impl,
+        remat=m.remat,
     )
 
 
 def check_deep_supervision(config, why: str) -> None:
     """Deep supervision reads the 1/4 and 1/2 resolution decoder outputs: enough levels, or one line."""
     if len(config.model.widths) < DEEP_SUPERVISION_LEVELS:
-        raise ConfigError(f"model.widths needs at least {DEEP_SUPERVISION_LEVELS} levels for deep supervision ({why}), "
-                          f"got {list(config.model.widths)}")
+        raise ConfigError(
+            f"model.widths needs at least {DEEP_SUPERVISION_LEVELS} levels for deep supervision ({why}), "
+            f"got {list(config.model.widths)}"
+        )
 
 
 def probabilities(output: str, logits):

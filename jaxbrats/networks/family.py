@@ -57,8 +57,10 @@ def stack(create: Callable[[nnx.Rngs], nnx.Module], keys: jax.Array) -> nnx.Modu
     keys = jnp.asarray(keys)
     typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
     if (typed and keys.ndim != 1) or (not typed and (keys.ndim != 2 or keys.shape[1] != 2 or keys.dtype != jnp.uint32)):
-        raise ValueError(f"keys must be a (K, 2) uint32 array of PRNG keys (or (K,) typed keys), "
-                         f"got shape {keys.shape} dtype {keys.dtype}")
+        raise ValueError(
+            f"keys must be a (K, 2) uint32 array of PRNG keys (or (K,) typed keys), "
+            f"got shape {keys.shape} dtype {keys.dtype}"
+        )
     if keys.shape[0] < 1:
         raise ValueError("a family needs at least one member (keys is empty)")
     graphdefs = []
@@ -103,7 +105,7 @@ FAMILY_MAPS = ("auto", "vmap", "unroll")
 
 
 def resolve_map(how: str) -> str:
-    """"auto": "unroll" on CPU, "vmap" on accelerators.
+    """ "auto": "unroll" on CPU, "vmap" on accelerators.
 
     XLA:CPU runs a vmapped convolution (a grouped convolution, feature_group_count = K) several
     times slower than K separate ones: one RIRN step at 64^3 with 4 students took 35.0 s vmapped
@@ -164,5 +166,7 @@ def map_members(fn: Callable[..., Any], family: nnx.Module, *args, in_axes=0, ou
     graphdef, state = nnx.split(family)
     if resolve_map(how) == "vmap":
         arg_axes = _axes(in_axes, len(args))
-        return jax.vmap(lambda s, *a: fn(nnx.merge(graphdef, s), *a), in_axes=(0, *arg_axes), out_axes=out_axes)(state, *args)
+        return jax.vmap(lambda s, *a: fn(nnx.merge(graphdef, s), *a), in_axes=(0, *arg_axes), out_axes=out_axes)(
+            state, *args
+        )
     return map_states(lambda s, *a: fn(nnx.merge(graphdef, s), *a), state, *args, in_axes=in_axes, how="unroll")

@@ -59,7 +59,7 @@ class LatentEncoder(nnx.Module):
             y = run_block(block, y, self.remat)
         y = self.head(y).astype(jnp.float32)
         if self.variational:
-            return {"latent": y[..., : self.channels], "log_var": y[..., self.channels:]}
+            return {"latent": y[..., : self.channels], "log_var": y[..., self.channels :]}
         return {"latent": y, "log_var": None}
 
 

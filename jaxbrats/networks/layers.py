@@ -43,14 +43,11 @@ from jaxbrats.config import CONV_IMPLS
 from jaxbrats.runtime.sharding import SPACE_AXIS, space_shards
 
 
-
 def conv3d_native(x, kernel, stride: int = 1, depth_padding=None):
     """`depth_padding`: (before, after) slices of zeros on the depth axis (default kernel // 2 each)."""
     p = kernel.shape[0] // 2
     pad = [tuple(depth_padding) if depth_padding is not None else (p, p), (p, p), (p, p)]
-    return lax.conv_general_dilated(
-        x, kernel, (stride,) * 3, pad, dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
-    )
+    return lax.conv_general_dilated(x, kernel, (stride,) * 3, pad, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
 
 
 def _depth_taps(x, k: int, stride: int, depth_padding):
@@ -60,13 +57,17 @@ def _depth_taps(x, k: int, stride: int, depth_padding):
     xp = jnp.pad(x, ((0, 0), (before, after), (0, 0), (0, 0), (0, 0)))
     d_out = (d + before + after - k) // stride + 1
     # Output depth j reads input depth j * stride + i of the padded volume.
-    return [lax.slice_in_dim(xp, i, i + (d_out - 1) * stride + 1, stride, axis=1).reshape(n * d_out, h, w, c)
-            for i in range(k)], d_out
+    return [
+        lax.slice_in_dim(xp, i, i + (d_out - 1) * stride + 1, stride, axis=1).reshape(n * d_out, h, w, c)
+        for i in range(k)
+    ], d_out
 
 
 def _conv2d(x, kernel, stride: int):
     p = kernel.shape[0] // 2
-    return lax.conv_general_dilated(x, kernel, (stride, stride), [(p, p), (p, p)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(
+        x, kernel, (stride, stride), [(p, p), (p, p)], dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 def _depth2d_forward(x, kernel, stride: int, depth_padding):
@@ -89,7 +90,7 @@ def _weight_grad_2d(x, dy, kernel, stride: int):
     chunk = min(max(WGRAD_CHUNK_ELEMENTS // per_slice, 4), 16)
     total = None
     for start in range(0, m, chunk):
-        a, g = x[start:start + chunk], dy[start:start + chunk]
+        a, g = x[start : start + chunk], dy[start : start + chunk]
         part = jax.vjp(lambda k, a=a: _conv2d(a, k, stride), kernel)[1](g)[0]
         total = part if total is None else total + part
     return total
@@ -169,15 +170,25 @@ def halo_conv3d(conv, x, kernel, stride: int, shards: int):
         return conv(exchange_halos(xs, p, after, shards), k, stride, (0, 0))
 
     spec = jax.sharding.PartitionSpec(None, SPACE_AXIS)
-    return jax.shard_map(local, in_specs=(spec, jax.sharding.PartitionSpec()), out_specs=spec,
-                         axis_names={SPACE_AXIS})(x, kernel)
+    return jax.shard_map(local, in_specs=(spec, jax.sharding.PartitionSpec()), out_specs=spec, axis_names={SPACE_AXIS})(
+        x, kernel
+    )
 
 
 class Conv3D(nnx.Module):
     """Channels-last 3D convolution, padding kernel // 2, float32 parameters, `dtype` compute."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, *, stride: int = 1, dtype=jnp.float32,
-                 impl: str = "auto", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int,
+        *,
+        stride: int = 1,
+        dtype=jnp.float32,
+        impl: str = "auto",
+        rngs: nnx.Rngs,
+    ):
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(init(rngs.params(), (kernel,) * 3 + (cin, cout), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((cout,), jnp.float32))

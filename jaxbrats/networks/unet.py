@@ -180,7 +180,7 @@ def upsample_linear(x, factor: int):
             neighbour = before if t < 0 else after
             phases.append((x + abs(t) * (neighbour - x)).astype(x.dtype))
         x = jnp.stack(phases, axis=axis + 1)
-        x = x.reshape(*x.shape[:axis], n * factor, *x.shape[axis + 2:])
+        x = x.reshape(*x.shape[:axis], n * factor, *x.shape[axis + 2 :])
     return x
 
 
@@ -193,7 +193,11 @@ class Decoder(nnx.Module):
         self.blocks = nnx.List([ResBlock(widths[i - 1], cfg, rngs) for i in range(len(widths) - 1, 0, -1)])
         self.head = _conv(widths[0], cfg.out_channels, 1, cfg, rngs)
         # Heads on the 1/4 and 1/2 resolution decoder outputs (M3AE's deep supervision).
-        self.ds_heads = nnx.List([_conv(widths[i], cfg.out_channels, 1, cfg, rngs) for i in (2, 1)]) if cfg.deep_supervision else None
+        self.ds_heads = (
+            nnx.List([_conv(widths[i], cfg.out_channels, 1, cfg, rngs) for i in (2, 1)])
+            if cfg.deep_supervision
+            else None
+        )
         self.upsample = cfg.upsample
         self.remat = cfg.remat
 

@@ -70,8 +70,11 @@ def iterator_processes(step_dir: Path) -> int | None:
     """How many processes wrote the iterator states of a checkpoint (None: it has no iterator item)."""
     if not (step_dir / ITERATOR).is_dir():
         return None
-    counts = {int(m.group(1)) for p in (step_dir / ITERATOR).iterdir()
-              if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))}
+    counts = {
+        int(m.group(1))
+        for p in (step_dir / ITERATOR).iterdir()
+        if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))
+    }
     if len(counts) != 1:
         raise ValueError(f"its {ITERATOR} item holds no consistent set of process states")
     return counts.pop()
@@ -87,11 +90,17 @@ def iterator_state(extra: dict, manager: ocp.CheckpointManager, step: int) -> st
     raise JaxbratsError(
         f"checkpoint {Path(manager.directory) / str(step)} holds the data iterators of {written_by} process(es) "
         f"and this run has {here}: an exact resume needs the same number of processes "
-        f"(--num-processes {written_by}), or train in another --workdir")
+        f"(--num-processes {written_by}), or train in another --workdir"
+    )
 
 
-def restore(manager: ocp.CheckpointManager, template: dict, step: int | None = None, partial: bool = False,
-            iterator: bool = False) -> tuple[dict, dict]:
+def restore(
+    manager: ocp.CheckpointManager,
+    template: dict,
+    step: int | None = None,
+    partial: bool = False,
+    iterator: bool = False,
+) -> tuple[dict, dict]:
     """(train state shaped like `template`, extra JSON: config, stage; with `iterator`, also this
     process's Grain iterator state as ``extra["iterator"]``, a string for `set_state`).
 
@@ -107,7 +116,9 @@ def restore(manager: ocp.CheckpointManager, template: dict, step: int | None = N
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     if partial:
         check_whole_models(step_dir / "state", abstract)
-        args = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)
+        args = ocp.args.PyTreeRestore(
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
+        )
     else:
         args = ocp.args.StandardRestore(abstract)
     items = {"state": args, "extra": ocp.args.JsonRestore()}
@@ -158,12 +169,19 @@ def check_whole_models(state_dir: Path, abstract: dict) -> None:
         want, have = _paths(model), _paths(saved["models"][name])
         if want != have:
             extra, missing = sorted(have - want), sorted(want - have)
-            raise ValueError(f"model {name!r} differs: {len(extra)} saved variable(s) not in this model "
-                             f"({', '.join(extra[:2])}{', ...' if len(extra) > 2 else ''}), {len(missing)} missing")
+            raise ValueError(
+                f"model {name!r} differs: {len(extra)} saved variable(s) not in this model "
+                f"({', '.join(extra[:2])}{', ...' if len(extra) > 2 else ''}), {len(missing)} missing"
+            )
 
 
-def restore_newest_readable(manager: ocp.CheckpointManager, template: dict, set_aside: bool = False,
-                            partial: bool = False, iterator: bool = False):
+def restore_newest_readable(
+    manager: ocp.CheckpointManager,
+    template: dict,
+    set_aside: bool = False,
+    partial: bool = False,
+    iterator: bool = False,
+):
     """(state, extra, step) from the newest checkpoint that can be read; None when there is none.
 
     An unreadable checkpoint (truncated, half-copied) is reported in one line and the one
@@ -192,8 +210,10 @@ def restore_newest_readable(manager: ocp.CheckpointManager, template: dict, set_
             _set_aside(manager, [s for s in steps if s > step])
         return state, extra, step
     if problems:
-        raise JaxbratsError(f"no readable checkpoint in {manager.directory}: {'; '.join(f'{p.name} ({why})' for p, why in problems)}. "
-                            f"Remove them to start the stage again, or use another --workdir")
+        raise JaxbratsError(
+            f"no readable checkpoint in {manager.directory}: {'; '.join(f'{p.name} ({why})' for p, why in problems)}. "
+            f"Remove them to start the stage again, or use another --workdir"
+        )
     return None
 
 
@@ -260,4 +280,6 @@ def restore_model(directory, names: tuple[str, ...], abstract, key: str):
             return restore(manager, {"models": {name: template}}, partial=True)[0]["models"][name]
         except Exception as e:  # noqa: BLE001  each candidate's first line goes into the one error
             problems.append(f"{name}: {_first_line(e)[:160]}")
-    raise ConfigError(f"{key}: {directory} holds no model {' or '.join(names)} shaped like this run's: {'; '.join(problems)}")
+    raise ConfigError(
+        f"{key}: {directory} holds no model {' or '.join(names)} shaped like this run's: {'; '.join(problems)}"
+    )

@@ -67,8 +67,21 @@ def counts(name: str) -> dict:
 # --- what a compiled program exchanges between devices ------------------------------------
 
 COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-                "s64": 8, "u64": 8, "f64": 8}
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+}
 _COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 
@@ -82,7 +95,10 @@ def collectives(hlo_text: str) -> list[tuple[str, int]]:
         match = _COLLECTIVE.search(re.sub(r"/\*.*?\*/", "", line))  # tuple types carry /*index=k*/ comments
         if not match:
             continue
-        shapes = [_DTYPE_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _SHAPE.findall(match.group(1))]
+        shapes = [
+            _DTYPE_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
+            for t, dims in _SHAPE.findall(match.group(1))
+        ]
         if not shapes:
             continue
         # An async start's tuple holds its operand and its result: the result counts; a combined

@@ -88,7 +88,9 @@ def _read(fd: int) -> tuple[str, Holder | None]:
     text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
     try:
         data = json.loads(text)
-        return text, Holder(str(data["host"]), int(data["pid"]), str(data["started"]), str(data["what"]), data.get("run_id"))
+        return text, Holder(
+            str(data["host"]), int(data["pid"]), str(data["started"]), str(data["what"]), data.get("run_id")
+        )
     except (ValueError, TypeError, KeyError):
         return text, None
 
@@ -116,8 +118,11 @@ def _note_stale(path: Path, text: str, holder: Holder | None) -> None:
     if holder is None:
         print(f"note: {path}: taking over a stale lock (unreadable record {text[:60]!r})", file=sys.stderr)
     else:
-        print(f"note: {path}: taking over the stale lock of pid {holder.pid} on host {holder.host} "
-              f"(started {holder.started})", file=sys.stderr)
+        print(
+            f"note: {path}: taking over the stale lock of pid {holder.pid} on host {holder.host} "
+            f"(started {holder.started})",
+            file=sys.stderr,
+        )
 
 
 def _refuse(path: Path, holder: Holder | None, hint: str) -> JaxbratsError:
@@ -131,8 +136,10 @@ def _refuse_without_flock(path: Path, text: str, holder: Holder | None, hint: st
     else:
         where = "" if holder.host == socket.gethostname() else ", on another host, which cannot be checked from here"
         who = f"{holder.describe()}{where}"
-    return JaxbratsError(f"{path}: locked by {who} (this file system has no file locks, so the lock file's "
-                         f"record decides); {hint}; if that run is gone, delete {path}")
+    return JaxbratsError(
+        f"{path}: locked by {who} (this file system has no file locks, so the lock file's "
+        f"record decides); {hint}; if that run is gone, delete {path}"
+    )
 
 
 def _take(fd: int, path: Path, hint: str) -> None:

@@ -98,29 +98,39 @@ def distributed_settings(args, environ=None) -> dict:
             try:
                 value = kind(value)
             except ValueError:
-                raise JaxbratsError(f"{variable}={value!r}: not a whole number (it stands for {'--' + name.replace('_', '-')})") from None
+                raise JaxbratsError(
+                    f"{variable}={value!r}: not a whole number (it stands for {'--' + name.replace('_', '-')})"
+                ) from None
         out[name] = value
         out[name + "_from"] = flag
     address, n, i, timeout = out["coordinator"], out["num_processes"], out["process_id"], out["timeout"]
     if address is not None:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise JaxbratsError(f"{out['coordinator_from']} {address}: give the coordinator as HOST:PORT (process 0's host, a free port)")
+            raise JaxbratsError(
+                f"{out['coordinator_from']} {address}: give the coordinator as HOST:PORT (process 0's host, a free port)"
+            )
     if n is not None and n < 1:
         raise JaxbratsError(f"{out['num_processes_from']} {n}: the number of processes must be at least 1")
     if i is not None and n is None:
-        raise JaxbratsError(f"{out['process_id_from']} {i} needs --num-processes (or JAXBRATS_NUM_PROCESSES): "
-                            f"the number of processes of the run")
+        raise JaxbratsError(
+            f"{out['process_id_from']} {i} needs --num-processes (or JAXBRATS_NUM_PROCESSES): "
+            f"the number of processes of the run"
+        )
     if n == 1 and i is None:
         out["process_id"] = i = 0
     if n is not None and i is None:
-        raise JaxbratsError(f"{out['num_processes_from']} {n} needs --process-id (or JAXBRATS_PROCESS_ID): "
-                            f"this process's number, 0 to {n - 1}")
+        raise JaxbratsError(
+            f"{out['num_processes_from']} {n} needs --process-id (or JAXBRATS_PROCESS_ID): "
+            f"this process's number, 0 to {n - 1}"
+        )
     if i is not None and not 0 <= i < n:
         raise JaxbratsError(f"{out['process_id_from']} {i}: out of range for {n} processes (0 to {n - 1})")
     if n is not None and address is None:
-        raise JaxbratsError(f"{out['num_processes_from']} {n} needs --coordinator HOST:PORT (or JAXBRATS_COORDINATOR): "
-                            f"where process 0 listens")
+        raise JaxbratsError(
+            f"{out['num_processes_from']} {n} needs --coordinator HOST:PORT (or JAXBRATS_COORDINATOR): "
+            f"where process 0 listens"
+        )
     if timeout is not None and timeout < 1:
         raise JaxbratsError(f"{out['timeout_from']} {timeout}: the timeout must be at least 1 second")
     return {k: out[k] for k in ("coordinator", "num_processes", "process_id", "timeout")}
@@ -140,9 +150,13 @@ def start_distributed(coordinator=None, num_processes=None, process_id=None, tim
     who = f"process {process_id} of {num_processes}" if num_processes else "this process"
 
     def give_up():
-        print(f"jaxbrats: error: {who} could not start the distributed run within {wait} s: the coordinator "
-              f"{where} was not reached or not every process joined it (start all processes with the same "
-              f"--coordinator and --num-processes, or raise --timeout)", file=sys.stderr, flush=True)
+        print(
+            f"jaxbrats: error: {who} could not start the distributed run within {wait} s: the coordinator "
+            f"{where} was not reached or not every process joined it (start all processes with the same "
+            f"--coordinator and --num-processes, or raise --timeout)",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.stdout.flush()
         os._exit(1)
 
@@ -152,16 +166,21 @@ def start_distributed(coordinator=None, num_processes=None, process_id=None, tim
     start = time.monotonic()
     watchdog.start()
     try:
-        jax.distributed.initialize(coordinator, num_processes, process_id,
-                                   initialization_timeout=2 * wait + 30, **limits)  # the watchdog comes first
+        jax.distributed.initialize(
+            coordinator, num_processes, process_id, initialization_timeout=2 * wait + 30, **limits
+        )  # the watchdog comes first
     except (ValueError, TypeError, RuntimeError) as e:  # nothing detected, bad values, or a start that failed
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if None in (coordinator, num_processes, process_id) and "defined" in text:
-            raise JaxbratsError(f"--distributed: no cluster detected (SLURM, Open MPI, Cloud TPU) that gives what is missing "
-                                f"(JAX: {text}); give --coordinator HOST:PORT, --num-processes N and --process-id I "
-                                f"(or JAXBRATS_COORDINATOR, JAXBRATS_NUM_PROCESSES, JAXBRATS_PROCESS_ID)") from None
-        raise JaxbratsError(f"--distributed: could not start with coordinator {where} "
-                            f"after {time.monotonic() - start:.0f} s (timeout {wait} s): {text}") from None
+            raise JaxbratsError(
+                f"--distributed: no cluster detected (SLURM, Open MPI, Cloud TPU) that gives what is missing "
+                f"(JAX: {text}); give --coordinator HOST:PORT, --num-processes N and --process-id I "
+                f"(or JAXBRATS_COORDINATOR, JAXBRATS_NUM_PROCESSES, JAXBRATS_PROCESS_ID)"
+            ) from None
+        raise JaxbratsError(
+            f"--distributed: could not start with coordinator {where} "
+            f"after {time.monotonic() - start:.0f} s (timeout {wait} s): {text}"
+        ) from None
     finally:
         watchdog.cancel()
 

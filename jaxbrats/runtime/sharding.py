@@ -59,12 +59,16 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None, where: str = "train.m
     data = cfg.data or max(len(devices) // (model * space), 1)
     needed = data * model * space
     if needed > len(devices):
-        raise ConfigError(f"{where}: data {data} x space {space} x model {model} needs {needed} devices, "
-                          f"but {len(devices)} are visible")
+        raise ConfigError(
+            f"{where}: data {data} x space {space} x model {model} needs {needed} devices, "
+            f"but {len(devices)} are visible"
+        )
     processes = jax.process_count()
     if processes > 1 and (data % processes or needed != len(devices)):
-        raise ConfigError(f"{where}: with {processes} processes the mesh must use all {len(devices)} devices and "
-                          f"data ({data}) must be a multiple of {processes} (each process feeds its own samples)")
+        raise ConfigError(
+            f"{where}: with {processes} processes the mesh must use all {len(devices)} devices and "
+            f"data ({data}) must be a multiple of {processes} (each process feeds its own samples)"
+        )
     return Mesh(np.asarray(devices[:needed]).reshape(data, model, space), AXES)
 
 
@@ -79,8 +83,10 @@ def check_families(mesh: Mesh, families: dict[str, int]) -> None:
     m = mesh.shape["model"]
     for name, size in families.items():
         if size % m:
-            raise ConfigError(f"train.mesh.model = {m} must divide the {size} members of {name} "
-                              f"(choose a divisor of {size}, or change method.students)")
+            raise ConfigError(
+                f"train.mesh.model = {m} must divide the {size} members of {name} "
+                f"(choose a divisor of {size}, or change method.students)"
+            )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -141,6 +147,7 @@ def with_shardings(abstract, shardings):
 
 
 # --- evaluation: volumes split while one program segments a case -------------------------------
+
 
 def eval_mesh(cfg: EvalConfig) -> Mesh | None:
     """The evaluation's mesh (`eval.mesh`: space splits each window's depth, data a window batch);
