@@ -70,76 +70,40 @@ def _prepare(args) -> int:
 def _train(args) -> int:
     from jaxbrats.engine.trainer import train
     from jaxbrats.methods import load_config
-    from jaxbrats.runtime.processes import distributed_settings, lead, start_distributed, stop_process
+    from jaxbrats.runtime.processes import distributed_settings, run_distributed
 
     settings = distributed_settings(args)
     config = load_config(args.config, args.set)
+
+    def work() -> None:
+        train(config, args.workdir, args.data, stop_after=args.stop_after, only=tuple(args.stage))
+
+    done = f"{'stopped' if args.stop_after else 'trained'} {config.method_name} in {args.workdir}"
     if not args.distributed:
-        train(config, args.workdir, args.data, stop_after=args.stop_after, only=tuple(args.stage))
-        print(f"{'stopped' if args.stop_after else 'trained'} {config.method_name} in {args.workdir}")
+        work()
+        print(done)
         return 0
-    import jax
-
-    where = "this process"
-    try:
-        start_distributed(**settings)  # before any computation
-        where = f"process {jax.process_index()} of {jax.process_count()}"
-        train(config, args.workdir, args.data, stop_after=args.stop_after, only=tuple(args.stage))
-    except JaxbratsError as e:  # every process meets the same problem and says it once
-        print(f"jaxbrats: error: {e}", file=sys.stderr)
-        stop_process(1)
-    except OSError as e:  # as `main` words it
-        print(f"jaxbrats: error: {e.filename or ''}: {e.strerror or e} ({where})", file=sys.stderr)
-        stop_process(1)
-    except jax.errors.JaxRuntimeError as e:  # a collective failed: most often another process stopped
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        print(
-            f"jaxbrats: error: {where} stopped: {first} (has another process failed? see its output)", file=sys.stderr
-        )
-        stop_process(1)
-    except KeyboardInterrupt:
-        print(f"jaxbrats: interrupted ({where})", file=sys.stderr)
-        stop_process(130)
-    except BaseException:  # noqa: BLE001  a bug: its traceback, then out without waiting for the peers
-        import traceback
-
-        traceback.print_exc()
-        stop_process(1)
-    if lead():
-        print(
-            f"{'stopped' if args.stop_after else 'trained'} {config.method_name} in {args.workdir} "
-            f"({jax.process_count()} processes)"
-        )
+    count = run_distributed(work, settings)  # a failure ends this process with its line
+    if count is not None:  # process 0
+        print(f"{done} ({count} processes)")
     return 0
 
 
 def _eval(args) -> int:
     from jaxbrats.data.cache import CacheDataset
-    from jaxbrats.engine.workdir import load_splits
+    from jaxbrats.engine.workdir import split_cases
     from jaxbrats.evaluation.program import evaluate
     from jaxbrats.evaluation.reports import markdown_table
-    from jaxbrats.inference.trained import load_trained
+    from jaxbrats.inference.trained import load_trained, served_step
 
     if args.figures < 0:
         raise JaxbratsError(f"--figures must be 0 or more, got {args.figures}")
     method, graphdefs, models, config = load_trained(
         args.workdir, stage=args.stage, overrides=args.set, segmenting=True
     )
-    cache = CacheDataset(args.data)
-    if args.split == "all":
-        ids = cache.case_ids
-    else:
-        splits = load_splits(Path(args.workdir), cache)
-        if args.split not in splits or not splits[args.split]:
-            raise JaxbratsError(f"{Path(args.workdir) / 'splits.json'}: no cases in split {args.split!r}")
-        ids = splits[args.split]
-    step = 0
-    if (
-        args.figures
-    ):  # TensorBoard's step of the figures: the newest checkpoint of the stage served (what load_trained restores)
-        from jaxbrats.runtime.checkpoints import existing_manager
-
-        step = existing_manager(Path(args.workdir), method.serving).latest_step() or 0
+    ids = split_cases(Path(args.workdir), CacheDataset(args.data), args.split)
+    # TensorBoard's step of the figures: the newest checkpoint of the stage served
+    step = served_step(args.workdir, method) if args.figures else 0
     summary = evaluate(
         method,
         graphdefs,
@@ -164,9 +128,8 @@ def _listed(text: str | None) -> list[str] | None:
 def _plot(args) -> int:
     from jaxbrats.evaluation.plots import plot_runs
 
-    print(
-        f"wrote {plot_runs(args.workdirs, args.out, names=_listed(args.names), keys=_listed(args.keys), smooth=args.smooth)}"
-    )
+    written = plot_runs(args.workdirs, args.out, names=_listed(args.names), keys=_listed(args.keys), smooth=args.smooth)
+    print(f"wrote {written}")
     return 0
 
 
@@ -247,22 +210,7 @@ def _bench(args) -> int:
     return benchmark.main(args)
 
 
-def enable_compile_cache() -> None:
-    """Keep XLA programs on disk, so a repeated run skips compilation ($JAXBRATS_COMPILE_CACHE, '' disables)."""
-    import os
-
-    path = os.environ.get("JAXBRATS_COMPILE_CACHE", str(Path("~/.cache/jaxbrats/xla").expanduser()))
-    if path:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", path)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxbrats", description="Missing-modality brain tumour segmentation in JAX.")
-    parser.add_argument("--version", action="version", version=f"jaxbrats {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_phantom(sub) -> None:
     p = sub.add_parser("phantom", help="write a synthetic BraTS-like dataset as NIfTI files")
     p.add_argument("out_dir")
     p.add_argument("--cases", type=int, default=8)
@@ -272,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=_phantom)
 
+
+def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="check a BraTS dataset and preprocess it into a cache")
     p.add_argument("data_dir")
     p.add_argument("cache_dir", nargs="?", help="required unless --check-only")
@@ -294,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=_prepare)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a method; resumes when WORKDIR holds a checkpoint")
     p.add_argument("--config", required=True, help="TOML config (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (TOML value)")
@@ -333,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_train)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score all 15 modality subsets of a split")
     p.add_argument("--workdir", required=True)
     p.add_argument("--data", required=True, help="prepared cache directory")
@@ -366,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_eval)
 
+
+def _add_plot(sub) -> None:
     p = sub.add_parser("plot", help="training curves (losses, learning rates) of runs from their metrics.jsonl")
     p.add_argument("workdirs", nargs="+", metavar="WORKDIR")
     p.add_argument("--out", required=True, help="output figure; the format follows the suffix: .png, .pdf, .svg")
@@ -382,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_plot)
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser(
         "predict", help="segment a case folder, or every case of a folder, with the modality files each has"
     )
@@ -402,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", help="segment with the models of this stage (default: the last that segments)")
     p.set_defaults(func=_predict)
 
+
+def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="several evaluations side by side: 15-subset tables, Wilcoxon tests, charts")
     p.add_argument("eval_dirs", nargs="+", metavar="EVAL_DIR", help="outputs of `jaxbrats eval` on the same cases")
     p.add_argument("--out", required=True, help="output directory")
@@ -411,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", metavar="NAME", help="the run the others are tested against (default: the first)")
     p.set_defaults(func=_compare)
 
+
+def _add_import_m3ae(sub) -> None:
     p = sub.add_parser("import-m3ae", help="the official M3AE PyTorch checkpoint as a jaxbrats run (for eval, predict)")
     p.add_argument(
         "checkpoint",
@@ -430,16 +392,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_import_m3ae)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="phantom -> prepare -> train the baseline -> evaluate all 15 subsets")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantom and of training")
     p.set_defaults(func=_demo)
 
+
+def _add_bench(sub) -> None:
     from jaxbrats.interop.benchmark import add_arguments
 
     p = sub.add_parser("bench", help="time the train step, forward pass and 15-subset evaluation (JAX vs PyTorch)")
     add_arguments(p)
     p.set_defaults(func=_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxbrats", description="Missing-modality brain tumour segmentation in JAX.")
+    parser.add_argument("--version", action="version", version=f"jaxbrats {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_phantom,
+        _add_prepare,
+        _add_train,
+        _add_eval,
+        _add_plot,
+        _add_predict,
+        _add_compare,
+        _add_import_m3ae,
+        _add_demo,
+        _add_bench,
+    ):
+        add(sub)
     return parser
 
 
@@ -450,7 +435,9 @@ def main(argv=None) -> int:
     args.command_line = " ".join(["jaxbrats", *argv])
     if args.command == "prepare" and not args.check_only and not args.cache_dir:
         parser.error("prepare needs CACHE_DIR (or --check-only)")
-    enable_compile_cache()
+    from jaxbrats.runtime.compilation import enable_persistent_cache
+
+    enable_persistent_cache()
     try:
         return args.func(args)
     except JaxbratsError as e:

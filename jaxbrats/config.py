@@ -20,6 +20,7 @@ import typing
 from pathlib import Path
 
 from jaxbrats.errors import ConfigError  # noqa: F401  (re-exported: config and methods both raise it)
+from jaxbrats.files import write_text_atomic
 
 # --- value checks: each raises ConfigError naming the key and the bad value -------------------
 
@@ -165,21 +166,39 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    cache: str = ""  # prepared cache directory (`--data` overrides)
+class LoaderConfig:
+    """How the training loader cuts, augments and loads crops (`jaxbrats.data.pipeline`).
+
+    Declared once: ``[data]`` (`DataConfig`) holds these keys, and the loader's own settings
+    (`data.pipeline.PipelineConfig`) are these plus what a run's stage decides.
+    """
+
     crop_size: tuple[int, int, int] = (128, 128, 128)
-    batch_size: int = 2  # global batch, split over the data axis of the mesh
+    #: Probability that a crop is centred on a tumour voxel (class chosen uniformly).
     foreground_oversample: float = 0.33
+    #: Probability of a flip along each spatial axis.
     flip_probability: float = 0.5
+    #: Per-channel intensity x * U(1 - scale, 1 + scale) + U(-shift, shift) (M3AE: 0.1, 0.1),
+    #: on the case's voxels (padding stays 0).
     intensity_scale: float = 0.1
     intensity_shift: float = 0.1
-    #: Random rotation of each crop (`jaxbrats.data.pipeline`): by U(-rotation_degrees,
-    #: rotation_degrees) degrees in one of the three axis planes, with `rotation_probability`;
-    #: 0 degrees (the default) disables it. Not for M3AE (its x_sub is read where the crop lies).
+    #: Random rotation of each crop: by U(-rotation_degrees, rotation_degrees) degrees in one of
+    #: the three axis planes (chosen uniformly), with `rotation_probability`; 0 degrees (the
+    #: default) disables it and draws no random numbers (the stream is unchanged). Not for M3AE
+    #: (its x_sub is read where the crop lies).
     rotation_degrees: float = 0.0
     rotation_probability: float = 1.0
+    #: Loader processes (0: in the main process) and batches each one prefetches.
     workers: int = 0
     prefetch: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(LoaderConfig):
+    """``[data]``: the cache, the global batch, the split, and the loader's settings (`LoaderConfig`)."""
+
+    cache: str = ""  # prepared cache directory (`--data` overrides)
+    batch_size: int = 2  # global batch, split over the data axis of the mesh
     #: Where the train/val/test split comes from: "files" (train_split, val_split, test_split:
     #: one case id per line; for datasets whose papers publish a split), "ratio" (a seeded
     #: ratio split of the cache) or "auto" (the files when train_split is set, else the ratios).
@@ -268,13 +287,15 @@ class EvalConfig:
             check_entries(bucket, self.bucket, 1)
             if any(b < w for b, w in zip(self.bucket, self.window)):
                 raise ConfigError(
-                    f"{bucket} entries must be >= {_key(where, 'window')} {_show(self.window)}, got {_show(self.bucket)}"
+                    f"{bucket} entries must be >= {_key(where, 'window')} {_show(self.window)}, "
+                    f"got {_show(self.bucket)}"
                 )
         check_range(_key(where, "bucket_multiple"), self.bucket_multiple, 1)
         self.mesh.validate(_key(where, "mesh"))
         if self.mesh.data and self.window_batch % self.mesh.data:
             raise ConfigError(
-                f"{_key(where, 'mesh.data')} = {self.mesh.data} must divide {_key(where, 'window_batch')} = {self.window_batch}"
+                f"{_key(where, 'mesh.data')} = {self.mesh.data} must divide "
+                f"{_key(where, 'window_batch')} = {self.window_batch}"
             )
 
 
@@ -334,7 +355,8 @@ class Config:
             if any(s % factor for s in size):
                 raise ConfigError(
                     f"{_key(where, name)} entries must be divisible by {factor} (the U-Net halves them "
-                    f"{len(self.model.widths) - 1} times: model.widths has {len(self.model.widths)} levels), got {_show(size)}"
+                    f"{len(self.model.widths) - 1} times: model.widths has {len(self.model.widths)} levels), "
+                    f"got {_show(size)}"
                 )
         # Volume sharding: every level's depth splits into whole slabs of the "space" devices.
         for mesh, name, size in (
@@ -344,9 +366,9 @@ class Config:
             space = getattr(self, mesh.split(".")[0]).mesh.space
             if size[0] % (factor * space):
                 raise ConfigError(
-                    f"{_key(where, name)}[0] = {size[0]} must be divisible by {factor * space}: {_key(where, mesh)}.space = "
-                    f"{space} devices split the depth of each of the U-Net's {len(self.model.widths)} levels "
-                    f"(the coarsest is {factor}x smaller)"
+                    f"{_key(where, name)}[0] = {size[0]} must be divisible by {factor * space}: "
+                    f"{_key(where, mesh)}.space = {space} devices split the depth of each of the U-Net's "
+                    f"{len(self.model.widths)} levels (the coarsest is {factor}x smaller)"
                 )
 
 
@@ -391,7 +413,8 @@ def build(cls, data: dict, where: str = ""):
     prefix = where + "." if where else ""
     if unknown:
         raise ConfigError(
-            f"unknown key(s) {', '.join(prefix + k for k in unknown)} (known in {where or 'the top level'}: {', '.join(names)})"
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)} "
+            f"(known in {where or 'the top level'}: {', '.join(names)})"
         )
     values = {k: _typed(hints[k], v, prefix + k) for k, v in data.items()}
     obj = cls(**values)
@@ -463,4 +486,4 @@ def parse_config(data: dict, source: str = "config") -> Config:
 
 
 def save_config(config: Config, path) -> None:
-    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    write_text_atomic(path, json.dumps(to_dict(config), indent=2) + "\n")

@@ -79,9 +79,8 @@ def run(workdir: Path, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     trainer = Trainer(config, run_dir, cache_dir)
     trainer.run()
-    print(
-        f"trained the baseline for {config.stages['train'].steps} steps ({time.perf_counter() - t0:.0f} s); logs in {run_dir}"
-    )
+    steps, seconds = config.stages["train"].steps, time.perf_counter() - t0
+    print(f"trained the baseline for {steps} steps ({seconds:.0f} s); logs in {run_dir}")
 
     t0 = time.perf_counter()
     method, graphdefs, models, config = load_trained(run_dir)

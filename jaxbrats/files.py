@@ -1,4 +1,4 @@
-"""Temporary files and folders that end up with the permissions the user's umask gives.
+"""Temporary files and folders with the permissions the user's umask gives, and atomic writes.
 
 `tempfile.mkstemp`/`mkdtemp` create 0600 files and 0700 folders whatever the
 umask (they are meant to be private). jaxbrats writes through them only to
@@ -6,6 +6,9 @@ rename the result into place, so a shared cache or results folder would be
 unreadable to the rest of a group. These wrappers create the same way, then
 set the mode a plain `open`/`mkdir` would have given (0666 / 0777 & ~umask)
 before anything is renamed into place.
+
+`write_atomic` and `write_text_atomic` are the library's one way to write a file: beside it under
+a temporary name, then renamed into place, so a reader never finds half a file.
 """
 
 from __future__ import annotations
@@ -57,11 +60,26 @@ def mkstemp(prefix: str, suffix: str, dir) -> Path:
     return Path(path)
 
 
+#: Suffixes that name a compression: a writer that picks its format from the name (nibabel for
+#: ``.nii.gz``) needs the suffix before them too.
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+
+
+def full_suffix(path) -> str:
+    """The suffix a writer reads its format from: ``.nii.gz`` for ``case.nii.gz``, ``.json`` for
+    ``case.v2.json`` (only a compression suffix brings the one before it along)."""
+    suffixes = Path(path).suffixes
+    if len(suffixes) >= 2 and suffixes[-1].lower() in COMPRESSED_SUFFIXES:
+        return "".join(suffixes[-2:])
+    return Path(path).suffix
+
+
 def write_atomic(path, write) -> None:
-    """Write `path` by calling `write(tmp)` on a temporary file beside it (same suffix, the umask's
-    mode), then renaming it into place: a reader never finds half a file under the final name."""
+    """Write `path` by calling `write(tmp)` on a temporary file beside it (the same suffix, compound
+    ones such as ``.nii.gz`` whole: `full_suffix`; the umask's mode), then renaming it into place: a
+    reader never finds half a file under the final name, and a failed write leaves none there."""
     path = Path(path)
-    tmp = mkstemp(prefix=".partial-", suffix=path.suffix, dir=path.parent)
+    tmp = mkstemp(prefix=".partial-", suffix=full_suffix(path), dir=path.parent)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -71,4 +89,5 @@ def write_atomic(path, write) -> None:
 
 
 def write_text_atomic(path, text: str) -> None:
+    """`write_atomic` of a text file."""
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))

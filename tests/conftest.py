@@ -1,15 +1,51 @@
+"""The suite's set-up: XLA flags, one compilation cache for the run, the order files run in, fixtures."""
+
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-# The CLI keeps compiled programs on disk by default; tests start cold and write nothing outside tmp.
+# The environment first, before JAX starts (subprocesses inherit it; `with_xla_flags` adds to it).
+# The CLI keeps compiled programs in ~/.cache by default: not in tests (the cache below is theirs).
 os.environ["JAXBRATS_COMPILE_CACHE"] = ""
 # Two test workers (pytest-xdist) share one accelerator where there is one: no preallocation.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # The suite is compile-bound (tiny inputs, many small programs): XLA:CPU's backend (LLVM) without
-# optimisation compiles them about a third faster (RIRN's tests: 110 -> 69 s). Set before JAX
-# starts; subprocesses inherit it (`with_xla_flags` adds to it).
-XLA_TEST_FLAGS = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS}".strip()
+# optimisation compiles them about a third faster (RIRN's tests: 110 -> 69 s).
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# One persistent XLA compilation cache for the whole run: the suite trains the same tiny programs
+# again and again (a second identical engine.train: 45 s cold, 19.5 s warm). The first process
+# (xdist's controller, or the one process of `-n 0`) names a temporary folder after its pid; the
+# workers inherit the name, so a program compiled by one worker is loaded by the other. Tests that
+# count compilations count the loaded programs with the compiled ones. Set the variable to a
+# folder of your own to keep the cache across runs.
+os.environ.setdefault("JAXBRATS_TEST_COMPILE_CACHE", f"{tempfile.gettempdir()}/jaxbrats-tests-xla-{os.getpid()}")
+
+import jax
+import pytest
+
+from jaxbrats.data.phantom import write_phantom
+from jaxbrats.data.preprocess import prepare_dataset
+
+COMPILE_CACHE = Path(os.environ["JAXBRATS_TEST_COMPILE_CACHE"])
+
+
+def _remove_dead_caches() -> None:
+    """The caches of runs that were killed before they could remove theirs (their process is gone)."""
+    for folder in COMPILE_CACHE.parent.glob("jaxbrats-tests-xla-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not Path(f"/proc/{pid}").exists()):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if COMPILE_CACHE.name == f"jaxbrats-tests-xla-{os.getpid()}":  # named here: removed when this process exits
+    if Path("/proc/self").exists():
+        _remove_dead_caches()
+    atexit.register(shutil.rmtree, COMPILE_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", str(COMPILE_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every program, however quick
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # and however small
 
 
 def with_xla_flags(*flags: str) -> dict:
@@ -17,10 +53,15 @@ def with_xla_flags(*flags: str) -> dict:
     return dict(os.environ, XLA_FLAGS=" ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip(), JAX_PLATFORMS="cpu")
 
 
-import pytest
+#: Seconds each test file took (`--durations`, 2 workers on 2 busy cores). xdist's `--dist loadfile`
+#: hands files out in collection order (`--no-loadscope-reorder`): heaviest first, so that no long
+#: file starts last while the other worker idles. A file not listed counts as light.
+FILE_SECONDS = {}
 
-from jaxbrats.data.phantom import write_phantom
-from jaxbrats.data.preprocess import prepare_dataset
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0.0))  # stable: a file's tests keep their order
+
 
 FIXTURES = Path(os.environ.get("JAXBRATS_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "brats_fixtures"))
 
@@ -80,3 +121,38 @@ def trained_run(phantom_cache, tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("run")
     train(tiny_config(), workdir, phantom_cache)
     return workdir
+
+
+#: M3AE's phantom config shrunk to the test phantom (24^3 cases): 16^3 crops, 8^3 patches, a few steps.
+M3AE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "m3ae_phantom.toml"
+M3AE_TINY = [
+    "model.widths=[8,8,8,8]",
+    "data.crop_size=[16,16,16]",
+    "data.split_ratios=[0.67,0.0,0.33]",
+    "method.substitute_shape=[24,24,24]",
+    "stages.pretrain.steps=3",
+    "stages.finetune.steps=4",
+    "stages.pretrain.optimizers.model.warmup_steps=0",
+    "stages.finetune.optimizers.model.warmup_steps=0",
+    "train.log_every=1",
+    "train.checkpoint_every=2",
+    "train.progress=false",
+    "eval.window=[16,16,16]",
+    "eval.bucket_multiple=8",
+    "eval.hd95=false",
+]
+
+
+def m3ae_config(*extra):
+    from jaxbrats.methods import load_config
+
+    return load_config(M3AE_CONFIG, M3AE_TINY + list(extra))
+
+
+@pytest.fixture(scope="session")
+def m3ae_run(phantom_cache, tmp_path_factory):
+    """(work directory, trainer) of a tiny M3AE run, both stages (3 pretraining, 4 fine-tuning steps)."""
+    from jaxbrats.engine.trainer import train
+
+    workdir = tmp_path_factory.mktemp("m3ae")
+    return workdir, train(m3ae_config(), workdir, phantom_cache)

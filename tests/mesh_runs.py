@@ -79,6 +79,7 @@ METHODS = {
 def run(cache: Path, out: Path, method: str, mesh: str) -> dict:
     from jaxbrats import engine
     from jaxbrats.data.cache import CacheDataset
+    from jaxbrats.engine import trainer as trainer_module
     from jaxbrats.evaluation.program import evaluate
     from jaxbrats.inference.trained import load_trained
     from jaxbrats.methods import load_config
@@ -92,18 +93,18 @@ def run(cache: Path, out: Path, method: str, mesh: str) -> dict:
     )
     workdir = out / f"{method}-{mesh.replace(',', 'x')}"
     collectives = {}
-    compile_step = engine.Trainer.compile_step
+    compile_step = trainer_module.compile_step
 
-    def recording(self, stage, *args):  # the compiled step's collectives, from its HLO
-        compiled = compile_step(self, stage, *args)
-        collectives[stage] = compilation.collectives(compiled.as_text())
-        return compiled
+    def recording(step_fn, *args):  # each stage's compiled step's collectives, from its HLO
+        compiled, counts = compile_step(step_fn, *args)
+        collectives[step_fn.__name__.removeprefix("train_step_")] = compilation.collectives(compiled.as_text())
+        return compiled, counts
 
-    engine.Trainer.compile_step = recording
+    trainer_module.compile_step = recording
     try:
         engine.train(config, workdir, cache)
     finally:
-        engine.Trainer.compile_step = compile_step
+        trainer_module.compile_step = compile_step
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = [
         {k: v for k, v in r.items() if k == "step" or k == "stage" or k.endswith("loss")}

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import TINY
 from flax import nnx
-from helpers import assert_resume_is_bit_for_bit, synthetic_batch
+from helpers import synthetic_batch
 
 from jaxbrats import engine
 from jaxbrats.cli import main
@@ -60,6 +60,22 @@ def acdis(*extra):
     method = get_method("acdis")(acdis_config(*extra))
     method.steps_per_epoch = STEPS_PER_EPOCH  # what `setup` derives from the training cases
     return method
+
+
+@pytest.fixture(scope="module")
+def built():
+    """(method, its models) of the config above, made once: the tests that take them only read them."""
+    method = acdis()
+    return method, method.init_models("train", nnx.Rngs(0))
+
+
+def built_with(built, *extra):
+    """`built` when the settings `extra` leave the method's options and model as they are (e.g. a
+    default set again), else a method and models made anew."""
+    method = acdis(*extra)
+    if method.options == built[0].options and method.config.model == built[0].config.model:
+        return built
+    return method, method.init_models("train", nnx.Rngs(0))
 
 
 def batch_with_masks(seed, masks=((True, False, True, False), (False, False, False, True))):
@@ -196,9 +212,8 @@ def test_one_mfsb_pass_gives_the_gradient_of_a_second_pass_on_stopped_features()
 
 
 @pytest.mark.parametrize("how", ["vmap", "unroll"])
-def test_stacked_mono_encoders_equal_four_separate_encoders(how):
-    method = acdis(f"model.family_map='{how}'")
-    models = method.init_models("train", nnx.Rngs(0))
+def test_stacked_mono_encoders_equal_four_separate_encoders(how, built):
+    method, models = built_with(built, f"model.family_map='{how}'")
     assert family.size(models["mono"]) == M and method.families("train") == {"mono": M}
     image = jnp.asarray(synthetic_batch(0)["image"])
     stacked = jax.jit(lambda x: method.encode(models, x))(image)
@@ -218,9 +233,8 @@ def test_stacked_mono_encoders_equal_four_separate_encoders(how):
 # --- the objective ------------------------------------------------------------------------------------------
 
 
-def test_the_loss_is_eq12_with_six_segmentation_outputs():
-    method = acdis()
-    models = method.init_models("train", nnx.Rngs(0))
+def test_the_loss_is_eq12_with_six_segmentation_outputs(built):
+    method, models = built
     batch = batch_with_masks(1)
 
     @jax.jit
@@ -274,9 +288,8 @@ def test_the_start_epochs_switch_the_terms_on_without_recompiling():
     assert run._cache_size() == 1  # the step is data: one program
 
 
-def test_no_gradient_reaches_the_auxiliary_encoder_through_acct():
-    method = acdis()
-    models = method.init_models("train", nnx.Rngs(0))
+def test_no_gradient_reaches_the_auxiliary_encoder_through_acct(built):
+    method, models = built
     image = batch_with_masks(3)["image"]
     aux_graph, aux_state = nnx.split(models["aux_encoder"])
     mono_graph, mono_state = nnx.split(models["mono"])
@@ -329,11 +342,10 @@ def _dot_operand_shapes(jaxpr):
 
 
 @pytest.mark.parametrize("to_encoders", [True, False])
-def test_the_mfsb_runs_once_per_step(to_encoders):
+def test_the_mfsb_runs_once_per_step(to_encoders, built):
     """The train step's gradient program has one eq. 5 product GAP(f_ava) W1 per level: f_comp and the
     synthesis losses share the MFSB's pass, whichever way L_syn's gradient goes."""
-    method = acdis(f"method.syn_grad_encoders={str(to_encoders).lower()}")
-    models = method.init_models("train", nnx.Rngs(0))
+    method, models = built_with(built, f"method.syn_grad_encoders={str(to_encoders).lower()}")
     batch = batch_with_masks(9)
     graphs = {name: nnx.split(models[name]) for name in ("mono", "completion")}
 
@@ -348,9 +360,8 @@ def test_the_mfsb_runs_once_per_step(to_encoders):
     assert sum(found.count(shapes) for shapes in set(eq5)) == len(widths)
 
 
-def test_inference_uses_no_auxiliary_part_and_ignores_missing_modalities():
-    method = acdis()
-    models = method.init_models("train", nnx.Rngs(0))
+def test_inference_uses_no_auxiliary_part_and_ignores_missing_modalities(built):
+    method, models = built
     served = {name: models[name] for name in INFERENCE_MODELS}
     assert set(method.inference_models("train")) == {"mono", "completion", "fuse_decoder"}
     image = batch_with_masks(4)["image"]
@@ -500,15 +511,16 @@ def test_settings_are_checked():
 # --- resume, compilation, evaluation --------------------------------------------------------------------
 
 
-def test_resume_mid_stage_is_bit_for_bit(tmp_path):
-    batches = [batch_with_masks(s) for s in range(4)]  # the synthesis switches on at step 2, after the resume
-    assert_resume_is_bit_for_bit(acdis(), "train", batches, tmp_path)
+@pytest.fixture(scope="module")
+def acdis_run(phantom_cache, tmp_path_factory):
+    """(work directory, trainer) of the config above trained through the engine: 4 steps, checkpoints at 2 and 4."""
+    workdir = tmp_path_factory.mktemp("acdis")
+    return workdir, engine.train(acdis_config(), workdir, phantom_cache)
 
 
-def test_trains_and_evaluates_with_one_compilation_each(phantom_cache, tmp_path):
-    workdir = tmp_path / "acdis"
-    trainer = engine.train(acdis_config(), workdir, phantom_cache)
-    assert trainer.compilations == {"train": {"compiled": 1, "loaded": 0}}
+def test_trains_and_evaluates_with_one_compilation_each(acdis_run, phantom_cache, tmp_path):
+    workdir, trainer = acdis_run
+    assert sum(trainer.compilations["train"].values()) == 1  # compiled, or loaded from the suite's cache
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     synthesis = [r["synthesis_on"] for r in rows if "synthesis_on" in r]
     assert synthesis[0] == 0.0 and synthesis[-1] == 1.0  # 4 cases / batch 2: epoch 1 starts at step 2
@@ -520,5 +532,18 @@ def test_trains_and_evaluates_with_one_compilation_each(phantom_cache, tmp_path)
     )
     assert all(row["served"] for row in summary["subsets"]) and summary["mean"]["rows"] == 15
     settings = json.loads((tmp_path / "eval" / "eval_settings.json").read_text())
-    assert settings["compilations"] == 1
+    assert settings["compilations"] + settings["loaded_from_cache"] == 1
     assert settings["decoding"] == "argmax"  # RFNet's evaluation, which ACDIS follows
+
+
+def test_resume_mid_stage_is_bit_for_bit(acdis_run, phantom_cache, tmp_path):
+    """Stopped at step 2 and resumed through the engine (the synthesis switches on at step 2, after
+    the resume): the losses and the final train state are the uninterrupted run's, bit for bit."""
+    from test_engine import assert_bitwise_equal, final_state
+
+    whole_dir, whole = acdis_run
+    engine.train(acdis_config(), tmp_path, phantom_cache, stop_after=2)
+    rest = engine.train(acdis_config(), tmp_path, phantom_cache)
+    assert [(step, loss) for _, step, loss in rest.losses] == [(step, loss) for _, step, loss in whole.losses[2:]]
+    assert [step for _, step, _ in rest.losses] == [3, 4]
+    assert_bitwise_equal(final_state(tmp_path, acdis_config()), final_state(whole_dir, acdis_config()))

@@ -127,7 +127,10 @@ def test_mix_weights_cannot_collapse_under_the_optimiser(latents):
     """Gradient descent on the raw weights alone, at a huge rate, ends inside the bounds."""
     floor = 0.1
     raw = jnp.zeros(J)
-    loss = lambda r: jnp.sum(mix_alignment(jnp.asarray(latents), mix_weights(r, floor)))
+
+    def loss(r):
+        return jnp.sum(mix_alignment(jnp.asarray(latents), mix_weights(r, floor)))
+
     for _ in range(200):
         raw = raw - 100.0 * jax.grad(loss)(raw)
     w = np.asarray(mix_weights(raw, floor))

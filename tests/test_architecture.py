@@ -47,3 +47,28 @@ def test_each_face_says_what_it_holds_and_its_names_resolve(package):
             assert value is importlib.import_module(f"jaxbrats.{package.name}.{name}"), (
                 f"jaxbrats.{package.name}.{name}"
             )
+
+
+LONGEST = 150  # lines: a class or function past this is a sign to split it by responsibility
+
+
+def test_no_class_or_function_is_over_150_lines():
+    long = []
+    for path in sorted((ROOT / "jaxbrats").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > LONGEST:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []
+
+
+def test_nothing_cites_a_file_outside_the_repository():
+    tracked = [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in {".py", ".md", ".toml", ".sh", ".txt"}]
+    tracked = [p for p in tracked if not any(part.startswith(".") or part.endswith(".egg-info") for part in p.parts)]
+    cited = [
+        str(p.relative_to(ROOT))
+        for p in tracked
+        if any(s in p.read_text() for s in ("METHODS" + ".md", "../" + "shared", "papers" + "/"))
+    ]
+    assert cited == []

@@ -2,6 +2,8 @@
 
 import json
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxbrats.cli import main
@@ -9,8 +11,25 @@ from jaxbrats.cli import main
 TINY_MODEL = ["--widths", "8", "8", "8", "8", "--blocks", "1", "1", "1", "1"]
 
 
-def test_bench_times_jax_and_torch_side_by_side(tmp_path, capsys):
+def test_bench_times_jax_and_torch_side_by_side(tmp_path, capsys, monkeypatch):
     torch = pytest.importorskip("torch")
+    from flax import nnx
+
+    from jaxbrats.interop import benchmark
+
+    # Like is timed against like: each PyTorch side, as the bench makes it, computes the JAX
+    # side's forward pass from the same weights.
+    forwards, make_torch_side = [], benchmark.TorchSide.__init__
+
+    def made_and_compared(side, jax_side, dtype, compiled):
+        make_torch_side(side, jax_side, dtype, compiled)
+        image = np.random.default_rng(len(forwards)).normal(size=(1, 16, 16, 16, 4)).astype(np.float32)
+        unet = nnx.merge(jax_side.graphdefs["unet"], jax_side.model_state())
+        with torch.no_grad():
+            theirs = np.moveaxis(side.model(side._tensor(image))["logits"].cpu().numpy(), 1, -1)
+        forwards.append((np.asarray(unet(jnp.asarray(image))["logits"]), theirs))
+
+    monkeypatch.setattr(benchmark.TorchSide, "__init__", made_and_compared)
     out = tmp_path / "bench.json"
     rc = main(
         [
@@ -51,6 +70,10 @@ def test_bench_times_jax_and_torch_side_by_side(tmp_path, capsys):
     assert evaluation["size"] == [24, 16, 16] and evaluation["window"] == [16, 16, 16]
     printed = capsys.readouterr().out
     assert "torch/jax" in printed and "eval_15_subsets" in printed
+    assert len(forwards) == 2  # the train and forward rows' sides, and the evaluation's
+    for ours, theirs in forwards:
+        assert np.abs(ours).max() > 0.1
+        np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
 
 def test_bench_without_torch_rows_times_jax_only(tmp_path):

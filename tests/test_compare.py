@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.colors
+import matplotlib.image
 import numpy as np
 import pytest
 from scipy import stats
@@ -57,9 +59,16 @@ def three_runs(tmp_path_factory):
     return root, paths, {"ref": base, "better": better, "noisy": noisy}
 
 
-def test_tables_bold_the_best_and_mark_p_from_scipy(three_runs, tmp_path):
+@pytest.fixture(scope="module")
+def compared(three_runs, tmp_path_factory):
+    """(compare's result, its folder) of the three runs, "ref" the reference."""
+    out = tmp_path_factory.mktemp("compared")
+    return compare(three_runs[1], out), out
+
+
+def test_tables_bold_the_best_and_mark_p_from_scipy(three_runs, compared):
     _, paths, dice = three_runs
-    result = compare(paths, tmp_path / "out")
+    result, out = compared
     assert result["names"] == ["ref", "better", "noisy"]  # <run>/eval folders take the run's name
     t = result["tables"]["dice"]
     for i, name in enumerate(t.names):  # the means are each run's own summary.json
@@ -83,19 +92,68 @@ def test_tables_bold_the_best_and_mark_p_from_scipy(three_runs, tmp_path):
         assert t.values[i, 15] == pytest.approx(100 * dice[name][:, shared].mean(axis=(0, 1)))
     mean_ref, mean_noisy = dice["ref"][:, shared].mean(axis=1), dice["noisy"][:, shared].mean(axis=1)  # per case
     assert t.p[2, 15, 0] == pytest.approx(stats.wilcoxon(mean_noisy[:, 0], mean_ref[:, 0]).pvalue)
-    assert "**mean of 5 rows**" in (tmp_path / "out" / "compare_dice.md").read_text()
-    md = (tmp_path / "out" / "compare_dice.md").read_text()
+    assert "**mean of 5 rows**" in (out / "compare_dice.md").read_text()
+    md = (out / "compare_dice.md").read_text()
     full_row = next(line for line in md.splitlines() if line.startswith("| ● | ● | ● | ● |"))
     assert f"**{100 * dice['better'][:, FULL, 0].mean():.2f}**†" in full_row
-    tex = (tmp_path / "out" / "compare_dice.tex").read_text()
+    tex = (out / "compare_dice.tex").read_text()
     assert r"\textbf{" in tex and r"$^\dagger$" in tex and r"\multicolumn{3}{c}{better}" in tex
-    csv_lines = (tmp_path / "out" / "compare_dice.csv").read_text().splitlines()
+    csv_lines = (out / "compare_dice.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 16 and csv_lines[0].split(",")[6:9] == ["ref WT", "ref TC", "ref ET"]
     hd = result["tables"]["hd95"]
     assert hd.best[0, :15].all()  # lower HD95 is better: "better" is 1 mm worse everywhere
-    assert "empty-mask convention 'brats'" in (tmp_path / "out" / "compare_hd95.md").read_text()
-    for name in ("dice_means.png", "dice_difference.png", "hd95_means.png", "hd95_difference.png", "compare.json"):
-        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert "empty-mask convention 'brats'" in (out / "compare_hd95.md").read_text()
+    assert json.loads((out / "compare.json").read_text())["names"] == ["ref", "better", "noisy"]
+
+
+def exact_wilcoxon_p(x: np.ndarray, y: np.ndarray) -> float:
+    """The two-sided exact signed-rank p-value, by hand: rank |x - y| (no ties, no zeros), then count
+    the 2^n equally likely sign assignments whose positive rank sum is at least as far from n(n+1)/4."""
+    d = x - y
+    ranks = np.argsort(np.argsort(np.abs(d))) + 1
+    observed = ranks[d > 0].sum()
+    signs = (np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1  # every assignment, one per row
+    sums = signs @ ranks
+    centre = len(d) * (len(d) + 1) / 4
+    return float(np.mean(np.abs(sums - centre) >= abs(observed - centre)))
+
+
+def test_p_values_are_the_exact_signed_rank_test(three_runs, compared):
+    dice, t = three_runs[2], compared[0]["tables"]["dice"]
+    tested = set()
+    for s, r in [(0, 0), (1, 1), (3, 2), (FULL, 1)]:  # rows all three runs serve
+        want = exact_wilcoxon_p(dice["noisy"][:, s, r], dice["ref"][:, s, r])
+        assert t.p[2, s, r] == pytest.approx(want, rel=1e-9), (s, r)
+        tested.add(round(want, 3))
+        assert exact_wilcoxon_p(dice["better"][:, s, r], dice["ref"][:, s, r]) == pytest.approx(2 / 2**8)
+    assert len(tested) > 1 and max(tested) > 0.05  # not only the extreme case
+
+
+def _png(path) -> np.ndarray:
+    """The RGB pixels of a chart, read back; its size is the figure's at 100 dpi."""
+    return matplotlib.image.imread(path)[..., :3]
+
+
+def _pixels_near(rgb: np.ndarray, colour: str, tolerance: float = 0.02) -> int:
+    return int((np.abs(rgb - np.asarray(matplotlib.colors.to_rgb(colour))).max(-1) < tolerance).sum())
+
+
+def test_the_charts_show_the_runs(compared):
+    """Bars in each run's colour, taller for the higher means; difference maps blue where a run is
+    better than the reference and red where worse (Dice higher is better, HD95 lower)."""
+    out = compared[1]
+    for metric in ("dice", "hd95"):
+        bars = _png(out / f"{metric}_means.png")
+        assert bars.shape == (400, 700, 3)  # 7 x 4 inches: three regions of three runs
+        ref, better, noisy = (_pixels_near(bars, f"C{i}") for i in range(3))  # matplotlib's colour cycle
+        assert min(ref, better, noisy) > 1000
+        assert better > ref  # bars from 0: "better" is 10 points higher in Dice and 1 mm higher in HD95
+        heatmap = _png(out / f"{metric}_difference.png")
+        assert heatmap.shape == (720, 840, 3)  # 8.4 x 7.2 inches: 16 rows, two runs x three regions
+        red, blue = heatmap[..., 0], heatmap[..., 2]
+        blueish, reddish = int((blue - red > 0.3).sum()), int((red - blue > 0.3).sum())
+        # "better" is 10 points better in Dice (blue) and 1 mm worse in HD95 (red) in every row
+        assert (blueish > reddish) == (metric == "dice"), (blueish, reddish)
 
 
 def test_reference_and_names(three_runs, tmp_path):

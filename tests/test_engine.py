@@ -1,5 +1,6 @@
 """The training engine: learning, one compilation, resume, the NaN guard, data parallelism."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,26 +22,37 @@ from jaxbrats.evaluation.program import evaluate
 from jaxbrats.inference.trained import load_trained
 from jaxbrats.methods import get_method
 from jaxbrats.runtime import checkpoints
+from jaxbrats.runtime.sharding import place_batch, shard_state
+
+#: The demo-like run of `test_baseline_learns_on_the_phantom`; its 300 steps are baked into the
+#: step's cosine schedule, so the first test compiles the very program that test loads.
+LEARNS = ("stages.train.steps=300", "train.log_every=50", "train.checkpoint_every=300", "eval.hd95=false")
 
 
-def test_a_few_steps_lower_the_loss_on_one_batch_and_compile_once(phantom_cache):
-    config = tiny_config()
-    method = get_method("baseline")(config)
-    optimizers = {"model": optax.adam(3e-3)}
+def test_the_engines_train_step_learns_one_batch_is_compiled_once_and_refuses_another_shape(phantom_cache, tmp_path):
+    """The step `engine.train` runs, compiled as it compiles it (state donated, shardings kept):
+    eight steps on one pipeline batch lower the loss, from one XLA program (compiled, or loaded
+    from the compilation cache) and one Python trace; a batch of another shape is refused, not
+    compiled again."""
+    trainer = engine.Trainer(tiny_config(*LEARNS), tmp_path / "run", phantom_cache)
+    method, mesh, families = trainer.method, trainer.mesh, trainer.method.families("train")
+    optimizers = engine.stage_optimizers(method, "train", 300)
     graphdefs, state = engine.init_state(method, "train", 0, optimizers)
-    loader = make_loader(
-        CacheDataset(phantom_cache), PipelineConfig(crop_size=(16, 16, 16), batch_size=2, foreground_oversample=1.0)
-    )
-    batch = {k: jnp.asarray(v) for k, v in next(iter(loader)).items()}
+    state = shard_state(state, mesh, families)
+    pipeline = dataclasses.replace(trainer.pipeline_config("train", 0), foreground_oversample=1.0)
+    batch = place_batch(next(iter(make_loader(CacheDataset(phantom_cache), pipeline))), mesh)
     step_fn = engine.make_train_step(method, "train", graphdefs, optimizers)
-    jitted = jax.jit(step_fn, donate_argnums=0)
+    step, programs = engine.compile_step(step_fn, state, batch, mesh, families)
     losses = []
     for _ in range(8):
-        state, metrics = jitted(state, batch)
+        state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
-    assert step_fn.traces == 1
     assert losses[-1] < 0.8 * losses[0], losses
     assert int(state["step"]) == 8
+    assert sum(programs.values()) == 1 and step_fn.traces == 1
+    with pytest.raises(TypeError, match="differ from the types for which this computation was compiled"):
+        step(state, {k: v[:1] for k, v in batch.items()})  # one sample instead of two
+    assert step_fn.traces == 1
 
 
 #: Full-modality WT Dice that 300 steps must reach on the held-out phantom cases. Measured 0.83-0.87
@@ -50,10 +62,7 @@ LEARNS_WT_FLOOR = 0.70
 
 def test_baseline_learns_on_the_phantom(phantom_cache, tmp_path):
     """A demo-like run (16^3 crops, 300 steps, ~30 s on 2 cores) segments held-out cases well."""
-    config = tiny_config(
-        "stages.train.steps=300", "train.log_every=50", "train.checkpoint_every=300", "eval.hd95=false"
-    )
-    trainer = engine.train(config, tmp_path / "run", phantom_cache)
+    trainer = engine.train(tiny_config(*LEARNS), tmp_path / "run", phantom_cache)
     method, graphdefs, models, config = load_trained(tmp_path / "run")
     test_ids = engine.load_splits(tmp_path / "run", CacheDataset(phantom_cache))["test"]
     summary = evaluate(
@@ -70,7 +79,8 @@ def test_baseline_learns_on_the_phantom(phantom_cache, tmp_path):
         engine.load_splits(tmp_path / "run", CacheDataset(phantom_cache))["train"]
     )
     assert summary["subsets"][-1]["dice"]["WT"] >= LEARNS_WT_FLOOR, summary["subsets"][-1]
-    assert np.mean([l for *_, l in trainer.losses[-50:]]) < 0.5 * np.mean([l for *_, l in trainer.losses[:10]])
+    late, early = [loss for *_, loss in trainer.losses[-50:]], [loss for *_, loss in trainer.losses[:10]]
+    assert np.mean(late) < 0.5 * np.mean(early)
 
 
 def test_training_writes_checkpoints_logs_and_config(trained_run):
@@ -115,17 +125,54 @@ def uninterrupted(phantom_cache, tmp_path_factory):
     return workdir, engine.train(tiny_config(*RESUME), workdir, phantom_cache)
 
 
-def test_resume_is_bit_for_bit_an_uninterrupted_run(uninterrupted, phantom_cache, tmp_path):
+def _cli(*args):
+    from jaxbrats.cli import main
+
+    return main([str(a) for a in args])
+
+
+def _sets(*overrides):
+    from conftest import TINY
+
+    return [a for s in TINY + list(overrides) for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(phantom_cache, tmp_path_factory):
+    """A CLI run of `RESUME` stopped after step 3, between two checkpoints: checkpoints 2 and 3
+    (the stop writes one). The resume tests each train on a copy."""
+    workdir = tmp_path_factory.mktemp("stopped")
+    config_file = workdir.parent / "baseline.toml"
+    config_file.write_text('[method]\nname = "baseline"\n')
+    args = ("train", "--config", config_file, "--workdir", workdir, "--data", phantom_cache, *_sets(*RESUME))
+    assert _cli(*args, "--stop-after", "3") == 0
+    assert sorted(p.name for p in (workdir / "checkpoints" / "train").iterdir() if p.name.isdigit()) == ["2", "3"]
+    return workdir, config_file
+
+
+def copy_of(stopped_run, tmp_path: Path) -> Path:
+    workdir = tmp_path / "run"
+    shutil.copytree(stopped_run[0], workdir)
+    return workdir
+
+
+def logged_losses(workdir) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["loss"]) for row in rows if "loss" in row]
+
+
+def test_resume_is_bit_for_bit_an_uninterrupted_run(uninterrupted, stopped_run, phantom_cache, tmp_path):
     whole_dir, whole = uninterrupted
     config = tiny_config(*RESUME)
-    first = engine.train(config, tmp_path, phantom_cache, stop_after=3)  # between two checkpoints: one is written
-    assert [s for _, s, _ in first.losses] == [1, 2, 3]
-    second = engine.train(config, tmp_path, phantom_cache)
+    workdir = copy_of(stopped_run, tmp_path)
+    first = logged_losses(workdir)
+    assert [s for s, _ in first] == [1, 2, 3]
+    second = engine.train(config, workdir, phantom_cache)
     assert [s for _, s, _ in second.losses] == [4, 5, 6]
-    assert [l for *_, l in first.losses + second.losses] == [l for *_, l in whole.losses]
-    assert_bitwise_equal(final_state(tmp_path, config), final_state(whole_dir, config))
-    assert logged_steps(tmp_path) == {"train": [1, 2, 3, 4, 5, 6]}
-    again = engine.train(config, tmp_path, phantom_cache)  # complete: nothing to do
+    assert [loss for _, loss in first] + [loss for *_, loss in second.losses] == [loss for *_, loss in whole.losses]
+    assert_bitwise_equal(final_state(workdir, config), final_state(whole_dir, config))
+    assert logged_steps(workdir) == {"train": [1, 2, 3, 4, 5, 6]}
+    again = engine.train(config, workdir, phantom_cache)  # complete: nothing to do
     assert again.losses == []
 
 
@@ -141,15 +188,14 @@ def test_with_dropout_the_step_key_changes_the_update(phantom_cache):
     assert loss[0] == loss[1] != loss[2]
 
 
-def test_a_metrics_row_past_the_checkpoint_is_redone_once(uninterrupted, phantom_cache, tmp_path):
+def test_a_metrics_row_past_the_checkpoint_is_redone_once(uninterrupted, stopped_run, phantom_cache, tmp_path):
     """A run killed after logging step 3 but before a checkpoint there: the resume logs 3 again, once."""
     config = tiny_config(*RESUME)
-    engine.train(config, tmp_path, phantom_cache, stop_after=4)  # checkpoint at 4
-    manager = checkpoints.existing_manager(tmp_path, "train")
-    shutil.rmtree(manager.directory / "4")  # as if killed between logging step 4 and writing its checkpoint
-    engine.train(config, tmp_path, phantom_cache)
-    assert logged_steps(tmp_path) == {"train": [1, 2, 3, 4, 5, 6]}
-    assert_bitwise_equal(final_state(tmp_path, config), final_state(uninterrupted[0], config))
+    workdir = copy_of(stopped_run, tmp_path)
+    shutil.rmtree(workdir / "checkpoints" / "train" / "3")  # as if killed between logging step 3 and its checkpoint
+    engine.train(config, workdir, phantom_cache)
+    assert logged_steps(workdir) == {"train": [1, 2, 3, 4, 5, 6]}
+    assert_bitwise_equal(final_state(workdir, config), final_state(uninterrupted[0], config))
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(phantom_cache, tmp_path, monkeypatch):
@@ -214,12 +260,6 @@ def test_model_lr_must_name_a_trained_model():
 # --- resuming what does not fit -----------------------------------------------------------
 
 
-def _cli(*args):
-    from jaxbrats.cli import main
-
-    return main([str(a) for a in args])
-
-
 @pytest.mark.parametrize(
     "change, keys",
     [
@@ -242,42 +282,11 @@ def test_a_resume_that_changes_what_the_checkpoint_holds_is_refused_in_one_line(
     assert json.loads((workdir / "config.json").read_text())["model"]["widths"] == [8, 8, 8, 8]
 
 
-def _sets(*overrides):
-    from conftest import TINY
-
-    return [a for s in TINY + list(overrides) for a in ("--set", s)]
-
-
-@pytest.fixture(scope="module")
-def stopped_run(phantom_cache, tmp_path_factory):
-    """A CLI run of 6 steps stopped at step 2 (one checkpoint)."""
-    workdir = tmp_path_factory.mktemp("stopped")
-    config_file = workdir.parent / "baseline.toml"
-    config_file.write_text('[method]\nname = "baseline"\n')
-    assert (
-        _cli(
-            "train",
-            "--config",
-            config_file,
-            "--workdir",
-            workdir,
-            "--data",
-            phantom_cache,
-            *_sets(*RESUME),
-            "--stop-after",
-            "2",
-        )
-        == 0
-    )
-    return workdir, config_file
-
-
 def test_safe_changes_resume_and_are_recorded(stopped_run, phantom_cache, tmp_path):
-    workdir = tmp_path / "run"
-    shutil.copytree(stopped_run[0], workdir)
+    workdir = copy_of(stopped_run, tmp_path)
     config = tiny_config(*RESUME, "data.batch_size=4", "stages.train.steps=5", "train.log_every=2", "eval.overlap=0.25")
     trainer = engine.train(config, workdir, phantom_cache)
-    assert [s for _, s, _ in trainer.losses] == [3, 4, 5]
+    assert [s for _, s, _ in trainer.losses] == [4, 5]
     history = [json.loads(line) for line in (workdir / "config_history.jsonl").read_text().splitlines()]
     assert [sorted(row["changed"]) for row in history] == [
         [],
@@ -300,14 +309,14 @@ def _largest_array_file(checkpoint: Path) -> Path:
 
 @pytest.mark.parametrize("damaged", [pytest.param("extra/metadata", marks=pytest.mark.slow), "largest array file"])
 def test_an_unreadable_checkpoint_is_named_and_the_one_before_is_used(
-    uninterrupted, phantom_cache, tmp_path, damaged, capsys
+    uninterrupted, stopped_run, phantom_cache, tmp_path, damaged, capsys
 ):
     config = tiny_config(*RESUME)
-    engine.train(config, tmp_path, phantom_cache, stop_after=4)  # checkpoints at 2 and 4
-    latest = tmp_path / "checkpoints" / "train" / "4"
+    workdir = copy_of(stopped_run, tmp_path)  # checkpoints at 2 and 3
+    latest = workdir / "checkpoints" / "train" / "3"
     _truncate(latest / damaged if "/" in damaged else _largest_array_file(latest))
     capsys.readouterr()
-    trainer = engine.train(config, tmp_path, phantom_cache)
+    trainer = engine.train(config, workdir, phantom_cache)
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert (
         len(warnings) == 1
@@ -315,21 +324,21 @@ def test_an_unreadable_checkpoint_is_named_and_the_one_before_is_used(
         and "cannot be read" in warnings[0]
         and "using step 2" in warnings[0]
     )
-    assert (tmp_path / "checkpoints" / "train" / "unreadable-4").is_dir()  # kept for a look, out of the way
+    assert (workdir / "checkpoints" / "train" / "unreadable-3").is_dir()  # kept for a look, out of the way
     assert [s for _, s, _ in trainer.losses] == [3, 4, 5, 6]
-    assert logged_steps(tmp_path) == {"train": [1, 2, 3, 4, 5, 6]}
-    assert_bitwise_equal(final_state(tmp_path, config), final_state(uninterrupted[0], config))
+    assert logged_steps(workdir) == {"train": [1, 2, 3, 4, 5, 6]}
+    assert_bitwise_equal(final_state(workdir, config), final_state(uninterrupted[0], config))
 
 
 def test_no_readable_checkpoint_stops_in_one_line_and_moves_nothing(stopped_run, phantom_cache, tmp_path, capsys):
-    workdir = tmp_path / "run"
-    shutil.copytree(stopped_run[0], workdir)
-    _truncate(workdir / "checkpoints" / "train" / "2" / "state" / "_METADATA")
+    workdir = copy_of(stopped_run, tmp_path)
+    for step in ("2", "3"):
+        _truncate(workdir / "checkpoints" / "train" / step / "state" / "_METADATA")
     before = sorted(p.name for p in (workdir / "checkpoints" / "train").iterdir())
     rc = _cli("train", "--config", stopped_run[1], "--workdir", workdir, "--data", phantom_cache, *_sets(*RESUME))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "Traceback" not in err[0], err
-    assert "no readable checkpoint in" in err[0] and "train" in err[0] and "2 (" in err[0]
+    assert "no readable checkpoint in" in err[0] and "train" in err[0] and "3 (" in err[0] and "2 (" in err[0]
     assert sorted(p.name for p in (workdir / "checkpoints" / "train").iterdir()) == before
 
 
@@ -370,5 +379,5 @@ def test_a_config_whose_paper_names_a_split_needs_split_files(phantom_cache, tmp
         (tmp_path / f"{name}.txt").write_text("\n".join(part) + "\n")
     files = [f"data.{n}_split='{tmp_path / n}.txt'" for n in ("train", "val", "test")]
     workdir = tmp_path / "with_files"
-    engine.train(tiny_config("data.split='files'", "stages.train.steps=1", *files), workdir, phantom_cache)
+    engine.train(tiny_config("data.split='files'", *files), workdir, phantom_cache)  # trained_run's program
     assert json.loads((workdir / "splits.json").read_text()) == {"train": ids[:4], "val": ids[4:5], "test": ids[5:]}

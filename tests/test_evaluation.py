@@ -171,10 +171,10 @@ def test_predict_refuses_an_output_inside_the_case_folder_and_writes_nothing(tra
     assert not any(p.name.startswith(".partial") for p in tmp_path.rglob("*"))
 
 
-# Region definitions from the convention (METHODS.md section 1), independent of jaxbrats.labels:
+# Region definitions from the BraTS convention, independent of jaxbrats.labels:
 # internal labels 1 necrosis, 2 edema, 3 enhancing; WT = all tumour, TC = necrosis + ET, ET = ET.
 REGION_VALUES = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
-HD95_ONE_EMPTY_BRATS = 373.13  # METHODS.md: 0 when both are empty, 373.13 when exactly one is
+HD95_ONE_EMPTY_BRATS = 373.13  # BraTS and nnU-Net: 0 when both are empty, 373.13 when exactly one is
 
 
 def _numpy_dice(pred: np.ndarray, truth: np.ndarray) -> dict:
@@ -235,7 +235,9 @@ def test_dice_and_hd95_recomputed_in_numpy_equal_the_program_and_the_case_json(
     cfg = dataclasses.replace(config.eval, bucket=(shape[0] + 8, shape[1], shape[2]))  # padding the program must ignore
     assert cfg.hd95_empty == "brats"
     recorded, make = [], program_module.make_case_program
-    monkeypatch.setattr(program_module, "make_case_program", lambda *a: recorded.append(_Recording(make(*a))) or recorded[-1])
+    monkeypatch.setattr(
+        program_module, "make_case_program", lambda *a: recorded.append(_Recording(make(*a))) or recorded[-1]
+    )
     evaluate(method, graphdefs, models, dataset, cfg, tmp_path, predictions="none", progress=False)
     [program] = recorded
     [call] = program.calls

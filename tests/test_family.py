@@ -53,7 +53,10 @@ def test_stack_equals_separate_creates_bit_for_bit():
 
 def test_a_members_initialisation_depends_on_its_key_only():
     """Not on K or on its slot (a small module: the same property, less compilation)."""
-    create = lambda rngs: nnx.Sequential(nnx.Linear(3, 4, rngs=rngs), nnx.LayerNorm(4, rngs=rngs))
+
+    def create(rngs):
+        return nnx.Sequential(nnx.Linear(3, 4, rngs=rngs), nnx.LayerNorm(4, rngs=rngs))
+
     three, two = _leaves(family.stack(create, KEYS)), _leaves(family.stack(create, KEYS[::-1][:2]))
     for a, b in zip(three, two):
         np.testing.assert_array_equal(a[2], b[0])
@@ -176,7 +179,9 @@ def test_discriminator_shape_dtype_and_parameter_count():
 
 
 def test_discriminators_stacked_one_per_student():
-    create = lambda rngs: Discriminator(DiscriminatorConfig(width=8, conv_impl="native"), rngs)
+    def create(rngs):
+        return Discriminator(DiscriminatorConfig(width=8, conv_impl="native"), rngs)
+
     fam = family.stack(create, KEYS)
     assert isinstance(fam, Discriminator) and family.size(fam) == K
     assert fam.conv1.kernel.shape == (K, 3, 3, 3, 3, 8)

@@ -206,7 +206,8 @@ def test_eval_command_passes_figures_and_the_checkpoint_step(phantom_cache, tmp_
 
 
 def _write_run(workdir, scale):
-    """Two stages as `Trainer._flush` logs them: one update group, then two; throughput rows after each flush."""
+    """Two stages as the trainer logs them (`engine.metrics_log`): one update group, then two;
+    throughput rows after each flush."""
     rows = []
     for step in range(1, 6):
         rows.append(

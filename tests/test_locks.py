@@ -1,4 +1,6 @@
-"""One writer per work directory and per cache: a second run is refused naming the holder; a killed run's lock is taken over.
+"""One writer per work directory and per cache.
+
+A second run is refused naming the holder; a killed run's lock is taken over.
 
 Quick: no training. The `train` refusal through the command line is in
 test_engine.py (`test_one_writer_per_work_directory`).
@@ -22,9 +24,9 @@ from jaxbrats.cli import main
 from jaxbrats.data.cache import LOCK as PREPARE_LOCK
 from jaxbrats.data.phantom import write_phantom
 from jaxbrats.data.preprocess import prepare_dataset
-from jaxbrats.engine.workdir import LOCK as TRAIN_LOCK
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.runtime import locks, processes
+from jaxbrats.runtime.rundir import RunDir
 
 HOST = socket.gethostname()
 
@@ -61,7 +63,7 @@ def no_flock(monkeypatch):
 
 
 def test_a_second_holder_is_refused_naming_host_pid_and_start(tmp_path):
-    path = tmp_path / "run" / TRAIN_LOCK
+    path = RunDir(tmp_path / "run").lock
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -189,7 +191,7 @@ def test_the_other_processes_stop_when_process_0_is_refused(raw, tmp_path, monke
     prepare_dataset(raw, cache, workers=1, progress=False)
     trainer = engine.Trainer(tiny_config(), workdir, cache)
     sent = []
-    refusal = {"error": f"{workdir / TRAIN_LOCK}: locked by jaxbrats train (pid 1 on host h, started t); wait"}
+    refusal = {"error": f"{RunDir(workdir).lock}: locked by jaxbrats train (pid 1 on host h, started t); wait"}
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(processes, "broadcast_json", lambda payload: sent.append(payload) or refusal)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
@@ -199,11 +201,13 @@ def test_the_other_processes_stop_when_process_0_is_refused(raw, tmp_path, monke
     monkeypatch.setattr(jax, "process_index", lambda: 0)
     monkeypatch.setattr(processes, "broadcast_json", lambda payload: sent.append(payload) or payload)
     with (
-        locks.hold(workdir / TRAIN_LOCK, "jaxbrats train"),
+        locks.hold(RunDir(workdir).lock, "jaxbrats train"),
         pytest.raises(JaxbratsError, match="locked by jaxbrats train"),
     ):
         trainer.run()
-    assert "locked by jaxbrats train" in sent[1]["error"] and sorted(p.name for p in workdir.iterdir()) == [TRAIN_LOCK]
+    assert "locked by jaxbrats train" in sent[1]["error"] and sorted(p.name for p in workdir.iterdir()) == [
+        RunDir(workdir).lock.name
+    ]
     taken = []
     assert processes.on_process_0(lambda: taken.append(1) or True) is True
     assert taken == [1] and sent[2] == {"value": True}

@@ -34,14 +34,16 @@ def softmax_reference(z):
 
 def regions_reference(labels):
     """Region targets (..., 3) of internal labels: WT = {1, 2, 3}, TC = {1, 3}, ET = {3}; float64."""
-    l = np.asarray(labels)
-    return np.stack([(l == 1) | (l == 2) | (l == 3), (l == 1) | (l == 3), l == 3], axis=-1).astype(np.float64)
+    lab = np.asarray(labels)
+    return np.stack([(lab == 1) | (lab == 2) | (lab == 3), (lab == 1) | (lab == 3), lab == 3], axis=-1).astype(
+        np.float64
+    )
 
 
 def onehot_reference(labels, k=4):
     """g[..., c] = 1 if label == c else 0; float64."""
-    l = np.asarray(labels)
-    return np.stack([l == c for c in range(k)], axis=-1).astype(np.float64)
+    lab = np.asarray(labels)
+    return np.stack([lab == c for c in range(k)], axis=-1).astype(np.float64)
 
 
 def dice_reference(p, g, valid, batch_dice=False):
@@ -82,7 +84,8 @@ def ce_reference(z, labels, valid, class_weights=None):
 
 
 def region_reference(z, labels, valid, dice_weight=1.0, bce_weight=1.0, batch_dice=False):
-    """Region loss (M3AE): dice_weight * soft Dice(s(z), regions) + bce_weight * BCE(z, regions); returns (total, dice, bce)."""
+    """Region loss (M3AE): dice_weight * soft Dice(s(z), regions) + bce_weight * BCE(z, regions);
+    returns (total, dice, bce)."""
     g = regions_reference(labels)
     dice = dice_reference(sigmoid_reference(z), g, valid, batch_dice)
     bce = bce_reference(z, g, valid)
@@ -90,7 +93,8 @@ def region_reference(z, labels, valid, dice_weight=1.0, bce_weight=1.0, batch_di
 
 
 def label_reference(z, labels, valid, class_weights=None, dice_weight=1.0, ce_weight=1.0, batch_dice=False):
-    """Label loss: ce_weight * CE + dice_weight * soft Dice over the foreground labels 1..3 of softmax(z); (total, dice, ce)."""
+    """Label loss: ce_weight * CE + dice_weight * soft Dice over the foreground labels 1..3 of softmax(z);
+    (total, dice, ce)."""
     dice = dice_reference(softmax_reference(z)[..., 1:], onehot_reference(labels)[..., 1:], valid, batch_dice)
     ce = ce_reference(z, labels, valid, class_weights)
     return dice_weight * dice + ce_weight * ce, dice, ce

@@ -2,14 +2,15 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import matplotlib.image
 import nibabel as nib
 import numpy as np
 import optax
 import pytest
+from conftest import m3ae_config
 from flax import nnx
 
 from jaxbrats import engine
@@ -21,33 +22,12 @@ from jaxbrats.evaluation.program import evaluate
 from jaxbrats.inference.segment import case_locator
 from jaxbrats.inference.trained import load_trained
 from jaxbrats.losses import masked_mse
-from jaxbrats.methods import get_method, load_config
+from jaxbrats.methods import get_method
 from jaxbrats.methods.m3ae import mean_image, substitute_penalty
 from jaxbrats.modalities import SUBSETS
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "m3ae_phantom.toml"
-
-#: The phantom config shrunk to the test phantom (24^3 cases): 16^3 crops, 8^3 patches, a few steps.
-TINY = [
-    "model.widths=[8,8,8,8]",
-    "data.crop_size=[16,16,16]",
-    "data.split_ratios=[0.67,0.0,0.33]",
-    "method.substitute_shape=[24,24,24]",
-    "stages.pretrain.steps=3",
-    "stages.finetune.steps=4",
-    "stages.pretrain.optimizers.model.warmup_steps=0",
-    "stages.finetune.optimizers.model.warmup_steps=0",
-    "train.log_every=1",
-    "train.checkpoint_every=2",
-    "train.progress=false",
-    "eval.window=[16,16,16]",
-    "eval.bucket_multiple=8",
-    "eval.hd95=false",
-]
-
-
-def tiny(*extra):
-    return load_config(CONFIG, TINY + list(extra))
+#: The phantom config shrunk to the test phantom (tests/conftest.py's `M3AE_TINY`).
+tiny = m3ae_config
 
 
 def batch_of(case_shape, crop=(16, 16, 16), b=2, k=1, seed=0):
@@ -74,6 +54,26 @@ def models_of(method, stage, seed=0):
 @pytest.fixture(scope="module")
 def method():
     return get_method("m3ae")(tiny())
+
+
+@pytest.fixture(scope="module")
+def pretrain_models(method):
+    """`method`'s pretraining models, made once: the tests below only read them."""
+    return models_of(method, "pretrain")
+
+
+@pytest.fixture(scope="module")
+def with_frame(method, pretrain_models):
+    """frame -> (method, pretraining models) with x_sub in that frame, each made once."""
+    made = {method.options.substitute_frame: (method, pretrain_models)}
+
+    def get(frame):
+        if frame not in made:
+            other = get_method("m3ae")(tiny(f"method.substitute_frame='{frame}'"))
+            made[frame] = other, models_of(other, "pretrain")
+        return made[frame]
+
+    return get
 
 
 # --- masking and the substitute image's frame --------------------------------------------
@@ -120,9 +120,8 @@ def numpy_window(x_sub, start, flipped, size):
 
 
 @pytest.mark.parametrize("frame", ["template", "centred"])
-def test_training_fill_reads_x_sub_where_the_crop_came_from(frame):
-    method = get_method("m3ae")(tiny(f"method.substitute_frame='{frame}'"))
-    models = models_of(method, "pretrain")
+def test_training_fill_reads_x_sub_where_the_crop_came_from(frame, with_frame):
+    method, models = with_frame(frame)
     x_sub = np.asarray(models["x_sub"].image[...])
     case_shape = np.asarray([20, 18, 22])
     batch = batch_of(case_shape)
@@ -140,9 +139,9 @@ def test_training_fill_reads_x_sub_where_the_crop_came_from(frame):
         np.testing.assert_array_equal(read[b], expected)
 
 
-def test_two_cases_with_different_crop_boxes_read_one_x_sub_voxel_at_one_source_coordinate(method):
+def test_two_cases_with_different_crop_boxes_read_one_x_sub_voxel_at_one_source_coordinate(method, pretrain_models):
     """BraTS cases share one atlas grid: the same source voxel must read the same x_sub voxel in every case."""
-    models = models_of(method, "pretrain")
+    models = pretrain_models
     batch = batch_of([20, 18, 22])
     batch["box_start"] = jnp.asarray([[1, 5, 2], [4, 0, 6]], jnp.int32)  # two brain boxes in the source grid
     batch["crop_start"] = jnp.asarray([[3, -2, 5], [0, 3, 1]], jnp.int32)  # both crops start at source voxel (4, 3, 7)
@@ -153,10 +152,9 @@ def test_two_cases_with_different_crop_boxes_read_one_x_sub_voxel_at_one_source_
 
 
 @pytest.mark.parametrize("frame", ["template", "centred"])
-def test_inference_fill_uses_the_training_frame(frame):
+def test_inference_fill_uses_the_training_frame(frame, with_frame):
     """The whole case filled at inference, cropped where a training crop was, equals the training fill."""
-    method = get_method("m3ae")(tiny(f"method.substitute_frame='{frame}'"))
-    models = models_of(method, "pretrain")
+    method, models = with_frame(frame)
     case_shape = np.asarray([20, 18, 22])
     bucket = (24, 24, 24)  # evaluation pads at the end
     image = jnp.asarray(np.random.default_rng(1).normal(size=bucket + (4,)), jnp.float32)
@@ -292,13 +290,6 @@ def test_x_sub_learns_in_pretraining_and_is_frozen_in_finetuning():
 # --- both stages through the engine ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def m3ae_run(phantom_cache, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("m3ae")
-    trainer = engine.train(tiny(), workdir, phantom_cache)
-    return workdir, trainer
-
-
 def restored_models(workdir, stage):
     _, _, models, _ = load_trained(workdir, stage=stage)
     return models
@@ -309,7 +300,7 @@ def test_both_stages_run_and_hand_over(m3ae_run):
     assert [(s, n) for s, n, _ in trainer.losses] == [("pretrain", 1), ("pretrain", 2), ("pretrain", 3)] + [
         ("finetune", n) for n in range(1, 5)
     ]
-    assert trainer.compilations == {"pretrain": {"compiled": 1, "loaded": 0}, "finetune": {"compiled": 1, "loaded": 0}}
+    assert {stage: sum(n.values()) for stage, n in trainer.compilations.items()} == {"pretrain": 1, "finetune": 1}
     pretrain, finetune = restored_models(workdir, "pretrain"), restored_models(workdir, "finetune")
     np.testing.assert_array_equal(pretrain["x_sub"]["image"][...], finetune["x_sub"]["image"][...])  # carried, frozen
     assert pretrain["unet"]["decoder"]["head"]["kernel"][...].shape[-1] == 4  # regression head
@@ -349,26 +340,39 @@ def test_x_sub_is_saved_as_nifti_and_png(m3ae_run):
     workdir, _ = m3ae_run
     saved = nib.load(workdir / "substitute" / "x_sub.nii.gz").get_fdata()
     np.testing.assert_allclose(saved, restored_models(workdir, "pretrain")["x_sub"]["image"][...], rtol=1e-6)
-    assert (workdir / "substitute" / "x_sub.png").stat().st_size > 1000
+    png = matplotlib.image.imread(workdir / "substitute" / "x_sub.png")
+    assert png.shape == (960, 750, 4)  # 7.5 x 9.6 inches at 100 dpi: a row of three slices per modality
+    rgb = png[..., :3]
+    grey = (rgb.max(-1) == rgb.min(-1)) & (rgb.min(-1) < 0.99)  # the grey-scale slices, not the white page
+    assert grey.mean() > 0.3, grey.mean()  # twelve slices fill most of the figure
+    assert rgb[grey, 0].std() > 0.1  # and show x_sub's range from dark to bright, not one flat colour
+
+
+def finetuning_start(method, workdir, like: dict) -> dict:
+    """The models fine-tuning started from: the pretrained U-Net and x_sub with a fresh segmentation head."""
+    fresh = engine.init_state(method, "finetune", 0, {"model": optax.adam(1e-3)})[1]["models"]
+    started = method.carry("finetune", fresh, restored_models(workdir, "pretrain"))
+    return {name: started[name] for name in like}
 
 
 def test_the_15_subset_table_comes_from_the_finetuned_model(m3ae_run, phantom_cache, tmp_path):
+    """Evaluated in one program; with the checkpoint's models replaced by those fine-tuning started
+    from, the table changes."""
     workdir, _ = m3ae_run
     method, graphdefs, models, config = load_trained(workdir)
     assert models["unet"]["decoder"]["head"]["kernel"][...].shape[-1] == 3
-    summary = evaluate(
-        method,
-        graphdefs,
-        models,
-        CacheDataset(phantom_cache),
-        config.eval,
-        tmp_path,
-        predictions="none",
-        progress=False,
-    )
-    assert len(summary["subsets"]) == len(SUBSETS) == 15
-    assert json.loads((tmp_path / "eval_settings.json").read_text())["compilations"] == 1
-    assert (tmp_path / "summary.md").read_text().count("\n|") >= 16
+    test = CacheDataset(phantom_cache, engine.load_splits(workdir, CacheDataset(phantom_cache))["test"])
+
+    def table(models, out):
+        summary = evaluate(method, graphdefs, models, test, config.eval, out, predictions="none", progress=False)
+        return [[row["dice"][r] for r in ("WT", "TC", "ET")] for row in summary["subsets"]]
+
+    finetuned = table(models, tmp_path / "finetuned")
+    assert len(finetuned) == len(SUBSETS) == 15
+    settings = json.loads((tmp_path / "finetuned" / "eval_settings.json").read_text())
+    assert settings["compilations"] + settings["loaded_from_cache"] == 1
+    assert (tmp_path / "finetuned" / "summary.md").read_text().count("\n|") >= 16
+    assert table(finetuning_start(method, workdir, models), tmp_path / "start") != finetuned
 
 
 def test_resume_mid_pretraining_and_mid_finetuning_is_bit_for_bit(m3ae_run, phantom_cache, tmp_path):
@@ -383,7 +387,7 @@ def test_resume_mid_pretraining_and_mid_finetuning_is_bit_for_bit(m3ae_run, phan
     for stage in ("pretrain", "finetune"):
         assert_bitwise_equal(final_state(tmp_path, tiny(), stage), final_state(whole_dir, tiny(), stage))
     assert logged_steps(tmp_path) == logged_steps(whole_dir) == {"pretrain": [1, 2, 3], "finetune": [1, 2, 3, 4]}
-    assert [l for *_, l in rest.losses] == [l for *_, l in whole.losses[-2:]]
+    assert [loss for *_, loss in rest.losses] == [loss for *_, loss in whole.losses[-2:]]
 
 
 @pytest.mark.parametrize("pretrained_unet", [True, False])

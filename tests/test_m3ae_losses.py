@@ -1,4 +1,5 @@
-"""M3AE's two losses against numpy references written from the paper's equations (papers/m3ae.txt).
+"""M3AE's two losses against numpy references written from the paper's equations ("M3AE: Multimodal
+Representation Learning for Brain Tumor Segmentation with Missing Modalities", arXiv:2303.05302).
 
 Pretraining, eq. (3): L = L_mse(x, F(S(x, x_sub))) + gamma R(x_sub); fine-tuning,
 eqs. (2), (4), (5): L = sum_{i=0,1} sum_{alpha in 1, 1/2, 1/4} (Dice + BCE)(s_gt, s_i^alpha)

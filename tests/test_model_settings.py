@@ -1,5 +1,8 @@
 """Every model setting through the whole product: train a few steps, evaluate 15 subsets, predict a case.
 
+Each setting is seen to act: remat, the convolutions' lowering and the compute dtype in the train
+step's program (its jaxpr), deep supervision and the upsampling in the trained model's output.
+
 The settings are combined (not a full product) so that each value appears at least once and the
 riskiest pairs meet: remat with both convolution lowerings (the custom VJP of depth2d under
 `jax.checkpoint`) and with bfloat16, deep supervision with both. A model trained with
@@ -7,6 +10,8 @@ riskiest pairs meet: remat with both convolution lowerings (the custom VJP of de
 (networks.unet.run_block).
 """
 
+import jax
+import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
@@ -14,6 +19,7 @@ from conftest import tiny_config
 from flax import nnx
 
 from jaxbrats.data.cache import CacheDataset
+from jaxbrats.engine import trainer as trainer_module
 from jaxbrats.engine.trainer import train
 from jaxbrats.engine.workdir import load_splits
 from jaxbrats.evaluation.program import evaluate
@@ -52,21 +58,59 @@ def raw_case(tmp_path_factory):
     return case
 
 
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it (jit, remat, custom VJP, scan...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+def _program(step_fn, state, batch, mesh) -> dict:
+    """What the train step computes, from its jaxpr: remat, and its convolutions' spatial dims and dtypes."""
+    with jax.set_mesh(mesh):
+        eqns = list(_equations(jax.make_jaxpr(step_fn)(state, batch).jaxpr))
+    convs = [e.invars[0].aval for e in eqns if e.primitive.name == "conv_general_dilated"]
+    return {
+        "remat": any(e.primitive.name in ("checkpoint", "remat", "remat2") for e in eqns),  # jax.checkpoint's
+        "conv_impl": {5: "native", 4: "depth2d"}[max(a.ndim for a in convs)],  # 3D, or 2D over depth slices
+        "dtype": {str(a.dtype) for a in convs},
+    }
+
+
 @pytest.mark.parametrize("settings", SETTINGS)
-def test_train_evaluate_and_predict_with_every_model_setting(settings, phantom_cache, raw_case, tmp_path):
+def test_train_evaluate_and_predict_with_every_model_setting(settings, phantom_cache, raw_case, tmp_path, monkeypatch):
     overrides = [
         f"model.{k}={str(v).lower() if isinstance(v, bool) else v}"
         for k, v in settings.items()
         if k != "deep_supervision"
     ]
     overrides.append(f"method.deep_supervision={str(settings['deep_supervision']).lower()}")
+    programs, compile_step = [], trainer_module.compile_step
+
+    def recording(step_fn, state, batch, mesh, families):
+        programs.append(_program(step_fn, state, batch, mesh))
+        return compile_step(step_fn, state, batch, mesh, families)
+
+    monkeypatch.setattr(trainer_module, "compile_step", recording)
     workdir = tmp_path / "run"
     trainer = train(tiny_config("stages.train.steps=2", *overrides), workdir, phantom_cache)
     assert [step for _, step, _ in trainer.losses] == [1, 2] and all(np.isfinite(loss) for *_, loss in trainer.losses)
+    # the settings changed the step's program: remat, the convolutions' lowering and dtype
+    assert programs == [{k: settings[k] if k != "dtype" else {settings[k]} for k in ("remat", "conv_impl", "dtype")}]
 
     method, graphdefs, models, config = load_trained(workdir, overrides=["eval.hd95=false"])
-    unet = nnx.merge(graphdefs["unet"], models["unet"]).config  # the settings reached the model
-    assert {k: getattr(unet, k) for k in settings} == settings
+    unet = nnx.merge(graphdefs["unet"], models["unet"])
+    assert {k: getattr(unet.config, k) for k in settings} == settings  # the settings reached the model
+    # and the model's output: deep-supervision heads, and another upsampling gives other logits
+    image = jnp.asarray(np.random.default_rng(0).normal(size=(1, 16, 16, 16, 4)), jnp.float32)
+    out = unet(image)
+    assert len(out["deep"]) == (2 if settings["deep_supervision"] else 0)
+    unet.decoder.upsample = "nearest" if settings["upsample"] == "trilinear" else "trilinear"
+    assert not np.allclose(unet(image)["logits"], out["logits"], atol=1e-3)
 
     ids = load_splits(workdir, CacheDataset(phantom_cache))["test"][:1]
     summary = evaluate(

@@ -2,8 +2,10 @@
 
 `tempfile.mkstemp`/`mkdtemp` make 0600 files and 0700 folders whatever the
 umask; a lab's shared cache or results folder must be readable by the group.
+And every file is written atomically (`files.write_atomic`): whole, or not at all.
 """
 
+import gzip
 import os
 import stat
 from pathlib import Path
@@ -42,6 +44,58 @@ def test_umask_helpers(tmp_path, umask):
     assert files.current_umask() == umask and os.umask(umask) == umask  # read without changing it
     assert stat.S_IMODE(files.mkdtemp(prefix="d", dir=tmp_path).stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE(files.mkstemp(prefix="f", suffix=".x", dir=tmp_path).stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize(
+    "name, suffix",
+    [("seg.nii.gz", ".nii.gz"), ("summary.json", ".json"), ("case.v2.json", ".json"), ("x.tar.bz2", ".tar.bz2")],
+)
+def test_write_atomic_keeps_a_compound_suffix_and_a_failed_write_leaves_nothing(tmp_path, name, suffix):
+    """The writer sees a temporary name with the final suffix (nibabel picks the format from it);
+    a write that fails leaves no file under the final name, no temporary file, and an older file
+    under the final name untouched."""
+    seen = []
+    files.write_atomic(tmp_path / name, lambda tmp: seen.append(Path(tmp).name) or Path(tmp).write_text("new"))
+    assert seen[0].startswith(".partial-") and seen[0].endswith(suffix) and not seen[0].endswith("." + suffix)
+    assert files.full_suffix(seen[0]) == suffix and (tmp_path / name).read_text() == "new"
+
+    def half_then_fail(tmp):
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+
+    for final in (tmp_path / f"fresh-{name}", tmp_path / name):  # no file yet; an older file
+        with pytest.raises(OSError, match="disk full"):
+            files.write_atomic(final, half_then_fail)
+    assert not (tmp_path / f"fresh-{name}").exists() and (tmp_path / name).read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    with pytest.raises(FileNotFoundError):
+        files.write_text_atomic(tmp_path / "missing" / name, "no such folder")  # mkstemp fails: nothing left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_write_nifti_is_atomic_and_compresses_by_the_name(tmp_path, monkeypatch):
+    """`write_nifti` goes through `files.write_atomic`: ``.nii.gz`` is gzipped, ``.nii`` and an unknown
+    name (``seg``) are plain NIfTI; a failed save leaves nothing under the final name."""
+    import nibabel as nib
+
+    from jaxbrats.inference.nifti import write_nifti
+
+    data = np.arange(64, dtype=np.uint8).reshape(4, 4, 4)
+    for name, gzipped in (("seg.nii.gz", True), ("seg.nii", False), ("seg", False), ("seg.gz", True)):
+        write_nifti(data, np.eye(4), tmp_path / name)
+        assert ((tmp_path / name).read_bytes()[:2] == b"\x1f\x8b") == gzipped, name
+        raw = (tmp_path / name).read_bytes()
+        image = nib.Nifti1Image.from_bytes(gzip.decompress(raw) if gzipped else raw)
+        assert np.array_equal(np.asarray(image.dataobj), data) and np.array_equal(image.affine, np.eye(4))
+
+    def broken_save(image, path):
+        Path(path).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        write_nifti(data, np.eye(4), tmp_path / "other.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg", "seg.gz", "seg.nii", "seg.nii.gz"]
 
 
 @pytest.mark.parametrize("umask", [0o022], indirect=True, ids=["umask022"])

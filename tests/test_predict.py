@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from helpers import write_case
 
-from jaxbrats import cli, engine
+from jaxbrats import cli
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.preprocess import prepare_dataset
 from jaxbrats.evaluation.program import bucket_shape, evaluate
@@ -121,22 +121,11 @@ def _predict_a_folder(workdir: Path, tmp_path: Path, capsys):
     assert [c["case"] for c in summary["failed"]] == ["BraTS20_Training_004"] and len(summary["predicted"]) == 3
 
 
-M3AE_STEPS = ["stages.pretrain.steps=2", "stages.finetune.steps=2"]
-
-
-@pytest.fixture(scope="module")
-def m3ae_short_run(phantom_cache, tmp_path_factory) -> Path:
-    from test_m3ae import tiny
-
-    workdir = tmp_path_factory.mktemp("m3ae_predict")
-    engine.train(tiny(*M3AE_STEPS), workdir, phantom_cache)
-    return workdir
-
-
-def test_predict_equals_the_evaluation_m3ae(m3ae_short_run, tmp_path):
-    method, _, models, _ = load_trained(m3ae_short_run)
+def test_predict_equals_the_evaluation_m3ae(m3ae_run, tmp_path):
+    workdir, _ = m3ae_run  # tests/test_m3ae.py's run: one per worker, its programs in the suite's cache
+    method, _, models, _ = load_trained(workdir)
     assert "x_sub" in models and method.options.fill == "x_sub"  # the fill reads x_sub into the padding
-    _predict_equals_evaluate(m3ae_short_run, tmp_path, [SHORT, "BraTS20_Training_003"])
+    _predict_equals_evaluate(workdir, tmp_path, [SHORT, "BraTS20_Training_003"])
 
 
 def _window_model(x):

@@ -8,7 +8,7 @@ from jaxbrats.data.loading import load_case
 from jaxbrats.data.preprocess import prepare_dataset
 from jaxbrats.labels import region_voxel_counts
 
-# From ../shared/brats_fixtures/README.md, counted on the raw seg file.
+# From the fixture folder's README (beside the project, see conftest.FIXTURES), counted on the raw seg file.
 README_REGIONS = {"WT": 57305, "TC": 44469, "ET": 32731}
 README_LABELS = {0: 8870695, 1: 11738, 2: 12836, 3: 32731}
 

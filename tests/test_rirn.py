@@ -265,7 +265,8 @@ def test_students_split_over_four_devices_give_the_losses_of_one(together):
         from jaxbrats.runtime.sharding import make_mesh
         assert jax.device_count() == 4
         method = rirn(["t1ce", "flair"], "model.family_map='vmap'")
-        state, metrics, _ = _steps(method, [synthetic_batch(s) for s in range(2)], mesh=make_mesh(MeshConfig(data=2, model=2)))
+        mesh = make_mesh(MeshConfig(data=2, model=2))
+        state, metrics, _ = _steps(method, [synthetic_batch(s) for s in range(2)], mesh=mesh)
         kernel = state["models"]["students"]["decoder"]["head"]["kernel"]
         teacher = state["models"]["teacher"]["decoder"]["head"]["kernel"]
         print(json.dumps({{"metrics": [{{k: float(v) for k, v in s.items()}} for s in metrics],

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxbrats.networks.unet import UNet, UNetConfig
+
 torch = pytest.importorskip("torch")
 
-from jaxbrats.interop.torch_unet import TorchUNet, load_torch_weights, torch_state_dict
-from jaxbrats.networks.unet import UNet, UNetConfig
+from jaxbrats.interop.torch_unet import TorchUNet, load_torch_weights, torch_state_dict  # noqa: E402  (needs torch)
 
 SMALL = {"widths": (8, 16, 16, 16), "blocks": (1, 2, 1, 2), "deep_supervision": True}
 

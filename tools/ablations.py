@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from jaxbrats import files
+
 REPO = Path(__file__).resolve().parent.parent
 REGIONS = ("WT", "TC", "ET")
 FULL = "flair+t1ce+t1+t2"
@@ -211,6 +213,11 @@ def summarise(work: Path, name: str, arms: list[str], seeds: list[int]) -> dict:
     return out
 
 
+def _per_seed(values) -> str:
+    """Each seed's difference in Dice points, e.g. ``+1.2, -0.3``."""
+    return ", ".join(f"{100 * x:+.1f}" for x in values)
+
+
 def markdown(result: dict, about: str) -> str:
     arms, seeds = result["arms"], result["seeds"]
     lines = [f"# {result['ablation']}", "", about, ""]
@@ -229,7 +236,7 @@ def markdown(result: dict, about: str) -> str:
         for arm in arms[1:]:
             d = result["difference"][f"{view}/{arm}"]
             parts = [
-                f"{r} {100 * d[r]['mean']:+.2f} ± {100 * d[r]['sd']:.2f} ({', '.join(f'{100 * x:+.1f}' for x in d[r]['per_seed'])})"
+                f"{r} {100 * d[r]['mean']:+.2f} ± {100 * d[r]['sd']:.2f} ({_per_seed(d[r]['per_seed'])})"
                 for r in REGIONS
             ]
             lines.append(f"- {arm}: " + "; ".join(parts))
@@ -274,9 +281,9 @@ def main(argv=None) -> int:
                 str(base / "compare"),
             )
     result = summarise(args.workdir, args.ablation, arms, args.seeds)
-    (args.workdir / f"{args.ablation}.json").write_text(json.dumps(result, indent=1) + "\n")
+    files.write_text_atomic(args.workdir / f"{args.ablation}.json", json.dumps(result, indent=1) + "\n")
     text = markdown(result, ablation.about)
-    (args.workdir / f"{args.ablation}.md").write_text(text)
+    files.write_text_atomic(args.workdir / f"{args.ablation}.md", text)
     print(text)
     return 0
 

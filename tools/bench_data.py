@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from jaxbrats import files
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.discovery import discover
 from jaxbrats.data.phantom import write_phantom
@@ -83,7 +84,7 @@ def main() -> None:
             result[f"crops_128_per_s_workers_{workers}"] = time_pipeline(cache, workers, args.crops)
         print(json.dumps(result, indent=1))
         if args.json:
-            args.json.write_text(json.dumps(result, indent=1))
+            files.write_text_atomic(args.json, json.dumps(result, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -6,8 +6,9 @@
     python3 tools/bench_engine.py --method m3ae --sizes 64   # each M3AE stage's step, its evaluation
     python3 tools/bench_engine.py --method acdis --sizes 64 --no-eval --set model.family_map='"vmap"'
 
-The model is the method's full U-Net (METHODS.md section 2) on random
-inputs. A train step is the engine's own jitted step (`engine.make_train_step`
+The model is the method's full U-Net (by default 16, 32, 64, 128 channels with
+1, 2, 2, 4 residual blocks per level) on random
+inputs. A train step is the engine's own jitted step (`engine.step.make_train_step`
 with the method's loss and Adam) for each stage of the method; times are the
 median of `--repeats` after one warm-up call, each call synchronised with
 `block_until_ready`. `--batch` counts samples: an M3AE fine-tuning sample is
@@ -29,12 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxbrats import files
+from jaxbrats.inference.segment import case_locator
 from jaxbrats.interop import benchmark
+from jaxbrats.modalities import subset_index
 
 
 def machine() -> str:
     info = benchmark.machine()
-    return f"{info['cpu']} ({info['cpu_cores']} cores); {jax.device_count()} x {info['accelerator']} ({info['backend']}); jax {info['jax']}"
+    devices = f"{jax.device_count()} x {info['accelerator']} ({info['backend']})"
+    return f"{info['cpu']} ({info['cpu_cores']} cores); {devices}; jax {info['jax']}"
 
 
 def _timed(fn, repeats: int) -> tuple[float, float]:
@@ -50,20 +55,29 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+#: The source grid of the random cases: a BraTS volume.
+CASE_SHAPE = (240, 240, 155)
+
+
 def random_batch(rng, batch: int, size: int, views: int) -> dict:
-    """A pipeline-shaped batch of random crops (data.pipeline's keys) from 240x240x155 cases."""
+    """A pipeline-shaped batch of random crops (every key `data.pipeline` documents) from whole
+    240x240x155 cases (a brain box at the origin of the source grid)."""
     shape = (batch, size, size, size)
     masks = rng.random((batch, views, 4)) < 0.5
     masks[..., 1] = True  # never empty
+    subsets = np.asarray([[subset_index(m) for m in sample] for sample in masks], np.int32)
     return {
         "image": jnp.asarray(rng.normal(size=shape + (4,)), jnp.float32),
         "label": jnp.asarray(rng.integers(0, 4, shape), jnp.uint8),
         "valid": jnp.ones(shape, bool),
         "modality_mask": jnp.asarray(masks),
+        "subset": jnp.asarray(subsets),
         "present": jnp.ones((batch, 4), bool),
-        "crop_start": jnp.asarray(rng.integers(0, 240 - size, (batch, 3)), jnp.int32),
+        "case_index": jnp.arange(batch, dtype=jnp.int32),
+        "crop_start": jnp.asarray(rng.integers(0, np.maximum(np.asarray(CASE_SHAPE) - size, 1), (batch, 3)), jnp.int32),
         "flipped": jnp.asarray(rng.random((batch, 3)) < 0.5),
-        "case_shape": jnp.asarray(np.tile([240, 240, 155], (batch, 1)), jnp.int32),
+        "case_shape": jnp.asarray(np.tile(CASE_SHAPE, (batch, 1)), jnp.int32),
+        "box_start": jnp.zeros((batch, 3), jnp.int32),
     }
 
 
@@ -154,8 +168,8 @@ def bench_eval(method_name: str, shape, window: int, repeats: int, dtype: str, o
     image = jnp.asarray(rng.normal(size=tuple(shape) + (4,)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 4, shape), jnp.uint8)
     valid = jnp.ones(shape, bool)
-    case_shape = jnp.asarray(shape, jnp.int32)
-    first, per_case = _timed(lambda: program(state["models"], image, labels, valid, case_shape), repeats)
+    case = case_locator(shape, (0, 0, 0))  # the whole padded volume is the case, at the source grid's origin
+    first, per_case = _timed(lambda: program(state["models"], image, labels, valid, case), repeats)
     return {
         "what": "eval_15_subsets",
         "method": method_name,
@@ -201,10 +215,10 @@ def main(argv=None) -> int:
             )
             result["runs"].append(row)
             print(
-                f"{args.method} {stage} step {size}^3 x{args.batch} (x{row['views']} views) {args.dtype} ({row['conv_impl']}): "
-                f"{row['step_s'] * 1e3:.0f} ms, {row['voxels_per_s'] / 1e6:.2f} Mvoxel/s, compile {row['compile_s']:.1f} s, "
-                f"{row['parameters'] / 1e6:.2f} M parameters, memory {row['arguments_mib']:.0f} MiB arguments + "
-                f"{row['temporaries_mib']:.0f} MiB temporaries"
+                f"{args.method} {stage} step {size}^3 x{args.batch} (x{row['views']} views) {args.dtype} "
+                f"({row['conv_impl']}): {row['step_s'] * 1e3:.0f} ms, {row['voxels_per_s'] / 1e6:.2f} Mvoxel/s, "
+                f"compile {row['compile_s']:.1f} s, {row['parameters'] / 1e6:.2f} M parameters, "
+                f"memory {row['arguments_mib']:.0f} MiB arguments + {row['temporaries_mib']:.0f} MiB temporaries"
             )
     if not args.no_eval:
         row = bench_eval(
@@ -216,8 +230,7 @@ def main(argv=None) -> int:
             f"{row['per_case_s']:.1f} s per case (first call with compilation {row['first_call_s']:.1f} s)"
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        files.write_text_atomic(args.json, json.dumps(result, indent=1) + "\n")
     return 0
 
 

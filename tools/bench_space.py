@@ -6,11 +6,11 @@
 
 For each crop size (D,H,W: D, the first, is the axis split over the devices) and
 each number of "space" devices S, the method's real train step
-(`engine.make_train_step`, the stage's configured optimiser, state placed by
-`sharding.shard_state`, jitted as `Trainer.compile_step` does: state donated,
-lowered under `jax.set_mesh`) is compiled for one sample on a mesh of
+(`engine.step.make_train_step`, the stage's configured optimiser, state placed by
+`runtime.sharding.shard_state`, jitted as the trainer's `engine.step.compile_step`
+does: state donated, lowered under `jax.set_mesh`) is compiled for one sample on a mesh of
 data 1 x model 1 x space S, its batch holding every key of the pipeline with
-the shardings `sharding.place_batch` gives. Reported per device:
+the shardings `runtime.sharding.place_batch` gives. Reported per device:
 
 - memory: `compiled.memory_analysis()`: arguments, outputs, temporaries and
   "peak" = arguments + outputs + temporaries - aliased (donated state that the
@@ -20,7 +20,7 @@ the shardings `sharding.place_batch` gives. Reported per device:
   GPU would need, not a measurement of it (XLA:CPU appears to compute bfloat16
   convolutions in float32, and its figures barely move with --remat at
   space 1). `--conv-impl native` is the lowering GPUs run; the default, auto,
-  is depth2d on CPU (METHODS.md, networks/layers.py).
+  is depth2d on CPU (`networks.layers`).
 - halo: bytes received by the collective-permutes of one step (the 3x3x3
   convolutions' boundary slices, `networks.layers.halo_conv3d`); all-reduce:
   bytes of the all-reduces (gradients of the replicated weights, GroupNorm and
@@ -40,30 +40,33 @@ A size that S cannot split is reported as refused (config validation: every U-Ne
 level's depth must split into whole slabs, i.e. D divisible by 8 x S for 4
 levels): 240 splits over 2 devices at most, 160 over 4, 128 over 8. With
 jax 0.10.2, `--dtype bfloat16` at space > 1 aborts XLA:CPU's compiler (a
-bfloat16 weight-gradient all-reduce; BENCHMARKS.md), which ends this process.
+bfloat16 weight-gradient all-reduce; docs/benchmarks/README.md), which ends this process.
 """
 
 from __future__ import annotations
 
-import os
-
-_FLAG = "--xla_force_host_platform_device_count"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts: 8 fake CPU devices
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}=8".strip()
-
 import argparse
 import json
 import math
+import os
 import re
 import statistics
 import sys
 import time
 from collections import defaultdict
 
+# Before JAX starts: 8 fake CPU devices, unless the caller chose a count (one statement, so the
+# imports below may follow it).
+os.environ["XLA_FLAGS"] = (
+    flags
+    if "--xla_force_host_platform_device_count" in (flags := os.environ.get("XLA_FLAGS", ""))
+    else f"{flags} --xla_force_host_platform_device_count=8".strip()
+)
+
 import jax
 import numpy as np
 
-from jaxbrats import engine
+from jaxbrats import engine, files
 from jaxbrats.errors import ConfigError
 from jaxbrats.interop import benchmark
 from jaxbrats.methods import get_method, load_config
@@ -225,7 +228,8 @@ def table_line(row: dict) -> str:
         f"| {size} | {row['space']} | {row['slab']} | {mib.get('argument', '-')} | {mib.get('output', '-')} | "
         f"{mib.get('alias', '-')} | {mib.get('temp', '-')} | **{mib.get('peak', '-')}** | "
         f"{c.get('collective-permute_bytes', 0) / MIB:.1f} ({c.get('collective-permute_n', 0)}) | "
-        f"{c.get('all-reduce_bytes', 0) / MIB:.1f} ({c.get('all-reduce_n', 0)}) | {gathers} | {row['compile_s']:.0f} | {step} |"
+        f"{c.get('all-reduce_bytes', 0) / MIB:.1f} ({c.get('all-reduce_n', 0)}) | {gathers} | "
+        f"{row['compile_s']:.0f} | {step} |"
     )
 
 
@@ -278,8 +282,7 @@ def main(argv=None) -> int:
             result["rows"].append(row)
             print(table_line(row), flush=True)
             if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(result, f, indent=1)
+                files.write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     return 0
 
 

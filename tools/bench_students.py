@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_engine import _timed, machine, make_method, random_batch
 
+from jaxbrats import files
 from jaxbrats.modalities import SUBSET_NAMES
 
 
@@ -89,11 +90,8 @@ def main(argv=None) -> int:
     for k in sorted(args.students):
         row = bench(k, args.size, args.batch, args.dtype, args.repeats)
         result["runs"].append(row)
-        mem = (
-            f", memory {row['memory_bytes'] / 2**30:.2f} GiB ({row['memory_per_student_bytes'] / 2**20:.0f} MiB per student)"
-            if row["memory_bytes"]
-            else ""
-        )
+        per_student = f"{row['memory_per_student_bytes'] / 2**20:.0f} MiB per student"
+        mem = f", memory {row['memory_bytes'] / 2**30:.2f} GiB ({per_student})" if row["memory_bytes"] else ""
         print(
             f"{k:2d} students, {args.size}^3 x{args.batch} {args.dtype}: step {row['step_s']:.2f} s "
             f"({row['step_per_student_s']:.2f} s per student), compile {row['compile_s']:.0f} s{mem}",
@@ -104,16 +102,16 @@ def main(argv=None) -> int:
         for row in result["runs"]:
             row["vs_one_per_run"] = round(row["step_s"] / (row["students"] * one["step_s"]), 3)
             print(
-                f"{row['students']:2d} together: {row['step_s']:.2f} s vs one per run {row['students'] * one['step_s']:.2f} s "
-                f"(x{row['vs_one_per_run']:.2f}); vs 1 student x{row['step_s'] / one['step_s']:.2f}"
+                f"{row['students']:2d} together: {row['step_s']:.2f} s vs one per run "
+                f"{row['students'] * one['step_s']:.2f} s (x{row['vs_one_per_run']:.2f}); "
+                f"vs 1 student x{row['step_s'] / one['step_s']:.2f}"
             )
         fifteen = next((r for r in result["runs"] if r["students"] == 15), None)
         if fifteen:
             result["bound_ok"] = fifteen["step_s"] <= args.bound * one["step_s"]
             print(f"bound: 15 students <= {args.bound:g} x 1 student: {'yes' if result['bound_ok'] else 'NO'}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        files.write_text_atomic(args.json, json.dumps(result, indent=1) + "\n")
     return 0
 
 

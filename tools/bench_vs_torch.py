@@ -1,4 +1,4 @@
-"""JAX vs PyTorch step times: the same as `jaxbrats bench` (see jaxbrats/benchmark.py and BENCHMARKS.md).
+"""JAX vs PyTorch step times: the same as `jaxbrats bench` (see `interop.benchmark` and docs/benchmarks/README.md).
 
 python3 tools/bench_vs_torch.py --size 64 128 --batch 1 2 --vs torch --json bench.json
 """

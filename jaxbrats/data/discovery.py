@@ -1,6 +1,6 @@
 """Find BraTS cases on disk: detect the release layout, list each case's files.
 
-Layouts recognised (METHODS.md section 1):
+Layouts recognised:
 
 - ``brats2018``: ``<root>/{HGG,LGG}/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz`` (2018, 2019)
 - ``brats2020``: ``<root>/BraTS20_*_XXX/BraTS20_*_XXX_{...}.nii[.gz]``

@@ -192,7 +192,8 @@ def write_phantom(
         raise JaxbratsError(f"unknown phantom layout {layout!r}; expected one of {sorted(PHANTOM_LAYOUTS)}")
     if cases < 1 or len(shape) != 3 or min(shape) < 16:
         raise JaxbratsError(
-            f"phantom needs at least 1 case and a 3D shape of at least 16 per axis, got {cases} cases, shape {tuple(shape)}"
+            "phantom needs at least 1 case and a 3D shape of at least 16 per axis, "
+            f"got {cases} cases, shape {tuple(shape)}"
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from jaxbrats.config import LoaderConfig
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.modalities import NUM_MODALITIES, SUBSET_MASKS
 
@@ -67,24 +68,15 @@ DROPOUT_MODES = ("uniform", "drop_k", "none")
 
 
 @dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-    """Settings of the training input pipeline (see the module docstring for the output)."""
+class PipelineConfig(LoaderConfig):
+    """Settings of the training input pipeline (see the module docstring for the output).
 
-    crop_size: tuple[int, int, int] = (128, 128, 128)
+    The crop, augmentation and worker settings are ``[data]``'s (`config.LoaderConfig`, declared
+    there once); the rest is what a run's stage decides (`from_config`).
+    """
+
+    #: Samples per batch of this process (a run's global batch over its processes).
     batch_size: int = 2
-    #: Probability that a crop is centred on a tumour voxel (class chosen uniformly).
-    foreground_oversample: float = 0.33
-    #: Probability of a flip along each spatial axis.
-    flip_probability: float = 0.5
-    #: Per-channel intensity x * U(1 - scale, 1 + scale) + U(-shift, shift) (M3AE: 0.1, 0.1),
-    #: on the case's voxels (padding stays 0).
-    intensity_scale: float = 0.1
-    intensity_shift: float = 0.1
-    #: Rotation about the crop's centre by U(-rotation_degrees, rotation_degrees) degrees in
-    #: one of the three axis planes (chosen uniformly), applied with `rotation_probability`;
-    #: rotation_degrees = 0 disables it and draws no random numbers (the stream is unchanged).
-    rotation_degrees: float = 0.0
-    rotation_probability: float = 1.0
     #: "uniform": uniform over the (available) 15 subsets; "drop_k": M3AE's drop k ~ U{0..n-1}
     #: of the n present modalities; "none": keep all present modalities.
     dropout: str = "uniform"
@@ -94,11 +86,16 @@ class PipelineConfig:
     #: missing-modal situations"), unless the case has fewer subsets than instantiations.
     distinct: bool = False
     seed: int = 0
-    #: Loader processes (0: in the main process) and batches each one prefetches.
-    workers: int = 0
-    prefetch: int = 2
     #: Passes over the cases; None repeats forever.
     num_epochs: int | None = None
+
+    @classmethod
+    def from_config(cls, data: LoaderConfig, **settings) -> PipelineConfig:
+        """The loader settings of a run's ``[data]`` (every `LoaderConfig` field of `data`, e.g. a
+        `config.DataConfig`) with `settings`: the batch of this process, the seed, and what the
+        method asks for (`Method.pipeline`: dropout, instantiations, distinct)."""
+        loader = {field.name: getattr(data, field.name) for field in dataclasses.fields(LoaderConfig)}
+        return cls(**loader, **settings)
 
     def __post_init__(self):
         if self.dropout not in DROPOUT_MODES:

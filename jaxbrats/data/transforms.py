@@ -1,7 +1,7 @@
 """On-device transforms of training crops, drawn inside the jitted step.
 
-- `visible_patches` / `patch_mask_to_voxels`: M3AE's masking (METHODS.md
-  section 3): after whole modalities are dropped, an exact number of 16^3
+- `visible_patches` / `patch_mask_to_voxels`: M3AE's masking (arXiv:2303.05302):
+  after whole modalities are dropped, an exact number of 16^3
   patches over all modalities stays visible, drawn from the kept modalities.
 - `read_window` (`read_windows` for a batch): a crop-sized window of a volume-sized array (M3AE's
   substitute image x_sub), located with the batch's ``crop_start``,

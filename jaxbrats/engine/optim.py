@@ -8,7 +8,6 @@ import jax
 import optax
 
 from jaxbrats.config import OptimizerConfig
-from jaxbrats.engine.workdir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
 from jaxbrats.errors import ConfigError
 from jaxbrats.methods import Method
 

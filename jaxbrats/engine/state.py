@@ -1,4 +1,7 @@
-"""The train state: models split from their NNX graphs, optimiser states, step and key; abstract templates for restores."""
+"""The train state: models split from their NNX graphs, optimiser states, step and key.
+
+Also its abstract templates (ShapeDtypeStructs, nothing initialised), which restores read into.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxbrats.engine.workdir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
 from jaxbrats.methods import Method
 
 

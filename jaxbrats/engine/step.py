@@ -1,4 +1,4 @@
-"""The jitted train step of a stage: the method's updates in order, their gradients and metrics."""
+"""The train step of a stage: the method's updates in order, their gradients and metrics; compiled once."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import optax
 from flax import nnx
 
 from jaxbrats.engine.state import trainable_part
-from jaxbrats.engine.workdir import load_splits  # noqa: F401  (eval and the demo read a run's splits from here)
 from jaxbrats.errors import ConfigError
 from jaxbrats.methods import Method
+from jaxbrats.runtime import compilation
+from jaxbrats.runtime.sharding import replicated, state_shardings
 
 
 def _loss_output(out):
@@ -105,3 +106,21 @@ def loss_keys(method: Method, stage: str) -> list[str]:
 
 def step_name(stage: str) -> str:
     return f"train_step_{stage}"
+
+
+def compile_step(step_fn, state, batch, mesh, families) -> tuple:
+    """(the step compiled ahead of time for these shapes, ``{"compiled": n, "loaded": n}``: its XLA
+    compilations and loads from the persistent compilation cache, `jaxbrats.runtime.compilation`).
+
+    A batch of other shapes is then refused, never compiled again. The state is donated; the new
+    state keeps the input state's shardings (`families`' members stay split along "model"); the
+    metrics come back replicated.
+    """
+    compilation.watch()
+    before = compilation.counts(step_fn.__name__)
+    shardings = state_shardings(state, mesh, families)
+    jitted = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, replicated(mesh)))
+    with jax.set_mesh(mesh):  # layers see whether the depth is split (networks.layers.space_shards)
+        compiled = jitted.lower(state, batch).compile()
+    after = compilation.counts(step_fn.__name__)
+    return compiled, {k: after[k] - before[k] for k in ("compiled", "loaded")}

@@ -1,12 +1,15 @@
 """What a training work directory holds besides checkpoints, and what a resume may change.
 
+Where each file lies is `jaxbrats.runtime.rundir.RunDir`'s; what goes in it is decided here.
 ``config.json`` is the resolved config of the latest `train` call,
 ``config_history.jsonl`` one row per call (when, which keys changed from the
 call before, old and new values), ``splits.json`` the case ids of each split
 (fixed at the first call) and ``data.json`` the cache's preprocessing
 settings (`predict` needs them). ``.train.lock`` is the one-writer lock
 (`single_writer`): while a run writes, it names that run (host, pid, start
-time); it is empty when nobody holds it.
+time); it is empty when nobody holds it. ``import.json`` marks weights
+imported from another framework (`jaxbrats import-m3ae`): such a folder is
+evaluated and predicted with, never trained in (`refuse_imported`).
 
 A resume may change only the settings that leave what the checkpoints hold
 and what the split is untouched (`RESUMABLE`: batch size, run lengths,
@@ -27,13 +30,10 @@ from jaxbrats.config import Config, ConfigError, OptimizerConfig, StageConfig, s
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.splits import ratio_split, read_split_file
 from jaxbrats.errors import JaxbratsError
+from jaxbrats.files import write_text_atomic
 from jaxbrats.methods import config_from_data, get_method
 from jaxbrats.runtime import locks, processes
-
-#: The record of weights imported from another framework (`jaxbrats import-m3ae`): such a folder
-#: is evaluated and predicted with, never trained in (`refuse_imported`).
-IMPORT_RECORD = "import.json"
-DATA_RECORD = "data.json"  # the run's cache and preprocessing (`write_data_record`)
+from jaxbrats.runtime.rundir import RunDir
 
 #: Config keys (fnmatch patterns) a resumed run may change. Everything else is refused.
 RESUMABLE = (
@@ -63,9 +63,6 @@ RESUMABLE = (
 )
 
 
-LOCK = ".train.lock"
-
-
 def single_writer(workdir: Path):
     """Hold the work directory's lock while a run writes to it (`jaxbrats.runtime.locks.hold`).
 
@@ -74,7 +71,7 @@ def single_writer(workdir: Path):
     one line naming the run that holds it; the lock of a killed run is taken
     over. Only process 0 of a multi-host run takes it (`Trainer.run`, `processes.on_process_0`).
     """
-    return locks.hold(Path(workdir) / LOCK, "jaxbrats train", hint="wait for it to finish or use another --workdir")
+    return locks.hold(RunDir(workdir).lock, "jaxbrats train", hint="wait for it to finish or use another --workdir")
 
 
 def resolve_splits(config: Config, cache_ids: list[str]) -> dict[str, list[str]]:
@@ -95,16 +92,17 @@ def resolve_splits(config: Config, cache_ids: list[str]) -> dict[str, list[str]]
 
 def refuse_imported(workdir: Path, stages) -> None:
     """Imported weights are not a run to resume: training there would start its stages from scratch."""
-    if (Path(workdir) / IMPORT_RECORD).exists():
+    run = RunDir(workdir)
+    if run.import_record.exists():
         raise JaxbratsError(
-            f"{workdir}: holds imported weights ({IMPORT_RECORD}), not a run to train in; train in a new "
-            f"--workdir with --set stages.{stages[-1]}.init_from='\"{Path(workdir) / 'checkpoints' / stages[-1]}\"' "
+            f"{workdir}: holds imported weights ({run.import_record.name}), not a run to train in; train in a new "
+            f"--workdir with --set stages.{stages[-1]}.init_from='\"{run.checkpoints(stages[-1])}\"' "
             f"--stage {stages[-1]}"
         )
 
 
 def load_splits(workdir: Path, cache: CacheDataset) -> dict[str, list[str]]:
-    path = Path(workdir) / "splits.json"
+    path = RunDir(workdir).splits
     try:
         splits = json.loads(path.read_text())
     except FileNotFoundError:
@@ -150,12 +148,13 @@ def _lookup(data: dict, key: str):
 
 
 def has_checkpoints(workdir: Path) -> bool:
-    return any(p.name.isdigit() for p in (Path(workdir) / "checkpoints").glob("*/*"))
+    return any(p.name.isdigit() for p in RunDir(workdir).checkpoint_root.glob("*/*"))
 
 
 def record_config(workdir: Path, config: Config) -> list[str]:
     """Check a resume's config against the saved one, then save it and add a history row; the changed keys."""
-    saved = workdir / "config.json"
+    run = RunDir(workdir)
+    saved = run.config
     new = effective(config)
     changed = []
     if saved.exists():
@@ -173,12 +172,12 @@ def record_config(workdir: Path, config: Config) -> list[str]:
                 f"Use another --workdir (stages.<stage>.init_from starts from a checkpoint's models)"
             )
         if changed:
-            print(f"note: resuming with changed {', '.join(changed)} (recorded in config_history.jsonl)")
+            print(f"note: resuming with changed {', '.join(changed)} (recorded in {run.config_history.name})")
     row = {
         "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "changed": {k: [_lookup(old, k), _lookup(new, k)] for k in changed} if changed else {},
     }
-    with (workdir / "config_history.jsonl").open("a") as f:
+    with run.config_history.open("a") as f:  # one short row appended: a reader sees whole rows
         f.write(json.dumps(row) + "\n")
     save_config(config, saved)
     return changed
@@ -200,30 +199,48 @@ def prepare(workdir: Path, config: Config, cache: CacheDataset) -> dict[str, lis
 
 def _prepare(workdir: Path, config: Config, cache: CacheDataset) -> dict[str, list[str]]:
     workdir.mkdir(parents=True, exist_ok=True)
-    split_path = workdir / "splits.json"
-    if split_path.exists():
-        splits = load_splits(workdir, cache)
-    else:
-        splits = resolve_splits(config, cache.case_ids)
+    split_path = RunDir(workdir).splits
+    fixed = split_path.exists()
+    splits = load_splits(workdir, cache) if fixed else resolve_splits(config, cache.case_ids)
     if not splits["train"]:
         raise JaxbratsError(f"{split_path}: no training cases")
     record_config(workdir, config)
-    if not split_path.exists():
-        split_path.write_text(json.dumps(splits, indent=1) + "\n")
+    if not fixed:
+        write_splits(workdir, splits)
     write_data_record(workdir, str(cache.cache_dir), cache.index["settings"])
     return splits
 
 
+def split_cases(workdir: Path, cache: CacheDataset, split: str) -> list[str]:
+    """The case ids of a run's split ("train", "val", "test"), or every case of the cache ("all")."""
+    if split == "all":
+        return cache.case_ids
+    splits = load_splits(workdir, cache)
+    if not splits.get(split):
+        raise JaxbratsError(f"{RunDir(workdir).splits}: no cases in split {split!r}")
+    return splits[split]
+
+
+def write_splits(workdir: Path, splits) -> None:
+    """splits.json: the case ids of each split ({"train"|"val"|"test": ids})."""
+    text = json.dumps({name: list(ids) for name, ids in splits.items()}, indent=1) + "\n"
+    write_text_atomic(RunDir(workdir).splits, text)
+
+
 def write_data_record(workdir: Path, cache: str, preprocessing: dict) -> None:
     """data.json: the cache a run trained on and its preprocessing, which predicting a new case needs."""
-    (Path(workdir) / DATA_RECORD).write_text(
-        json.dumps({"cache": cache, "preprocessing": preprocessing}, indent=1) + "\n"
-    )
+    text = json.dumps({"cache": cache, "preprocessing": preprocessing}, indent=1) + "\n"
+    write_text_atomic(RunDir(workdir).data_record, text)
+
+
+def write_import_record(workdir: Path, summary: dict) -> None:
+    """import.json: what was imported from another framework, from where (`refuse_imported` reads its presence)."""
+    write_text_atomic(RunDir(workdir).import_record, json.dumps(summary, indent=1) + "\n")
 
 
 def read_preprocessing(workdir: Path) -> dict:
     """The preprocessing settings of a run's data.json (one line when it has none)."""
-    path = Path(workdir) / DATA_RECORD
+    path = RunDir(workdir).data_record
     try:
         return json.loads(path.read_text())["preprocessing"]
     except FileNotFoundError:

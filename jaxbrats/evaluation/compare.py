@@ -20,7 +20,7 @@ and their mean:
   region, daggers where p < 0.05.
 
 Statistics, per row and region: a method's value is the mean over the cases
-the row scores (those with all its modalities, as `evaluation.summarize`:
+the row scores (those with all its modalities, as `evaluation.reports.summarize`:
 HD95 NaNs of the "nan" convention left out), so the numbers equal each run's
 summary.json. The paired test (`scipy.stats.wilcoxon`, two-sided, its
 defaults) takes the cases both runs scored with a finite value. For the mean

@@ -31,7 +31,7 @@ Size: fixed, so figures of one evaluation line up: `DPI` 100, a panel cell of
 `PANEL` = 200 px square, margins `LEFT`, `TOP`, `BOTTOM`; a figure of C
 columns is ``LEFT + 200 C`` = ``24 + 200 C`` px wide and ``TOP + 3 * 200 +
 BOTTOM`` = 700 px high (`figure_size`); 8 columns: 1624 x 700.
-Files are written atomically (a temporary file in the folder, then a rename).
+Files are written atomically (`files.write_atomic`: a temporary file in the folder, then a rename).
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def write_case_figure(
 
 def log_figures(writer, step: int, images, prefix: str = "figures") -> None:
     """Add each ``case_id -> (H, W, 3) uint8`` image to a TensorBoard writer (tensorboardX
-    `SummaryWriter`, e.g. `engine.MetricsLog.writer`) as ``<prefix>/<case_id>`` at `step`."""
+    `SummaryWriter`, e.g. the ``writer`` of `engine.metrics_log.MetricsLog`) as ``<prefix>/<case_id>`` at `step`."""
     for case_id, pixels in images.items():
         writer.add_image(f"{prefix}/{case_id}", np.asarray(pixels, np.uint8), int(step), dataformats="HWC")
     writer.flush()

@@ -1,12 +1,18 @@
-"""Dice (on device, from voxel counts) and HD95 (on the host, with scipy).
+"""Dice (on the device, from voxel counts) and HD95 (on the host, with scipy), with HD95's geometry.
 
-Conventions (METHODS.md section 1):
+`dice_counts` runs inside the evaluation's compiled program, `dice_from_counts` turns its counts
+into Dice on the host; `hd95_table` scores every subset's label map of a case, in mm
+(`canonical_spacing`: the voxel size along each axis of the cached RAS+ volume), on a crop around
+the two masks (`_bbox`, which leaves the distances unchanged).
 
-- Dice is 1 when prediction and truth are both empty (all peers).
+Conventions (those of the BraTS challenge and of the methods' public code):
+
+- Dice is 1 when prediction and truth are both empty (every method compared does so).
 - HD95 follows medpy's ``hd95``: surface voxels are a mask minus its
   erosion (6-connectivity); the distances from each surface to the other
   (Euclidean, in mm with the voxel spacing) are pooled and their 95th
-  percentile is taken. The empty-mask convention is a setting:
+  percentile is taken. The empty-mask convention is a setting
+  (`eval.hd95_empty`), and the reports print which one a table used:
 
   ===========  ===========  ==============  ==========================
   name         both empty   exactly one     used by

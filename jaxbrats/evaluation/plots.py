@@ -1,12 +1,12 @@
 """Training curves of one or more runs from their ``metrics.jsonl`` (`jaxbrats plot`).
 
-A run's ``metrics.jsonl`` (`engine.MetricsLog`, written by `Trainer._flush`)
-holds one JSON object per line. A step's row: ``{"stage", "step", <metrics>,
-"lr/<group>": ...}``: the metrics are ``loss`` (one update group) or
-``<group>/loss`` (several), the loss's parts (``<group>/<part>``) and
-``grad_norm``, the learning rate of each optimiser group as ``lr/<group>``;
-after each flush a throughput row ``{"stage", "step", "steps_per_s",
-"voxels_per_s"}``. Steps count from 1 within each stage.
+A run's ``metrics.jsonl`` (`runtime.rundir.RunDir.metrics`, written by
+`engine.metrics_log.MetricsLog`) holds one JSON object per line. A
+step's row: ``{"stage", "step", <metrics>, "lr/<group>": ...}``: the metrics
+are ``loss`` (one update group) or ``<group>/loss`` (several), the loss's parts
+(``<group>/<part>``) and ``grad_norm``, the learning rate of each optimiser
+group as ``lr/<group>``; after each flush a throughput row ``{"stage", "step",
+"steps_per_s", "voxels_per_s"}``. Steps count from 1 within each stage.
 
 The figure: one row per stage (in the order the runs first log them), columns
 the stage's loss keys (``loss`` / ``<group>/loss``, or the keys asked for),
@@ -17,7 +17,7 @@ the work directory's name. A panel's y axis is logarithmic when all its
 values are positive. The format follows the output's suffix: ``.png``
 (`DPI` 100), ``.pdf``, ``.svg``; a panel is `PANEL_INCHES` (4 x 2.8 in: a PNG
 is 400 px per column wide, 280 px per stage + 40 px high). Written atomically
-(`figures.save_figure`).
+(`evaluation.figures.save_figure`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.evaluation.figures import save_figure
+from jaxbrats.runtime.rundir import RunDir
 
 FORMATS = (".png", ".pdf", ".svg")
 DPI = 100
@@ -39,7 +40,7 @@ _STYLES = ("-", "--", ":", "-.")
 
 def read_metrics(workdir) -> list[dict]:
     """The rows of a run's metrics.jsonl; a missing, empty or corrupt file is one line naming it (and the line)."""
-    path = Path(workdir) / "metrics.jsonl"
+    path = RunDir(workdir).metrics
     if not path.is_file():
         what = "not a directory" if not Path(workdir).is_dir() else "no metrics.jsonl (has this run logged a step?)"
         raise JaxbratsError(f"{path}: {what}")

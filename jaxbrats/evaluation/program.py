@@ -1,64 +1,44 @@
-"""Evaluation of all 15 modality subsets, one compiled program per run.
+"""The 15-subset evaluation: every case scored on all 15 modality subsets by one compiled program.
 
-For each case the program takes the padded image, labels and valid mask and
-maps over the 15 subset masks of `modalities.SUBSET_MASKS` with `lax.map`
-(the mask is data, so the 15 subsets share one trace): the method's
-`fill` and `predict` fill the missing modalities its own way (`fill` sees
-the whole case and its unpadded extent, data too), sliding-window
-inference gives region probabilities (blended as probabilities or as
-logits: `eval.average`), `decode` gives labels (nested thresholds or the
-argmax of the label probabilities: `eval.decoding`, by default the method's
-own; optional ET post-processing), and Dice
-counts per region are computed on the device. Every case is padded to one
-bucket shape, so the program compiles once for the whole evaluation. The
-label maps come back to the host for HD95 (scipy) and, for the chosen
-subsets, NIfTI predictions in the source geometry and label convention.
-
-One segmentation, `segment`, serves the evaluation and `jaxbrats predict`
-(`predict.predict_case`): the case padded at the end, `method.fill` on the
-whole padded image, sliding windows, decoding. The window grid is that of
-the case's own extent (data, `inferers.sliding_window`'s `extent`), not of
-the bucket, so a case's labels do not depend on the other cases of the
-evaluation (whose largest sets the bucket), and `predict` of a case (padded
-by `pad_shape`, a program of its own) equals its evaluation's labels for
-the subset of the modalities it has, still with one compilation per
-evaluation.
+For each case the program (`make_case_program`) takes the padded image,
+labels and valid mask and maps over the 15 subset masks of
+`modalities.SUBSET_MASKS` with `lax.map` (the mask is data, so the 15 subsets
+share one trace). Each subset is segmented by `inference.segment.segment`, the
+segmentation `jaxbrats predict` runs too (the method's fill, sliding windows,
+decoding, optional ET post-processing), and its Dice counts per region are
+computed on the device (`evaluation.metrics.dice_counts`). Every case is
+padded to one bucket shape (`bucket_shape`), so the program compiles once for
+the whole evaluation; the window grid is that of the case's own extent, so a
+case's labels do not depend on the other cases. The label maps come back to
+the host for HD95 (`evaluation.metrics.hd95_table`, scipy) and, for the chosen
+subsets, NIfTI predictions in the source geometry and label convention
+(`inference.nifti.write_prediction`).
 
 The program runs the subsets the method serves (`Method.served_subsets`:
 all 15 for a catch-all method; those with a student for a dedicated one),
-each with its index passed to `predict` as data, so a dedicated method picks
-that subset's student inside the one compiled program. A subset not served
-has null Dice and HD95 (``"served": false`` in summary.json, dashes in the
-tables and the heatmap). A row scores only the cases that have all of its
+each with its index passed to `Method.predict` as data, so a dedicated method
+picks that subset's student inside the one compiled program. A subset not
+served has null Dice and HD95 (``"served": false`` in summary.json, dashes in
+the tables and the heatmap). A row scores only the cases that have all of its
 modalities (the manifest's ``present``; `applicability`, a general (case,
 subset) mask that callers may narrow with ``evaluate(..., applicable=...)``);
-the host leaves the others out of the statistics and of HD95. Per case, ``cases/<id>.json`` holds ``{"case", "present":
-[modalities], "subsets": [{"name", "applicable", "dice", "hd95"}, ... 15]}``
-with null Dice and HD95 where ``"applicable": false``.
+the host leaves the others out of the statistics and of HD95.
 
-Outputs in the output directory: ``cases/<id>.json``; ``summary.json``
-(shape below); ``summary.md`` and ``summary.csv`` (the papers' layout plus
-the number of cases of each row, Dice in percent, ``-`` for a row without
-an applicable case); ``dice_heatmap.png`` (rows named with their case
-count, such a row grey with dashes); ``predictions/<id>[_<subset>].nii.gz``
-(``full``: each case with every modality it has); with ``figures=N``,
-``figures/<id>.png`` of the first N cases and the same images in
-``tensorboard/`` (`jaxbrats.evaluation.figures`).
+Outputs in the output directory, each written atomically (`files.write_atomic`):
 
-``summary.json``::
-
-    {"regions": ["WT", "TC", "ET"],
-     "subsets": [{"name": "flair", "modalities": ["flair"], "cases": n, "served": true,
-                  "dice": {"WT": .., "TC": .., "ET": ..}, "hd95": {...}}, ... 15 rows],
-     "mean": {"rows": k, "dice": {...}, "hd95": {...}}, "cases": N}
-
-``cases``: the cases a row scores (those with all its modalities; 0: its
-values are null); ``mean``: over the ``k`` rows with at least one case;
-``cases`` at the top: all cases evaluated.
-
-``eval_settings.json`` records the settings the numbers used (HD95 empty-mask
-convention, ET post-processing, window), how often XLA compiled the program
-and how often it was loaded from the persistent compilation cache.
+- ``cases/<id>.json``: ``{"case", "present": [modalities], "subsets":
+  [{"name", "applicable", "dice", "hd95"}, ... 15]}``, null Dice and HD95
+  where ``"applicable": false``;
+- ``summary.json``, ``summary.md``, ``summary.csv`` and ``dice_heatmap.png``
+  (`evaluation.reports`, which describes them);
+- ``predictions/<id>[_<subset>].nii.gz`` (``full``: each case with every
+  modality it has);
+- with ``figures=N``, ``figures/<id>.png`` of the first N cases and the same
+  images in ``tensorboard/`` (`evaluation.figures`);
+- ``eval_settings.json``: the settings the numbers used (HD95 empty-mask
+  convention, ET post-processing, window, decoding, bucket), how often XLA
+  compiled the program and how often it was loaded from the persistent
+  compilation cache.
 """
 
 from __future__ import annotations
@@ -73,6 +53,7 @@ from flax import nnx
 from jax import lax
 from tqdm import tqdm
 
+from jaxbrats import files
 from jaxbrats.config import EvalConfig, to_dict
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.data.loading import canonical_shape
@@ -106,7 +87,7 @@ PROGRAM_NAME = "eval_15_subsets"
 def make_case_program(method, graphdefs: dict, cfg: EvalConfig):
     """The jitted program over the subsets the method serves (`Method.served_subsets`, K of the
     15; all 15 for a catch-all method): (Dice counts (K, 3, 3), labels (K, D, H, W) uint8), in
-    the order of `served_subsets`. The subset's mask and index are data (`lax.map`), so every
+    the order of `Method.served_subsets`. The subset's mask and index are data (`lax.map`), so every
     subset, and a dedicated method's choice of student, shares one trace."""
     evaluate_subset = subset_evaluator(method, graphdefs, cfg)
     served = np.asarray(method.served_subsets(), np.int32)
@@ -171,13 +152,13 @@ def evaluate(
 ) -> dict:
     """Score every case of `dataset` on all 15 subsets; write the results to `out_dir`.
 
-    Each case is padded to the one bucket and segmented by `segment` (the
-    function `jaxbrats predict` runs too); a row scores only the cases
+    Each case is padded to the one bucket and segmented by `inference.segment.segment`
+    (the function `jaxbrats predict` runs too); a row scores only the cases
     `applicability` allows (the modalities a case has; `applicable`, (15,)
     or (cases, 15) bool, removes more). `predictions`: "full" writes each
     case segmented with every modality it has (the full subset when it has
     all four), "all" every applicable subset, "none" nothing. `figures`: the first
-    that many cases get a figure (`jaxbrats.evaluation.figures`: ``figures/<id>.png``, and
+    that many cases get a figure (`evaluation.figures`: ``figures/<id>.png``, and
     the same image in ``tensorboard/`` at `step`, the evaluated run's step).
     """
     out_dir = Path(out_dir)
@@ -242,7 +223,7 @@ def evaluate(
         "compilations": after["compiled"] - before["compiled"],
         "loaded_from_cache": after["loaded"] - before["loaded"],
     }
-    (out_dir / "eval_settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+    files.write_text_atomic(out_dir / "eval_settings.json", json.dumps(settings, indent=1) + "\n")
     return summary
 
 
@@ -291,4 +272,4 @@ def _write_case(out_dir: Path, case_id: str, dice, hd, allowed, manifest: dict) 
     ]
     present = [m for m, p in zip(MODALITIES, manifest.get("present", [True] * len(MODALITIES))) if p]
     case = {"case": case_id, "present": present, "subsets": rows}
-    (out_dir / "cases" / f"{case_id}.json").write_text(json.dumps(case, indent=1) + "\n")
+    files.write_text_atomic(out_dir / "cases" / f"{case_id}.json", json.dumps(case, indent=1) + "\n")

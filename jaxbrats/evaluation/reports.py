@@ -1,4 +1,27 @@
-"""The summary of an evaluation and its reports: summary.md, summary.csv and the Dice heatmap."""
+"""The summary of an evaluation and its reports: summary.json, summary.md, summary.csv, the heatmap.
+
+`summarize` turns the per-case values of an evaluation (`evaluation.program.evaluate`) into
+means per subset row and over the rows; `write_reports` writes, each atomically
+(`files.write_atomic`):
+
+- ``summary.json``::
+
+    {"regions": ["WT", "TC", "ET"],
+     "subsets": [{"name": "flair", "modalities": ["flair"], "cases": n, "served": true,
+                  "dice": {"WT": .., "TC": .., "ET": ..}, "hd95": {...}}, ... 15 rows],
+     "mean": {"rows": k, "dice": {...}, "hd95": {...}}, "cases": N}
+
+  ``cases``: the cases a row scores (those with all its modalities; 0: its
+  values are null); ``served``: false where the method has no model for the
+  subset (null values); ``mean``: over the ``k`` rows with at least one case;
+  ``cases`` at the top: all cases evaluated.
+- ``summary.md`` and ``summary.csv``: the papers' layout (one row per subset,
+  a mark per modality present) plus the number of cases of each row, Dice in
+  percent, HD95 in mm, ``-`` for a row without an applicable case
+  (`markdown_table`, `csv_table`);
+- ``dice_heatmap.png``: Dice per row and region, rows named with their case
+  count, such a row grey with dashes (`heatmap`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxbrats import files
 from jaxbrats.config import EvalConfig
+from jaxbrats.evaluation.figures import save_figure
 from jaxbrats.labels import REGIONS
 from jaxbrats.modalities import MODALITIES, SUBSET_NAMES, SUBSETS
 
@@ -150,6 +175,7 @@ def csv_table(summary: dict) -> str:
 
 
 def heatmap(summary: dict, path: Path) -> None:
+    """The Dice of each row and region as a PNG at `path` (written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,12 +199,13 @@ def heatmap(summary: dict, path: Path) -> None:
         ax.text(j, i, text, ha="center", va="center", color="black" if np.isnan(v) or v >= 0.6 else "white", fontsize=8)
     ax.set_title(f"Dice (%), {summary['cases']} case(s)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
 def write_reports(summary: dict, out_dir: Path, cfg: EvalConfig) -> None:
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out_dir / "summary.md").write_text(markdown_table(summary, cfg))
-    (out_dir / "summary.csv").write_text(csv_table(summary))
+    """summary.json, summary.md, summary.csv and dice_heatmap.png in `out_dir` (module docstring)."""
+    files.write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    files.write_text_atomic(out_dir / "summary.md", markdown_table(summary, cfg))
+    files.write_text_atomic(out_dir / "summary.csv", csv_table(summary))
     heatmap(summary, out_dir / "dice_heatmap.png")

@@ -3,10 +3,11 @@
 The case is read and validated like a training case (`data.loading`),
 cropped and normalised with the run's preprocessing settings, segmented with
 the modalities present (the method fills the missing ones its own way) by
-the evaluation's own segmentation (`evaluation.segment`: same padding rule,
-fill, window grid, average and decoding, see `segment_one_case`), and written back
-in the source geometry (the crop undone, the source orientation and affine,
-the header of the first image) and label convention. Predict of a case
+the evaluation's own segmentation (`inference.segment.segment`: same padding
+rule, fill, window grid, average and decoding, see `segment_one_case`), and
+written back in the source geometry (the crop undone, the source orientation
+and affine, the header of the first image) and label convention, atomically
+(`inference.nifti.write_nifti`). Predict of a case
 gives the labels `jaxbrats eval` gives it for the subset of the modalities
 it has (its ``predictions/<id>.nii.gz``). `predict_folder` does so for every
 case of a dataset with one compiled program (`Predictor`).
@@ -61,7 +62,7 @@ class Predictor:
 
     def predict(self, record, out_path, convention: str | None = None, bucket=None) -> dict:
         """Segment the case of `record` (its seg file is not read) and write it to `out_path`; `bucket`:
-        the padded shape (default: `evaluation.pad_shape` of the case, its evaluation alone)."""
+        the padded shape (default: `inference.segment.pad_shape` of the case, its evaluation alone)."""
         # A seg file beside the images is not read: predict needs none, and its label values
         # (any release's convention) must not stop the segmentation.
         record = dataclasses.replace(record, seg=None)
@@ -150,7 +151,7 @@ def predict_folder(
     """Segment every case of `input_dir` (a folder of case folders, or any layout `prepare` reads) into
     ``out_dir/<case id>.nii.gz``, like nnU-Net's predict: the run loaded and the program compiled once
     (every case padded to `header_bucket`; the labels are those of each case alone, see
-    `evaluation.segment`), a progress bar, one line per case that fails (the others go on), and
+    `inference.segment.segment`), a progress bar, one line per case that fails (the others go on), and
     ``out_dir/predict_summary.json`` (per case: the modalities present and missing, or the error)."""
     input_dir, out_dir = Path(input_dir), Path(out_dir)
     if _inside(out_dir, input_dir):
@@ -190,7 +191,8 @@ def predict_folder(
 
 
 def segment_program(method, graphdefs, cfg):
-    """The jitted segmentation of one padded case (`evaluation.segment`), on `eval.mesh` as in `evaluate`."""
+    """The jitted segmentation of one padded case (`inference.segment.segment`), on `eval.mesh` as
+    `evaluation.program.evaluate` runs it."""
 
     def segment_case(models_state, image, mask, subset, case):
         models = {n: nnx.merge(g, models_state[n]) for n, g in graphdefs.items()}
@@ -202,13 +204,14 @@ def segment_program(method, graphdefs, cfg):
 def segment_one_case(
     method, graphdefs, models_state, image, modality_mask, cfg, box_start=(0, 0, 0), bucket=None, program=None
 ) -> np.ndarray:
-    """Internal labels of one preprocessed case (D, H, W, 4): `evaluation.segment`, as `evaluate` runs it.
+    """Internal labels of one preprocessed case (D, H, W, 4): `inference.segment.segment`, as
+    `evaluation.program.evaluate` runs it.
 
-    The case is padded at the end to `bucket` (default `evaluation.pad_shape`:
+    The case is padded at the end to `bucket` (default `inference.segment.pad_shape`:
     each axis rounded up to `eval.bucket_multiple`, at least the window: the
     bucket of an evaluation of this case alone) and segmented with its extent
     and its corner in the source grid (`box_start`) as the case's locator, so
-    `fill` (M3AE's x_sub read into the padding too) and the window grid (that
+    `Method.fill` (M3AE's x_sub read into the padding too) and the window grid (that
     of the case's extent) are the evaluation's; the labels equal the
     evaluation's for the subset `modality_mask`, whatever bucket that
     evaluation used. `program`: a `segment_program` to reuse (it compiles once per bucket).

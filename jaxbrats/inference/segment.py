@@ -1,5 +1,17 @@
-"""One case segmented through a modality mask: the segmentation `evaluate` runs for each subset and
-`jaxbrats predict` runs for one case (padding, `Method.fill`, sliding windows, decoding)."""
+"""One case segmented through a modality mask: the one segmentation evaluation and prediction share.
+
+`segment` serves the evaluation (`evaluation.program.evaluate`, for each of the
+15 subsets) and `jaxbrats predict` (`inference.predict.predict_case`, for the
+subset of the modalities a case has): the case padded at the end,
+`Method.fill` on the whole padded image, sliding windows
+(`inference.windows.sliding_window`), decoding (`decode`), optional ET
+post-processing (`postprocess_et`). The window grid is that of the case's own
+extent (data: the ``extent`` of `inference.windows.sliding_window`), not of the
+padded shape, so a case's labels do not depend on the other cases of an
+evaluation (whose largest sets its bucket), and predict of a case (padded by
+`pad_shape`, a program of its own) equals its evaluation's labels for the
+subset of the modalities it has, still with one compilation per evaluation.
+"""
 
 from __future__ import annotations
 
@@ -32,17 +44,18 @@ def case_locator(shape, box_start) -> dict:
 
 def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None, case=None, subset=None):
     """Internal labels (D, H, W) of one case (D, H, W, 4) seen through `modality_mask`: the one
-    segmentation both `evaluate` (each subset) and `predict.predict_case` run. `subset` is the
-    index of the subset served (data; default: the full set), passed to `method.predict`.
+    segmentation both `evaluation.program.evaluate` (each subset) and `inference.predict.predict_case`
+    run. `subset` is the index of the subset served (data; default: the full set), passed to
+    `Method.predict`.
 
     `image` holds the case at its start, padded at the end with zeros to any
     shape (the evaluation's bucket; `pad_shape` for one case); `case` locates
     it (data, `case_locator`): ``{"shape": its extent in image, "box_start":
     its corner in the source grid}`` (default: all of `image`, at 0). Steps: pad
-    to at least the window, `method.fill` on the whole padded image (the one
+    to at least the window, `Method.fill` on the whole padded image (the one
     call of it: M3AE reads x_sub into the padding too), sliding windows
-    tiling [0, max(case_shape, window)) only (`inferers.sliding_window`'s
-    `extent`), `decode`, labels zero outside the case (and outside
+    tiling [0, max(case_shape, window)) only (the ``extent`` of
+    `inference.windows.sliding_window`), `decode`, labels zero outside the case (and outside
     `valid`, if given), optional ET post-processing. The labels inside the
     case do not depend on how far `image` was padded, so a case scores the
     same whatever bucket the other cases of an evaluation need.

@@ -2,17 +2,18 @@
 
     jaxbrats bench --size 64 --batch 2 --vs torch --json bench.json
 
-For one model (the full U-Net of METHODS.md section 2 with region outputs),
+For one model (the residual 3D U-Net that M3AE and RIRN share, by default 16,
+32, 64, 128 channels with 1, 2, 2, 4 blocks per level, with region outputs),
 batch, crop size and dtype, three things are timed:
 
 - ``train_step``: forward, region Dice + BCE loss, backward and an Adam
   update. JAX runs the engine's own jitted, donated step
-  (`engine.make_train_step` with the baseline method); PyTorch the usual
+  (`engine.step.make_train_step` with the baseline method); PyTorch the usual
   zero_grad / forward / backward / step on the same weights.
 - ``forward``: region probabilities of a batch, gradients off.
 - ``eval_15_subsets``: one case scored under all 15 modality subsets, sliding
   windows with Gaussian blending, threshold, Dice counts. JAX runs the
-  evaluation's one jitted program (`evaluation.make_case_program`); PyTorch
+  evaluation's one jitted program (`evaluation.program.make_case_program`); PyTorch
   the usual Python loop over subsets and windows, on the same window grid.
 
 Times are medians over ``--repeats`` calls after ``--warmup`` calls, the
@@ -37,13 +38,13 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxbrats import files
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.inference.windows import blend_weights, window_starts
 from jaxbrats.labels import regions_of
@@ -371,7 +372,7 @@ def run(args) -> dict:
             result["runs"].append(row)
             print(_describe(row))
         if args.json:  # after every measurement, so a long run that stops keeps what it measured
-            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+            files.write_text_atomic(args.json, json.dumps(result, indent=1) + "\n")
 
     for size in args.size:
         for batch in args.batch:
@@ -409,7 +410,7 @@ def run(args) -> dict:
 
 
 def markdown_table(result: dict) -> str:
-    """The runs as a Markdown table (times in ms), for BENCHMARKS.md and papers' supplements."""
+    """The runs as a Markdown table (times in ms), for docs/benchmarks/README.md and papers' supplements."""
     lines = [
         "| what | size | batch | dtype | JAX ms | PyTorch | PyTorch ms | torch / jax | JAX TFLOP/s |",
         "|---|---|---|---|---:|---|---:|---:|---:|",

@@ -20,13 +20,14 @@ out (re-save its state dict).
 
 What is written (`out_dir`, which must not exist or be empty; built in a
 hidden sibling folder and renamed into place, so nothing half-written
-stays): ``config.json`` (an M3AE run with the public code's settings:
+stays; each file is written atomically too, at its `RunDir` place):
+``config.json`` (an M3AE run with the public code's settings:
 `run_config`), ``data.json`` (the preprocessing the public code applied:
 percentile normalisation, a 1-voxel brain margin), ``import.json`` (what was
 imported, from where) and the Orbax checkpoint ``checkpoints/finetune/0``
 of the fine-tuning stage's models (``unet``, ``x_sub``) with fresh
 optimiser states, through `jaxbrats.runtime.checkpoints`, so ``jaxbrats eval`` and
-``jaxbrats predict`` load it (`engine.load_trained`).
+``jaxbrats predict`` load it (`inference.trained.load_trained`).
 
 How tensors map (public -> jaxbrats):
 
@@ -51,14 +52,14 @@ How tensors map (public -> jaxbrats):
   there), which is jaxbrats' "template" frame (`transforms.case_corner`:
   box_start + window start). The public test script reads it at window
   coordinates of the brain-cropped volume instead, which is not where the
-  weights were trained (METHODS.md section 3, "known pitfall"); the import
-  keeps the training frame.
+  weights were trained (a pitfall of the public code: training reads x_sub in
+  the original volume's coordinates, testing in the cropped volume's); the
+  import keeps the training frame.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import shutil
@@ -71,9 +72,10 @@ import numpy as np
 from flax import nnx
 from nibabel import orientations as ornt
 
-from jaxbrats import engine
 from jaxbrats.config import save_config, to_dict
-from jaxbrats.engine.workdir import IMPORT_RECORD, write_data_record
+from jaxbrats.engine.optim import stage_optimizers
+from jaxbrats.engine.state import abstract_models, optimizer_states
+from jaxbrats.engine.workdir import write_data_record, write_import_record, write_splits
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.files import mkdtemp
 from jaxbrats.labels import REGIONS
@@ -81,6 +83,7 @@ from jaxbrats.methods import config_from_data
 from jaxbrats.methods.m3ae import M3AE
 from jaxbrats.modalities import MODALITIES
 from jaxbrats.runtime.checkpoints import checkpoint_manager, save
+from jaxbrats.runtime.rundir import RunDir
 
 STAGE = "finetune"
 PREFIX = "module."  # nn.DataParallel's, in every key the public scripts save
@@ -341,7 +344,7 @@ def convert(key: str, value: np.ndarray, transform: np.ndarray) -> np.ndarray:
 
 def jax_models(method: M3AE, state: dict, transform: np.ndarray, path: Path) -> dict:
     """{model name: nnx.State} of the finetune stage holding the converted tensors (zeros: absent deep heads)."""
-    _, abstract = engine.abstract_models(method, STAGE)
+    _, abstract = abstract_models(method, STAGE)
     models = {}
     for name, model_state in abstract.items():
         flat = dict(nnx.to_flat_state(model_state))
@@ -375,24 +378,24 @@ def check_out_dir(out_dir: Path) -> None:
 
 def train_state(method: M3AE, models: dict) -> dict:
     """A complete finetune train state (fresh optimiser states, step 0): `init_from` can start from it too."""
-    optimizers = engine.stage_optimizers(method, STAGE, 1)
+    optimizers = stage_optimizers(method, STAGE, 1)
     # The engine's own builder, so the layout is the one a restore template of this stage has.
-    opt = engine.optimizer_states(method, STAGE, optimizers, models)
+    opt = optimizer_states(method, STAGE, optimizers, models)
     key = jax.random.PRNGKey(method.config.train.seed + method.stages.index(STAGE))
     return {"models": models, "opt": opt, "step": jnp.zeros((), jnp.int32), "key": key}
 
 
 def write_run(folder: Path, config, state: dict, summary: dict, preprocessing: dict, splits) -> None:
-    save_config(config, folder / "config.json")
+    save_config(config, RunDir(folder).config)
     write_data_record(folder, "", preprocessing)
     if splits is not None:
-        (folder / "splits.json").write_text(json.dumps({k: list(v) for k, v in splits.items()}, indent=1) + "\n")
+        write_splits(folder, splits)
     manager = checkpoint_manager(folder, STAGE, keep=1)
     extra = {"config": to_dict(config), "stage": STAGE, "total_steps": 0, "processes": 1, "imported": summary}
     save(manager, state, extra)
     manager.wait_until_finished()
     manager.close()
-    (folder / IMPORT_RECORD).write_text(json.dumps(summary, indent=1) + "\n")
+    write_import_record(folder, summary)
 
 
 def move_into_place(folder: Path, out_dir: Path) -> None:
@@ -445,7 +448,7 @@ def import_m3ae(
         "preprocessing": preprocessing,
         "public_code": PUBLIC_CODE,
         "workdir": str(out_dir.absolute()),
-        "config": str((out_dir / "config.json").absolute()),
+        "config": str(RunDir(out_dir.absolute()).config),
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     folder = mkdtemp(prefix=f".{out_dir.name}.import-", dir=out_dir.parent)

@@ -22,17 +22,33 @@ logits (label log-probabilities; ours). Everything is computed
 in float32, is pure jnp (jit/vmap friendly, no branching on values) and
 returns scalars; one student at a time (the method maps over its students).
 
-| baseline | term (part name) | equation, as its code computes it | constants (source) | features |
-| --- | --- | --- | --- | --- |
-| KD-Net | kl_output | KL(softmax(t/T) ‖ softmax(s/T)) per voxel, mean over voxels, x T^2 | T = 10, weight 1, T^2 on (ours: no code) | logits |
-| KD-Net | kl_latent | KL(softmax_c(t) ‖ softmax_c(s)) per bottleneck voxel, mean | weight 1, T = 1 (ours) | encoder[-1] |
-| PMKL | kd_ce | sum_v w_v CE(softmax(t/T), clip(softmax(s/T), 0.005, 1)) / sum_v w_v, w_v = relu(CE_s - CE_t) [argmax t = y] | T = 10, weight 0.5, floor 0.005 (cchen-cc/PMKL main.py, losses.py) | logits |
-| PMKL | contrastive | mean over the N^2 (student i, teacher j) pairs: d^2 if i = j, relu(1 - d)^2 otherwise | margin 1, weight 0.5 (main.py) | mean of decoder[-1], L2-normalised (ours; PMKL: a learned 2-layer head) |
-| ProtoKD | kl_output | kl_div(log_softmax(s/T), softmax(t/T)) averaged over all elements (= per-voxel KL / 4), no T^2 | T = 10, weight 10 (SakurajimaMaiii/ProtoKD config.py, train_protokd.py) | logits |
-| ProtoKD | prototype | MSE between the student's and the teacher's cosine maps to their OWN class prototypes; classes present in every sample | weight 0.1, eps 1e-5 (train_protokd.py, loss.py) | decoder[-1] (ProtoKD: the last decoder block, before the 1x1 output conv) |
-| SMU-Net | content_mse | mean (f_t - f_s)^2 | weight 0.2 (rezazad68/smunet config.yml) | encoder[-1] (SMU-Net: its bottleneck c4d) |
-| SMU-Net | style_gram | sum (G_t - G_s)^2 / (4 C^2 (X Y)^2), G = F F^T / (B C X Y Z), F (B*C, XYZ) | weight 1e-4 (losses.py) | "style" if the output has it, else encoder[-1] (ours; SMU-Net: a learned 1x1 conv of multi-scale encoder features) |
-| SMU-Net | consistency_mse | sum over the 3 tumour channels of mean (p_t - p_s)^2 | weight 10 x sigmoid_rampup(epoch, 20) (Wangyixinxin/ACN losses.py, config.py; smunet losses.py) | softmax of logits, labels 1-3 (ours; ACN/SMU-Net: 3 sigmoid label channels) |
+Each term, by baseline: the part name, the equation as its code computes it, the constants (and
+their source), and the features it reads.
+
+- KD-Net, kl_output: KL(softmax(t/T) ‖ softmax(s/T)) per voxel, mean over voxels, x T^2. Constants:
+  T = 10, weight 1, T^2 on (ours: no code). Features: logits.
+- KD-Net, kl_latent: KL(softmax_c(t) ‖ softmax_c(s)) per bottleneck voxel, mean. Constants: weight
+  1, T = 1 (ours). Features: encoder[-1].
+- PMKL, kd_ce: sum_v w_v CE(softmax(t/T), clip(softmax(s/T), 0.005, 1)) / sum_v w_v,
+  w_v = relu(CE_s - CE_t) [argmax t = y]. Constants: T = 10, weight 0.5, floor 0.005
+  (cchen-cc/PMKL main.py, losses.py). Features: logits.
+- PMKL, contrastive: mean over the N^2 (student i, teacher j) pairs: d^2 if i = j, relu(1 - d)^2
+  otherwise. Constants: margin 1, weight 0.5 (main.py). Features: mean of decoder[-1], L2-normalised
+  (ours; PMKL: a learned 2-layer head).
+- ProtoKD, kl_output: kl_div(log_softmax(s/T), softmax(t/T)) averaged over all elements (= per-voxel
+  KL / 4), no T^2. Constants: T = 10, weight 10 (SakurajimaMaiii/ProtoKD config.py,
+  train_protokd.py). Features: logits.
+- ProtoKD, prototype: MSE between the student's and the teacher's cosine maps to their OWN class
+  prototypes; classes present in every sample. Constants: weight 0.1, eps 1e-5 (train_protokd.py,
+  loss.py). Features: decoder[-1] (ProtoKD: the last decoder block, before the 1x1 output conv).
+- SMU-Net, content_mse: mean (f_t - f_s)^2. Constants: weight 0.2 (rezazad68/smunet config.yml).
+  Features: encoder[-1] (SMU-Net: its bottleneck c4d).
+- SMU-Net, style_gram: sum (G_t - G_s)^2 / (4 C^2 (X Y)^2), G = F F^T / (B C X Y Z), F (B*C, XYZ).
+  Constants: weight 1e-4 (losses.py). Features: "style" if the output has it, else encoder[-1]
+  (ours; SMU-Net: a learned 1x1 conv of multi-scale encoder features).
+- SMU-Net, consistency_mse: sum over the 3 tumour channels of mean (p_t - p_s)^2. Constants: weight
+  10 x sigmoid_rampup(epoch, 20) (Wangyixinxin/ACN losses.py, config.py; smunet losses.py).
+  Features: softmax of logits, labels 1-3 (ours; ACN/SMU-Net: 3 sigmoid label channels).
 
 Not in this file: SMU-Net's adversarial style discriminator (the method
 composes it with `losses.adversarial`, weight 2e-4, see `KDConstants`): in

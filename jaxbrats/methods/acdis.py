@@ -196,21 +196,7 @@ class ACDIS(Method):
     @classmethod
     def check_config(cls, config) -> None:
         super().check_config(config)
-        o = cls.parse_options(config)
-        widths = tuple(config.model.widths)
-        levels = len(widths)
-        bad = [l for l in o.afeb_levels if not 0 <= l < levels]
-        if bad:
-            raise ConfigError(
-                f"method.afeb_levels: no encoder level {bad} (model.widths has {levels} levels: 0..{levels - 1})"
-            )
-        for level in (o.afeb_levels or range(levels)) if o.afeb else ():
-            problem = afeb_width_problem(widths[level])
-            if problem:
-                raise ConfigError(
-                    f"model.widths: {problem} (level {level} of {list(widths)}; a multiple of "
-                    f"{HEAD_CHANNELS} or a width under {2 * HEAD_CHANNELS}, for example, works there)"
-                )
+        check_afeb_levels(config, cls.parse_options(config))
 
     @classmethod
     def stage_length(cls, config, stage: str, steps_per_epoch: int) -> int:
@@ -239,28 +225,7 @@ class ACDIS(Method):
         return {"mono": len(MODALITIES)}
 
     def init_models(self, stage, rngs):
-        o = self.options
-        roots = jax.random.split(rngs.params(), 6)
-        mono_cfg = unet_config(self.config, NUM_LABELS, in_channels=1)
-        cfg = unet_config(self.config, NUM_LABELS)
-        models = {
-            "mono": family.stack(
-                lambda r: MonoEncoder(mono_cfg, self.afeb_levels, o.afeb, r),
-                family.member_keys(roots[0], range(len(MODALITIES))),
-            ),
-            "completion": FeatureCompletion(
-                cfg.widths, len(MODALITIES), o.mfsb, cfg, nnx.Rngs(roots[1]), conv=o.mfsb_conv
-            ),
-            "fuse_decoder": FusionDecoder(cfg, len(MODALITIES), nnx.Rngs(roots[2])),
-            "aux_encoder": Encoder(cfg, nnx.Rngs(roots[3])),
-            "aux_decoder": Decoder(cfg, nnx.Rngs(roots[4])),
-        }
-        if "adv" in o.synthesis:
-            disc = DiscriminatorConfig(
-                in_channels=cfg.widths[-1], width=o.disc_width, dtype=cfg.dtype, conv_impl=cfg.conv_impl
-            )
-            models["discriminator"] = Discriminator(disc, nnx.Rngs(roots[5]))
-        return models
+        return acdis_models(self.config, self.options, self.afeb_levels, rngs)
 
     def pipeline(self, stage):
         return {"dropout": "uniform", "instantiations": 1}
@@ -285,9 +250,7 @@ class ACDIS(Method):
         )
 
     def seg_loss(self, logits, labels, valid):
-        if self.options.seg_loss == "rfnet":
-            return rfnet_loss(logits, labels, valid)[0]
-        return label_loss(logits, labels, valid, class_weights=self.options.class_weights or None)[0]
+        return seg_loss(self.options, logits, labels, valid)
 
     def segmentation_terms(self, models, batch, mono, aux, comp) -> dict:
         """Eq. 11's six outputs: 4 x D_aux(raw mono), D_fuse(E_aux, tiled to the 4C layout), D_fuse(f_comp)."""
@@ -304,22 +267,7 @@ class ACDIS(Method):
 
     def distillation(self, mono, aux):
         """L_ACCT (or Table 2's alternative) over modalities and AFEB levels (`term_reduce`)."""
-        o = self.options
-        scale = 1.0 if o.term_reduce == "sum" else 1.0 / (len(self.afeb_levels) * len(MODALITIES))
-        total, parts = jnp.zeros((), jnp.float32), {}
-        for level in self.afeb_levels:
-            loss, terms = consistency_distillation(
-                o.distill,
-                mono["enhanced"][level],
-                aux[level],
-                o.acct_window,
-                o.acct_stride or o.acct_window,
-                o.acct_pooled,
-            )
-            total = total + scale * jnp.sum(loss)
-            for k, v in terms.items():
-                parts[k] = parts.get(k, 0.0) + scale * jnp.sum(v)
-        return total, parts
+        return distillation_terms(self.options, self.afeb_levels, mono, aux)
 
     def loss(self, models, batch, key, context):
         o = self.options
@@ -342,9 +290,7 @@ class ACDIS(Method):
         if synthesised is not None and o.synthesis:
             terms = synthesis_terms(o, mono["enhanced"], synthesised, mask)
             if "adv" in o.synthesis:
-                fake = fold(synthesised[-1])
-                terms["adv"] = o.adv_weight * student_adversarial_loss(models["discriminator"](fake))[0]
-                shared = {"real": fold(mono["enhanced"][-1]).astype(jnp.float32), "fake": fake.astype(jnp.float32)}
+                terms["adv"], shared = adversarial_synthesis(o, models["discriminator"], mono["enhanced"], synthesised)
             synthesis = sum(terms.values())
             parts.update(terms, synthesis=synthesis)
             loss = loss + jnp.where(synthesis_on, synthesis, 0.0)
@@ -369,6 +315,80 @@ class ACDIS(Method):
         mono = self.encode(models, image)
         comp, _ = models["completion"](mono["enhanced"], mask)
         return probabilities("labels", models["fuse_decoder"](comp))
+
+
+def check_afeb_levels(config, options: ACDISOptions) -> None:
+    """The AFEB levels exist in the U-Net, and AFEB's heads divide each one's width."""
+    widths = tuple(config.model.widths)
+    levels = len(widths)
+    bad = [level for level in options.afeb_levels if not 0 <= level < levels]
+    if bad:
+        raise ConfigError(
+            f"method.afeb_levels: no encoder level {bad} (model.widths has {levels} levels: 0..{levels - 1})"
+        )
+    for level in (options.afeb_levels or range(levels)) if options.afeb else ():
+        problem = afeb_width_problem(widths[level])
+        if problem:
+            raise ConfigError(
+                f"model.widths: {problem} (level {level} of {list(widths)}; a multiple of "
+                f"{HEAD_CHANNELS} or a width under {2 * HEAD_CHANNELS}, for example, works there)"
+            )
+
+
+def acdis_models(config, options: ACDISOptions, afeb_levels: tuple[int, ...], rngs) -> dict:
+    """The mono encoders (a family over the modalities), the completion, D_fuse, E_aux, D_aux and, for
+    the adversarial synthesis, the feature discriminator."""
+    roots = jax.random.split(rngs.params(), 6)
+    mono_cfg = unet_config(config, NUM_LABELS, in_channels=1)
+    cfg = unet_config(config, NUM_LABELS)
+    models = {
+        "mono": family.stack(
+            lambda r: MonoEncoder(mono_cfg, afeb_levels, options.afeb, r),
+            family.member_keys(roots[0], range(len(MODALITIES))),
+        ),
+        "completion": FeatureCompletion(
+            cfg.widths, len(MODALITIES), options.mfsb, cfg, nnx.Rngs(roots[1]), conv=options.mfsb_conv
+        ),
+        "fuse_decoder": FusionDecoder(cfg, len(MODALITIES), nnx.Rngs(roots[2])),
+        "aux_encoder": Encoder(cfg, nnx.Rngs(roots[3])),
+        "aux_decoder": Decoder(cfg, nnx.Rngs(roots[4])),
+    }
+    if "adv" in options.synthesis:
+        disc = DiscriminatorConfig(
+            in_channels=cfg.widths[-1], width=options.disc_width, dtype=cfg.dtype, conv_impl=cfg.conv_impl
+        )
+        models["discriminator"] = Discriminator(disc, nnx.Rngs(roots[5]))
+    return models
+
+
+def seg_loss(options: ACDISOptions, logits, labels, valid):
+    """One output's segmentation loss (`seg_loss`): RFNet's weighted CE + Dice, or this library's."""
+    if options.seg_loss == "rfnet":
+        return rfnet_loss(logits, labels, valid)[0]
+    return label_loss(logits, labels, valid, class_weights=options.class_weights or None)[0]
+
+
+def distillation_terms(o: ACDISOptions, afeb_levels, mono, aux):
+    """L_ACCT (or Table 2's alternative, `distill`) between every enhanced mono feature and E_aux's at
+    each AFEB level, summed or averaged over modalities and levels (`term_reduce`): (loss, parts)."""
+    scale = 1.0 if o.term_reduce == "sum" else 1.0 / (len(afeb_levels) * len(MODALITIES))
+    total, parts = jnp.zeros((), jnp.float32), {}
+    for level in afeb_levels:
+        loss, terms = consistency_distillation(
+            o.distill, mono["enhanced"][level], aux[level], o.acct_window, o.acct_stride or o.acct_window, o.acct_pooled
+        )
+        total = total + scale * jnp.sum(loss)
+        for k, v in terms.items():
+            parts[k] = parts.get(k, 0.0) + scale * jnp.sum(v)
+    return total, parts
+
+
+def adversarial_synthesis(o: ACDISOptions, discriminator, features: list, synthesised: list):
+    """Table 3's "adv" synthesis loss: the generator term on the bottleneck syntheses (x `adv_weight`),
+    and what the discriminator's update reads: the real features and the syntheses, folded."""
+    fake = fold(synthesised[-1])
+    loss = o.adv_weight * student_adversarial_loss(discriminator(fake))[0]
+    return loss, {"real": fold(features[-1]).astype(jnp.float32), "fake": fake.astype(jnp.float32)}
 
 
 def fold(f):

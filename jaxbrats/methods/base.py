@@ -32,7 +32,7 @@ case's unpadded "shape" and its "box_start" in the source grid), then
 `predict(models, window, modality_mask, subset)`: region probabilities
 (..., 3) in `labels.REGIONS` order; `subset` is the index of the subset
 being served (data, an int32 scalar: a method with one student per subset
-picks that student's weights with it); the method decides how missing inputs
+picks that student's weights with it, `methods.students`); the method decides how missing inputs
 are filled. `served_subsets()` lists the subsets a method can segment (a
 dedicated method: those with a student; the others' rows are null), and
 `inference_models(stage)` the models `eval` and `predict` load; `load_trained`
@@ -53,30 +53,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxbrats.config import Config, OptimizerConfig, build
-from jaxbrats.errors import ConfigError, JaxbratsError
-from jaxbrats.modalities import SUBSET_NAMES, SUBSETS
+from jaxbrats.errors import ConfigError
+from jaxbrats.modalities import SUBSETS
 
 Models = dict[str, nnx.Module]
-
-
-def student_slot(slots, subset, students, method: str):
-    """(slot, served) of a dedicated method's student for the subset index `subset` (None: the full
-    set): `slots` maps each of the 15 subsets to its student (-1: none). A subset no student
-    serves is refused in one line when `subset` is known here (a Python or numpy int); inside a
-    compiled program, where it is data, `served` is False and the caller returns NaN rather than
-    another student's output."""
-    subset = len(SUBSETS) - 1 if subset is None else subset
-    if not isinstance(subset, jax.core.Tracer) and slots[int(subset)] < 0:
-        raise JaxbratsError(
-            f"{method} has no student for {SUBSET_NAMES[int(subset)]} "
-            f"(its students: {', '.join(SUBSET_NAMES[s] for s in students)})"
-        )
-    slot = jnp.asarray(slots)[subset]
-    return jnp.maximum(slot, 0), slot >= 0
 
 
 #: (models, batch, key, step context) -> (loss, parts) or (loss, parts, shared context)

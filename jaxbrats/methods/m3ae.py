@@ -109,7 +109,6 @@ image of the training cases in the same frame, row d), and
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import jax
@@ -117,6 +116,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxbrats import files
 from jaxbrats.config import ConfigError, check_entries, check_range
 from jaxbrats.data.pipeline import box_start
 from jaxbrats.data.transforms import (
@@ -135,6 +135,7 @@ from jaxbrats.methods.base import Method, Update
 from jaxbrats.modalities import MODALITIES, NUM_MODALITIES, drop_modalities
 from jaxbrats.networks.factory import check_deep_supervision, probabilities, unet_config
 from jaxbrats.networks.unet import UNet
+from jaxbrats.runtime.rundir import RunDir
 
 FILLS = ("x_sub", "zero", "mean")
 PENALTIES = ("centered_norm", "sum_square_per_batch_value", "mean_square")  # R(x_sub): module docstring
@@ -220,7 +221,8 @@ def substitute_penalty(x_sub, kind: str, batch_values: int | None = None):
 
 
 def mean_image(dataset, shape, frame: str = "template") -> np.ndarray:
-    """Voxel-wise mean of the cases, each placed in `shape` in x_sub's `frame`; a modality averages over the cases that have it."""
+    """Voxel-wise mean of the cases, each placed in `shape` in x_sub's `frame`; a modality averages over
+    the cases that have it."""
     total = np.zeros(tuple(shape) + (NUM_MODALITIES,), np.float64)
     count = np.zeros(NUM_MODALITIES)
     for i in range(len(dataset)):
@@ -247,19 +249,8 @@ class M3AE(Method):
     @classmethod
     def check_config(cls, config) -> None:
         super().check_config(config)
-        options = cls.parse_options(config)
         check_deep_supervision(config, "M3AE fine-tuning")
-        if config.data.rotation_degrees > 0 and options.fill != "zero":
-            raise ConfigError(
-                f"data.rotation_degrees must be 0 for M3AE with method.fill = {options.fill!r}, got "
-                f"{config.data.rotation_degrees}: the fill is read where the unrotated crop lies "
-                "(crop_start, flipped), not under a rotated crop"
-            )
-        if options.patch_masking:
-            try:
-                patch_grid(config.data.crop_size, options.patch_size)
-            except ValueError as e:
-                raise ConfigError(f"method.patch_size: {e}") from None
+        check_fill_and_patches(config, cls.parse_options(config))
 
     # --- models -----------------------------------------------------------------------
     def init_models(self, stage, rngs):
@@ -370,32 +361,9 @@ class M3AE(Method):
         """Fine-tuning's segmentation term on the network's outputs for the views stacked on the batch axis
         (view 0's samples, then view 1's): (loss, {"dice_loss", "bce"} unweighted, summed like the loss)."""
         heads = (out["logits"], *out["deep"])
-        parts = {"dice_loss": 0.0, "bce": 0.0}
-        seg = 0.0
-        if self.options.seg_balance == "code":  # the views pooled in one batch, counted once; each scale once
-            labels = jnp.concatenate([batch["label"]] * self.VIEWS, axis=0)
-            valid = jnp.concatenate([batch["valid"]] * self.VIEWS, axis=0)
-            for logits in heads:
-                loss, terms = region_loss(
-                    logits,
-                    labels,
-                    valid,
-                    dice_weight=CODE_DICE_WEIGHT,
-                    bce_weight=CODE_BCE_WEIGHT,
-                    batch_dice=True,
-                    squared_dice=True,
-                    smooth=CODE_SMOOTH,
-                )
-                seg = seg + loss
-                parts = {k: parts[k] + terms[k] for k in parts}
-            return seg, parts
-        n = batch["label"].shape[0]
-        for i in range(self.VIEWS):  # eq. 4: summed over the views and the 3 scales
-            for logits in heads:
-                loss, terms = segmentation_loss("regions", logits[i * n : (i + 1) * n], batch["label"], batch["valid"])
-                seg = seg + loss
-                parts = {k: parts[k] + terms[k] for k in parts}
-        return seg, parts
+        if self.options.seg_balance == "code":
+            return code_segmentation(heads, batch, self.VIEWS)
+        return paper_segmentation(heads, batch, self.VIEWS)
 
     # --- inference and outputs -------------------------------------------------------------
     def predict(self, models, image, modality_mask, subset=None):
@@ -404,22 +372,84 @@ class M3AE(Method):
 
     def on_stage_end(self, stage, models, workdir):
         if stage == "pretrain" and "x_sub" in models:
-            save_substitute(np.asarray(jax.device_get(models["x_sub"]["image"][...])), Path(workdir) / "substitute")
+            save_substitute(np.asarray(jax.device_get(models["x_sub"]["image"][...])), RunDir(workdir).substitute)
+
+
+def check_fill_and_patches(config, options: M3AEOptions) -> None:
+    """The fill is read where the unrotated crop lies, and the patches tile the crop."""
+    if config.data.rotation_degrees > 0 and options.fill != "zero":
+        raise ConfigError(
+            f"data.rotation_degrees must be 0 for M3AE with method.fill = {options.fill!r}, got "
+            f"{config.data.rotation_degrees}: the fill is read where the unrotated crop lies "
+            "(crop_start, flipped), not under a rotated crop"
+        )
+    if options.patch_masking:
+        try:
+            patch_grid(config.data.crop_size, options.patch_size)
+        except ValueError as e:
+            raise ConfigError(f"method.patch_size: {e}") from None
+
+
+def code_segmentation(heads, batch, views: int):
+    """``seg_balance = "code"``: the public code's term per scale, the views pooled in one batch and
+    counted once, each scale once: (loss, {"dice_loss", "bce"})."""
+    labels = jnp.concatenate([batch["label"]] * views, axis=0)
+    valid = jnp.concatenate([batch["valid"]] * views, axis=0)
+    parts = {"dice_loss": 0.0, "bce": 0.0}
+    seg = 0.0
+    for logits in heads:
+        loss, terms = region_loss(
+            logits,
+            labels,
+            valid,
+            dice_weight=CODE_DICE_WEIGHT,
+            bce_weight=CODE_BCE_WEIGHT,
+            batch_dice=True,
+            squared_dice=True,
+            smooth=CODE_SMOOTH,
+        )
+        seg = seg + loss
+        parts = {k: parts[k] + terms[k] for k in parts}
+    return seg, parts
+
+
+def paper_segmentation(heads, batch, views: int):
+    """``seg_balance = "paper"`` (eq. 4): Dice + BCE of every view at every scale, summed: (loss, parts)."""
+    parts = {"dice_loss": 0.0, "bce": 0.0}
+    seg = 0.0
+    n = batch["label"].shape[0]
+    for i in range(views):
+        for logits in heads:
+            loss, terms = segmentation_loss("regions", logits[i * n : (i + 1) * n], batch["label"], batch["valid"])
+            seg = seg + loss
+            parts = {k: parts[k] + terms[k] for k in parts}
+    return seg, parts
 
 
 def save_substitute(x_sub: np.ndarray, out_dir: Path) -> list[Path]:
-    """x_sub as a 4-channel NIfTI (1 mm, RAS+: the cache's frame) and a PNG of mid slices per modality."""
+    """x_sub as a 4-channel NIfTI (1 mm, RAS+: the cache's frame) and a PNG of mid slices per modality,
+    each written atomically (`files.write_atomic`: a failed write leaves no file under either name)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import nibabel as nib
 
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     nifti, png = out_dir / "x_sub.nii.gz", out_dir / "x_sub.png"
-    partial = out_dir / ".partial-x_sub.nii.gz"  # renamed into place: never a half-written file under the real name
-    nib.save(nib.Nifti1Image(x_sub.astype(np.float32), np.eye(4)), str(partial))
-    os.replace(partial, nifti)
+    image = nib.Nifti1Image(x_sub.astype(np.float32), np.eye(4))
+    files.write_atomic(nifti, lambda tmp: nib.save(image, tmp))  # the temporary name keeps ".nii.gz": gzipped
+    fig = substitute_figure(plt, x_sub)
+    try:
+        files.write_atomic(png, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)
+    return [nifti, png]
+
+
+def substitute_figure(plt, x_sub: np.ndarray):
+    """A grid of x_sub's mid slices: one row per modality, sagittal, coronal and axial columns."""
     centre = [s // 2 for s in x_sub.shape[:3]]
     views = (
         ("sagittal", lambda v: v[centre[0]]),
@@ -441,7 +471,4 @@ def save_substitute(x_sub: np.ndarray, out_dir: Path) -> list[Path]:
                 ax.set_ylabel(modality)
     fig.suptitle("M3AE substitute image x_sub (mid slices)")
     fig.tight_layout()
-    fig.savefig(out_dir / ".partial-x_sub.png", dpi=100)
-    plt.close(fig)
-    os.replace(out_dir / ".partial-x_sub.png", png)
-    return [nifti, png]
+    return fig

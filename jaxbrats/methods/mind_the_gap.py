@@ -95,23 +95,27 @@ No public code, and the text is terse. What it gives and what is ours:
   `losses.distillation.label_logits_from_region_logits`; a "labels" teacher is
   used as it is. "without Alignment" is `anchor = "none"`, "with P_N / P_k /
   P_mix" the other anchors.
+
+The code, by stage: `AlignedTeacher` is stage "teacher" (encoders, anchor, C*, eq. 7, and the
+teacher's output for a subset); `KDStudents` is stage "students" (the teacher's views, the KD
+losses, SMU-Net's discriminators); `MindTheGap` holds the hooks the engine calls and hands each
+stage's work to them. What dedicated students share with RIRN (slots, prediction, per-subset
+metrics, a teacher from another run) is `methods.students`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxbrats.config import check_choice, check_entries, check_range
 from jaxbrats.errors import ConfigError
 from jaxbrats.labels import NUM_LABELS, REGIONS
 from jaxbrats.losses import label_loss
-from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
+from jaxbrats.losses.adversarial import student_adversarial_loss
 from jaxbrats.losses.alignment import ANCHORS, MIX_TARGETS, mix_alignment, mix_weights, modality_alignment, normal_kl
 from jaxbrats.losses.distillation import (
     KD_LOSSES,
@@ -121,24 +125,25 @@ from jaxbrats.losses.distillation import (
     sigmoid_rampup,
     style_features,
 )
-from jaxbrats.methods.base import Method, Update, student_slot
-from jaxbrats.modalities import MODALITIES, SUBSET_MASKS, SUBSET_NAMES, drop_modalities, student_subsets
+from jaxbrats.methods.base import Method, Update
+from jaxbrats.methods.students import (
+    Students,
+    TeacherRun,
+    discriminator_family,
+    family_discriminator_loss,
+    find_teacher_run,
+    restore_teacher,
+)
+from jaxbrats.modalities import MODALITIES, SUBSET_NAMES, drop_modalities, student_subsets
 from jaxbrats.networks import family
-from jaxbrats.networks.discriminator import Discriminator, DiscriminatorConfig
 from jaxbrats.networks.factory import probabilities, unet_config
 from jaxbrats.networks.latent_encoder import LatentEncoder, LatentEncoderConfig, encode_modalities
 from jaxbrats.networks.unet import UNet
-from jaxbrats.runtime.checkpoints import restore_model
 
 TEACHER_SEG = ("each", "combined", "both")
 TEACHER_INFERENCE = ("auto", "each", "mean_latent")
 TEACHER_VIEWS = ("full", "subset")
 TEACHER_MODELS = ("encoders", "predictor")
-#: The runs a `teacher_from` U-Net may come from: method -> (model name, output convention or None: the
-#: run's `method.output`).
-TEACHER_RUNS = {"baseline": ("unet", None), "rirn": ("teacher", "regions")}
-#: [model] keys that make two U-Nets the same network (the rest are how it is computed).
-ARCHITECTURE_KEYS = ("widths", "blocks", "groups", "upsample")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,14 +211,299 @@ class MixWeights(nnx.Module):
         self.raw = nnx.Param(jnp.zeros((count,), jnp.float32))
 
 
-@dataclasses.dataclass(frozen=True)
-class TeacherRun:
-    """Where a `teacher_from` U-Net comes from."""
+def check_latent_channels(config, options: MindTheGapOptions) -> None:
+    """The encoders' GroupNorm splits the latent's channels into `model.groups` groups."""
+    channels = options.latent_channels or config.model.widths[0]
+    if channels % config.model.groups:
+        raise ConfigError(
+            f"method.latent_channels ({channels}) must be divisible by model.groups = "
+            f"{config.model.groups} (GroupNorm in the encoders)"
+        )
 
-    checkpoints: Path  # the stage folder to restore from
-    model: str  # its model name there ("unet", "teacher")
-    output: str  # "regions" (sigmoid WT/TC/ET) | "labels" (softmax over the internal labels)
-    deep_supervision: bool
+
+def inference_rule(options: MindTheGapOptions) -> str:
+    """How the teacher predicts a subset: "each" or "mean_latent" (`teacher_inference`, "auto" resolved)."""
+    if options.teacher_inference != "auto":
+        return options.teacher_inference
+    return "each" if options.teacher_seg == "each" else "mean_latent"
+
+
+def seg_loss(options: MindTheGapOptions, logits, labels, valid):
+    """The label softmax's CE + soft Dice, the teacher's and the students' alike."""
+    return label_loss(logits, labels, valid, class_weights=options.class_weights or None)
+
+
+# --- the teacher's latents and outputs ------------------------------------------------------------
+
+
+def shares(modality_mask, j: int, n: int):
+    """(J, N) weights of the present modalities (each 1 / their count) from a (N, J) or (J,) mask."""
+    mask = jnp.broadcast_to(jnp.asarray(modality_mask, jnp.float32), (n, j)).T
+    return mask / jnp.maximum(jnp.sum(mask, axis=0, keepdims=True), 1.0)
+
+
+def combine(latents, modality_mask):
+    """The mean of the present modalities' latents: (J, N, ...) and (N, J) or (J,) -> (N, ...)."""
+    share = shares(modality_mask, latents.shape[0], latents.shape[1])
+    return jnp.einsum("jn,jn...->n...", share, latents.astype(jnp.float32))
+
+
+def fold(a):
+    """(J, N, ...) -> (J*N, ...): the J latents in one predictor pass."""
+    return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+
+
+def per_latent_outputs(predictor, latents) -> dict:
+    """C*(Z_j) for every modality in one predictor pass: {"logits", "encoder", "decoder"}, each (J, N, ...)."""
+    j, n = latents.shape[:2]
+    out = predictor(fold(latents))
+
+    def unfold(a):
+        return a.reshape(j, n, *a.shape[1:])
+
+    return {
+        "logits": unfold(out["logits"]),
+        "encoder": [unfold(f) for f in out["encoder"]],
+        "decoder": [unfold(f) for f in out["decoder"]],
+    }
+
+
+def average_outputs(per, modality_mask) -> dict:
+    """The "each" rule: the present modalities' C*(Z_j) softmax averaged (returned as its log, usable as
+    logits), and their features averaged; `per` from `per_latent_outputs`."""
+    j, n = per["logits"].shape[:2]
+    share = shares(modality_mask, j, n)
+
+    def mean(a):
+        return jnp.einsum("jn,jn...->n...", share, a.astype(jnp.float32))
+
+    probs = mean(jax.nn.softmax(per["logits"].astype(jnp.float32), axis=-1))
+    return {
+        "logits": jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny)),
+        "encoder": [mean(f) for f in per["encoder"]],
+        "decoder": [mean(f) for f in per["decoder"]],
+    }
+
+
+def teacher_seg_terms(options: MindTheGapOptions, predictor, latents, batch) -> dict:
+    """Eq. 7's segmentation terms (`teacher_seg`): "seg_each", C* on every latent alone, the loss summed
+    over the modalities; "seg_combined", C* on the mean of the latents."""
+    terms = {}
+    if options.teacher_seg in ("each", "both"):  # the J latents in one predictor pass
+        j = latents.shape[0]
+
+        def tile(a):
+            return jnp.tile(a, (j,) + (1,) * (a.ndim - 1))
+
+        logits = predictor(fold(latents))["logits"]
+        terms["seg_each"] = j * seg_loss(options, logits, tile(batch["label"]), tile(batch["valid"]))[0]
+    if options.teacher_seg in ("combined", "both"):
+        logits = predictor(jnp.mean(latents, axis=0))["logits"]
+        terms["seg_combined"] = seg_loss(options, logits, batch["label"], batch["valid"])[0]
+    return terms
+
+
+class AlignedTeacher:
+    """Stage "teacher" (eq. 7): the modality encoders, the anchor their latents align to, and the
+    predictor C*; and what the trained teacher outputs for a subset of modalities (`rule`)."""
+
+    def __init__(self, config, options: MindTheGapOptions):
+        self.config = config
+        self.options = options
+        self.rule = inference_rule(options)
+        self.anchor_index = MODALITIES.index(options.anchor_modality)
+        self.latent_channels = options.latent_channels or config.model.widths[0]
+
+    def encoder_config(self) -> LatentEncoderConfig:
+        m = self.config.model
+        return LatentEncoderConfig(
+            channels=self.latent_channels,
+            blocks=self.options.encoder_blocks,
+            variational=self.options.anchor == "normal",
+            groups=m.groups,
+            dtype=m.dtype,
+            conv_impl=m.conv_impl,
+            remat=m.remat,
+        )
+
+    def models(self, encoders_root, predictor_root) -> dict:
+        """The encoders (one per modality, a family, or one shared), C* and the P_mix weights."""
+        enc = self.encoder_config()
+        if self.options.shared_encoder:
+            encoders = LatentEncoder(enc, nnx.Rngs(encoders_root))
+        else:
+            keys = family.member_keys(encoders_root, range(len(MODALITIES)))
+            encoders = family.stack(lambda r: LatentEncoder(enc, r), keys)
+        predictor_config = unet_config(self.config, NUM_LABELS, in_channels=self.latent_channels)
+        models = {"encoders": encoders, "predictor": UNet(predictor_config, nnx.Rngs(predictor_root))}
+        if self.options.anchor == "mix":
+            models["mix"] = MixWeights(len(MODALITIES))
+        return models
+
+    def encode(self, models, image, key=None) -> dict:
+        """Every modality's latent (J, N, D, H, W, C) (a VAE sample when `key` is given and P_N samples)."""
+        out = encode_modalities(models["encoders"], image, self.options.shared_encoder, self.config.model.family_map)
+        latent = out["latent"]
+        if out["log_var"] is not None and key is not None and self.options.normal_sample:
+            latent = latent + jnp.exp(0.5 * out["log_var"]) * jax.random.normal(key, latent.shape, latent.dtype)
+        return {"latent": latent, "mean": out["latent"], "log_var": out["log_var"]}
+
+    def alignment(self, models, encoded, valid=None):
+        """(J,) alignment terms of the anchor over the `valid` voxels, and the P_mix weights (or None)."""
+        o = self.options
+        if o.anchor == "normal":
+            return normal_kl(encoded["mean"], encoded["log_var"], valid), None
+        if o.anchor == "modality":
+            return modality_alignment(encoded["latent"], self.anchor_index, o.hold_target, valid), None
+        if o.anchor == "mix":
+            weights = mix_weights(models["mix"].raw[...], o.mix_floor, o.mix_sum)
+            terms = mix_alignment(encoded["latent"], weights, o.mix_target, self.anchor_index, o.hold_target, valid)
+            return terms, weights
+        return jnp.zeros((len(MODALITIES),), jnp.float32), None
+
+    def loss(self, models, batch, key):
+        """Eq. 7: sum_j [align(Z_j) + CE(C*(Z_j))] (`teacher_seg` = "each"), plus the combined term."""
+        encoded = self.encode(models, batch["image"], key)
+        terms, weights = self.alignment(models, encoded, batch["valid"])
+        parts = teacher_seg_terms(self.options, models["predictor"], encoded["latent"], batch)
+        seg = jnp.zeros((), jnp.float32)
+        for value in parts.values():
+            seg = seg + value
+        align = jnp.sum(terms)
+        parts.update({"seg": seg, "align": align})
+        parts.update({f"align/{m}": terms[i] for i, m in enumerate(MODALITIES)})
+        if weights is not None:
+            parts.update({f"w/{m}": weights[i] for i, m in enumerate(MODALITIES)})
+        return seg + self.options.align_weight * align, parts
+
+    def output(self, models, latents, modality_mask):
+        """The teacher's output for the present modalities (`rule`): logits over the labels + features."""
+        if self.rule == "each":
+            return average_outputs(per_latent_outputs(models["predictor"], latents), modality_mask)
+        return models["predictor"](combine(latents, modality_mask))
+
+    def predict(self, models, image, modality_mask):
+        """Region probabilities for the present modalities ("each": the logits are log(mean_j softmax C*(Z_j)))."""
+        latents = self.encode(models, image)["mean"]
+        return probabilities("labels", self.output(models, latents, modality_mask)["logits"])
+
+    def basis(self, models, image) -> dict:
+        """What every view the students distil from is computed from, once per step (no gradient)."""
+        latents = self.encode(models, image)["latent"]  # no key: the mean under P_N
+        if self.rule == "each":  # C*(Z_j) do not depend on the view: computed once
+            return jax.lax.stop_gradient({"per": per_latent_outputs(models["predictor"], latents)})
+        return jax.lax.stop_gradient({"latents": latents})
+
+    def view(self, models, basis, mask) -> dict:
+        """The teacher seeing the modalities of `mask` (J,), from `basis` (label logits + features)."""
+        if "per" in basis:
+            return jax.lax.stop_gradient(average_outputs(basis["per"], mask))
+        return jax.lax.stop_gradient(models["predictor"](combine(basis["latents"], mask)))
+
+
+# --- a teacher from another run (`teacher_from`) and the students --------------------------------
+
+
+def outside_teacher(config, run: TeacherRun, root) -> UNet:
+    """An untrained U-Net shaped like the `teacher_from` run's (its head's width from its output)."""
+    channels = len(REGIONS) if run.output == "regions" else NUM_LABELS
+    return UNet(unet_config(config, channels, run.deep_supervision), nnx.Rngs(root))
+
+
+def outside_teacher_view(teacher, output: str, image, mask) -> dict:
+    """Another run's U-Net on the modalities of `mask` (J,), its head read in the students' convention
+    (label logits: a region head converted by `label_logits_from_region_logits`)."""
+    out = teacher(drop_modalities(image, mask[None]))
+    if output == "regions":
+        out = {**out, "logits": label_logits_from_region_logits(out["logits"])}
+    return jax.lax.stop_gradient({k: out[k] for k in ("logits", "encoder", "decoder")})
+
+
+def student_terms(options, constants: KDConstants, member, batch, mask, teacher_of, ramp, own_teacher_style: bool):
+    """One student's L_seg + kd_weight L_KD (+ SMU-Net's adversarial term) as "loss", its terms, and its
+    style features for the discriminators' update ("style"; with `own_teacher_style` also its own teacher
+    view's, "teacher_style"). `teacher_of(mask)` is the teacher's view it distils from."""
+    out = member["students"](drop_modalities(batch["image"], mask[None]))
+    seg = seg_loss(options, out["logits"], batch["label"], batch["valid"])[0]
+    terms, loss = {"seg": seg}, seg
+    teacher = None
+    if options.kd != "none":
+        teacher = teacher_of(mask)
+        kd, kd_parts = distillation_loss(options.kd, teacher, out, batch["label"], batch["valid"], constants, ramp)
+        terms.update(kd_parts)
+        terms["kd"] = kd
+        loss = loss + options.kd_weight * kd
+    style = style_features(out).astype(jnp.float32)
+    shared = {"style": style}
+    if options.kd == "smunet":
+        terms["adv_s"] = student_adversarial_loss(member["discriminators"](style))[0]
+        loss = loss + constants.smunet_adversarial_weight * terms["adv_s"]
+        if own_teacher_style:  # the discriminator's "real": this student's own teacher view, as its KD term
+            shared["teacher_style"] = style_features(teacher).astype(jnp.float32)
+    return {"loss": loss, **terms, **shared}
+
+
+class KDStudents:
+    """Stage "students": every student distilled (`kd`) from a view of the frozen teacher (`teacher_view`:
+    the full set or the student's own modalities), that teacher being stage "teacher"'s (`aligned`) or
+    another run's U-Net (`teacher_from`); and SMU-Net's style discriminators."""
+
+    def __init__(self, config, options: MindTheGapOptions, students: Students, aligned: AlignedTeacher, teacher_run):
+        self.config = config
+        self.options = options
+        self.students = students
+        self.aligned = aligned
+        self.teacher_run = teacher_run  # () -> the `teacher_from` run's `TeacherRun`, resolved when first needed
+        self.constants = KDConstants()
+
+    def basis(self, models, image) -> dict:
+        """What every view of the teacher is computed from, once per step (no gradient)."""
+        return {"image": image} if self.options.teacher_from else self.aligned.basis(models, image)
+
+    def view(self, models, basis, mask) -> dict:
+        """The teacher seeing the modalities of `mask` (J,), in the students' convention (label logits)."""
+        if self.options.teacher_from:
+            return outside_teacher_view(models["teacher"], self.teacher_run().output, basis["image"], mask)
+        return self.aligned.view(models, basis, mask)
+
+    def loss(self, models, batch, context):
+        """The sum over students of L_seg + kd_weight L_KD (+ SMU-Net's adversarial term)."""
+        o = self.options
+        distil = o.kd != "none"
+        basis = self.basis(models, batch["image"]) if distil else None
+        full = (
+            self.view(models, basis, jnp.ones(len(MODALITIES), bool)) if distil and o.teacher_view == "full" else None
+        )
+        ramp = sigmoid_rampup(context["step"], o.ramp_steps) if o.ramp_steps else 1.0
+
+        def teacher_of(mask):
+            return full if full is not None else self.view(models, basis, mask)
+
+        def one(member, mask, subset):
+            return student_terms(o, self.constants, member, batch, mask, teacher_of, ramp, full is None)
+
+        trained = ("students", "discriminators") if o.kd == "smunet" else ("students",)  # the families mapped
+        out = self.students.map(one, models, [n for n in trained if n in models], self.config.model.family_map)
+        private = ("style", "teacher_style")
+        parts = {k: jnp.mean(v) for k, v in out.items() if k not in ("loss", *private)}
+        parts.update(self.students.named(out, skip=private))
+        shared = {}
+        if o.kd == "smunet":
+            teacher_style = out["teacher_style"] if full is None else style_features(full).astype(jnp.float32)
+            shared = {"teacher_style": teacher_style, "student_style": out["style"]}
+        return jnp.sum(out["loss"]), parts, shared
+
+    def discriminator_loss(self, models, context):
+        """SMU-Net's style discriminators: the teacher view's bottleneck features real (the full teacher's,
+        shared, or each student's subset teacher's), each student's fake."""
+        losses, parts = family_discriminator_loss(
+            models["discriminators"],
+            context["teacher_style"],
+            context["student_style"],
+            real_per_member=self.options.teacher_view == "subset",
+            how=self.config.model.family_map,
+        )
+        return jnp.sum(losses), parts
 
 
 class MindTheGap(Method):
@@ -230,148 +520,64 @@ class MindTheGap(Method):
         o = self.options
         if o.teacher_from:  # Table I's "Original Method": students of another run's U-Net, no teacher stage
             self.stages = ("students",)
-        self.subsets = student_subsets(list(o.students) if isinstance(o.students, tuple) else o.students)
-        self.slots = np.full(len(SUBSET_NAMES), -1, np.int32)  # subset index -> the student serving it (-1: none)
-        self.slots[list(self.subsets)] = np.arange(len(self.subsets))
-        self.anchor_index = MODALITIES.index(o.anchor_modality)
-        self.latent_channels = o.latent_channels or config.model.widths[0]
-        self.constants = KDConstants()
+        self.students = Students(
+            student_subsets(list(o.students) if isinstance(o.students, tuple) else o.students), self.name
+        )
+        self.subsets = self.students.subsets
+        self.aligned = AlignedTeacher(config, o)  # stage "teacher"
+        self.latent_channels = self.aligned.latent_channels
         self._teacher_run = None
+        self.distilled = KDStudents(config, o, self.students, self.aligned, self.teacher_run)  # stage "students"
+        self.constants = self.distilled.constants
 
     @classmethod
     def check_config(cls, config) -> None:
         super().check_config(config)
-        o = cls.parse_options(config)
-        channels = o.latent_channels or config.model.widths[0]
-        if channels % config.model.groups:
-            raise ConfigError(
-                f"method.latent_channels ({channels}) must be divisible by model.groups = "
-                f"{config.model.groups} (GroupNorm in the encoders)"
-            )
+        check_latent_channels(config, cls.parse_options(config))
         cls.refuse_coupled_clipping(config, "students", "students")
         cls.refuse_coupled_clipping(config, "students", "discriminator", members="discriminators")
 
     @property
     def inference_rule(self) -> str:
-        """How the teacher predicts a subset: "each" or "mean_latent" (`teacher_inference`, "auto" resolved)."""
-        o = self.options
-        if o.teacher_inference != "auto":
-            return o.teacher_inference
-        return "each" if o.teacher_seg == "each" else "mean_latent"
+        return self.aligned.rule
 
-    # --- a teacher from another run (teacher_from) -------------------------------------
     def teacher_run(self) -> TeacherRun:
-        """The run `teacher_from` names: a work directory (its last stage with checkpoints) or one of its
-        checkpoints/<stage> folders; its config says which U-Net and which output head. One line if not."""
+        """The run `teacher_from` names (`students.find_teacher_run`), resolved once."""
         if self._teacher_run is None:
-            self._teacher_run = self._find_teacher_run(Path(self.options.teacher_from).expanduser())
+            self._teacher_run = find_teacher_run(self.options.teacher_from, self.config)
         return self._teacher_run
-
-    def _find_teacher_run(self, path: Path) -> TeacherRun:
-        from jaxbrats.methods import get_method, load_config  # the registry (no import of another method)
-
-        key = "method.teacher_from"
-        if (path / "config.json").is_file():
-            run, stage = path, None
-        elif path.parent.name == "checkpoints" and (path.parent.parent / "config.json").is_file():
-            run, stage = path.parent.parent, path.name
-        else:
-            raise ConfigError(
-                f"{key}: {path} is neither a run's work directory (with config.json) nor its checkpoints/<stage> folder"
-            )
-        try:
-            other = load_config(run / "config.json")
-        except ConfigError as e:
-            raise ConfigError(f"{key}: {run}/config.json cannot be read: {e}") from None
-        if other.method_name not in TEACHER_RUNS:
-            raise ConfigError(
-                f"{key}: {run} is a run of method {other.method_name}; the teacher must be the plain U-Net of a "
-                f"{' or '.join(TEACHER_RUNS)} run"
-            )
-        model, output = TEACHER_RUNS[other.method_name]
-        options = get_method(other.method_name).parse_options(other)
-        output = output or options.output
-        deep = bool(getattr(options, "deep_supervision", False))
-        differs = [k for k in ARCHITECTURE_KEYS if getattr(other.model, k) != getattr(self.config.model, k)]
-        if differs:
-            k = differs[0]
-            raise ConfigError(
-                f"{key}: {run}'s U-Net has model.{k} = {getattr(other.model, k)!r}, this run's "
-                f"{getattr(self.config.model, k)!r} (the KD terms compare the two networks' features)"
-            )
-        if stage is None:
-            stages = [s for s in reversed(get_method(other.method_name).stages) if (run / "checkpoints" / s).is_dir()]
-            if not stages:
-                raise ConfigError(f"{key}: {run} has no checkpoints (train it first)")
-            stage = stages[0]
-        return TeacherRun(run / "checkpoints" / stage, model, output, deep)
 
     def start_from(self, stage, abstract):
         """`teacher_from`: the students' teacher is the other run's U-Net, restored in this run's shapes."""
         if stage != "students" or not self.options.teacher_from:
             return {}
         run = self.teacher_run()
-        return {"teacher": restore_model(run.checkpoints, (run.model,), abstract()["teacher"], "method.teacher_from")}
+        return {"teacher": restore_teacher(run.checkpoints, (run.model,), abstract()["teacher"])}
 
     # --- models ------------------------------------------------------------------------
-    def encoder_config(self) -> LatentEncoderConfig:
-        m = self.config.model
-        return LatentEncoderConfig(
-            channels=self.latent_channels,
-            blocks=self.options.encoder_blocks,
-            variational=self.options.anchor == "normal",
-            groups=m.groups,
-            dtype=m.dtype,
-            conv_impl=m.conv_impl,
-            remat=m.remat,
-        )
-
     def outside_teacher(self, stage) -> bool:
         return stage == "students" and bool(self.options.teacher_from)
 
     def families(self, stage):
         out = {} if self.options.shared_encoder or self.outside_teacher(stage) else {"encoders": len(MODALITIES)}
         if stage == "students":
-            out["students"] = len(self.subsets)
+            out["students"] = len(self.students)
             if self.options.kd == "smunet":
-                out["discriminators"] = len(self.subsets)
+                out["discriminators"] = len(self.students)
         return out
 
     def init_models(self, stage, rngs):
         roots = jax.random.split(rngs.params(), 4)  # encoders, predictor (or teacher), students, discriminators
         if self.outside_teacher(stage):
-            run = self.teacher_run()
-            channels = len(REGIONS) if run.output == "regions" else NUM_LABELS
-            models = {"teacher": UNet(unet_config(self.config, channels, run.deep_supervision), nnx.Rngs(roots[1]))}
+            models = {"teacher": outside_teacher(self.config, self.teacher_run(), roots[1])}
         else:
-            enc = self.encoder_config()
-            if self.options.shared_encoder:
-                encoders = LatentEncoder(enc, nnx.Rngs(roots[0]))
-            else:
-                encoders = family.stack(
-                    lambda r: LatentEncoder(enc, r), family.member_keys(roots[0], range(len(MODALITIES)))
-                )
-            models = {
-                "encoders": encoders,
-                "predictor": UNet(
-                    unet_config(self.config, NUM_LABELS, in_channels=self.latent_channels), nnx.Rngs(roots[1])
-                ),
-            }
-            if self.options.anchor == "mix":
-                models["mix"] = MixWeights(len(MODALITIES))
+            models = self.aligned.models(roots[0], roots[1])
         if stage == "students":
             cfg = unet_config(self.config, NUM_LABELS)
-            models["students"] = family.stack(lambda r: UNet(cfg, r), family.member_keys(roots[2], self.subsets))
+            models["students"] = self.students.stack(lambda r: UNet(cfg, r), roots[2])
             if self.options.kd == "smunet":
-                disc = DiscriminatorConfig(
-                    in_channels=self.config.model.widths[-1],
-                    width=self.options.disc_width,
-                    dtype=self.config.model.dtype,
-                    conv_impl=self.config.model.conv_impl,
-                )
-                models["discriminators"] = family.stack(
-                    lambda r: Discriminator(disc, r), family.member_keys(roots[3], self.subsets)
-                )
+                width, channels = self.options.disc_width, self.config.model.widths[-1]
+                models["discriminators"] = discriminator_family(self.config, self.students, channels, width, roots[3])
         return models
 
     def pipeline(self, stage):
@@ -406,192 +612,31 @@ class MindTheGap(Method):
             cfg = dataclasses.replace(cfg, model_lr={k: v for k, v in cfg.model_lr.items() if k != "mix"})
         return cfg
 
-    # --- the teacher -------------------------------------------------------------------
+    # --- the teacher (`AlignedTeacher`) ------------------------------------------------
+    def encoder_config(self) -> LatentEncoderConfig:
+        return self.aligned.encoder_config()
+
     def encode(self, models, image, key=None) -> dict:
-        """Every modality's latent (J, N, D, H, W, C) (a VAE sample when `key` is given and P_N samples)."""
-        out = encode_modalities(models["encoders"], image, self.options.shared_encoder, self.config.model.family_map)
-        latent = out["latent"]
-        if out["log_var"] is not None and key is not None and self.options.normal_sample:
-            latent = latent + jnp.exp(0.5 * out["log_var"]) * jax.random.normal(key, latent.shape, latent.dtype)
-        return {"latent": latent, "mean": out["latent"], "log_var": out["log_var"]}
-
-    @staticmethod
-    def shares(modality_mask, j: int, n: int):
-        """(J, N) weights of the present modalities (each 1 / their count) from a (N, J) or (J,) mask."""
-        mask = jnp.broadcast_to(jnp.asarray(modality_mask, jnp.float32), (n, j)).T
-        return mask / jnp.maximum(jnp.sum(mask, axis=0, keepdims=True), 1.0)
-
-    @classmethod
-    def combine(cls, latents, modality_mask):
-        """The mean of the present modalities' latents: (J, N, ...) and (N, J) or (J,) -> (N, ...)."""
-        share = cls.shares(modality_mask, latents.shape[0], latents.shape[1])
-        return jnp.einsum("jn,jn...->n...", share, latents.astype(jnp.float32))
+        return self.aligned.encode(models, image, key)
 
     def alignment(self, models, encoded, valid=None):
-        """(J,) alignment terms of the anchor over the `valid` voxels, and the P_mix weights (or None)."""
-        o = self.options
-        if o.anchor == "normal":
-            return normal_kl(encoded["mean"], encoded["log_var"], valid), None
-        if o.anchor == "modality":
-            return modality_alignment(encoded["latent"], self.anchor_index, o.hold_target, valid), None
-        if o.anchor == "mix":
-            weights = mix_weights(models["mix"].raw[...], o.mix_floor, o.mix_sum)
-            terms = mix_alignment(encoded["latent"], weights, o.mix_target, self.anchor_index, o.hold_target, valid)
-            return terms, weights
-        return jnp.zeros((len(MODALITIES),), jnp.float32), None
-
-    def seg_loss(self, logits, labels, valid):
-        weights = self.options.class_weights or None
-        return label_loss(logits, labels, valid, class_weights=weights)
+        return self.aligned.alignment(models, encoded, valid)
 
     def teacher_loss(self, models, batch, key, context=None):
-        """Eq. 7: sum_j [align(Z_j) + CE(C*(Z_j))] (`teacher_seg` = "each"), plus the combined term."""
-        o = self.options
-        encoded = self.encode(models, batch["image"], key)
-        latents = encoded["latent"]
-        terms, weights = self.alignment(models, encoded, batch["valid"])
-        seg = jnp.zeros((), jnp.float32)
-        parts = {}
-        j, n = latents.shape[:2]
-        if o.teacher_seg in ("each", "both"):  # the J latents in one predictor pass, the loss summed over j
-            folded = latents.reshape(j * n, *latents.shape[2:])
-            tile = lambda a: jnp.tile(a, (j,) + (1,) * (a.ndim - 1))
-            each = (
-                j * self.seg_loss(models["predictor"](folded)["logits"], tile(batch["label"]), tile(batch["valid"]))[0]
-            )
-            parts["seg_each"] = each
-            seg = seg + each
-        if o.teacher_seg in ("combined", "both"):
-            combined = self.seg_loss(
-                models["predictor"](jnp.mean(latents, axis=0))["logits"], batch["label"], batch["valid"]
-            )[0]
-            parts["seg_combined"] = combined
-            seg = seg + combined
-        align = jnp.sum(terms)
-        parts.update({"seg": seg, "align": align})
-        parts.update({f"align/{m}": terms[i] for i, m in enumerate(MODALITIES)})
-        if weights is not None:
-            parts.update({f"w/{m}": weights[i] for i, m in enumerate(MODALITIES)})
-        return seg + o.align_weight * align, parts
+        return self.aligned.loss(models, batch, key)
 
-    def per_latent_outputs(self, models, latents) -> dict:
-        """C*(Z_j) for every modality in one predictor pass: {"logits", "encoder", "decoder"}, each (J, N, ...)."""
-        j, n = latents.shape[:2]
-        out = models["predictor"](latents.reshape(j * n, *latents.shape[2:]))
-        unfold = lambda a: a.reshape(j, n, *a.shape[1:])
-        return {
-            "logits": unfold(out["logits"]),
-            "encoder": [unfold(f) for f in out["encoder"]],
-            "decoder": [unfold(f) for f in out["decoder"]],
-        }
-
-    def average_outputs(self, per, modality_mask) -> dict:
-        """The "each" rule: the present modalities' C*(Z_j) softmax averaged (returned as its log, usable as
-        logits), and their features averaged; `per` from `per_latent_outputs`."""
-        j, n = per["logits"].shape[:2]
-        share = self.shares(modality_mask, j, n)
-        mean = lambda a: jnp.einsum("jn,jn...->n...", share, a.astype(jnp.float32))
-        probs = mean(jax.nn.softmax(per["logits"].astype(jnp.float32), axis=-1))
-        return {
-            "logits": jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny)),
-            "encoder": [mean(f) for f in per["encoder"]],
-            "decoder": [mean(f) for f in per["decoder"]],
-        }
-
-    def teacher_output(self, models, latents, modality_mask):
-        """The teacher's output for the present modalities (`inference_rule`): logits over the labels + features."""
-        if self.inference_rule == "each":
-            return self.average_outputs(self.per_latent_outputs(models, latents), modality_mask)
-        return models["predictor"](self.combine(latents, modality_mask))
-
-    # --- the students ------------------------------------------------------------------
+    # --- the students (`KDStudents`) ---------------------------------------------------
     def teacher_basis(self, models, image) -> dict:
-        """What every view of the students' teacher is computed from, once per step (no gradient)."""
-        if self.options.teacher_from:
-            return {"image": image}
-        latents = self.encode(models, image)["latent"]  # no key: the mean under P_N
-        if self.inference_rule == "each":  # C*(Z_j) do not depend on the view: computed once
-            return jax.lax.stop_gradient({"per": self.per_latent_outputs(models, latents)})
-        return jax.lax.stop_gradient({"latents": latents})
+        return self.distilled.basis(models, image)
 
     def teacher_view_output(self, models, basis, mask) -> dict:
-        """The teacher seeing the modalities of `mask` (J,), in the students' convention (label logits)."""
-        if self.options.teacher_from:
-            out = models["teacher"](drop_modalities(basis["image"], mask[None]))
-            if self.teacher_run().output == "regions":
-                out = {**out, "logits": label_logits_from_region_logits(out["logits"])}
-            return jax.lax.stop_gradient({k: out[k] for k in ("logits", "encoder", "decoder")})
-        if "per" in basis:
-            return jax.lax.stop_gradient(self.average_outputs(basis["per"], mask))
-        return jax.lax.stop_gradient(models["predictor"](self.combine(basis["latents"], mask)))
+        return self.distilled.view(models, basis, mask)
 
     def students_loss(self, models, batch, key, context=None):
-        """The sum over students of L_seg + kd_weight L_KD (+ SMU-Net's adversarial term)."""
-        o = self.options
-        distil = o.kd != "none"
-        basis = self.teacher_basis(models, batch["image"]) if distil else None
-        full = (
-            self.teacher_view_output(models, basis, jnp.ones(len(MODALITIES), bool))
-            if distil and o.teacher_view == "full"
-            else None
-        )
-        ramp = sigmoid_rampup(context["step"], o.ramp_steps) if o.ramp_steps else 1.0
-        names = [n for n in ("students", "discriminators") if n in models and n in self.families("students")]
-        graphs = {n: nnx.split(models[n]) for n in names}
-        masks = jnp.asarray(SUBSET_MASKS[list(self.subsets)])
-
-        def one(states, mask):
-            member = {n: nnx.merge(graphs[n][0], s) for n, s in states.items()}
-            out = member["students"](drop_modalities(batch["image"], mask[None]))
-            seg = self.seg_loss(out["logits"], batch["label"], batch["valid"])[0]
-            terms, loss = {"seg": seg}, seg
-            teacher = None
-            if distil:
-                teacher = full if full is not None else self.teacher_view_output(models, basis, mask)
-                kd, kd_parts = distillation_loss(
-                    o.kd, teacher, out, batch["label"], batch["valid"], self.constants, ramp
-                )
-                terms.update(kd_parts)
-                terms["kd"] = kd
-                loss = loss + o.kd_weight * kd
-            style = style_features(out).astype(jnp.float32)
-            shared = {"style": style}
-            if o.kd == "smunet":
-                terms["adv_s"] = student_adversarial_loss(member["discriminators"](style))[0]
-                loss = loss + self.constants.smunet_adversarial_weight * terms["adv_s"]
-                if full is None:  # the discriminator's "real": this student's own teacher view, as its KD term
-                    shared["teacher_style"] = style_features(teacher).astype(jnp.float32)
-            return {"loss": loss, **terms, **shared}
-
-        private = ("style", "teacher_style")
-        out = family.map_states(one, {n: s for n, (_, s) in graphs.items()}, masks, how=self.config.model.family_map)
-        parts = {k: jnp.mean(v) for k, v in out.items() if k not in ("loss", *private)}
-        for slot, s in enumerate(self.subsets):
-            parts.update({f"{SUBSET_NAMES[s]}/{k}": v[slot] for k, v in out.items() if k not in private})
-        shared = {}
-        if o.kd == "smunet":
-            teacher_style = out["teacher_style"] if full is None else style_features(full).astype(jnp.float32)
-            shared = {"teacher_style": teacher_style, "student_style": out["style"]}
-        return jnp.sum(out["loss"]), parts, shared
+        return self.distilled.loss(models, batch, context)
 
     def discriminator_loss(self, models, batch, key, context=None):
-        """SMU-Net's style discriminators: the teacher view's bottleneck features real (the full teacher's,
-        shared, or each student's subset teacher's), each student's fake."""
-
-        def one(disc, teacher, student):
-            return discriminator_loss(disc(teacher), disc(student))
-
-        per_student = self.options.teacher_view == "subset"
-        losses, parts = family.map_members(
-            one,
-            models["discriminators"],
-            context["teacher_style"],
-            context["student_style"],
-            in_axes=(0 if per_student else None, 0),
-            how=self.config.model.family_map,
-        )
-        out = {k: jnp.mean(v) for k, v in parts.items()}
-        return jnp.sum(losses), out
+        return self.distilled.discriminator_loss(models, context)
 
     # --- inference ---------------------------------------------------------------------
     def served_subsets(self):
@@ -602,11 +647,6 @@ class MindTheGap(Method):
 
     def predict(self, models, image, modality_mask, subset=None):
         """The teacher on the present modalities (`inference_rule`), or the student serving `subset`."""
-        if "students" not in models:  # "each": the logits are log(mean_j softmax C*(Z_j))
-            latents = self.encode(models, image)["mean"]
-            return probabilities("labels", self.teacher_output(models, latents, modality_mask)["logits"])
-        slot, served = student_slot(self.slots, subset, self.subsets, self.name)
-        student = family.member(models["students"], slot)
-        return jnp.where(
-            served, probabilities("labels", student(drop_modalities(image, modality_mask))["logits"]), jnp.nan
-        )
+        if "students" not in models:
+            return self.aligned.predict(models, image, modality_mask)
+        return self.students.predict(models["students"], image, modality_mask, subset, "labels")

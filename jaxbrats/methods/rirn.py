@@ -76,23 +76,20 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxbrats.config import check_choice, check_range
 from jaxbrats.errors import ConfigError
 from jaxbrats.labels import REGIONS, regions_of
 from jaxbrats.losses import region_loss
-from jaxbrats.losses.adversarial import discriminator_loss, student_adversarial_loss
+from jaxbrats.losses.adversarial import student_adversarial_loss
 from jaxbrats.losses.relation import car_loss, crr_loss, region_masks, resize_to_features
 from jaxbrats.losses.segmentation import DICE_CHANNELS
-from jaxbrats.methods.base import Method, Update, student_slot
-from jaxbrats.modalities import SUBSET_MASKS, SUBSET_NAMES, drop_modalities, student_subsets
-from jaxbrats.networks import family
-from jaxbrats.networks.discriminator import Discriminator, DiscriminatorConfig
-from jaxbrats.networks.factory import probabilities, unet_config
+from jaxbrats.methods.base import Method, Update
+from jaxbrats.methods.students import Students, discriminator_family, family_discriminator_loss, restore_teacher
+from jaxbrats.modalities import drop_modalities, student_subsets
+from jaxbrats.networks.factory import unet_config
 from jaxbrats.networks.unet import UNet
-from jaxbrats.runtime.checkpoints import restore_model
 
 ADV_INPUTS = ("probabilities", "logits")
 CAR_EMBEDDINGS = ("fixed", "trained")
@@ -155,6 +152,44 @@ class RelationEmbeddings(nnx.Module):
         )
 
 
+def check_car_level(config, options: RIRNOptions) -> None:
+    """CAR's encoder level exists in the U-Net (negative: from the bottleneck up)."""
+    levels = len(config.model.widths)
+    if not -levels <= options.car_level < levels:
+        raise ConfigError(
+            f"method.car_level must be in [{-levels}, {levels - 1}] (model.widths has {levels} levels), "
+            f"got {options.car_level}"
+        )
+
+
+def car_embeddings(config, options: RIRNOptions, students: Students, root) -> nnx.Module:
+    """CAR's theta/phi: one fixed pair, or one trained pair per student (`car_embeddings`)."""
+    channels = config.model.widths[options.car_level]
+    if options.car_embeddings == "trained":
+        return students.stack(lambda r: RelationEmbeddings(channels, r), root)
+    return RelationEmbeddings(channels, nnx.Rngs(root))
+
+
+def crr_term(options: RIRNOptions, out, teacher, teacher_probs, gt):
+    """L_CRR on the penultimate layer and the number of (sample, region) pairs it used."""
+    penultimate = out["decoder"][-1]
+    masks = region_masks(
+        resize_to_features(teacher_probs, penultimate.shape[1:4]),
+        resize_to_features(gt, penultimate.shape[1:4]),
+        options.crr_threshold,
+        filtered=options.mf,
+    )
+    loss, parts = crr_loss(teacher["decoder"][-1], penultimate, masks)
+    return loss, parts["crr_pairs"]
+
+
+def car_term(options: RIRNOptions, out, teacher, embeddings):
+    """L_CAR on the encoder level `car_level`, through the embeddings theta and phi."""
+    theta, phi = embeddings.pair()
+    level = options.car_level
+    return car_loss(teacher["encoder"][level], out["encoder"][level], theta, phi, options.car_axis)[0]
+
+
 class RIRN(Method):
     name = "rirn"
     Options = RIRNOptions
@@ -162,26 +197,19 @@ class RIRN(Method):
 
     def __init__(self, config):
         super().__init__(config)
-        self.subsets = student_subsets(self.options.students)
-        self.slots = np.full(len(SUBSET_NAMES), -1, np.int32)  # subset index -> the student serving it (-1: none)
-        self.slots[list(self.subsets)] = np.arange(len(self.subsets))
+        self.students = Students(student_subsets(self.options.students), self.name)
+        self.subsets = self.students.subsets
 
     @classmethod
     def check_config(cls, config) -> None:
         super().check_config(config)
-        options = cls.parse_options(config)
-        levels = len(config.model.widths)
-        if not -levels <= options.car_level < levels:
-            raise ConfigError(
-                f"method.car_level must be in [{-levels}, {levels - 1}] (model.widths has {levels} levels), "
-                f"got {options.car_level}"
-            )
+        check_car_level(config, cls.parse_options(config))
         cls.refuse_coupled_clipping(config, "train", "model", " for RIRN")
         cls.refuse_coupled_clipping(config, "train", "discriminator", " for RIRN", "discriminators")
 
     # --- models ------------------------------------------------------------------------
     def families(self, stage):
-        k = len(self.subsets)
+        k = len(self.students)
         out = {"students": k}
         if self.options.adv:
             out["discriminators"] = k
@@ -189,45 +217,27 @@ class RIRN(Method):
             out["embeddings"] = k
         return out
 
-    def member_keys(self, root):
-        """One key per student from its subset index (`family.member_keys`)."""
-        return family.member_keys(root, self.subsets)
-
     def init_models(self, stage, rngs):
         roots = jax.random.split(rngs.params(), 3)  # students, discriminators, embeddings
         cfg = unet_config(self.config, len(REGIONS))
         models = {
             "teacher": UNet(cfg, rngs),
-            "students": family.stack(lambda r: UNet(cfg, r), self.member_keys(roots[0])),
+            "students": self.students.stack(lambda r: UNet(cfg, r), roots[0]),
         }
         if self.options.adv:
-            disc = DiscriminatorConfig(
-                in_channels=len(REGIONS),
-                width=self.options.disc_width,
-                dtype=self.config.model.dtype,
-                conv_impl=self.config.model.conv_impl,
-            )
-            models["discriminators"] = family.stack(lambda r: Discriminator(disc, r), self.member_keys(roots[1]))
+            width = self.options.disc_width
+            models["discriminators"] = discriminator_family(self.config, self.students, len(REGIONS), width, roots[1])
         if self.options.car:
-            channels = self.config.model.widths[self.options.car_level]
-            if self.options.car_embeddings == "trained":
-                models["embeddings"] = family.stack(
-                    lambda r: RelationEmbeddings(channels, r), self.member_keys(roots[2])
-                )
-            else:
-                models["embeddings"] = RelationEmbeddings(channels, nnx.Rngs(roots[2]))
+            models["embeddings"] = car_embeddings(self.config, self.options, self.students, roots[2])
         return models
 
     def start_from(self, stage, abstract):
         """`teacher_from`: the teacher is another run's U-Net ("teacher" of an RIRN run, "unet" of a
-        baseline run), restored with the shapes of this run's teacher (or one line saying why not)."""
+        baseline run), restored with the shapes of this run's teacher (or one line saying why not).
+        It names the checkpoints/<stage> folder itself (`restore_model` says what else it finds)."""
         if not self.options.teacher_from:
             return {}
-        return {
-            "teacher": restore_model(
-                self.options.teacher_from, ("teacher", "unet"), abstract()["teacher"], "method.teacher_from"
-            )
-        }
+        return {"teacher": restore_teacher(self.options.teacher_from, ("teacher", "unet"), abstract()["teacher"])}
 
     def pipeline(self, stage):
         return {"dropout": "none", "instantiations": 1}  # every student applies its own subset on device
@@ -271,8 +281,7 @@ class RIRN(Method):
             total = total + teacher_dice
         parts = {"teacher_dice": teacher_dice}
         parts.update({k: jnp.mean(v) for k, v in terms.items() if k not in ("loss", "adversary_input")})
-        for slot, s in enumerate(self.subsets):
-            parts.update({f"{SUBSET_NAMES[s]}/{k}": v[slot] for k, v in terms.items() if k != "adversary_input"})
+        parts.update(self.students.named(terms, skip=("adversary_input",)))
         shared = {
             "teacher_adversary_input": self.adversary_input(teacher),
             "student_adversary_input": terms["adversary_input"],
@@ -285,33 +294,17 @@ class RIRN(Method):
         gt = regions_of(batch["label"], xp=jnp) & batch["valid"][..., None]
         teacher_probs = jax.nn.sigmoid(teacher["logits"].astype(jnp.float32))
         fixed_embeddings = models.get("embeddings") if o.car and o.car_embeddings == "fixed" else None
-        graphs = {n: nnx.split(models[n]) for n in self.families("train")}
-        subsets = jnp.asarray(self.subsets, jnp.int32)
-        masks = jnp.asarray(SUBSET_MASKS[list(self.subsets)])
 
-        def one(states, mask, subset):
-            member = {n: nnx.merge(graphs[n][0], s) for n, s in states.items()}
+        def one(member, mask, subset):
             image = drop_modalities(batch["image"], mask[None])
             out = member["students"](image, dropout_key=jax.random.fold_in(key, subset))
-            seg = self.seg_loss(out["logits"], batch)
-            terms = {"seg": seg}
-            loss = seg
+            terms = {"seg": self.seg_loss(out["logits"], batch)}
+            loss = terms["seg"]
             if o.crr:
-                penultimate = out["decoder"][-1]
-                masks_r = region_masks(
-                    resize_to_features(teacher_probs, penultimate.shape[1:4]),
-                    resize_to_features(gt, penultimate.shape[1:4]),
-                    o.crr_threshold,
-                    filtered=o.mf,
-                )
-                terms["crr"], crr_parts = crr_loss(teacher["decoder"][-1], penultimate, masks_r)
-                terms["crr_pairs"] = crr_parts["crr_pairs"]
+                terms["crr"], terms["crr_pairs"] = crr_term(o, out, teacher, teacher_probs, gt)
                 loss = loss + o.crr_weight * terms["crr"]
             if o.car:
-                embeddings = member.get("embeddings", fixed_embeddings)
-                theta, phi = embeddings.pair()
-                level = o.car_level
-                terms["car"] = car_loss(teacher["encoder"][level], out["encoder"][level], theta, phi, o.car_axis)[0]
+                terms["car"] = car_term(o, out, teacher, member.get("embeddings", fixed_embeddings))
                 loss = loss + o.car_weight * terms["car"]
             adversary_input = self.adversary_input(out)
             if o.adv:
@@ -319,23 +312,18 @@ class RIRN(Method):
                 loss = loss + o.adv_weight * terms["adv_s"]
             return {"loss": loss, **terms, "adversary_input": adversary_input}
 
-        return family.map_states(
-            one, {n: s for n, (_, s) in graphs.items()}, masks, subsets, how=self.config.model.family_map
-        )
+        return self.students.map(one, models, self.families("train"), self.config.model.family_map)
 
     def discriminator_loss(self, models, batch, key, context=None):
         """Eq. 8 for each student's discriminator, on the outputs the model update shared."""
-        teacher_in = context["teacher_adversary_input"]
-
-        def one(disc, student_in):
-            return discriminator_loss(disc(teacher_in), disc(student_in))
-
-        losses, parts = family.map_members(
-            one, models["discriminators"], context["student_adversary_input"], how=self.config.model.family_map
+        losses, out = family_discriminator_loss(
+            models["discriminators"],
+            context["teacher_adversary_input"],
+            context["student_adversary_input"],
+            real_per_member=False,
+            how=self.config.model.family_map,
         )
-        out = {k: jnp.mean(v) for k, v in parts.items()}
-        for slot, s in enumerate(self.subsets):
-            out[f"{SUBSET_NAMES[s]}/adv_d"] = losses[slot]
+        out.update(self.students.named({"adv_d": losses}))
         return jnp.sum(losses), out
 
     # --- inference ---------------------------------------------------------------------
@@ -346,12 +334,5 @@ class RIRN(Method):
         return ("students",)
 
     def predict(self, models, image, modality_mask, subset=None):
-        """The student of `subset` (data: its weights are picked inside the program) on its modalities.
-
-        A subset no student serves is refused: in one line when `subset` is known here (a Python or
-        numpy int, or None for the full set); inside a compiled program, where it is data, the
-        probabilities come out NaN rather than another student's."""
-        slot, served = student_slot(self.slots, subset, self.subsets, self.name)
-        student = family.member(models["students"], slot)
-        logits = student(drop_modalities(image, modality_mask))["logits"]
-        return jnp.where(served, probabilities("regions", logits), jnp.nan)
+        """The student of `subset` on its modalities (`Students.predict`: an unserved subset is refused)."""
+        return self.students.predict(models["students"], image, modality_mask, subset, "regions")

@@ -126,10 +126,10 @@ class MonoEncoder(nnx.Module):
         self.afeb_levels = tuple(afeb_levels)
         self.enhance = nnx.List(
             [
-                AFEB(cfg.widths[l], 2 ** (levels - 1 - l), cfg, rngs)
+                AFEB(cfg.widths[level], 2 ** (levels - 1 - level), cfg, rngs)
                 if afeb
-                else _conv(cfg.widths[l], cfg.widths[l], 3, cfg, rngs)
-                for l in self.afeb_levels
+                else _conv(cfg.widths[level], cfg.widths[level], 3, cfg, rngs)
+                for level in self.afeb_levels
             ]
         )
 

@@ -24,9 +24,9 @@ a 3x3x3 convolution runs on each device's slab with the neighbours' boundary
 slices (halos) moved by `lax.ppermute` (`halo_conv3d`), for either
 lowering. XLA's own partitioning of a depth-sharded convolution was measured
 wrong here (jax 0.10.2, 8 CPU devices, native lowering, mesh data 2 x space
-4: gradients off by 17 % of their largest value; METHODS.md section 9 cites
-the same class of bug), and it all-gathers where a shard is thinner than the
-halo. The explicit exchange moves exactly 2 x halo slices per convolution
+4: gradients off by 17 % of their largest value; jax issue 16894 reports the
+same class of bug, a sharded strided convolution giving wrong numbers), and it
+all-gathers where a shard is thinner than the halo. The explicit exchange moves exactly 2 x halo slices per convolution
 and is tested against one device.
 """
 

@@ -1,4 +1,4 @@
-"""The shared backbone: the ACN / SMU-Net / M3AE residual 3D U-Net (METHODS.md section 2).
+"""The shared backbone: the ACN / SMU-Net / M3AE residual 3D U-Net.
 
 Channels-last (N, D, H, W, C). Pre-activation residual blocks
 (GN -> ReLU -> conv3 -> GN -> ReLU -> conv3, plus identity) with GroupNorm(8);

@@ -1,6 +1,7 @@
 """Orbax checkpoints of a stage: one directory per stage, one sub-directory per step.
 
-A checkpoint ``<workdir>/checkpoints/<stage>/<step>/`` holds three items:
+A checkpoint ``<workdir>/checkpoints/<stage>/<step>/`` (the step's folder in
+`RunDir.checkpoints`) holds three items:
 
 - ``state/``: the train state (a pytree: models, optimiser states, step, rng
   key), written collectively by every process (each its shards);
@@ -32,19 +33,20 @@ import orbax.checkpoint as ocp
 
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.runtime.processes import lead
+from jaxbrats.runtime.rundir import RunDir
 
 ITERATOR = "iterator"  # the item holding one Grain iterator state per process
 
 
 def checkpoint_manager(workdir: Path, stage: str, keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
-    return ocp.CheckpointManager((workdir / "checkpoints" / stage).absolute(), options=options)
+    return ocp.CheckpointManager(RunDir(workdir).checkpoints(stage).absolute(), options=options)
 
 
 def existing_manager(workdir: Path, stage: str) -> ocp.CheckpointManager | None:
     """The manager of a stage's checkpoints if its directory exists (nothing is created)."""
-    path = Path(workdir) / "checkpoints" / stage
-    return checkpoint_manager(Path(workdir), stage, create=False) if path.exists() else None
+    exists = RunDir(workdir).checkpoints(stage).exists()
+    return checkpoint_manager(workdir, stage, create=False) if exists else None
 
 
 def on_first_device(abstract):

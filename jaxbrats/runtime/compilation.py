@@ -1,23 +1,27 @@
-"""XLA compilations counted per program, from JAX's monitoring events.
+"""XLA compilations counted per program, from JAX's monitoring events; the persistent compilation cache.
 
 A Python trace counter says how often a function was traced, not how often
 XLA compiled it, nor whether the persistent compilation cache
-(`jax_compilation_cache_dir`, set by the CLI) served it. JAX reports every
-backend compilation as a ``/jax/core/compile/backend_compile_duration`` event
-named after the jitted function (``jit(<name>)``), preceded by a
-``/jax/compilation_cache/cache_hits`` event in the same thread when the
-program came from the on-disk cache. `watch()` registers one listener for the
-process; `counts(name)` then says how often a program was compiled and how
-often it was loaded, so the engine can report it and tests can hold it to one.
+(`jax_compilation_cache_dir`, set by `enable_persistent_cache`) served it. JAX
+reports every backend compilation as a
+``/jax/core/compile/backend_compile_duration`` event named after the jitted
+function (``jit(<name>)``), preceded by a ``/jax/compilation_cache/cache_hits``
+event in the same thread when the program came from the on-disk cache.
+`watch()` registers one listener for the process; `counts(name)` then says how
+often a program was compiled and how often it was loaded, so the engine can
+report it and tests can hold it to one.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 from collections import Counter
+from pathlib import Path
 
+import jax
 from jax import monitoring
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
@@ -62,6 +66,14 @@ def counts(name: str) -> dict:
     key = f"jit({name})"
     with _lock:
         return {"compiled": compiled[key], "loaded": loaded[key], "seconds": seconds[key]}
+
+
+def enable_persistent_cache() -> None:
+    """Keep XLA programs on disk, so a repeated run skips compilation: in $JAXBRATS_COMPILE_CACHE
+    (default ~/.cache/jaxbrats/xla; an empty value disables it). The command line calls it."""
+    path = os.environ.get("JAXBRATS_COMPILE_CACHE", str(Path("~/.cache/jaxbrats/xla").expanduser()))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
 
 
 # --- what a compiled program exchanges between devices ------------------------------------

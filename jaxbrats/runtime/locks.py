@@ -71,7 +71,10 @@ class Holder:
         return f"{self.what} (pid {self.pid} on host {self.host}, started {self.started}{run})"
 
     def is_gone(self) -> bool:
-        """True only when certain: a process of this host that no longer exists (pid reuse keeps a lock, never frees one)."""
+        """True only when certain: a process of this host that no longer exists.
+
+        A reused pid keeps a stale lock held, never frees a live one.
+        """
         if self.host != socket.gethostname():
             return False
         try:

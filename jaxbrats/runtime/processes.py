@@ -10,7 +10,8 @@ With one process both are trivial.
 
 Starting one: `distributed_settings` reads `jaxbrats train --distributed`'s
 flags (or JAXBRATS_* variables), `start_distributed` joins the coordinator
-within a timeout, `stop_process` leaves without waiting for peers.
+within a timeout, `run_distributed` runs the work of one process and ends it
+with one line on a failure, `stop_process` leaves without waiting for peers.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def distributed_settings(args, environ=None) -> dict:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise JaxbratsError(
-                f"{out['coordinator_from']} {address}: give the coordinator as HOST:PORT (process 0's host, a free port)"
+                f"{out['coordinator_from']} {address}: give the coordinator as HOST:PORT "
+                f"(process 0's host, a free port)"
             )
     if n is not None and n < 1:
         raise JaxbratsError(f"{out['num_processes_from']} {n}: the number of processes must be at least 1")
@@ -183,6 +185,42 @@ def start_distributed(coordinator=None, num_processes=None, process_id=None, tim
         ) from None
     finally:
         watchdog.cancel()
+
+
+def run_distributed(work: Callable[[], None], settings: dict) -> int | None:
+    """`work()` as one process of a multi-process run that `start_distributed(**settings)` joins;
+    the number of processes on process 0, None on the others.
+
+    A failure ends this process at once (`stop_process`) with one line: every process meets the
+    same problem and says it once; a collective that fails most often means another process
+    stopped; a bug prints its traceback. None waits for the peers, which may be gone.
+    """
+    where = "this process"
+    try:
+        start_distributed(**settings)  # before any computation
+        where = f"process {jax.process_index()} of {jax.process_count()}"
+        work()
+    except JaxbratsError as e:
+        print(f"jaxbrats: error: {e}", file=sys.stderr)
+        stop_process(1)
+    except OSError as e:  # as the command line words it
+        print(f"jaxbrats: error: {e.filename or ''}: {e.strerror or e} ({where})", file=sys.stderr)
+        stop_process(1)
+    except jax.errors.JaxRuntimeError as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(
+            f"jaxbrats: error: {where} stopped: {first} (has another process failed? see its output)", file=sys.stderr
+        )
+        stop_process(1)
+    except KeyboardInterrupt:
+        print(f"jaxbrats: interrupted ({where})", file=sys.stderr)
+        stop_process(130)
+    except BaseException:  # noqa: BLE001  a bug: its traceback, then out without waiting for the peers
+        import traceback
+
+        traceback.print_exc()
+        stop_process(1)
+    return jax.process_count() if lead() else None
 
 
 def stop_process(code: int) -> None:

@@ -11,6 +11,7 @@ A work directory (``jaxbrats train --workdir``) holds::
     metrics.jsonl          one JSON row per logged step (and per stage's throughput)
     tensorboard/           TensorBoard event files of the same rows
     substitute/            M3AE's learned substitute image x_sub (NIfTI + PNG)
+    .train.lock            the one-writer lock of `jaxbrats train` (empty while nobody holds it)
 
 Everything here is a path: reading and writing the files is their owners' job.
 """
@@ -66,6 +67,10 @@ class RunDir:
     @property
     def substitute(self) -> Path:
         return self.root / "substitute"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".train.lock"
 
     def is_run(self) -> bool:
         return self.config.is_file()
