@@ -2,8 +2,9 @@
 
 Each package's ``__init__`` names its public objects and the module that holds
 them; a name is imported on first use. So ``import jaxbrats.evaluation.metrics``
-does not import matplotlib for the figures, and a machine without grain or
-nibabel can still import the engine's step to benchmark it.
+does not import matplotlib for the figures, ``jaxbrats.interop`` does not import
+torch until a PyTorch name is used, and a package's modules can import each
+other without the face's import order creating a circle.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from jaxbrats import files
+from jaxbrats.runtime.rundir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 REGIONS = ("WT", "TC", "ET")
@@ -142,7 +143,7 @@ def train_and_eval(
     stage = ["--stage", ablation.stage] if ablation.stage else []
     if first is not None and ablation.shares:
         later = _stages_after(ablation.config, ablation.shares)
-        overrides.append(f"stages.{later[0]}.init_from='{first / 'checkpoints' / ablation.shares}'")
+        overrides.append(f"stages.{later[0]}.init_from='{RunDir(first).checkpoints(ablation.shares)}'")
         stage = [x for s in later for x in ("--stage", s)]
     run(
         "train",

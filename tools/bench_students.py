@@ -90,8 +90,10 @@ def main(argv=None) -> int:
     for k in sorted(args.students):
         row = bench(k, args.size, args.batch, args.dtype, args.repeats)
         result["runs"].append(row)
-        per_student = f"{row['memory_per_student_bytes'] / 2**20:.0f} MiB per student"
-        mem = f", memory {row['memory_bytes'] / 2**30:.2f} GiB ({per_student})" if row["memory_bytes"] else ""
+        mem = ""
+        if row["memory_bytes"]:  # None where the backend gives no memory analysis
+            per_student = f"{row['memory_per_student_bytes'] / 2**20:.0f} MiB per student"
+            mem = f", memory {row['memory_bytes'] / 2**30:.2f} GiB ({per_student})"
         print(
             f"{k:2d} students, {args.size}^3 x{args.batch} {args.dtype}: step {row['step_s']:.2f} s "
             f"({row['step_per_student_s']:.2f} s per student), compile {row['compile_s']:.0f} s{mem}",

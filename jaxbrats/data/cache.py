@@ -122,9 +122,8 @@ def write_index(cache_dir, layout: str, case_ids: list[str], settings: dict) -> 
     """Atomically replace the dataset index."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{INDEX}.tmp"
-    _write_json(tmp, {"format_version": FORMAT_VERSION, "layout": layout, "settings": settings, "cases": case_ids})
-    os.replace(tmp, cache_dir / INDEX)
+    index = {"format_version": FORMAT_VERSION, "layout": layout, "settings": settings, "cases": case_ids}
+    files.write_atomic(cache_dir / INDEX, lambda tmp: _write_json(tmp, index))
 
 
 def remove_index(cache_dir) -> None:

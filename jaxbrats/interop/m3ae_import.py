@@ -7,7 +7,7 @@ Supported checkpoint: the fine-tuning script of the public code
 ``nn.DataParallel(Unet_missing)``, so every key starts with ``module.``.
 Accepted: that dict (other top-level entries ignored), or a bare state dict;
 with or without the ``module.`` prefix. Keys and shapes
-(`networks.torch_m3ae` fixes them): ``limage`` (1, 4, Z, Y, X), the
+(`interop.torch_m3ae` fixes them): ``limage`` (1, 4, Z, Y, X), the
 substitute image x_sub (BraTS: 155 x 240 x 240); 112 ``unet.*`` tensors of
 the 16-32-64-128 residual U-Net with 3 region outputs (4,704,505 values with
 the heads below); the 4 deep-supervision
@@ -181,7 +181,7 @@ def _first_line(error: Exception) -> str:
 
 
 def public():
-    """`networks.torch_m3ae`: the public network's names, channel orders and shapes (needs PyTorch)."""
+    """`interop.torch_m3ae`: the public network's names, channel orders and shapes (needs PyTorch)."""
     try:
         from jaxbrats.interop import torch_m3ae
     except ImportError:
@@ -237,7 +237,7 @@ def state_dict_of(loaded, path: Path) -> tuple[dict, str, object]:
 
 
 def expected_shapes(volume, deep: bool) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the public network (`networks.torch_m3ae`), built on the meta device (nothing allocated)."""
+    """Key -> shape of the public network (`interop.torch_m3ae`), built on the meta device (nothing allocated)."""
     import torch
 
     with torch.device("meta"):

@@ -172,7 +172,7 @@ class Method:
     def fill(self, models: Models, image, modality_mask, case):
         """The whole case (D, H, W, 4) as `predict` should see it.
 
-        `case` (`evaluation.case_locator`, data): ``{"shape": the unpadded extent, "box_start":
+        `case` (`inference.segment.case_locator`, data): ``{"shape": the unpadded extent, "box_start":
         the case's corner in its source volume's grid}``.
         """
         return image

@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxbrats.config import FAMILY_MAPS
+
 
 def stack(create: Callable[[nnx.Rngs], nnx.Module], keys: jax.Array) -> nnx.Module:
     """K members `create(nnx.Rngs(keys[i]))` as one module whose every variable has a leading axis K.
@@ -99,9 +101,6 @@ def member(family: nnx.Module, i) -> nnx.Module:
     """
     graphdef, state = nnx.split(family)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
-
-
-FAMILY_MAPS = ("auto", "vmap", "unroll")
 
 
 def resolve_map(how: str) -> str:

@@ -79,7 +79,7 @@ def _depth2d_forward(x, kernel, stride: int, depth_padding):
 
 #: Target size of one piece of a weight gradient (elements of its input slab). XLA:CPU computes the
 #: weight gradient of a 2D convolution several times faster on cache-sized pieces than on a whole
-#: 128^3 volume (tools/profile_step.py; BENCHMARKS.md); 4 to 16 slices per piece.
+#: 128^3 volume (tools/profile_step.py; docs/benchmarks/README.md); 4 to 16 slices per piece.
 WGRAD_CHUNK_ELEMENTS = 1 << 20
 
 
