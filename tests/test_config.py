@@ -79,11 +79,13 @@ BAD_VALUES = [
     (["data.crop_size=[0,0,0]"], "data.crop_size entries must be >= 1, got [0, 0, 0]"),
     (
         ["data.crop_size=[12,16,16]"],
-        "data.crop_size entries must be divisible by 8 (the U-Net halves them 3 times: model.widths has 4 levels), got [12, 16, 16]",
+        "data.crop_size entries must be divisible by 8 (the U-Net halves them 3 times: model.widths has 4 levels), "
+        "got [12, 16, 16]",
     ),
     (
         ["model.widths=[8,8]", "model.blocks=[1,1]", "data.crop_size=[9,8,8]"],
-        "data.crop_size entries must be divisible by 2 (the U-Net halves them 1 times: model.widths has 2 levels), got [9, 8, 8]",
+        "data.crop_size entries must be divisible by 2 (the U-Net halves them 1 times: model.widths has 2 levels), "
+        "got [9, 8, 8]",
     ),
     (["data.batch_size=0"], "data.batch_size must be >= 1, got 0"),
     (["data.foreground_oversample=1.5"], "data.foreground_oversample must be in [0, 1], got 1.5"),
@@ -120,7 +122,8 @@ BAD_VALUES = [
     (["eval.window=[0,128,128]"], "eval.window entries must be >= 1, got [0, 128, 128]"),
     (
         ["eval.window=[100,128,128]"],
-        "eval.window entries must be divisible by 8 (the U-Net halves them 3 times: model.widths has 4 levels), got [100, 128, 128]",
+        "eval.window entries must be divisible by 8 (the U-Net halves them 3 times: model.widths has 4 levels), "
+        "got [100, 128, 128]",
     ),
     (["eval.overlap=1.0"], "eval.overlap must be in [0, 1), got 1.0"),
     (["eval.blend='max'"], "eval.blend must be one of ['gaussian', 'uniform'], got 'max'"),
@@ -530,7 +533,8 @@ ACDIS_OPTIONS = {
     "options.disc_width": 64,
     "data.rotation_degrees": 10.0,
 }
-ACDIS_BRATS = {  # the paper: Adam 1e-4, weight decay 1e-4, 500 epochs, batch 2, 80^3 crops, rotations (ours: 10 degrees)
+# the paper: Adam 1e-4, weight decay 1e-4, 500 epochs, batch 2, 80^3 crops, rotations (ours: 10 degrees)
+ACDIS_BRATS = {
     **SHARED,
     **ACDIS_OPTIONS,
     "options.synthesis_start_epoch": 20,

@@ -96,7 +96,7 @@ def test_training_writes_checkpoints_logs_and_config(trained_run):
 def final_state(workdir, config, stage="train") -> dict:
     """The whole train state in a run's latest checkpoint of `stage` (models, optimiser states, step, key)."""
     method = get_method(config.method_name)(config)
-    template = engine.init_state(method, stage, 0, engine.stage_optimizers(method, stage, 1))[1]
+    template = engine.abstract_state(method, stage, engine.stage_optimizers(method, stage, 1))[1]  # no model made
     return checkpoints.restore(checkpoints.existing_manager(workdir, stage), template)[0]
 
 

@@ -18,7 +18,7 @@ from jaxbrats import cli  # noqa: E402
 from jaxbrats.engine.trainer import Trainer  # noqa: E402
 from jaxbrats.errors import JaxbratsError  # noqa: E402
 from jaxbrats.inference.predict import predict_case, segment_one_case  # noqa: E402
-from jaxbrats.inference.trained import load_trained
+from jaxbrats.inference.trained import load_trained  # noqa: E402
 from jaxbrats.interop.m3ae_import import import_m3ae  # noqa: E402
 from jaxbrats.interop.torch_m3ae import build, public_checkpoint  # noqa: E402
 from jaxbrats.labels import REGIONS, labels_from_regions  # noqa: E402
@@ -264,7 +264,8 @@ def test_out_dir_must_be_new_or_empty_and_nothing_half_written_stays(public, tmp
 
 
 def test_bare_state_dict_without_prefix_or_deep_heads(tmp_path):
-    """`model.state_dict()` saved alone (no DataParallel prefix), trained without deep supervision: the deep heads are zeros."""
+    """`model.state_dict()` saved alone (no DataParallel prefix), trained without deep supervision:
+    the deep heads are zeros."""
     model = _public_model(deep=False)
     torch.save(model.state_dict(), tmp_path / "bare.pth")
     summary = import_m3ae(tmp_path / "bare.pth", tmp_path / "run", source_axcodes="RAS")

@@ -324,7 +324,7 @@ def test_resume_mid_stage_is_bit_for_bit(stage, tmp_path):
 def mtg_run(phantom_cache, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mind_the_gap")
     trainer = engine.train(mtg_config(), workdir, phantom_cache)
-    assert trainer.compilations == {"teacher": {"compiled": 1, "loaded": 0}, "students": {"compiled": 1, "loaded": 0}}
+    assert {stage: sum(n.values()) for stage, n in trainer.compilations.items()} == {"teacher": 1, "students": 1}
     return workdir
 
 
@@ -350,13 +350,15 @@ def test_teacher_and_students_evaluate_with_one_compilation_each(mtg_run, phanto
     assert set(models) == {"encoders", "predictor"}
     summary = evaluate(method, graphdefs, models, test, config.eval, tmp_path / "t", predictions="none", progress=False)
     assert all(row["served"] for row in summary["subsets"]) and summary["mean"]["rows"] == 15
-    assert json.loads((tmp_path / "t" / "eval_settings.json").read_text())["compilations"] == 1
+    settings = json.loads((tmp_path / "t" / "eval_settings.json").read_text())
+    assert settings["compilations"] + settings["loaded_from_cache"] == 1  # compiled, or loaded from the cache
     method, graphdefs, models, config = load_trained(mtg_run)  # the last stage: the students
     assert set(models) == {"students"}
     summary = evaluate(method, graphdefs, models, test, config.eval, tmp_path / "s", predictions="none", progress=False)
     served = {subset_index(s) for s in ("t1ce", "flair")}
     assert {i for i, row in enumerate(summary["subsets"]) if row["served"]} == served
-    assert json.loads((tmp_path / "s" / "eval_settings.json").read_text())["compilations"] == 1
+    settings = json.loads((tmp_path / "s" / "eval_settings.json").read_text())
+    assert settings["compilations"] + settings["loaded_from_cache"] == 1
     with pytest.raises(JaxbratsError, match="--stage train: method mind_the_gap has the stages teacher, students"):
         load_trained(mtg_run, stage="train")
 

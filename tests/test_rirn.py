@@ -158,7 +158,7 @@ def rirn_run(phantom_cache, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("rirn")
     config = rirn_config("method.students=['t1ce','flair','t1+t2']", "stages.train.steps=2")
     trainer = engine.train(config, workdir, phantom_cache)
-    assert trainer.compilations["train"] == {"compiled": 1, "loaded": 0}
+    assert sum(trainer.compilations["train"].values()) == 1  # compiled, or loaded from the suite's cache
     return workdir
 
 
@@ -174,7 +174,8 @@ def test_each_row_comes_from_its_own_student(rirn_run, phantom_cache, tmp_path):
         assert row["served"] == (i in served)
         assert (row["cases"] > 0) == (i in served) and (row["dice"]["WT"] is None) == (i not in served)
     assert summary["mean"]["rows"] == 3
-    assert json.loads((tmp_path / "a" / "eval_settings.json").read_text())["compilations"] == 1
+    settings = json.loads((tmp_path / "a" / "eval_settings.json").read_text())
+    assert settings["compilations"] + settings["loaded_from_cache"] == 1  # compiled, or loaded from the cache
     assert "| - | - | - |" in (tmp_path / "a" / "summary.md").read_text()
     # Flip the sign of the FLAIR student's head (slot 1): only the FLAIR row changes.
     flipped = jax.tree_util.tree_map_with_path(
@@ -373,13 +374,14 @@ def test_grad_norms_log_each_terms_own_gradient_norm(batches):
         live = {**models, **{n: nnx.merge(graphs[n][0], trainable[n]) for n in trainable}}
         return method.model_loss(live, batch, key)[1][name]
 
-    trainable = {n: graphs[n][1] for n in graphs}
+    @jax.jit  # one program for the five gradients
+    def norms(trainable):
+        grads = {name: jax.grad(part)(trainable, name) for name in terms}
+        return {name: jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads[name]))) for name in terms}
+
+    by_hand = norms({n: graphs[n][1] for n in graphs})
     for name in terms:
-        expected = float(
-            jnp.sqrt(
-                sum(jnp.sum(g**2) for g in jax.tree.leaves(jax.jit(jax.grad(part), static_argnums=1)(trainable, name)))
-            )
-        )
+        expected = float(by_hand[name])
         got = float(metrics[f"model/grad_norm/{name}"])
         assert expected > 0, name
         np.testing.assert_allclose(got, expected, rtol=1e-4, err_msg=name)
