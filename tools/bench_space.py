@@ -96,22 +96,6 @@ def host_batch(size, views: int, rng) -> dict:
 
 
 _COMBINED = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(all-reduce|all-gather|all-to-all|reduce-scatter)\(")
-_SHAPE = re.compile(r"\b(pred|[su]8|[su]16|[su]32|[su]64|bf16|f16|f32|f64)\[([\d,]*)\]")
-_BYTES = {
-    "pred": 1,
-    "s8": 1,
-    "u8": 1,
-    "s16": 2,
-    "u16": 2,
-    "bf16": 2,
-    "f16": 2,
-    "s32": 4,
-    "u32": 4,
-    "f32": 4,
-    "s64": 8,
-    "u64": 8,
-    "f64": 8,
-}
 
 
 def exchanges(hlo: str) -> dict:
@@ -128,10 +112,7 @@ def exchanges(hlo: str) -> dict:
             out[f"{op}_bytes"] += size
     for match in map(_COMBINED.search, hlo.splitlines()):
         if match:
-            sizes = [
-                _BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
-                for t, dims in _SHAPE.findall(match.group(1))
-            ]
+            sizes = compilation.array_bytes(match.group(1))
             out[f"{match.group(2)}_n"] += 1
             out[f"{match.group(2)}_bytes"] += sum(sizes)
             if match.group(2) == "all-gather":

@@ -98,6 +98,11 @@ _COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")
 _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 
 
+def array_bytes(hlo_type: str) -> list[int]:
+    """Bytes of each array in an HLO type, e.g. ``(f32[2,3], bf16[4])`` -> [24, 8]."""
+    return [_DTYPE_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _SHAPE.findall(hlo_type)]
+
+
 def collectives(hlo_text: str) -> list[tuple[str, int]]:
     """(op, bytes of its result on one device) for every collective of a compiled program's HLO
     (`compiled.as_text()`), e.g. to check that a depth-split step moves halos (collective-permute)
@@ -107,10 +112,7 @@ def collectives(hlo_text: str) -> list[tuple[str, int]]:
         match = _COLLECTIVE.search(re.sub(r"/\*.*?\*/", "", line))  # tuple types carry /*index=k*/ comments
         if not match:
             continue
-        shapes = [
-            _DTYPE_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
-            for t, dims in _SHAPE.findall(match.group(1))
-        ]
+        shapes = array_bytes(match.group(1))
         if not shapes:
             continue
         # An async start's tuple holds its operand and its result: the result counts; a combined
