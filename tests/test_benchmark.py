@@ -101,3 +101,51 @@ def test_bench_without_torch_rows_times_jax_only(tmp_path):
     assert rc == 0
     (row,) = json.loads(out.read_text())["runs"]
     assert row["what"] == "forward" and row["dtype"] == "bfloat16" and "torch_s" not in row
+
+
+def test_mfu_peak_per_precision(monkeypatch):
+    """float32 convolutions run as TF32 on a GPU (JAX's default precision, PyTorch's allow_tf32): the
+    MFU of a float32 step divides by the dense TF32 peak, bfloat16's by the dense BF16 one."""
+    from jaxbrats.interop import benchmark
+
+    assert benchmark.precision("bfloat16", "gpu") == benchmark.precision("bfloat16", "cpu") == "bf16"
+    assert benchmark.precision("float32", "gpu") == "tf32" and benchmark.precision("float32", "cpu") == "fp32"
+
+    class Device:
+        device_kind = "NVIDIA H100 80GB HBM3"
+
+    monkeypatch.setattr(benchmark.jax, "devices", lambda: [Device()])
+    monkeypatch.setattr(benchmark.jax, "default_backend", lambda: "gpu")
+    assert benchmark._peak("float32", None) == ("tf32", 494.7)
+    assert benchmark._peak("bfloat16", None) == ("bf16", 989.4)
+    assert benchmark._peak("float32", 100.0) == ("tf32", 100.0)
+    Device.device_kind = "NVIDIA H100 PCIe"
+    assert benchmark._peak("float32", None) == ("tf32", 378.0)
+    Device.device_kind = "NVIDIA A100-SXM4-80GB"
+    assert benchmark._peak("bfloat16", None) == ("bf16", 312.0) and benchmark._peak("float32", None)[1] == 156.0
+    row = benchmark._row("train_step", (8,) * 3, 1, "float32", {"jax": 0.5}, 2.4735e14, ("tf32", 494.7))
+    assert (row["peak"], row["peak_tflops"], row["mfu"]) == ("tf32", 494.7, 1.0)
+
+
+def test_size_sets_the_evaluation_window_and_case():
+    import argparse
+
+    from jaxbrats.interop.benchmark import add_arguments, eval_shape, eval_window, train_sizes
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def parsed(*argv):
+        args = parser.parse_args(argv)
+        return train_sizes(args), eval_window(args), eval_shape(args)
+
+    assert parsed() == ([64], 128, (240, 240, 155))
+    assert parsed("--size", "32") == ([32], 32, (32, 32, 32))  # one 32^3 window
+    assert parsed("--size", "32", "--eval-window", "16") == ([32], 16, (240, 240, 155))
+    assert parsed("--size", "32", "--eval-shape", "48", "48", "40") == ([32], 32, (48, 48, 40))
+    assert parser.parse_args(["--method", "acdis"]).method == ["acdis"]
+
+
+def test_other_methods_are_timed_in_evaluation_only(capsys):
+    assert main(["bench", "--method", "acdis", "--what", "train"]) == 1
+    assert "--what eval" in capsys.readouterr().err

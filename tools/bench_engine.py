@@ -5,6 +5,7 @@
     python3 tools/bench_engine.py --eval-shape 144 176 144   # a brain-cropped BraTS case
     python3 tools/bench_engine.py --method m3ae --sizes 64   # each M3AE stage's step, its evaluation
     python3 tools/bench_engine.py --method acdis --sizes 64 --no-eval --set model.family_map='"vmap"'
+    python3 tools/bench_engine.py --method rirn --crop 160 192 128 --batch 1 --dtype bfloat16 --no-eval
 
 The model is the method's full U-Net (by default 16, 32, 64, 128 channels with
 1, 2, 2, 4 residual blocks per level) on random
@@ -16,6 +17,9 @@ two missing-modality views. Memory is XLA's own account of the compiled step
 (`memory_analysis()`): its arguments (parameters, optimiser state, batch) and
 its temporaries (activations kept for the backward pass, workspace), in MiB.
 `--set key=value` overrides the method's config as `jaxbrats train --set`.
+`--crop D H W` times one non-cubic crop instead of the cubes of `--sizes`.
+FLOPs (`gflop`, `tflops`) are XLA's cost analysis of the lowered step (on GPU
+the compiled step's cuDNN custom calls may count nothing).
 """
 
 from __future__ import annotations
@@ -59,10 +63,11 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
 CASE_SHAPE = (240, 240, 155)
 
 
-def random_batch(rng, batch: int, size: int, views: int) -> dict:
-    """A pipeline-shaped batch of random crops (every key `data.pipeline` documents) from whole
-    240x240x155 cases (a brain box at the origin of the source grid)."""
-    shape = (batch, size, size, size)
+def random_batch(rng, batch: int, size, views: int) -> dict:
+    """A pipeline-shaped batch of random crops (`size`: an edge or a (D, H, W) crop; every key
+    `data.pipeline` documents) from whole 240x240x155 cases (a brain box at the origin of the source grid)."""
+    crop = _crop(size)
+    shape = (batch, *crop)
     masks = rng.random((batch, views, 4)) < 0.5
     masks[..., 1] = True  # never empty
     subsets = np.asarray([[subset_index(m) for m in sample] for sample in masks], np.int32)
@@ -74,11 +79,16 @@ def random_batch(rng, batch: int, size: int, views: int) -> dict:
         "subset": jnp.asarray(subsets),
         "present": jnp.ones((batch, 4), bool),
         "case_index": jnp.arange(batch, dtype=jnp.int32),
-        "crop_start": jnp.asarray(rng.integers(0, np.maximum(np.asarray(CASE_SHAPE) - size, 1), (batch, 3)), jnp.int32),
+        "crop_start": jnp.asarray(rng.integers(0, np.maximum(np.subtract(CASE_SHAPE, crop), 1), (batch, 3)), jnp.int32),
         "flipped": jnp.asarray(rng.random((batch, 3)) < 0.5),
         "case_shape": jnp.asarray(np.tile(CASE_SHAPE, (batch, 1)), jnp.int32),
         "box_start": jnp.zeros((batch, 3), jnp.int32),
     }
+
+
+def _crop(size) -> tuple[int, int, int]:
+    """An edge (a cube) or a (D, H, W) crop -> (D, H, W)."""
+    return (int(size),) * 3 if np.ndim(size) == 0 else tuple(int(s) for s in size)
 
 
 def make_method(name: str, overrides: list[str]):
@@ -106,7 +116,7 @@ def bench_train_step(
         [
             f"model.dtype='{dtype}'",
             f"model.conv_impl='{conv_impl}'",
-            f"data.crop_size=[{size},{size},{size}]",
+            f"data.crop_size={list(_crop(size))}",
             *overrides,
         ],
     )
@@ -120,11 +130,13 @@ def bench_train_step(
 
     def call():
         holder["state"], metrics = jitted(holder["state"], batch_data)
-        return metrics["loss"]
+        return metrics  # its keys are the method's ("loss", RIRN's "model/loss", ...): wait for them all
 
     t0 = time.perf_counter()
-    compiled = jitted.lower(holder["state"], batch_data).compile()
+    lowered = jitted.lower(holder["state"], batch_data)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    flops = benchmark.lowered_flops(lowered)
     memory = compiled.memory_analysis()
     del compiled
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(holder["state"]["models"]))
@@ -133,18 +145,21 @@ def bench_train_step(
         "what": "train_step",
         "method": method_name,
         "stage": stage,
-        "size": [size] * 3,
+        "size": list(_crop(size)),
         "batch": batch,
         "views": views,
         "dtype": dtype,
         "conv_impl": conv_impl,
         "compile_s": round(compile_s, 3),
         "step_s": round(step_s, 4),
-        "voxels_per_s": round(batch * views * size**3 / step_s),
+        "voxels_per_s": round(batch * views * int(np.prod(_crop(size))) / step_s),
+        "gflop": None if flops is None else round(flops / 1e9, 3),
+        "tflops": None if flops is None else round(flops / step_s / 1e12, 4),
         "traces": step_fn.traces,
         "parameters": params,
-        "arguments_mib": round(memory.argument_size_in_bytes / 2**20, 1),
-        "temporaries_mib": round(memory.temp_size_in_bytes / 2**20, 1),
+        # None where the backend gives no memory analysis.
+        "arguments_mib": memory and round(memory.argument_size_in_bytes / 2**20, 1),
+        "temporaries_mib": memory and round(memory.temp_size_in_bytes / 2**20, 1),
     }
 
 
@@ -186,7 +201,8 @@ def bench_eval(method_name: str, shape, window: int, repeats: int, dtype: str, o
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="baseline", help="a registered method; every stage's step is timed")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="cubic crops")
+    parser.add_argument("--crop", type=int, nargs=3, metavar=("D", "H", "W"), help="one crop instead of --sizes")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--conv-impl", choices=["auto", "native", "depth2d"], default="auto")
@@ -199,6 +215,7 @@ def main(argv=None) -> int:
         help="padded case shape for the 15-subset evaluation",
     )
     parser.add_argument("--eval-window", type=int, default=128)
+    parser.add_argument("--stages", nargs="+", help="these stages only (default: every stage of the method)")
     parser.add_argument("--no-eval", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     parser.add_argument("--json", help="write the results here")
@@ -208,17 +225,19 @@ def main(argv=None) -> int:
     print(result["device"])
     from jaxbrats.methods import get_method
 
-    for size in args.sizes:
-        for stage in get_method(args.method).stages:
+    for size in [tuple(args.crop)] if args.crop else args.sizes:
+        for stage in [s for s in get_method(args.method).stages if not args.stages or s in args.stages]:
             row = bench_train_step(
                 args.method, stage, size, args.batch, args.dtype, args.repeats, args.conv_impl, tuple(args.set)
             )
             result["runs"].append(row)
             print(
-                f"{args.method} {stage} step {size}^3 x{args.batch} (x{row['views']} views) {args.dtype} "
+                f"{args.method} {stage} step {'x'.join(map(str, row['size']))} x{args.batch} "
+                f"(x{row['views']} views) {args.dtype} "
                 f"({row['conv_impl']}): {row['step_s'] * 1e3:.0f} ms, {row['voxels_per_s'] / 1e6:.2f} Mvoxel/s, "
                 f"compile {row['compile_s']:.1f} s, {row['parameters'] / 1e6:.2f} M parameters, "
-                f"memory {row['arguments_mib']:.0f} MiB arguments + {row['temporaries_mib']:.0f} MiB temporaries"
+                f"memory {row['arguments_mib'] or 0:.0f} MiB arguments + "
+                f"{row['temporaries_mib'] or 0:.0f} MiB temporaries"
             )
     if not args.no_eval:
         row = bench_eval(

@@ -3,6 +3,7 @@
     python3 tools/bench_students.py                          # 1, 4, 15 students at 64^3, batch 1
     python3 tools/bench_students.py --students 1 4 --size 48 --json out.json
     python3 tools/bench_students.py --size 128 --dtype bfloat16   # on a GPU
+    python3 tools/bench_students.py --students 1 15 --crop 160 192 128 --dtype bfloat16   # the paper's crop
 
 One RIRN train step (`engine.make_train_step`: the teacher's forward and
 backward pass once, every student vmapped, the discriminators' update) is
@@ -30,20 +31,21 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_engine import _timed, machine, make_method, random_batch
+from bench_engine import _crop, _timed, machine, make_method, random_batch
 
 from jaxbrats import files
 from jaxbrats.modalities import SUBSET_NAMES
 
 
-def bench(k: int, size: int, batch: int, dtype: str, repeats: int) -> dict:
+def bench(k: int, size, batch: int, dtype: str, repeats: int, extra: tuple[str, ...] = ()) -> dict:
+    """One row: K students' step at `size` (an edge, or a (D, H, W) crop)."""
     from jaxbrats.engine.optim import stage_optimizers
     from jaxbrats.engine.state import init_state
     from jaxbrats.engine.step import make_train_step
 
     students = json.dumps(list(SUBSET_NAMES[:k]))
     method = make_method(
-        "rirn", [f"method.students={students}", f"model.dtype='{dtype}'", f"data.crop_size=[{size},{size},{size}]"]
+        "rirn", [f"method.students={students}", f"model.dtype='{dtype}'", f"data.crop_size={list(_crop(size))}", *extra]
     )
     optimizers = stage_optimizers(method, "train", 1000)
     graphdefs, state = init_state(method, "train", 0, optimizers)
@@ -63,7 +65,7 @@ def bench(k: int, size: int, batch: int, dtype: str, repeats: int) -> dict:
     total = (memory.argument_size_in_bytes + memory.temp_size_in_bytes) if memory is not None else None
     return {
         "students": k,
-        "size": [size] * 3,
+        "size": list(_crop(size)),
         "batch": batch,
         "dtype": dtype,
         "compile_s": round(compile_s, 1),
@@ -77,7 +79,9 @@ def bench(k: int, size: int, batch: int, dtype: str, repeats: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--students", type=int, nargs="+", default=[1, 4, 15])
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=64, help="cubic crop")
+    parser.add_argument("--crop", type=int, nargs=3, metavar=("D", "H", "W"), help="a crop instead of --size")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=3)
@@ -88,14 +92,16 @@ def main(argv=None) -> int:
     result = {"device": machine(), "date": time.strftime("%Y-%m-%d"), "runs": []}
     print(result["device"])
     for k in sorted(args.students):
-        row = bench(k, args.size, args.batch, args.dtype, args.repeats)
+        size = tuple(args.crop) if args.crop else args.size
+        row = bench(k, size, args.batch, args.dtype, args.repeats, tuple(args.set))
         result["runs"].append(row)
         mem = ""
         if row["memory_bytes"]:  # None where the backend gives no memory analysis
             per_student = f"{row['memory_per_student_bytes'] / 2**20:.0f} MiB per student"
             mem = f", memory {row['memory_bytes'] / 2**30:.2f} GiB ({per_student})"
         print(
-            f"{k:2d} students, {args.size}^3 x{args.batch} {args.dtype}: step {row['step_s']:.2f} s "
+            f"{k:2d} students, {'x'.join(map(str, row['size']))} x{args.batch} {args.dtype}: "
+            f"step {row['step_s']:.2f} s "
             f"({row['step_per_student_s']:.2f} s per student), compile {row['compile_s']:.0f} s{mem}",
             flush=True,
         )

@@ -17,12 +17,10 @@ import gzip
 import zlib
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-from nibabel import orientations as ornt
 
 from jaxbrats.data.discovery import CaseRecord
-from jaxbrats.errors import CaseError
+from jaxbrats.errors import CaseError, require
 from jaxbrats.labels import CONVENTIONS, DETECTED_CONVENTIONS, convention_values, detect_convention, to_internal
 from jaxbrats.modalities import MODALITIES
 
@@ -49,14 +47,22 @@ class LoadedCase:
     axcodes: tuple[str, ...]  # the source orientation, e.g. ("L", "P", "S")
 
 
+def nibabel(module: str = "nibabel"):
+    """nibabel (or one of its modules), imported on first use: the networks, the train step and the
+    benchmarks run without it (`errors.require`)."""
+    return require(module, "reading or writing NIfTI volumes")
+
+
 def to_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Reorder and flip the axes of a source-orientation array into RAS+."""
+    ornt = nibabel("nibabel.orientations")
     transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS"))
     return ornt.apply_orientation(array, transform)
 
 
 def canonical_shape(shape, affine) -> tuple[int, int, int]:
     """The shape `to_canonical` gives a volume of `shape` (its first three axes) stored with `affine`."""
+    ornt = nibabel("nibabel.orientations")
     out = [0, 0, 0]
     for source_axis, (target_axis, _) in enumerate(ornt.io_orientation(np.asarray(affine))):
         out[int(target_axis)] = int(shape[source_axis])
@@ -65,6 +71,7 @@ def canonical_shape(shape, affine) -> tuple[int, int, int]:
 
 def from_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Inverse of `to_canonical`: a RAS+ array back into the source orientation."""
+    ornt = nibabel("nibabel.orientations")
     transform = ornt.ornt_transform(ornt.axcodes2ornt("RAS"), ornt.io_orientation(affine))
     return ornt.apply_orientation(array, transform)
 
@@ -76,6 +83,7 @@ def _read(case_id: str, path: Path, channels: int | None = None):
     nibabel alone stops reading at the end of the voxel data and would accept
     a corrupted stream.
     """
+    nib = nibabel()
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -190,4 +198,5 @@ def load_case(record: CaseRecord, need_labels: bool = True, convention: str | No
         _check_geometry(cid, record.seg, seg.shape, seg_affine, ref_path, shape, affine)
         labels, convention = _check_labels(cid, record.seg, seg, convention)
         labels = to_canonical(labels, affine)
-    return LoadedCase(record, images, labels, convention, affine, shape, ornt.aff2axcodes(affine))
+    axcodes = nibabel("nibabel.orientations").aff2axcodes(affine)
+    return LoadedCase(record, images, labels, convention, affine, shape, axcodes)

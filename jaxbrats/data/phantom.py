@@ -37,12 +37,11 @@ import os
 import shutil
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from jaxbrats import files
-from jaxbrats.errors import JaxbratsError
+from jaxbrats.errors import JaxbratsError, require
 from jaxbrats.labels import EDEMA, ENHANCING, NECROSIS, from_internal
 
 # Tissue classes of the phantom (before the tumour labels are mapped to internal labels).
@@ -162,9 +161,14 @@ def brats_affine(shape) -> np.ndarray:
     return affine
 
 
+def _nibabel():
+    return require("nibabel", "writing phantom NIfTI cases")
+
+
 def _write_case(out_dir: Path, index: int, shape, layout: str, seed: int) -> str:
     pattern, sep, tokens, convention, seg_dtype = PHANTOM_LAYOUTS[layout]
     case_id = pattern.format(i=index)
+    nib = _nibabel()
     images, labels = phantom_case(shape, np.random.default_rng([seed, index]))
     affine = brats_affine(shape)
     partial = Path(files.mkdtemp(prefix=f".partial-{case_id}-", dir=out_dir))
@@ -195,6 +199,7 @@ def write_phantom(
             "phantom needs at least 1 case and a 3D shape of at least 16 per axis, "
             f"got {cases} cases, shape {tuple(shape)}"
         )
+    _nibabel()  # here, not in a worker: one line for the user
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = min(workers or os.cpu_count() or 1, cases)

@@ -56,12 +56,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
-import grain
 import numpy as np
 from absl import flags
 
 from jaxbrats.config import LoaderConfig
 from jaxbrats.data.cache import CacheDataset
+from jaxbrats.errors import require
 from jaxbrats.modalities import NUM_MODALITIES, SUBSET_MASKS
 
 DROPOUT_MODES = ("uniform", "drop_k", "none")
@@ -111,8 +111,9 @@ class PipelineConfig(LoaderConfig):
             )
 
 
-class CacheSource(grain.sources.RandomAccessDataSource):
-    """Grain source over a prepared cache: each record holds memory-mapped arrays."""
+class CacheSource:
+    """Grain source over a prepared cache: each record holds memory-mapped arrays (Grain's
+    RandomAccessDataSource is a protocol: no base class, so this module imports without Grain)."""
 
     def __init__(self, dataset: CacheDataset):
         self.dataset = dataset
@@ -311,11 +312,18 @@ def subset_indices(masks: np.ndarray) -> np.ndarray:
     return lookup[(masks * weights).sum(axis=-1)]
 
 
-class RandomCropAugmentDropout(grain.transforms.RandomMap):
-    """Crop (foreground-oversampled, flipped), intensity-augment and draw modality masks."""
+class RandomCropAugmentDropout:
+    """Crop (foreground-oversampled, flipped), intensity-augment and draw modality masks.
+
+    A Grain RandomMap by registration (`_grain`), so that this module imports without Grain.
+    """
 
     def __init__(self, config: PipelineConfig):
         self.config = config
+
+    def __reduce__(self):
+        # Grain's worker processes unpickle the transform: registering it there too.
+        return _transform, (self.config,)
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         cfg = self.config
@@ -374,12 +382,26 @@ class RandomCropAugmentDropout(grain.transforms.RandomMap):
             out["image"][~out["valid"]] = 0.0  # padding stays exactly 0
 
 
-def make_loader(dataset: CacheDataset, config: PipelineConfig, shard_options=None) -> grain.DataLoader:
+def _grain():
+    """Grain, imported on first use, with `RandomCropAugmentDropout` registered as its RandomMap
+    (Grain applies a transform by its abstract base class)."""
+    grain = require("grain", "the training input pipeline")
+    grain.transforms.RandomMap.register(RandomCropAugmentDropout)
+    return grain
+
+
+def _transform(config: PipelineConfig) -> RandomCropAugmentDropout:
+    _grain()
+    return RandomCropAugmentDropout(config)
+
+
+def make_loader(dataset: CacheDataset, config: PipelineConfig, shard_options=None):
     """A Grain DataLoader of training batches over `dataset`.
 
     `shard_options` defaults to one shard per JAX process (multi-host: each
     process reads its own cases and batches).
     """
+    grain = _grain()
     if config.workers and not flags.FLAGS.is_parsed():
         # Grain's worker processes read absl flags; a program that is not an
         # absl app (pytest, a notebook, our CLI) has not parsed them.

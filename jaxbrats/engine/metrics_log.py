@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxbrats.errors import JaxbratsError
+from jaxbrats.errors import JaxbratsError, require
 from jaxbrats.files import write_text_atomic
 from jaxbrats.runtime.rundir import RunDir
 
@@ -34,9 +34,8 @@ class MetricsLog:
         self.enabled = write
         self.writer = None
         if write:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(run.tensorboard))
+            tensorboard = require("tensorboardX", "the training's TensorBoard log")
+            self.writer = tensorboard.SummaryWriter(str(run.tensorboard))
 
     def truncate(self, resume_step: dict[str, int]) -> None:
         """Drop the rows of these stages past the step each resumes from: they are about to be redone."""

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxbrats import files
+from jaxbrats.errors import require
 from jaxbrats.labels import EDEMA, ENHANCING, NECROSIS, REGIONS
 from jaxbrats.modalities import FULL_SUBSET_INDEX, MODALITIES, SUBSET_NAMES, subset_index
 
@@ -267,9 +268,8 @@ class CaseFigures:
             self.out_dir / "figures" / f"{case_id}.png", case_id, image, truth, predicted, dice, allowed, spacing
         )
         if self.writer is None:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+            tensorboard = require("tensorboardX", "the evaluation figures' TensorBoard log")
+            self.writer = tensorboard.SummaryWriter(str(self.out_dir / "tensorboard"))
         log_figures(self.writer, self.step, {case_id: pixels})
 
     def close(self) -> None:

@@ -26,12 +26,11 @@ Conventions (those of the BraTS challenge and of the methods' public code):
 from __future__ import annotations
 
 import jax.numpy as jnp
-import nibabel as nib
 import numpy as np
-from nibabel import orientations as ornt
 from scipy import ndimage
 
 from jaxbrats.config import HD95_CONVENTIONS
+from jaxbrats.errors import require
 from jaxbrats.labels import REGIONS, regions_of
 from jaxbrats.modalities import SUBSETS
 
@@ -81,8 +80,9 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0, 1.0), empty: st
 
 def canonical_spacing(affine) -> tuple[float, ...]:
     """Voxel size along each RAS+ axis of a volume stored with `affine`."""
-    sizes = nib.affines.voxel_sizes(np.asarray(affine))
-    orientation = ornt.io_orientation(np.asarray(affine))
+    what = "the voxel size of a case (HD95)"
+    sizes = require("nibabel.affines", what).voxel_sizes(np.asarray(affine))
+    orientation = require("nibabel.orientations", what).io_orientation(np.asarray(affine))
     spacing = [0.0] * 3
     for source_axis, (target_axis, _) in enumerate(orientation):
         spacing[int(target_axis)] = float(sizes[source_axis])

@@ -14,6 +14,11 @@ the host for HD95 (`evaluation.metrics.hd95_table`, scipy) and, for the chosen
 subsets, NIfTI predictions in the source geometry and label convention
 (`inference.nifti.write_prediction`).
 
+A method that shares work between subsets (`Method.window_features`: ACDIS's mono encoders and
+AFEB, Mind the Gap's teacher's per-modality latents) runs window-major instead
+(`inference.segment.segment_subsets`): each window batch is encoded once, then every subset's
+`Method.predict_from_features` runs on it, and each subset's labels equal `segment`'s.
+
 The program runs the subsets the method serves (`Method.served_subsets`:
 all 15 for a catch-all method; those with a student for a dedicated one),
 each with its index passed to `Method.predict` as data, so a dedicated method
@@ -63,7 +68,15 @@ from jaxbrats.evaluation.figures import CaseFigures
 from jaxbrats.evaluation.metrics import canonical_spacing, dice_counts, dice_from_counts, hd95_table
 from jaxbrats.evaluation.reports import region_row, summarize, write_reports
 from jaxbrats.inference.nifti import write_prediction
-from jaxbrats.inference.segment import case_locator, decoding_of, pad_shape, pad_to, segment
+from jaxbrats.inference.segment import (
+    case_locator,
+    decoding_of,
+    pad_shape,
+    pad_to,
+    segment,
+    segment_subsets,
+    shares_window_features,
+)
 from jaxbrats.labels import REGIONS, regions_of
 from jaxbrats.modalities import FULL_SUBSET_INDEX, MODALITIES, SUBSET_MASKS, SUBSET_NAMES, SUBSETS, subset_index
 from jaxbrats.runtime import compilation
@@ -95,6 +108,12 @@ def make_case_program(method, graphdefs: dict, cfg: EvalConfig):
 
     def eval_15_subsets(models_state, image, labels, valid, case=None):
         program.traces += 1
+        models = {n: nnx.merge(g, models_state[n]) for n, g in graphdefs.items()}
+        if shares_window_features(method, models, cfg, image):  # window-major: each window encoded once
+            predicted = segment_subsets(method, models, image, masks, indices, cfg, valid, case)
+            truth = regions_of(labels, xp=jnp)
+            counts = lax.map(lambda p: dice_counts(regions_of(p, xp=jnp), truth), predicted)
+            return counts, predicted
         return lax.map(
             lambda m: evaluate_subset(models_state, image, labels, valid, m[0], m[1], case), (masks, indices)
         )

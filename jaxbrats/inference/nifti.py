@@ -9,11 +9,10 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from jaxbrats import files
-from jaxbrats.data.loading import canonical_shape, from_canonical
+from jaxbrats.data.loading import canonical_shape, from_canonical, nibabel
 from jaxbrats.labels import from_internal
 
 
@@ -32,7 +31,7 @@ def write_nifti(data: np.ndarray, affine, path: Path, header=None) -> None:
     (`files.write_atomic`; the temporary name keeps ``.nii.gz``, so nibabel compresses it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(np.ascontiguousarray(data), np.asarray(affine), header=header)
+    image = nibabel().Nifti1Image(np.ascontiguousarray(data), np.asarray(affine), header=header)
     image.set_data_dtype(np.uint8)
     image.set_sform(np.asarray(affine), code=1)
     image.set_qform(np.asarray(affine), code=1)
@@ -47,7 +46,7 @@ def _save(image, tmp: Path) -> None:
     temporary name). A name it does not know (``seg``, ``seg.gz``) it would refuse or extend with
     ``.nii``, so such a file is written as a NIfTI itself, gzipped when the name ends in ``.gz``."""
     if files.full_suffix(tmp).lower() in NIFTI_SUFFIXES:
-        nib.save(image, tmp)
+        nibabel().save(image, tmp)
         return
     with gzip.open(tmp, "wb") if tmp.name.endswith(".gz") else open(tmp, "wb") as stream:
         image.to_stream(stream)

@@ -21,14 +21,13 @@ import sys
 from pathlib import Path
 
 import jax
-import nibabel as nib
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
 from jaxbrats import files
 from jaxbrats.data.discovery import discover, read_case_dir
-from jaxbrats.data.loading import canonical_shape, from_canonical, load_case
+from jaxbrats.data.loading import canonical_shape, from_canonical, load_case, nibabel
 from jaxbrats.data.preprocess import preprocess_case
 from jaxbrats.engine.workdir import read_preprocessing
 from jaxbrats.errors import CaseError, JaxbratsError
@@ -128,6 +127,7 @@ def header_bucket(records, cfg) -> tuple[tuple[int, int, int], list[CaseError]]:
     """One padded shape that holds every case's crop: `pad_shape` of the largest reoriented source
     shape, read from the NIfTI headers alone (a crop is never larger than its source); the cases
     whose header cannot be read, as errors."""
+    nib = nibabel()  # before the loop: its missing package is the user's error, not a bad case
     shapes, bad = [], []
     for record in records:
         modality = next(m for m in MODALITIES if m in record.images)
@@ -231,7 +231,7 @@ def segment_one_case(
 
 def _first_header(record):
     path = next(record.images[m] for m in MODALITIES if m in record.images)
-    header = nib.load(path).header.copy()
+    header = nibabel().load(path).header.copy()
     header.set_data_dtype(np.uint8)
     header["scl_slope"], header["scl_inter"] = 1.0, 0.0
     return header

@@ -5,7 +5,9 @@
 subset of the modalities a case has): the case padded at the end,
 `Method.fill` on the whole padded image, sliding windows
 (`inference.windows.sliding_window`), decoding (`decode`), optional ET
-post-processing (`postprocess_et`). The window grid is that of the case's own
+post-processing (`postprocess_et`). `segment_subsets` is the same for several
+subsets at once, for a method whose windows' features are shared by every
+subset (`Method.window_features`): each window is encoded once. The window grid is that of the case's own
 extent (data: the ``extent`` of `inference.windows.sliding_window`), not of the
 padded shape, so a case's labels do not depend on the other cases of an
 evaluation (whose largest sets its bucket), and predict of a case (padded by
@@ -21,8 +23,9 @@ import numpy as np
 from jax import lax
 
 from jaxbrats.config import EvalConfig
-from jaxbrats.inference.windows import SlidingWindowConfig, sliding_window
+from jaxbrats.inference.windows import SlidingWindowConfig, sliding_window, sliding_window_stack
 from jaxbrats.labels import ENHANCING, NECROSIS, REGIONS, labels_by_argmax, labels_from_regions
+from jaxbrats.methods.base import Method
 from jaxbrats.modalities import FULL_SUBSET_INDEX
 from jaxbrats.runtime.sharding import split_windows
 
@@ -63,17 +66,97 @@ def segment(method, models, image, modality_mask, cfg: EvalConfig, valid=None, c
     shape = image.shape[:3]
     case = case_locator(shape, (0, 0, 0)) if case is None else case
     subset = jnp.int32(FULL_SUBSET_INDEX) if subset is None else subset
-    case_shape = jnp.asarray(case["shape"], jnp.int32)
-    padded = tuple(max(s, w) for s, w in zip(shape, cfg.window))
-    if padded != shape:  # fill sees the padding the windows read
-        image = jnp.pad(image, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
-    image = method.fill(models, image, modality_mask, case)
+    image = method.fill(models, pad_to_window(image, cfg), modality_mask, case)
+    scores = sliding_window(
+        window_scorer(method, models, cfg, modality_mask, subset),
+        image,
+        sliding_config(cfg),
+        len(REGIONS),
+        extent=jnp.asarray(case["shape"], jnp.int32),
+    )
+    return labels_from_scores(method, scores, shape, case, cfg, valid)
 
-    def window_scores(x):
+
+def segment_subsets(method, models, image, masks, indices, cfg: EvalConfig, valid=None, case=None):
+    """Labels (S, D, H, W) of one case for S subsets (`masks` (S, 4), `indices` (S,)), each equal to
+    `segment`'s, for a method with `window_features`: each window batch is encoded once
+    (`Method.window_features`), then every subset's `Method.predict_from_features` runs on it (a
+    `lax.map`: the memory of one subset's decoder), their scores blended together
+    (`windows.sliding_window_stack`). Such a method keeps the default `fill` (the image is the same
+    for every subset)."""
+    check_shares_window_features(method)
+    shape = image.shape[:3]
+    case = case_locator(shape, (0, 0, 0)) if case is None else case
+    scores = sliding_window_stack(
+        subsets_window_scorer(method, models, cfg, masks, indices),
+        pad_to_window(image, cfg),
+        sliding_config(cfg),
+        len(REGIONS),
+        len(indices),
+        extent=jnp.asarray(case["shape"], jnp.int32),
+    )
+    return lax.map(lambda s: labels_from_scores(method, s, shape, case, cfg, valid), scores)
+
+
+def shares_window_features(method, models, cfg: EvalConfig, image) -> bool:
+    """Whether `method` returns window features for these models (decided at trace time, no work traced)."""
+    window = jax.ShapeDtypeStruct((cfg.window_batch, *cfg.window, image.shape[-1]), image.dtype)
+    return jax.eval_shape(lambda w: method.window_features(models, w), window) is not None
+
+
+def check_shares_window_features(method) -> None:
+    if type(method).fill is not Method.fill:
+        raise TypeError(
+            f"{type(method).__name__} overrides both `fill` and `window_features`: window features are shared "
+            "by every subset, so they must be computed from an image that is the same for every subset"
+        )
+
+
+def pad_to_window(image, cfg: EvalConfig):
+    """`image` padded at the end to at least the window on each axis (`fill` sees the padding the windows read)."""
+    shape = image.shape[:3]
+    padded = tuple(max(s, w) for s, w in zip(shape, cfg.window))
+    if padded == shape:
+        return image
+    return jnp.pad(image, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
+
+
+def window_scorer(method, models, cfg: EvalConfig, modality_mask, subset):
+    """Scores of a window batch for one subset: `Method.predict`, as logits for `eval.average = "logits"`."""
+
+    def scores(x):
         probs = method.predict(models, split_windows(x), modality_mask, subset)
         return to_logits(probs) if cfg.average == "logits" else probs
 
-    scores = sliding_window(window_scores, image, sliding_config(cfg), len(REGIONS), extent=case_shape)
+    return scores
+
+
+def subsets_window_scorer(method, models, cfg: EvalConfig, masks, indices, unroll: bool = False):
+    """Scores (S, B, *window, 3) of a window batch for S subsets: the window features once, then each
+    subset's `predict_from_features` (`lax.map`; a Python loop with `unroll`, for XLA's cost analysis,
+    which counts a loop's body once). Without window features: each subset's `window_scorer`."""
+
+    def scores(x):
+        x = split_windows(x)
+        features = method.window_features(models, x)
+
+        def one(mask, subset):
+            if features is None:
+                return window_scorer(method, models, cfg, mask, subset)(x)
+            probs = method.predict_from_features(models, features, x, mask, subset)
+            return to_logits(probs) if cfg.average == "logits" else probs
+
+        if unroll:
+            return jnp.stack([one(masks[i], indices[i]) for i in range(len(indices))])
+        return lax.map(lambda m: one(m[0], m[1]), (masks, indices))
+
+    return scores
+
+
+def labels_from_scores(method, scores, shape, case, cfg: EvalConfig, valid=None):
+    """Labels (D, H, W) from a case's blended window scores: decoded, zero outside the case (and
+    outside `valid`), optional ET post-processing."""
+    case_shape = jnp.asarray(case["shape"], jnp.int32)
     scores = scores[: shape[0], : shape[1], : shape[2]]
     probs = jax.nn.sigmoid(scores) if cfg.average == "logits" else scores
     inside = jnp.ones(shape, bool)

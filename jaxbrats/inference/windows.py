@@ -9,6 +9,8 @@ its own shape: the output inside the box does not depend on how far the
 volume was padded beyond it (the evaluation's bucket). Windows are
 processed `batch` at a time in a loop whose trip count is the number of
 windows of the box; the blend normalisation is accumulated alongside.
+`sliding_window_stack` blends several outputs of each window (the 15-subset
+evaluation's subsets) on the same grid, with one shared normalisation.
 Blending is uniform (the papers' public code) or Gaussian (sigma =
 `sigma_scale` x window, nnU-Net and MONAI's default 1/8).
 """
@@ -79,6 +81,13 @@ def sliding_window(predict, volume, cfg: SlidingWindowConfig, out_channels: int,
     the box the output is 0. Axes of `volume` shorter than the window are
     zero-padded for inference and cropped back.
     """
+    return sliding_window_stack(lambda x: predict(x)[None], volume, cfg, out_channels, 1, extent)[0]
+
+
+def sliding_window_stack(predict, volume, cfg: SlidingWindowConfig, out_channels: int, count: int, extent=None):
+    """`sliding_window` of a `predict` giving `count` outputs per window, (count, B, *window, out_channels),
+    blended on one grid with one normalisation: (count, D, H, W, out_channels) float32. Each output
+    equals `sliding_window` of it alone (the 15-subset evaluation: every subset from the same windows)."""
     shape = volume.shape[:3]
     window = tuple(int(w) for w in cfg.window)
     padded = tuple(max(s, w) for s, w in zip(shape, window))
@@ -103,7 +112,8 @@ def sliding_window(predict, volume, cfg: SlidingWindowConfig, out_channels: int,
         index = jnp.stack([n // (counts[1] * counts[2]), (n // counts[2]) % counts[1], n % counts[2]])
         return jnp.minimum(index * jnp.asarray(strides, jnp.int32), jnp.asarray(last, jnp.int32)).astype(jnp.int32)
 
-    def step(g, acc):
+    def step(g, carry):
+        acc, norm = carry
         n = g * cfg.batch + jnp.arange(cfg.batch, dtype=jnp.int32)
         factors = (n < total).astype(jnp.float32)  # the last group's spare slots repeat a window, weighted 0
         corners = jax.vmap(corner)(jnp.minimum(n, total - 1))
@@ -112,13 +122,14 @@ def sliding_window(predict, volume, cfg: SlidingWindowConfig, out_channels: int,
         for b in range(cfg.batch):
             c = corners[b]
             w = factors[b] * weights
-            region = lax.dynamic_slice(acc, (c[0], c[1], c[2], 0), window + (out_channels + 1,))
-            update = jnp.concatenate([w * out[b], w], axis=-1)  # the last channel sums the blend weights
-            acc = lax.dynamic_update_slice(acc, region + update, (c[0], c[1], c[2], 0))
-        return acc
+            at = (0, c[0], c[1], c[2], 0)
+            region = lax.dynamic_slice(acc, at, (count,) + window + (out_channels,))
+            acc = lax.dynamic_update_slice(acc, region + w * out[:, b], at)
+            region = lax.dynamic_slice(norm, at[1:], window + (1,))  # the sum of the blend weights
+            norm = lax.dynamic_update_slice(norm, region + w, at[1:])
+        return acc, norm
 
-    acc = jnp.zeros(padded + (out_channels + 1,), jnp.float32)
-    acc = lax.fori_loop(0, groups if extent is not None else int(groups), step, acc)
-    norm = acc[..., -1:]
-    out = jnp.where(norm > 0, acc[..., :-1] / jnp.where(norm > 0, norm, 1.0), 0.0)
-    return out[: shape[0], : shape[1], : shape[2]]
+    carry = (jnp.zeros((count,) + padded + (out_channels,), jnp.float32), jnp.zeros(padded + (1,), jnp.float32))
+    acc, norm = lax.fori_loop(0, groups if extent is not None else int(groups), step, carry)
+    out = jnp.where(norm > 0, acc / jnp.where(norm > 0, norm, 1.0), 0.0)
+    return out[:, : shape[0], : shape[1], : shape[2]]

@@ -24,10 +24,25 @@ parameters and PyTorch runs autocast (AMP) with float32 parameters. With
 ``--vs torch`` and ``torch.compile`` available, the compiled PyTorch model is
 a second PyTorch row.
 
-FLOPs are XLA's cost analysis of the compiled JAX program (a multiply-add
-counts 2; convolutions dominate); ``jax_tflops`` is that count over the JAX
-time, and ``mfu`` divides it by the device's peak where one is known or
-given with ``--peak-tflops``.
+FLOPs are XLA's cost analysis of the lowered JAX program (a multiply-add
+counts 2; convolutions dominate): the lowered program, because on GPU the
+compiled one hands convolutions to cuDNN custom calls, which its analysis may
+not count. ``jax_tflops`` is that count over the JAX time, and ``mfu``
+divides it by the device's dense peak for the precision the step computes in
+(``peak``: "bf16" for bfloat16; "tf32" for float32 on a GPU, where JAX's
+default precision and PyTorch's ``cudnn.allow_tf32`` both run float32
+convolutions as TF32), or by ``--peak-tflops``.
+
+On CUDA the PyTorch side runs with ``cudnn.benchmark`` (cuDNN picks its
+algorithms per shape, as XLA autotunes) and the model and inputs in
+``channels_last_3d`` (the layout AMP's tensor-core kernels want): the fair
+eager / AMP baseline. On CPU it keeps PyTorch's default NCDHW.
+
+``--method NAME`` evaluates another method (``--what eval`` only; only the
+baseline has a PyTorch twin, so other methods have no PyTorch rows): the row
+gets ``gflop_per_window`` (the 15-subset program's FLOPs per window) and
+``gflop_per_subset`` (one subset's predict per window), from
+`evaluation.cost.window_flops`.
 """
 
 from __future__ import annotations
@@ -50,14 +65,19 @@ from jaxbrats.inference.windows import blend_weights, window_starts
 from jaxbrats.labels import regions_of
 from jaxbrats.modalities import SUBSET_MASKS
 
-#: Dense peak TFLOP/s by (device kind substring, dtype), for the MFU column.
+#: Dense (not 2:4-sparse) tensor-core peaks in TFLOP/s by (device kind substring, precision),
+#: for the MFU column, from NVIDIA's datasheets (H100 and H200 SXM: TF32 494.7, BF16 989.4;
+#: H100 PCIe: 378, 756; A100 SXM/PCIe: 156, 312), whose headline figures are the sparse ones,
+#: twice these. The first matching substring wins: "H100 PCIe" before "H100".
 PEAK_TFLOPS = {
-    ("H100", "bfloat16"): 989.0,
-    ("H100", "float32"): 67.0,
-    ("H200", "bfloat16"): 989.0,
-    ("H200", "float32"): 67.0,
-    ("A100", "bfloat16"): 312.0,
-    ("A100", "float32"): 19.5,
+    ("H100 PCIe", "tf32"): 378.0,
+    ("H100 PCIe", "bf16"): 756.0,
+    ("H100", "tf32"): 494.7,
+    ("H100", "bf16"): 989.4,
+    ("H200", "tf32"): 494.7,
+    ("H200", "bf16"): 989.4,
+    ("A100", "tf32"): 156.0,
+    ("A100", "bf16"): 312.0,
 }
 LR = 3e-4
 
@@ -115,29 +135,32 @@ def alternating_medians(calls: dict, repeats: int, warmup: int) -> tuple[dict[st
 
 
 class JaxSide:
-    """The baseline method's model, train step, forward and 15-subset evaluation, jitted once each."""
+    """A method's models (the baseline's by default), jitted train step, forward and 15-subset evaluation."""
 
-    def __init__(self, args, remat: bool):
+    def __init__(self, args, remat: bool, crop=None, method: str = "baseline"):
         from jaxbrats.engine.state import init_state
         from jaxbrats.methods import get_method, load_config
 
-        eval_window, window_batch = args.eval_window, args.window_batch
-        self.config = load_config(
-            None,
-            [
-                f"model.dtype='{args.dtype}'",
-                f"model.conv_impl='{args.conv_impl}'",
-                f"model.remat={str(remat).lower()}",
-                f"model.widths={list(args.widths)}",
-                f"model.blocks={list(args.blocks)}",
-                f"eval.window=[{eval_window},{eval_window},{eval_window}]",
-                f"eval.window_batch={window_batch}",
-                "eval.hd95=false",
-            ],
-        )
-        self.method = get_method("baseline")(self.config)
-        self.optimizers = {"model": optax.adam(LR)}
-        self.graphdefs, self.state = init_state(self.method, "train", 0, self.optimizers)
+        self.method_name = method
+        window = eval_window(args)
+        overrides = [
+            f"method.name='{method}'",
+            f"model.dtype='{args.dtype}'",
+            f"model.conv_impl='{args.conv_impl}'",
+            f"model.remat={str(remat).lower()}",
+            f"data.crop_size={list(crop or (window,) * 3)}",
+            f"eval.window=[{window},{window},{window}]",
+            f"eval.window_batch={args.window_batch}",
+            "eval.hd95=false",
+        ]
+        # Widths and blocks only when given: each method's own defaults (the papers') otherwise.
+        overrides += [f"model.widths={list(args.widths)}"] if args.widths else []
+        overrides += [f"model.blocks={list(args.blocks)}"] if args.blocks else []
+        self.config = load_config(None, overrides)
+        self.method = get_method(method)(self.config)
+        self.stage = args.stage or eval_stage(self.method)
+        self.optimizers = {group: optax.adam(LR) for group in self.method.groups(self.stage)}
+        self.graphdefs, self.state = init_state(self.method, self.stage, 0, self.optimizers)
 
     def model_state(self):
         return self.state["models"]["unet"]
@@ -159,14 +182,15 @@ class JaxSide:
         }
         step = jax.jit(make_train_step(self.method, "train", self.graphdefs, self.optimizers), donate_argnums=0)
         holder = {"state": jax.tree.map(jnp.copy, self.state)}  # the step donates its state: keep ours intact
-        compiled = step.lower(holder["state"], batch).compile()
+        lowered = step.lower(holder["state"], batch)
+        compiled = lowered.compile()
         self.compiled_text = compiled.as_text()  # for tools/profile_step.py
 
         def call():
             holder["state"], metrics = compiled(holder["state"], batch)
             metrics["loss"].block_until_ready()
 
-        return call, _flops(compiled)
+        return call, lowered_flops(lowered)
 
     def forward(self, image):
         from flax import nnx
@@ -175,22 +199,66 @@ class JaxSide:
         mask = jnp.ones((image.shape[0], 4), bool)
         fn = jax.jit(lambda s, x: self.method.predict({"unet": nnx.merge(graphdef, s)}, x, mask))
         x = jnp.asarray(image)
-        compiled = fn.lower(self.model_state(), x).compile()
-        return (lambda: compiled(self.model_state(), x).block_until_ready()), _flops(compiled)
+        lowered = fn.lower(self.model_state(), x)
+        compiled = lowered.compile()
+        return (lambda: compiled(self.model_state(), x).block_until_ready()), lowered_flops(lowered)
 
     def evaluation(self, image, labels):
+        """(call, FLOPs of one case or None, the row's extra keys: the FLOPs per window and per subset)."""
         from jaxbrats.evaluation.program import make_case_program
+        from jaxbrats.inference.segment import case_locator
 
-        program = make_case_program(self.method, self.graphdefs, self.config.eval)
-        args = (self.state["models"], jnp.asarray(image), jnp.asarray(labels), jnp.ones(labels.shape, bool))
+        names = self.method.inference_models(self.stage) or tuple(self.state["models"])
+        graphdefs = {n: g for n, g in self.graphdefs.items() if n in names}
+        models = {n: s for n, s in self.state["models"].items() if n in names}
+        self.method.serve(self.stage)
+        program = make_case_program(self.method, graphdefs, self.config.eval)
+        shape = labels.shape
+        args = (models, jnp.asarray(image), jnp.asarray(labels), jnp.ones(shape, bool), case_locator(shape, (0, 0, 0)))
         compiled = program.lower(*args).compile()
-        # No FLOP count: XLA's cost analysis sees the subset loop (lax.map) as one iteration.
-        return (lambda: jax.block_until_ready(compiled(*args))), None
+        # The program's own cost analysis sees its subset loop (lax.map) once: FLOPs per window
+        # come from `evaluation.cost`, which lowers one window's programs, times the case's windows.
+        extra, flops = {"method": self.method_name, "stage": self.stage}, None
+        try:
+            from jaxbrats.evaluation.cost import window_flops
+        except ImportError as e:  # an older tree without the evaluation's cost model: times only
+            extra["flops_error"] = f"{type(e).__name__}: {e}"
+        else:
+            cost = window_flops(self.method, graphdefs, models, self.config.eval)
+            extra.update({k: cost[k] for k in EVAL_COST_KEYS if k in cost})
+            windows = len(window_starts(shape, self.config.eval.window, self.config.eval.overlap))
+            extra["windows"] = windows
+            flops = cost["gflop_per_window"] * 1e9 * windows
+        return (lambda: jax.block_until_ready(compiled(*args))), flops, extra
 
 
-def _flops(compiled) -> float | None:
+#: What `evaluation.cost.window_flops` reports that an evaluation row keeps.
+EVAL_COST_KEYS = ("gflop_per_window", "gflop_per_subset", "gflop_shared", "necessary_gflop", "subsets", "ratio")
+
+
+def eval_stage(method) -> str:
+    """The stage `--what eval` scores by default: the first whose models segment (M3AE's fine-tuning;
+    Mind the Gap's teacher, which serves all 15 subsets; `--stage students` for its students)."""
+    return next(s for s in method.stages if method.can_predict(s))
+
+
+def eval_window(args) -> int:
+    """`--eval-window`, else the first `--size`, else 128 (see `--size`'s help)."""
+    return args.eval_window or (args.size[0] if args.size else 128)
+
+
+def eval_shape(args) -> tuple[int, int, int]:
+    """`--eval-shape`, else one window when `--size` sets the window, else a full 240x240x155 case."""
+    if args.eval_shape:
+        return tuple(args.eval_shape)
+    return (eval_window(args),) * 3 if args.size and not args.eval_window else (240, 240, 155)
+
+
+def lowered_flops(lowered) -> float | None:
+    """XLA's FLOP count of a lowered (not compiled) program: on GPU the compiled program's
+    convolutions are cuDNN custom calls, which its cost analysis may count as nothing."""
     try:
-        cost = compiled.cost_analysis()
+        cost = lowered.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         return float(cost["flops"])
     except (KeyError, TypeError, IndexError, AttributeError):
@@ -214,6 +282,14 @@ class TorchSide:
         model = TorchUNet(jax_side.unet_config())
         model.load_state_dict(torch_state_dict(jax_state))
         self.model = model.to(self.device)
+        # The fair GPU baseline: cuDNN picks its kernels per shape (as XLA autotunes), and AMP's
+        # tensor-core kernels get the channels-last layout they want. On CPU, PyTorch's default
+        # layout (oneDNN reorders into its own blocked one).
+        self.layout = torch.contiguous_format
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            self.layout = torch.channels_last_3d
+            self.model = self.model.to(memory_format=self.layout)
         if compiled:
             # Static shapes, and a fresh start: after a first size, dynamo would otherwise recompile
             # with symbolic shapes, which Inductor 2.13 failed to lower at 128^3 (ValueRangeError).
@@ -232,8 +308,9 @@ class TorchSide:
             self.torch.cuda.synchronize()
 
     def _tensor(self, array):
-        """Channels-last numpy (N, D, H, W, C) -> channels-first tensor on the device."""
-        return self.torch.from_numpy(np.ascontiguousarray(np.moveaxis(array, -1, 1))).to(self.device)
+        """Channels-last numpy (N, D, H, W, C) -> an NCDHW tensor on the device, in the side's layout."""
+        tensor = self.torch.from_numpy(np.ascontiguousarray(np.moveaxis(array, -1, 1))).to(self.device)
+        return tensor.contiguous(memory_format=self.layout) if tensor.dim() == 5 else tensor
 
     def region_loss(self, logits, target):
         """Soft Dice per sample and region + BCE, as `losses.region_loss` with nothing padded."""
@@ -290,6 +367,7 @@ class TorchSide:
                         group = starts[i : i + window_batch]
                         boxes = [tuple(slice(int(s), int(s) + window) for s in corner) for corner in group]
                         patches = torch.stack([seen[(slice(None),) + box] for box in boxes])
+                        patches = patches.contiguous(memory_format=self.layout)
                         probs = torch.sigmoid(self.run(patches)["logits"].float())
                         for box, p in zip(boxes, probs):
                             total[(slice(None),) + box] += p * weights
@@ -323,21 +401,35 @@ def _row(what, size, batch, dtype, times: dict, flops, peak, torch_kind=None, er
         row["torch_s"] = round(times[torch_kind], 4)
         row["ratio_torch_over_jax"] = round(times[torch_kind] / times["jax"], 3)
     if flops:
+        row["gflop"] = round(flops / 1e9, 3)
         row["jax_tflops"] = round(flops / times["jax"] / 1e12, 4)
-        if peak:
-            row["mfu"] = round(flops / times["jax"] / 1e12 / peak, 4)
+        precision, tflops = peak
+        row["peak"] = precision
+        if tflops:
+            row["peak_tflops"] = tflops
+            row["mfu"] = round(flops / times["jax"] / 1e12 / tflops, 4)
     return row
 
 
-def _peak(dtype: str, given: float | None) -> float | None:
+def precision(dtype: str, backend: str | None = None) -> str:
+    """The arithmetic the convolutions run in: "bf16"; "tf32" for float32 on a GPU (JAX's default
+    precision and PyTorch's `cudnn.allow_tf32`, both on by default); else "fp32"."""
+    if dtype == "bfloat16":
+        return "bf16"
+    return "tf32" if (backend or jax.default_backend()) in ("gpu", "cuda", "rocm") else "fp32"
+
+
+def _peak(dtype: str, given: float | None) -> tuple[str, float | None]:
+    """(the precision the peak is for, dense peak TFLOP/s or None where unknown)."""
+    name = precision(dtype)
     if given:
-        return given
+        return name, given
     kinds = " ".join(d.device_kind for d in jax.devices())
-    return next((v for (k, dt), v in PEAK_TFLOPS.items() if k in kinds and dt == dtype), None)
+    return name, next((v for (k, p), v in PEAK_TFLOPS.items() if k in kinds and p == name), None)
 
 
 def _torch_sides(jax_side, dtype, vs_torch: bool, compile_torch: bool) -> dict:
-    if not vs_torch:
+    if not vs_torch or jax_side.method_name != "baseline":  # only the baseline has a PyTorch twin
         return {}
     sides = {"eager": TorchSide(jax_side, dtype, compiled=False)}
     if compile_torch:
@@ -348,7 +440,7 @@ def _torch_sides(jax_side, dtype, vs_torch: bool, compile_torch: bool) -> dict:
     return sides
 
 
-def run(args) -> dict:
+def _check(args) -> None:
     if args.vs_torch:
         try:
             import torch  # noqa: F401
@@ -356,6 +448,15 @@ def run(args) -> dict:
             raise JaxbratsError(
                 "--vs torch needs PyTorch: pip install torch==2.13.0, then pip install 'jaxbrats[torch]'"
             )
+    if args.method != ["baseline"] and set(args.what) - {"eval"}:
+        raise JaxbratsError(
+            f"--method {' '.join(args.method)} times the evaluation only (--what eval); "
+            "tools/bench_engine.py times every method's train step"
+        )
+
+
+def run(args) -> dict:
+    _check(args)
     result = {"device": machine(), "date": time.strftime("%Y-%m-%d"), "command": args.command_line, "runs": []}
     print(json.dumps(result["device"]))
     peak = _peak(args.dtype, args.peak_tflops)
@@ -369,39 +470,34 @@ def run(args) -> dict:
         ] or [_row(what, size, batch, args.dtype, times, flops, peak)]
         for row in rows:
             row.update(extra)
+            if args.vs_torch and not torch_calls:
+                row["torch_note"] = f"no PyTorch twin of {row.get('method')}: JAX only"
             result["runs"].append(row)
             print(_describe(row))
         if args.json:  # after every measurement, so a long run that stops keeps what it measured
             files.write_text_atomic(args.json, json.dumps(result, indent=1) + "\n")
 
-    for size in args.size:
+    for size in train_sizes(args) if set(args.what) - {"eval"} else ():
         for batch in args.batch:
-            jax_side = JaxSide(args, args.remat)
+            jax_side = JaxSide(args, args.remat, crop=(size,) * 3)
             sides = _torch_sides(jax_side, args.dtype, args.vs_torch, not args.no_compile)
             image, labels = _inputs((size,) * 3, batch)
             if "train" in args.what:
                 call, flops = jax_side.train_step(image, labels)
-                record(
-                    "train_step",
-                    (size,) * 3,
-                    batch,
-                    call,
-                    flops,
-                    {k: s.train_step(image, labels) for k, s in sides.items()},
-                )
+                torch_calls = {k: s.train_step(image, labels) for k, s in sides.items()}
+                record("train_step", (size,) * 3, batch, call, flops, torch_calls)
             if "forward" in args.what:
                 call, flops = jax_side.forward(image)
                 record("forward", (size,) * 3, batch, call, flops, {k: s.forward(image) for k, s in sides.items()})
-    if "eval" in args.what:
-        jax_side = JaxSide(args, remat=False)
+    for method in args.method if "eval" in args.what else ():
+        window, shape = eval_window(args), eval_shape(args)
+        jax_side = JaxSide(args, remat=False, method=method)
         sides = _torch_sides(jax_side, args.dtype, args.vs_torch, not args.no_compile)
-        image, labels = _inputs(args.eval_shape, None, seed=1)
-        call, flops = jax_side.evaluation(image, labels)
-        torch_calls = {
-            k: s.evaluation(image, labels, args.eval_window, jax_side.config.eval.overlap, args.window_batch)
-            for k, s in sides.items()
-        }
-        record("eval_15_subsets", args.eval_shape, 1, call, flops, torch_calls, window=[args.eval_window] * 3)
+        image, labels = _inputs(shape, None, seed=1)
+        call, flops, extra = jax_side.evaluation(image, labels)
+        overlap = jax_side.config.eval.overlap
+        torch_calls = {k: s.evaluation(image, labels, window, overlap, args.window_batch) for k, s in sides.items()}
+        record("eval_15_subsets", shape, 1, call, flops, torch_calls, window=[window] * 3, **extra)
     print()
     print(markdown_table(result))
     if args.json:
@@ -409,20 +505,26 @@ def run(args) -> dict:
     return result
 
 
+def train_sizes(args) -> list[int]:
+    return args.size or [64]
+
+
 def markdown_table(result: dict) -> str:
     """The runs as a Markdown table (times in ms), for docs/benchmarks/README.md and papers' supplements."""
     lines = [
-        "| what | size | batch | dtype | JAX ms | PyTorch | PyTorch ms | torch / jax | JAX TFLOP/s |",
-        "|---|---|---|---|---:|---|---:|---:|---:|",
+        "| what | size | batch | dtype | JAX ms | PyTorch | PyTorch ms | torch / jax | JAX TFLOP/s | MFU (peak) |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for row in result["runs"]:
+        what = row["what"] + (f" ({row['method']})" if row.get("method", "baseline") != "baseline" else "")
         size = "x".join(map(str, row["size"])) + (f" (window {row['window'][0]}^3)" if "window" in row else "")
         torch_ms = f"{row['torch_s'] * 1e3:.1f}" if "torch_s" in row else ("failed" if "torch_error" in row else "")
         ratio = f"{row['ratio_torch_over_jax']:.2f}" if "torch_s" in row else ""
         tflops = f"{row['jax_tflops']:.3f}" if "jax_tflops" in row else ""
+        mfu = f"{row['mfu']:.1%} ({row['peak']})" if "mfu" in row else ""
         lines.append(
-            f"| {row['what']} | {size} | {row['batch']} | {row['dtype']} | {row['jax_s'] * 1e3:.1f} | "
-            f"{row.get('torch', '')} | {torch_ms} | {ratio} | {tflops} |"
+            f"| {what} | {size} | {row['batch']} | {row['dtype']} | {row['jax_s'] * 1e3:.1f} | "
+            f"{row.get('torch', '')} | {torch_ms} | {ratio} | {tflops} | {mfu} |"
         )
     return "\n".join(lines)
 
@@ -435,12 +537,32 @@ def _describe(row: dict) -> str:
     elif "torch_error" in row:
         text += f"  torch[{row['torch']}] failed: {row['torch_error'][:80]}"
     if "jax_tflops" in row:
-        text += f"  ({row['jax_tflops']:.3f} TFLOP/s" + (f", MFU {row['mfu']:.1%})" if "mfu" in row else ")")
+        mfu = f", MFU {row['mfu']:.1%} of {row['peak']}" if "mfu" in row else ""
+        text += f"  ({row['jax_tflops']:.3f} TFLOP/s{mfu})"
+    if "gflop_per_window" in row:
+        text += f"  {row['gflop_per_window']:.2f} GFLOP per window, {row['gflop_per_subset']:.2f} per subset"
     return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=int, nargs="+", default=[64], help="cubic crop size(s) for train and forward")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs="+",
+        help="cubic crop size(s) of train and forward (default 64); with --what eval and no --eval-window, the "
+        "first size is also the evaluation window, and without --eval-shape the case is that one window "
+        "(--size 32: 32^3 windows on a 32^3 case); without --size the evaluation scores a 240x240x155 case "
+        "with 128^3 windows",
+    )
+    parser.add_argument(
+        "--method",
+        nargs="+",
+        default=["baseline"],
+        metavar="NAME",
+        help="the method(s) whose evaluation is timed, one row each, with its FLOPs per window and per subset "
+        "(--what eval; only the baseline has PyTorch rows)",
+    )
+    parser.add_argument("--stage", help="the stage whose models are evaluated (default: the first that segments)")
     parser.add_argument("--batch", type=int, nargs="+", default=[2])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--vs", choices=["torch"], help="also time the PyTorch reference (eager and torch.compile)")
@@ -450,17 +572,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-shape",
         type=int,
         nargs=3,
-        default=[240, 240, 155],
-        help="case shape of the 15-subset evaluation (default: a full BraTS volume)",
+        help="case shape of the 15-subset evaluation (default: a full 240x240x155 BraTS volume; see --size)",
     )
-    parser.add_argument("--eval-window", type=int, default=128)
+    parser.add_argument("--eval-window", type=int, help="cubic evaluation window (default: 128; see --size)")
     parser.add_argument("--window-batch", type=int, default=1, help="windows per forward pass in the evaluation")
     parser.add_argument("--conv-impl", choices=["auto", "native", "depth2d"], default="auto")
     parser.add_argument("--remat", action="store_true", help="activation checkpointing of each residual block (JAX)")
-    parser.add_argument(
-        "--widths", type=int, nargs="+", default=[16, 32, 64, 128], help="U-Net widths (default: the paper's)"
-    )
-    parser.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 2, 4], help="residual blocks per level")
+    parser.add_argument("--widths", type=int, nargs="+", help="U-Net widths (default: the method's, the paper's)")
+    parser.add_argument("--blocks", type=int, nargs="+", help="residual blocks per level (default: the method's)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(

@@ -70,13 +70,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from nibabel import orientations as ornt
 
 from jaxbrats.config import save_config, to_dict
 from jaxbrats.engine.optim import stage_optimizers
 from jaxbrats.engine.state import abstract_models, optimizer_states
 from jaxbrats.engine.workdir import write_data_record, write_import_record, write_splits
-from jaxbrats.errors import JaxbratsError
+from jaxbrats.errors import JaxbratsError, require
 from jaxbrats.files import mkdtemp
 from jaxbrats.labels import REGIONS
 from jaxbrats.methods import config_from_data
@@ -168,6 +167,7 @@ def orientation(axcodes) -> np.ndarray:
     pairs = {frozenset(p) for p in ("LR", "AP", "SI")}
     if len(codes) != 3 or {frozenset(p) for p in pairs for c in codes if c in p} != pairs:
         raise JaxbratsError(f"source axes {''.join(codes)!r}: need one of L/R, A/P, S/I each (BraTS: LPS)")
+    ornt = require("nibabel.orientations", "importing M3AE weights")
     return ornt.ornt_transform(ornt.axcodes2ornt(codes), ornt.axcodes2ornt("RAS"))
 
 
@@ -332,6 +332,7 @@ def convert(key: str, value: np.ndarray, transform: np.ndarray) -> np.ndarray:
     inputs, outputs = channel_orders()
     if key == "limage":
         voxels = value[0].transpose(3, 2, 1, 0)  # (4, Z, Y, X) -> (X, Y, Z, 4): the NIfTI voxel order
+        ornt = require("nibabel.orientations", "importing M3AE weights")
         return np.ascontiguousarray(ornt.apply_orientation(voxels, transform)[..., inputs])
     if key.startswith(HEADS):
         value = value[outputs]

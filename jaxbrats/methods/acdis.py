@@ -97,6 +97,7 @@ from jaxbrats.methods.base import Method, Update
 from jaxbrats.modalities import MODALITIES
 from jaxbrats.networks import family
 from jaxbrats.networks.acdis import (
+    ATTENTION_CHUNK,
     COMPLETION_CONVS,
     HEAD_CHANNELS,
     FeatureCompletion,
@@ -144,6 +145,9 @@ class ACDISOptions:
     class_weights: tuple[float, ...] = ()  # seg_loss = "label" only: CE weight per internal label
     adv_weight: float = 1.0  # synthesis "adv": the generator term's weight (ours)
     disc_width: int = 64  # synthesis "adv": the feature discriminator's hidden channels (ours)
+    #: queries per block of AFEB's attention (an implementation choice: memory chunk x tokens, the
+    #: same result); 0: all at once (tokens^2 logits)
+    afeb_attention_chunk: int = ATTENTION_CHUNK
 
     def validate(self, where: str) -> None:
         check_choice(f"{where}.distill", self.distill, DISTILLATION_LOSSES)
@@ -176,6 +180,7 @@ class ACDISOptions:
         check_entries(f"{where}.class_weights", self.class_weights, 0)
         check_range(f"{where}.adv_weight", self.adv_weight, 0)
         check_range(f"{where}.disc_width", self.disc_width, 1)
+        check_range(f"{where}.afeb_attention_chunk", self.afeb_attention_chunk, 0)
 
 
 class ACDIS(Method):
@@ -311,9 +316,17 @@ class ACDIS(Method):
 
     def predict(self, models, image, modality_mask, subset=None):
         """Mono encoders + AFEB -> f_ava of the present modalities -> MFSB -> D_fuse."""
-        mask = jnp.broadcast_to(jnp.asarray(modality_mask, bool), (image.shape[0], len(MODALITIES)))
-        mono = self.encode(models, image)
-        comp, _ = models["completion"](mono["enhanced"], mask)
+        return self.predict_from_features(models, self.window_features(models, image), image, modality_mask, subset)
+
+    def window_features(self, models, window):
+        """The mono encoders + AFEB of every modality (they see all four; the mask acts on f_ava): the
+        same for every subset, so the evaluation runs them once per window."""
+        return self.encode(models, window)["enhanced"]
+
+    def predict_from_features(self, models, features, window, modality_mask, subset=None):
+        """MFSB on the present modalities' enhanced features -> D_fuse's label softmax as regions."""
+        mask = jnp.broadcast_to(jnp.asarray(modality_mask, bool), (window.shape[0], len(MODALITIES)))
+        comp, _ = models["completion"](features, mask)
         return probabilities("labels", models["fuse_decoder"](comp))
 
 
@@ -343,7 +356,7 @@ def acdis_models(config, options: ACDISOptions, afeb_levels: tuple[int, ...], rn
     cfg = unet_config(config, NUM_LABELS)
     models = {
         "mono": family.stack(
-            lambda r: MonoEncoder(mono_cfg, afeb_levels, options.afeb, r),
+            lambda r: MonoEncoder(mono_cfg, afeb_levels, options.afeb, r, options.afeb_attention_chunk),
             family.member_keys(roots[0], range(len(MODALITIES))),
         ),
         "completion": FeatureCompletion(

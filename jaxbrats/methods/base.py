@@ -33,7 +33,13 @@ case's unpadded "shape" and its "box_start" in the source grid), then
 (..., 3) in `labels.REGIONS` order; `subset` is the index of the subset
 being served (data, an int32 scalar: a method with one student per subset
 picks that student's weights with it, `methods.students`); the method decides how missing inputs
-are filled. `served_subsets()` lists the subsets a method can segment (a
+are filled. A method whose prediction starts with work that depends on the window alone (ACDIS's
+mono encoders and AFEB, Mind the Gap's teacher's per-modality latents) splits it out:
+`window_features(models, window)` is that work (default None: nothing to share) and
+`predict_from_features(models, features, window, modality_mask, subset)` the rest, with
+``predict(m, w, mask, s) == predict_from_features(m, window_features(m, w), w, mask, s)``; the
+15-subset evaluation then computes the features once per window for all subsets (such a method
+keeps the default `fill`). `served_subsets()` lists the subsets a method can segment (a
 dedicated method: those with a student; the others' rows are null), and
 `inference_models(stage)` the models `eval` and `predict` load; `load_trained`
 tells the method which stage's models it loaded (`serve`, `self.serving`: Mind the
@@ -180,6 +186,17 @@ class Method:
     def predict(self, models: Models, image, modality_mask, subset):
         """Region probabilities of `image` seen through `modality_mask`, for the subset index `subset`."""
         raise NotImplementedError
+
+    def window_features(self, models: Models, window):
+        """What `predict` computes from the window alone, the same for every subset (a pytree), or None:
+        nothing to share. With features, the evaluation runs them once per window for all subsets."""
+        return None
+
+    def predict_from_features(self, models: Models, features, window, modality_mask, subset):
+        """`predict` given `window_features(models, window)` (None: `predict` itself)."""
+        if features is None:
+            return self.predict(models, window, modality_mask, subset)
+        raise NotImplementedError(f"{type(self).__name__} returns window features but no predict_from_features")
 
     def can_predict(self, stage: str) -> bool:
         """Whether the models of `stage` segment (M3AE's pretraining only reconstructs)."""

@@ -433,7 +433,10 @@ def save_substitute(x_sub: np.ndarray, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import nibabel as nib
+
+    from jaxbrats.errors import require
+
+    nib = require("nibabel", "saving M3AE's substitute image")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

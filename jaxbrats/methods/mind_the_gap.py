@@ -384,8 +384,25 @@ class AlignedTeacher:
 
     def predict(self, models, image, modality_mask):
         """Region probabilities for the present modalities ("each": the logits are log(mean_j softmax C*(Z_j)))."""
+        return self.predict_from_features(models, self.window_features(models, image), modality_mask)
+
+    def window_features(self, models, image) -> dict:
+        """What does not depend on the subset: every modality's latent (the mean under P_N) and, for
+        "each", C*(Z_j)'s label logits of every latent (J, N, ..., labels)."""
         latents = self.encode(models, image)["mean"]
-        return probabilities("labels", self.output(models, latents, modality_mask)["logits"])
+        if self.rule == "each":
+            return {"logits": per_latent_outputs(models["predictor"], latents)["logits"]}
+        return {"latents": latents}
+
+    def predict_from_features(self, models, features, modality_mask):
+        """The present modalities' share of `window_features`: their softmax averaged ("each"), or C* on
+        their latents' mean ("mean_latent")."""
+        if "logits" in features:
+            per = {"logits": features["logits"], "encoder": [], "decoder": []}
+            logits = average_outputs(per, modality_mask)["logits"]
+        else:
+            logits = models["predictor"](combine(features["latents"], modality_mask))["logits"]
+        return probabilities("labels", logits)
 
     def basis(self, models, image) -> dict:
         """What every view the students distil from is computed from, once per step (no gradient)."""
@@ -647,6 +664,12 @@ class MindTheGap(Method):
 
     def predict(self, models, image, modality_mask, subset=None):
         """The teacher on the present modalities (`inference_rule`), or the student serving `subset`."""
-        if "students" not in models:
-            return self.aligned.predict(models, image, modality_mask)
-        return self.students.predict(models["students"], image, modality_mask, subset, "labels")
+        return self.predict_from_features(models, self.window_features(models, image), image, modality_mask, subset)
+
+    def window_features(self, models, window):  # the teacher's per-modality work; the students share none
+        return None if "students" in models else self.aligned.window_features(models, window)
+
+    def predict_from_features(self, models, features, window, modality_mask, subset=None):
+        if features is None:  # the students
+            return self.students.predict(models["students"], window, modality_mask, subset, "labels")
+        return self.aligned.predict_from_features(models, features, modality_mask)

@@ -13,7 +13,12 @@ Ours, settings where a researcher may want another reading:
   attention over every voxel of a level is out of reach (80^3 = 512k tokens), so the global
   branch attends over the level average-pooled to the bottleneck's grid (`pool` = 2^(L-1-l):
   (crop/8)^3 tokens for four levels), upsampled back trilinearly. Heads: C_l // 16 (at least 1),
-  which must divide C_l (`afeb_heads`; a config check names `model.widths`).
+  which must divide C_l (`afeb_heads`; a config check names `model.widths`). The attention is
+  computed in blocks of `attention_chunk` queries (`chunked_attention`; an implementation choice,
+  not the paper's): each block's softmax is over every key, exact, and rematerialised in the
+  backward pass, so memory is chunk x tokens, not tokens^2 (at a 128^3 crop 4096 tokens per
+  level: the whole logits were 2e9 values, 8 GB in float32, for four encoders at batch 2).
+  With `model.remat` each AFEB is rematerialised whole, as the residual blocks.
 - `MonoEncoder` = E_m + its AFEBs (the levels in `afeb_levels`; "the mono-modal hierarchical
   features" names no level: every level by default). With `afeb = False` (the paper's ablation,
   Sec. 4.4) a 3x3x3 convolution C -> C stands in each AFEB's place (27 C^2 weights against
@@ -49,9 +54,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbrats.networks.layers import Conv3D
-from jaxbrats.networks.unet import Decoder, Encoder, GroupNorm32, UNetConfig, upsample_linear
+from jaxbrats.networks.unet import Decoder, Encoder, GroupNorm32, UNetConfig, run_block, upsample_linear
 
 HEAD_CHANNELS = 16  # channels per attention head in AFEB's global branch (ours)
+#: queries per block of AFEB's attention (ours; memory chunk x tokens): 8 blocks at 128^3, 2 at 80^3
+ATTENTION_CHUNK = 512
 COMPLETION_CONVS = ("fill", "full")  # FeatureCompletion's 3x3x3 convolution in the MFSB's place
 
 
@@ -84,10 +91,30 @@ def average_pool(x, factor: int):
     return jnp.mean(blocks.astype(jnp.float32), axis=(2, 4, 6)).astype(x.dtype)
 
 
+def chunked_attention(q, k, v, chunk: int):
+    """softmax(q k^T / sqrt(d)) v of (N, T, heads, d) arrays, `chunk` queries at a time (0: all at once).
+
+    Each block's softmax runs over every key, so the result is full attention's; the blocks run
+    one after another (`lax.map`) under `jax.checkpoint`, so neither pass holds more than one
+    block's chunk x T logits. Queries are zero-padded to a whole number of blocks, the padding's
+    rows dropped.
+    """
+    count = q.shape[1]
+    if not chunk or count <= chunk:
+        return jax.nn.dot_product_attention(q, k, v)
+    pad = -count % chunk
+    blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    blocks = jnp.moveaxis(blocks.reshape(q.shape[0], -1, chunk, *q.shape[2:]), 1, 0)
+    out = jax.lax.map(jax.checkpoint(lambda block: jax.nn.dot_product_attention(block, k, v)), blocks)
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], count + pad, *q.shape[2:])[:, :count]
+
+
 class AFEB(nnx.Module):
     """Anatomical feature enhancement: embed, global (pooled self-attention) + local (conv), fuse."""
 
-    def __init__(self, channels: int, pool: int, cfg: UNetConfig, rngs: nnx.Rngs):
+    def __init__(
+        self, channels: int, pool: int, cfg: UNetConfig, rngs: nnx.Rngs, attention_chunk: int = ATTENTION_CHUNK
+    ):
         c = channels
         self.embed = _conv(c, c, 1, cfg, rngs)
         self.attention_norm = GroupNorm32(c, cfg.groups, rngs)
@@ -100,6 +127,7 @@ class AFEB(nnx.Module):
         if afeb_width_problem(c):
             raise ValueError(afeb_width_problem(c))
         self.heads = afeb_heads(c)
+        self.attention_chunk = attention_chunk
 
     def global_branch(self, x):
         n, c = x.shape[0], x.shape[-1]
@@ -107,7 +135,7 @@ class AFEB(nnx.Module):
         grid = tokens.shape[1:4]
         count = grid[0] * grid[1] * grid[2]
         q, k, v = jnp.split(tokens.reshape(n, count, 3, self.heads, c // self.heads), 3, axis=2)
-        attended = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+        attended = chunked_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.attention_chunk)
         y = self.attention_out(attended.reshape(n, *grid, c))
         return upsample_linear(y, self.pool) if self.pool > 1 else y
 
@@ -120,13 +148,21 @@ class AFEB(nnx.Module):
 class MonoEncoder(nnx.Module):
     """E_m and its AFEBs: one modality (N, D, H, W, 1) -> {"raw": [per level], "enhanced": [per level]}."""
 
-    def __init__(self, cfg: UNetConfig, afeb_levels: tuple[int, ...], afeb: bool, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: UNetConfig,
+        afeb_levels: tuple[int, ...],
+        afeb: bool,
+        rngs: nnx.Rngs,
+        attention_chunk: int = ATTENTION_CHUNK,
+    ):
         levels = len(cfg.widths)
         self.encoder = Encoder(cfg, rngs)
         self.afeb_levels = tuple(afeb_levels)
+        self.remat = cfg.remat
         self.enhance = nnx.List(
             [
-                AFEB(cfg.widths[level], 2 ** (levels - 1 - level), cfg, rngs)
+                AFEB(cfg.widths[level], 2 ** (levels - 1 - level), cfg, rngs, attention_chunk)
                 if afeb
                 else _conv(cfg.widths[level], cfg.widths[level], 3, cfg, rngs)
                 for level in self.afeb_levels
@@ -137,7 +173,7 @@ class MonoEncoder(nnx.Module):
         raw = self.encoder(x)
         enhanced = list(raw)
         for level, block in zip(self.afeb_levels, self.enhance):
-            enhanced[level] = block(raw[level])
+            enhanced[level] = run_block(block, raw[level], self.remat)
         return {"raw": raw, "enhanced": enhanced}
 
 

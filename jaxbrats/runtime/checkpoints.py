@@ -26,16 +26,21 @@ import re
 import sys
 from pathlib import Path
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxbrats.errors import JaxbratsError
+from jaxbrats.errors import JaxbratsError, require
 from jaxbrats.runtime.processes import lead
 from jaxbrats.runtime.rundir import RunDir
 
 ITERATOR = "iterator"  # the item holding one Grain iterator state per process
+
+
+def _grain():
+    """Grain, imported only where an iterator state is saved or restored: evaluating, predicting and
+    benchmarking read checkpoints without it."""
+    return require("grain", "saving or resuming the data iterator's state")
 
 
 def checkpoint_manager(workdir: Path, stage: str, keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
@@ -127,7 +132,7 @@ def restore(
     holder = _IteratorState()
     written_by = iterator_processes(step_dir) if iterator else None
     if written_by == jax.process_count():
-        items[ITERATOR] = grain.checkpoint.CheckpointRestore(holder)
+        items[ITERATOR] = _grain().checkpoint.CheckpointRestore(holder)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     extra = dict(restored["extra"] or {})
     if not iterator:
@@ -260,7 +265,7 @@ def save(manager: ocp.CheckpointManager, state: dict, extra: dict, iterator=None
     step = int(jax.device_get(state["step"]))
     items = {"state": ocp.args.StandardSave(state), "extra": ocp.args.JsonSave(extra)}
     if iterator is not None:
-        items[ITERATOR] = grain.checkpoint.CheckpointSave(iterator)
+        items[ITERATOR] = _grain().checkpoint.CheckpointSave(iterator)
     manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
