@@ -64,6 +64,7 @@ def with_xla_flags(*flags: str) -> dict:
 #: first, so that no long file starts last while the other worker idles. The others are light.
 FILE_SECONDS = {
     "test_space_sharding.py": 150,  # three processes of 8 fake devices
+    "test_gpu_bench.py": 160,  # ten processes, one per step of tools/gpu_bench.sh --tiny
     "test_mind_the_gap.py": 120,
     "test_rirn.py": 110,
     "test_acdis.py": 105,
@@ -76,7 +77,10 @@ FILE_SECONDS = {
     "test_cli.py": 30,
     "test_unet.py": 25,
     "test_evaluation.py": 20,
-    "test_benchmark.py": 15,
+    "test_benchmark.py": 60,
+    "test_eval_sharing.py": 60,
+    "test_optional_imports.py": 20,
+    "test_init_state.py": 10,
     "test_import_m3ae.py": 15,
     "test_applicability.py": 10,
     "test_family.py": 10,
