@@ -108,7 +108,9 @@ def compile_row(cfg: Config, dtype: str, remat: bool) -> dict:
     arguments, temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes
     outputs = max(memory.output_size_in_bytes - memory.alias_size_in_bytes, 0)  # not written in place
     total = arguments + temporaries + outputs
-    students = getattr(method, "students", None)
+    students = getattr(method, "students", None) or getattr(method.options, "students", None)
+    if cfg.stage == "teacher":
+        students = None  # Mind the Gap's teacher stage trains no student
     return {
         "method": cfg.method,
         "stage": cfg.stage,
