@@ -134,7 +134,7 @@ class ModelConfig:
     stem_dropout: float = 0.0  # spatial (whole-channel) dropout after the first convolution (RIRN: 0.2)
     dtype: str = "float32"
     conv_impl: str = "auto"
-    remat: bool = False  # activation checkpointing per residual block: less memory, ~1/3 more compute
+    remat: bool = False  # activation checkpointing per residual block (and AFEB): less memory, ~1/3 more compute
     #: How a family of models (stacked students) is computed: "vmap" (batched; what the mesh's
     #: "model" axis splits), "unroll" (one member after another in the program; XLA:CPU runs
     #: batched convolutions slowly) or "auto" (unroll on CPU, vmap elsewhere): `networks.family`.
