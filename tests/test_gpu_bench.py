@@ -86,11 +86,11 @@ def test_gpu_bench_tiny_runs_every_step(tmp_path):
         (row,) = rows[f"train_{method}"]
         assert row["method"] == method and row["size"] == [16, 16, 16] and row["dtype"] == "bfloat16"
         assert row["step_s"] > 0 and row["gflop"] > 0
-    assert [r["students"] for r in rows["rirn_students"]] == [1, 2]
+    assert [r["students"] for r in rows["rirn_students"]] == [1]
     assert all(r["step_s"] > 0 for r in rows["rirn_students"])
-    (acdis,) = rows["eval_flops"]
-    assert acdis["method"] == "acdis" and acdis["jax_s"] > 0
-    assert 0 < acdis["gflop_per_subset"] < acdis["gflop_per_window"] < 15 * acdis["gflop_per_subset"]
+    (shared,) = rows["eval_flops"]  # Mind the Gap's teacher: its per-modality work is done once per window
+    assert shared["method"] == "mind_the_gap" and shared["jax_s"] > 0
+    assert 0 < shared["gflop_per_subset"] < shared["gflop_per_window"] < 15 * shared["gflop_per_subset"]
     (memory,) = rows["memory"]
     assert memory["total_gib"] > 0 and memory["backend"] == "cpu"
 
@@ -100,4 +100,4 @@ def test_gpu_bench_tiny_runs_every_step(tmp_path):
     for name in STEPS:
         assert any(line.startswith(f"| {name} | ok |") for line in lines), name
     assert len(lines) == 1 + sum(len(r) for r in rows.values())  # the header, then the rows
-    assert "| eval_15_subsets acdis/train |" in table and "GFLOP/window" in table
+    assert "| eval_15_subsets mind_the_gap/teacher |" in table and "GFLOP/window" in table
