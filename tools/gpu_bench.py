@@ -115,6 +115,9 @@ def steps(out: Path, tiny: bool) -> list[Step]:
         crop, batch = ((16, 16, 16), 1) if tiny else (crop, batch)
         # --tiny: RIRN with 2 students (its default, all 15, is the GPU's figure and step rirn_students').
         few = ["--set", 'method.students=["flair","t1ce"]'] if tiny and method == "rirn" else []
+        # --tiny: one Mind the Gap student, AFEB at ACDIS's bottleneck only (compile time).
+        few += ["--set", 'method.students=["flair"]'] if tiny and method == "mind_the_gap" else []
+        few += ["--set", "method.afeb_levels=[2]"] if tiny and method == "acdis" else []
         # --tiny: the serving stage only (M3AE's fine-tuning, Mind the Gap's students).
         few += ["--stages", LAST_STAGE[method]] if tiny and method in LAST_STAGE else []
         result.append(
