@@ -69,14 +69,17 @@ def _prepare(args) -> int:
 
 def _train(args) -> int:
     from jaxbrats.engine.trainer import train
+    from jaxbrats.evaluation.validation import StageValidation
     from jaxbrats.methods import load_config
+    from jaxbrats.runtime.devices import announce_platform
     from jaxbrats.runtime.processes import distributed_settings, run_distributed
 
     settings = distributed_settings(args)
     config = load_config(args.config, args.set)
 
     def work() -> None:
-        train(config, args.workdir, args.data, stop_after=args.stop_after, only=tuple(args.stage))
+        announce_platform()  # here: a multi-process run starts JAX's backend only after joining its peers
+        train(config, args.workdir, args.data, args.stop_after, tuple(args.stage), validator=StageValidation)
 
     done = f"{'stopped' if args.stop_after else 'trained'} {config.method_name} in {args.workdir}"
     if not args.distributed:
@@ -95,15 +98,16 @@ def _eval(args) -> int:
     from jaxbrats.evaluation.program import evaluate
     from jaxbrats.evaluation.reports import markdown_table
     from jaxbrats.inference.trained import load_trained, served_step
+    from jaxbrats.runtime.devices import announce_platform
 
     if args.figures < 0:
         raise JaxbratsError(f"--figures must be 0 or more, got {args.figures}")
+    announce_platform()
     method, graphdefs, models, config = load_trained(
-        args.workdir, stage=args.stage, overrides=args.set, segmenting=True
+        args.workdir, stage=args.stage, overrides=args.set, segmenting=True, checkpoint=args.checkpoint
     )
+    print(_served(method.served_checkpoint))
     ids = split_cases(Path(args.workdir), CacheDataset(args.data), args.split)
-    # TensorBoard's step of the figures: the newest checkpoint of the stage served
-    step = served_step(args.workdir, method) if args.figures else 0
     summary = evaluate(
         method,
         graphdefs,
@@ -113,11 +117,17 @@ def _eval(args) -> int:
         args.out,
         predictions=args.predictions,
         figures=args.figures,
-        step=step,
+        step=served_step(args.workdir, method),
+        checkpoint=method.served_checkpoint,
     )
     print(markdown_table(summary, config.eval))
     print(f"results: {args.out}")
     return 0
+
+
+def _served(c: dict) -> str:
+    """Which checkpoint eval and predict read (`Method.served_checkpoint`): one line."""
+    return f"models: stage {c['stage']}, step {c['step']} ({c['checkpoint']} checkpoint)"
 
 
 def _listed(text: str | None) -> list[str] | None:
@@ -139,12 +149,25 @@ def _predict(args) -> int:
     if args.input:
         return _predict_folder(
             predict_folder(
-                args.workdir, args.input, args.out, convention=args.convention, overrides=args.set, stage=args.stage
+                args.workdir,
+                args.input,
+                args.out,
+                convention=args.convention,
+                overrides=args.set,
+                stage=args.stage,
+                checkpoint=args.checkpoint,
             )
         )
     info = predict_case(
-        args.workdir, args.case, args.out, convention=args.convention, overrides=args.set, stage=args.stage
+        args.workdir,
+        args.case,
+        args.out,
+        convention=args.convention,
+        overrides=args.set,
+        stage=args.stage,
+        checkpoint=args.checkpoint,
     )
+    print(_served(info["checkpoint"]))
     print(f"modalities used: {', '.join(info['present'])}; missing: {', '.join(info['missing']) or 'none'}")
     print(
         "predicted voxels: "
@@ -157,6 +180,7 @@ def _predict(args) -> int:
 
 def _predict_folder(summary: dict) -> int:
     """What was missing per case, grouped; the failed cases were named as they failed."""
+    print(_served(summary["checkpoint"]))
     groups: dict[str, list[str]] = {}
     for case in summary["predicted"]:
         groups.setdefault(", ".join(case["missing"]) or "nothing", []).append(case["case"])
@@ -176,9 +200,21 @@ def _compare(args) -> int:
     from jaxbrats.evaluation.compare import compare
     from jaxbrats.evaluation.compare_report import markdown
 
-    result = compare(args.eval_dirs, args.out, names=_listed(args.names), reference=args.reference)
+    result = compare(
+        args.eval_dirs,
+        args.out,
+        names=_listed(args.names),
+        reference=args.reference,
+        papers=args.paper,
+        correction=args.correction,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+    )
+    for line in result["skipped"]:
+        print(f"note: {line}")
     print(markdown(result["tables"]["dice"]))
-    print(f"wrote {len(result['written'])} files to {args.out} (Dice and HD95: .md, .csv, .tex, charts; compare.json)")
+    titles = ", ".join(t.title for t in result["tables"].values())
+    print(f"wrote {len(result['written'])} files to {args.out} ({titles}: .md, .csv, .tex, charts; compare.json)")
     return 0
 
 
@@ -247,7 +283,9 @@ def _add_prepare(sub) -> None:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a method; resumes when WORKDIR holds a checkpoint")
-    p.add_argument("--config", required=True, help="TOML config (see configs/)")
+    p.add_argument(
+        "--config", required=True, help="TOML config: a file, or a shipped config by name (e.g. baseline_phantom)"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (TOML value)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--data", help="prepared cache directory (overrides data.cache)")
@@ -286,6 +324,16 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_train)
 
 
+def _add_checkpoint(p) -> None:
+    p.add_argument(
+        "--checkpoint",
+        default="latest",
+        metavar="best|latest|STEP",
+        help="the stage's checkpoint to read: the newest (default), the best validated one "
+        "(train.validate_every) or a step",
+    )
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score all 15 modality subsets of a split")
     p.add_argument("--workdir", required=True)
@@ -310,6 +358,7 @@ def _add_eval(sub) -> None:
         help="score the models of this stage (default: the last stage whose models segment; "
         "e.g. Mind the Gap's teacher)",
     )
+    _add_checkpoint(p)
     p.add_argument(
         "--figures",
         type=int,
@@ -358,17 +407,43 @@ def _add_predict(sub) -> None:
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a saved config key")
     p.add_argument("--stage", help="segment with the models of this stage (default: the last that segments)")
+    _add_checkpoint(p)
     p.set_defaults(func=_predict)
 
 
 def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="several evaluations side by side: 15-subset tables, Wilcoxon tests, charts")
+    from jaxbrats.evaluation.compare_stats import CORRECTIONS, Statistics
+
+    p = sub.add_parser(
+        "compare", help="evaluations (and papers' tables) side by side: 15-subset tables, corrected tests, CIs, charts"
+    )
     p.add_argument("eval_dirs", nargs="+", metavar="EVAL_DIR", help="outputs of `jaxbrats eval` on the same cases")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--names", help="comma-separated run names (default: each folder's name, its parent's for <run>/eval)"
     )
     p.add_argument("--reference", metavar="NAME", help="the run the others are tested against (default: the first)")
+    p.add_argument(
+        "--paper",
+        action="append",
+        default=[],
+        metavar="NAME[:METHOD]",
+        help="add a published table's method as a column, never tested (default METHOD: the paper's own); repeatable",
+    )
+    p.add_argument(
+        "--correction",
+        choices=list(CORRECTIONS),
+        default="holm",
+        help="multiple-testing correction of each run's tests against the reference (default: holm)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=Statistics().resamples,
+        metavar="N",
+        help="bootstrap resamples for the differences' 95%% intervals (default: %(default)s; 0: none)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed (default: 0)")
     p.set_defaults(func=_compare)
 
 

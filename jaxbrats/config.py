@@ -21,6 +21,7 @@ from pathlib import Path
 
 from jaxbrats.errors import ConfigError  # noqa: F401  (re-exported: config and methods both raise it)
 from jaxbrats.files import write_text_atomic
+from jaxbrats.modalities import SUBSET_NAMES
 
 # --- value checks: each raises ConfigError naming the key and the bad value -------------------
 
@@ -29,10 +30,12 @@ DTYPES = ("float32", "bfloat16")
 CONV_IMPLS = ("auto", "native", "depth2d")  # networks.layers.conv3d
 FAMILY_MAPS = ("auto", "vmap", "unroll")  # networks.family
 BLENDS = ("gaussian", "uniform")  # inference.sliding_window
-HD95_CONVENTIONS = ("brats", "zero", "nan")  # evaluation.metrics.HD95_EMPTY
+HD95_CONVENTIONS = ("brats", "zero", "nan", "brats2023")  # evaluation.metrics.HD95_EMPTY
 SPLITS = ("auto", "files", "ratio")  # DataConfig.split
 AVERAGES = ("probabilities", "logits")  # EvalConfig.average: what the sliding window blends
 DECODINGS = ("auto", "threshold", "argmax")  # EvalConfig.decoding: region probabilities -> labels
+TTAS = ("none", "flips")  # EvalConfig.tta: test-time mirroring (inference.segment.mirrored)
+BEST_SCORES = ("dice_mean", "dice_WT", "dice_TC", "dice_ET")  # TrainConfig.best_score
 SEED_LIMIT = 2**31  # Grain's sampler takes 32-bit seeds; a run adds the stage index to train.seed
 
 
@@ -200,14 +203,19 @@ class DataConfig(LoaderConfig):
     cache: str = ""  # prepared cache directory (`--data` overrides)
     batch_size: int = 2  # global batch, split over the data axis of the mesh
     #: Where the train/val/test split comes from: "files" (train_split, val_split, test_split:
-    #: one case id per line; for datasets whose papers publish a split), "ratio" (a seeded
-    #: ratio split of the cache) or "auto" (the files when train_split is set, else the ratios).
+    #: the lists a paper's authors publish, one case per line, as downloaded; docs/usage.md#splits),
+    #: "ratio" (a seeded ratio split of the cache) or "auto" (the files when train_split is set,
+    #: else the ratios).
     split: str = "auto"
     train_split: str = ""
     val_split: str = ""
     test_split: str = ""
     split_ratios: tuple[float, float, float] = (0.8, 0.0, 0.2)
     split_seed: int = 0
+    #: The paper's [train, val, test] case counts, checked when a run fixes its split: each list
+    #: file must hold its count (a wrong or truncated download stops the run), a ratio split must
+    #: cover their sum. Empty: no check.
+    split_counts: tuple[int, ...] = ()
 
     def validate(self, where: str) -> None:
         check_entries(_key(where, "crop_size"), self.crop_size, 1)
@@ -233,6 +241,12 @@ class DataConfig(LoaderConfig):
         if self.split_ratios[0] <= 0:
             raise ConfigError(f"{ratios} must give training a share > 0, got {_show(self.split_ratios)}")
         check_range(_key(where, "split_seed"), self.split_seed, 0)
+        counts = _key(where, "split_counts")
+        if self.split_counts and len(self.split_counts) != 3:
+            raise ConfigError(f"{counts} must be [] or [train, val, test] case counts, got {_show(self.split_counts)}")
+        check_entries(counts, self.split_counts, 0)
+        if self.split_counts and self.split_counts[0] == 0:
+            raise ConfigError(f"{counts} must give training cases, got {_show(self.split_counts)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,11 +263,18 @@ class EvalConfig:
     #: "auto": the method's own (`Method.decoding`). eval_settings.json records the one used.
     decoding: str = "auto"
     threshold: float = 0.5
+    #: Test-time augmentation: "flips" averages each window's scores over its 8 mirror images
+    #: (every combination of the three spatial axes flipped, each output flipped back: nnU-Net's
+    #: mirroring), at the level `average` blends; "none": one pass. 8 x the network's work.
+    tta: str = "none"
     #: A centre crop [D, H, W] of the source volume (RAS+ axes) that image AND labels are cut to
     #: before evaluation (ACN's and RIRN's test protocol: 160 x 192 x 128); empty: the whole case.
     center_crop: tuple[int, ...] = ()
     hd95: bool = True
-    hd95_empty: str = "brats"  # brats | zero | nan (see metrics.HD95_EMPTY)
+    hd95_empty: str = "brats"  # brats | zero | nan | brats2023 (see metrics.HD95_EMPTY)
+    #: Also score BraTS 2023's lesion-wise Dice and HD95 (evaluation.lesion): `lesion_dice` and
+    #: `lesion_hd95` per case, subset and region, beside the global scores. Host time per case.
+    lesion_wise: bool = False
     et_postprocess: bool = False  # ET < et_min_voxels -> necrosis
     et_min_voxels: int = 500
     #: Padded case shape compiled for; empty: the largest case rounded up to `bucket_multiple`.
@@ -271,6 +292,7 @@ class EvalConfig:
         check_range(_key(where, "window_batch"), self.window_batch, 1)
         check_choice(_key(where, "average"), self.average, AVERAGES)
         check_choice(_key(where, "decoding"), self.decoding, DECODINGS)
+        check_choice(_key(where, "tta"), self.tta, TTAS)
         check_range(_key(where, "threshold"), self.threshold, 0, 1, low_open=True, high_open=True)
         if self.center_crop:
             if len(self.center_crop) != 3:
@@ -326,11 +348,27 @@ class TrainConfig:
     #: (a diagnostic: one more forward pass and one backward pass per term, vmapped, each step:
     #: about K x the backward memory for K terms; meant for small crops).
     grad_norms: tuple[str, ...] = ()
+    #: Steps between validations on the run's val split (0: none), and at each stage's end: the
+    #: 15-subset program's Dice on the training mesh, logged as ``val/...`` rows; the best score
+    #: keeps ``checkpoints/<stage>/best`` (`evaluation.validation`). Stages that do not segment skip it.
+    validate_every: int = 0
+    #: The subsets validated, by name (``"flair+t1ce"``, `modalities.SUBSET_NAMES`): fewer is
+    #: cheaper. Empty: every subset the method serves.
+    validate_subsets: tuple[str, ...] = ()
+    #: The validation score that picks the best checkpoint (higher is better): the mean Dice
+    #: over the validated subsets and the three regions, or one region's.
+    best_score: str = "dice_mean"
 
     def validate(self, where: str) -> None:
         check_range(_key(where, "seed"), self.seed, 0, SEED_LIMIT, high_open=True)
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
             check_range(_key(where, name), getattr(self, name), 1)
+        check_range(_key(where, "validate_every"), self.validate_every, 0)
+        for name in self.validate_subsets:
+            check_choice(_key(where, "validate_subsets") + " entries", name, SUBSET_NAMES)
+        if len(set(self.validate_subsets)) != len(self.validate_subsets):
+            raise ConfigError(f"{_key(where, 'validate_subsets')} names a subset twice: {_show(self.validate_subsets)}")
+        check_choice(_key(where, "best_score"), self.best_score, BEST_SCORES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,8 +495,32 @@ def apply_overrides(data: dict, overrides) -> dict:
     return data
 
 
-def read_raw(path) -> dict:
+def shipped_configs() -> dict[str, Path]:
+    """The configs that ship with jaxbrats, by name: jaxbrats/configs in an installed wheel, the
+    top-level configs/ of a source checkout (an editable install runs from one)."""
+    package = Path(__file__).resolve().parent
+    folder = package / "configs"
+    if not folder.is_dir() and (package.parent / "pyproject.toml").is_file():
+        folder = package.parent / "configs"
+    return {file.stem: file for file in sorted(folder.glob("*.toml"))}
+
+
+def config_file(path) -> Path:
+    """The file `path` names: itself when it exists, else a shipped config by its name
+    (`baseline_phantom` or `baseline_phantom.toml`), so `--config NAME` works from any directory."""
     path = Path(path)
+    if path.exists():
+        return path
+    shipped = shipped_configs()
+    if path.parent == Path(".") and path.suffix in ("", ".toml") and path.stem in shipped:
+        return shipped[path.stem]
+    if path.suffix == ".json":  # a run's saved config: no shipped one stands in for it
+        raise ConfigError(f"{path}: config file not found")
+    raise ConfigError(f"{path}: config file not found, nor a shipped config (shipped: {', '.join(shipped)})")
+
+
+def read_raw(path) -> dict:
+    path = config_file(path)
     try:
         text = path.read_text()
     except FileNotFoundError:

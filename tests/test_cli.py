@@ -179,3 +179,28 @@ def test_version_is_the_installed_distributions(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"jaxbrats {version('jaxbrats')}"
+
+
+@pytest.mark.parametrize(
+    "command, error",
+    [  # train: a shipped config by name, from a directory without configs/
+        (["train", "--config", "baseline_phantom", "--workdir", "w", "--data", "d"], "d/index.json: missing"),
+        (["eval", "--workdir", "w", "--data", "d", "--out", "o"], "w: not a jaxbrats run"),
+        (["bench", "--method", "m3ae", "--what", "train"], "--method m3ae times the evaluation only"),
+    ],
+    ids=["train", "eval", "bench"],
+)
+def test_train_eval_and_bench_first_say_the_platform(command, error, tmp_path, monkeypatch, capsys):
+    """Each says its backend and devices before its work (here: before failing on the missing data or run)."""
+    import jax
+
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 1
+    out, err = capsys.readouterr()
+    count = len(jax.devices())
+    assert out.splitlines()[0] == (
+        f"jax {jax.__version__} on {jax.default_backend()}: {count} device{'s' * (count != 1)} "
+        f"({jax.devices()[0].device_kind})"
+    )
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"jaxbrats: error: {error}"), err

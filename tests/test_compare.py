@@ -52,10 +52,11 @@ def three_runs(tmp_path_factory):
     served = np.zeros(15, bool)
     served[[0, 1, 2, 3, FULL]] = True  # a dedicated method with students for the singles and the full set only
     hd = rng.uniform(2, 20, base.shape)
+    worse = 1 + rng.uniform(0, 0.01, base.shape)  # no ties among the differences: scipy's exact test (fast)
     paths = []
     for name, dice, s in (("ref", base, None), ("better", better, None), ("noisy", noisy, served)):
         paths.append(root / name / "eval")
-        write_eval(paths[-1], dice, hd + (name == "better"), s)
+        write_eval(paths[-1], dice, hd + (name == "better") * worse, s)
     return root, paths, {"ref": base, "better": better, "noisy": noisy}
 
 
@@ -83,8 +84,10 @@ def test_tables_bold_the_best_and_mark_p_from_scipy(three_runs, compared):
     for s, r in [(0, 0), (3, 2), (FULL, 1)]:
         want = stats.wilcoxon(dice["noisy"][:, s, r], dice["ref"][:, s, r]).pvalue
         assert t.p[2, s, r] == pytest.approx(want, rel=1e-12)
-        assert t.marked[2, s, r] == (want < 0.05)
-    assert np.allclose(t.p[1, :15], 2 / 2**8) and t.marked[1, :15].all()
+    assert np.allclose(t.p[1], 2 / 2**8)  # raw: "better" wins in every case
+    # Holm over the 48 tests of "better": the smallest p 2/2^8 times 48 is 0.375; 8 cases can never pass Holm
+    assert np.allclose(t.p_adjusted[1], 48 * 2 / 2**8) and not t.marked.any()
+    assert np.allclose(t.p_adjusted[2][np.isfinite(t.p[2])], holm_reference(t.p[2][np.isfinite(t.p[2])]))
     assert np.isnan(t.p[2, 5]).all() and np.isnan(t.values[2, 5]).all()  # a row "noisy" does not serve: a dash
     shared = [0, 1, 2, 3, FULL]  # the rows every run serves: the mean row's, for every run
     assert t.mean_rows.sum() == 5 and t.mean_rows[shared].all()
@@ -95,15 +98,22 @@ def test_tables_bold_the_best_and_mark_p_from_scipy(three_runs, compared):
     assert "**mean of 5 rows**" in (out / "compare_dice.md").read_text()
     md = (out / "compare_dice.md").read_text()
     full_row = next(line for line in md.splitlines() if line.startswith("| ● | ● | ● | ● |"))
-    assert f"**{100 * dice['better'][:, FULL, 0].mean():.2f}**†" in full_row
+    assert f"**{100 * dice['better'][:, FULL, 0].mean():.2f}** |" in full_row
+    assert "Multiple testing: Holm correction" in md and "better 48, noisy 18" in md  # the family, named
+    assert "p-values against ref, Holm-adjusted:" in md
     tex = (out / "compare_dice.tex").read_text()
-    assert r"\textbf{" in tex and r"$^\dagger$" in tex and r"\multicolumn{3}{c}{better}" in tex
+    assert r"\textbf{" in tex and r"\multicolumn{3}{c}{better}" in tex and "Holm correction" in tex
     csv_lines = (out / "compare_dice.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 16 and csv_lines[0].split(",")[6:9] == ["ref WT", "ref TC", "ref ET"]
     hd = result["tables"]["hd95"]
     assert hd.best[0, :15].all()  # lower HD95 is better: "better" is 1 mm worse everywhere
     assert "empty-mask convention 'brats'" in (out / "compare_hd95.md").read_text()
-    assert json.loads((out / "compare.json").read_text())["names"] == ["ref", "better", "noisy"]
+    assert "Multiple testing: Holm correction" in (out / "compare_hd95.md").read_text()
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["names"] == ["ref", "better", "noisy"] and saved["statistics"]["correction"] == "holm"
+    row = saved["tables"]["dice"]["rows"][0]
+    assert row["p"]["better"]["WT"] == pytest.approx(2 / 2**8)  # raw and corrected, both kept
+    assert row["p_adjusted"]["better"]["WT"] == pytest.approx(48 * 2 / 2**8)
 
 
 def exact_wilcoxon_p(x: np.ndarray, y: np.ndarray) -> float:
@@ -156,7 +166,7 @@ def test_the_charts_show_the_runs(compared):
         assert (blueish > reddish) == (metric == "dice"), (blueish, reddish)
 
 
-def test_reference_and_names(three_runs, tmp_path):
+def test_reference_and_names(three_runs, no_charts, tmp_path):
     _, paths, dice = three_runs
     result = compare(paths[:2], tmp_path / "out", names=["A", "B"], reference="B")
     t = result["tables"]["dice"]
@@ -215,7 +225,7 @@ def test_not_an_evaluation_is_one_line(three_runs, tmp_path, capsys):
     assert code == 1 and "summary.json: missing" in out.err and out.err.count("\n") == 1
 
 
-def test_cases_missing_a_modality_score_fewer_rows(tmp_path):
+def test_cases_missing_a_modality_score_fewer_rows(no_charts, tmp_path):
     rng = np.random.default_rng(1)
     present = {c: [True, True, True, i % 2 == 0] for i, c in enumerate(CASES)}  # half the cases lack T2
     a, b = rng.uniform(0.4, 0.9, (2, len(CASES), 15, 3))
@@ -228,3 +238,241 @@ def test_cases_missing_a_modality_score_fewer_rows(tmp_path):
     assert t.values[0, t2, 0] == pytest.approx(100 * a[keep, t2, 0].mean())
     assert t.p[1, t2, 0] == pytest.approx(stats.wilcoxon(b[keep, t2, 0], a[keep, t2, 0]).pvalue)
     assert load_run(tmp_path / "a", "a").applicable.sum() < 8 * 15
+
+
+def holm_reference(p: np.ndarray) -> np.ndarray:
+    """Holm-adjusted p-values, one hypothesis at a time: the i-th smallest p times the m - i + 1 still untested,
+    never below the previous adjusted value, at most 1."""
+    out, running = np.empty(len(p)), 0.0
+    for rank, i in enumerate(sorted(range(len(p)), key=lambda i: p[i])):
+        running = max(running, (len(p) - rank) * p[i])
+        out[i] = min(1.0, running)
+    return out
+
+
+def step_down_rejects(p: np.ndarray, alpha: float) -> np.ndarray:
+    """Holm's procedure as he states it: test the sorted p-values against alpha / (m - j + 1), stop at the first
+    that fails; the ones before it are rejected."""
+    rejected = np.zeros(len(p), bool)
+    for j, i in enumerate(np.argsort(p, kind="stable")):
+        if p[i] > alpha / (len(p) - j):
+            break
+        rejected[i] = True
+    return rejected
+
+
+def step_up_rejects(p: np.ndarray, alpha: float) -> np.ndarray:
+    """Benjamini-Hochberg: the largest k with p_(k) <= k alpha / m; the k smallest are rejected."""
+    ranked = np.sort(p)
+    passing = np.flatnonzero(ranked <= np.arange(1, len(p) + 1) * alpha / len(p))
+    return p <= ranked[passing[-1]] if len(passing) else np.zeros(len(p), bool)
+
+
+def test_holm_and_bh_follow_their_definitions():
+    from jaxbrats.evaluation.compare_stats import adjust, holm
+
+    # by hand: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 -> 0.02, 0.03, 0.06, 0.04 -> running max 0.06
+    np.testing.assert_allclose(holm(np.array([0.01, 0.04, 0.03, 0.005])), [0.03, 0.06, 0.06, 0.02])
+    rng = np.random.default_rng(3)
+    for m in (1, 2, 5, 48):
+        for _ in range(20):
+            p = np.concatenate([rng.uniform(0, 0.02, m // 2), rng.uniform(0, 1, m - m // 2)])
+            p[rng.integers(0, m)] = p[0]  # a tie
+            np.testing.assert_allclose(adjust(p, "holm"), holm_reference(p), rtol=1e-12)
+            for alpha in (0.001, 0.01, 0.05, 0.2):
+                assert np.array_equal(adjust(p, "holm") <= alpha, step_down_rejects(p, alpha)), (m, alpha)
+                assert np.array_equal(adjust(p, "bh") <= alpha + 1e-15, step_up_rejects(p, alpha)), (m, alpha)
+    p = np.array([[0.01, np.nan, 0.02], [np.nan, 0.5, 0.03]])  # NaN: no test, not in the family
+    np.testing.assert_allclose(adjust(p, "holm")[np.isfinite(p)], holm_reference(p[np.isfinite(p)]))
+    assert np.isnan(adjust(p, "bh")[~np.isfinite(p)]).all()
+    np.testing.assert_array_equal(adjust(p, "none"), p)
+
+
+def test_bootstrap_interval_is_vectorised_deterministic_and_covers():
+    from jaxbrats.evaluation.compare_stats import bootstrap_ci, uniforms
+
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(1.0, 1.0, 20), rng.normal(0.0, 1.0, 20)
+    x[3] = np.nan  # one unpaired case: left out
+    u = uniforms(500, 20, seed=7)
+    mean, low, high = bootstrap_ci(x, y, u)
+    d = (x - y)[np.isfinite(x)]
+    loop = [d[(u[b, : len(d)] * len(d)).astype(int)].mean() for b in range(len(u))]  # one resample at a time
+    assert mean == pytest.approx(d.mean())
+    np.testing.assert_allclose([low, high], np.percentile(loop, [2.5, 97.5]), rtol=1e-12)
+    np.testing.assert_array_equal(bootstrap_ci(x, y, uniforms(500, 20, seed=7)), [mean, low, high])  # by seed
+    assert bootstrap_ci(x, y, uniforms(500, 20, seed=8))[1] != low
+    assert np.isnan(bootstrap_ci(np.full(3, np.nan), np.zeros(3), u)).all()
+    # coverage: 200 synthetic paired samples of 30 cases, true difference 0.5
+    truth, u = 0.5, uniforms(2000, 30, seed=0)
+    samples = rng.normal(0, 1, (200, 30))
+    covered = [low <= truth <= high for _, low, high in (bootstrap_ci(s + truth, np.zeros(30), u) for s in samples)]
+    assert 0.88 <= np.mean(covered) <= 0.99, np.mean(covered)
+
+
+def test_compare_intervals_cover_the_true_difference_and_bh_marks(three_runs, compared, tmp_path):
+    from jaxbrats.evaluation.compare import compare_metric, load_run
+    from jaxbrats.evaluation.compare_stats import Statistics
+
+    _, paths, dice = three_runs
+    t, out = compared[0]["tables"]["dice"], compared[1]
+    diff = dice["better"] - dice["ref"]  # 0.1 + U(0, 0.01) per case: the true difference is 10.5 points
+    np.testing.assert_allclose(t.difference[1, :15, :, 0], 100 * diff.mean(axis=0), rtol=1e-12)
+    low, high = t.difference[1, ..., 1], t.difference[1, ..., 2]
+    assert (low <= t.difference[1, ..., 0]).all() and (t.difference[1, ..., 0] <= high).all()
+    assert (low >= 10).all() and (high <= 11).all() and np.mean((low <= 10.5) & (10.5 <= high)) > 0.75
+    assert np.isnan(t.difference[0]).all() and np.isnan(t.difference[2, 5]).all()  # reference; unserved row
+    md = (out / "compare_dice.md").read_text()
+    cell = f"{t.difference[1, 0, 0, 0]:+.2f} [{low[0, 0]:+.2f}, {high[0, 0]:+.2f}]"
+    assert cell in md and "10000 resamples, seed 0" in md
+    runs = [load_run(p, n) for p, n in zip(paths, ["ref", "better", "noisy"])]
+    again = compare_metric(runs, 0, "dice", "", statistics=Statistics(resamples=10000, seed=0))
+    np.testing.assert_array_equal(again.difference, t.difference)  # deterministic by seed
+    other = compare_metric(runs, 0, "dice", "", statistics=Statistics(resamples=10000, seed=1))
+    assert not np.array_equal(other.difference[1, ..., 1], low)
+    bh = compare_metric(runs, 0, "dice", "", statistics=Statistics(correction="bh", resamples=0))
+    assert np.allclose(bh.p_adjusted[1], 2 / 2**8) and bh.marked[1].all()  # 48 equal p-values: BH keeps them
+    assert np.isnan(bh.difference[1, ..., 1]).all() and not np.isnan(bh.difference[1, ..., 0]).any()
+    from jaxbrats.evaluation.compare_report import latex, markdown
+
+    assert "†" in markdown(bh) and r"$^\dagger$" in latex(bh) and "Benjamini-Hochberg correction" in markdown(bh)
+
+
+class FakeTable:
+    """What `evaluation.published.load` returns, with two methods of made-up numbers."""
+
+    name, title, citation = "fake-brats", "A Fake Paper", "Doe et al., arXiv:0000.00000, Table 2"
+    dataset, split, default_method = "BraTS 2018", "test split (57 cases)", "Ours"
+    sources, notes = {"Ours": "Table 2", "Base": "Table 2"}, {"Ours": "", "Base": "quoted from its paper"}
+
+    def __init__(self):
+        dice = np.linspace(0.5, 0.9, 45).reshape(15, 3)
+        base = dice - 0.1
+        base[4:] = np.nan  # a baseline with the four single-modality rows only
+        self.methods = {"Ours": {"dice": dice}, "Base": {"dice": base, "hd95": np.full((15, 3), 9.0)}}  # no HD95
+        self.means = {m: {k: np.full(3, np.nan) for k in v} for m, v in self.methods.items()}
+
+    def values(self, method):
+        if method not in self.methods:
+            raise cli.JaxbratsError(f"published table 'fake-brats' has no method {method!r}; it has: Ours, Base")
+        return self.methods[method]
+
+
+@pytest.fixture
+def fake_published(monkeypatch):
+    import sys
+    import types
+
+    import jaxbrats.evaluation
+
+    def load(name):
+        if name != "fake-brats":
+            raise cli.JaxbratsError(f"unknown published table {name!r}; available: fake-brats")
+        return FakeTable()
+
+    fake = types.SimpleNamespace(available=lambda: ["fake-brats"], load=load)
+    monkeypatch.setitem(sys.modules, "jaxbrats.evaluation.published", fake)
+    monkeypatch.setattr(jaxbrats.evaluation, "published", fake, raising=False)
+    return FakeTable()
+
+
+@pytest.fixture
+def no_charts(monkeypatch):
+    """Empty chart files: drawing them is most of a comparison's time, and test_the_charts_show_the_runs
+    checks them."""
+    from jaxbrats.evaluation import compare_report
+
+    for name in ("mean_bars", "difference_heatmap"):
+        monkeypatch.setattr(compare_report, name, lambda t, path: path.write_bytes(b""))
+
+
+def test_one_run_and_papers(three_runs, fake_published, no_charts, tmp_path, capsys):
+    _, paths, dice = three_runs
+    code, out = run_cli(capsys, paths[0], "--paper", "fake-brats", "--paper", "fake-brats:Base", "--out", tmp_path)
+    assert code == 0, out.err
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["tables"]["dice"]["names"] == ["ref", "Ours (paper)", "Base (fake-brats)"]
+    assert saved["tables"]["hd95"]["names"] == ["ref", "Base (fake-brats)"]  # "Ours" has no HD95: left out there
+    assert saved["papers"]["Base (fake-brats)"]["table"] == "fake-brats"
+    rows = saved["tables"]["dice"]["rows"]
+    paper = fake_published.methods["Ours"]["dice"]
+    assert rows[2]["values"]["Ours (paper)"]["ET"] == pytest.approx(100 * paper[2, 2])
+    # Base has only the four single rows: the mean row of every column is over those 4
+    assert rows[15]["name"] == "mean of 4 rows"
+    assert rows[15]["values"]["Ours (paper)"]["WT"] == pytest.approx(100 * paper[:4, 0].mean())
+    assert rows[15]["values"]["ref"]["WT"] == pytest.approx(100 * dice["ref"][:, :4, 0].mean())
+    assert rows[0]["p"] == {} and rows[0]["ci"] == {}  # nothing is tested: one run, papers never
+    md = (tmp_path / "compare_dice.md").read_text()
+    assert "| ref WT | ref TC | ref ET | Ours (paper) WT |" in md
+    assert 'Ours (paper): Table 2 of "A Fake Paper" (Doe et al., arXiv:0000.00000, Table 2); BraTS 2018' in md
+    assert "Base (fake-brats): Table 2" in md and "quoted from its paper" in md
+    assert "no test, no interval" in md and "Multiple testing: Holm correction" in md
+    assert "p-values against" not in md  # no run to test
+
+
+def test_the_shipped_m3ae_table_beside_one_run(three_runs, no_charts, tmp_path, capsys):
+    """The contract: one evaluation and a paper; the correction named under the table."""
+    from jaxbrats.evaluation import published
+
+    _, paths, _ = three_runs
+    code, out = run_cli(capsys, paths[0], "--paper", "m3ae-brats2018", "--out", tmp_path)
+    assert code == 0, out.err
+    md = (tmp_path / "compare_dice.md").read_text()
+    assert "M3AE (paper) WT" in md and "Multiple testing: Holm correction" in md and "arXiv:2303.05302" in md
+    want = 100 * published.load("m3ae-brats2018").values()["dice"]
+    saved = json.loads((tmp_path / "compare.json").read_text())["tables"]["dice"]["rows"]
+    assert [saved[s]["values"]["M3AE (paper)"]["TC"] for s in (0, 14)] == pytest.approx(want[[0, 14], 1])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--reference", "fake-brats"], "--reference 'fake-brats' is a paper"),
+        (["--reference", "Ours (paper)"], "--reference 'Ours (paper)' is a paper"),
+        (["--paper", "fake-brats:Nope"], "'fake-brats' has no method 'Nope'; it has: Ours, Base"),
+        (["--paper", "unknown"], "unknown published table 'unknown'"),
+        (["--paper", "fake-brats"], "--paper fake-brats: given twice"),
+    ],
+)
+def test_paper_errors_are_one_line(three_runs, fake_published, tmp_path, capsys, argv, message):
+    _, paths, _ = three_runs
+    code, out = run_cli(capsys, paths[0], "--paper", "fake-brats", "--out", tmp_path / "out", *argv)
+    assert code == 1 and message in out.err and out.err.count("\n") == 1, out.err
+
+
+def test_one_run_alone_is_refused(three_runs, tmp_path, capsys):
+    code, out = run_cli(capsys, three_runs[1][0], "--out", tmp_path / "out")
+    assert code == 1 and "one and --paper NAME" in out.err and out.err.count("\n") == 1
+
+
+def add_lesion_scores(folder, lesion_dice, lesion_hd):
+    """Lesion-wise scores (cases, 15, 3) in the case files and summary rows, as eval.lesion_wise writes them."""
+    for i, case in enumerate(CASES):
+        path = folder / "cases" / f"{case}.json"
+        saved = json.loads(path.read_text())
+        for s, row in enumerate(saved["subsets"]):
+            on = row["applicable"]
+            row["lesion_dice"] = {r: float(v) if on else None for r, v in zip(("WT", "TC", "ET"), lesion_dice[i, s])}
+            row["lesion_hd95"] = {r: float(v) if on else None for r, v in zip(("WT", "TC", "ET"), lesion_hd[i, s])}
+        path.write_text(json.dumps(saved))
+
+
+def test_lesion_wise_tables_when_every_run_has_them(three_runs, no_charts, tmp_path, capsys):
+    _, _, dice = three_runs
+    for name, values in (("a", dice["ref"]), ("b", dice["better"]), ("c", dice["noisy"])):
+        write_eval(tmp_path / name, values, 10 * values)  # no ties: scipy's exact test, not its slow permutations
+    rng = np.random.default_rng(5)
+    lesion = {name: rng.uniform(0.3, 0.9, (len(CASES), 15, 3)) for name in "ab"}
+    for name in "ab":
+        add_lesion_scores(tmp_path / name, lesion[name], 10 * lesion[name])
+    t = compare([tmp_path / "a", tmp_path / "b"], tmp_path / "ab", bootstrap=0)["tables"]
+    assert set(t) == {"dice", "hd95", "lesion_dice", "lesion_hd95"}
+    np.testing.assert_allclose(t["lesion_dice"].values[1, :15], 100 * lesion["b"].mean(axis=0))
+    want = stats.wilcoxon(10 * lesion["b"][:, 3, 1], 10 * lesion["a"][:, 3, 1]).pvalue
+    assert t["lesion_hd95"].p[1, 3, 1] == pytest.approx(want)
+    md = (tmp_path / "ab" / "compare_lesion_dice.md").read_text()
+    assert md.startswith("### Lesion-wise Dice (%)") and "Multiple testing: Holm correction" in md
+    assert (tmp_path / "ab" / "lesion_hd95_means.png").exists()
+    code, out = run_cli(capsys, tmp_path / "a", tmp_path / "c", "--out", tmp_path / "ac", "--bootstrap", "0")
+    assert code == 0 and out.out.count("note:") == 2 and "only a of the runs have it" in out.out
+    assert not (tmp_path / "ac" / "compare_lesion_dice.md").exists()

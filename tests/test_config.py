@@ -130,7 +130,7 @@ BAD_VALUES = [
     (["eval.window_batch=0"], "eval.window_batch must be >= 1, got 0"),
     (["eval.threshold=0"], "eval.threshold must be in (0, 1), got 0.0"),
     (["eval.threshold=1"], "eval.threshold must be in (0, 1), got 1.0"),
-    (["eval.hd95_empty='inf'"], "eval.hd95_empty must be one of ['brats', 'zero', 'nan'], got 'inf'"),
+    (["eval.hd95_empty='inf'"], "eval.hd95_empty must be one of ['brats', 'zero', 'nan', 'brats2023'], got 'inf'"),
     (["eval.et_min_voxels=-1"], "eval.et_min_voxels must be >= 0, got -1"),
     (["eval.bucket=[160,160]"], "eval.bucket needs 3 values (or none), got [160, 160]"),
     (["eval.bucket=[0,160,160]"], "eval.bucket entries must be >= 1, got [0, 160, 160]"),

@@ -178,28 +178,18 @@ def test_evaluate_without_figures_writes_none(phantom_cache, tmp_path, monkeypat
 
 
 def test_eval_command_passes_figures_and_the_checkpoint_step(phantom_cache, tmp_path, monkeypatch, capsys):
-    import jaxbrats.runtime.checkpoints
-
-    class Manager:
-        def latest_step(self):
-            return 12
-
     method = _Method()
-    method.serving = "train"
+    method.served_checkpoint = {"stage": "train", "step": 12, "checkpoint": "latest"}  # what load_trained read
     config = type("Config", (), {"eval": EvalConfig()})()
     seen = {}
-    monkeypatch.setattr(trained, "load_trained", lambda *a, **k: (method, {}, {}, config))
-    monkeypatch.setattr(
-        jaxbrats.runtime.checkpoints, "existing_manager", lambda workdir, stage: seen.update(stage=stage) or Manager()
-    )
+    monkeypatch.setattr(trained, "load_trained", lambda *a, **k: seen.update(loaded=k) or (method, {}, {}, config))
     monkeypatch.setattr(program, "evaluate", lambda *a, **k: seen.update(k) or {"stop": True})
     monkeypatch.setattr(reports, "markdown_table", lambda *a: "")
     args = ["eval", "--workdir", tmp_path, "--data", phantom_cache, "--split", "all", "--out", tmp_path / "out"]
-    assert main(args + ["--figures", "3"]) == 0
-    assert seen["figures"] == 3 and seen["step"] == 12 and seen["stage"] == "train"
-    seen.clear()
-    assert main(args) == 0
-    assert seen["figures"] == 0 and seen["step"] == 0 and "stage" not in seen  # no checkpoint read without figures
+    assert main(args + ["--figures", "3", "--checkpoint", "best"]) == 0
+    assert seen["figures"] == 3 and seen["step"] == 12 and seen["loaded"]["checkpoint"] == "best"
+    assert seen["checkpoint"] == method.served_checkpoint  # recorded in summary.json
+    assert "models: stage train, step 12 (latest checkpoint)" in capsys.readouterr().out
 
 
 # --- jaxbrats plot --------------------------------------------------------------------------

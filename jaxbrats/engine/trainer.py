@@ -93,8 +93,15 @@ class StepBudget:
 class Trainer:
     """Runs a method's stages for one work directory (see the module docstring)."""
 
-    def __init__(self, config: Config, workdir, data_dir=None, only: tuple[str, ...] = ()):
+    def __init__(self, config: Config, workdir, data_dir=None, only: tuple[str, ...] = (), validator=None):
+        if config.train.validate_every and validator is None:
+            raise JaxbratsError(
+                "train.validate_every needs the evaluation: pass validator="
+                "jaxbrats.evaluation.validation.StageValidation (as `jaxbrats train` does)"
+            )
         self.config = config
+        #: (trainer, stage, graphdefs) -> the stage's validation (`evaluation.validation.StageValidation`)
+        self.validator = validator
         self.workdir = Path(workdir)
         self.method = get_method(config.method_name)(config)
         unknown = sorted(set(only) - set(self.method.stages))
@@ -124,7 +131,7 @@ class Trainer:
 
     def _run(self, stop_after: int | None) -> dict:
         self.budget = StepBudget(stop_after)
-        splits = workdir_files.prepare(self.workdir, self.config, self.cache)
+        self.splits = splits = workdir_files.prepare(self.workdir, self.config, self.cache)
         train_set = CacheDataset(self.cache.cache_dir, splits["train"])
         self.method.setup(train_set)
         saved = self.starts.saved_steps()
@@ -162,6 +169,12 @@ class Trainer:
             )
         return batch
 
+    def validation(self, stage: str, graphdefs: dict):
+        """The stage's validation (`train.validate_every`), or None: not asked for, or its models do not segment."""
+        if not self.config.train.validate_every or not self.method.can_predict(stage):
+            return None
+        return self.validator(self, stage, graphdefs)
+
     def pipeline_config(self, stage: str, index: int) -> PipelineConfig:
         """This process's loader settings of a stage: ``[data]``'s, its share of the batch, what the method asks."""
         return PipelineConfig.from_config(
@@ -192,7 +205,8 @@ class Trainer:
         iterator = iter(make_loader(train_set, pipeline))
         if start.iterator is not None:  # this process's own state (each reads its shard of the cases)
             iterator.set_state(start.iterator.encode())
-        state = StageLoop(self, stage, total, manager, pipeline).run(state, step_fn, iterator)
+        loop = StageLoop(self, stage, total, manager, pipeline, self.validation(stage, start.graphdefs))
+        state = loop.run(state, step_fn, iterator)
         if int(jax.device_get(state["step"])) == total and lead():  # reports: written once
             self.method.on_stage_end(stage, state["models"], self.workdir)
         return state["models"]
@@ -201,10 +215,12 @@ class Trainer:
 class StageLoop:
     """The steps of one stage in this call: the step compiled at the first batch, the metrics fetched,
     checked and logged every `train.log_every` steps, a checkpoint every `train.checkpoint_every`
-    steps and at the stage's end, and a stop when the call's `StepBudget` is spent."""
+    steps and at the stage's end, and a stop when the call's `StepBudget` is spent; the stage's
+    `validation` (or None) where it is due, after the metrics are checked, before the checkpoint."""
 
-    def __init__(self, trainer: Trainer, stage: str, total: int, manager, pipeline: PipelineConfig):
+    def __init__(self, trainer: Trainer, stage: str, total: int, manager, pipeline: PipelineConfig, validation=None):
         self.trainer, self.stage, self.total, self.manager = trainer, stage, total, manager
+        self.validation = validation
         method, self.settings = trainer.method, trainer.config.train
         schedules = {u.group: make_schedule(method.optimizer(stage, u.group), total) for u in method.updates(stage)}
         self.pending = PendingMetrics(trainer.log, stage, loss_keys(method, stage), schedules, trainer.losses)
@@ -236,8 +252,11 @@ class StageLoop:
                 self.pending.add(step, metrics)
                 budget.spend()
                 save_now = step == self.total or budget.spent or step % self.settings.checkpoint_every == 0
-                if save_now or step % self.settings.log_every == 0:
+                validate_now = self.validation is not None and self.validation.due(step, self.total)
+                if save_now or validate_now or step % self.settings.log_every == 0:
                     self._flush(step)
+                if validate_now:
+                    self._validate(state, step)
                 if save_now:
                     self._save(state, iterator)
                 if budget.spent:
@@ -269,6 +288,16 @@ class StageLoop:
         self.bar.update(step - self.last_step)
         self.last_time, self.last_step = now, step
 
+    def _validate(self, state: dict, step: int) -> None:
+        """Validate the models of this step and log the row; its time stays out of the throughput."""
+        row = self.validation(state["models"], step)
+        self.trainer.log.write({"stage": self.stage, "step": step, **row})
+        if lead():
+            key = self.validation.score_key
+            best = f" (best {row['val/best']:.4f})" if "val/best" in row else ""
+            tqdm.write(f"stage {self.stage} step {step}: {key} {row.get(key, float('nan')):.4f}{best}")
+        self.last_time = time.perf_counter()
+
     def _save(self, state: dict, iterator) -> None:
         extra = {
             "config": to_dict(self.trainer.config),
@@ -279,7 +308,14 @@ class StageLoop:
         save(self.manager, state, extra, iterator)
 
 
-def train(config: Config, workdir, data_dir=None, stop_after: int | None = None, only: tuple[str, ...] = ()) -> Trainer:
-    trainer = Trainer(config, workdir, data_dir, only)
+def train(
+    config: Config,
+    workdir,
+    data_dir=None,
+    stop_after: int | None = None,
+    only: tuple[str, ...] = (),
+    validator=None,
+) -> Trainer:
+    trainer = Trainer(config, workdir, data_dir, only, validator)
     trainer.run(stop_after)
     return trainer

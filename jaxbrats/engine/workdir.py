@@ -28,7 +28,7 @@ from pathlib import Path
 
 from jaxbrats.config import Config, ConfigError, OptimizerConfig, StageConfig, save_config, to_dict
 from jaxbrats.data.cache import CacheDataset
-from jaxbrats.data.splits import ratio_split, read_split_file
+from jaxbrats.data.splits import check_split_counts, check_split_total, ratio_split, read_split_files
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.files import write_text_atomic
 from jaxbrats.methods import config_from_data, get_method
@@ -41,6 +41,7 @@ RESUMABLE = (
     "data.batch_size",
     "data.workers",
     "data.prefetch",
+    "data.split_counts",  # checked when a run first fixes its split
     "stages.*.epochs",
     "stages.*.steps",
     "stages.*.batch_size",
@@ -59,6 +60,8 @@ RESUMABLE = (
     "train.progress",
     "train.mesh.*",
     "train.grad_norms",
+    "train.validate_every",
+    "train.validate_subsets",
     "eval.*",
 )
 
@@ -74,19 +77,24 @@ def single_writer(workdir: Path):
     return locks.hold(RunDir(workdir).lock, "jaxbrats train", hint="wait for it to finish or use another --workdir")
 
 
-def resolve_splits(config: Config, cache_ids: list[str]) -> dict[str, list[str]]:
+def resolve_splits(config: Config, cache_ids: list[str], cache_dir="") -> dict[str, list[str]]:
+    """A new run's split: the list files (the paper's, checked against `data.split_counts`) or the ratios."""
     d = config.data
     if d.split == "files" and not (d.train_split and d.test_split):
         raise ConfigError(
             "data.split = 'files' (this config's paper publishes its split): set data.train_split, "
-            "data.val_split and data.test_split to files of case ids, or --set data.split='\"ratio\"' "
-            "for a seeded ratio split (data.split_ratios, data.split_seed) that is not the paper's"
+            "data.val_split and data.test_split to the authors' list files (docs/usage.md#splits), or "
+            "--set data.split='\"ratio\"' for a seeded ratio split (data.split_ratios, data.split_seed) "
+            "that is not the paper's"
         )
+    cache = f"the cache {cache_dir}" if cache_dir else "the cache"
     if d.train_split:
-        splits = {"train": read_split_file(d.train_split, cache_ids)}
-        for name, path in (("val", d.val_split), ("test", d.test_split)):
-            splits[name] = read_split_file(path, cache_ids) if path else []
+        files = {"train": d.train_split, "val": d.val_split, "test": d.test_split}
+        keys = {name: f"data.{name}_split" for name in files}
+        splits = read_split_files(files, cache_ids, keys=keys, cache=cache)
+        check_split_counts(splits, d.split_counts, keys=keys, files=files)
         return splits
+    check_split_total(len(cache_ids), d.split_counts, cache=cache)
     return ratio_split(cache_ids, d.split_ratios, seed=d.split_seed)
 
 
@@ -201,7 +209,7 @@ def _prepare(workdir: Path, config: Config, cache: CacheDataset) -> dict[str, li
     workdir.mkdir(parents=True, exist_ok=True)
     split_path = RunDir(workdir).splits
     fixed = split_path.exists()
-    splits = load_splits(workdir, cache) if fixed else resolve_splits(config, cache.case_ids)
+    splits = load_splits(workdir, cache) if fixed else resolve_splits(config, cache.case_ids, cache.cache_dir)
     if not splits["train"]:
         raise JaxbratsError(f"{split_path}: no training cases")
     record_config(workdir, config)

@@ -1,8 +1,9 @@
 """Evaluation and reports: the 15-subset program, its metrics, and the comparisons of runs.
 
 `program` evaluates every case on all 15 modality subsets in one compiled program (`cost`: its FLOPs
-per window), `metrics` holds Dice and HD95, `reports` the summary tables and heatmap, `figures` and
-`plots` the images of cases and training curves, `compare` and `compare_report` the paired comparison of runs.
+per window), `validation` scores the val split during training, `metrics` holds Dice and HD95,
+`reports` the summary tables and heatmap, `figures` and `plots` the images of cases and training
+curves, `compare` and `compare_report` the paired comparison of runs.
 """
 
 from jaxbrats.faces import lazy_exports
@@ -13,6 +14,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "evaluate": "program",
         "make_case_program": "program",
         "applicability": "program",
+        "StageValidation": "validation",
         "window_flops": "cost",
         "dice_counts": "metrics",
         "dice_from_counts": "metrics",

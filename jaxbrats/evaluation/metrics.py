@@ -14,13 +14,29 @@ Conventions (those of the BraTS challenge and of the methods' public code):
   percentile is taken. The empty-mask convention is a setting
   (`eval.hd95_empty`), and the reports print which one a table used:
 
-  ===========  ===========  ==============  ==========================
-  name         both empty   exactly one     used by
-  ===========  ===========  ==============  ==========================
-  ``brats``    0            373.13          BraTS, nnU-Net (default)
-  ``zero``     0            0               M3AE's public code
-  ``nan``      NaN          NaN             ProtoKD (left out of means)
-  ===========  ===========  ==============  ==========================
+  =============  ===========  ==============  ==========================
+  name           both empty   exactly one     used by
+  =============  ===========  ==============  ==========================
+  ``brats``      0            373.13          BraTS, nnU-Net (default)
+  ``zero``       0            0               M3AE's public code
+  ``nan``        NaN          NaN             ProtoKD (left out of means)
+  ``brats2023``  0            374             BraTS 2023's official code
+  =============  ===========  ==============  ==========================
+
+  ``brats2023`` is what the 2023 challenge's scoring code gives its global ("legacy") HD95: 0
+  when both masks are empty, infinity (reported as 374) when one is. Its lesion-wise scores
+  (`evaluation.lesion`, `eval.lesion_wise`) are never NaN either: no lesion and no false positive
+  scores Dice 1 and HD95 0. NaN for an empty reference is the later panoptica-based BraTS
+  evaluation package's convention, not 2023's.
+
+- HD95 is not one definition across tools. Here (`hd95`, medpy's): the distances of both
+  surfaces are pooled, then one 95th percentile taken. MONAI's ``compute_hausdorff_distance``
+  (``percentile=95``) takes the 95th percentile of each direction separately and reports the
+  larger: never below the pooled value (up to interpolation), above it when one direction has the
+  longer tail, e.g. a prediction that misses part of the tumour. BraTS 2023's scoring code
+  (DeepMind's surface-distance) also takes the larger of the two directed percentiles, with
+  surface points on the voxel-corner grid weighted by their surface area (`lesion.surface_hd95`,
+  used by the lesion-wise HD95). The three agree on identical masks (0), not in general.
 """
 
 from __future__ import annotations
@@ -38,6 +54,7 @@ HD95_EMPTY: dict[str, tuple[float, float]] = {
     "brats": (0.0, 373.13),
     "zero": (0.0, 0.0),
     "nan": (float("nan"), float("nan")),
+    "brats2023": (0.0, 374.0),
 }
 assert tuple(HD95_EMPTY) == HD95_CONVENTIONS  # config checks the names; the values live here
 

@@ -33,7 +33,8 @@ Outputs in the output directory, each written atomically (`files.write_atomic`):
 
 - ``cases/<id>.json``: ``{"case", "present": [modalities], "subsets":
   [{"name", "applicable", "dice", "hd95"}, ... 15]}``, null Dice and HD95
-  where ``"applicable": false``;
+  where ``"applicable": false``; with ``eval.lesion_wise`` also BraTS 2023's
+  ``"lesion_dice"`` and ``"lesion_hd95"`` (`evaluation.lesion`);
 - ``summary.json``, ``summary.md``, ``summary.csv`` and ``dice_heatmap.png``
   (`evaluation.reports`, which describes them);
 - ``predictions/<id>[_<subset>].nii.gz`` (``full``: each case with every
@@ -65,6 +66,7 @@ from jaxbrats.data.loading import canonical_shape
 from jaxbrats.data.pipeline import box_start
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.evaluation.figures import CaseFigures
+from jaxbrats.evaluation.lesion import lesion_table
 from jaxbrats.evaluation.metrics import canonical_spacing, dice_counts, dice_from_counts, hd95_table
 from jaxbrats.evaluation.reports import region_row, summarize, write_reports
 from jaxbrats.inference.nifti import write_prediction
@@ -97,13 +99,15 @@ def subset_evaluator(method, graphdefs: dict, cfg: EvalConfig):
 PROGRAM_NAME = "eval_15_subsets"
 
 
-def make_case_program(method, graphdefs: dict, cfg: EvalConfig):
+def make_case_program(method, graphdefs: dict, cfg: EvalConfig, subsets=None, mesh=None):
     """The jitted program over the subsets the method serves (`Method.served_subsets`, K of the
     15; all 15 for a catch-all method): (Dice counts (K, 3, 3), labels (K, D, H, W) uint8), in
     the order of `Method.served_subsets`. The subset's mask and index are data (`lax.map`), so every
-    subset, and a dedicated method's choice of student, shares one trace."""
+    subset, and a dedicated method's choice of student, shares one trace. `subsets`: these subset
+    indices instead (validation's cheaper choice); `mesh`: this mesh instead of `eval.mesh`'s
+    (validation runs on the training mesh)."""
     evaluate_subset = subset_evaluator(method, graphdefs, cfg)
-    served = np.asarray(method.served_subsets(), np.int32)
+    served = np.asarray(method.served_subsets() if subsets is None else subsets, np.int32)
     masks, indices = jnp.asarray(SUBSET_MASKS[served]), jnp.asarray(served)
 
     def eval_15_subsets(models_state, image, labels, valid, case=None):
@@ -120,7 +124,7 @@ def make_case_program(method, graphdefs: dict, cfg: EvalConfig):
 
     # JAX reports its compilations as jit(eval_15_subsets). Under `eval.mesh` each window's depth
     # is split over "space" (the U-Net exchanges halos) and a window batch over "data".
-    program = OnMesh(jax.jit(eval_15_subsets), eval_mesh(cfg))
+    program = OnMesh(jax.jit(eval_15_subsets), eval_mesh(cfg) if mesh is None else mesh)
     program.traces = 0
     return program
 
@@ -168,6 +172,7 @@ def evaluate(
     applicable=None,
     figures: int = 0,
     step: int = 0,
+    checkpoint: dict | None = None,
 ) -> dict:
     """Score every case of `dataset` on all 15 subsets; write the results to `out_dir`.
 
@@ -189,7 +194,7 @@ def evaluate(
     program = make_case_program(method, graphdefs, cfg)
     compilation.watch()
     before = compilation.counts(PROGRAM_NAME)
-    dice_all, hd_all = [], []
+    dice_all, hd_all, lesion_all = [], [], []
     served = np.asarray(method.served_subsets())
     allowed = applicability(
         dataset.manifests,
@@ -197,16 +202,10 @@ def evaluate(
     )
     shown = CaseFigures(out_dir, figures, step)  # the first `figures` cases: PNG + TensorBoard image
     for i in tqdm(range(len(dataset)), desc="eval", unit="case", disable=not progress, dynamic_ncols=True):
-        manifest, view = views[i]
-        arrays = {k: np.asarray(v[view]) for k, v in dataset.arrays(i).items() if k in ("image", "label")}
+        manifest = views[i][0]
         shape = tuple(manifest["cropped_shape"])
-        if any(s > b for s, b in zip(shape, bucket)):
-            raise JaxbratsError(f"case {manifest['case_id']}: shape {shape} exceeds eval.bucket {bucket}")
-        image = pad_to(np.asarray(arrays["image"]), bucket)
-        labels = pad_to(np.asarray(arrays["label"]), bucket)
-        valid = pad_to(np.ones(shape, bool), bucket)
-        case = case_locator(shape, box_start(manifest))
-        served_counts, served_labels = jax.device_get(program(models_state, image, labels, valid, case))
+        arrays, inputs = case_inputs(dataset, i, views[i], bucket)
+        served_counts, served_labels = jax.device_get(program(models_state, *inputs))
         counts = np.zeros((len(SUBSETS),) + served_counts.shape[1:], served_counts.dtype)
         predicted = np.zeros((len(SUBSETS),) + shape, np.uint8)  # rows of subsets not served stay empty
         counts[served] = served_counts
@@ -220,7 +219,11 @@ def evaluate(
         )
         dice_all.append(dice)
         hd_all.append(hd)
-        _write_case(out_dir, manifest["case_id"], dice, hd, allowed[i], manifest)
+        lesions = None  # BraTS 2023's lesion-wise (Dice, HD95), (15, 3) each
+        if cfg.lesion_wise:
+            lesions = lesion_table(predicted, np.asarray(arrays["label"]), spacing, allowed[i])
+            lesion_all.append(lesions)
+        _write_case(out_dir, manifest["case_id"], dice, hd, allowed[i], manifest, lesions)
         shown.add(i, manifest["case_id"], arrays["image"], arrays["label"], predicted, dice, allowed[i], spacing)
         for s in _prediction_subsets(predictions, manifest, allowed[i]):
             suffix = "" if predictions == "full" else f"_{SUBSET_NAMES[s]}"
@@ -230,9 +233,12 @@ def evaluate(
         np.asarray(dice_all).reshape(-1, len(SUBSETS), len(REGIONS)),
         np.asarray(hd_all).reshape(-1, len(SUBSETS), len(REGIONS)),
         allowed,
+        lesions=np.asarray(lesion_all).reshape(-1, 2, len(SUBSETS), len(REGIONS)) if cfg.lesion_wise else None,
     )
     for row, is_served in zip(summary["subsets"], served_mask(method)):
         row["served"] = bool(is_served)  # False: the method has no model for this subset (a dedicated method's rows)
+    if checkpoint is not None:
+        summary["checkpoint"] = checkpoint  # which models were scored: {stage, step, checkpoint}
     write_reports(summary, out_dir, cfg)
     after = compilation.counts(PROGRAM_NAME)
     settings = {
@@ -244,6 +250,21 @@ def evaluate(
     }
     files.write_text_atomic(out_dir / "eval_settings.json", json.dumps(settings, indent=1) + "\n")
     return summary
+
+
+def case_inputs(dataset: CacheDataset, index: int, view, bucket) -> tuple[dict, tuple]:
+    """(the case's image and label arrays, the program's arguments after the models: image, labels,
+    valid, case locator, each padded at the end to `bucket`) of case `index` seen through `view`
+    (`center_crop_view`'s (manifest, slices))."""
+    manifest, slices = view
+    arrays = {k: np.asarray(v[slices]) for k, v in dataset.arrays(index).items() if k in ("image", "label")}
+    shape = tuple(manifest["cropped_shape"])
+    if any(s > b for s, b in zip(shape, bucket)):
+        raise JaxbratsError(f"case {manifest['case_id']}: shape {shape} exceeds eval.bucket {bucket}")
+    image = pad_to(arrays["image"], bucket)
+    labels = pad_to(arrays["label"], bucket)
+    valid = pad_to(np.ones(shape, bool), bucket)
+    return arrays, (image, labels, valid, case_locator(shape, box_start(manifest)))
 
 
 def center_crop_view(manifest: dict, crop) -> tuple[dict, tuple[slice, ...]]:
@@ -278,8 +299,9 @@ def _prediction_subsets(predictions: str, manifest: dict, allowed) -> list[int]:
     return {"none": [], "all": [s for s in range(len(SUBSETS)) if allowed[s]]}[predictions]
 
 
-def _write_case(out_dir: Path, case_id: str, dice, hd, allowed, manifest: dict) -> None:
-    """Per case: every subset with "applicable" (false: null Dice and HD95, not in the summary)."""
+def _write_case(out_dir: Path, case_id: str, dice, hd, allowed, manifest: dict, lesions=None) -> None:
+    """Per case: every subset with "applicable" (false: null Dice and HD95, not in the summary);
+    with `lesions` ((Dice, HD95) lesion-wise, (15, 3) each) also "lesion_dice" and "lesion_hd95"."""
     rows = [
         {
             "name": SUBSET_NAMES[s],
@@ -289,6 +311,9 @@ def _write_case(out_dir: Path, case_id: str, dice, hd, allowed, manifest: dict) 
         }
         for s in range(len(SUBSETS))
     ]
+    if lesions is not None:
+        for s, row in enumerate(rows):
+            row["lesion_dice"], row["lesion_hd95"] = region_row(lesions[0][s]), region_row(lesions[1][s])
     present = [m for m, p in zip(MODALITIES, manifest.get("present", [True] * len(MODALITIES))) if p]
     case = {"case": case_id, "present": present, "subsets": rows}
     files.write_text_atomic(out_dir / "cases" / f"{case_id}.json", json.dumps(case, indent=1) + "\n")

@@ -14,7 +14,9 @@ means per subset row and over the rows; `write_reports` writes, each atomically
   ``cases``: the cases a row scores (those with all its modalities; 0: its
   values are null); ``served``: false where the method has no model for the
   subset (null values); ``mean``: over the ``k`` rows with at least one case;
-  ``cases`` at the top: all cases evaluated.
+  ``cases`` at the top: all cases evaluated. With ``eval.lesion_wise`` each row and the mean
+  also hold ``"lesion_dice"`` and ``"lesion_hd95"`` (BraTS 2023's lesion-wise scores,
+  `evaluation.lesion`), and the tables show them after the global scores.
 - ``summary.md`` and ``summary.csv``: the papers' layout (one row per subset,
   a mark per modality present) plus the number of cases of each row, Dice in
   percent, HD95 in mm, ``-`` for a row without an applicable case
@@ -35,6 +37,7 @@ import numpy as np
 from jaxbrats import files
 from jaxbrats.config import EvalConfig
 from jaxbrats.evaluation.figures import save_figure
+from jaxbrats.evaluation.lesion import CHALLENGE, CHALLENGES, PENALTY
 from jaxbrats.labels import REGIONS
 from jaxbrats.modalities import MODALITIES, SUBSET_NAMES, SUBSETS
 
@@ -44,42 +47,48 @@ def region_row(values) -> dict:
     return {r: (None if math.isnan(v) else float(v)) for r, v in zip(REGIONS, values)}
 
 
-def summarize(dice: np.ndarray, hd: np.ndarray, applicable=None) -> dict:
+def summarize(dice: np.ndarray, hd: np.ndarray, applicable=None, lesions=None) -> dict:
     """Means over the applicable cases of each subset (`applicable` (cases, 15) bool, default all),
     then over the rows that have at least one case; HD95 NaNs (convention "nan") are left out.
-    A row without an applicable case has ``"cases": 0`` and null values."""
+    A row without an applicable case has ``"cases": 0`` and null values. `lesions` (cases, 2, 15, 3):
+    BraTS 2023's lesion-wise Dice and HD95 (`evaluation.lesion`), summarised as "lesion_dice" and
+    "lesion_hd95" beside the global scores."""
     dice, hd = np.asarray(dice, float), np.asarray(hd, float)
     allowed = np.ones(dice.shape[:2], bool) if applicable is None else np.asarray(applicable, bool)
     counts = allowed.sum(axis=0)
+    rows = counts > 0
+    scores = {"dice": dice, "hd95": hd}
+    if lesions is not None:
+        lesions = np.asarray(lesions, float)
+        scores.update(lesion_dice=lesions[:, 0], lesion_hd95=lesions[:, 1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)  # all-NaN columns, rows without cases
-        dice_mean = np.stack(
-            [
-                dice[allowed[:, s], s].mean(axis=0) if counts[s] else np.full(len(REGIONS), np.nan)
-                for s in range(len(SUBSETS))
-            ]
-        )
-        hd_mean = np.stack(
-            [
-                np.nanmean(hd[allowed[:, s], s], axis=0) if counts[s] else np.full(len(REGIONS), np.nan)
-                for s in range(len(SUBSETS))
-            ]
-        )
+        # HD95 may be NaN on a case (convention "nan"): left out of its means; Dice never is.
+        average = {key: np.mean if key == "dice" else np.nanmean for key in scores}
+        means = {
+            key: np.stack(
+                [
+                    average[key](values[allowed[:, s], s], axis=0) if counts[s] else np.full(len(REGIONS), np.nan)
+                    for s in range(len(SUBSETS))
+                ]
+            )
+            for key, values in scores.items()
+        }
         subsets = [
             {
                 "name": SUBSET_NAMES[s],
                 "modalities": list(SUBSETS[s]),
                 "cases": int(counts[s]),
-                "dice": region_row(dice_mean[s]),
-                "hd95": region_row(hd_mean[s]),
+                **{key: region_row(m[s]) for key, m in means.items()},
             }
             for s in range(len(SUBSETS))
         ]
-        rows = counts > 0
         mean = {
             "rows": int(rows.sum()),
-            "dice": region_row(dice_mean[rows].mean(axis=0) if rows.any() else np.full(len(REGIONS), np.nan)),
-            "hd95": region_row(np.nanmean(hd_mean[rows], axis=0) if rows.any() else np.full(len(REGIONS), np.nan)),
+            **{
+                key: region_row(average[key](m[rows], axis=0) if rows.any() else np.full(len(REGIONS), np.nan))
+                for key, m in means.items()
+            },
         }
     return {
         "regions": list(REGIONS),
@@ -106,46 +115,55 @@ def _mean_label(summary: dict) -> str:
     return f"mean of {summary['mean'].get('rows', len(SUBSETS))}/{len(SUBSETS)} rows"
 
 
+#: The scores a table shows, in order: (key of summary.json, column name, scale to the unit shown);
+#: the lesion-wise ones only when the evaluation computed them (`eval.lesion_wise`).
+SCORES = (
+    ("dice", "Dice", 100),
+    ("hd95", "HD95", 1),
+    ("lesion_dice", "lesion Dice", 100),
+    ("lesion_hd95", "lesion HD95", 1),
+)
+
+
+def _scores(summary: dict) -> list[tuple[str, str, float]]:
+    return [score for score in SCORES if score[0] in summary["mean"]]
+
+
+def _lesion_note(summary: dict) -> str:
+    if "lesion_dice" not in summary["mean"]:
+        return ""
+    dilation, threshold = CHALLENGES[CHALLENGE]
+    return (
+        f" Lesion-wise: BraTS 2023's rules ({CHALLENGE}: 26-connected lesions, the truth's merged within"
+        f" {dilation} dilations, lesions of at most {threshold:g} mm^3 left out; each missed or false lesion"
+        f" scores Dice 0 and HD95 {PENALTY:g} mm)."
+    )
+
+
 def markdown_table(summary: dict, cfg: EvalConfig) -> str:
     """The papers' layout: one row per subset, a mark per modality present, the number of cases the
-    row scores, Dice in percent; a row without an applicable case shows dashes."""
-    head = (
-        "| "
-        + " | ".join(m for m in MODALITIES)
-        + " | cases | "
-        + " | ".join(f"Dice {r}" for r in REGIONS)
-        + " | "
-        + " | ".join(f"HD95 {r}" for r in REGIONS)
-        + " |"
-    )
-    lines = [head, "|" + "---|" * (len(MODALITIES) + 1 + 2 * len(REGIONS))]
+    row scores, Dice in percent (then HD95, and the lesion-wise scores when computed); a row without
+    an applicable case shows dashes."""
+    scores = _scores(summary)
+    head = "| " + " | ".join(MODALITIES) + " | cases | " + " | ".join(f"{n} {r}" for _, n, _ in scores for r in REGIONS)
+    lines = [head + " |", "|" + "---|" * (len(MODALITIES) + 1 + len(scores) * len(REGIONS))]
     for row in summary["subsets"]:
         marks = ["●" if m in row["modalities"] else "○" for m in MODALITIES]
         n = str(row.get("cases", summary["cases"]))
-        lines.append(
-            "| "
-            + " | ".join(marks)
-            + f" | {n} | "
-            + " | ".join(_cells(row, "dice", 100))
-            + " | "
-            + " | ".join(_cells(row, "hd95"))
-            + " |"
-        )
+        cells = [c for key, _, scale in scores for c in _cells(row, key, scale)]
+        lines.append("| " + " | ".join(marks) + f" | {n} | " + " | ".join(cells) + " |")
     mean = summary["mean"]
     rows = mean.get("rows", len(SUBSETS))
-    lines.append(
-        f"| **mean** | | | | {rows}/{len(SUBSETS)} rows | "
-        + " | ".join(_fmt(mean["dice"][r], 100) for r in REGIONS)
-        + " | "
-        + " | ".join(_fmt(mean["hd95"][r]) for r in REGIONS)
-        + " |"
-    )
+    cells = [_fmt(mean[key][r], scale) for key, _, scale in scores for r in REGIONS]
+    lines.append(f"| **mean** | | | | {rows}/{len(SUBSETS)} rows | " + " | ".join(cells) + " |")
     note = (
         f"\n{summary['cases']} case(s); a row scores the cases that have all its modalities"
         f" ({NOT_APPLICABLE}: none), the mean is over the {rows} of {len(SUBSETS)} rows that have a case."
         f" Dice in percent; HD95 in mm, empty-mask convention '{cfg.hd95_empty}'"
         + ("" if cfg.hd95 else " (HD95 not computed)")
-        + f"; ET post-processing {'on' if cfg.et_postprocess else 'off'}.\n"
+        + f"; ET post-processing {'on' if cfg.et_postprocess else 'off'}."
+        + _lesion_note(summary)
+        + "\n"
     )
     return "\n".join(lines) + "\n" + note
 
@@ -153,24 +171,16 @@ def markdown_table(summary: dict, cfg: EvalConfig) -> str:
 def csv_table(summary: dict) -> str:
     """One line per subset (`cases`: how many it scores; dashes when none) and a last line,
     ``mean of K/15 rows``, over the rows that have a case."""
-    head = ["subset", *MODALITIES, "cases", *(f"dice_{r}_percent" for r in REGIONS), *(f"hd95_{r}_mm" for r in REGIONS)]
-    lines = [",".join(head)]
+    scores = _scores(summary)
+    units = [f"{key}_{r}_{'percent' if scale == 100 else 'mm'}" for key, _, scale in scores for r in REGIONS]
+    lines = [",".join(["subset", *MODALITIES, "cases", *units])]
     for row in summary["subsets"]:
         present = [str(int(m in row["modalities"])) for m in MODALITIES]
         n = str(row.get("cases", summary["cases"]))
-        lines.append(",".join([row["name"], *present, n, *_cells(row, "dice", 100), *_cells(row, "hd95")]))
+        lines.append(",".join([row["name"], *present, n, *(c for k, _, sc in scores for c in _cells(row, k, sc))]))
     mean = summary["mean"]
-    lines.append(
-        ",".join(
-            [
-                _mean_label(summary),
-                *[""] * len(MODALITIES),
-                "",
-                *(_fmt(mean["dice"][r], 100) for r in REGIONS),
-                *(_fmt(mean["hd95"][r]) for r in REGIONS),
-            ]
-        )
-    )
+    cells = [_fmt(mean[key][r], scale) for key, _, scale in scores for r in REGIONS]
+    lines.append(",".join([_mean_label(summary), *[""] * len(MODALITIES), "", *cells]))
     return "\n".join(lines) + "\n"
 
 

@@ -51,10 +51,10 @@ class Predictor:
     """A trained run ready to segment raw cases: its models loaded once, one compiled program per
     padded shape (`predict_folder` pads every case to one, so it compiles once)."""
 
-    def __init__(self, workdir, overrides=(), stage: str | None = None):
+    def __init__(self, workdir, overrides=(), stage: str | None = None, checkpoint="latest"):
         workdir = Path(workdir)
         self.method, self.graphdefs, self.models_state, self.config = load_trained(
-            workdir, stage=stage, overrides=overrides, segmenting=True
+            workdir, stage=stage, overrides=overrides, segmenting=True, checkpoint=checkpoint
         )
         self.preprocessing = read_preprocessing(workdir)
         self.program = segment_program(self.method, self.graphdefs, self.config.eval)
@@ -112,15 +112,23 @@ def _check_convention(convention) -> None:
 
 
 def predict_case(
-    workdir, case_dir, out_path, convention: str | None = None, overrides=(), stage: str | None = None
+    workdir,
+    case_dir,
+    out_path,
+    convention: str | None = None,
+    overrides=(),
+    stage: str | None = None,
+    checkpoint="latest",
 ) -> dict:
     """Write the segmentation of `case_dir` to `out_path` (the models of `stage`, default the last that
-    segments); returns what was done."""
+    segments, from `checkpoint`: `load_trained`); returns what was done, with the checkpoint read."""
     case_dir, out_path = Path(case_dir), Path(out_path)
     if _inside(out_path, case_dir):
         raise JaxbratsError(f"{out_path}: inside the input case folder {case_dir}; choose an output outside it")
     _check_convention(convention)
-    return Predictor(workdir, overrides, stage).predict(read_case_dir(case_dir), out_path, convention)
+    predictor = Predictor(workdir, overrides, stage, checkpoint)
+    info = predictor.predict(read_case_dir(case_dir), out_path, convention)
+    return {**info, "checkpoint": predictor.method.served_checkpoint}
 
 
 def header_bucket(records, cfg) -> tuple[tuple[int, int, int], list[CaseError]]:
@@ -147,6 +155,7 @@ def predict_folder(
     overrides=(),
     stage: str | None = None,
     progress: bool = True,
+    checkpoint="latest",
 ) -> dict:
     """Segment every case of `input_dir` (a folder of case folders, or any layout `prepare` reads) into
     ``out_dir/<case id>.nii.gz``, like nnU-Net's predict: the run loaded and the program compiled once
@@ -158,7 +167,7 @@ def predict_folder(
         raise JaxbratsError(f"{out_dir}: inside the input folder {input_dir}; choose an output outside it")
     _check_convention(convention)
     _, records, bad = discover(input_dir, need_labels=False)
-    predictor = Predictor(workdir, overrides, stage)
+    predictor = Predictor(workdir, overrides, stage, checkpoint)
     bucket, unreadable = header_bucket(records, predictor.config.eval)
     failed = {e.case_id: str(e) for e in bad + unreadable}
     for error in failed.values():
@@ -183,6 +192,7 @@ def predict_folder(
         "input": str(input_dir),
         "out": str(out_dir),
         "bucket": list(bucket),
+        "checkpoint": predictor.method.served_checkpoint,
         "predicted": done,
         "failed": [{"case": c, "error": e} for c, e in sorted(failed.items())],
     }

@@ -13,9 +13,13 @@ padded shape, so a case's labels do not depend on the other cases of an
 evaluation (whose largest sets its bucket), and predict of a case (padded by
 `pad_shape`, a program of its own) equals its evaluation's labels for the
 subset of the modalities it has, still with one compilation per evaluation.
+With ``eval.tta = "flips"`` every window's scores are the mean over its 8 mirror
+images (`mirrored`), before the blend; `fill` has already run on the whole case.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +126,13 @@ def pad_to_window(image, cfg: EvalConfig):
 
 
 def window_scorer(method, models, cfg: EvalConfig, modality_mask, subset):
-    """Scores of a window batch for one subset: `Method.predict`, as logits for `eval.average = "logits"`."""
+    """Scores of a window batch for one subset: `Method.predict`, as logits for `eval.average = "logits"`,
+    averaged over `eval.tta`'s mirror images (`mirrored`)."""
+    return mirrored(plain_window_scorer(method, models, cfg, modality_mask, subset), cfg)
+
+
+def plain_window_scorer(method, models, cfg: EvalConfig, modality_mask, subset):
+    """`window_scorer` without test-time mirroring: one `Method.predict` of the window batch."""
 
     def scores(x):
         probs = method.predict(models, split_windows(x), modality_mask, subset)
@@ -134,7 +144,8 @@ def window_scorer(method, models, cfg: EvalConfig, modality_mask, subset):
 def subsets_window_scorer(method, models, cfg: EvalConfig, masks, indices, unroll: bool = False):
     """Scores (S, B, *window, 3) of a window batch for S subsets: the window features once, then each
     subset's `predict_from_features` (`lax.map`; a Python loop with `unroll`, for XLA's cost analysis,
-    which counts a loop's body once). Without window features: each subset's `window_scorer`."""
+    which counts a loop's body once). Without window features: each subset's `plain_window_scorer`.
+    With `eval.tta`, all of it per mirror image of the batch (`mirrored`: features of each flip)."""
 
     def scores(x):
         x = split_windows(x)
@@ -142,7 +153,7 @@ def subsets_window_scorer(method, models, cfg: EvalConfig, masks, indices, unrol
 
         def one(mask, subset):
             if features is None:
-                return window_scorer(method, models, cfg, mask, subset)(x)
+                return plain_window_scorer(method, models, cfg, mask, subset)(x)
             probs = method.predict_from_features(models, features, x, mask, subset)
             return to_logits(probs) if cfg.average == "logits" else probs
 
@@ -150,7 +161,54 @@ def subsets_window_scorer(method, models, cfg: EvalConfig, masks, indices, unrol
             return jnp.stack([one(masks[i], indices[i]) for i in range(len(indices))])
         return lax.map(lambda m: one(m[0], m[1]), (masks, indices))
 
-    return scores
+    return mirrored(scores, cfg, unroll)
+
+
+#: Which spatial axes (depth, height, width) each of `eval.tta = "flips"`'s 8 passes flips; identity first.
+MIRRORS = np.asarray(list(itertools.product((False, True), repeat=3)))
+
+
+def mirrors(cfg: EvalConfig) -> np.ndarray:
+    """(passes, 3) bool: the flips of a window that `eval.tta` averages (the identity alone for "none")."""
+    return MIRRORS if cfg.tta == "flips" else MIRRORS[:1]
+
+
+def mirrored(scores, cfg: EvalConfig, unroll: bool = False):
+    """`scores` (a window batch (B, *window, C) -> (..., B, *window, K)) averaged in float32 over the
+    flips of `mirrors(cfg)`: each pass scores the batch flipped along its axes and flips its output
+    back (nnU-Net's mirroring), at the level `eval.average` blends. The passes are a `lax.scan` whose
+    flips are data, so the network is traced and compiled once and holds one pass's activations
+    (`unroll`: a Python loop of static flips, for XLA's cost analysis). "none": `scores` itself.
+
+    Under a mesh that splits depth ("space") a flip is an ordinary array op on the sharded window:
+    XLA's partitioner moves the slabs between devices, and the network sees an ordinary window."""
+    table = mirrors(cfg)
+    if len(table) == 1:
+        return scores
+
+    def flip(a, axes, first: int):
+        if unroll:  # static flips
+            return jnp.flip(a, tuple(first + int(k) for k in np.flatnonzero(axes))) if axes.any() else a
+        for k in range(3):  # the flag is data: one trace serves every pass
+            a = lax.cond(axes[k], lambda t, ax=first + k: jnp.flip(t, ax), lambda t: t, a)
+        return a
+
+    def one(x, axes):
+        y = scores(flip(x, axes, 1)).astype(jnp.float32)
+        return flip(y, axes, y.ndim - 4)  # y: (..., B, D, H, W, K)
+
+    def averaged(x):
+        if unroll:
+            return sum(one(x, axes) for axes in table) / len(table)
+        out = jax.eval_shape(scores, x)
+
+        def step(total, axes):
+            return total + one(x, axes), None
+
+        total, _ = lax.scan(step, jnp.zeros(out.shape, jnp.float32), jnp.asarray(table))
+        return total / len(table)
+
+    return averaged
 
 
 def labels_from_scores(method, scores, shape, case, cfg: EvalConfig, valid=None):

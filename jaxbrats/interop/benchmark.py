@@ -64,6 +64,7 @@ from jaxbrats.errors import JaxbratsError
 from jaxbrats.inference.windows import blend_weights, window_starts
 from jaxbrats.labels import regions_of
 from jaxbrats.modalities import SUBSET_MASKS
+from jaxbrats.runtime.devices import announce_platform
 
 #: Dense (not 2:4-sparse) tensor-core peaks in TFLOP/s by (device kind substring, precision),
 #: for the MFU column, from NVIDIA's datasheets (H100 and H200 SXM: TF32 494.7, BF16 989.4;
@@ -590,5 +591,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     args.vs_torch = args.vs == "torch"
+    announce_platform()
     run(args)
     return 0

@@ -91,6 +91,8 @@ class Method:
         self.config = config
         self.options = self.parse_options(config)
         self.serving = self.stages[-1]  # the stage whose models `predict` receives (`serve`)
+        #: Which checkpoint `inference.trained.load_trained` read: {stage, step, checkpoint: latest|best|step}
+        self.served_checkpoint: dict | None = None
 
     @classmethod
     def parse_options(cls, config: Config):

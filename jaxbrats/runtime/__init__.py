@@ -5,7 +5,8 @@
 - `locks`: one writer per work directory or cache;
 - `compilation`: the persistent XLA cache and counts of compiles and cache loads;
 - `rundir`: the run folder's layout (`RunDir`), the one place its file names are spelled;
-- `checkpoints`: Orbax managers, saves and restores (newest readable, partial, on one device).
+- `checkpoints`: Orbax managers, saves and restores (newest readable, partial, on one device);
+- `devices`: the one line naming the backend and devices that `train`, `eval` and `bench` start with.
 """
 
 from jaxbrats.faces import lazy_exports

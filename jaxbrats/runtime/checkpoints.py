@@ -269,6 +269,33 @@ def save(manager: ocp.CheckpointManager, state: dict, extra: dict, iterator=None
     manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
+def best_manager(workdir: Path, stage: str, create: bool = True) -> ocp.CheckpointManager | None:
+    """The manager of a stage's best checkpoint (``checkpoints/<stage>/best``, one step kept); None
+    when it does not exist and `create` is false. Orbax writes a step to a temporary folder and
+    renames it when complete, and drops the older one after: a kill leaves the previous best whole."""
+    path = RunDir(workdir).best(stage)
+    if not create and not path.is_dir():
+        return None
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(path.absolute(), options=options)
+
+
+def save_best(manager: ocp.CheckpointManager, models: dict, step: int, record: dict) -> None:
+    """Keep `models` at `step` as the best, with `record` (its score, which score) as JSON; every process calls it."""
+    state = {"models": models, "step": np.int32(step)}
+    items = {"state": ocp.args.StandardSave(state), "extra": ocp.args.JsonSave({**record, "step": step})}
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    manager.wait_until_finished()
+
+
+def best_record(manager: ocp.CheckpointManager | None) -> dict | None:
+    """The record (score, step...) of the best checkpoint `manager` holds, or None."""
+    if manager is None or manager.latest_step() is None:
+        return None
+    step = manager.latest_step()
+    return dict(manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"] or {})
+
+
 def restore_model(directory, names: tuple[str, ...], abstract, key: str):
     """The first model of `names` found in the newest checkpoint of `directory` (another run's
     `checkpoints/<stage>`), shaped like `abstract`; a problem is one line naming the config `key`."""

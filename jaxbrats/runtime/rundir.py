@@ -8,6 +8,7 @@ A work directory (``jaxbrats train --workdir``) holds::
     data.json              the cache and its preprocessing settings
     import.json            only in a run made by `jaxbrats import-m3ae`
     checkpoints/<stage>/   Orbax checkpoints of each stage, one folder per step
+    checkpoints/<stage>/best/  the models of the best validation score (train.validate_every)
     metrics.jsonl          one JSON row per logged step (and per stage's throughput)
     tensorboard/           TensorBoard event files of the same rows
     substitute/            M3AE's learned substitute image x_sub (NIfTI + PNG)
@@ -55,6 +56,9 @@ class RunDir:
 
     def checkpoints(self, stage: str) -> Path:
         return self.checkpoint_root / stage
+
+    def best(self, stage: str) -> Path:
+        return self.checkpoints(stage) / "best"
 
     @property
     def metrics(self) -> Path:
