@@ -77,17 +77,26 @@ def _train(args) -> int:
     settings = distributed_settings(args)
     config = load_config(args.config, args.set)
 
+    stopped = []  # the `TrainingStopped` of a run that a signal stopped (a checkpoint saved)
+
     def work() -> None:
+        from jaxbrats.runtime.signals import TrainingStopped
+
         announce_platform()  # here: a multi-process run starts JAX's backend only after joining its peers
-        train(config, args.workdir, args.data, args.stop_after, tuple(args.stage), validator=StageValidation)
+        try:
+            train(config, args.workdir, args.data, args.stop_after, tuple(args.stage), validator=StageValidation)
+        except TrainingStopped as e:  # every process stopped at the same step: leave as after a finished run
+            stopped.append(e)
 
     done = f"{'stopped' if args.stop_after else 'trained'} {config.method_name} in {args.workdir}"
+    count = run_distributed(work, settings) if args.distributed else work()  # a failure ends it with its line
+    if stopped:  # SIGTERM 143, SIGINT 130, as a shell reports a process the signal ended
+        if not args.distributed or count is not None:
+            print(f"jaxbrats: {stopped[0]}", file=sys.stderr)
+        return stopped[0].exit_code
     if not args.distributed:
-        work()
         print(done)
-        return 0
-    count = run_distributed(work, settings)  # a failure ends this process with its line
-    if count is not None:  # process 0
+    elif count is not None:  # process 0
         print(f"{done} ({count} processes)")
     return 0
 
@@ -518,7 +527,8 @@ def main(argv=None) -> int:
     except JaxbratsError as e:
         print(f"jaxbrats: error: {e}", file=sys.stderr)
     except OSError as e:  # e.g. permissions or a full disk: name the file, skip the traceback
-        print(f"jaxbrats: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"jaxbrats: error: {where}{e.strerror or e}", file=sys.stderr)
     except KeyboardInterrupt:
         print("jaxbrats: interrupted", file=sys.stderr)
         return 130

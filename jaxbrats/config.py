@@ -520,15 +520,25 @@ def config_file(path) -> Path:
 
 
 def read_raw(path) -> dict:
+    """The table a TOML file (or a run's saved JSON config) holds; any problem is one line naming the file."""
     path = config_file(path)
+    kind = "JSON" if path.suffix == ".json" else "TOML"
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # TOML and JSON are UTF-8, whatever the locale says
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:  # e.g. a checkpoint or an image given as --config
+        raise ConfigError(
+            f"{path}: not a text file (byte {e.object[e.start]:#04x} at offset {e.start} is not UTF-8); "
+            f"a config is a {kind} file"
+        ) from None
     try:
-        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
+        raise ConfigError(f"{path}: not valid {kind}: {e}") from None
+    if not isinstance(data, dict):  # JSON may hold a list or a number at the top
+        raise ConfigError(f"{path}: holds a JSON {type(data).__name__}, not an object of config sections")
+    return data
 
 
 def read_config(path=None, overrides=()) -> tuple[Config, str]:

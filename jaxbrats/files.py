@@ -8,12 +8,17 @@ set the mode a plain `open`/`mkdir` would have given (0666 / 0777 & ~umask)
 before anything is renamed into place.
 
 `write_atomic` and `write_text_atomic` are the library's one way to write a file: beside it under
-a temporary name, then renamed into place, so a reader never finds half a file.
+a temporary name, then renamed into place, so a reader never finds half a file. `append_whole`
+appends to a log (one write, undone when cut short), and `storage_cause` puts a failed write's
+reason into words.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -91,3 +96,41 @@ def write_atomic(path, write) -> None:
 def write_text_atomic(path, text: str) -> None:
     """`write_atomic` of a text file."""
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def append_whole(path, data: bytes) -> None:
+    """Append `data` to `path` (created with the umask's mode) in one write() call. A write cut short
+    (a full disk, a quota) is undone, so the file never ends in part of `data`; the OSError goes on."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            done = os.write(fd, data)
+            while done < len(data):  # a short write (the disk filled up): the rest fails or completes it
+                more = os.write(fd, data[done:])
+                if not more:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += more
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise
+    finally:
+        os.close(fd)
+
+
+#: The operating system's error code that tensorstore (Orbax's storage layer) appends to its messages.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def storage_cause(error: BaseException) -> str | None:
+    """Why a write failed, in words ("no space left on device"), from an OSError's errno or the code
+    tensorstore appends to its message; None when neither gives one."""
+    code = getattr(error, "errno", None)
+    if not isinstance(code, int) or not code:
+        found = _OS_ERROR_CODE.search(str(error))
+        code = int(found.group(1)) if found else None
+    if not code:
+        return None
+    words = os.strerror(code)
+    return words[:1].lower() + words[1:]

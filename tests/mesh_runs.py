@@ -1,10 +1,11 @@
 """Train one method for a few steps under several meshes of fake CPU devices; print what each run did.
 
 Run as a script in a process with 8 CPU devices (tests/test_space_sharding.py starts it with
-``--xla_force_host_platform_device_count=8``): ``python mesh_runs.py CACHE OUT METHOD MESH...``,
-each MESH ``data,space,model``. Writes OUT/METHOD.json: per mesh, the losses of every step
-(metrics.jsonl) and the labels the evaluation predicts for a test case, and
-the collectives (op, bytes per device) of each stage's compiled train step.
+``--xla_force_host_platform_device_count=8``): ``python mesh_runs.py CACHE OUT METHOD:MESH:MESH...``,
+each MESH ``data,space,model``; several methods in one process (one start of Python and JAX,
+not one per method). Writes OUT/METHOD.json for each method, as soon as its meshes are done: per
+mesh, the losses of every step (metrics.jsonl) and the labels the evaluation predicts for a test
+case, and the collectives (op, bytes per device) of each stage's compiled train step.
 """
 
 from __future__ import annotations
@@ -163,6 +164,8 @@ def gradient(method, graphdefs, models, config) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    cache, out, method, *meshes = sys.argv[1:]
-    results = {m: run(Path(cache), Path(out), method, m) for m in meshes}
-    (Path(out) / f"{method}.json").write_text(json.dumps(results))
+    cache, out, *runs = sys.argv[1:]
+    for spec in runs:
+        method, *meshes = spec.split(":")
+        results = {m: run(Path(cache), Path(out), method, m) for m in meshes}
+        (Path(out) / f"{method}.json").write_text(json.dumps(results))

@@ -476,3 +476,53 @@ def test_lesion_wise_tables_when_every_run_has_them(three_runs, no_charts, tmp_p
     code, out = run_cli(capsys, tmp_path / "a", tmp_path / "c", "--out", tmp_path / "ac", "--bootstrap", "0")
     assert code == 0 and out.out.count("note:") == 2 and "only a of the runs have it" in out.out
     assert not (tmp_path / "ac" / "compare_lesion_dice.md").exists()
+
+
+def _set(path, change):
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(change(data)))
+
+
+def _subset_value(data, row, metric, region, value):
+    data["subsets"][row][metric][region] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    "file, change, fragment",
+    [
+        ("summary.json", lambda d: [1, 2], "summary.json: holds a JSON array, not the object `jaxbrats eval` writes"),
+        ("summary.json", lambda d: {**d, "subsets": "all"}, "summary.json: key 'subsets' is a JSON string"),
+        ("eval_settings.json", lambda d: {"eval": [1]}, "eval_settings.json: key 'eval' is a JSON array"),
+        ("cases/case_02.json", lambda d: "case", "case_02.json: holds a JSON string, not the object"),
+        (
+            "cases/case_02.json",
+            lambda d: _subset_value(d, 0, "dice", "WT", "high"),
+            "case_02.json: subset 'flair': key dice.WT is \"high\" (a JSON string), not a number",
+        ),
+        (
+            "cases/case_02.json",
+            lambda d: _subset_value(d, 2, "hd95", "TC", [1, 2]),
+            f"case_02.json: subset {SUBSET_NAMES[2]!r}: key hd95.TC is [1, 2] (a JSON array), not a number",
+        ),
+        (
+            "cases/case_02.json",
+            lambda d: _subset_value(d, 3, "dice", "ET", True),
+            "key dice.ET is true (a JSON boolean)",
+        ),
+        ("cases/case_02.json", lambda d: {**d, "subsets": d["subsets"][1:]}, "no row named 'flair' in 'subsets'"),
+        ("cases/case_02.json", lambda d: {**d, "present": "flair"}, "key 'present' is not a list of modality names"),
+    ],
+    ids="summary-array summary-rows settings case-string str list bool row-missing present".split(),
+)
+def test_malformed_eval_files_are_one_line_naming_file_and_key(three_runs, tmp_path, capsys, file, change, fragment):
+    import shutil
+
+    _, paths, _ = three_runs
+    broken = tmp_path / "broken"
+    shutil.copytree(paths[0], broken)
+    _set(broken / file, change)
+    code, out = run_cli(capsys, paths[0], broken, "--out", tmp_path / "out")
+    assert code == 1 and out.err.count("\n") == 1 and "Traceback" not in out.err, out.err
+    assert str(broken / file) in out.err and fragment in out.err
+    assert not (tmp_path / "out").exists()

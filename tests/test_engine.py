@@ -9,13 +9,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from conftest import tiny_config
 
 from jaxbrats import engine
 from jaxbrats.data.cache import CacheDataset
-from jaxbrats.data.pipeline import PipelineConfig, make_loader
+from jaxbrats.data.pipeline import make_loader
 from jaxbrats.engine import trainer as trainer_module
 from jaxbrats.errors import JaxbratsError
 from jaxbrats.evaluation.program import evaluate
@@ -116,7 +115,10 @@ def logged_steps(workdir) -> dict[str, list[int]]:
 
 
 #: Dropout on, so the step's key changes the result: a resume that replays the wrong key is caught.
-RESUME = ("stages.train.steps=6", "train.checkpoint_every=2", "model.dropout=0.5")
+#: Two levels of the tiny U-Net: these runs check the engine (resume, refusals, the NaN guard), not
+#: the model, and each of them traces half the layers.
+RESUME = ("stages.train.steps=6", "train.checkpoint_every=2", "model.dropout=0.5", "model.widths=[8,8]")
+RESUME += ("model.blocks=[1,1]",)
 
 
 @pytest.fixture(scope="module")
@@ -176,15 +178,20 @@ def test_resume_is_bit_for_bit_an_uninterrupted_run(uninterrupted, stopped_run, 
     assert again.losses == []
 
 
-def test_with_dropout_the_step_key_changes_the_update(phantom_cache):
-    """Without this, the bit-for-bit resume above would not show that the step's key is restored."""
-    method = get_method("baseline")(tiny_config(*RESUME))
-    optimizers = {"model": optax.adam(1e-3)}
+def test_with_dropout_the_step_key_changes_the_update(uninterrupted, phantom_cache, tmp_path):
+    """Without this, the bit-for-bit resume above would not show that the step's key is restored.
+    The step is compiled as `engine.train` compiles it for `RESUME`: `uninterrupted`'s program, loaded."""
+    trainer = engine.Trainer(tiny_config(*RESUME), tmp_path / "run", phantom_cache)
+    method, mesh, families = trainer.method, trainer.mesh, trainer.method.families("train")
+    optimizers = engine.stage_optimizers(method, "train", 6)
     graphdefs, state = engine.init_state(method, "train", 0, optimizers)
-    loader = make_loader(CacheDataset(phantom_cache), PipelineConfig(crop_size=(16, 16, 16), batch_size=2))
-    batch = {k: jnp.asarray(v) for k, v in next(iter(loader)).items()}
-    step = jax.jit(engine.make_train_step(method, "train", graphdefs, optimizers))
-    loss = [float(step(dict(state, key=jax.random.PRNGKey(seed)), batch)[1]["loss"]) for seed in (0, 0, 1)]
+    state = shard_state(state, mesh, families)
+    batch = place_batch(next(iter(make_loader(CacheDataset(phantom_cache), trainer.pipeline_config("train", 0)))), mesh)
+    step_fn = engine.make_train_step(method, "train", graphdefs, optimizers)
+    step, _ = engine.compile_step(step_fn, state, batch, mesh, families)
+    # The step donates its state: each call gets its own copy.
+    keyed = [dict(jax.tree.map(jnp.copy, state), key=jax.random.PRNGKey(seed)) for seed in (0, 0, 1)]
+    loss = [float(step(s, batch)[1]["loss"]) for s in keyed]
     assert loss[0] == loss[1] != loss[2]
 
 
@@ -198,23 +205,25 @@ def test_a_metrics_row_past_the_checkpoint_is_redone_once(uninterrupted, stopped
     assert_bitwise_equal(final_state(workdir, config), final_state(uninterrupted[0], config))
 
 
-def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(phantom_cache, tmp_path, monkeypatch):
-    original = engine.make_train_step
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(uninterrupted, phantom_cache, tmp_path, monkeypatch):
+    """The loss the step returns turns NaN from step 4 on (poisoned on its way to the host, where the
+    guard reads it; the program is `uninterrupted`'s, loaded from the compilation cache)."""
+    compile_step = trainer_module.compile_step
 
     def poisoned(*args):
-        step_fn = original(*args)
+        compiled, counts = compile_step(*args)
 
         def step(state, batch):
-            new, metrics = step_fn(state, batch)
-            metrics["loss"] = jnp.where(state["step"] >= 3, jnp.nan, metrics["loss"])
+            new, metrics = compiled(state, batch)
+            if int(new["step"]) >= 4:
+                metrics = dict(metrics, loss=jnp.full_like(metrics["loss"], jnp.nan))
             return new, metrics
 
-        return step
+        return step, counts
 
-    monkeypatch.setattr(trainer_module, "make_train_step", poisoned)
-    config = tiny_config("stages.train.steps=6")
+    monkeypatch.setattr(trainer_module, "compile_step", poisoned)
     with pytest.raises(engine.TrainingDiverged, match=r"loss became nan at step 4.*Last good checkpoint: step 2"):
-        engine.train(config, tmp_path / "run", phantom_cache)
+        engine.train(tiny_config(*RESUME), tmp_path / "run", phantom_cache)
     manager = checkpoints.checkpoint_manager(tmp_path / "run", "train", create=False)
     assert manager.all_steps() == [2]
 
@@ -263,7 +272,7 @@ def test_model_lr_must_name_a_trained_model():
 @pytest.mark.parametrize(
     "change, keys",
     [
-        ("model.widths=[16,16,16,16]", "model.widths"),
+        ("model.widths=[16,16]", "model.widths"),
         ("method.output='labels'", "method.output"),
         ("stages.train.optimizers.model.name='sgd'", "stages.train.optimizers.model.name"),
         ("data.crop_size=[32,32,32]", "data.crop_size"),
@@ -279,7 +288,7 @@ def test_a_resume_that_changes_what_the_checkpoint_holds_is_refused_in_one_line(
     assert rc == 1 and len(err) == 1, err
     assert str(workdir) in err[0] and keys in err[0] and "another --workdir" in err[0]
     assert sorted(p.name for p in (workdir / "checkpoints" / "train").iterdir()) == before
-    assert json.loads((workdir / "config.json").read_text())["model"]["widths"] == [8, 8, 8, 8]
+    assert json.loads((workdir / "config.json").read_text())["model"]["widths"] == [8, 8]
 
 
 def test_safe_changes_resume_and_are_recorded(stopped_run, phantom_cache, tmp_path):
@@ -379,5 +388,6 @@ def test_a_config_whose_paper_names_a_split_needs_split_files(phantom_cache, tmp
         (tmp_path / f"{name}.txt").write_text("\n".join(part) + "\n")
     files = [f"data.{n}_split='{tmp_path / n}.txt'" for n in ("train", "val", "test")]
     workdir = tmp_path / "with_files"
-    engine.train(tiny_config("data.split='files'", *files), workdir, phantom_cache)  # trained_run's program
+    # One step of trained_run's program: the splits are written before it.
+    engine.train(tiny_config("data.split='files'", *files), workdir, phantom_cache, stop_after=1)
     assert json.loads((workdir / "splits.json").read_text()) == {"train": ids[:4], "val": ids[4:5], "test": ids[5:]}

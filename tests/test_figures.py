@@ -302,3 +302,28 @@ def test_plot_refuses_an_unknown_format_and_a_wrong_number_of_names(tmp_path, ca
     assert "2 name(s) for 1 work directory" in _error_line(
         capsys, ["plot", run, "--out", tmp_path / "c.png", "--names", "a,b"]
     )
+
+
+def test_plot_refuses_a_key_no_run_logged_and_notes_one_some_lack(tmp_path, capsys):
+    a, b = _write_run(tmp_path / "a", 1.0), _write_run(tmp_path / "b", 2.0)
+    line = _error_line(capsys, ["plot", a, b, "--out", tmp_path / "c.png", "--keys", "loss,nosuchkey"])
+    assert "--keys 'nosuchkey': no run logged it" in line
+    assert "the runs logged: loss, mse, grad_norm, lr/model, steps_per_s" in line and "students/dice" in line
+    assert not (tmp_path / "c.png").exists()
+    with (b / "metrics.jsonl").open("a") as f:  # only run b logs "extra"
+        f.write(json.dumps({"stage": "pretrain", "step": 6, "extra": 0.5}) + "\n")
+    assert main(["plot", a, b, "--out", tmp_path / "c.png", "--keys", "loss,extra"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "note: --keys 'extra': not logged by a; drawn for the others\n"
+    assert (tmp_path / "c.png").is_file()
+    assert matplotlib.image.imread(tmp_path / "c.png").shape[1] == 400 * 3  # loss, extra, learning rate
+
+
+def test_eval_settings_name_the_checkpoint_scored(phantom_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(program, "make_case_program", _fake_program)
+    served = {"stage": "train", "step": 12, "checkpoint": "best"}  # `Method.served_checkpoint`
+    cfg = EvalConfig(window=(16, 16, 16), bucket_multiple=8)
+    dataset = CacheDataset(phantom_cache, CacheDataset(phantom_cache).case_ids[:1])
+    program.evaluate(_Method(), {}, {}, dataset, cfg, tmp_path, predictions="none", progress=False, checkpoint=served)
+    assert json.loads((tmp_path / "eval_settings.json").read_text())["checkpoint"] == served
+    assert json.loads((tmp_path / "summary.json").read_text())["checkpoint"] == served

@@ -235,7 +235,8 @@ def test_not_a_checkpoint_and_refused_objects(public, tmp_path):
             import_m3ae(path, tmp_path / "run")
         _one_line(excinfo)
     pickled = _save(tmp_path / "args.pth", _state(public), args=argparse.Namespace(lr=3e-4))
-    with pytest.raises(JaxbratsError, match=r"weights_only=True\) refuses it .*Namespace") as excinfo:
+    refused = r"holds pickled Python objects \(argparse\.Namespace: code\), not only tensors; refused"
+    with pytest.raises(JaxbratsError, match=refused) as excinfo:
         import_m3ae(pickled, tmp_path / "run")
     _one_line(excinfo)
     torch.save([1, 2], tmp_path / "list.pth")
@@ -318,3 +319,67 @@ def test_the_command_and_no_training_in_an_imported_run(public, tmp_path, capsys
         JaxbratsError, match=r"holds imported weights \(import.json\), not a run to train in; .*init_from"
     ):
         Trainer(config, tmp_path / "run")
+
+
+def _poke(key, value):
+    def change(state):
+        tensor = state[key].clone()
+        tensor.view(-1)[3] = value
+        state[key] = tensor
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (
+            _poke("module.unet.conv2a.conv1.weight", float("nan")),
+            r"key module\.unet\.conv2a\.conv1\.weight holds 1 NaN and 0 infinite value\(s\) of 27648",
+        ),
+        (
+            _poke("module.limage", float("-inf")),
+            rf"key module\.limage holds 0 NaN and 1 infinite value\(s\) of {4 * Z * Y * X}",
+        ),
+        (
+            lambda s: s.__setitem__("module.unet.up1conv.bias", torch.tensor([1, 0, -1])),
+            r"key module\.unet\.up1conv\.bias holds int64 values; M3AE's weights are floating point",
+        ),
+        (  # BatchNorm's step counter: the public network has no BatchNorm, so not one of its tensors
+            lambda s: s.__setitem__("module.unet.conv1b.gn1.num_batches_tracked", torch.tensor(7)),
+            r"key module\.unet\.conv1b\.gn1\.num_batches_tracked is not part",
+        ),
+    ],
+    ids=["nan", "inf", "int64", "num_batches_tracked"],
+)
+def test_weights_that_are_not_finite_floats_are_refused(public, tmp_path, change, match):
+    state = _state(public)
+    assert all(v.is_floating_point() for v in state.values())  # the public layout: floating-point weights only
+    change(state)
+    path = _save(tmp_path / "bad.pth", state)
+    with pytest.raises(JaxbratsError, match=match) as excinfo:
+        import_m3ae(path, tmp_path / "run")
+    assert _one_line(excinfo).startswith(str(path)) and not (tmp_path / "run").exists()
+
+
+class _RunsCode:
+    """Unpickling this calls `os.mkdir`: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_pickle_with_code_is_refused_without_pointing_at_the_unsafe_load(public, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    path = _save(tmp_path / "evil.pth", _state(public), args=_RunsCode(marker))
+    assert cli.main(["import-m3ae", path, "--out", tmp_path / "run"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: holds pickled Python objects (" in err and "mkdir: code)" in err
+    assert "refused: jaxbrats reads checkpoints with torch.load(weights_only=True)" in err
+    assert "weights_only=False" not in err and "safe_globals" not in err  # neither way would run the file's code
+    assert not marker.exists() and not (tmp_path / "run").exists()

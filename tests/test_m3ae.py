@@ -28,6 +28,9 @@ from jaxbrats.modalities import SUBSETS
 
 #: The phantom config shrunk to the test phantom (tests/conftest.py's `M3AE_TINY`).
 tiny = m3ae_config
+#: The fewest levels M3AE's deep supervision takes, for the tests that build programs of their own
+#: (those of `m3ae_run`, shared with tests/test_predict.py, keep its four): a quarter less to trace.
+THREE_LEVELS = ("model.widths=[8,8,8]", "model.blocks=[1,1,1]")
 
 
 def batch_of(case_shape, crop=(16, 16, 16), b=2, k=1, seed=0):
@@ -252,7 +255,7 @@ def test_losses_against_numpy():
 
 @pytest.mark.parametrize("feature", ["bottleneck", "deep_quarter"])
 def test_consistency_is_zero_for_identical_instantiations_only(feature):
-    method = get_method("m3ae")(tiny(f"method.consistency_feature='{feature}'"))
+    method = get_method("m3ae")(tiny(f"method.consistency_feature='{feature}'", *THREE_LEVELS))
     models = models_of(method, "finetune")
     batch = batch_of([20, 18, 22], b=1, k=2)
     same = dict(batch, modality_mask=jnp.asarray([[[1, 0, 1, 0], [1, 0, 1, 0]]], bool))
@@ -278,7 +281,8 @@ def changed(before, after):
 
 
 def test_x_sub_learns_in_pretraining_and_is_frozen_in_finetuning():
-    method = get_method("m3ae")(tiny("method.substitute_weight=0.0"))  # only the reconstruction can move x_sub
+    # Only the reconstruction can move x_sub.
+    method = get_method("m3ae")(tiny("method.substitute_weight=0.0", *THREE_LEVELS))
     batch = batch_of([20, 18, 22], k=2)
     before, after, metrics = one_step(method, "pretrain", dict(batch, modality_mask=batch["modality_mask"][:, :1]))
     assert changed(before["x_sub"], after["x_sub"]) and changed(before["unet"], after["unet"])
@@ -445,7 +449,7 @@ def test_grad_norms_of_a_term_of_another_stage_are_noted_not_refused():
     is not refused for it (a one-stage method's unknown term is: tests/test_rirn.py)."""
     from jaxbrats import engine
 
-    m = get_method("m3ae")(tiny("train.grad_norms=['consistency']"))
+    m = get_method("m3ae")(tiny("train.grad_norms=['consistency']", *THREE_LEVELS))
     for stage, batch in (("pretrain", batch_of((24, 24, 24))), ("finetune", batch_of((24, 24, 24), b=1, k=2))):
         optimizers = engine.stage_optimizers(m, stage, 10)
         graphdefs, state = engine.abstract_state(m, stage, optimizers)

@@ -30,8 +30,10 @@ from jaxbrats.networks import family
 from jaxbrats.runtime.checkpoints import restore, save
 from jaxbrats.runtime.sharding import make_mesh, shard_state
 
-#: A 3-level narrow U-Net (bottleneck 4^3 for CAR), two students, the paper's stem dropout.
-RIRN = TINY + ["method.name='rirn'", "model.widths=[8,8,8]", "model.blocks=[1,1,1]", "model.stem_dropout=0.2"]
+#: A 2-level narrow U-Net (CAR at its 8^3 bottleneck), two students, the paper's stem dropout. What
+#: is checked here does not depend on the depth; RIRN's programs are the largest to compile, and
+#: each level more adds a third to them.
+RIRN = TINY + ["method.name='rirn'", "model.widths=[8,8]", "model.blocks=[1,1]", "model.stem_dropout=0.2"]
 
 
 def rirn_config(*extra):
@@ -46,7 +48,9 @@ def rirn(students, *extra):
 
 
 def test_no_student_loss_reaches_the_teacher():
-    method = rirn(["t1ce", "flair"])
+    # Three levels, as before the suite's RIRN went to two: in this program the students' terms
+    # give the teacher's gradient exactly 0.0; at two levels XLA leaves float noise of ~1e-8.
+    method = rirn(["t1ce", "flair"], "model.widths=[8,8,8]", "model.blocks=[1,1,1]")
     models = method.init_models("train", nnx.Rngs(0))
     batch = jax.tree.map(jnp.asarray, synthetic_batch(0))
     key = jax.random.PRNGKey(5)
@@ -303,7 +307,7 @@ def test_a_frozen_teacher_from_another_run(rirn_run, trained_run):
     full = saved.restore(saved.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(full["models"]["teacher"])):
         np.testing.assert_array_equal(a, b)
-    # A baseline run of another U-Net (4 levels, not 3): refused in one line, nothing half-loaded.
+    # A baseline run of another U-Net (4 levels, not 2): refused in one line, nothing half-loaded.
     other = rirn(["t1ce"], f"method.teacher_from='{trained_run / 'checkpoints' / 'train'}'")
     with pytest.raises(ConfigError, match="holds no model teacher or unet shaped like this run's"):
         other.start_from("train", lambda: engine.abstract_state(other, "train", optimizers)[1]["models"])

@@ -48,10 +48,14 @@ PAPER_CROPS["acdis"] = ((80, 80, 80), 2)
 EVAL_METHODS = ("baseline", "m3ae", "rirn", "mind_the_gap", "acdis")
 LAST_STAGE = {"m3ae": "finetune", "mind_the_gap": "students"}
 
-#: --tiny: a three-level U-Net of 16 channels, one block per level (M3AE's deep supervision needs
-#: three levels, RIRN's students half the widths, GroupNorm 8 groups).
+#: --tiny: U-Nets of 16 channels, one block per level (RIRN's students half the widths, GroupNorm 8
+#: groups): three levels for the baseline and M3AE (its deep supervision needs three), two for the
+#: other methods (`TWO_LEVELS`: a third less to compile); the methods' families (RIRN's students,
+#: ACDIS's and Mind the Gap's per-modality encoders) vmapped, as "auto" maps them on a GPU: one copy
+#: of a member's layers to compile, not one per member (XLA:CPU's "auto" unrolls them).
 TINY_NET = ["--widths", "16", "16", "16", "--blocks", "1", "1", "1"]
-TINY_SET = ["--set", "model.widths=[16,16,16]", "--set", "model.blocks=[1,1,1]"]
+TINY_SET = ["--set", "model.widths=[16,16,16]", "--set", "model.blocks=[1,1,1]", "--set", "model.family_map='vmap'"]
+TWO_LEVELS = ["--set", "model.widths=[16,16]", "--set", "model.blocks=[1,1]"]
 TINY_TIMES = ["--repeats", "1", "--warmup", "1"]
 
 
@@ -117,7 +121,8 @@ def steps(out: Path, tiny: bool) -> list[Step]:
         few = ["--set", 'method.students=["flair","t1ce"]'] if tiny and method == "rirn" else []
         # --tiny: one Mind the Gap student, AFEB at ACDIS's bottleneck only (compile time).
         few += ["--set", 'method.students=["flair"]'] if tiny and method == "mind_the_gap" else []
-        few += ["--set", "method.afeb_levels=[2]"] if tiny and method == "acdis" else []
+        few += ["--set", "method.afeb_levels=[1]"] if tiny and method == "acdis" else []
+        few += TWO_LEVELS if tiny and method != "m3ae" else []
         # --tiny: the serving stage only (M3AE's fine-tuning, Mind the Gap's students).
         few += ["--stages", LAST_STAGE[method]] if tiny and method in LAST_STAGE else []
         result.append(
@@ -135,7 +140,8 @@ def steps(out: Path, tiny: bool) -> list[Step]:
         Step(
             "rirn_students",
             f"RIRN with {' and '.join(students)} students, {size}^3 batch 1, bfloat16",
-            [*STUDENTS, "--students", *students, "--size", size, *engine_net, "--dtype", "bfloat16"]
+            [*STUDENTS, "--students", *students, "--size", size, *engine_net, *(TWO_LEVELS if tiny else [])]
+            + ["--dtype", "bfloat16"]
             + ["--repeats", "1" if tiny else "3", *j("rirn_students")],
             *t((60, 200)),
         )

@@ -42,6 +42,10 @@ How a run goes (`train`):
    own share of the cases; process 0 alone writes the work directory's files
    (metrics, TensorBoard, config, splits, reports) and notes; every process
    takes part in each checkpoint, which holds each one's iterator state.
+7. SIGTERM or SIGINT (`jaxbrats.runtime.signals`) stops the run after the step in
+   flight, at a step all processes agree on: its checkpoint is saved, the metrics
+   flushed, the lock released, and `TrainingStopped` raised (the command exits
+   143 or 130); the same command resumes it.
 
 Here: `Trainer` runs the stages in order (`run_stage`: where a stage starts, its step and
 its data loader) and `StageLoop` the steps of one stage (compile, log, checkpoint, stop).
@@ -70,9 +74,11 @@ from jaxbrats.methods import get_method
 from jaxbrats.runtime import processes
 from jaxbrats.runtime.checkpoints import checkpoint_manager, save
 from jaxbrats.runtime.processes import lead
+from jaxbrats.runtime.rundir import RunDir
 from jaxbrats.runtime.sharding import check_families, make_mesh, place_batch, shard_state
+from jaxbrats.runtime.signals import StopRequests, TrainingStopped
 
-__all__ = ["StageLoop", "StepBudget", "Trainer", "TrainingDiverged", "train"]
+__all__ = ["StageLoop", "StepBudget", "Trainer", "TrainingDiverged", "TrainingStopped", "train"]
 
 
 class StepBudget:
@@ -118,19 +124,25 @@ class Trainer:
         self.compiled_steps = {}  # stage -> the step function (its `.traces` counts Python traces)
         self.compilations = {}  # stage -> {"compiled": n, "loaded": n}: XLA compilations of its step in this call
         self.losses: list[tuple[str, int, float]] = []  # (stage, step, loss) for every step
+        self.stop = StopRequests()
+        self.stopped: tuple[str, int] | None = None  # (stage, step) saved on a stop signal
 
     def run(self, stop_after: int | None = None) -> dict:
         """Run (or resume) every stage; `stop_after` steps in this call, then checkpoint and return.
 
         Process 0 holds the work directory's lock for the whole run (`workdir.single_writer`);
         when it is refused, every process stops with its line (`processes.on_process_0`).
+        SIGTERM and SIGINT are caught meanwhile (`StopRequests`; the caller's handlers are put
+        back on return): the step in flight ends, is saved, and `TrainingStopped` is raised.
         """
         with contextlib.ExitStack() as held:
             processes.on_process_0(lambda: bool(held.enter_context(workdir_files.single_writer(self.workdir))))
+            held.enter_context(self.stop)
             return self._run(stop_after)
 
     def _run(self, stop_after: int | None) -> dict:
         self.budget = StepBudget(stop_after)
+        self.stopped = None
         self.splits = splits = workdir_files.prepare(self.workdir, self.config, self.cache)
         train_set = CacheDataset(self.cache.cache_dir, splits["train"])
         self.method.setup(train_set)
@@ -155,8 +167,19 @@ class Trainer:
                 previous = self.starts.finished_models(stage, total, previous)
                 continue
             previous = self.run_stage(stage, index, total, train_set, previous)
+            if self.stopped and (index < last or self.stopped[1] < total):  # a stop at the run's end is its end
+                self._raise_stopped()
             if self.budget.spent:
                 break
+
+    def _raise_stopped(self) -> None:
+        stage, step = self.stopped
+        where = RunDir(self.workdir).checkpoints(stage)
+        raise TrainingStopped(
+            f"stopped by {self.stop.name} after step {step} of stage {stage}; saved checkpoint {step} in {where}; "
+            f"resume with the same command",
+            self.stop.signum,
+        )
 
     def batch_size(self, stage: str) -> int:
         """Samples per step of a stage (global), checked against the data-parallel devices."""
@@ -215,7 +238,8 @@ class Trainer:
 class StageLoop:
     """The steps of one stage in this call: the step compiled at the first batch, the metrics fetched,
     checked and logged every `train.log_every` steps, a checkpoint every `train.checkpoint_every`
-    steps and at the stage's end, and a stop when the call's `StepBudget` is spent; the stage's
+    steps and at the stage's end, and a stop (saved) when the call's `StepBudget` is spent or a
+    stop signal came (`Trainer.stop`, asked after every step); the stage's
     `validation` (or None) where it is due, after the metrics are checked, before the checkpoint."""
 
     def __init__(self, trainer: Trainer, stage: str, total: int, manager, pipeline: PipelineConfig, validation=None):
@@ -241,7 +265,8 @@ class StageLoop:
         if start and lead():
             print(f"stage {self.stage}: resuming at step {start} of {self.total}")
         self.last_time, self.last_step = time.perf_counter(), start
-        budget, jitted = self.trainer.budget, None
+        budget, stop, jitted = self.trainer.budget, self.trainer.stop, None
+        stop.begin(start)  # before the compile: a stop signal during it ends the stage's first step
         try:
             for step in range(start + 1, self.total + 1):  # `step`: the step count once this one is done
                 batch = place_batch(next(iterator), self.trainer.mesh)
@@ -251,7 +276,8 @@ class StageLoop:
                 state, metrics = jitted(state, batch)
                 self.pending.add(step, metrics)
                 budget.spend()
-                save_now = step == self.total or budget.spent or step % self.settings.checkpoint_every == 0
+                stopping = stop.due(step)  # a Python flag, or JAX's agreed step: no transfer
+                save_now = step == self.total or budget.spent or stopping or step % self.settings.checkpoint_every == 0
                 validate_now = self.validation is not None and self.validation.due(step, self.total)
                 if save_now or validate_now or step % self.settings.log_every == 0:
                     self._flush(step)
@@ -259,7 +285,9 @@ class StageLoop:
                     self._validate(state, step)
                 if save_now:
                     self._save(state, iterator)
-                if budget.spent:
+                if stopping:
+                    self.trainer.stopped = (self.stage, step)
+                if budget.spent or stopping:
                     break
         finally:
             self.bar.close()

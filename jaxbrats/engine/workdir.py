@@ -185,8 +185,11 @@ def record_config(workdir: Path, config: Config) -> list[str]:
         "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "changed": {k: [_lookup(old, k), _lookup(new, k)] for k in changed} if changed else {},
     }
-    with run.config_history.open("a") as f:  # one short row appended: a reader sees whole rows
-        f.write(json.dumps(row) + "\n")
+    try:
+        with run.config_history.open("a") as f:  # one short row appended: a reader sees whole rows
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:  # a full disk: name the file
+        raise OSError(e.errno, e.strerror, str(run.config_history)) from None
     save_config(config, saved)
     return changed
 

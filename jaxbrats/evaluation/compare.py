@@ -109,25 +109,70 @@ class PaperColumn:
     info: dict  # the table's name, method, title, citation, dataset and split, for compare.json
 
 
-def _read_json(path: Path):
+JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+
+
+def _json_type(value) -> str:
+    return "null" if value is None else JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a file `jaxbrats eval` writes; anything else is one line naming the file."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise JaxbratsError(f"{path}: missing; is {path.parent} the output of `jaxbrats eval`?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise JaxbratsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise JaxbratsError(f"{path}: holds a JSON {_json_type(data)}, not the object `jaxbrats eval` writes")
+    return data
+
+
+def _objects(data: dict, key: str, path: Path, default=None) -> list[dict]:
+    """``data[key]``: a list of JSON objects (`default` when absent and a default is given)."""
+    value = data.get(key, default)
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        what = "missing" if value is None else f"a JSON {_json_type(value)}, not a list of objects"
+        raise JaxbratsError(f"{path}: key {key!r} is {what}: not a jaxbrats evaluation result")
+    return value
+
+
+def _number(value, path: Path, where: str) -> float:
+    """A score: a JSON number, or null (not scored) as NaN."""
+    if value is None:
+        return np.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise JaxbratsError(f"{path}: {where} is {json.dumps(value)[:60]} (a JSON {_json_type(value)}), not a number")
+
+
+def _case_rows(case: dict, path: Path) -> dict[str, dict]:
+    """A case file's rows by subset name; all 15 must be there."""
+    rows = {}
+    for row in _objects(case, "subsets", path):
+        rows.setdefault(str(row.get("name")), row)
+    missing = [s for s in SUBSET_NAMES if s not in rows]
+    if missing:
+        raise JaxbratsError(f"{path}: no row named {missing[0]!r} in 'subsets': not a jaxbrats case result")
+    return rows
 
 
 def _case_values(case: dict, path: Path, key: str) -> np.ndarray:
-    try:
-        rows = {row["name"]: row for row in case["subsets"]}
-        if key in OPTIONAL_METRICS:  # a row without them (not applicable) is unscored
-            rows = {name: {key: dict.fromkeys(REGIONS), **row} for name, row in rows.items()}
-        return np.asarray(
-            [[np.nan if rows[s][key][r] is None else rows[s][key][r] for r in REGIONS] for s in SUBSET_NAMES], float
-        )
-    except (KeyError, TypeError) as e:
-        raise JaxbratsError(f"{path}: not a jaxbrats case result (no {e})") from None
+    """(15, 3) values of `key` in a case file, NaN where a row is not scored; one line per problem."""
+    rows = _case_rows(case, path)
+    values = np.full((len(SUBSET_NAMES), len(REGIONS)), np.nan)
+    for i, subset in enumerate(SUBSET_NAMES):
+        # a row without the optional metrics (not applicable) is unscored
+        scores = rows[subset].get(key, dict.fromkeys(REGIONS) if key in OPTIONAL_METRICS else None)
+        if not isinstance(scores, dict):
+            what = "missing" if scores is None else f"a JSON {_json_type(scores)}, not an object of regions"
+            raise JaxbratsError(f"{path}: subset {subset!r}: key {key!r} is {what}")
+        for j, region in enumerate(REGIONS):
+            if region not in scores:
+                raise JaxbratsError(f"{path}: subset {subset!r}: key {key}.{region} is missing")
+            values[i, j] = _number(scores[region], path, f"subset {subset!r}: key {key}.{region}")
+    return values
 
 
 def _has(case: dict, key: str) -> bool:
@@ -141,6 +186,10 @@ def load_run(path, name: str) -> Run:
         raise JaxbratsError(f"{path}: no such evaluation folder")
     summary = _read_json(path / "summary.json")
     settings = _read_json(path / "eval_settings.json").get("eval", {})
+    if not isinstance(settings, dict):
+        raise JaxbratsError(
+            f"{path / 'eval_settings.json'}: key 'eval' is a JSON {_json_type(settings)}, not an object"
+        )
     case_files = sorted((path / "cases").glob("*.json"))
     if not case_files:
         raise JaxbratsError(f"{path / 'cases'}: no per-case results")
@@ -148,14 +197,20 @@ def load_run(path, name: str) -> Run:
     for case_file in case_files:
         case = _read_json(case_file)
         cases.append(str(case.get("case", case_file.stem)))
-        present[cases[-1]] = list(case.get("present", MODALITIES))
-        applicable.append([bool(row.get("applicable", True)) for row in case.get("subsets", [])])
+        present[cases[-1]] = case.get("present", list(MODALITIES))
+        if not isinstance(present[cases[-1]], list) or not all(isinstance(m, str) for m in present[cases[-1]]):
+            raise JaxbratsError(f"{case_file}: key 'present' is not a list of modality names")
+        rows = _case_rows(case, case_file)
+        applicable.append([bool(rows[s].get("applicable", True)) for s in SUBSET_NAMES])
         for metric, (key, *_) in METRICS.items():
             if metric in OPTIONAL_METRICS and (values[metric] is None or not _has(case, key)):
                 values[metric] = None  # one case without it: the run has no such metric
                 continue
             values[metric].append(_case_values(case, case_file, key))
-    served = np.asarray([row.get("served", True) for row in summary.get("subsets", [{}] * len(SUBSETS))], bool)
+    rows = _objects(summary, "subsets", path / "summary.json", default=[{}] * len(SUBSETS))
+    if len(rows) != len(SUBSETS):
+        raise JaxbratsError(f"{path / 'summary.json'}: key 'subsets' has {len(rows)} rows, not {len(SUBSETS)}")
+    served = np.asarray([row.get("served", True) for row in rows], bool)
     return Run(
         name,
         path,

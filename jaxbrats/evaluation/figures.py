@@ -246,7 +246,7 @@ def write_case_figure(
 
 def log_figures(writer, step: int, images, prefix: str = "figures") -> None:
     """Add each ``case_id -> (H, W, 3) uint8`` image to a TensorBoard writer (tensorboardX
-    `SummaryWriter`, e.g. the ``writer`` of `engine.metrics_log.MetricsLog`) as ``<prefix>/<case_id>`` at `step`."""
+    `SummaryWriter`) as ``<prefix>/<case_id>`` at `step`."""
     for case_id, pixels in images.items():
         writer.add_image(f"{prefix}/{case_id}", np.asarray(pixels, np.uint8), int(step), dataformats="HWC")
     writer.flush()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from jaxbrats.errors import JaxbratsError
@@ -87,6 +88,20 @@ def _keys(rows, keep) -> list[str]:
     return list(seen)
 
 
+def check_keys(keys, runs, names, limit: int = 30) -> None:
+    """A key no run logged is one line listing the keys the runs have (a typo must not draw
+    nothing silently); a key only some runs logged is a note, and the others' lines are drawn."""
+    logged = [set(_keys(rows, lambda k: True)) for rows in runs]
+    for key in keys:
+        without = [name for name, have in zip(names, logged) if key not in have]
+        if len(without) == len(runs):
+            have = _keys([r for rows in runs for r in rows], lambda k: True)
+            listed = ", ".join(have[:limit]) + (f" and {len(have) - limit} more" if len(have) > limit else "")
+            raise JaxbratsError(f"--keys {key!r}: no run logged it; the runs logged: {listed}")
+        if without:
+            print(f"note: --keys {key!r}: not logged by {', '.join(without)}; drawn for the others", file=sys.stderr)
+
+
 def _series(rows, stage: str, key: str):
     points = sorted((r["step"], float(r[key])) for r in rows if r["stage"] == stage and key in r)
     return [s for s, _ in points], [v for _, v in points]
@@ -118,8 +133,9 @@ def _draw(ax, steps, ys, colour, style, label, smooth: float) -> None:
 def plot_runs(workdirs, out, names=None, keys=None, smooth: float = 0.0) -> Path:
     """Draw the training curves of the runs in `workdirs` (module docstring) to `out` (.png, .pdf, .svg).
     `names`: a label per run (default: each work directory's name); `keys`: the metrics per stage
-    (default: its loss keys); a stage without one of them leaves its panel out. `smooth` in [0, 1):
-    the metrics (not the learning rates) also drawn as an exponential moving average of that weight."""
+    (default: its loss keys; one no run logged is an error, `check_keys`); a stage without one of
+    them leaves its panel out. `smooth` in [0, 1): the metrics (not the learning rates) also drawn
+    as an exponential moving average of that weight."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -139,6 +155,8 @@ def plot_runs(workdirs, out, names=None, keys=None, smooth: float = 0.0) -> Path
             f"--names: {len(names)} name(s) for {len(workdirs)} work director{'y' if len(workdirs) == 1 else 'ies'}"
         )
     runs = [read_metrics(w) for w in workdirs]
+    if keys is not None:
+        check_keys(keys, runs, names)
     stages = list(dict.fromkeys(r["stage"] for rows in runs for r in rows))
     panels = {}  # stage -> [metric keys..., "lr"]
     for stage in stages:

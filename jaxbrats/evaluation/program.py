@@ -248,6 +248,8 @@ def evaluate(
         "compilations": after["compiled"] - before["compiled"],
         "loaded_from_cache": after["loaded"] - before["loaded"],
     }
+    if checkpoint is not None:  # the settings name the models they scored, as summary.json does
+        settings["checkpoint"] = checkpoint
     files.write_text_atomic(out_dir / "eval_settings.json", json.dumps(settings, indent=1) + "\n")
     return summary
 

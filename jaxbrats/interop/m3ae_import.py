@@ -15,8 +15,8 @@ the heads below); the 4 deep-supervision
 as the public run script) or all absent (then zeros: they act in training
 only). A pretraining checkpoint (4 reconstruction outputs) is refused. The
 file is read with ``torch.load(weights_only=True)``: nothing in it is
-executed; a checkpoint holding other Python objects is refused with the way
-out (re-save its state dict).
+executed; a checkpoint holding other pickled Python objects is refused, and
+so is a tensor that is not floating point or holds NaN or Inf.
 
 What is written (`out_dir`, which must not exist or be empty; built in a
 hidden sibling folder and renamed into place, so nothing half-written
@@ -62,7 +62,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -174,10 +176,27 @@ def orientation(axcodes) -> np.ndarray:
 # --- reading the checkpoint ----------------------------------------------------------------
 
 
+WEIGHTS_ONLY_FAILED = "Weights only load failed"  # how torch's message starts when the safe unpickler refuses
+UNPICKLER_REASON = "WeightsUnpickler error:"  # the line of that message giving the reason
+
+
 def _first_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    unsupported = [line for line in lines if "Unsupported global" in line]  # the weights-only unpickler's reason
-    return (unsupported or lines or [type(error).__name__])[0][:200]
+    return (lines or [type(error).__name__])[0][:200]
+
+
+def _refused(path: Path, error: Exception) -> JaxbratsError:
+    """The weights-only unpickler's refusal in our words. Torch's own message suggests loading with
+    ``weights_only=False`` or allow-listing the class: both run the file's code, so neither is offered."""
+    text = str(error)
+    found = re.search(r"GLOBAL ([\w.]+)", text)  # the class or function the file would have called
+    if found:
+        return JaxbratsError(
+            f"{path}: holds pickled Python objects ({found.group(1)}: code), not only tensors; refused: "
+            f"jaxbrats reads checkpoints with torch.load(weights_only=True) and runs nothing from them"
+        )
+    reason = [line.strip() for line in text.split(UNPICKLER_REASON, 1)[-1].splitlines() if line.strip()]
+    return JaxbratsError(f"{path}: not a PyTorch checkpoint ({(reason or ['unreadable'])[0][:160]})")
 
 
 def public():
@@ -203,14 +222,12 @@ def load_checkpoint(path: Path):
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of a plain pickle's protocol before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # a real pickle naming a class weights_only does not allow
-            raise JaxbratsError(
-                f"{path}: holds more than tensors, torch.load(weights_only=True) refuses it "
-                f"({_first_line(e)}); if you trust the file, re-save its state dict alone: "
-                f"torch.save(torch.load(f, weights_only=False)['state_dict'], 'm3ae.pth')"
-            ) from None
+        if WEIGHTS_ONLY_FAILED in str(e):
+            raise _refused(path, e) from None
         raise JaxbratsError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
     except Exception as e:  # noqa: BLE001  zip, pickle and EOF errors all mean "not a torch file"
         raise JaxbratsError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
@@ -282,6 +299,26 @@ def check_keys(state: dict, prefix: str, path: Path) -> tuple[tuple[int, int, in
         if have != want[key]:
             raise JaxbratsError(f"{path}: key {prefix}{key} has shape {have}, M3AE's network has {want[key]}")
     return volume, bool(deep)
+
+
+def check_values(state: dict, prefix: str, path: Path) -> None:
+    """Every tensor is a floating-point weight with finite values. The public network normalises
+    with GroupNorm only (model/Unet.py): it has no integer buffers such as BatchNorm's
+    ``num_batches_tracked``, so every tensor `check_keys` lets through is loaded as a weight."""
+    import torch
+
+    for key in sorted(state):
+        value = state[key]
+        if not value.is_floating_point():
+            dtype = str(value.dtype).removeprefix("torch.")
+            raise JaxbratsError(f"{path}: key {prefix}{key} holds {dtype} values; M3AE's weights are floating point")
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            nan, bad = int(torch.isnan(value).sum()), int((~finite).sum())
+            raise JaxbratsError(
+                f"{path}: key {prefix}{key} holds {nan} NaN and {bad - nan} infinite value(s) of {value.numel()}; "
+                f"a network with them predicts nothing usable"
+            )
 
 
 # --- conversion ----------------------------------------------------------------------------
@@ -430,6 +467,7 @@ def import_m3ae(
     transform = orientation(source_axcodes)
     state, prefix, epoch = state_dict_of(load_checkpoint(checkpoint), checkpoint)
     volume, deep = check_keys(state, prefix, checkpoint)
+    check_values(state, prefix, checkpoint)
     substitute_shape = ras_shape(volume, transform)
     config = config_from_data(run_config(substitute_shape), "import-m3ae")
     method = M3AE(config)

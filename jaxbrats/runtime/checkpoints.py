@@ -18,12 +18,27 @@ Restoring needs a template of the state's layout; a checkpoint that cannot be
 read (truncated, half-copied) is reported and the one before it is used
 (`restore_newest_readable`). In a multi-process run every process restores the
 same step: a checkpoint unreadable on one process is unreadable on all.
+
+Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it to
+``<step>`` once whole, so a write that fails or is killed never leaves a
+step folder a resume would take; Orbax lists only the renamed ones. A write
+that fails for the storage (a full disk, a quota, permissions: Orbax raises
+tensorstore's ``RESOURCE_EXHAUSTED`` ValueError or an OSError, and its
+background threads log a traceback each) is one line, `CheckpointWriteError`,
+naming the step's folder and the cause; the unfinished folder is removed,
+and one a killed run left is removed when the stage's manager is made for
+training (`checkpoint_manager`, `best_manager`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import re
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -31,10 +46,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxbrats.errors import JaxbratsError, require
+from jaxbrats.files import storage_cause
 from jaxbrats.runtime.processes import lead
 from jaxbrats.runtime.rundir import RunDir
 
 ITERATOR = "iterator"  # the item holding one Grain iterator state per process
+#: An unfinished step folder: Orbax writes step S under "S.orbax-checkpoint-tmp" (newer versions add
+#: "-<time>") and renames it to "S" once whole.
+UNFINISHED = re.compile(r"(\d+)\.orbax-checkpoint-tmp(-\d+)?")
+
+
+class CheckpointWriteError(JaxbratsError):
+    """A checkpoint could not be written (a full disk, a quota, permissions): its folder and the cause in one line."""
 
 
 def _grain():
@@ -44,8 +67,29 @@ def _grain():
 
 
 def checkpoint_manager(workdir: Path, stage: str, keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
+    """The manager of a stage's checkpoints; with `create` (training), the unfinished step folders a
+    killed or failed write left are removed first (`remove_unfinished`)."""
+    directory = RunDir(workdir).checkpoints(stage).absolute()
+    if create:
+        remove_unfinished(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(RunDir(workdir).checkpoints(stage).absolute(), options=options)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def remove_unfinished(directory: Path, step: int | None = None) -> None:
+    """Remove the unfinished step folders (``<step>.orbax-checkpoint-tmp``) in `directory` that a killed
+    write left, each with a note, or only `step`'s, that just failed (quietly: its error says so).
+    Orbax never lists them, but they hold disk space, and Orbax warns when it meets one. Process 0
+    removes them; a run holds the work directory's lock, so no other writer is using them."""
+    if not lead() or not directory.is_dir():
+        return
+    for path in sorted(directory.iterdir()):
+        found = UNFINISHED.fullmatch(path.name)
+        if not found or not path.is_dir() or (step is not None and int(found.group(1)) != step):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if step is None:
+            print(f"note: removed the unfinished checkpoint {path}, which a write cut short left", file=sys.stderr)
 
 
 def existing_manager(workdir: Path, stage: str) -> ocp.CheckpointManager | None:
@@ -168,7 +212,13 @@ def _paths(tree) -> set[str]:
 def check_whole_models(state_dir: Path, abstract: dict) -> None:
     """A partial restore reads whole models: each model in `abstract["models"]` must have exactly
     the saved model's variables (a U-Net of other depth shares many paths and shapes)."""
-    saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
+    # The item's own handler: a Checkpointer would look for the step's _CHECKPOINT_METADATA inside
+    # the item folder (it lies one level up) and log an absl warning on every partial restore.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        saved = handler.metadata(state_dir)
+    finally:
+        handler.close()
     saved = saved.tree if hasattr(saved, "tree") else saved
     for name, model in abstract.get("models", {}).items():
         if name not in saved.get("models", {}):
@@ -266,7 +316,118 @@ def save(manager: ocp.CheckpointManager, state: dict, extra: dict, iterator=None
     items = {"state": ocp.args.StandardSave(state), "extra": ocp.args.JsonSave(extra)}
     if iterator is not None:
         items[ITERATOR] = _grain().checkpoint.CheckpointSave(iterator)
-    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with writing(manager, step, "the checkpoint"):
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+class _OrbaxWriteFailures(logging.Filter):
+    """Drops what Orbax logs, a traceback each, when a write fails: one record per background thread
+    (absl's logger), and asyncio's "Task exception was never retrieved" for each array write left
+    unawaited, when it is collected. The failure itself reaches `writing`, which reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if "_SignalingThread.run() raised an exception" in message:
+            return False
+        return not ("exception was never retrieved" in message and "orbax" in message)
+
+
+class _ClosedLoopReports:
+    """A `sys.unraisablehook` that drops the "Event loop is closed" RuntimeErrors of a failed write:
+    tensorstore's threads finish the array writes Orbax no longer awaits and report to the asyncio
+    loop Orbax closed, once each (a hundred tracebacks for a large state); the rest go to `previous`."""
+
+    def __init__(self):
+        self.previous = sys.unraisablehook
+
+    def __call__(self, unraisable) -> None:
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            self.previous(unraisable)
+
+
+_QUIET = _OrbaxWriteFailures()
+_QUIET_LOGGERS = ("absl", "asyncio")
+_CLOSED_LOOP = _ClosedLoopReports()
+
+
+def _quiet(on: bool) -> None:
+    """Hide (or show again) what Orbax and tensorstore report of a failed write besides its error."""
+    for name in _QUIET_LOGGERS:
+        (logging.getLogger(name).addFilter if on else logging.getLogger(name).removeFilter)(_QUIET)
+    if on and sys.unraisablehook is not _CLOSED_LOOP:
+        _CLOSED_LOOP.previous, sys.unraisablehook = sys.unraisablehook, _CLOSED_LOOP
+    elif not on and sys.unraisablehook is _CLOSED_LOOP:
+        sys.unraisablehook = _CLOSED_LOOP.previous
+
+
+#: How tensorstore's errors begin: an absl status code ("RESOURCE_EXHAUSTED: ...").
+_STATUS = re.compile(r"([A-Z]+(?:_[A-Z]+)+|INTERNAL|UNKNOWN|ABORTED|UNAVAILABLE): ")
+
+
+def storage_error(error: BaseException) -> BaseException | None:
+    """The storage failure in `error` or the errors it came from (an OSError, or tensorstore's status
+    error, which Orbax passes on as a ValueError or RuntimeError), or None: another kind of bug."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) or (isinstance(error, (ValueError, RuntimeError)) and _STATUS.match(str(error))):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _shown(path: Path) -> str:
+    """`path` as the user likely named it: relative to the working directory when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _write_failure(directory: Path, step: int, what: str, error: BaseException, kept: int | None) -> str:
+    """The one line of a failed write: the step's folder, the cause in words, the error's first line
+    (its paths made relative to the stage's folder), the step still whole and what to do."""
+    status = _STATUS.match(str(error))
+    cause = storage_cause(error) or (status.group(1).lower().replace("_", " ") if status else "a storage error")
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    detail = detail.replace(f"{directory}/", "")[:300]
+    if not status:
+        detail = f"{type(error).__name__}: {detail}"
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)  # tensorstore: RESOURCE_EXHAUSTED
+    room = full or bool(status and status.group(1) == "RESOURCE_EXHAUSTED")
+    whole = f"step {kept} is whole" if kept is not None else "no earlier one was written"
+    return (
+        f"{_shown(directory / str(step))}: cannot write {what}: {cause} ({detail}); {whole}: "
+        f"{'make room' if room else 'fix that'} and train again to resume"
+    )
+
+
+@contextlib.contextmanager
+def writing(manager: ocp.CheckpointManager, step: int, what: str):
+    """Around Orbax writing `step` into `manager`: a storage failure becomes one `CheckpointWriteError`
+    naming the step's folder, the cause and the step that is still whole, the unfinished folder is
+    removed (one process only: with several, the next start removes it), and Orbax's and
+    tensorstore's tracebacks of the failure are not shown (`_quiet`, left on after a failure: they
+    come as the unawaited writes finish). Other errors pass unchanged."""
+    _quiet(True)
+    failed = False
+    try:
+        yield
+    except Exception as e:
+        storage = storage_error(e)
+        if storage is None:
+            raise
+        failed = True
+        # Orbax's coroutines that the failure left unawaited warn when collected, at the latest at exit.
+        warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+        directory = Path(manager.directory)
+        if jax.process_count() == 1:
+            remove_unfinished(directory, step)
+        raise CheckpointWriteError(_write_failure(directory, step, what, storage, manager.latest_step())) from e
+    finally:
+        if not failed:
+            _quiet(False)
 
 
 def best_manager(workdir: Path, stage: str, create: bool = True) -> ocp.CheckpointManager | None:
@@ -276,6 +437,8 @@ def best_manager(workdir: Path, stage: str, create: bool = True) -> ocp.Checkpoi
     path = RunDir(workdir).best(stage)
     if not create and not path.is_dir():
         return None
+    if create:
+        remove_unfinished(path.absolute())
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create, enable_async_checkpointing=False)
     return ocp.CheckpointManager(path.absolute(), options=options)
 
@@ -284,8 +447,9 @@ def save_best(manager: ocp.CheckpointManager, models: dict, step: int, record: d
     """Keep `models` at `step` as the best, with `record` (its score, which score) as JSON; every process calls it."""
     state = {"models": models, "step": np.int32(step)}
     items = {"state": ocp.args.StandardSave(state), "extra": ocp.args.JsonSave({**record, "step": step})}
-    manager.save(step, args=ocp.args.Composite(**items), force=True)
-    manager.wait_until_finished()
+    with writing(manager, step, "the best checkpoint"):
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
+        manager.wait_until_finished()
 
 
 def best_record(manager: ocp.CheckpointManager | None) -> dict | None:
@@ -293,7 +457,14 @@ def best_record(manager: ocp.CheckpointManager | None) -> dict | None:
     if manager is None or manager.latest_step() is None:
         return None
     step = manager.latest_step()
-    return dict(manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"] or {})
+    try:
+        return dict(manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"] or {})
+    except Exception as e:  # noqa: BLE001  orbax raises many kinds (JSON, tensorstore, OS) for one cause
+        folder = _shown(Path(manager.directory) / str(step))
+        raise JaxbratsError(
+            f"{folder}: cannot read the best checkpoint's record ({_first_line(e)}); remove the folder to keep "
+            f"the best anew"
+        ) from e
 
 
 def restore_model(directory, names: tuple[str, ...], abstract, key: str):

@@ -98,12 +98,16 @@ def _read(fd: int) -> tuple[str, Holder | None]:
         return text, None
 
 
-def _write(fd: int, holder: Holder | None) -> None:
-    """Replace the record (None: empty the file); synced, so that other hosts see it when flock is missing."""
-    os.ftruncate(fd, 0)
-    if holder is not None:
-        os.pwrite(fd, (json.dumps(dataclasses.asdict(holder)) + "\n").encode(), 0)
-    os.fsync(fd)
+def _write(fd: int, holder: Holder | None, path: Path) -> None:
+    """Replace the record (None: empty the file); synced, so that other hosts see it when flock is missing.
+    A failure (a full disk) names the lock file."""
+    try:
+        os.ftruncate(fd, 0)
+        if holder is not None:
+            os.pwrite(fd, (json.dumps(dataclasses.asdict(holder)) + "\n").encode(), 0)
+        os.fsync(fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def _flock(fd: int) -> bool:
@@ -172,10 +176,10 @@ def hold(path: Path, what: str, hint: str = "wait for it to finish", run_id: str
     try:
         _take(fd, path, hint)
         holder = Holder.me(what, run_id)
-        _write(fd, holder)
+        _write(fd, holder, path)
         try:
             yield holder
         finally:
-            _write(fd, None)  # released cleanly: an empty file, nobody holds it
+            _write(fd, None, path)  # released cleanly: an empty file, nobody holds it
     finally:
         os.close(fd)  # releases the flock
