@@ -10,6 +10,7 @@ test_consistency_losses.py; RFNet's criterion in test_losses.py.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -537,13 +538,19 @@ def test_trains_and_evaluates_with_one_compilation_each(acdis_run, phantom_cache
 
 
 def test_resume_mid_stage_is_bit_for_bit(acdis_run, phantom_cache, tmp_path):
-    """Stopped at step 2 and resumed through the engine (the synthesis switches on at step 2, after
-    the resume): the losses and the final train state are the uninterrupted run's, bit for bit."""
-    from test_engine import assert_bitwise_equal, final_state
+    """Resumed through the engine at step 2 (the synthesis switches on at step 2, after the resume):
+    the losses and the final train state are the uninterrupted run's, bit for bit. The run resumed is
+    a copy of the uninterrupted one without its checkpoint at step 4: the checkpoint at step 2 is the
+    one a run stopped there writes (the same save), without training the first half again; stopping
+    itself is tests/test_engine.py's."""
+    from test_engine import assert_bitwise_equal, final_state, logged_steps
 
     whole_dir, whole = acdis_run
-    engine.train(acdis_config(), tmp_path, phantom_cache, stop_after=2)
-    rest = engine.train(acdis_config(), tmp_path, phantom_cache)
+    workdir = tmp_path / "run"
+    shutil.copytree(whole_dir, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "train" / "4")
+    rest = engine.train(acdis_config(), workdir, phantom_cache)
     assert [(step, loss) for _, step, loss in rest.losses] == [(step, loss) for _, step, loss in whole.losses[2:]]
     assert [step for _, step, _ in rest.losses] == [3, 4]
-    assert_bitwise_equal(final_state(tmp_path, acdis_config()), final_state(whole_dir, acdis_config()))
+    assert logged_steps(workdir) == {"train": [1, 2, 3, 4]}  # the rows after step 2 redone, once
+    assert_bitwise_equal(final_state(workdir, acdis_config()), final_state(whole_dir, acdis_config()))

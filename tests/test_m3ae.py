@@ -380,18 +380,25 @@ def test_the_15_subset_table_comes_from_the_finetuned_model(m3ae_run, phantom_ca
 
 
 def test_resume_mid_pretraining_and_mid_finetuning_is_bit_for_bit(m3ae_run, phantom_cache, tmp_path):
-    """Pretraining draws its patch masks from the step's key: a resume must replay the same masks."""
+    """Pretraining draws its patch masks from the step's key: a resume must replay the same masks.
+
+    The run resumed is a copy of the uninterrupted one left with its checkpoints at pretraining
+    step 2 (of 3) and fine-tuning step 2 (of 4), each the one a run stopped there writes (the same
+    save); one call resumes pretraining at step 2, then fine-tuning at its step 2, without training
+    the first halves again (stopping itself is tests/test_engine.py's)."""
     from test_engine import assert_bitwise_equal, final_state, logged_steps
 
     whole_dir, whole = m3ae_run
-    engine.train(tiny(), tmp_path, phantom_cache, stop_after=2)  # pretrain step 2 of 3
-    engine.train(tiny(), tmp_path, phantom_cache, stop_after=3)  # pretrain 3, then finetune 1-2 of 4
-    rest = engine.train(tiny(), tmp_path, phantom_cache)
-    assert [(s, n) for s, n, _ in rest.losses] == [("finetune", 3), ("finetune", 4)]
+    workdir = tmp_path / "run"
+    shutil.copytree(whole_dir, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "pretrain" / "3")
+    shutil.rmtree(workdir / "checkpoints" / "finetune" / "4")
+    rest = engine.train(tiny(), workdir, phantom_cache)
+    assert [(s, n) for s, n, _ in rest.losses] == [("pretrain", 3), ("finetune", 3), ("finetune", 4)]
     for stage in ("pretrain", "finetune"):
-        assert_bitwise_equal(final_state(tmp_path, tiny(), stage), final_state(whole_dir, tiny(), stage))
-    assert logged_steps(tmp_path) == logged_steps(whole_dir) == {"pretrain": [1, 2, 3], "finetune": [1, 2, 3, 4]}
-    assert [loss for *_, loss in rest.losses] == [loss for *_, loss in whole.losses[-2:]]
+        assert_bitwise_equal(final_state(workdir, tiny(), stage), final_state(whole_dir, tiny(), stage))
+    assert logged_steps(workdir) == logged_steps(whole_dir) == {"pretrain": [1, 2, 3], "finetune": [1, 2, 3, 4]}
+    assert [loss for *_, loss in rest.losses] == [loss for *_, loss in whole.losses[2:3] + whole.losses[-2:]]
 
 
 @pytest.mark.parametrize("pretrained_unet", [True, False])
