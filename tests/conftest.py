@@ -72,6 +72,10 @@ FILE_SECONDS = {
     "test_m3ae.py": 90,
     "test_multihost.py": 80,  # two processes, three runs
     "test_model_settings.py": 45,
+    "test_validation.py": 60,  # one validated run, a killed one resumed
+    "test_preemption.py": 55,  # a SIGTERM subprocess, two processes stopped together
+    "test_tta.py": 25,
+    "test_disk_faults.py": 25,
     "test_predict.py": 35,
     "test_compile_once.py": 35,
     "test_cli.py": 30,

@@ -18,8 +18,10 @@ step, DIR/gpu_bench.json (the device, the versions, each step's command,
 status, seconds and rows) and DIR/gpu_bench.md (one table) are rewritten
 atomically, so a run cut short keeps what it measured. Each step's output is
 in DIR/logs/STEP.log. `--tiny` runs the same steps at tiny sizes (16^3
-crops, a two-level U-Net of 8 channels, 24^3 evaluation cases with 16^3
-windows, one repeat): the CPU test of this script (tests/test_gpu_bench.py).
+crops, U-Nets of 16 channels: three levels for the baseline and M3AE, two
+for the other methods, their families vmapped as on a GPU; a 20x16x16
+evaluation case with 16^3 windows; one repeat): the CPU test of this
+script (tests/test_gpu_bench.py).
 
 This driver imports neither JAX nor PyTorch: the steps own the device.
 """
@@ -123,6 +125,8 @@ def steps(out: Path, tiny: bool) -> list[Step]:
         few += ["--set", 'method.students=["flair"]'] if tiny and method == "mind_the_gap" else []
         few += ["--set", "method.afeb_levels=[1]"] if tiny and method == "acdis" else []
         few += TWO_LEVELS if tiny and method != "m3ae" else []
+        # --tiny: M3AE's substitute image at 24^3, not a BraTS grid's 240x240x155 (36 M values to make).
+        few += ["--set", "method.substitute_shape=[24,24,24]"] if tiny and method == "m3ae" else []
         # --tiny: the serving stage only (M3AE's fine-tuning, Mind the Gap's students).
         few += ["--stages", LAST_STAGE[method]] if tiny and method in LAST_STAGE else []
         result.append(
