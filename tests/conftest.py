@@ -59,18 +59,19 @@ def with_xla_flags(*flags: str) -> dict:
 
 
 #: CPU seconds each test file used, its subprocesses included, with the compilation cache above
-#: (pytest --durations and a per-file CPU count; 2 workers on the 2-core machine). xdist's
+#: (pytest --durations and a per-file CPU count; 2 workers on the 2-core machine; the first eight
+#: measured alone, `pytest -n 0 FILE` from a cold cache, user + sys, 2026-12-07). xdist's
 #: `--dist loadfile` hands files out in collection order (`--no-loadscope-reorder`): heaviest
 #: first, so that no long file starts last while the other worker idles. The others are light.
 FILE_SECONDS = {
-    "test_space_sharding.py": 150,  # three processes of 8 fake devices
-    "test_gpu_bench.py": 160,  # ten processes, one per step of tools/gpu_bench.sh --tiny
-    "test_mind_the_gap.py": 120,
-    "test_rirn.py": 110,
-    "test_acdis.py": 105,
-    "test_engine.py": 100,
-    "test_m3ae.py": 90,
-    "test_multihost.py": 80,  # two processes, three runs
+    "test_space_sharding.py": 130,  # one process of 8 fake devices
+    "test_gpu_bench.py": 105,  # ten processes, one per step of tools/gpu_bench.sh --tiny
+    "test_mind_the_gap.py": 95,
+    "test_rirn.py": 90,
+    "test_acdis.py": 95,
+    "test_engine.py": 90,
+    "test_m3ae.py": 75,
+    "test_multihost.py": 75,  # two processes, three runs
     "test_model_settings.py": 45,
     "test_validation.py": 60,  # one validated run, a killed one resumed
     "test_preemption.py": 55,  # a SIGTERM subprocess, two processes stopped together

@@ -11,7 +11,6 @@ test_distillation_losses.py.
 
 import dataclasses
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import TINY
 from flax import nnx
-from helpers import synthetic_batch
+from helpers import assert_resume_is_bit_for_bit, synthetic_batch
 
 from jaxbrats import engine
 from jaxbrats.config import ConfigError
@@ -314,46 +313,20 @@ def test_every_kd_loss_runs_one_student_step(kd):
     assert ("t2/kd" in metrics or "students/t2/kd" in metrics) == (kd != "none")
 
 
-# --- both stages end to end: handover, frozen teacher, one compilation, resume, evaluation -------------
+@pytest.mark.parametrize("stage", ["teacher", "students"])
+def test_resume_mid_stage_is_bit_for_bit(stage, tmp_path):
+    assert_resume_is_bit_for_bit(mtg(), stage, [synthetic_batch(s) for s in range(4)], tmp_path)
 
-#: A checkpoint after every step: one in the middle of each stage for the resume test.
-EVERY_STEP = ("train.checkpoint_every=1",)
+
+# --- both stages end to end: handover, frozen teacher, one compilation, evaluation ---------------------
 
 
 @pytest.fixture(scope="module")
 def mtg_run(phantom_cache, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mind_the_gap")
-    trainer = engine.train(mtg_config(*EVERY_STEP), workdir, phantom_cache)
+    trainer = engine.train(mtg_config(), workdir, phantom_cache)
     assert {stage: sum(n.values()) for stage, n in trainer.compilations.items()} == {"teacher": 1, "students": 1}
     return workdir
-
-
-def test_resume_mid_stage_is_bit_for_bit(mtg_run, phantom_cache, tmp_path):
-    """Each stage resumed through the engine after its step 1 of 2: the losses and both stages' final
-    train states are the uninterrupted run's, bit for bit. The run resumed is a copy of `mtg_run` left
-    with its checkpoints at step 1, each the one a run stopped there writes (the same save); one call
-    resumes the teacher, then the students (stopping itself is tests/test_engine.py's)."""
-    from test_engine import assert_bitwise_equal, final_state
-
-    workdir = tmp_path / "run"
-    shutil.copytree(mtg_run, workdir)
-    for stage in ("teacher", "students"):
-        shutil.rmtree(workdir / "checkpoints" / stage / "2")
-    rest = engine.train(mtg_config(*EVERY_STEP), workdir, phantom_cache)
-    assert [(stage, step) for stage, step, _ in rest.losses] == [("teacher", 2), ("students", 2)]
-
-    def losses(workdir):  # stage -> its rows' losses: the teacher's redone step 2 comes after the students' step 1
-        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-        out = {}
-        for r in rows:
-            if "loss" in r:
-                out.setdefault(r["stage"], []).append({k: v for k, v in r.items() if k == "step" or k.endswith("loss")})
-        return out
-
-    assert losses(workdir) == losses(mtg_run) and [len(v) for v in losses(workdir).values()] == [2, 2]  # redone once
-    for stage in ("teacher", "students"):
-        config = mtg_config(*EVERY_STEP)
-        assert_bitwise_equal(final_state(workdir, config, stage), final_state(mtg_run, config, stage))
 
 
 def _checkpoint(workdir, stage):
