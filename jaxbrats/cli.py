@@ -155,27 +155,10 @@ def _plot(args) -> int:
 def _predict(args) -> int:
     from jaxbrats.inference.predict import predict_case, predict_folder
 
+    options = {"convention": args.convention, "overrides": args.set, "stage": args.stage, "checkpoint": args.checkpoint}
     if args.input:
-        return _predict_folder(
-            predict_folder(
-                args.workdir,
-                args.input,
-                args.out,
-                convention=args.convention,
-                overrides=args.set,
-                stage=args.stage,
-                checkpoint=args.checkpoint,
-            )
-        )
-    info = predict_case(
-        args.workdir,
-        args.case,
-        args.out,
-        convention=args.convention,
-        overrides=args.set,
-        stage=args.stage,
-        checkpoint=args.checkpoint,
-    )
+        return _predict_folder(predict_folder(args.workdir, args.input, args.out, **options))
+    info = predict_case(args.workdir, args.case, args.out, **options)
     print(_served(info["checkpoint"]))
     print(f"modalities used: {', '.join(info['present'])}; missing: {', '.join(info['missing']) or 'none'}")
     print(
