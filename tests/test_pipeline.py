@@ -15,6 +15,7 @@ from jaxbrats.data.pipeline import (
     sample_modality_masks,
     subset_indices,
 )
+from jaxbrats.errors import JaxbratsError
 from jaxbrats.modalities import SUBSET_MASKS
 
 CROP = (16, 16, 16)
@@ -47,6 +48,15 @@ def test_deterministic_per_seed_and_worker_count(phantom_cache):
         _assert_same(a, b)
     for a, b in zip(first, _batches(phantom_cache, 3, workers=1)):
         _assert_same(a, b)
+    # Two workers make alternate whole batches (a Grain DataLoader would batch each worker's own
+    # records: other batches); a state saved there resumes in one process to the same batches.
+    config = PipelineConfig(crop_size=CROP, batch_size=2, seed=7, workers=2)
+    two = iter(make_loader(CacheDataset(phantom_cache), config))
+    for a in first[:2]:
+        _assert_same(a, next(two))
+    alone = iter(make_loader(CacheDataset(phantom_cache), PipelineConfig(crop_size=CROP, batch_size=2, seed=7)))
+    alone.set_state(two.get_state())
+    _assert_same(first[2], next(alone))
     other = PipelineConfig(crop_size=CROP, batch_size=2, seed=8)
     assert not np.array_equal(next(iter(make_loader(CacheDataset(phantom_cache), other)))["image"], first[0]["image"])
 
@@ -62,6 +72,29 @@ def test_exact_resume_from_saved_iterator_state(phantom_cache):
     resumed.set_state(state)
     for a, b in zip(expected, [next(resumed) for _ in range(3)]):
         _assert_same(a, b)
+
+
+def test_a_state_saved_by_grains_data_loader_resumes(phantom_cache):
+    """Runs checkpointed before the loader became a Grain MapDataset (a DataLoader of the same
+    sampler, crops and batches) resume where they stopped; another cache is refused."""
+    from jaxbrats.data.pipeline import CacheSource, _grain
+
+    grain = _grain()  # with the transform registered as Grain's RandomMap
+    config = PipelineConfig(crop_size=CROP, batch_size=2, seed=3)
+    dataset = CacheDataset(phantom_cache)
+    shards = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    sampler = grain.samplers.IndexSampler(len(dataset), shards, shuffle=True, num_epochs=None, seed=3)
+    operations = [RandomCropAugmentDropout(config), grain.transforms.Batch(2, drop_remainder=True)]
+    old = iter(grain.DataLoader(data_source=CacheSource(dataset), sampler=sampler, operations=operations))
+    for _ in range(4):
+        next(old)
+    resumed = iter(make_loader(dataset, config))
+    resumed.set_state(old.get_state())
+    for _ in range(2):
+        _assert_same(next(old), next(resumed))
+    other = iter(make_loader(CacheDataset(phantom_cache, dataset.case_ids[:4]), config))
+    with pytest.raises(JaxbratsError, match="other cases"):
+        other.set_state(old.get_state())
 
 
 def test_uniform_dropout_covers_the_15_subsets_evenly():

@@ -46,22 +46,25 @@ substitute for M3AE, the full image for a teacher), which keeps one host copy
 of each crop however many instantiations a method wants.
 
 Randomness comes from Grain's per-record generator, derived from the
-sampler's seed and the record's position: the stream is the same for any
-number of workers, and the iterator's state (``get_state``/``set_state``)
-resumes it exactly.
+sampler's seed and the record's position, and each batch is made whole by one
+worker: the stream is the same for any number of workers, and the iterator's
+state (``get_state``/``set_state``: the batches served) resumes it exactly,
+with any number of workers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import sys
 
 import numpy as np
 from absl import flags
 
 from jaxbrats.config import LoaderConfig
 from jaxbrats.data.cache import CacheDataset
-from jaxbrats.errors import require
+from jaxbrats.errors import JaxbratsError, require
 from jaxbrats.modalities import NUM_MODALITIES, SUBSET_MASKS
 
 DROPOUT_MODES = ("uniform", "drop_k", "none")
@@ -395,11 +398,11 @@ def _transform(config: PipelineConfig) -> RandomCropAugmentDropout:
     return RandomCropAugmentDropout(config)
 
 
-def make_loader(dataset: CacheDataset, config: PipelineConfig, shard_options=None):
-    """A Grain DataLoader of training batches over `dataset`.
+def make_loader(dataset: CacheDataset, config: PipelineConfig, shard_options=None) -> BatchLoader:
+    """The training batches over `dataset`: iterate it for a `BatchIterator` from the first batch.
 
-    `shard_options` defaults to one shard per JAX process (multi-host: each
-    process reads its own cases and batches).
+    `shard_options` (Grain's `ShardOptions`) defaults to one shard per JAX process (multi-host:
+    each process reads its own block of every batch, `_SampledCrops`).
     """
     grain = _grain()
     if config.workers and not flags.FLAGS.is_parsed():
@@ -408,17 +411,115 @@ def make_loader(dataset: CacheDataset, config: PipelineConfig, shard_options=Non
         flags.FLAGS.mark_as_parsed()
     if shard_options is None:
         shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    sampler = grain.samplers.IndexSampler(
+    sampler = grain.samplers.IndexSampler(  # one order for every process: `_SampledCrops` shares it out
         num_records=len(dataset),
-        shard_options=shard_options,
         shuffle=True,
         num_epochs=config.num_epochs,
         seed=config.seed,
     )
-    return grain.DataLoader(
-        data_source=CacheSource(dataset),
-        sampler=sampler,
-        operations=[RandomCropAugmentDropout(config), grain.transforms.Batch(config.batch_size, drop_remainder=True)],
-        worker_count=config.workers,
-        worker_buffer_size=config.prefetch,
-    )
+    samples = _SampledCrops(CacheSource(dataset), sampler, shard_options, RandomCropAugmentDropout(config))
+    whole = shard_options.shard_count * config.batch_size  # whole global batches
+    positions = grain.MapDataset.range(_sampler_length(sampler) // whole * config.batch_size)
+    batches = positions.map(samples).batch(config.batch_size, drop_remainder=True)
+    return BatchLoader(batches, config, repr(samples.source), shard_options)
+
+
+class _SampledCrops:
+    """Position p of this shard's stream -> its cropped, augmented sample: the sampler's record at
+    that position, drawn with the sampler's generator for it (Grain's seed + position).
+
+    A sample depends on its position only, and batches are whole ranges of positions, so the
+    batches are the same in one process and over any number of worker processes (each of which
+    makes whole batches). A Grain DataLoader batches inside each worker instead, so its batches
+    change with the worker count.
+
+    Shard i of P (JAX process i) takes the i-th block of B samples of each of the one-process
+    run's batches of P * B: side by side, as `sharding.place_batch` puts them, the processes'
+    batches are that run's batches, so a run trains the same with any number of processes.
+    """
+
+    def __init__(self, source: CacheSource, sampler, shard_options, transform: RandomCropAugmentDropout):
+        self.source, self.sampler, self.transform = source, sampler, transform
+        self.shard_index, self.shard_count = shard_options.shard_index, shard_options.shard_count
+
+    def __call__(self, position: int) -> dict:
+        batch, j = divmod(position, self.transform.config.batch_size)
+        record = self.sampler[(batch * self.shard_count + self.shard_index) * self.transform.config.batch_size + j]
+        return self.transform.random_map(self.source[record.record_key], record.rng)
+
+
+def _sampler_length(sampler) -> int:
+    """The number of indices a sampler serves (sys.maxsize when it repeats forever)."""
+    lo, hi = 0, sys.maxsize  # bisection: IndexSampler has no length, only an IndexError past its end
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            sampler[mid]
+            lo = mid + 1
+        except IndexError:
+            hi = mid
+    return lo
+
+
+class BatchLoader:
+    """The batches of one loader (a Grain MapDataset); each `iter` starts a `BatchIterator` at 0."""
+
+    def __init__(self, batches, config: PipelineConfig, source: str, shard_options):
+        self.batches, self.config, self.source, self.shard_options = batches, config, source, shard_options
+
+    def __iter__(self) -> BatchIterator:
+        return BatchIterator(self)
+
+
+class BatchIterator:
+    """Batches in order, prepared by `config.workers` processes (0: a thread of this one) each
+    `config.prefetch` batches ahead.
+
+    Its state (`get_state`/`set_state`, JSON bytes for Grain's Orbax handler) is the number of
+    batches served: a resume starts at the next one, with any number of workers.
+    """
+
+    def __init__(self, loader: BatchLoader):
+        self.loader, self.served, self._iterator = loader, 0, None
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:  # started on first use: a restored state comes before
+            self._iterator = iter(self._open(self.served))
+        batch = next(self._iterator)
+        self.served += 1
+        return batch
+
+    def _open(self, start: int):
+        grain, config = _grain(), self.loader.config
+        batches = self.loader.batches[start:]
+        if not config.workers:
+            return batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=config.prefetch))
+        options = grain.MultiprocessingOptions(num_workers=config.workers, per_worker_buffer_size=config.prefetch)
+        return batches.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(options)
+
+    def get_state(self) -> bytes:
+        return json.dumps({"batches_served": self.served, "source": self.loader.source}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        saved = json.loads(state)
+        if "batches_served" not in saved:
+            saved = {"batches_served": _served_by_data_loader(saved, self.loader), "source": saved.get("data_source")}
+        if saved["source"] != self.loader.source:
+            raise JaxbratsError(f"resume: the data iterator was saved over other cases ({saved['source']})")
+        self.served, self._iterator = int(saved["batches_served"]), None
+
+
+def _served_by_data_loader(state: dict, loader: BatchLoader) -> int:
+    """Batches served, from the state of the Grain DataLoader that jaxbrats used before: with 0 or 1
+    loader worker it made the same batches as now; with more, other batches, so refused."""
+    if state.get("worker_count", 0) > 1:
+        raise JaxbratsError(
+            f"resume: the data iterator was saved by an earlier jaxbrats with {state['worker_count']} loader workers, "
+            "whose batches this version does not make; resume the run with that version"
+        )
+    shard = loader.shard_options
+    records = (state["last_seen_indices"]["0"] + shard.shard_count - shard.shard_index) // shard.shard_count
+    return records // loader.config.batch_size
