@@ -41,7 +41,7 @@ from jaxbrats.modalities import subset_index
 
 
 def machine() -> str:
-    info = benchmark.machine()
+    info = benchmark.machine(with_torch=False)  # JAX only
     devices = f"{jax.device_count()} x {info['accelerator']} ({info['backend']})"
     return f"{info['cpu']} ({info['cpu_cores']} cores); {devices}; jax {info['jax']}"
 

@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the JSON rows here")
     args = parser.parse_args(argv)
 
-    info = benchmark.machine()
+    info = benchmark.machine(with_torch=False)  # JAX only
     result = {
         "machine": info,
         "devices": f"{jax.device_count()} x {info['accelerator']} ({info['backend']})",

@@ -83,7 +83,9 @@ PEAK_TFLOPS = {
 LR = 3e-4
 
 
-def machine() -> dict:
+def machine(with_torch: bool = True) -> dict:
+    """The CPU, JAX's devices and versions; PyTorch's version, threads and device `with_torch` (a
+    JAX-only benchmark skips it: importing torch alone takes seconds)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -97,6 +99,8 @@ def machine() -> dict:
         "accelerator": ", ".join(sorted({d.device_kind for d in jax.devices()})),
         "jax": jax.__version__,
     }
+    if not with_torch:
+        return info
     try:
         import torch
 
@@ -458,7 +462,8 @@ def _check(args) -> None:
 
 def run(args) -> dict:
     _check(args)
-    result = {"device": machine(), "date": time.strftime("%Y-%m-%d"), "command": args.command_line, "runs": []}
+    device = machine(with_torch=args.vs_torch)
+    result = {"device": device, "date": time.strftime("%Y-%m-%d"), "command": args.command_line, "runs": []}
     print(json.dumps(result["device"]))
     peak = _peak(args.dtype, args.peak_tflops)
 
