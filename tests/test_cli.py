@@ -84,6 +84,7 @@ def test_check_only_writes_nothing(tmp_path, capsys):
     [
         (["prepare", "{tmp}/missing", "{tmp}/cache"], ["missing: not a directory"]),
         (["prepare", "{tmp}", "{tmp}/cache"], ["no BraTS cases found"]),
+        (["prepare", "{tmp}", "{tmp}/cache", "--margin", "-1"], ["margin", "0 or more"]),
         (["phantom", "{tmp}/p", "--layout", "brats2023", "--shape", "8", "8", "8"], ["at least 16 per axis"]),
     ],
 )

@@ -52,11 +52,13 @@ def three_runs(tmp_path_factory):
     served = np.zeros(15, bool)
     served[[0, 1, 2, 3, FULL]] = True  # a dedicated method with students for the singles and the full set only
     hd = rng.uniform(2, 20, base.shape)
-    worse = 1 + rng.uniform(0, 0.01, base.shape)  # no ties among the differences: scipy's exact test (fast)
+    # "better" 1 mm and "noisy" 2 mm worse, no ties among the differences: scipy's exact test (equal values
+    # would send scipy to its permutation test, seconds per comparison)
+    worse = 1 + rng.uniform(0, 0.01, base.shape)
     paths = []
     for name, dice, s in (("ref", base, None), ("better", better, None), ("noisy", noisy, served)):
         paths.append(root / name / "eval")
-        write_eval(paths[-1], dice, hd + (name == "better") * worse, s)
+        write_eval(paths[-1], dice, hd + {"ref": 0, "better": 1, "noisy": 2}[name] * worse, s)
     return root, paths, {"ref": base, "better": better, "noisy": noisy}
 
 
@@ -526,3 +528,165 @@ def test_malformed_eval_files_are_one_line_naming_file_and_key(three_runs, tmp_p
     assert code == 1 and out.err.count("\n") == 1 and "Traceback" not in out.err, out.err
     assert str(broken / file) in out.err and fragment in out.err
     assert not (tmp_path / "out").exists()
+
+
+def _main_table(md: str) -> list[list[str]]:
+    """The run columns' cells of the 16 rows of a compare_<metric>.md's first table (after the flags and cases)."""
+    lines = md.splitlines()  # a title, a blank line, the header and its rule, then the rows
+    assert lines[2].startswith("| FLAIR | T1ce | T1 | T2 | cases |") and lines[20] == ""
+    return [[cell.strip() for cell in line.split("|")[1:-1]][5:] for line in lines[4:20]]
+
+
+def _number(cell: str) -> float:
+    return float(cell.replace("**", "").rstrip("†")) if cell != "-" else np.nan
+
+
+def test_ties_at_the_printed_precision_are_all_bold(no_charts, tmp_path):
+    """Bold is decided on the printed numbers: 86.885 prints 86.89, so it ties with 86.89 and beats 86.88 (a
+    decision on np.round, which gives 86.88 for 86.885, got both rows wrong)."""
+    rng = np.random.default_rng(6)
+    a = rng.uniform(0.5, 0.8, (len(CASES), 15, 3))
+    b = a + rng.uniform(0.001, 0.002, a.shape)  # b higher everywhere else: the exact test, no ties
+    a[:, :2, 0] = 0.86885  # 86.885 percent in every case: the row means print 86.89
+    b[:, 0, 0], b[:, 1, 0] = 0.8688, 0.8689
+    for name, values in (("a", a), ("b", b)):
+        write_eval(tmp_path / name, values, 10 * values)
+    compare([tmp_path / "a", tmp_path / "b"], tmp_path / "out", bootstrap=0)
+    md = (tmp_path / "out" / "compare_dice.md").read_text()
+    rows = _main_table(md)
+    assert (rows[0][0], rows[0][3]) == ("**86.89**", "86.88")
+    assert (rows[1][0], rows[1][3]) == ("**86.89**", "**86.89**")  # a tie: both bold
+    for metric, best in (("dice", np.max), ("hd95", np.min)):  # every cell: bold exactly where it prints the best
+        text = (tmp_path / "out" / f"compare_{metric}.md").read_text()
+        cells = np.asarray(_main_table(text)).reshape(16, 2, 3)
+        shown = np.vectorize(_number)(cells)
+        bold = np.vectorize(lambda c: c.startswith("**"))(cells)
+        np.testing.assert_array_equal(bold, shown == best(shown, axis=1, keepdims=True), err_msg=metric)
+        tex = (tmp_path / "out" / f"compare_{metric}.tex").read_text()
+        assert tex.count(r"\textbf{") == bold.sum()
+
+
+def test_other_modalities_in_a_case_are_refused(three_runs, tmp_path, capsys):
+    _, paths, dice = three_runs
+    present = {c: [True, True, c != "case_02", True] for c in CASES}  # case_02 without T1 in this evaluation
+    write_eval(tmp_path / "other", dice["ref"], dice["ref"], present=present)
+    code, out = run_cli(capsys, paths[0], tmp_path / "other", "--out", tmp_path / "out")
+    assert code == 1 and out.err.count("\n") == 1, out.err
+    want = f"{tmp_path / 'other'}: case case_02 has modalities ['flair', 't1ce', 't2'] there"
+    assert want in out.err and f"but ['flair', 't1ce', 't1', 't2'] in {paths[0]}" in out.err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "key, value, what",
+    [("et_postprocess", True, "ET post-processing True"), ("et_min_voxels", 200, "ET post-processing threshold 200")],
+)
+def test_other_et_post_processing_is_refused(three_runs, tmp_path, capsys, key, value, what):
+    _, paths, dice = three_runs
+    write_eval(tmp_path / "other", dice["ref"], dice["ref"])
+    _set(tmp_path / "other" / "eval_settings.json", lambda d: {"eval": {**d["eval"], key: value}})
+    code, out = run_cli(capsys, paths[0], tmp_path / "other", "--out", tmp_path / "out")
+    assert code == 1 and out.err.count("\n") == 1, out.err
+    assert f"{tmp_path / 'other'}: evaluated with {what}, {paths[0]} with " in out.err
+    assert f"re-evaluate one with --set eval.{key}=..." in out.err and not (tmp_path / "out").exists()
+
+
+REGION_NAMES = ("WT", "TC", "ET")
+TITLES = {"flair": "FLAIR", "t1ce": "T1ce", "t1": "T1", "t2": "T2"}
+
+
+def test_p_value_tables_hold_the_corrected_p_values(three_runs, compared):
+    """compare_<metric>.md's p-value table (Holm-adjusted) and the CSV's raw and corrected columns, cell by cell
+    against compare.json, whose raw p-values are the exact test by hand and whose adjusted ones Holm's by hand."""
+    _, _, dice = three_runs
+    out = compared[1]
+    saved = json.loads((out / "compare.json").read_text())["tables"]
+    for metric in ("dice", "hd95"):
+        rows, tested = saved[metric]["rows"], ["better", "noisy"]
+        for run in tested:  # each run's 48 (better) or 18 (noisy) tests are one family
+            raw = np.array([[row["p"][run][r] for r in ("WT", "TC", "ET")] for row in rows], float)
+            adjusted = np.array([[row["p_adjusted"][run][r] for r in ("WT", "TC", "ET")] for row in rows], float)
+            assert np.isfinite(raw).sum() == {"better": 48, "noisy": 18}[run]
+            np.testing.assert_array_equal(np.isfinite(adjusted), np.isfinite(raw))
+            np.testing.assert_allclose(adjusted[np.isfinite(raw)], holm_reference(raw[np.isfinite(raw)]), rtol=1e-12)
+        if metric == "dice":  # the raw p-value of a cell, by hand
+            want = exact_wilcoxon_p(dice["noisy"][:, 2, 1], dice["ref"][:, 2, 1])
+            assert rows[2]["p"]["noisy"]["TC"] == pytest.approx(want, rel=1e-9)
+        lines = (out / f"compare_{metric}.md").read_text().splitlines()
+        at = lines.index("p-values against ref, Holm-adjusted:")
+        assert lines[at + 2] == "| subset | " + " | ".join(f"{n} {r}" for n in tested for r in REGION_NAMES) + " |"
+        for line, row in zip(lines[at + 4 : at + 20], rows, strict=True):
+            named = row["cases"] is not None  # a subset row, else the mean row
+            label = "+".join(TITLES[m] for m in row["name"].split("+")) if named else f"**{row['name']}**"
+            want = [label] + [
+                "-" if row["p_adjusted"][n][r] is None else f"{row['p_adjusted'][n][r]:.3g}"
+                for n in tested
+                for r in REGION_NAMES
+            ]
+            assert line.strip("| ").split(" | ") == want, line
+        assert lines[at + 20] == ""  # 15 rows and the mean, no more
+        csv_lines = (out / f"compare_{metric}.csv").read_text().splitlines()
+        head = csv_lines[0].split(",")
+        for line, row in zip(csv_lines[1:], rows, strict=True):
+            cells = dict(zip(head, line.split(",")))
+            assert cells["subset"] == row["name"]
+            for n in tested:
+                for r in REGION_NAMES:
+                    for kind, column in (("p", f"p {n} {r}"), ("p_adjusted", f"p_holm {n} {r}")):
+                        value = row[kind][n][r]
+                        assert cells[column] == ("-" if value is None else f"{value:.3g}"), (column, row["name"])
+
+
+def _marked(rows: list[dict], names: list[str]) -> np.ndarray:
+    """(runs, 16, 3) bool from compare.json: corrected p < 0.05 (the reference and untested cells: False)."""
+    p = [[[row["p_adjusted"].get(n, {}).get(r) for r in REGION_NAMES] for row in rows] for n in names]
+    return np.array(p, float) < 0.05  # None -> NaN -> False
+
+
+def test_daggers_and_colours_of_the_tables_and_charts(three_runs, tmp_path, monkeypatch):
+    """Daggers exactly where the corrected p < 0.05, in the Markdown, LaTeX and the difference chart (with
+    Benjamini-Hochberg "better"'s 48 p-values of 2/2^8 all pass; Holm would show none); the difference chart blue
+    where a run is better; the mean bars in each run's colour, as tall as its mean row, named in the legend."""
+    from jaxbrats.evaluation import compare_report
+
+    drawn = {}  # the charts' figures, kept to read their artists instead of their pixels
+    monkeypatch.setattr(compare_report, "_save", lambda fig, path: drawn.setdefault(path.name, fig))
+    _, paths, _ = three_runs
+    result = compare(paths, tmp_path, correction="bh", bootstrap=0)
+    saved = json.loads((tmp_path / "compare.json").read_text())["tables"]
+    names = ["ref", "better", "noisy"]
+    try:
+        for metric in ("dice", "hd95"):
+            t, marked = result["tables"][metric], _marked(saved[metric]["rows"], names)
+            assert marked[1].all() and not marked[0].any()
+            if metric == "dice":
+                assert not marked[2].all()  # daggers and their absence both checked
+            cells = np.asarray(_main_table((tmp_path / f"compare_{metric}.md").read_text())).reshape(16, 3, 3)
+            np.testing.assert_array_equal(np.vectorize(lambda c: c.endswith("†"))(cells).transpose(1, 0, 2), marked)
+            tex = (tmp_path / f"compare_{metric}.tex").read_text().splitlines()
+            body = [
+                line[:-3].split(" & ")[-9:] for line in tex if line.startswith(("$\\bullet$", "$\\circ$", "\\multi"))
+            ]
+            daggers = np.vectorize(lambda c: c.endswith(r"$^\dagger$"))(np.asarray(body[-16:]).reshape(16, 3, 3))
+            np.testing.assert_array_equal(daggers.transpose(1, 0, 2), marked)
+            ax = drawn[f"{metric}_difference.png"].axes[0]
+            columns = [(i, r) for i in (1, 2) for r in range(3)]  # every other run's WT, TC, ET
+            assert len(ax.texts) == 16 * len(columns)
+            for text in ax.texts:
+                column, row = map(int, text.get_position())
+                i, r = columns[column]
+                assert text.get_text().endswith("†") == marked[i, row, r], (metric, row, column)
+            image = ax.images[0]
+            diff = np.asarray(image.get_array())
+            np.testing.assert_allclose(diff[:, :3], t.values[1] - t.values[0], rtol=1e-12)
+            rgba = image.to_rgba(diff)[:, :3]  # the colours of "better": 10 points higher Dice, 1 mm higher HD95
+            better = (rgba[..., 2] > rgba[..., 0] + 0.1).all(), (rgba[..., 0] > rgba[..., 2] + 0.1).all()  # blue, red
+            assert better == ((True, False) if metric == "dice" else (False, True)), metric
+            ax = drawn[f"{metric}_means.png"].axes[0]
+            assert len(ax.containers) == 3 and [x.get_text() for x in ax.get_legend().get_texts()] == names
+            for i, bars in enumerate(ax.containers):
+                assert {p.get_facecolor() for p in bars.patches} == {matplotlib.colors.to_rgba(f"C{i}")}
+                np.testing.assert_allclose([p.get_height() for p in bars.patches], t.values[i, -1], rtol=1e-12)
+    finally:
+        for fig in drawn.values():
+            compare_report._pyplot().close(fig)

@@ -206,8 +206,9 @@ def test_a_metrics_row_past_the_checkpoint_is_redone_once(uninterrupted, stopped
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(uninterrupted, phantom_cache, tmp_path, monkeypatch):
-    """The loss the step returns turns NaN from step 4 on (poisoned on its way to the host, where the
-    guard reads it; the program is `uninterrupted`'s, loaded from the compilation cache)."""
+    """From step 4 on the loss the step returns turns NaN and its Dice loss Inf (poisoned on their way
+    to the host, where the guard reads them; the program is `uninterrupted`'s, loaded from the
+    compilation cache): the run stops in one line naming both."""
     compile_step = trainer_module.compile_step
 
     def poisoned(*args):
@@ -216,14 +217,17 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(uninterrupted, phant
         def step(state, batch):
             new, metrics = compiled(state, batch)
             if int(new["step"]) >= 4:
-                metrics = dict(metrics, loss=jnp.full_like(metrics["loss"], jnp.nan))
+                nan, inf = (jnp.full_like(metrics["loss"], v) for v in (jnp.nan, jnp.inf))
+                metrics = dict(metrics, loss=nan, dice_loss=inf)
             return new, metrics
 
         return step, counts
 
     monkeypatch.setattr(trainer_module, "compile_step", poisoned)
-    with pytest.raises(engine.TrainingDiverged, match=r"loss became nan at step 4.*Last good checkpoint: step 2"):
+    named = r"dice_loss became inf, loss became nan at step 4.*Last good checkpoint: step 2"
+    with pytest.raises(engine.TrainingDiverged, match=named) as stopped:
         engine.train(tiny_config(*RESUME), tmp_path / "run", phantom_cache)
+    assert "\n" not in str(stopped.value)  # one line, as the CLI prints it
     manager = checkpoints.checkpoint_manager(tmp_path / "run", "train", create=False)
     assert manager.all_steps() == [2]
 

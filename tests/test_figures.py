@@ -6,6 +6,7 @@ No training and no compilation: the evaluation runs with a stand-in for its comp
 import json
 import struct
 
+import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pytest
@@ -156,8 +157,25 @@ def _fake_program(*_):
     return program
 
 
+def _fake_program_of_varied_dice(*_):
+    """Like `_fake_program`, but each served subset's Dice differs by subset, region and case: the
+    intersection a case- and subset-dependent fraction of the truth (predicted = truth in size)."""
+    served = _Method().served_subsets()
+
+    def program(models_state, image, labels, valid, case=None):
+        truth = regions_of(np.asarray(labels)).sum((0, 1, 2))  # (3,) voxels of WT, TC, ET
+        k = np.arange(3)
+        inter = [truth * ((3 * j + k + int(truth.sum())) % 47 + 1) // 48 for j in range(len(served))]
+        counts = np.stack([np.stack([i, truth, truth]) for i in inter])
+        return counts, np.repeat(np.asarray(labels)[None], len(served), 0)
+
+    return program
+
+
 def test_evaluate_writes_figures_of_the_first_cases_and_to_tensorboard(phantom_cache, tmp_path, monkeypatch):
-    monkeypatch.setattr(program, "make_case_program", _fake_program)
+    monkeypatch.setattr(program, "make_case_program", _fake_program_of_varied_dice)
+    drawn, draw = {}, figures.case_figure  # each figure, to read its titles back
+    monkeypatch.setattr(figures, "case_figure", lambda case_id, *a: drawn.setdefault(case_id, draw(case_id, *a)))
     dataset = CacheDataset(phantom_cache)
     cfg = EvalConfig(window=(16, 16, 16), bucket_multiple=8)
     program.evaluate(_Method(), {}, {}, dataset, cfg, tmp_path, predictions="none", progress=False, figures=2, step=37)
@@ -168,6 +186,19 @@ def test_evaluate_writes_figures_of_the_first_cases_and_to_tensorboard(phantom_c
     for case_id in first:
         assert matplotlib.image.imread(tmp_path / "figures" / f"{case_id}.png").shape[:2] == (height, width)
     assert sorted(_events(tmp_path / "tensorboard")) == sorted((f"figures/{c}", 37, height, width) for c in first)
+    # "each title gives the case's Dice for that subset": the titles against cases/<case>.json, in percent
+    shown = {}
+    for case_id in first:
+        rows = {row["name"]: row for row in json.loads((tmp_path / "cases" / f"{case_id}.json").read_text())["subsets"]}
+        titles = [ax.get_title() for ax in drawn[case_id].axes if ax.get_title()]
+        assert titles[:3] == ["FLAIR", "T1ce", "ground truth"] and len(titles) == 3 + 4
+        for title in titles[3:]:
+            subset, dice = title.split("\n")
+            want = " ".join(f"{r} {100 * rows[subset]['dice'][r]:.1f}" for r in ("WT", "TC", "ET"))
+            assert dice == want, (case_id, subset)
+            shown[case_id, subset] = dice
+        assert [t.split("\n")[0] for t in titles[3:]] == ["flair+t1ce+t1+t2", "flair", "t1ce", "t2"]
+    assert len(set(shown.values())) == len(shown)  # every column's Dice its own: a swap would show
 
 
 def test_evaluate_without_figures_writes_none(phantom_cache, tmp_path, monkeypatch):
@@ -231,9 +262,31 @@ def _write_run(workdir, scale):
     return workdir
 
 
-def test_plot_two_runs_of_two_stages(tmp_path, capsys):
+def _colour_of_runs(fig, names) -> dict[str, set]:
+    """Each legend name's colour (the figure's legend), checked the only one its run's lines have: a
+    metric panel's lines are labelled with the run's name; every line has one of the runs' colours."""
+    from matplotlib.colors import to_hex
+
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == names
+    colours = {t.get_text(): to_hex(h.get_color()) for t, h in zip(legend.get_texts(), legend.legend_handles)}
+    assert len(set(colours.values())) == len(names)  # one colour per run
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            assert to_hex(line.get_color()) in colours.values(), ax.get_title()
+            if line.get_label() in colours:
+                assert to_hex(line.get_color()) == colours[line.get_label()], ax.get_title()
+    return colours
+
+
+def test_plot_two_runs_of_two_stages(tmp_path, capsys, monkeypatch):
+    from matplotlib.colors import to_hex
+
+    from jaxbrats.evaluation import plots
     from jaxbrats.evaluation.plots import loss_keys, read_metrics
 
+    drawn, save = [], plots.save_figure  # each figure, to read its lines and legend back
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi: drawn.append(fig) or save(fig, path, dpi=dpi))
     a, b = _write_run(tmp_path / "run_a", 1.0), _write_run(tmp_path / "run_b", 2.0)
     rows = read_metrics(a)
     assert loss_keys(rows) == ["loss", "students/loss", "discriminators/loss"]
@@ -244,6 +297,23 @@ def test_plot_two_runs_of_two_stages(tmp_path, capsys):
     assert (
         pixels.shape[:2] == (280 * 2 + 40, 400 * 3) and pixels[..., :3].std() > 0
     )  # 2 stages; 2 losses + lr (finetune)
+    # one colour per run, the legend the --names given: each run's curves in its colour, in every panel
+    colours = _colour_of_runs(drawn[0], ["baseline", "m3ae"])
+    panels = {ax.get_title(): ax for ax in drawn[0].axes}
+    for title, series in (
+        ("pretrain: loss", 1 / np.arange(1, 6)),
+        ("finetune: students/loss", 1 - np.arange(1, 4) / 10),
+    ):
+        for name, scale in (("baseline", 1.0), ("m3ae", 2.0)):  # _write_run's scales
+            (line,) = [x for x in panels[title].get_lines() if x.get_label() == name]
+            np.testing.assert_allclose(line.get_ydata(), scale * series, err_msg=f"{title} {name}")
+    for title in ("pretrain: learning rate", "finetune: learning rate"):  # labelled by group; a line per run each
+        lines = panels[title].get_lines()
+        assert sorted(to_hex(x.get_color()) for x in lines) == sorted(len(lines) // 2 * list(colours.values()))
+    rgb = pixels[..., :3]
+    for colour in colours.values():  # and in the PNG written
+        near = np.abs(rgb - np.asarray(matplotlib.colors.to_rgb(colour))).max(-1) < 0.02
+        assert near.sum() > 200, colour
     for suffix in (".pdf", ".svg"):  # for papers: the format follows the suffix
         assert main(["plot", a, b, "--out", tmp_path / "plots" / f"curves{suffix}", "--keys", "loss,grad_norm"]) == 0
     assert (tmp_path / "plots" / "curves.pdf").read_bytes().startswith(b"%PDF")
@@ -254,6 +324,9 @@ def test_plot_two_runs_of_two_stages(tmp_path, capsys):
         "curves.svg",
     ]  # no temporary file
     assert main(["plot", a, "--out", tmp_path / "smooth.png", "--smooth", "0.9"]) == 0
+    assert len(drawn) == 4
+    _colour_of_runs(drawn[1], ["run_a", "run_b"])  # without --names: the work directories' names
+    _colour_of_runs(drawn[3], ["run_a"])  # smoothed: the faint raw curve in the run's colour too
 
 
 def test_smoothing_is_tensorboards_debiased_moving_average():

@@ -3,6 +3,7 @@ weights, the public module's names) imported, restored with `load_trained`, and 
 public network in PyTorch; x_sub read back where the public training read it; one-line errors."""
 
 import argparse
+import hashlib
 import json
 
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from helpers import write_case  # noqa: E402
 
 from jaxbrats import cli  # noqa: E402
 from jaxbrats.engine.trainer import Trainer  # noqa: E402
+from jaxbrats.engine.workdir import read_preprocessing  # noqa: E402
 from jaxbrats.errors import JaxbratsError  # noqa: E402
 from jaxbrats.inference.predict import predict_case, segment_one_case  # noqa: E402
 from jaxbrats.inference.trained import load_trained  # noqa: E402
@@ -108,6 +110,9 @@ def test_summary_and_run_directory(public):
     )
     assert json.loads((run / "data.json").read_text())["preprocessing"] == {"normalization": "percentile", "margin": 1}
     assert sorted(p.name for p in run.parent.iterdir() if p.name.startswith(".")) == []  # no partial folder left
+    record = json.loads((run / "import.json").read_text())
+    assert record["sha256"] == summary["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert record["checkpoint"] == str(path.absolute()) and record["source_axcodes"] == "LPS"
 
 
 def test_forward_and_deep_heads_match_public(public, restored):
@@ -311,14 +316,29 @@ def test_permuted_source_axes():
 
 
 def test_the_command_and_no_training_in_an_imported_run(public, tmp_path, capsys):
-    """`jaxbrats import-m3ae` writes a run; `jaxbrats train` there is refused in one line naming init_from."""
-    assert cli.main(["import-m3ae", public[1], "--out", tmp_path / "run"]) == 0
-    assert "imported 4,704,505 U-Net parameters" in capsys.readouterr().out
-    config = config_from_data(json.loads((tmp_path / "run" / "config.json").read_text()), "config.json")
+    """`jaxbrats import-m3ae --source-axes RAS --margin 2` imports with those axes (recorded from the
+    argument the conversion used; what RAS axes do to x_sub: `test_bare_state_dict_without_prefix_or_deep_heads`)
+    and writes the margin predict reads; `jaxbrats train` there is refused in one line naming init_from."""
+    run = tmp_path / "run"
+    assert cli.main(["import-m3ae", public[1], "--out", run, "--source-axes", "ras", "--margin", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "imported 4,704,505 U-Net parameters" in out and "--normalize percentile --margin 2;" in out
+    record = json.loads((run / "import.json").read_text())
+    assert record["source_axcodes"] == "RAS" and record["preprocessing"] == {"normalization": "percentile", "margin": 2}
+    assert record["sha256"] == hashlib.sha256(public[1].read_bytes()).hexdigest()
+    assert read_preprocessing(run) == {"normalization": "percentile", "margin": 2}  # what `Predictor` crops with
+    config = config_from_data(json.loads((run / "config.json").read_text()), "config.json")
     with pytest.raises(
         JaxbratsError, match=r"holds imported weights \(import.json\), not a run to train in; .*init_from"
     ):
-        Trainer(config, tmp_path / "run")
+        Trainer(config, run)
+
+
+def test_a_negative_margin_is_refused(public, tmp_path, capsys):
+    assert cli.main(["import-m3ae", public[1], "--out", tmp_path / "run", "--margin", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--margin -1: the brain-box margin must be 0 or more" in err
+    assert not (tmp_path / "run").exists()
 
 
 def _poke(key, value):

@@ -8,6 +8,8 @@ reads x_sub into the padding), with an axis shorter than the window.
 """
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import write_case
+from helpers import NNUNET_CHANNELS, NNUNET_LABELS, write_case
 
 from jaxbrats import cli
 from jaxbrats.data.cache import CacheDataset
@@ -109,6 +111,7 @@ def _predict_a_folder(workdir: Path, tmp_path: Path, capsys):
     after = compilation.counts("segment_case")
     assert code == 1 and out.err.strip().splitlines()[-1].startswith("jaxbrats: error: 1 of 4 case(s) failed")
     assert f"failed: case BraTS20_Training_004: {flair}" in out.err
+    assert re.search(r"predict: 100%\|[^|\n]*\| 4/4 \[", out.err), out.err  # the progress bar, counting cases
     assert "missing nothing: 2 case(s)" in out.out and "missing t2: 1 case(s) (BraTS20_Training_003)" in out.out
     assert after["compiled"] + after["loaded"] - before["compiled"] - before["loaded"] == 1  # three shapes, one program
     for case_id in CASES:
@@ -119,6 +122,46 @@ def _predict_a_folder(workdir: Path, tmp_path: Path, capsys):
         )
     summary = json.loads((tmp_path / "folder" / "predict_summary.json").read_text())
     assert [c["case"] for c in summary["failed"]] == ["BraTS20_Training_004"] and len(summary["predicted"]) == 3
+    _predict_an_nnunet_folder(workdir, tmp_path, capsys)
+
+
+def _predict_an_nnunet_folder(workdir: Path, tmp_path: Path, capsys):
+    """`predict --input` on another layout `prepare` reads: the same images as nnU-Net v2 raw data
+    (``imagesTr/<case>_0000.nii.gz`` ... one file per channel, dataset.json; no labelsTr; the case
+    without T2 in imagesTs) writes what `predict --case` wrote for each case folder."""
+    root = tmp_path / "nnunet"
+    tokens = {"0000": "flair", "0001": "t1", "0002": "t1ce", "0003": "t2"}  # NNUNET_CHANNELS: FLAIR, T1, T1c, T2
+    for case_id, (_, skip) in CASES.items():
+        folder = root / ("imagesTs" if skip else "imagesTr")
+        folder.mkdir(parents=True, exist_ok=True)
+        for channel, token in tokens.items():
+            if token not in skip:
+                shutil.copy(
+                    tmp_path / "raw" / case_id / f"{case_id}_{token}.nii.gz", folder / f"{case_id}_{channel}.nii.gz"
+                )
+    dataset = {"channel_names": NNUNET_CHANNELS, "labels": NNUNET_LABELS, "numTraining": 2, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(dataset))
+    args = [
+        "predict",
+        "--workdir",
+        workdir,
+        "--input",
+        root,
+        "--out",
+        tmp_path / "nnunet_out",
+        "--convention",
+        "brats2018",
+    ]
+    assert cli.main(args) == 0
+    out = capsys.readouterr()
+    assert "missing nothing: 2 case(s)" in out.out and "missing t2: 1 case(s) (BraTS20_Training_003)" in out.out
+    assert re.search(r"predict: 100%\|[^|\n]*\| 3/3 \[", out.err), out.err
+    for case_id in CASES:
+        np.testing.assert_array_equal(
+            _nifti(tmp_path / "nnunet_out" / f"{case_id}.nii.gz"),
+            _nifti(tmp_path / "pred" / f"{case_id}.nii.gz"),
+            err_msg=case_id,
+        )
 
 
 def test_predict_equals_the_evaluation_m3ae(m3ae_run, tmp_path):

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from jaxbrats.data import cache
 from jaxbrats.data.discovery import CaseRecord, discover
 from jaxbrats.data.loading import LoadedCase, load_case
-from jaxbrats.errors import CaseError
+from jaxbrats.errors import CaseError, JaxbratsError
 from jaxbrats.labels import convention_map, region_voxel_counts
 from jaxbrats.modalities import MODALITIES
 from jaxbrats.runtime import locks
@@ -270,6 +270,8 @@ def prepare_dataset(
         raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
     if convention is not None:
         convention_map(convention)  # an unknown name: one line, before any work
+    if margin < 0:  # a negative margin would crop into the brain
+        raise JaxbratsError(f"margin: must be 0 or more voxels, got {margin}")
     layout, records, bad = discover(data_dir, need_labels=need_labels)
     cache_dir = Path(cache_dir)
     # One writer per cache, from the first write to the index: two runs would delete each other's

@@ -286,6 +286,6 @@ class PendingMetrics:
         good = manager.latest_step()
         where = f"step {good} in {manager.directory}" if good is not None else "none (no checkpoint yet)"
         raise TrainingDiverged(
-            f"stage {self.stage}: {', '.join(bad)} became {values[bad[0]]} at step {step}; "
+            f"stage {self.stage}: {', '.join(f'{k} became {values[k]}' for k in bad)} at step {step}; "
             f"training stopped. Last good checkpoint: {where}"
         )

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxbrats.errors import JaxbratsError
-from jaxbrats.evaluation.compare_report import MetricTable, write_report
+from jaxbrats.evaluation.compare_report import PRINTED, MetricTable, write_report
 from jaxbrats.evaluation.compare_stats import (
     ALPHA,
     CORRECTIONS,
@@ -353,7 +353,8 @@ def paired_differences(values, reference, served, mean_rows, bootstrap: Bootstra
 
 def _best(table: np.ndarray, scale: float, higher: bool) -> np.ndarray:
     """(methods, 16, 3) bool: the best value of each row and region at the printed precision."""
-    shown = np.round(table * scale, 2)
+    # The printed text's rounding, not np.round's: np.round(86.885, 2) is 86.88 but it prints 86.89.
+    shown = np.vectorize(lambda v: float(PRINTED.format(v)), otypes=[float])(table * scale)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)
         best = np.nanmax(shown, axis=0) if higher else np.nanmin(shown, axis=0)

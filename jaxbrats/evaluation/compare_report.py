@@ -21,6 +21,7 @@ from jaxbrats.modalities import MODALITIES, SUBSETS
 
 MARK = "†"  # corrected p < ALPHA against the reference
 MISSING = "-"  # a row a run does not serve, or one without a case
+PRINTED = "{:.2f}"  # a value in the tables; bold compares values as printed (`compare._best`)
 MODALITY_TITLES = {"flair": "FLAIR", "t1ce": "T1ce", "t1": "T1", "t2": "T2"}
 
 
@@ -70,7 +71,7 @@ class MetricTable:
 
 
 def _value(v: float) -> str:
-    return MISSING if math.isnan(v) else f"{v:.2f}"
+    return MISSING if math.isnan(v) else PRINTED.format(v)
 
 
 def _p(v: float) -> str:

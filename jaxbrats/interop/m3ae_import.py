@@ -463,6 +463,8 @@ def import_m3ae(
     `splits`: optional {"train"|"val"|"test": case ids} written as the run's splits.json.
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if int(margin) < 0:  # predict would crop inside the brain box
+        raise JaxbratsError(f"--margin {margin}: the brain-box margin must be 0 or more (public code: 1)")
     check_out_dir(out_dir)
     transform = orientation(source_axcodes)
     state, prefix, epoch = state_dict_of(load_checkpoint(checkpoint), checkpoint)
