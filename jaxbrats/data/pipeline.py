@@ -521,5 +521,10 @@ def _served_by_data_loader(state: dict, loader: BatchLoader) -> int:
             "whose batches this version does not make; resume the run with that version"
         )
     shard = loader.shard_options
+    if shard.shard_count > 1:  # it gave each process a fixed part of the cases
+        raise JaxbratsError(
+            f"resume: the data iterator was saved by an earlier jaxbrats in {shard.shard_count} processes, "
+            "whose batches this version does not make; resume the run with that version"
+        )
     records = (state["last_seen_indices"]["0"] + shard.shard_count - shard.shard_index) // shard.shard_count
     return records // loader.config.batch_size

@@ -226,7 +226,7 @@ class Trainer:
         self.compiled_steps[stage] = step_fn
         pipeline = self.pipeline_config(stage, index)
         iterator = iter(make_loader(train_set, pipeline))
-        if start.iterator is not None:  # this process's own state (each reads its shard of the cases)
+        if start.iterator is not None:  # this process's own state (each reads its block of every batch)
             iterator.set_state(start.iterator.encode())
         loop = StageLoop(self, stage, total, manager, pipeline, self.validation(stage, start.graphdefs))
         state = loop.run(state, step_fn, iterator)
