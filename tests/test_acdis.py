@@ -1,9 +1,11 @@
 """ACDIS: the MFSB against a numpy reference of eqs. 5-9 (per-modality weights, zeros for missing
-modalities), the stacked mono encoders = four separate encoders, eq. 12's terms, the schedule's
+modalities), the stacked mono encoders = four separate encoders, eq. 12's terms (its six
+segmentation outputs each recomputed, `term_reduce` against a hand reduction), the schedule's
 start epochs and what an epoch is, no gradient into E_aux through ACCT, L_syn's gradient options
-and one MFSB pass per step, inference without the auxiliary parts, exact resume, one compilation
-for training and for the 15-subset evaluation, every ablation switch and its parameter count,
-AFEB's head count checked with the config.
+(each cuts its own path) and one MFSB pass per step, inference without the auxiliary parts, exact
+resume, one compilation for training and for the 15-subset evaluation, every ablation switch and
+its parameter count, AFEB's head count checked with the config, a step split along "space" and
+"model" equal to one device's (a subprocess with 4 fake CPU devices).
 
 The ACCT, distillation and synthesis losses themselves are checked against numpy in
 test_consistency_losses.py; RFNet's criterion in test_losses.py.
@@ -11,13 +13,16 @@ test_consistency_losses.py; RFNet's criterion in test_losses.py.
 
 import json
 import shutil
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, with_xla_flags
 from flax import nnx
 from helpers import synthetic_batch
 
@@ -27,6 +32,7 @@ from jaxbrats.config import ConfigError
 from jaxbrats.data.cache import CacheDataset
 from jaxbrats.evaluation.program import evaluate
 from jaxbrats.inference.trained import load_trained
+from jaxbrats.losses.consistency import acct_loss
 from jaxbrats.losses.segmentation import rfnet_loss
 from jaxbrats.methods import get_method, load_config
 from jaxbrats.methods.acdis import INFERENCE_MODELS
@@ -234,29 +240,74 @@ def test_stacked_mono_encoders_equal_four_separate_encoders(how, built):
 # --- the objective ------------------------------------------------------------------------------------------
 
 
+def hand_completion(models, features, mask):
+    """f_comp per level, built here from the pieces (docs/methods/acdis.md): f_ava = the present
+    modalities' enhanced features, zeros elsewhere; the level's MFSB on it; each missing slot takes
+    its synthesis, each present slot its own feature. Returns (f_comp, f_hat) per level."""
+    present = [mask[:, m].reshape(-1, 1, 1, 1, 1) for m in range(M)]
+    comp, synthesised = [], []
+    for block, f in zip(models["completion"].blocks, features):
+        f_hat = block(jnp.concatenate([jnp.where(present[m], f[m], 0.0) for m in range(M)], axis=-1))
+        comp.append(jnp.concatenate([jnp.where(present[m], f[m], f_hat[m]) for m in range(M)], axis=-1))
+        synthesised.append(f_hat)
+    return comp, synthesised
+
+
 def test_the_loss_is_eq12_with_six_segmentation_outputs(built):
+    """Eq. 12 = L_seg's six outputs (each recomputed from its decoder here) + L_ACCT + L_syn; L_ACCT
+    and L_syn reduced over their per-term values as `term_reduce` says: "mean" averages ACCT over
+    (level, modality) and L_syn over levels, "sum" sums them (L_syn is a mean over the missing
+    modalities either way)."""
     method, models = built
+    summed = acdis("method.term_reduce='sum'")  # the same models: the option changes no parameter
     batch = batch_with_masks(1)
+    levels = len(method.config.model.widths)
 
     @jax.jit
     def both(batch):
-        loss, parts, _ = method.loss(models, batch, jax.random.PRNGKey(0), context(3))
-        image, label, valid = batch["image"], batch["label"], batch["valid"]
+        key, ctx = jax.random.PRNGKey(0), context(3)
+        loss, parts, _ = method.loss(models, batch, key, ctx)
+        loss_sum, parts_sum, _ = summed.loss(models, batch, key, ctx)
+        image, label, valid, mask = batch["image"], batch["label"], batch["valid"], batch["modality_mask"][:, 0]
         mono = method.encode(models, image)
         seg_mono = sum(
             rfnet_loss(models["aux_decoder"]([f[m] for f in mono["raw"]])[0], label, valid)[0] for m in range(M)
         )
         aux = models["aux_encoder"](image)
         seg_aux = rfnet_loss(models["fuse_decoder"]([jnp.concatenate([a] * M, axis=-1) for a in aux]), label, valid)[0]
-        return loss, parts, seg_mono, seg_aux
+        comp, synthesised = hand_completion(models, mono["enhanced"], mask)
+        seg_fuse = rfnet_loss(models["fuse_decoder"](comp), label, valid)[0]
+        # ACCT per (level, modality): each modality's feature against E_aux's alone (4^3 windows).
+        acct = [[acct_loss(f[m], a, 4, 4) for m in range(M)] for f, a in zip(mono["enhanced"], aux)]
+        acct = jnp.asarray([[t["var"] + t["covar"] for t in row] for row in acct])  # (levels, M)
+        hand = {"seg_mono": seg_mono, "seg_aux": seg_aux, "seg_fuse": seg_fuse, "acct": acct}
+        return loss, parts, loss_sum, parts_sum, hand, synthesised, mono["enhanced"]
 
-    loss, parts, seg_mono, seg_aux = both(batch)
-    np.testing.assert_allclose(float(parts["seg_mono"]), float(seg_mono), rtol=1e-4)
-    np.testing.assert_allclose(float(parts["seg_aux"]), float(seg_aux), rtol=1e-4)
+    loss, parts, loss_sum, parts_sum, hand, synthesised, features = both(batch)
+    for name in ("seg_mono", "seg_aux", "seg_fuse"):
+        np.testing.assert_allclose(float(parts[name]), float(hand[name]), rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(float(parts_sum[name]), float(hand[name]), rtol=1e-4, err_msg=name)
     assert float(parts["acct_on"]) == 1.0 and float(parts["synthesis_on"]) == 1.0
     np.testing.assert_allclose(float(parts["distill"]), float(parts["var"] + parts["covar"]), rtol=1e-5)
-    total = parts["seg_mono"] + parts["seg_aux"] + parts["seg_fuse"] + parts["distill"] + parts["syn"]
-    np.testing.assert_allclose(float(loss), float(total), rtol=1e-5)
+    # L_syn per level by hand: the squared error of f_hat against f over the missing (modality,
+    # sample) pairs, / their number of elements (the text's MSE).
+    missing = ~np.asarray(batch["modality_mask"][:, 0]).T  # (M, N)
+    syn = np.asarray(
+        [
+            np.sum(np.square(np.asarray(h, np.float64) - np.asarray(f, np.float64))[missing])
+            / (missing.sum() * f[0, 0].size)
+            for h, f in zip(synthesised, features)
+        ]
+    )
+    acct = np.asarray(hand["acct"], np.float64)
+    assert acct.shape == (levels, M) and syn.shape == (levels,)
+    for got, reduce in ((parts, np.mean), (parts_sum, np.sum)):
+        np.testing.assert_allclose(float(got["distill"]), reduce(acct), rtol=1e-5)
+        np.testing.assert_allclose(float(got["syn"]), reduce(syn), rtol=1e-5)
+    for got, value in ((parts, loss), (parts_sum, loss_sum)):
+        total = got["seg_mono"] + got["seg_aux"] + got["seg_fuse"] + got["distill"] + got["syn"]
+        np.testing.assert_allclose(float(value), float(total), rtol=1e-5)
+    assert float(loss_sum) > float(loss) + 1.0  # the sum weighs L_ACCT 8x here: a visible difference
 
 
 def test_the_start_epochs_switch_the_terms_on_without_recompiling():
@@ -307,13 +358,14 @@ def test_no_gradient_reaches_the_auxiliary_encoder_through_acct(built):
 @pytest.mark.parametrize(
     "settings, to_mono",
     [
-        ([], True),  # the defaults
+        (["method.syn_grad_target=false"], True),  # through f_ava only: what syn_grad_encoders decides
         (["method.syn_grad_encoders=false", "method.syn_grad_target=false"], False),
     ],
 )
 def test_the_synthesis_losses_gradient_reaches_the_encoders_unless_switched_off(settings, to_mono):
-    """Eq. 12's plain sum (the defaults): the synthesis losses' gradient reaches the mono encoders
-    (through f_ava and the target f_m); with both options off they train the MFSB only."""
+    """With f_m a fixed label (`syn_grad_target = false`) the synthesis losses reach the mono
+    encoders' parameters through the MFSB's input f_ava alone: `syn_grad_encoders` decides whether
+    they do (the defaults' two paths: the next test); either way they train the MFSB."""
     method = acdis("method.synthesis=['syn','var','covar']", *settings)
     models = method.init_models("train", nnx.Rngs(0))
     batch = batch_with_masks(8)
@@ -326,6 +378,44 @@ def test_the_synthesis_losses_gradient_reaches_the_encoders_unless_switched_off(
     grads = jax.jit(jax.grad(synthesis))({n: g[1] for n, g in graphs.items()})
     assert (max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["mono"])) > 0.0) == to_mono
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["completion"])) > 0.0
+
+
+SYN_PATHS = {  # (syn_grad_encoders, syn_grad_target) -> settings
+    (True, True): [],  # the defaults: eq. 12's plain sum
+    (True, False): ["method.syn_grad_target=false"],
+    (False, True): ["method.syn_grad_encoders=false"],
+    (False, False): ["method.syn_grad_encoders=false", "method.syn_grad_target=false"],
+}
+
+
+def test_each_synthesis_gradient_option_cuts_its_own_path(built):
+    """The synthesis losses' gradient w.r.t. the enhanced mono features (what the mono encoders
+    receive: zero there is zero for every encoder parameter), through the method's loss: it has
+    two paths, into the MFSB's input f_ava (`syn_grad_encoders`) and into the target f_m
+    (`syn_grad_target`); each option cuts its own, so the defaults' gradient is the sum of the two
+    one-path gradients, and with both off none is left."""
+    _, models = built  # these options change no parameter
+    batch = batch_with_masks(8)
+    features = jax.jit(lambda x: built[0].encode(models, x))(batch["image"])
+
+    def synthesis_grad(settings):
+        method = acdis("method.synthesis=['syn','var','covar']", *settings)
+
+        def synthesis(enhanced):
+            method.encode = lambda models, image: {"raw": features["raw"], "enhanced": enhanced}
+            return method.loss(models, batch, jax.random.PRNGKey(0), context(4))[1]["synthesis"]
+
+        return jax.grad(synthesis)(features["enhanced"])
+
+    grads = jax.jit(lambda: {path: synthesis_grad(settings) for path, settings in SYN_PATHS.items()})()
+    largest = {path: max(float(jnp.abs(g).max()) for g in grads[path]) for path in SYN_PATHS}
+    assert largest[(False, False)] == 0.0
+    assert all(largest[path] > 1e-4 for path in SYN_PATHS if path != (False, False)), largest
+    for both, f_ava, target in zip(grads[(True, True)], grads[(True, False)], grads[(False, True)]):
+        np.testing.assert_allclose(both, f_ava + target, rtol=1e-4, atol=1e-6 * largest[(True, True)])
+    # the paths differ: neither alone is the whole gradient
+    assert float(jnp.abs(grads[(True, False)][0] - grads[(True, True)][0]).max()) > 1e-3 * largest[(True, True)]
+    assert float(jnp.abs(grads[(False, True)][0] - grads[(True, True)][0]).max()) > 1e-3 * largest[(True, True)]
 
 
 def _dot_operand_shapes(jaxpr):
@@ -554,3 +644,35 @@ def test_resume_mid_stage_is_bit_for_bit(acdis_run, phantom_cache, tmp_path):
     assert [step for _, step, _ in rest.losses] == [3, 4]
     assert logged_steps(workdir) == {"train": [1, 2, 3, 4]}  # the rows after step 2 redone, once
     assert_bitwise_equal(final_state(workdir, acdis_config()), final_state(whole_dir, acdis_config()))
+
+
+# --- meshes: "space" and "model" --------------------------------------------------------------------------
+
+
+def test_a_step_split_along_space_and_model_equals_one_devices(tmp_path):
+    """Two train steps (SGD) of the config above on a mesh of 4 fake CPU devices, each crop's depth
+    split over 2 ("space": halo exchanges) and the four mono encoders over 2 ("model": two per
+    device), against one device in the same process (tests/support/acdis_mesh.py): every logged
+    term and every parameter agree."""
+    script = Path(__file__).resolve().parent / "support" / "acdis_mesh.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "2", json.dumps(ACDIS), "1,1,1", "1,2,2"],
+        env=with_xla_flags("--xla_force_host_platform_device_count=4"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, split = (json.loads((tmp_path / f"{mesh}.json").read_text()) for mesh in ("1x1x1", "1x2x2"))
+    assert one["stem_shard"][0] == M and split["stem_shard"][0] == M // 2 and "model" in split["stem_spec"]
+    assert not one["collectives"] and Counter(op for op, _ in split["collectives"])["collective-permute"] > 0
+    assert len(one["metrics"]) == len(split["metrics"]) == 2
+    for step, (want, got) in enumerate(zip(one["metrics"], split["metrics"])):
+        assert set(got) == set(want) and {"seg_fuse", "distill", "syn"} <= set(want)
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"{key} step {step}")
+    with np.load(tmp_path / "1x1x1.npz") as want, np.load(tmp_path / "1x2x2.npz") as got:
+        assert set(got.files) == set(want.files) and len(want.files) > 50
+        for name in want.files:
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)

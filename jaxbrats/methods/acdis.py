@@ -129,7 +129,8 @@ class ACDISOptions:
     mfsb_conv: str = "fill"
     synthesis: tuple[str, ...] = ("syn",)  # Table 3: any of syn, adv, var, covar
     syn_norm: str = "mse"  # mse (the text) | l2 (eq. 10 as printed)
-    #: L_ACCT and L_syn over modalities and levels: "mean" (eq. 12 adds them as single terms) | "sum"
+    #: "mean" (eq. 12 adds L_ACCT and L_syn as single terms): L_ACCT's mean over (level, modality),
+    #: L_syn's over levels | "sum": their sums (L_syn is a mean over the missing modalities either way)
     term_reduce: str = "mean"
     #: the synthesis losses' gradient reaches the mono encoders through f_ava (true: eq. 12's plain
     #: sum) or only the MFSB's weights (false, ours)
