@@ -1,6 +1,8 @@
-"""RIRN and the teacher/student engine: stacked students train as if alone, the teacher learns
-from its Dice only, each student sees only its subset, each 15-subset row comes from its own
-student, exact resume, and the student axis split over 4 devices gives one device's losses.
+"""RIRN and the teacher/student engine: stacked students train as if alone (one of each subset
+size), the teacher learns from its Dice only and runs once per step, each student sees only its
+subset, CAR's theta/phi stay fixed, the Table 4 switches remove their terms, each 15-subset row
+comes from its own student, exact resume, and the student axis split over 4 devices gives one
+device's losses.
 
 The losses themselves are checked against numpy in test_relation_losses.py.
 """
@@ -27,6 +29,7 @@ from jaxbrats.inference.trained import load_trained
 from jaxbrats.methods import get_method, load_config
 from jaxbrats.modalities import SUBSET_NAMES, subset_index
 from jaxbrats.networks import family
+from jaxbrats.networks.unet import UNet
 from jaxbrats.runtime.checkpoints import restore, save
 from jaxbrats.runtime.sharding import make_mesh, shard_state
 
@@ -78,6 +81,35 @@ def test_no_student_loss_reaches_the_teacher():
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(dice_grads)) > 0
 
 
+def _unet_applications(method) -> tuple[dict, dict]:
+    """How often the traced train step (eval_shape) applies a U-Net outside the students' family map
+    (the teacher) and inside it (a student each when unrolled), and its metrics' shapes: a count at
+    trace time, where every application in the program is one Python call (the gradient reuses the
+    forward trace)."""
+    optimizers = engine.stage_optimizers(method, "train", 10)
+    graphdefs, state = engine.abstract_state(method, "train", optimizers)
+    step = engine.make_train_step(method, "train", graphdefs, optimizers)
+    calls, inside = {"teacher": 0, "students": 0}, []
+    unet_call, map_states = UNet.__call__, family.map_states
+
+    def counted_call(self, *args, **kwargs):
+        calls["students" if inside else "teacher"] += 1
+        return unet_call(self, *args, **kwargs)
+
+    def counted_map(*args, **kwargs):
+        inside.append(True)
+        try:
+            return map_states(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(UNet, "__call__", counted_call)
+        patch.setattr(family, "map_states", counted_map)
+        metrics = jax.eval_shape(step, state, jax.tree.map(jnp.asarray, synthetic_batch(0)))[1]
+    return calls, metrics
+
+
 def test_a_student_sees_only_its_subset():
     method = rirn(["t1ce", "flair"])
     models = method.init_models("train", nnx.Rngs(0))
@@ -114,27 +146,68 @@ def batches():
     return [synthetic_batch(seed) for seed in range(4)]
 
 
+#: The stacked students: one of each subset size (4, 1, 2, 3 modalities), none in its slot of the
+#: library's order (SUBSETS: 14, 1, 6, 13), so a mix-up of slot and subset shows.
+STACKED = ["flair+t1ce+t1+t2", "t1ce", "flair+t2", "t1ce+t1+t2"]
+
+
 @pytest.fixture(scope="module")
 def together(batches):
-    """Two students trained together for 4 steps: (method, final state, metrics, the jitted step)."""
-    method = rirn(["t1ce", "flair"])
+    """The students of STACKED trained together for 4 steps: (method, final state, metrics, the jitted step)."""
+    method = rirn(STACKED)
     state, metrics, step = _steps(method, batches)
     return method, state, metrics, step
 
 
-def test_students_trained_together_give_the_losses_of_each_trained_alone(together, batches):
+#: The terms whose own gradient norms the T1ce student's run logs: a relation term, the adversarial
+#: term, the teacher's.
+GRAD_NORMS = ["crr", "adv_s", "teacher_dice"]
+
+
+@pytest.fixture(scope="module")
+def t1ce_alone(batches):
+    """The T1ce student alone for 2 steps, logging GRAD_NORMS (which changes no update): (method,
+    graph definitions, initial state, metrics). `together`'s T1ce reference and the grad_norms run."""
+    method = rirn(["t1ce"], f"train.grad_norms={json.dumps(GRAD_NORMS)}")
+    optimizers = engine.stage_optimizers(method, "train", 10)
+    graphdefs, initial = engine.init_state(method, "train", 0, optimizers)
+    step = jax.jit(engine.make_train_step(method, "train", graphdefs, optimizers))  # not donated: `initial` stays
+    state, metrics = initial, []
+    for batch in batches[:2]:
+        state, m = step(state, jax.tree.map(jnp.asarray, batch))
+        metrics.append(jax.device_get(m))
+    return method, graphdefs, initial, metrics
+
+
+def test_students_trained_together_give_the_losses_of_each_trained_alone(together, t1ce_alone, batches):
     _, _, metrics, _ = together
-    for name in ("flair",):  # slot 1 together, slot 0 alone (one compilation: each run is one)
-        _, alone, _ = _steps(rirn([name]), batches[:2])
-        for step in range(2):
+    for slot, name in enumerate(STACKED):  # every slot together, slot 0 alone (one compilation each; T1ce's: above)
+        alone = t1ce_alone[3] if name == "t1ce" else _steps(rirn([name]), batches[:2])[1]
+        for step in range(2):  # step 1's losses follow step 0's update: each student's gradient is its own
             for part in ("model/{}/seg", "model/{}/crr", "model/{}/car", "model/{}/adv_s", "discriminator/{}/adv_d"):
                 key = part.format(name)
-                np.testing.assert_allclose(metrics[step][key], alone[step][key], rtol=1e-5, err_msg=key)
+                np.testing.assert_allclose(metrics[step][key], alone[step][key], rtol=1e-5, err_msg=f"{slot}: {key}")
             np.testing.assert_allclose(
                 metrics[step]["model/teacher_dice"], alone[step]["model/teacher_dice"], rtol=1e-6
             )
     # The students differ (their subsets), so equal losses are not trivially equal numbers.
-    assert metrics[1]["model/t1ce/seg"] != metrics[1]["model/flair/seg"]
+    assert len({float(metrics[1][f"model/{name}/seg"]) for name in STACKED}) == len(STACKED)
+
+
+def test_car_embeddings_stay_fixed(together):
+    """theta/phi (`car_embeddings = "fixed"`): one shared pair, no optimiser state, and after 4 steps
+    still the values they were initialised with."""
+    method, state, _, _ = together
+    assert "embeddings" not in method.families("train")  # one pair, not one per student
+    assert all("embeddings" not in u.trainable for u in method.updates("train"))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state["opt"])]
+    assert any("'students'" in p for p in paths) and not any("embeddings" in p for p in paths)
+    initial = nnx.state(method.init_models("train", nnx.Rngs(0))["embeddings"])  # the engine's seed 0
+    final = state["models"]["embeddings"]
+    assert final["theta"].shape == (8, 4)  # C -> C/2 at the 8-channel bottleneck, no student axis
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(initial), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert float(jnp.abs(final["theta"][...]).max()) > 0  # the random initialisation, not zeros
 
 
 def test_resume_mid_run_is_bit_for_bit(together, batches, tmp_path):
@@ -232,15 +305,7 @@ def test_students_option():
 def test_table4_switches_change_the_models_and_terms():
     method = rirn(["t1ce"], "method.adv=false", "method.car=false")
     assert [u.group for u in method.updates("train")] == ["model"] and method.families("train") == {"students": 1}
-    models = method.init_models("train", nnx.Rngs(0))
-    assert set(models) == {"teacher", "students"}
-    terms = method.student_terms(
-        models,
-        jax.tree.map(jnp.asarray, synthetic_batch(2)),
-        models["teacher"](jnp.asarray(synthetic_batch(2)["image"])),
-        jax.random.PRNGKey(0),
-    )
-    assert set(terms) == {"loss", "seg", "crr", "crr_pairs", "adversary_input"}
+    assert set(method.init_models("train", nnx.Rngs(0))) == {"teacher", "students"}  # its terms: below
     # The shipped phantom config sets the discriminator's optimiser: still valid with adv = false.
     shipped = load_config(
         os.path.join(os.path.dirname(__file__), "..", "configs", "rirn_phantom.toml"), ["method.adv=false"]
@@ -253,23 +318,86 @@ def test_table4_switches_change_the_models_and_terms():
     assert family.size(trained.init_models("train", nnx.Rngs(0))["embeddings"]) == 2
 
 
+#: The paper's Table 4 rows (docs/methods/rirn.md, for the T1ce student): row -> its switches.
+TABLE4 = {
+    "baseline student": ["method.crr=false", "method.car=false", "method.adv=false"],
+    "+ CRR without MF": ["method.mf=false", "method.car=false", "method.adv=false"],
+    "+ CRR": ["method.car=false", "method.adv=false"],
+    "CAR alone": ["method.crr=false", "method.adv=false"],
+    "CRR + MF + CAR": ["method.adv=false"],
+    "RIRN": [],
+}
+
+
+def test_table4_rows_trace_their_terms_and_one_teacher_pass():
+    """The rows with CRR or MF off, and RIRN itself: each row's train step traces, logs exactly the
+    terms its switches leave on, and applies the teacher once (in both updates)."""
+    for row in ("baseline student", "+ CRR without MF", "CAR alone", "RIRN"):
+        switches = TABLE4[row]
+        method = rirn(["t1ce"], *switches)
+        calls, metrics = _unet_applications(method)
+        assert calls == {"teacher": 1, "students": 1}, row
+        terms = {key.rsplit("/", 1)[-1] for key in metrics}
+        for term, switch in (("crr", "crr"), ("crr_pairs", "crr"), ("car", "car"), ("adv_s", "adv"), ("adv_d", "adv")):
+            assert (term in terms) == (f"method.{switch}=false" not in switches), (row, term)
+        assert {"seg", "teacher_dice"} <= terms and ("model/t1ce/seg" in metrics) == ("adv_d" in terms), row
+    # The count sees a second pass: the baseline row's loss with one more teacher application.
+    method = rirn(["t1ce"], *TABLE4["baseline student"])
+    model_loss = method.model_loss
+
+    def teacher_twice(models, batch, key, context=None):
+        models["teacher"](batch["image"])
+        return model_loss(models, batch, key, context)
+
+    method.model_loss = teacher_twice
+    assert _unet_applications(method)[0] == {"teacher": 2, "students": 1}
+
+
+def test_table4_rows_without_crr_or_mf_act():
+    """The rows' student terms on one model: without CRR the loss is L_SEG (+ L_CAR); without MF, CRR's
+    mask is the ground truth alone, whatever the teacher predicts; with MF, only where it predicts."""
+    models = rirn(["t1ce"], "method.adv=false").init_models("train", nnx.Rngs(0))  # every row's models
+    batch = jax.tree.map(jnp.asarray, synthetic_batch(2))
+    teacher = models["teacher"](batch["image"])
+
+    def terms(row, logits=None):
+        out = teacher if logits is None else {**teacher, "logits": jnp.full_like(teacher["logits"], logits)}
+        return rirn(["t1ce"], *TABLE4[row]).student_terms(models, batch, out, jax.random.PRNGKey(0))
+
+    baseline, car_alone = terms("baseline student"), terms("CAR alone")
+    assert set(baseline) == {"loss", "seg", "adversary_input"} and baseline["loss"] == baseline["seg"]
+    assert set(car_alone) == {"loss", "seg", "car", "adversary_input"}
+    np.testing.assert_allclose(car_alone["loss"], car_alone["seg"] + car_alone["car"], rtol=1e-6)
+    assert float(car_alone["car"][0]) > 0
+    without_mf, with_mf = terms("+ CRR without MF"), terms("+ CRR")
+    assert set(with_mf) == set(without_mf) == {"loss", "seg", "crr", "crr_pairs", "adversary_input"}
+    np.testing.assert_allclose(without_mf["loss"], without_mf["seg"] + without_mf["crr"], rtol=1e-6)
+    assert float(without_mf["crr_pairs"][0]) == 6  # every region in both samples: 3 x 2 ordered pairs
+    assert abs(float(without_mf["crr"][0]) - float(with_mf["crr"][0])) > 1e-4  # MF filters this teacher's mask
+    for logits in (-10.0, 10.0):  # a teacher that finds no tumour, one that finds it everywhere
+        np.testing.assert_array_equal(terms("+ CRR without MF", logits)["crr"], without_mf["crr"])
+    blind, everywhere = terms("+ CRR", -10.0), terms("+ CRR", 10.0)
+    assert float(blind["crr"][0]) == 0 and float(blind["crr_pairs"][0]) == 0  # MF: no voxel the teacher misses
+    np.testing.assert_allclose(everywhere["crr"], without_mf["crr"], rtol=1e-6)  # MF's mask = GT where all found
+
+
 # --- the student axis over 4 devices -------------------------------------------------------------------
 
 
 def test_students_split_over_four_devices_give_the_losses_of_one(together):
-    """The two students of `together` and its batches of 2 on a 2 (data) x 2 (model) mesh of 4 fake
+    """The four students of `together` and its batches of 2 on a 2 (data) x 2 (model) mesh of 4 fake
     CPU devices, vmapped with the student axis split along "model": the losses of one device
-    computing the students one after the other (CPU's "auto"), and one student per device."""
+    computing the students one after the other (CPU's "auto"), and two students per device."""
     _, _, one_device, _ = together
     script = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         import jax
-        from test_rirn import _steps, rirn, synthetic_batch
+        from test_rirn import STACKED, _steps, rirn, synthetic_batch
         from jaxbrats.config import MeshConfig
         from jaxbrats.runtime.sharding import make_mesh
         assert jax.device_count() == 4
-        method = rirn(["t1ce", "flair"], "model.family_map='vmap'")
+        method = rirn(STACKED, "model.family_map='vmap'")
         mesh = make_mesh(MeshConfig(data=2, model=2))
         state, metrics, _ = _steps(method, [synthetic_batch(s) for s in range(2)], mesh=mesh)
         kernel = state["models"]["students"]["decoder"]["head"]["kernel"]
@@ -288,7 +416,7 @@ def test_students_split_over_four_devices_give_the_losses_of_one(together):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["student_shape"][0] == 1 and "model" in result["spec"]  # one student per device
+    assert result["student_shape"][0] == 2 and "model" in result["spec"]  # 4 students, 2 per device
     assert "model" not in result["teacher_spec"] and "data" not in result["teacher_spec"]  # the teacher is replicated
     for one, four in zip(one_device[:2], result["metrics"]):
         assert set(one) == set(four)
@@ -362,13 +490,10 @@ def test_predict_refuses_a_subset_no_student_serves():
     assert np.isfinite(np.asarray(traced(jnp.int32(subset_index("t1ce"))))).all()
 
 
-def test_grad_norms_log_each_terms_own_gradient_norm(batches):
-    terms = ["crr", "adv_s", "teacher_dice"]  # a relation term, the adversarial term, the teacher's
-    method = rirn(["t1ce"], f"train.grad_norms={json.dumps(terms)}")
-    optimizers = engine.stage_optimizers(method, "train", 10)
-    graphdefs, state = engine.init_state(method, "train", 0, optimizers)
+def test_grad_norms_log_each_terms_own_gradient_norm(t1ce_alone, batches):
+    method, graphdefs, state, steps = t1ce_alone
+    terms, metrics = GRAD_NORMS, steps[0]
     batch = jax.tree.map(jnp.asarray, batches[0])
-    _, metrics = jax.jit(engine.make_train_step(method, "train", graphdefs, optimizers))(state, batch)
     # The same norms by hand: each term's own gradient over the model update's trainable variables.
     key = jax.random.fold_in(jax.random.fold_in(state["key"], 0), 0)
     models = {n: nnx.merge(g, state["models"][n]) for n, g in graphdefs.items()}
