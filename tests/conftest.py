@@ -64,14 +64,14 @@ def with_xla_flags(*flags: str) -> dict:
 #: `--dist loadfile` hands files out in collection order (`--no-loadscope-reorder`): heaviest
 #: first, so that no long file starts last while the other worker idles. The others are light.
 FILE_SECONDS = {
-    "test_space_sharding.py": 130,  # one process of 8 fake devices
+    "test_space_sharding.py": 140,  # one process of 8 fake devices
     "test_gpu_bench.py": 105,  # ten processes, one per step of tools/gpu_bench.sh --tiny
-    "test_mind_the_gap.py": 95,
-    "test_rirn.py": 90,
-    "test_acdis.py": 95,
+    "test_mind_the_gap.py": 110,
+    "test_rirn.py": 115,
+    "test_acdis.py": 130,  # and a 4-device subprocess
     "test_engine.py": 90,
     "test_m3ae.py": 75,
-    "test_multihost.py": 75,  # two processes, three runs
+    "test_multihost.py": 135,  # two processes, three runs; one process of 4 devices
     "test_model_settings.py": 45,
     "test_validation.py": 60,  # one validated run, a killed one resumed
     "test_preemption.py": 55,  # a SIGTERM subprocess, two processes stopped together

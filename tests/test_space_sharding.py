@@ -2,10 +2,12 @@
 
 Each method trains 4 steps per stage in a subprocess with 8 fake CPU devices (`mesh_runs.py`;
 the quick suite's methods one after the other in one process) under one device and under the
-issue's meshes; the losses of every step, the baseline's gradients and the evaluation's labels
-must equal one device's, and the compiled steps must exchange halos (collective-permutes)
-without gathering an activation. The quick suite runs each method under the mesh that combines
-the most axes; `-m slow` the others.
+issue's meshes; the losses of every step, the baseline's gradients, the evaluation's labels and
+Dice and `predict`'s labels (both on `eval.mesh` = data 2 x space 4) must equal one device's, the
+compiled steps must exchange halos (collective-permutes) without gathering an activation, no
+device may hold M3AE's x_sub or its optimiser moments whole, and the evaluation and `predict` must
+split each window batch along "data" and each window's depth along "space". The quick suite runs
+each method under the mesh that combines the most axes; `-m slow` the others.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import with_xla_flags
+
+from jaxbrats.modalities import FULL_SUBSET_INDEX, SUBSET_NAMES
 
 HERE = Path(__file__).resolve().parent
 HIDE = str(HERE / "support" / "hide_modules")
@@ -93,6 +97,28 @@ def assert_same_as_one_device(results: dict) -> None:
             # would change whole slices (a 24^3 case's slice is 576 voxels, 4 %).
             differ = np.mean(np.asarray(run["labels"][name]) != np.asarray(labels))
             assert differ <= 1e-3, f"{mesh}: {name}: {differ:.3%} of the voxels differ"
+    assert_same_dice(results)
+
+
+def assert_same_dice(results: dict) -> None:
+    """The evaluation's Dice of every subset and region equals one device's (a few voxels flipped at
+    the threshold, as above, move it by less than 1e-3)."""
+    one = results[ONE]["dice"]
+    for mesh, run in results.items():
+        assert set(run["dice"]) == set(one) and one, mesh
+        for case, rows in one.items():
+            for subset, dice in rows.items():
+                got, want = ([d[region] for region in sorted(dice)] for d in (run["dice"][case][subset], dice))
+                np.testing.assert_allclose(np.asarray(got, float), np.asarray(want, float), atol=1e-3, err_msg=mesh)
+
+
+def predicted(run: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The test case's labels from `jaxbrats predict` (its case folder, all modalities) and from the
+    evaluation's full subset, both in the source geometry."""
+    (name,) = [n for n in run["labels"] if n.startswith("predict/")]
+    case = name.removeprefix("predict/").removesuffix(".nii.gz")
+    full = f"predictions/{case}_{SUBSET_NAMES[FULL_SUBSET_INDEX]}.nii.gz"
+    return np.asarray(run["labels"][name]), np.asarray(run["labels"][full])
 
 
 def halo_exchanges(run: dict, stage: str) -> Counter:
@@ -124,6 +150,61 @@ def test_gradients_under_a_split_volume_equal_one_devices(runs):
         # Relative to the largest gradient: a convolution bias followed by GroupNorm has a
         # gradient of exactly 0 in exact arithmetic, float32 noise on one device and another.
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=mesh)
+
+
+def test_no_device_holds_x_sub_or_its_moments_whole(runs):
+    """M3AE under (data 2, space 4): x_sub (32^3 x 4) and its optimiser moment are split in 4 along
+    depth on every device, as placed, as the compiled step takes them and as it returns them, and
+    no collective of either stage's step returns as many bytes as x_sub (a gathered x_sub); the mu
+    and nu of the shipped config's Adam (x_sub with its own learning rate) are split the same way."""
+    run = runs("m3ae")["2,4,1"]
+    whole = [32, 32, 32, 4]
+    part = [8, 32, 32, 4]
+    assert set(run["substitute"]) == {"pretrain", "finetune"}
+    for stage, ops in run["collectives"].items():
+        assert any(op == "all-to-all" for op, _ in ops), stage  # the crops' windows of x_sub
+        assert max(size for _, size in ops) < np.prod(whole) * 4, (stage, max(ops, key=lambda o: o[1]))
+    for stage, rows in run["substitute"].items():
+        paths = [row["path"] for row in rows]
+        # Pretraining trains x_sub (its SGD momentum is in the state); fine-tuning only reads it.
+        want = 2 if stage == "pretrain" else 1
+        assert len(rows) == want and sum(p.startswith("['opt']") for p in paths) == want - 1, (stage, paths)
+        for row in rows:
+            assert row["shape"] == whole, row
+            assert row["device_parts"] == [part], row  # each of the 8 devices holds a quarter
+            for sharding in row["shardings"]:  # placed, the step's input, its output
+                assert sharding == {"spec": "P('space',)", "shard": part}, (stage, row["path"], sharding)
+    rows = run["adam_substitute"]
+    moments = sorted(slot for row in rows for slot in ("mu", "nu") if f".{slot}[" in row["path"])
+    assert moments == ["mu", "nu"] and len(rows) == 3, [row["path"] for row in rows]
+    for row in rows:
+        assert row["shardings"] == [{"spec": "P('space',)", "shard": part}], row
+
+
+@pytest.mark.parametrize("method", QUICK)
+def test_eval_mesh_splits_window_batches_along_data_and_predict_runs_on_it(runs, method):
+    """eval.mesh = data 2 x space 4: inside the compiled evaluation and `predict` programs, each
+    batch of 2 windows (16^3) is split along "data" and each window's depth along "space" (the
+    sharding XLA gave it); on one device nothing is split. `predict` of the test case's folder
+    gives the evaluation's full-subset labels, under the mesh as on one device (RIRN's students
+    here serve T1ce and FLAIR alone: its run does not predict the four-modality case)."""
+    results = runs(method)
+    for mesh, run in results.items():
+        programs = ("eval",) if method == "rirn" else ("eval", "predict")
+        assert sorted(run["windows"]) == sorted(programs), mesh
+        for program in programs:
+            rows = run["windows"][program]
+            assert rows, (mesh, program)  # the program split window batches
+            for row in rows:
+                batch, depth, *rest = row["shape"]
+                want = row["shape"] if mesh == ONE else [batch // 2, depth // 4, *rest]
+                assert batch == 2 and row["shard"] == want, (mesh, program, row)
+        if method == "rirn":
+            continue
+        by_predict, by_eval = predicted(run)
+        assert by_predict.any() and np.mean(by_predict != by_eval) <= 1e-3, mesh
+        differ = np.mean(by_predict != predicted(results[ONE])[0])
+        assert differ <= 1e-3, f"{mesh}: predict differs from one device's in {differ:.3%} of the voxels"
 
 
 def test_the_split_step_moves_halos_and_never_gathers_an_activation(runs):
