@@ -217,7 +217,7 @@ def test_a_resumed_two_process_run_equals_an_uninterrupted_one(runs):
 
 def test_two_processes_train_as_one_process_on_as_many_devices(runs):
     """2 processes x 2 devices against 1 process x 4 (the same mesh, data = 4, and batch of 4): each
-    process loads its block of the one-process run's batch (`pipeline._SampledCrops`), so the losses
+    process loads its block of the one-process run's batch (`pipeline.SampledCrops`), so the losses
     are equal bit for bit and the models to float32 rounding; the 2-process run loads in this process.
 
     The gradients are summed over the 4 devices in another order (across processes, Gloo), so the
@@ -298,7 +298,7 @@ def test_each_process_loads_its_block_of_the_one_process_batch(phantom_cache):
         iter(make_loader(dataset, PipelineConfig(crop_size=crop, batch_size=2), grain.sharding.ShardOptions(i, 2)))
         for i in (0, 1)
     ]
-    for _ in range(3):  # past the first epoch of the 4 training cases
+    for _ in range(3):  # two epochs of the 6 cases
         batch, parts = next(one), [next(t) for t in two]
         for key, value in batch.items():
             np.testing.assert_array_equal(value, np.concatenate([p[key] for p in parts]), err_msg=key)
@@ -309,7 +309,7 @@ def test_each_checkpoint_holds_one_iterator_state_per_process(runs):
     files = sorted(p.name for p in iterator.glob("process_*.json"))
     assert files == ["process_0-of-2.json", "process_1-of-2.json"]
     states = [json.loads((iterator / f).read_text()) for f in files]
-    assert [s["batches_served"] for s in states] == [3, 3]  # each process's own loader, 3 batches in
+    assert [s["samples_served"] for s in states] == [12, 12]  # 3 global batches of 4, the same in each process
     extra = json.loads((iterator.parent / "extra" / "metadata").read_text())  # process 0's JSON item
     assert extra["processes"] == 2 and "iterator" not in extra
 

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -72,6 +74,26 @@ def test_exact_resume_from_saved_iterator_state(phantom_cache):
     resumed.set_state(state)
     for a, b in zip(expected, [next(resumed) for _ in range(3)]):
         _assert_same(a, b)
+
+
+def test_a_resume_with_another_batch_size_goes_on_at_the_next_sample(phantom_cache):
+    """The state counts samples: 3 batches of 2, resumed with batches of 3, goes on at sample 6."""
+    dataset = CacheDataset(phantom_cache)
+    two = iter(make_loader(dataset, PipelineConfig(crop_size=CROP, batch_size=2, seed=3)))
+    for _ in range(3):
+        next(two)
+    state = two.get_state()
+    assert json.loads(state)["samples_served"] == 6
+    after = [next(two) for _ in range(3)]  # samples 6..11
+    three = iter(make_loader(dataset, PipelineConfig(crop_size=CROP, batch_size=3, seed=3)))
+    three.set_state(state)
+    resumed = [next(three) for _ in range(2)]
+    for key in after[0]:
+        np.testing.assert_array_equal(
+            np.concatenate([b[key] for b in resumed]), np.concatenate([b[key] for b in after]), err_msg=key
+        )
+    with pytest.raises(JaxbratsError, match="unreadable"):
+        three.set_state(b"{not json")
 
 
 def test_a_state_saved_by_grains_data_loader_resumes(phantom_cache):

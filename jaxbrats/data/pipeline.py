@@ -54,6 +54,7 @@ with any number of workers.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -401,8 +402,9 @@ def _transform(config: PipelineConfig) -> RandomCropAugmentDropout:
 def make_loader(dataset: CacheDataset, config: PipelineConfig, shard_options=None) -> BatchLoader:
     """The training batches over `dataset`: iterate it for a `BatchIterator` from the first batch.
 
-    `shard_options` (Grain's `ShardOptions`) defaults to one shard per JAX process (multi-host:
-    each process reads its own block of every batch, `_SampledCrops`).
+    `shard_options` (Grain's `ShardOptions`; its shard index and count) defaults to one shard per
+    JAX process: each process loads its own block of every global batch (`SampledCrops`). A last
+    global batch the samples cannot fill is dropped.
     """
     grain = _grain()
     if config.workers and not flags.FLAGS.is_parsed():
@@ -411,64 +413,60 @@ def make_loader(dataset: CacheDataset, config: PipelineConfig, shard_options=Non
         flags.FLAGS.mark_as_parsed()
     if shard_options is None:
         shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    sampler = grain.samplers.IndexSampler(  # one order for every process: `_SampledCrops` shares it out
+    sampler = grain.samplers.IndexSampler(  # one order for every process: `SampledCrops` shares it out
         num_records=len(dataset),
         shuffle=True,
         num_epochs=config.num_epochs,
         seed=config.seed,
     )
-    samples = _SampledCrops(CacheSource(dataset), sampler, shard_options, RandomCropAugmentDropout(config))
-    whole = shard_options.shard_count * config.batch_size  # whole global batches
-    positions = grain.MapDataset.range(_sampler_length(sampler) // whole * config.batch_size)
-    batches = positions.map(samples).batch(config.batch_size, drop_remainder=True)
-    return BatchLoader(batches, config, repr(samples.source), shard_options)
+    samples = SampledCrops(CacheSource(dataset), sampler, shard_options, RandomCropAugmentDropout(config))
+    return BatchLoader(samples, len(sampler), config)
 
 
-class _SampledCrops:
-    """Position p of this shard's stream -> its cropped, augmented sample: the sampler's record at
-    that position, drawn with the sampler's generator for it (Grain's seed + position).
+class SampledCrops:
+    """This process's sample at a position of its stream: the sampler's record at the matching
+    place of the global order, cropped and augmented with the sampler's generator for that place
+    (Grain's seed + place).
 
-    A sample depends on its position only, and batches are whole ranges of positions, so the
-    batches are the same in one process and over any number of worker processes (each of which
-    makes whole batches). A Grain DataLoader batches inside each worker instead, so its batches
-    change with the worker count.
-
-    Shard i of P (JAX process i) takes the i-th block of B samples of each of the one-process
-    run's batches of P * B: side by side, as `sharding.place_batch` puts them, the processes'
-    batches are that run's batches, so a run trains the same with any number of processes.
+    Global batch k of P processes x B holds the samples at places offset + k P B ... ; process i
+    loads its i-th block of B. A sample depends on its place only and each batch is made whole by
+    one worker, so the batches are those of one process and no worker for any number of
+    processes and workers (a Grain DataLoader batches inside each worker, its batches changing
+    with the worker count). `offset`: the samples served before (a resume).
     """
 
     def __init__(self, source: CacheSource, sampler, shard_options, transform: RandomCropAugmentDropout):
-        self.source, self.sampler, self.transform = source, sampler, transform
+        self.source, self.sampler, self.transform, self.offset = source, sampler, transform, 0
         self.shard_index, self.shard_count = shard_options.shard_index, shard_options.shard_count
+
+    def from_offset(self, offset: int) -> SampledCrops:
+        moved = copy.copy(self)
+        moved.offset = offset
+        return moved
 
     def __call__(self, position: int) -> dict:
         batch, j = divmod(position, self.transform.config.batch_size)
-        record = self.sampler[(batch * self.shard_count + self.shard_index) * self.transform.config.batch_size + j]
+        place = self.offset + (batch * self.shard_count + self.shard_index) * self.transform.config.batch_size + j
+        record = self.sampler[place]
         return self.transform.random_map(self.source[record.record_key], record.rng)
 
 
-def _sampler_length(sampler) -> int:
-    """The number of indices a sampler serves (sys.maxsize when it repeats forever)."""
-    lo, hi = 0, sys.maxsize  # bisection: IndexSampler has no length, only an IndexError past its end
-    while lo < hi:
-        mid = (lo + hi) // 2
-        try:
-            sampler[mid]
-            lo = mid + 1
-        except IndexError:
-            hi = mid
-    return lo
-
-
 class BatchLoader:
-    """The batches of one loader (a Grain MapDataset); each `iter` starts a `BatchIterator` at 0."""
+    """The batches of one loader; each `iter` starts a `BatchIterator` at the first one."""
 
-    def __init__(self, batches, config: PipelineConfig, source: str, shard_options):
-        self.batches, self.config, self.source, self.shard_options = batches, config, source, shard_options
+    def __init__(self, samples: SampledCrops, places: int, config: PipelineConfig):
+        self.samples, self.places, self.config = samples, places, config
+        self.source = repr(samples.source)
+        self.global_batch = samples.shard_count * config.batch_size
 
     def __iter__(self) -> BatchIterator:
         return BatchIterator(self)
+
+    def batches(self, offset: int):
+        """A Grain MapDataset of this process's batches of the whole global batches after `offset` samples."""
+        grain, batch = _grain(), self.config.batch_size
+        positions = grain.MapDataset.range(max(self.places - offset, 0) // self.global_batch * batch)
+        return positions.map(self.samples.from_offset(offset)).batch(batch, drop_remainder=True)
 
 
 class BatchIterator:
@@ -476,55 +474,59 @@ class BatchIterator:
     `config.prefetch` batches ahead.
 
     Its state (`get_state`/`set_state`, JSON bytes for Grain's Orbax handler) is the number of
-    batches served: a resume starts at the next one, with any number of workers.
+    samples the run has served over all processes: a resume goes on at the next one, with any
+    number of workers and any batch size.
     """
 
     def __init__(self, loader: BatchLoader):
-        self.loader, self.served, self._iterator = loader, 0, None
+        self.loader, self.offset, self.served, self._iterator = loader, 0, 0, None
 
     def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> dict:
         if self._iterator is None:  # started on first use: a restored state comes before
-            self._iterator = iter(self._open(self.served))
+            self._iterator = iter(self._open())
         batch = next(self._iterator)
         self.served += 1
         return batch
 
-    def _open(self, start: int):
+    def _open(self):
         grain, config = _grain(), self.loader.config
-        batches = self.loader.batches[start:]
+        batches = self.loader.batches(self.offset)
         if not config.workers:
             return batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=config.prefetch))
         options = grain.MultiprocessingOptions(num_workers=config.workers, per_worker_buffer_size=config.prefetch)
         return batches.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(options)
 
     def get_state(self) -> bytes:
-        return json.dumps({"batches_served": self.served, "source": self.loader.source}).encode()
+        samples = self.offset + self.served * self.loader.global_batch
+        return json.dumps({"samples_served": samples, "source": self.loader.source}).encode()
 
     def set_state(self, state: bytes) -> None:
-        saved = json.loads(state)
-        if "batches_served" not in saved:
-            saved = {"batches_served": _served_by_data_loader(saved, self.loader), "source": saved.get("data_source")}
-        if saved["source"] != self.loader.source:
-            raise JaxbratsError(f"resume: the data iterator was saved over other cases ({saved['source']})")
-        self.served, self._iterator = int(saved["batches_served"]), None
+        try:
+            saved = json.loads(state)
+            if "samples_served" not in saved:
+                saved = {"samples_served": _served_by_data_loader(saved, self.loader), "source": saved["data_source"]}
+            offset, source = int(saved["samples_served"]), saved["source"]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise JaxbratsError(f"resume: the data iterator's saved state is unreadable ({type(e).__name__}: {e})")
+        if source != self.loader.source:
+            raise JaxbratsError(f"resume: the data iterator was saved over other cases ({source})")
+        self.offset, self.served, self._iterator = offset, 0, None
 
 
 def _served_by_data_loader(state: dict, loader: BatchLoader) -> int:
-    """Batches served, from the state of the Grain DataLoader that jaxbrats used before: with 0 or 1
-    loader worker it made the same batches as now; with more, other batches, so refused."""
-    if state.get("worker_count", 0) > 1:
-        raise JaxbratsError(
-            f"resume: the data iterator was saved by an earlier jaxbrats with {state['worker_count']} loader workers, "
-            "whose batches this version does not make; resume the run with that version"
+    """Samples served over all processes, from the state of the Grain DataLoader of earlier
+    versions. With one process and at most one loader worker it drew the same samples in the same
+    order as now; with more, its own order, so the run goes on in this one (with a note)."""
+    processes = loader.samples.shard_count
+    records = max(int(i) for i in state["last_seen_indices"].values()) // processes + 1
+    if state["worker_count"] > 1 or processes > 1:
+        print(
+            f"note: the data iterator was saved by an earlier jaxbrats with {state['worker_count']} loader "
+            f"worker(s) in {processes} process(es), whose order of samples this version does not repeat: the run "
+            f"goes on from sample {records * processes} of this version's order",
+            file=sys.stderr,
         )
-    shard = loader.shard_options
-    if shard.shard_count > 1:  # it gave each process a fixed part of the cases
-        raise JaxbratsError(
-            f"resume: the data iterator was saved by an earlier jaxbrats in {shard.shard_count} processes, "
-            "whose batches this version does not make; resume the run with that version"
-        )
-    records = (state["last_seen_indices"]["0"] + shard.shard_count - shard.shard_index) // shard.shard_count
-    return records // loader.config.batch_size
+    return records * processes

@@ -38,8 +38,8 @@ How a run goes (`train`):
    (`tensorboard/`; `jaxbrats.engine.metrics_log`). A checkpoint is written
    only after the steps before it were checked, so a diverged run stops with
    the last good checkpoint.
-6. With several processes (`jaxbrats train --distributed`), each reads its
-   own share of the cases; process 0 alone writes the work directory's files
+6. With several processes (`jaxbrats train --distributed`), each loads its
+   block of every batch (the one-process run's samples); process 0 alone writes the work directory's files
    (metrics, TensorBoard, config, splits, reports) and notes; every process
    takes part in each checkpoint, which holds each one's iterator state.
 7. SIGTERM or SIGINT (`jaxbrats.runtime.signals`) stops the run after the step in
