@@ -50,6 +50,8 @@ def _env(devices: int) -> dict:
     # TensorBoard's writer (tensorboardX) imports torch where it is installed: 2.5 CPU seconds of
     # each of these processes, which never use it. Hidden as on a machine without it.
     env.update(JAXBRATS_HIDE_MODULES="torch", PYTHONPATH=os.pathsep.join(filter(None, [HIDE, env.get("PYTHONPATH")])))
+    # Unbuffered output: a process that JAX aborts (a peer gone silent) keeps what it printed.
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
