@@ -47,9 +47,10 @@ of each crop however many instantiations a method wants.
 
 Randomness comes from Grain's per-record generator, derived from the
 sampler's seed and the record's position, and each batch is made whole by one
-worker: the stream is the same for any number of workers, and the iterator's
-state (``get_state``/``set_state``: the batches served) resumes it exactly,
-with any number of workers.
+worker: the stream is the same for any number of workers (and of JAX
+processes, each loading its block of every global batch), and the iterator's
+state (``get_state``/``set_state``: the samples served over all processes)
+resumes it exactly, with any number of workers and any batch size.
 """
 
 from __future__ import annotations
