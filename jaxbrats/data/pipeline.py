@@ -523,7 +523,7 @@ def _served_by_data_loader(state: dict, loader: BatchLoader) -> int:
     order as now; with more, its own order, so the run goes on in this one (with a note)."""
     processes = loader.samples.shard_count
     records = max(int(i) for i in state["last_seen_indices"].values()) // processes + 1
-    if state["worker_count"] > 1 or processes > 1:
+    if (state["worker_count"] > 1 or processes > 1) and loader.samples.shard_index == 0:  # process 0 notes
         print(
             f"note: the data iterator was saved by an earlier jaxbrats with {state['worker_count']} loader "
             f"worker(s) in {processes} process(es), whose order of samples this version does not repeat: the run "
