@@ -96,7 +96,7 @@ def test_a_resume_with_another_batch_size_goes_on_at_the_next_sample(phantom_cac
         three.set_state(b"{not json")
 
 
-def test_a_state_saved_by_grains_data_loader_resumes(phantom_cache):
+def test_a_state_saved_by_grains_data_loader_resumes(phantom_cache, capsys):
     """Runs checkpointed before the loader became a Grain MapDataset (a DataLoader of the same
     sampler, crops and batches) resume where they stopped; another cache is refused."""
     from jaxbrats.data.pipeline import CacheSource, _grain
@@ -114,6 +114,11 @@ def test_a_state_saved_by_grains_data_loader_resumes(phantom_cache):
     resumed.set_state(old.get_state())
     for _ in range(2):
         _assert_same(next(old), next(resumed))
+    # A DataLoader of 2 workers drew in its own order: the run goes on in this one, with a note.
+    two_workers = {**json.loads(old.get_state()), "last_seen_indices": {"0": 5, "1": 6}, "worker_count": 2}
+    resumed.set_state(json.dumps(two_workers).encode())
+    assert json.loads(resumed.get_state())["samples_served"] == 7
+    assert "note: the data iterator was saved by an earlier jaxbrats with 2 loader" in capsys.readouterr().err
     other = iter(make_loader(CacheDataset(phantom_cache, dataset.case_ids[:4]), config))
     with pytest.raises(JaxbratsError, match="other cases"):
         other.set_state(old.get_state())
