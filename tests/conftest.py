@@ -3,6 +3,7 @@
 import atexit
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -56,6 +57,20 @@ if os.environ["JAXBRATS_TEST_COMPILE_CACHE"]:  # set empty: no cache, every prog
 def with_xla_flags(*flags: str) -> dict:
     """The environment for a subprocess: this one's, with more XLA flags (e.g. fake CPU devices)."""
     return dict(os.environ, XLA_FLAGS=" ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip(), JAX_PLATFORMS="cpu")
+
+
+def run_on_cpu_devices(command: list, devices: int, timeout: int = 600) -> str:
+    """Runs `command` in a subprocess with `devices` fake CPU devices; asserts it succeeded, returns its stdout."""
+    done = subprocess.run(
+        command,
+        env=with_xla_flags(f"--xla_force_host_platform_device_count={devices}"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 #: CPU seconds each test file used, its subprocesses included, with the compilation cache above

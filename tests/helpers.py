@@ -172,6 +172,22 @@ def write_plain_case(case_dir: Path, seg_values: np.ndarray | None = None, seed:
     return case_dir
 
 
+def tensorboard_values(folder: Path):
+    """(event, summary value) of every value in a folder's TensorBoard event files, in file order."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    for path in sorted(folder.glob("*tfevents*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):  # TFRecord: length (8), its CRC (4), the record, its CRC (4)
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+            at += 16 + length
+            for value in event.summary.value:
+                yield event, value
+
+
 def synthetic_batch(seed: int, n: int = 2, size: int = 16) -> dict:
     """A batch with a tumour blob per sample (every tumour label present; a training batch of the
     pipeline's keys, for teacher/student tests) and some padding."""

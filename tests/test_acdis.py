@@ -13,7 +13,6 @@ test_consistency_losses.py; RFNet's criterion in test_losses.py.
 
 import json
 import shutil
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -22,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, with_xla_flags
+from conftest import TINY, run_on_cpu_devices
 from flax import nnx
 from helpers import synthetic_batch
 
@@ -655,15 +654,7 @@ def test_a_step_split_along_space_and_model_equals_one_devices(tmp_path):
     device), against one device in the same process (tests/support/acdis_mesh.py): every logged
     term and every parameter agree."""
     script = Path(__file__).resolve().parent / "support" / "acdis_mesh.py"
-    out = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "2", json.dumps(ACDIS), "1,1,1", "1,2,2"],
-        env=with_xla_flags("--xla_force_host_platform_device_count=4"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_on_cpu_devices([sys.executable, str(script), str(tmp_path), "2", json.dumps(ACDIS), "1,1,1", "1,2,2"], 4)
     one, split = (json.loads((tmp_path / f"{mesh}.json").read_text()) for mesh in ("1x1x1", "1x2x2"))
     assert one["stem_shard"][0] == M and split["stem_shard"][0] == M // 2 and "model" in split["stem_spec"]
     assert not one["collectives"] and Counter(op for op, _ in split["collectives"])["collective-permute"] > 0

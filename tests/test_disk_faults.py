@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import sys
 from collections import Counter
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tensorboard_values
 from orbax.checkpoint._src.serialization import serialization
 
 from jaxbrats import files
@@ -120,19 +120,10 @@ def test_an_unfinished_step_is_never_listed_and_is_removed_when_training_starts(
 
 def events(folder: Path) -> list[tuple[str, int, object, float]]:
     """(tag, step, value or "image", wall time) of every summary value in a folder's event files."""
-    from tensorboardX.proto import event_pb2
-
-    out = []
-    for path in sorted(folder.glob("*tfevents*")):
-        data, at = path.read_bytes(), 0
-        while at < len(data):  # TFRecord: length (8), its CRC (4), the record, its CRC (4)
-            (length,) = struct.unpack("<Q", data[at : at + 8])
-            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
-            at += 16 + length
-            for v in event.summary.value:
-                value = v.simple_value if v.HasField("simple_value") else "image"
-                out.append((v.tag, event.step, value, event.wall_time))
-    return out
+    return [
+        (v.tag, e.step, v.simple_value if v.HasField("simple_value") else "image", e.wall_time)
+        for e, v in tensorboard_values(folder)
+    ]
 
 
 def scalars_match(workdir: Path) -> None:

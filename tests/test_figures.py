@@ -4,12 +4,12 @@ No training and no compilation: the evaluation runs with a stand-in for its comp
 """
 
 import json
-import struct
 
 import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pytest
+from helpers import tensorboard_values
 
 from jaxbrats.cli import main
 from jaxbrats.config import EvalConfig
@@ -121,19 +121,8 @@ def test_case_figure_size_colours_and_orientation(tmp_path):
 
 def _events(folder):
     """(tag, step, height, width) of each image summary in the TensorBoard event files of a folder."""
-    from tensorboardX.proto import event_pb2
-
-    out = []
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        data, at = path.read_bytes(), 0
-        while at < len(data):  # TFRecord: length (8), its CRC (4), the record, its CRC (4)
-            (length,) = struct.unpack("<Q", data[at : at + 8])
-            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
-            at += 12 + length + 4
-            for value in event.summary.value:
-                if value.HasField("image"):
-                    out.append((value.tag, event.step, value.image.height, value.image.width))
-    return out
+    images = [(e, v) for e, v in tensorboard_values(folder) if v.HasField("image")]
+    return [(v.tag, e.step, v.image.height, v.image.width) for e, v in images]
 
 
 class _Method:

@@ -9,7 +9,6 @@ The losses themselves are checked against numpy in test_relation_losses.py.
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import TINY, with_xla_flags
+from conftest import TINY, run_on_cpu_devices
 from flax import nnx
 from helpers import synthetic_batch
 
@@ -406,16 +405,7 @@ def test_students_split_over_four_devices_give_the_losses_of_one(together):
                           "student_shape": list(kernel.addressable_shards[0].data.shape),
                           "spec": str(kernel.sharding.spec), "teacher_spec": str(teacher.sharding.spec)}}))
     """)
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        env=with_xla_flags("--xla_force_host_platform_device_count=4"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(run_on_cpu_devices([sys.executable, "-c", script], 4).strip().splitlines()[-1])
     assert result["student_shape"][0] == 2 and "model" in result["spec"]  # 4 students, 2 per device
     assert "model" not in result["teacher_spec"] and "data" not in result["teacher_spec"]  # the teacher is replicated
     for one, four in zip(one_device[:2], result["metrics"]):

@@ -8,7 +8,6 @@ is split over two devices ("space") mirrors as on one device.
 """
 
 import dataclasses
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config, with_xla_flags
+from conftest import run_on_cpu_devices, tiny_config
 from flax import nnx
 from jax import monitoring
 from test_eval_sharing import built, case
@@ -122,17 +121,9 @@ print(len(jax.devices()), float(np.abs(one - split).max()))
 
 
 def test_a_depth_split_window_mirrors_as_on_one_device():
-    env = with_xla_flags("--xla_force_host_platform_device_count=2")
     here = str(Path(__file__).resolve().parent)
-    done = subprocess.run(
-        [sys.executable, "-c", SPLIT_DEPTH, here, str(Path(here).parent)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    devices, difference = done.stdout.split()[-2:]
+    stdout = run_on_cpu_devices([sys.executable, "-c", SPLIT_DEPTH, here, str(Path(here).parent)], 2, timeout=300)
+    devices, difference = stdout.split()[-2:]
     assert devices == "2" and float(difference) < 1e-5
 
 
